@@ -1,0 +1,48 @@
+"""`circuits info`: versions, device, edge backend and caches."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def info_lines() -> list[str]:
+    import numpy
+    import transformers
+
+    from . import __version__
+    from .backend import active_backend, backend_reason
+    from .models import DEFAULT_MODEL, cache_dir
+
+    cuda = torch.cuda.is_available()
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    dev = "cuda" if cuda else "cpu"
+    root = cache_dir()
+    model_cache = root / "models" / "gemma-3-270m-hf"
+    try:
+        from transcoders.default import default_transcoders_dir
+        tc_dir = default_transcoders_dir()
+        tc_state = "trained" if (tc_dir / "config.json").exists() else "not trained yet (the first trace trains it)"
+    except ImportError:
+        tc_dir, tc_state = root / "transcoders", "unavailable"
+    return [
+        f"gemma-circuits {__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"numpy {numpy.__version__}",
+        f"device: {device}",
+        f"edge backend: {active_backend(dev)} ({backend_reason(dev)})",
+        f"default model: {DEFAULT_MODEL}, cached at {model_cache} "
+        f"({'present' if (model_cache / 'DONE').exists() else 'not yet assembled'})",
+        f"default transcoders: {tc_dir} ({tc_state})",
+        f"cache root: {root} (set GEMMA_CIRCUITS_CACHE to move it)",
+    ]
+
+
+def cmd_info(args) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="versions, device, edge backend and caches")
+    p.set_defaults(func=cmd_info)

