@@ -8,7 +8,7 @@ import sys
 
 from .errors import UserError
 
-COMMAND_MODULES = ["circuits.info", "circuits.commands"]
+COMMAND_MODULES = ["circuits.info", "circuits.commands", "circuits.commands_graph", "circuits.commands_render"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -223,9 +223,12 @@ def _load_default(dtype: torch.dtype):
         tmp = cached.with_name(cached.name + ".partial")
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
-        model.config.quantization_config = None
+        # the weights are dequantised already; drop the GGUF quantizer so transformers will serialise them
+        model.hf_quantizer = None
+        model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.config.architectures = ["Gemma3ForCausalLM"]
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "DONE").write_text("ok\n")

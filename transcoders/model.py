@@ -90,6 +90,10 @@ class TranscoderSet(nn.Module):
         """The layers whose MLP output a feature of source layer `layer` writes to."""
         return range(layer, self.n_layers) if self.is_clt else range(layer, layer + 1)
 
+    def output_layers_into(self, layer: int) -> range:
+        """The source layers whose features write to the MLP output of `layer`."""
+        return range(0, layer + 1) if self.is_clt else range(layer, layer + 1)
+
     # -- encoding -----------------------------------------------------------------------------
     def pre_activation(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations `[..., F]` of MLP input `x` `[..., D]`."""
@@ -144,7 +148,7 @@ class TranscoderSet(nn.Module):
         outs = []
         for l in range(self.n_layers):
             y = self.b_dec[l].expand(*acts[l].shape[:-1], self.d_model).clone()
-            for s in (range(l + 1) if self.is_clt else (l,)):
+            for s in self.output_layers_into(l):
                 w = self.W_dec[s][:, l - s] if self.is_clt else self.W_dec[s]
                 y = y + acts[s] @ w
             if self.W_skip is not None:
