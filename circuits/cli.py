@@ -8,7 +8,8 @@ import sys
 
 from .errors import UserError
 
-COMMAND_MODULES = ["circuits.info", "circuits.commands", "circuits.commands_graph", "circuits.commands_render"]
+COMMAND_MODULES = ["circuits.info", "circuits.commands", "circuits.commands_graph", "circuits.commands_render",
+                   "circuits.commands_intervene", "circuits.commands_batch"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,8 @@ import argparse
 
 from circuits.cli import run as _run
 
-COMMAND_MODULES = ["transcoders.formats", "transcoders.train", "transcoders.evaluate"]
+COMMAND_MODULES = ["transcoders.formats", "transcoders.train", "transcoders.evaluate", "transcoders.dashboards",
+                   "transcoders.distributed"]
 
 
 def build_parser() -> argparse.ArgumentParser:
