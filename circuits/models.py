@@ -114,6 +114,9 @@ class LoadedModel:
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         else:
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and (len(ids) == 0 or int(ids[0]) != bos):  # Gemma is only sane after <bos>
+            ids = torch.cat([torch.tensor([bos], dtype=ids.dtype), ids])
         return ids
 
 
@@ -272,8 +275,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
-        raise UserError(f"could not load a model config from {source!r} ({e}); offline machines can use "
-                        f"{DEFAULT_MODEL!r}, a .gguf file or a local directory")
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"could not load model {source!r} ({reason}); offline, use {DEFAULT_MODEL!r}, "
+                        f"a .gguf file or a local Hugging Face directory")
     if getattr(config, "model_type", "") not in ARCHITECTURES:
         raise UserError(f"{source} is a {getattr(config, 'model_type', 'unknown')} model; "
                         f"gemma-circuits traces Gemma 3 (model_type gemma3 or gemma3_text)")
