@@ -16,6 +16,8 @@ VENV="${1:-${CT_VENV:-$REPO_ROOT/.venv-ct}}"
 PY="${PYTHON:-python3}"
 TORCH_PIN="torch==2.13.0"
 CT_PIN="circuit-tracer==0.5.0"
+# circuit-tracer 0.5.0 asks for nnsight>=0.6 but imports nnsight.intervention.tracing, which nnsight 0.8 removed
+NNSIGHT_PIN="nnsight==0.7.0"
 
 say() { echo "[setup_circuit_tracer] $*"; }
 
@@ -28,7 +30,8 @@ import huggingface_hub.constants as c
 if not hasattr(c, "HF_HUB_ENABLE_HF_TRANSFER"):
     c.HF_HUB_ENABLE_HF_TRANSFER = False
 import circuit_tracer  # noqa: F401
-import gguf, accelerate  # noqa: F401
+from circuit_tracer.replacement_model.replacement_model_nnsight import NNSightReplacementModel  # noqa: F401
+import gguf, accelerate, yaml  # noqa: F401
 EOF
 }
 
@@ -45,8 +48,8 @@ else
     # torch first and pinned, so that no dependency can pull another one; then the rest with the pin repeated.
     say "installing $TORCH_PIN"
     "$VENV/bin/python" -m pip install --quiet "$TORCH_PIN"
-    say "installing $CT_PIN (brings transformers, transformer-lens, nnsight) + gguf, accelerate, safetensors, psutil"
-    "$VENV/bin/python" -m pip install --quiet "$TORCH_PIN" "$CT_PIN" gguf accelerate safetensors psutil
+    say "installing $CT_PIN (brings transformers, transformer-lens) + $NNSIGHT_PIN, gguf, accelerate, safetensors, psutil"
+    "$VENV/bin/python" -m pip install --quiet "$TORCH_PIN" "$CT_PIN" "$NNSIGHT_PIN" gguf accelerate safetensors psutil
     if ! check; then
         say "ERROR: the venv at $VENV does not import circuit_tracer 0.5.0 with $TORCH_PIN"
         exit 1
@@ -56,8 +59,12 @@ fi
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 names = ["circuit-tracer", "torch", "transformers", "transformer-lens", "nnsight", "huggingface-hub", "numpy"]
-print("[setup_circuit_tracer] versions: " + ", ".join(
-    f"{n} {md.version(n) if n in {d.metadata['Name'].lower() for d in md.distributions()} else '-'}" for n in names))
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "-"
+print("[setup_circuit_tracer] versions: " + ", ".join(f"{n} {version(n)}" for n in names))
 EOF
 say "python: $VENV/bin/python"
 say "run: $VENV/bin/python $REPO_ROOT/benchmarks/ct_runner.py --help"

@@ -22,3 +22,9 @@ def __getattr__(name):  # later stages import lazily so `import circuits` stays 
         import importlib
         return getattr(importlib.import_module(f".{lazy[name]}", __name__), name)
     raise AttributeError(name)
+
+
+# `circuits.prune` / `circuits.compare` must be the functions even after their submodules of the same name
+# are imported (an import binds the submodule onto the package, hiding __getattr__); both are light.
+from .compare import compare  # noqa: E402
+from .prune import prune  # noqa: E402

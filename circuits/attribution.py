@@ -3,8 +3,11 @@
 Nodes: active transcoder features, error nodes (layer, position), token embeddings, logits.
 Edge s -> t: the direct linear effect of source s on target t's input in the frozen local replacement
 model (`replacement.py`): activation x decoder vectors (summed over every layer a CLT feature writes to)
-dotted with the gradient of the target. Targets are processed in batches by one transposed pass each;
-feature rows are computed in order of their estimated influence on the logits, up to a budget.
+dotted with the gradient of the target. Targets go through the transposed model in batches; each batch's
+edges are contracted layer by layer as its gradient passes, so no batch ever holds more than its rows x
+the sources plus one layer's gradient. Feature rows are computed in order of their estimated influence on
+the logits, up to a budget; when the budget covers every active feature, batches are grouped by position
+instead so that each one's backward pass stays short.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from .backend import active_backend, feature_edges
 from .errors import UserError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .replacement import FrozenWeights, PromptState, backward, check_prompt, run_and_freeze, softcap
+from .replacement import (FrozenWeights, PromptState, TransposedModel, check_prompt, decode_sparse, frozen_forward,
+                          run_and_freeze)
 
 
 @dataclass
@@ -40,8 +44,22 @@ class AttributionConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_tokens: int = 4096  # refuse longer prompts
-    memory_gb: float = 1.0  # bound on the gradient buffer of one batch
+    memory_gb: float = 1.0  # bound on the working buffers of one batch (rows x sources, gradients)
     progress: bool = True
+
+    def check(self) -> None:
+        if self.max_feature_nodes < 0:
+            raise UserError("--max-feature-nodes must be >= 0")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be >= 1")
+        if self.max_n_logits < 1:
+            raise UserError("--max-n-logits must be >= 1")
+        if not 0.0 < self.desired_logit_prob <= 1.0:
+            raise UserError("--desired-logit-prob must be in (0, 1]")
+        if self.memory_gb <= 0:
+            raise UserError("--memory-gb must be > 0")
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device}, but torch sees no CUDA device here; use --device cpu")
 
 
 # -- transcoders and logit targets ------------------------------------------------------------------
@@ -73,77 +91,199 @@ def single_token(lm: LoadedModel, text: str) -> int:
     return int(ids[0])
 
 
-def choose_logits(lm: LoadedModel, state: PromptState, cfg: AttributionConfig):
-    """(token ids, probabilities, strings, contrast id) of the logit nodes."""
-    probs = torch.softmax(state.logits.float(), -1)
+def choose_logits(lm: LoadedModel, logits: torch.Tensor, cfg: AttributionConfig):
+    """(token ids, probabilities, strings, contrast id) of the logit nodes: the named targets, or the most
+    probable tokens until their cumulative probability reaches `desired_logit_prob` (at most `max_n_logits`)."""
+    probs = torch.softmax(logits.float().cpu(), -1)
     if cfg.targets:
         ids = [single_token(lm, t) for t in cfg.targets]
+        if len(set(ids)) != len(ids):
+            raise UserError("the same --target was given twice; name each token once")
     else:
         if cfg.contrast:
-            raise UserError("--contrast needs --target")
-        top = probs.topk(max(1, cfg.max_n_logits))
-        cum = top.values.cumsum(0)
-        k = int((cum < cfg.desired_logit_prob).sum()) + 1
+            raise UserError("--contrast needs a --target (the logit difference is target minus contrast)")
+        top = probs.topk(min(cfg.max_n_logits, len(probs)))
+        k = int((top.values.cumsum(0) < cfg.desired_logit_prob).sum()) + 1
         ids = top.indices[:min(k, cfg.max_n_logits)].tolist()
     contrast = None
     if cfg.contrast:
         if len(ids) != 1:
             raise UserError("--contrast takes exactly one --target")
         contrast = single_token(lm, cfg.contrast)
+        if contrast == ids[0]:
+            raise UserError("--contrast is the same token as --target; their difference is zero")
     strings = [lm.tokenizer.decode([i]) for i in ids]
     if contrast is not None:
         strings = [f"{strings[0]} - {lm.tokenizer.decode([contrast])}"]
     return ids, probs[ids].numpy().astype(np.float32), strings, contrast
 
 
+# -- edges from every source to a batch of targets ---------------------------------------------------
+
+class SourceEdges:
+    """Edge rows `[B, n_src]` for batches of targets. Sources, in node order: active features (sorted by
+    layer, position, feature), error nodes (layer-major), token embeddings.
+
+    Feature edges use the compiled kernel (`circuits.backend.feature_edges`) when one is active; otherwise
+    each position's features are contracted with one batched matrix product (the features of a layer are
+    padded per position to `[n_pos, c_max]` slots), which reads each decoder row once per batch."""
+
+    def __init__(self, state: PromptState, tc, f_layer, f_pos, f_feat, f_act, errors: torch.Tensor,
+                 backend: str, cache_bytes: int = 512 << 20):
+        self.tc, self.state, self.errors, self.backend = tc, state, errors, backend
+        L, n = tc.n_layers, state.n_pos
+        self.n, self.n_feat = n, len(f_feat)
+        self.err0 = self.n_feat
+        self.tok0 = self.n_feat + L * n
+        self.n_src = self.tok0 + n
+        dev = state.resid.device
+        self.b_dec = torch.stack([tc.b_dec[l].detach().float() for l in range(L)]).to(dev)  # [L, D]
+        self.layers = []  # per source layer: (first column, pos, feat, act, count of features with pos < P, slots)
+        starts = np.searchsorted(f_layer.numpy(), np.arange(L + 1))
+        for s in range(L):
+            a, b = int(starts[s]), int(starts[s + 1])
+            pos, feat, act = f_pos[a:b], f_feat[a:b], f_act[a:b].float()
+            below = torch.as_tensor(np.searchsorted(pos.numpy(), np.arange(n + 1)))  # below[P] = #(pos < P)
+            self.layers.append((a, pos.to(dev), feat.to(dev), act.to(dev), below, self._slots(pos, feat, act, n, dev)))
+        self._cache: dict = {}
+        self._cache_left = cache_bytes
+
+    @staticmethod
+    def _slots(pos, feat, act, n, dev):
+        """Per-position padding of one layer's features: feature ids, activations (0 in padding) and
+        which slots are real, each `[n, c_max]`. Features are sorted by position, so the real slots of
+        positions < P, read row by row, are the layer's first features in order."""
+        counts = torch.bincount(pos, minlength=n)
+        c_max = int(counts.max()) if len(pos) else 0
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(pos)) - first[pos]
+        ids = torch.zeros(n, c_max, dtype=torch.long)
+        acts = torch.zeros(n, c_max)
+        valid = torch.zeros(n, c_max, dtype=torch.bool)
+        ids[pos, slot], acts[pos, slot], valid[pos, slot] = feat, act, True
+        return ids.to(dev), acts.to(dev), valid.to(dev)
+
+    def _scaled_decoder(self, s: int, o: int) -> torch.Tensor:
+        """Activation-scaled decoder rows of layer s's features into output layer s + o, `[n, c_max, D]`."""
+        key = (s, o)
+        if key in self._cache:
+            return self._cache[key]
+        ids, acts, _ = self.layers[s][5]
+        dec = self.tc.decoder_weight(s)[:, o]  # [F, D], a view
+        rows = dec.index_select(0, ids.flatten()).float().view(*ids.shape, -1) * acts[..., None]
+        size = rows.numel() * 4
+        if size <= self._cache_left:  # PLT decoders are small enough to keep; CLT ones are re-gathered
+            self._cache[key], self._cache_left = rows, self._cache_left - size
+        return rows
+
+    def _feature_edges(self, s: int, o: int, g: torch.Tensor, P: int) -> tuple[int, torch.Tensor]:
+        """(first column, edges `[k, m]`) from layer s's features at positions < P into output layer s + o;
+        g `[P, k, D]`."""
+        col0, pos, feat, act, below, (_, _, valid) = self.layers[s]
+        m = int(below[P])
+        if m == 0:
+            return col0, g.new_zeros(g.shape[1], 0)
+        if self.backend in ("cpp", "cuda"):
+            dec = self.tc.decoder_weight(s)[:, o:o + 1]
+            grad = g.permute(1, 0, 2)[:, None]  # [k, 1, P, D]
+            return col0, feature_edges(grad, pos[:m], feat[:m], act[:m], dec, backend=self.backend)
+        per_pos = torch.bmm(g, self._scaled_decoder(s, o)[:P].transpose(1, 2))  # [P, k, c_max]
+        return col0, per_pos.transpose(0, 1)[:, valid[:P]]
+
+    @torch.no_grad()
+    def rows(self, engine: TransposedModel, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor):
+        """Edge rows `[B, n_src]` (float32, CPU) and constant terms `[B]` (decoder biases) of B targets
+        sorted by layer, descending."""
+        B, n = len(layer), self.n
+        out = torch.zeros(B, self.n_src, device=vectors.device)
+        const = torch.zeros(B, device=vectors.device)
+        tc, st = self.tc, self.state
+
+        def visit(l: int, g: torch.Tensor, k: int, P: int) -> None:
+            if l < 0:
+                out[:k, self.tok0:self.tok0 + P] = torch.bmm(g, st.embeddings[:P, :, None])[..., 0].T
+                return
+            e0 = self.err0 + l * n
+            out[:k, e0:e0 + P] = torch.bmm(g, self.errors[l, :P, :, None])[..., 0].T
+            const[:k] += (g @ self.b_dec[l]).sum(0)
+            for s in tc.output_layers_into(l):
+                col0, e = self._feature_edges(s, l - s, g, P)
+                out[:k, col0:col0 + e.shape[1]] += e
+
+        engine.run(layer, pos, vectors, visit)
+        return out.cpu(), const.cpu()
+
+
+# -- computed rows, influence ordering and the final adjacency ----------------------------------------
+
+class RowStore:
+    """Computed rows as CSR segments (one per target layer per batch), with their target node indices."""
+
+    def __init__(self, n_nodes: int, n_src: int):
+        self.n_nodes, self.n_src = n_nodes, n_src
+        self.segments: list[tuple[int, np.ndarray, sp.csr_array]] = []
+        self.row_constant = np.zeros(n_nodes, dtype=np.float32)
+        self.has_row = np.zeros(n_nodes, dtype=bool)
+
+    def add(self, targets: np.ndarray, target_layers: np.ndarray, rows: torch.Tensor, const: torch.Tensor) -> None:
+        """Rows `[B, n_src]` of `targets`, sorted by target layer (descending)."""
+        block = sp.csr_array(rows.numpy())
+        cuts = np.flatnonzero(np.diff(target_layers)) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(targets)]):
+            self.segments.append((int(target_layers[a]), targets[a:b], block[a:b]))
+        self.row_constant[targets] = const.numpy()
+        self.has_row[targets] = True
+
+    def influence(self, logit_nodes: np.ndarray, logit_weights: np.ndarray) -> np.ndarray:
+        """Influence `[n_nodes]` of every node on the logits through the rows computed so far: with A the
+        |adjacency| normalised by each row's total, w (A + A^2 + ...), w the logit probabilities. Edges
+        only run from lower to higher layers, so one pass over the rows from the top layer down sums the
+        whole series."""
+        v = np.zeros(self.n_nodes)
+        v[logit_nodes] = logit_weights / max(float(logit_weights.sum()), 1e-12)
+        for _, targets, block in sorted(self.segments, key=lambda seg: -seg[0]):
+            w = v[targets]
+            if not w.any():
+                continue
+            absolute = sp.csr_array((np.abs(block.data), block.indices, block.indptr), shape=block.shape)
+            totals = np.asarray(absolute.sum(axis=1)).ravel()
+            v[:self.n_src] += absolute.T @ (w / np.maximum(totals, 1e-30))
+        v[logit_nodes] = 0.0
+        return v
+
+    def adjacency(self) -> sp.csr_array:
+        """`[n_nodes, n_nodes]` CSR, targets x sources (rows not computed are empty). Frees the segments."""
+        if not self.segments:
+            return sp.csr_array((self.n_nodes, self.n_nodes), dtype=np.float32)
+        targets = np.concatenate([t for _, t, _ in self.segments])
+        stacked = sp.vstack([b for _, _, b in self.segments], format="csr")
+        self.segments = []
+        stacked = stacked[np.argsort(targets)]  # rows in node order
+        counts = np.zeros(self.n_nodes, dtype=np.int64)
+        counts[np.sort(targets)] = np.diff(stacked.indptr)
+        indptr = np.r_[0, np.cumsum(counts)]
+        return sp.csr_array((stacked.data.astype(np.float32, copy=False), stacked.indices, indptr),
+                            shape=(self.n_nodes, self.n_nodes))
+
+
+def _feature_batches_by_position(f_layer: np.ndarray, f_pos: np.ndarray, size: int) -> list[np.ndarray]:
+    """Every feature, in batches of features at neighbouring positions (a batch's backward pass only
+    covers positions up to its last one)."""
+    order = np.lexsort((f_layer, f_pos))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 # -- the graph ----------------------------------------------------------------------------------------
 
-class _Rows:
-    """Computed rows, kept as CSR blocks (compact), with their target node indices."""
-
-    def __init__(self, n_nodes: int):
-        self.n_nodes = n_nodes
-        self.blocks: list[sp.csr_array] = []
-        self.targets: list[np.ndarray] = []
-        self.constants: dict[int, float] = {}
-
-    def add(self, targets: np.ndarray, dense: torch.Tensor, constants: torch.Tensor) -> None:
-        block = sp.csr_array(dense.numpy())
-        block.resize((len(targets), self.n_nodes))
-        self.blocks.append(block)
-        self.targets.append(targets)
-        self.constants.update(zip(targets.tolist(), constants.tolist()))
-
-    def matrix(self) -> sp.csr_array:
-        """The adjacency `[n_nodes, n_nodes]` (rows not computed are empty)."""
-        if not self.blocks:
-            return sp.csr_array((self.n_nodes, self.n_nodes), dtype=np.float32)
-        stacked = sp.vstack(self.blocks, format="csr")
-        order = np.concatenate(self.targets)
-        perm = sp.csr_array((np.ones(len(order), dtype=np.float32), (order, np.arange(len(order)))),
-                            shape=(self.n_nodes, len(order)))
-        return sp.csr_array(perm @ stacked).astype(np.float32)
-
-
-def estimate_influence(adj: sp.csr_array, logit_nodes: np.ndarray, logit_weights: np.ndarray,
-                       max_depth: int) -> np.ndarray:
-    """Influence of every node on the logits through the rows computed so far: with A the row-normalised
-    |adjacency|, w (I + A + A^2 + ...) with w the logit probabilities. The graph is a DAG of depth at
-    most `max_depth`, so the series is finite."""
-    a = abs(adj)
-    sums = np.asarray(a.sum(axis=1)).ravel()
-    sums[sums == 0] = 1.0
-    a = sp.csr_array(sp.diags_array(1.0 / sums) @ a)
-    v = np.zeros(adj.shape[0])
-    v[logit_nodes] = logit_weights / max(logit_weights.sum(), 1e-12)
-    total = np.zeros_like(v)
-    at = a.T.tocsr()
-    for _ in range(max_depth):
-        v = at @ v
-        if not v.any():
-            break
-        total += v
-    return total
+def _options(config: AttributionConfig | None, overrides: dict) -> AttributionConfig:
+    cfg = AttributionConfig(**asdict(config)) if config else AttributionConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise TypeError(f"unknown option {k!r}; options: {', '.join(asdict(cfg))}")
+        setattr(cfg, k, v)
+    cfg.targets = list(cfg.targets or [])
+    cfg.check()
+    return cfg
 
 
 @torch.no_grad()
@@ -154,139 +294,126 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     lm: a LoadedModel, or a model name/path (default: the embedded gemma-3-270m). transcoders: a
     TranscoderSet, a path, or "default". Other options as in `AttributionConfig` (keyword overrides work).
     """
-    cfg = config or AttributionConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"unknown option {k!r}; options: {', '.join(asdict(cfg))}")
-        setattr(cfg, k, v)
-    if cfg.max_feature_nodes < 0 or cfg.batch_size < 1:
-        raise UserError("--max-feature-nodes must be >= 0 and --batch-size >= 1")
+    cfg = _options(config, overrides)
     t0 = time.perf_counter()
+    if not isinstance(prompt, str):
+        raise UserError("the prompt must be a string")
     if lm is None or isinstance(lm, str):
         lm = load_model(lm or cfg.model, device=cfg.device, dtype=cfg.dtype)
     tc = resolve_transcoders(transcoders if transcoders is not None else cfg.transcoders, lm, cfg.progress)
-    if not isinstance(prompt, str):
-        raise UserError("the prompt must be a string")
+    tc = tc.to(lm.device)
     tokens = lm.tokenize(prompt, chat=cfg.chat)
     check_prompt(lm, tokens, cfg.max_tokens)
     t_load = time.perf_counter()
 
+    # one forward pass: frozen state, active features, errors, logit targets
     state = run_and_freeze(lm, tokens)
     fw = FrozenWeights(lm)
     L, n, D = lm.sites.n_layers, len(tokens), lm.sites.d_model
-    f_layer, f_pos, f_feat, f_act = tc.sparse_encode(state.mlp_in)
+    f_layer, f_pos, f_feat, f_act = (t.cpu() for t in tc.sparse_encode(state.mlp_in))
     n_feat = len(f_feat)
-    recon = tc.reconstruct(state.mlp_in).float()
-    errors = state.mlp_out - recon  # [L, n, D]
-    logit_ids, logit_probs, logit_strings, contrast = choose_logits(lm, state, cfg)
+    # errors: the true MLP output minus the transcoders' (features, decoder bias, skip term)
+    feature_out = decode_sparse(tc, f_layer, f_pos, f_feat, f_act, n)  # [L, n, D]
+    skip = torch.stack([tc.skip_term(l, state.mlp_in[l]).float() for l in range(L)]) if tc.W_skip is not None else 0.0
+    errors = state.mlp_out - feature_out - skip  # [L, n, D]
+    # node inputs as the frozen linear model computes them (equal to the recorded ones up to rounding in
+    # float32; in bfloat16 this keeps every node exactly complete with respect to the linear model)
+    frozen = frozen_forward(state, fw, tc, None, errors, feature_out=feature_out, preacts=False)
+    logit_ids, logit_probs, logit_strings, contrast = choose_logits(lm, state.logits, cfg)
     n_logit = len(logit_ids)
     t_forward = time.perf_counter()
 
     # node table: features, errors (layer, pos), tokens, logits
-    n_err, n_tok = L * n, n
-    n_src = n_feat + n_err + n_tok
+    n_err = L * n
+    n_src = n_feat + n_err + n
     N = n_src + n_logit
-    kind = np.concatenate([np.full(n_feat, FEATURE), np.full(n_err, ERROR), np.full(n_tok, TOKEN),
+    logit_nodes = np.arange(n_src, N)
+    kind = np.concatenate([np.full(n_feat, FEATURE), np.full(n_err, ERROR), np.full(n, TOKEN),
                            np.full(n_logit, LOGIT)]).astype(np.int8)
-    layer = np.concatenate([f_layer.numpy(), np.repeat(np.arange(L), n), np.full(n_tok, -1),
+    layer = np.concatenate([f_layer.numpy(), np.repeat(np.arange(L), n), np.full(n, -1),
                             np.full(n_logit, L)]).astype(np.int32)
     pos = np.concatenate([f_pos.numpy(), np.tile(np.arange(n), L), np.arange(n), np.full(n_logit, n - 1)]).astype(np.int32)
-    feature = np.concatenate([f_feat.numpy(), np.full(n_err + n_tok, -1), np.array(logit_ids)]).astype(np.int64)
-    enc_vecs = torch.stack([tc.W_enc[l][:, f] for l, f in zip(f_layer.tolist(), f_feat.tolist())]).float() \
-        if n_feat else torch.zeros(0, D)
-    b_enc = torch.stack([tc.b_enc[l][f] for l, f in zip(f_layer.tolist(), f_feat.tolist())]).float() \
-        if n_feat else torch.zeros(0)
-    f_pre = (enc_vecs * state.mlp_in[f_layer, f_pos]).sum(-1) + b_enc
+    feature = np.concatenate([f_feat.numpy(), np.full(n_err + n, -1), np.array(logit_ids)]).astype(np.int64)
+    dev = fw.device
+    enc_vecs = torch.zeros(n_feat, D, device=dev)  # encoder vectors of active features
+    b_enc = torch.zeros(n_feat, device=dev)
+    for l in range(L):
+        here = torch.nonzero(f_layer == l).flatten()
+        if len(here):
+            fl = f_feat[here].to(dev)
+            enc_vecs[here.to(dev)] = tc.W_enc[l].detach().index_select(1, fl).T.float()
+            b_enc[here.to(dev)] = tc.b_enc[l].detach()[fl].float()
+    f_pre = (enc_vecs * frozen["mlp_in"][f_layer.to(dev), f_pos.to(dev)]).sum(-1) + b_enc
     directions = fw.logit_directions(logit_ids, contrast)  # [n_logit, D]
-    final_out = state.resid[L, -1] * state.s_final[-1] * fw.g_final
-    logit_inputs = directions @ final_out
-    activation = np.concatenate([f_act.float().numpy(), errors.norm(dim=-1).flatten().numpy(),
-                                 state.embeddings.norm(dim=-1).numpy(), logit_inputs.numpy()]).astype(np.float32)
+    logit_inputs = directions @ frozen["final"]
+    activation = np.concatenate([f_act.float().numpy(), errors.norm(dim=-1).flatten().cpu().numpy(),
+                                 state.embeddings.norm(dim=-1).cpu().numpy(),
+                                 logit_inputs.cpu().numpy()]).astype(np.float32)
     node_input = np.full(N, np.nan, dtype=np.float32)
-    node_input[:n_feat] = f_pre.numpy()
-    node_input[n_src:] = logit_inputs.numpy()
+    node_input[:n_feat] = f_pre.cpu().numpy()
+    node_input[n_src:] = logit_inputs.cpu().numpy()
 
-    # per-source-layer feature groups (columns are node indices)
-    groups = []
-    for s in range(L):
-        cols = torch.nonzero(f_layer == s).flatten()
-        if len(cols):
-            groups.append((s, cols, f_pos[cols], f_feat[cols], f_act[cols].float()))
-    b_dec = torch.stack([tc.b_dec[l].float() for l in range(L)])  # [L, D]
-    backend = active_backend("cpu")
-
-    per_target = (L + 1) * n * D * 4
-    B = max(1, min(cfg.batch_size, int(cfg.memory_gb * 2**30 // per_target)))
-
-    def rows_for(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Edge rows `[B, n_src]` and bias contributions `[B]` from gradients G `[B, L+1, n, D]`."""
-        out = torch.zeros(G.shape[0], n_src)
-        for s, cols, p, f, a in groups:
-            n_out = len(tc.output_layers(s))
-            out[:, cols] = feature_edges(G[:, s + 1:s + 1 + n_out], p, f, a, tc.decoder_weight(s), backend=backend)
-        out[:, n_feat:n_feat + n_err] = torch.einsum("blnd,lnd->bln", G[:, 1:], errors).flatten(1)
-        out[:, n_feat + n_err:n_src] = torch.einsum("bnd,nd->bn", G[:, 0], state.embeddings)
-        const = torch.einsum("bld,ld->b", G[:, 1:].sum(2), b_dec)
-        return out, const
-
-    rows = _Rows(N)
+    backend = active_backend(dev)
+    engine = TransposedModel(state, fw, tc)
+    edges = SourceEdges(state, tc, f_layer, f_pos, f_feat, f_act, errors, backend)
+    # working memory of one batch: its rows x sources, plus a few gradients [n, H*hd] per row
+    per_row = 4 * (n_src + 6 * n * max(D, fw.n_heads * fw.head_dim))
+    B = max(1, min(cfg.batch_size, int(cfg.memory_gb * 2**30 // per_row)))
+    store = RowStore(N, n_src)
+    budget = min(n_feat, cfg.max_feature_nodes)
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n_logit + min(n_feat, cfg.max_feature_nodes), desc="attribution", unit="row")
+        bar = tqdm(total=n_logit + budget, desc="attribution", unit="row")
 
-    # logit rows
-    inject = torch.zeros(n_logit, n, D)
-    inject[:, -1] = directions
-    G = backward(state, fw, tc, None, inject, n_logit)
-    out, const = rows_for(G)
-    rows.add(np.arange(n_src, N), out, const)
-    if bar:
-        bar.update(n_logit)
-
-    # feature rows, most influential first
-    budget = min(n_feat, cfg.max_feature_nodes)
-    done = np.zeros(n_feat, dtype=bool)
-    n_done = 0
-    while n_done < budget:
-        take = min(B, budget - n_done)
-        if budget < n_feat:
-            infl = estimate_influence(rows.matrix(), np.arange(n_src, N), logit_probs, L + 3)[:n_feat]
-            infl[done] = -1.0
-            # ties (features not yet reached) fall back to activation size
-            order = np.lexsort((-np.abs(activation[:n_feat]), -infl))
-            pick = order[:take]
-        else:
-            pick = np.flatnonzero(~done)[:take]
-        done[pick] = True
-        n_done += len(pick)
-        idx = torch.as_tensor(pick)
-        inj = (torch.arange(len(pick)), f_layer[idx], f_pos[idx], enc_vecs[idx])
-        G = backward(state, fw, tc, inj, None, len(pick))
-        out, const = rows_for(G)
-        rows.add(pick, out, const + b_enc[idx])
+    def compute(nodes: np.ndarray, tgt_layer: torch.Tensor, tgt_pos: torch.Tensor, vecs: torch.Tensor, bias):
+        order = torch.argsort(tgt_layer, descending=True, stable=True)
+        rows, const = edges.rows(engine, tgt_layer[order], tgt_pos[order], vecs[order.to(vecs.device)])
+        if bias is not None:
+            const = const + bias[order.to(bias.device)].cpu()
+        store.add(nodes[order.numpy()], tgt_layer[order].numpy(), rows, const)
         if bar:
-            bar.update(len(pick))
+            bar.update(len(nodes))
+
+    for a in range(0, n_logit, B):
+        b = min(a + B, n_logit)
+        compute(logit_nodes[a:b], torch.full((b - a,), L), torch.full((b - a,), n - 1), directions[a:b], None)
+
+    done = np.zeros(n_feat, dtype=bool)
+    n_batches = 0
+    if budget == n_feat:
+        plan = iter(_feature_batches_by_position(f_layer.numpy(), f_pos.numpy(), B))
+    while int(done.sum()) < budget:
+        if budget == n_feat:
+            pick = next(plan)
+        else:
+            infl = store.influence(logit_nodes, logit_probs)[:n_feat]
+            infl[done] = -1.0
+            # features no computed row reaches yet tie at zero: larger activations first
+            order = np.lexsort((-np.abs(activation[:n_feat]), -infl))
+            pick = order[:min(B, budget - int(done.sum()))]
+        done[pick] = True
+        idx = torch.as_tensor(pick)
+        compute(pick, f_layer[idx], f_pos[idx], enc_vecs[idx.to(dev)], b_enc[idx.to(dev)])
+        n_batches += 1
     if bar:
         bar.close()
-    adjacency = rows.matrix()
-    row_constant = np.zeros(N, dtype=np.float32)
-    for t, c in rows.constants.items():
-        row_constant[t] = c
-    has_row = np.zeros(N, dtype=bool)
-    has_row[np.concatenate(rows.targets)] = True
+    row_constant, has_row = store.row_constant, store.has_row
+    adjacency = store.adjacency()
     t_end = time.perf_counter()
 
-    probs_all = torch.softmax(state.logits, -1)
+    probs_all = torch.softmax(state.logits.cpu(), -1)
     metadata = {
         "model": lm.name, "model_source": lm.source, "n_layers": L, "d_model": D,
+        "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
         "transcoders": {"kind": tc.cfg.kind, "d_sae": tc.d_sae, "activation": tc.cfg.activation,
                         "model_name": tc.cfg.model_name, "source": str(getattr(tc, "source", ""))},
         "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "logit_strings": logit_strings, "contrast_token": contrast,
         "top_predictions": [[lm.tokenizer.decode([int(i)]), float(p)] for p, i in zip(*probs_all.topk(5))],
-        "n_active_features": int(n_feat), "n_feature_rows": int(n_done), "batch_size_used": int(B),
-        "edge_backend": backend,
+        "n_active_features": int(n_feat), "n_feature_rows": int(done.sum()), "batch_size_used": int(B),
+        "n_feature_batches": n_batches, "row_order": "position" if budget == n_feat else "influence",
+        "edge_backend": backend if backend in ("cpp", "cuda") else "torch (per-position batched matmul)",
         "timing_s": {"load": t_load - t0, "forward": t_forward - t_load, "attribution": t_end - t_forward},
         "versions": {"gemma_circuits": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "softcap": lm.sites.final_logit_softcapping,

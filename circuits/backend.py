@@ -1,74 +1,276 @@
-"""Edge kernels: the contraction of target gradients with the decoder vectors of active features.
+"""Edge kernels: the contraction of target gradients with the vectors of source nodes.
 
-`feature_edges(grad, pos, feat, act, decoder)` computes, for one source layer,
+`feature_edges(grad, pos, feat, act, decoder)` computes, for the active features of one source layer,
     out[b, i] = act[i] * sum_o  decoder[feat[i], o, :] . grad[b, o, pos[i], :]
-with grad `[B, n_out, n_pos, D]` (gradients at the MLP-output sites the layer writes to), decoder
-`[F, n_out, D]` in its stored layout (PLT/skip: a `[F, 1, D]` view; CLT: `[F, L - l, D]`).
-Backends, in order of preference: cuda (compiled, for CUDA tensors), cpp (compiled, OpenMP), torch.
+with grad `[B, n_out, n_pos, D]` (gradients at the MLP-output sites the layer writes to; any strides, e.g.
+a slice of a `[B, L + 1, n_pos, D]` buffer), decoder `[F, n_out, D]` in its stored layout (PLT/skip: a
+`[F, 1, D]` view of `[F, D]`; CLT: `[F, L - l, D]`), read in place. Output `[B, n_active]` float32;
+float32, bfloat16 and float16 inputs are accumulated in float32.
+
+`feature_edges_sparse(...)` returns the same edges in CSR form, keeping only |value| >= threshold and/or
+the top-k of each row, computed in row blocks so the dense `[B, n_active]` never exists at once.
+`vector_edges(grad, vectors)` is the contraction for sources with one vector each (error nodes, token
+embeddings): out[b, r] = grad[b, r, :] . vectors[r, :].
+
+Backends, in order of preference: cuda (compiled, CUDA tensors), cpp (compiled, C++/OpenMP), torch (this
+file; the reference, and the fallback where nothing is compiled). `GEMMA_CIRCUITS_BACKEND=torch|cpp|cuda`
+forces one where it is available.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+
+from .errors import UserError
+
+BACKENDS = ("cuda", "cpp", "torch")
 
 _ext = None
 _ext_error = None
 try:
     from . import _edges as _ext  # type: ignore[attr-defined]
-except Exception as e:  # not built: no compiler at install time, or a source checkout
+except Exception as e:  # not built: no compiler at install time, a source checkout, or built for another torch
     _ext_error = f"{e.__class__.__name__}: {e}"
 
+# working memory of the pure-PyTorch paths, per step (bytes)
+_TORCH_CHUNK_BYTES = 64 << 20
+
+
+# -- the reference ------------------------------------------------------------------------------------
 
 def feature_edges_torch(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor, act: torch.Tensor,
                         decoder: torch.Tensor) -> torch.Tensor:
-    """Reference implementation. Gathers only the rows of the active features, in chunks, so that
-    peak memory stays near `chunk x n_out x D`."""
-    B, n_out = grad.shape[0], grad.shape[1]
-    out = torch.empty(B, len(feat), dtype=torch.float32, device=grad.device)
-    chunk = max(1, (1 << 22) // max(1, n_out * decoder.shape[-1]))
-    for s in range(0, len(feat), chunk):
-        f, p = feat[s:s + chunk], pos[s:s + chunk]
-        rows = decoder.index_select(0, f).float()  # [c, n_out, D]
-        g = grad.index_select(2, p).float()  # [B, n_out, c, D]
-        out[:, s:s + chunk] = torch.einsum("cod,bocd->bc", rows, g) * act[s:s + chunk].float()
+    """Reference implementation (pure PyTorch, any device).
+
+    Features active at the same position share their gradient rows, so each position's edges are one
+    matrix product `[B, n_out * D] x [n_out * D, k]`. Working memory: the k decoder rows and one
+    position's gradient rows, never `n_active x n_out x D`."""
+    _check_feature_args(grad, pos, feat, act, decoder)
+    B, n_out, _, D = grad.shape
+    out = torch.zeros(B, len(feat), dtype=torch.float32, device=grad.device)
+    if len(feat) == 0 or B == 0:
+        return out
+    pos, feat, act = pos.to(grad.device).long(), feat.to(grad.device).long(), act.to(grad.device).float()
+    order = torch.argsort(pos, stable=True)
+    positions, counts = torch.unique_consecutive(pos[order], return_counts=True)
+    start = 0
+    for p, c in zip(positions.tolist(), counts.tolist()):
+        idx = order[start:start + c]
+        start += c
+        rows = decoder.index_select(0, feat[idx].to(decoder.device)).to(grad.device, torch.float32)  # [c, n_out, D]
+        g = grad[:, :, p, :].float()  # [B, n_out, D]
+        if n_out == 1:
+            values = g[:, 0] @ rows[:, 0].T
+        else:
+            values = g.reshape(B, n_out * D) @ rows.reshape(c, n_out * D).T
+        out[:, idx] = values * act[idx]
     return out
 
 
+def vector_edges_torch(grad: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Reference for `vector_edges`: `[B, R]` float32, in chunks of rows to bound working memory."""
+    _check_vector_args(grad, vectors)
+    B, R, D = grad.shape
+    out = torch.empty(B, R, dtype=torch.float32, device=grad.device)
+    chunk = max(1, _TORCH_CHUNK_BYTES // max(1, 4 * B * D))
+    for r in range(0, R, chunk):
+        g = grad[:, r:r + chunk].float().transpose(0, 1)  # [c, B, D]
+        v = vectors[r:r + chunk].to(grad.device, torch.float32)[:, :, None]  # [c, D, 1]
+        out[:, r:r + chunk] = torch.bmm(g, v)[..., 0].T
+    return out
+
+
+# -- choosing a backend ------------------------------------------------------------------------------
+
+def _available(name: str, device: torch.device) -> bool:
+    if name == "torch":
+        return True
+    if _ext is None:
+        return False
+    if name == "cuda":
+        return device.type == "cuda" and bool(_ext.has_cuda())
+    return name == "cpp" and device.type == "cpu"
+
+
+def _forced() -> str | None:
+    name = os.environ.get("GEMMA_CIRCUITS_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise UserError(f"GEMMA_CIRCUITS_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)} "
+                        f"or unset it")
+    return name
+
+
 def active_backend(device: torch.device | str = "cpu") -> str:
-    """The backend `feature_edges` uses for tensors on `device`."""
-    forced = os.environ.get("GEMMA_CIRCUITS_BACKEND")
-    if forced:
-        return forced
+    """The backend `feature_edges` uses for tensors on `device`: cuda, then cpp, then torch."""
     dev = torch.device(device)
-    if _ext is not None:
-        if dev.type == "cuda" and getattr(_ext, "has_cuda", lambda: False)():
-            return "cuda"
-        if dev.type == "cpu":
-            return "cpp"
+    forced = _forced()
+    if forced and _available(forced, dev):
+        return forced
+    for name in BACKENDS:
+        if _available(name, dev):
+            return name
     return "torch"
 
 
 def backend_reason(device: torch.device | str = "cpu") -> str:
-    name = active_backend(device)
-    if os.environ.get("GEMMA_CIRCUITS_BACKEND"):
-        return f"forced by GEMMA_CIRCUITS_BACKEND={name}"
+    """One line: why `active_backend(device)` is what it is."""
+    dev = torch.device(device)
+    name = active_backend(dev)
+    forced = _forced()
+    note = ""
+    if forced and forced != name:
+        note = f"; GEMMA_CIRCUITS_BACKEND={forced} asked for a backend not available for {dev.type} tensors"
+    elif forced:
+        return f"forced by GEMMA_CIRCUITS_BACKEND={forced}"
     if name == "cuda":
-        return "compiled extension built with CUDA, tensors on a CUDA device"
+        return "compiled extension with CUDA kernels, tensors on a CUDA device" + note
     if name == "cpp":
-        threads = torch.get_num_threads()
-        return f"compiled C++/OpenMP extension ({threads} threads)"
+        omp = "OpenMP" if _ext.has_openmp() else "no OpenMP: single-threaded"
+        return (f"compiled C++ extension ({omp}, {_ext.simd()} micro-kernel, "
+                f"{torch.get_num_threads()} threads)" + note)
     if _ext is None:
-        return f"compiled extension not available ({_ext_error}); reinstall with a C++ compiler"
-    return f"compiled extension has no kernel for device {torch.device(device).type}"
+        return (f"compiled extension not available ({_ext_error}); the pure-PyTorch path is exact but slower: "
+                f"reinstall with a C++ compiler (pip install --no-build-isolation -e .)" + note)
+    if dev.type == "cuda":
+        return "compiled extension built without CUDA (the installed torch has no CUDA); PyTorch on the GPU" + note
+    return f"compiled extension has no kernel for {dev.type} tensors" + note
 
+
+def _pick(backend: str | None, device: torch.device) -> str:
+    """The named backend if it can run on `device`, else the best one that can."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown edge backend {backend!r}; use one of {BACKENDS}")
+    if backend is not None and _available(backend, device):
+        return backend
+    return active_backend(device)
+
+
+_EXT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# -- the public kernels --------------------------------------------------------------------------------
 
 def feature_edges(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor, act: torch.Tensor,
                   decoder: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """Edge rows `[B, n]` from the features of one source layer. See the module docstring."""
-    backend = backend or active_backend(grad.device)
-    if len(feat) == 0:
-        return torch.zeros(grad.shape[0], 0, dtype=torch.float32, device=grad.device)
-    if backend in ("cpp", "cuda") and _ext is not None:
-        return _ext.feature_edges(grad, pos, feat, act, decoder)
+    """Edge rows `[B, n_active]` float32 from the active features of one source layer. See the module
+    docstring; `backend` names one of cuda/cpp/torch (default: `active_backend(grad.device)`)."""
+    name = _pick(backend, grad.device)
+    if name != "torch" and grad.dtype in _EXT_DTYPES and decoder.dtype in _EXT_DTYPES \
+            and decoder.device == grad.device:
+        _check_feature_args(grad, pos, feat, act, decoder)
+        dev = grad.device
+        return _ext.feature_edges(grad, pos.to(dev), feat.to(dev), act.to(dev), decoder)
     return feature_edges_torch(grad, pos, feat, act, decoder)
+
+
+def vector_edges(grad: torch.Tensor, vectors: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Edges `[B, R]` float32 from sources with one vector each: out[b, r] = grad[b, r, :] . vectors[r, :].
+    grad `[B, R, D]` (any strides), vectors `[R, D]`. Error nodes of layer l: grad = G[:, l] `[B, n_pos, D]`,
+    vectors = errors[l]; all layers at once: G[:, 1:].flatten(1, 2) and errors.flatten(0, 1)."""
+    name = _pick(backend, grad.device)
+    if name != "torch" and grad.dtype in _EXT_DTYPES and vectors.dtype in _EXT_DTYPES \
+            and vectors.device == grad.device:
+        _check_vector_args(grad, vectors)
+        return _ext.vector_edges(grad, vectors)
+    return vector_edges_torch(grad, vectors)
+
+
+@dataclass
+class EdgesCSR:
+    """Sparse edge rows: row b holds columns indices[indptr[b]:indptr[b + 1]] (ascending) with their
+    values. indptr `[B + 1]` int64, indices `[nnz]` int64, values `[nnz]` float32."""
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    def to_dense(self) -> torch.Tensor:
+        """`[B, n]` float32 with zeros where edges were dropped."""
+        out = torch.zeros(self.shape, dtype=torch.float32, device=self.values.device)
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.indptr.device),
+                                       self.indptr.diff())
+        out[rows, self.indices] = self.values
+        return out
+
+    def to_scipy(self):
+        """A `scipy.sparse.csr_array` (CPU)."""
+        import scipy.sparse as sp
+        return sp.csr_array((self.values.cpu().numpy(), self.indices.cpu().numpy(), self.indptr.cpu().numpy()),
+                            shape=self.shape)
+
+
+def sparsify(dense: torch.Tensor, threshold: float | None = None, top_k: int | None = None) -> EdgesCSR:
+    """Keep the entries of `[B, n]` with |value| >= threshold and/or among the top_k |values| of their row
+    (both: the top_k of those passing the threshold; ties broken arbitrarily)."""
+    B, n = dense.shape
+    keep = torch.ones_like(dense, dtype=torch.bool) if threshold is None else dense.abs() >= threshold
+    if top_k is not None and top_k < n:
+        magnitude = torch.where(keep, dense.abs(), torch.full_like(dense, -1.0))
+        top = magnitude.topk(top_k, dim=1).indices
+        in_top = torch.zeros_like(keep).scatter_(1, top, True)
+        keep &= in_top
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major, so columns ascend within each row
+    indptr = torch.zeros(B + 1, dtype=torch.long, device=dense.device)
+    indptr[1:] = torch.cumsum(keep.sum(1), 0)
+    return EdgesCSR(indptr, cols, dense[rows, cols].float(), (B, n))
+
+
+def feature_edges_sparse(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor, act: torch.Tensor,
+                         decoder: torch.Tensor, threshold: float | None = None, top_k: int | None = None,
+                         backend: str | None = None, block_bytes: int = 64 << 20) -> EdgesCSR:
+    """`feature_edges` in CSR form, keeping |value| >= threshold and/or the top_k of each row. Rows are
+    computed in blocks of at most `block_bytes` of dense values, so memory stays proportional to the
+    output plus one block."""
+    if threshold is None and top_k is None:
+        raise ValueError("feature_edges_sparse needs a threshold, a top_k or both (else use feature_edges)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if threshold is not None and not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    B, n = grad.shape[0], len(feat)
+    rows_per_block = max(1, block_bytes // max(1, 4 * n))
+    parts = [sparsify(feature_edges(grad[b:b + rows_per_block], pos, feat, act, decoder, backend), threshold, top_k)
+             for b in range(0, B, rows_per_block)]
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=grad.device)
+        return EdgesCSR(torch.zeros(1, dtype=torch.long, device=grad.device), empty,
+                        empty.float(), (0, n))
+    offsets = torch.tensor([0] + [p.nnz for p in parts], device=grad.device).cumsum(0)
+    indptr = torch.cat([parts[0].indptr[:1]] + [p.indptr[1:] + offsets[i] for i, p in enumerate(parts)])
+    return EdgesCSR(indptr, torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]), (B, n))
+
+
+# -- argument checks (the same message whichever backend runs) -----------------------------------------
+
+def _check_feature_args(grad, pos, feat, act, decoder) -> None:
+    if grad.dim() != 4:
+        raise ValueError(f"grad must be [B, n_out, n_pos, D], got shape {tuple(grad.shape)}")
+    if decoder.dim() != 3:
+        raise ValueError(f"decoder must be [F, n_out, D] (a PLT decoder [F, D] as decoder.unsqueeze(1)), "
+                         f"got shape {tuple(decoder.shape)}")
+    if decoder.shape[1] != grad.shape[1] or decoder.shape[2] != grad.shape[3]:
+        raise ValueError(f"decoder {tuple(decoder.shape)} does not match grad {tuple(grad.shape)}: "
+                         f"need decoder [F, n_out, D] for grad [B, n_out, n_pos, D]")
+    if not (pos.dim() == feat.dim() == act.dim() == 1 and len(pos) == len(feat) == len(act)):
+        raise ValueError(f"pos, feat and act must be 1-d of one length, got {tuple(pos.shape)}, "
+                         f"{tuple(feat.shape)}, {tuple(act.shape)}")
+    if len(feat):
+        if int(pos.min()) < 0 or int(pos.max()) >= grad.shape[2]:
+            raise ValueError(f"pos must lie in [0, {grad.shape[2]}), got [{int(pos.min())}, {int(pos.max())}]")
+        if int(feat.min()) < 0 or int(feat.max()) >= decoder.shape[0]:
+            raise ValueError(f"feat must lie in [0, {decoder.shape[0]}), got [{int(feat.min())}, {int(feat.max())}]")
+
+
+def _check_vector_args(grad, vectors) -> None:
+    if grad.dim() != 3 or vectors.dim() != 2 or tuple(grad.shape[1:]) != tuple(vectors.shape):
+        raise ValueError(f"vector_edges needs grad [B, R, D] and vectors [R, D], got {tuple(grad.shape)} "
+                         f"and {tuple(vectors.shape)}")

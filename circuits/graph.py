@@ -129,7 +129,7 @@ class AttributionGraph:
                   "token_strings": self.token_strings, "n_layers": self.n_layers,
                   "shape": list(self.adjacency.shape), "metadata": self.metadata,
                   "labels": {str(k): v for k, v in self.labels.items()}}
-        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        arrays["header"] = np.frombuffer(json.dumps(header, default=_json_default).encode(), dtype=np.uint8)
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
         return path
 
@@ -174,7 +174,7 @@ class AttributionGraph:
             activation=self.activation[idx], node_input=self.node_input[idx],
             row_constant=self.row_constant[idx], has_row=self.has_row[idx], adjacency=sp.csr_array(adj),
             logit_probabilities=self.logit_probabilities[np.isin(self.logit_nodes, idx)],
-            n_layers=self.n_layers, metadata=json.loads(json.dumps(self.metadata)),
+            n_layers=self.n_layers, metadata=json.loads(json.dumps(self.metadata, default=_json_default)),
             influence=None if self.influence is None else self.influence[idx],
             labels={remap[k]: v for k, v in self.labels.items() if k in remap})
 
@@ -183,6 +183,15 @@ class AttributionGraph:
         top = ", ".join(f"{s!r} {p:.3f}" for s, p in zip(self.logit_strings, self.logit_probabilities))
         return (f"{n['feature']} features, {n['error']} error nodes, {n['token']} tokens, {n['logit']} logits "
                 f"({top}); {self.adjacency.nnz} edges")
+
+
+def _json_default(x):
+    """numpy scalars and arrays in metadata become plain JSON numbers and lists."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"metadata value of type {type(x).__name__} cannot be saved as JSON")
 
 
 def load_graph(path: str | Path) -> AttributionGraph:
@@ -201,11 +210,18 @@ def atomic_write(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html as html_lib
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -50,11 +51,20 @@ class _Node:
 
 # -- node scores and selection -------------------------------------------------------------------------
 
+def importance(graph: AttributionGraph) -> np.ndarray:
+    """|influence on the logits| per node: the pruning's where it ran, else computed here."""
+    if graph.influence is not None:
+        raw = graph.influence
+    else:
+        from .prune import compute_influence
+        raw = compute_influence(graph)
+    return np.nan_to_num(np.abs(np.asarray(raw, dtype=np.float64)))
+
+
 def node_scores(graph: AttributionGraph) -> np.ndarray:
-    """Importance of each node in [0, 1]: influence where pruning set it, else |activation|, each scaled by
-    its maximum over feature and error nodes (tokens and logits get 1)."""
-    raw = graph.influence if graph.influence is not None else np.abs(graph.activation)
-    raw = np.nan_to_num(np.abs(np.asarray(raw, dtype=np.float64)))
+    """Drawn size of each node in [0, 1]: sqrt of its influence over the largest influence of a feature or
+    error node (tokens and logits get 1)."""
+    raw = importance(graph)
     inner = (graph.kind == FEATURE) | (graph.kind == ERROR)
     top = raw[inner].max() if inner.any() else 0.0
     s = np.sqrt(np.clip(raw / top, 0.0, 1.0)) if top > 0 else np.full(graph.n_nodes, 0.5)
@@ -64,13 +74,12 @@ def node_scores(graph: AttributionGraph) -> np.ndarray:
 
 def select_nodes(graph: AttributionGraph, max_nodes: int | None) -> AttributionGraph:
     """The graph itself, or (when it has more than max_nodes nodes) the subgraph of its token and logit
-    nodes plus its most important feature and error nodes."""
+    nodes plus its most influential feature and error nodes."""
     if max_nodes is None or graph.n_nodes <= max_nodes:
         return graph
     always = (graph.kind == TOKEN) | (graph.kind == LOGIT)
     room = max(max_nodes - int(always.sum()), 0)
-    raw = graph.influence if graph.influence is not None else np.abs(graph.activation)
-    raw = np.nan_to_num(np.abs(np.asarray(raw, dtype=np.float64)))
+    raw = importance(graph)
     cand = np.flatnonzero(~always)
     best = cand[np.argsort(-raw[cand], kind="stable")[:room]]
     return graph.subgraph(np.sort(np.concatenate([np.flatnonzero(always), best])))
@@ -86,6 +95,7 @@ def _token_text(s: str) -> str:
 
 
 def _nodes_of(graph: AttributionGraph, scores: np.ndarray | None = None) -> list[_Node]:
+    from .export import display_label
     scores = node_scores(graph) if scores is None else scores
     logit_nodes = graph.logit_nodes
     strings = graph.logit_strings
@@ -96,9 +106,10 @@ def _nodes_of(graph: AttributionGraph, scores: np.ndarray | None = None) -> list
         k, L, p = int(graph.kind[i]), int(graph.layer[i]), int(graph.pos[i])
         tok = graph.token_strings[p] if 0 <= p < len(graph.token_strings) else "?"
         lines = []
+        text, source = display_label(graph, i)
         if k == FEATURE:
             base = f"L{L}/{int(graph.feature[i])}"
-            label = f"{_short(graph.labels[i], 22)}\n{base}" if i in graph.labels else base
+            label = f"{_short(text, 22)}\n{base}" if source != "default" else base
             lines.append(f"feature {base} at position {p} ({tok!r})")
         elif k == ERROR:
             label = f"err L{L}"
@@ -112,8 +123,8 @@ def _nodes_of(graph: AttributionGraph, scores: np.ndarray | None = None) -> list
             prob = float(graph.logit_probabilities[j]) if j < len(graph.logit_probabilities) else float("nan")
             label = f"{_short(_token_text(s), 12)}\np={prob:.2f}"
             lines.append(f"logit {s!r} (id {int(graph.feature[i])}), p={prob:.3f}")
-        if i in graph.labels:
-            lines.append(f"label: {graph.labels[i]}")
+        if source != "default":
+            lines.append(f"{'label' if source == 'human' else 'auto label'}: {text}")
         lines.append(f"activation {float(act[i]):.4g}")
         if infl is not None:
             lines.append(f"influence {float(infl[i]):.4g}")
@@ -123,8 +134,11 @@ def _nodes_of(graph: AttributionGraph, scores: np.ndarray | None = None) -> list
 
 # -- layout ------------------------------------------------------------------------------------------
 
+_LOGIT_ROW = 10 ** 6
+
+
 def _row_key(n: _Node) -> int:
-    return {TOKEN: -1, LOGIT: 10 ** 6}.get(n.kind, n.layer)
+    return {TOKEN: -1, LOGIT: _LOGIT_ROW}.get(n.kind, n.layer)
 
 
 def layout(nodes: list[_Node], n_pos: int) -> tuple[float, float, list[tuple[str, float]], list[float]]:
@@ -148,20 +162,27 @@ def layout(nodes: list[_Node], n_pos: int) -> tuple[float, float, list[tuple[str
     n_cols = max([n_pos] + [n.pos + 1 for n in nodes])
     col_w = [TOKEN_W] * n_cols
     for (r, p), cell in cells.items():
+        if r == _LOGIT_ROW:  # most probable first; the row spreads left over the empty top of the picture
+            cell.sort(key=lambda n: n.index)
+            continue
         cell.sort(key=lambda n: (-n.score, n.id))
         col_w[p] = max(col_w[p], sum(n.w + 6 for n in cell) + 4)
     left = 54.0
+    right = left + sum(col_w)
     col_x = list(np.concatenate([[left], left + np.cumsum(col_w)[:-1]]))
     centres = [col_x[p] + col_w[p] / 2 for p in range(n_cols)]
     for (r, p), cell in cells.items():
         total = sum(n.w + 6 for n in cell) - 6
         x = centres[p] - total / 2
+        if r == _LOGIT_ROW:
+            x = max(left, min(x, right - total))
+            right = max(right, x + total)
         for n in cell:
             n.x, n.y = x + n.w / 2, row_y[r]
             x += n.w + 6
-    names = {-1: "emb", 10 ** 6: "logit"}
+    names = {-1: "emb", _LOGIT_ROW: "logit"}
     labels = [(names.get(r, f"L{r}"), y) for r, y in row_y.items()]
-    width = left + sum(col_w) + 20
+    width = right + 20
     height = 30.0 + len(rows) * ROW_H + 10
     # flip so tokens are at the bottom (y grows downwards, as in SVG)
     for n in nodes:
@@ -173,13 +194,12 @@ def layout(nodes: list[_Node], n_pos: int) -> tuple[float, float, list[tuple[str
 # -- edges -------------------------------------------------------------------------------------------
 
 def select_edges(graph: AttributionGraph, per_target: int = 4, max_edges: int | None = None,
-                 min_frac: float = 0.01) -> list[tuple[int, int, float]]:
-    """The strongest incoming edges of each node (at most per_target each, and at least min_frac of the
-    strongest edge), then the max_edges strongest overall. Returns [(source, target, weight)]."""
+                 min_frac: float = 0.05) -> list[tuple[int, int, float]]:
+    """The strongest incoming edges of each node (at most per_target each, and at least min_frac of that
+    node's strongest input), then the max_edges strongest overall. Returns [(source, target, weight)]."""
     adj = graph.adjacency.tocsr()
     if adj.nnz == 0:
         return []
-    wmax = float(np.abs(adj.data).max())
     edges = []
     for t in range(adj.shape[0]):
         a, b = adj.indptr[t], adj.indptr[t + 1]
@@ -187,8 +207,9 @@ def select_edges(graph: AttributionGraph, per_target: int = 4, max_edges: int | 
             continue
         w = adj.data[a:b]
         order = np.argsort(-np.abs(w), kind="stable")[:per_target]
+        top = abs(w[order[0]])
         for o in order:
-            if abs(w[o]) >= min_frac * wmax and adj.indices[a + o] != t:
+            if abs(w[o]) >= min_frac * top and abs(w[o]) > 0 and adj.indices[a + o] != t:
                 edges.append((int(adj.indices[a + o]), t, float(w[o])))
     max_edges = max_edges if max_edges is not None else max(3 * graph.n_nodes, 150)
     edges.sort(key=lambda e: -abs(e[2]))
@@ -225,8 +246,6 @@ def _node_attrs(n: _Node, height: float, fill: str | None = None) -> dict:
                  fontsize="9")
     a.update(width=f"{n.w / 72:.3f}", height=f"{n.h / 72:.3f}", fixedsize="true", pos=f"{n.x:.1f},{height - n.y:.1f}!",
              label=n.label, tooltip=n.detail, id=n.id)
-    if n.kind == ERROR:
-        a["style"] = "dashed,filled"
     return a
 
 
@@ -309,44 +328,60 @@ def render_png(graph: AttributionGraph, path: str | Path, max_nodes: int | None 
 
 # -- comparison --------------------------------------------------------------------------------------
 
-def _node_status(comparison) -> dict[str, str]:
+def _comparison_frame(comparison, graph_a: AttributionGraph, graph_b: AttributionGraph):
+    """(node status by merged id, A id -> merged id, B id -> merged id, A pos -> column, B pos -> column,
+    column tokens). A plain dict node id -> status means both graphs share one prompt."""
     status = getattr(comparison, "node_status", comparison)
     if not isinstance(status, dict):
-        raise UserError("render_comparison_svg needs a Comparison (with node_status) or a dict node id -> a/b/both")
-    return {str(k): str(v) for k, v in status.items()}
+        raise UserError("render_comparison_svg needs a Comparison (from circuits.compare) or a dict node id -> a/b/both")
+    status = {str(k): str(v) for k, v in status.items()}
+    columns = getattr(comparison, "columns", None)
+    if columns is None:
+        toks = list(graph_a.token_strings) + list(graph_b.token_strings[len(graph_a.token_strings):])
+        ident = {p: p for p in range(len(toks))}
+        return status, {}, {}, ident, ident, toks
+    col_a = {pa: c for c, (pa, _) in enumerate(columns) if pa is not None}
+    col_b = {pb: c for c, (_, pb) in enumerate(columns) if pb is not None}
+    return status, comparison.a_to_merged, comparison.b_to_merged, col_a, col_b, comparison.column_tokens()
 
 
-def comparison_dot(comparison, graph_a: AttributionGraph, graph_b: AttributionGraph,
+def comparison_dot(comparison, graph_a: AttributionGraph | None = None, graph_b: AttributionGraph | None = None,
                    max_nodes: int | None = DEFAULT_MAX_NODES) -> str:
-    status = _node_status(comparison)
+    graph_a = graph_a if graph_a is not None else comparison.a
+    graph_b = graph_b if graph_b is not None else comparison.b
+    status, to_a, to_b, col_a, col_b, toks = _comparison_frame(comparison, graph_a, graph_b)
     ga, gb = select_nodes(graph_a, max_nodes), select_nodes(graph_b, max_nodes)
-    na, nb = _nodes_of(ga), _nodes_of(gb)
-    by_id: dict[str, _Node] = {n.id: n for n in nb}
-    by_id.update({n.id: n for n in na})  # A's description wins for shared nodes
-    nodes = list(by_id.values())
-    for n in nodes:
-        st = status.get(n.id) or ("both" if any(m.id == n.id for m in na) and n.id in {m.id for m in nb}
-                                  else "a" if n.id in {m.id for m in na} else "b")
-        n.fill = STATUS_COLORS.get(st, "#ffffff")
-        n.detail += f"\n{STATUS_NAMES.get(st, st)}"
-    toks = list(graph_a.token_strings)
-    if len(graph_b.token_strings) > len(toks):
-        toks += graph_b.token_strings[len(toks):]
-    width, height, rows, cols = layout(nodes, len(toks))
+    merged: dict[str, _Node] = {}
     edges: dict[tuple[str, str], float] = {}
-    for g in (gb, ga):
-        ids = g.node_ids()
+    for g, to, col in ((gb, to_b, col_b), (ga, to_a, col_a)):  # A's description wins for shared nodes
+        nodes = _nodes_of(g)
+        ids = [to.get(n.id, n.id) for n in nodes]
+        for n, m in zip(nodes, ids):
+            n.id, n.pos = m, col[n.pos]
+            if n.kind == TOKEN and m.count(":") == 1:
+                n.label = _short(_token_text(toks[n.pos]), 14)
+            merged[m] = n
         for s, t, w in select_edges(g):
             edges[(ids[s], ids[t])] = w
+    nodes = list(merged.values())
+    for n in nodes:
+        st = status.get(n.id, "both")
+        n.fill = STATUS_COLORS.get(st, "#ffffff")
+        n.detail += f"\n{STATUS_NAMES.get(st, st)}"
+    width, height, rows, cols = layout(nodes, len(toks))
     legend = [(STATUS_NAMES[k], c) for k, c in STATUS_COLORS.items()]
-    title = (f"A: {_short(graph_a.prompt, 50)!r}   B: {_short(graph_b.prompt, 50)!r}")
+    title = f"A: {_short(graph_a.prompt, 50)!r}   B: {_short(graph_b.prompt, 50)!r}"
+    if hasattr(comparison, "jaccard"):
+        title += f"   (Jaccard {comparison.jaccard:.2f})"
     return _dot(nodes, [(s, t, w) for (s, t), w in edges.items()], width, height, rows, cols, toks, title, legend)
 
 
-def render_comparison_svg(comparison, graph_a: AttributionGraph, graph_b: AttributionGraph, path: str | Path,
-                          max_nodes: int | None = DEFAULT_MAX_NODES) -> Path:
-    """One picture of both graphs, nodes coloured by `comparison.node_status` (node id -> "a"|"b"|"both";
-    a plain dict works too). The format follows the suffix, as in `render_svg`."""
+def render_comparison_svg(comparison, graph_a: AttributionGraph | None, graph_b: AttributionGraph | None,
+                          path: str | Path, max_nodes: int | None = DEFAULT_MAX_NODES) -> Path:
+    """One picture of both graphs in the comparison's shared column frame, nodes coloured by
+    `comparison.node_status` ("a" only in A, "b" only in B, "both"). graph_a/graph_b default to the
+    comparison's (pruned) graphs; a plain dict node id -> status works for two graphs of one prompt.
+    The format follows the suffix, as in `render_svg`."""
     return _write_picture(comparison_dot(comparison, graph_a, graph_b, max_nodes), path)
 
 
@@ -358,6 +393,7 @@ def _frontend(name: str) -> str:
 
 def html_data(graph: AttributionGraph, max_nodes: int | None = None, max_edges: int = 20000) -> dict:
     """The JSON the HTML viewer draws: nodes with layout positions, edges with weights, dashboards."""
+    from .export import supernode_groups
     g = select_nodes(graph, max_nodes)
     nodes = _nodes_of(g)
     width, height, rows, cols = layout(nodes, g.n_pos)
@@ -368,6 +404,7 @@ def html_data(graph: AttributionGraph, max_nodes: int | None = None, max_edges: 
         top = np.argsort(-np.abs(w), kind="stable")[:max_edges]
         t, s, w = t[top], s[top], w[top]
     dashboards = (g.metadata or {}).get("dashboards", {}) or {}
+    ids = {n.id for n in nodes}
     return {
         "prompt": g.prompt,
         "tokens": list(g.token_strings),
@@ -379,20 +416,22 @@ def html_data(graph: AttributionGraph, max_nodes: int | None = None, max_edges: 
                    "x": round(n.x, 1), "y": round(n.y, 1), "w": round(n.w, 1), "h": round(n.h, 1)}
                   for n in nodes],
         "edges": [[int(a), int(b), float(f"{c:.4g}")] for a, b, c in zip(s, t, w)],
-        "dashboards": {k: v for k, v in dashboards.items() if k in {n.id for n in nodes}},
+        "dashboards": {k: v for k, v in dashboards.items() if k in ids},
+        "supernodes": [{"name": name, "members": [m for m in members if m in ids]}
+                       for name, members in supernode_groups((g.metadata or {}).get("supernodes") or {}).items()],
+        "scores": (g.metadata or {}).get("scores") or None,
         "model": (g.metadata or {}).get("model", ""),
     }
 
 
 def render_html(graph: AttributionGraph, path: str | Path, max_nodes: int | None = None) -> Path:
     """Write one self-contained HTML file (inline JS and CSS; works offline from file://)."""
-    data = json.dumps(html_data(graph, max_nodes), separators=(",", ":"), allow_nan=False, default=str)
-    data = data.replace("</", "<\\/")  # never close the <script> early
-    page = (_frontend("viewer.html")
-            .replace("__TITLE__", html_lib.escape(_short(graph.prompt, 80)))
-            .replace("/*__CSS__*/", _frontend("viewer.css"))
-            .replace("/*__JS__*/", _frontend("viewer.js"))
-            .replace("/*__DATA__*/null", data))
+    data = json.dumps(html_data(graph, max_nodes), separators=(",", ":"), default=str)  # NaN is a JS literal
+    parts = {"__TITLE__": html_lib.escape(_short(graph.prompt, 80)), "/*__CSS__*/": _frontend("viewer.css"),
+             "/*__JS__*/": _frontend("viewer.js"),
+             "/*__DATA__*/null": data.replace("</", "<\\/")}  # never close the <script> early
+    # one pass, so nothing substituted (a prompt, the data) is itself searched for markers
+    page = re.sub("|".join(re.escape(k) for k in parts), lambda m: parts[m.group(0)], _frontend("viewer.html"))
     path = Path(path)
     atomic_write_text(path, page)
     return path

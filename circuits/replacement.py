@@ -1,24 +1,30 @@
 """The local replacement model of one prompt.
 
 One forward pass of the real Hugging Face model records, for this prompt, every attention pattern and
-every RMSNorm scale (input, post-attention, pre-feedforward and final norms; the q/k norms only shape the
-patterns, which are frozen whole). With those frozen, and the MLPs replaced by transcoders plus an error
-term (true MLP output minus reconstruction) at every (layer, position), the map from any residual-stream
-direction to any later node is linear:
+every RMSNorm scale (input, post-attention, pre-feedforward and final norms; the q/k norms, the rotary
+embedding, the query scaling, sliding windows and attention soft-capping only shape the patterns, which are
+frozen whole). With those frozen, and the MLPs replaced by transcoders plus an error term (true MLP output
+minus reconstruction) at every (layer, position), the map from any residual-stream direction to any later
+node is linear:
 
-    x_0      = embed(tokens) * sqrt(d_model)                      [n_pos, D]
+    x_0      = embed(tokens) * sqrt(d_model)   (HF's embed_tokens applies the scale: x_0 is the token node)
     m_l      = x_l + s_pa * (1 + w_pa) * o_proj(P_l @ v_proj(s_in * (1 + w_in) * x_l))
     mlp_in_l = s_ff * (1 + w_ff) * m_l
     x_{l+1}  = m_l + sum_{features} act * W_dec + b_dec_l + mlp_in_l @ W_skip_l + error_l
     logits   = W_U (s_f * (1 + w_f) * x_L)      (soft-capped afterwards where the config says so)
 
-`PromptState` holds the frozen quantities; `frozen_forward` runs the linear model forwards (used to check
-exactness and edges by finite differences, and by frozen-mode interventions); `backward` runs its transpose
-for a batch of targets at once, which is what attribution needs: one forward pass serves every batch.
+where s_* are the frozen 1/rms scales per position. The post-feedforward norm is not frozen separately:
+the transcoders replace the MLP together with it (they read `mlp_in` and write `mlp_out`, the output of
+post_feedforward_layernorm), and the error term absorbs whatever they miss.
+
+`PromptState` holds the frozen quantities; `frozen_forward` runs the linear model forwards (plainly, as the
+reference that tests and frozen-mode interventions use); `TransposedModel` runs its transpose for a batch of
+targets at once, which is what attribution needs: one forward pass serves every batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -28,11 +34,12 @@ from .models import LoadedModel
 
 @dataclass
 class PromptState:
-    """Everything frozen for one prompt. L layers, n positions, D = d_model, H heads."""
+    """Everything frozen for one prompt. L layers, n positions, D = d_model, H heads. float32, on the
+    model's device."""
 
     tokens: torch.Tensor  # [n] token ids
     resid: torch.Tensor  # [L+1, n, D] residual stream before each layer, and after the last
-    patterns: torch.Tensor  # [L, H, n, n] attention probabilities
+    patterns: torch.Tensor  # [L, H, n, n] attention probabilities (query, key)
     s_in: torch.Tensor  # [L, n] 1/rms of the input of input_layernorm
     s_pa: torch.Tensor  # [L, n] 1/rms of the input of post_attention_layernorm (the attention output)
     s_ff: torch.Tensor  # [L, n] 1/rms of the input of pre_feedforward_layernorm
@@ -40,6 +47,7 @@ class PromptState:
     mlp_in: torch.Tensor  # [L, n, D]
     mlp_out: torch.Tensor  # [L, n, D]
     logits: torch.Tensor  # [vocab] model logits at the last position (after soft-capping)
+    causal: bool = True  # every pattern is lower-triangular: position p never reads a later position
 
     @property
     def n_pos(self) -> int:
@@ -47,6 +55,7 @@ class PromptState:
 
     @property
     def embeddings(self) -> torch.Tensor:
+        """The token-embedding nodes `[n, D]`: embed(tokens) * sqrt(d_model), as the first layer reads them."""
         return self.resid[0]
 
 
@@ -68,10 +77,7 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
     def pre_hook(key, l):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            if key == "resid":
-                rec[key][l] = x[0].float()
-            else:
-                rec[key][l] = _rms_scale(x[0], eps)
+            rec[key][l] = x[0].float() if key == "resid" else _rms_scale(x[0], eps)
         return hook
 
     def out_hook(key, l):
@@ -100,25 +106,32 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
     handles.append(sites.final_norm.register_forward_pre_hook(final_hook, with_kwargs=True))
     lm.model.config._attn_implementation = "eager"
     try:
-        out = lm.model(tokens[None].to(lm.device), use_cache=False)
+        # logits_to_keep=1: the unembedding runs for the last position only
+        out = lm.model(tokens[None].to(lm.device), use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
+    patterns = torch.stack(rec["pattern"])
     return PromptState(
-        tokens=tokens.cpu(), resid=torch.stack(rec["resid"] + [final["x"]]).cpu(),
-        patterns=torch.stack(rec["pattern"]).cpu(), s_in=torch.stack(rec["s_in"]).cpu(),
-        s_pa=torch.stack(rec["s_pa"]).cpu(), s_ff=torch.stack(rec["s_ff"]).cpu(), s_final=final["s"].cpu(),
-        mlp_in=torch.stack(rec["mlp_in"]).cpu(), mlp_out=torch.stack(rec["mlp_out"]).cpu(),
-        logits=out.logits[0, -1].float().cpu())
+        tokens=tokens.cpu(), resid=torch.stack(rec["resid"] + [final["x"]]),
+        patterns=patterns, s_in=torch.stack(rec["s_in"]), s_pa=torch.stack(rec["s_pa"]),
+        s_ff=torch.stack(rec["s_ff"]), s_final=final["s"], mlp_in=torch.stack(rec["mlp_in"]),
+        mlp_out=torch.stack(rec["mlp_out"]), logits=out.logits[0, -1].float(),
+        causal=bool((patterns.triu(1) == 0).all()))
 
 
 class FrozenWeights:
-    """The model weights the linear (frozen) model needs, in float32: per layer W_v `[KV*hd, D]`,
-    W_o `[D, H*hd]`, norm gains (1 + w); the final norm gain; the unembedding (kept in the model's dtype)."""
+    """The model weights the linear (frozen) model needs, in float32 on the model's device: per layer
+    W_v `[KV*hd, D]`, W_o `[D, H*hd]`, norm gains (1 + w) `[L, D]`; the final norm gain `[D]`; the
+    unembedding `[vocab, D]` (kept in the model's dtype: it is only read for the chosen logit rows)."""
 
     def __init__(self, lm: LoadedModel):
         s = lm.sites
-        f = lambda t: t.detach().float().cpu()  # noqa: E731
+        attn = s.layers[0].self_attn
+        if getattr(attn.v_proj, "bias", None) is not None or getattr(attn.o_proj, "bias", None) is not None:
+            raise UserError("this model has attention biases; the replacement model supports Gemma 3 "
+                            "attention without biases only (attention_bias=False, as Gemma 3 ships)")
+        f = lambda t: t.detach().float()  # noqa: E731
         self.W_v = [f(l.self_attn.v_proj.weight) for l in s.layers]
         self.W_o = [f(l.self_attn.o_proj.weight) for l in s.layers]
         self.g_in = torch.stack([1 + f(l.input_layernorm.weight) for l in s.layers])
@@ -129,21 +142,26 @@ class FrozenWeights:
         self.n_heads, self.n_kv, self.head_dim = s.n_heads, s.n_kv_heads, s.head_dim
         self.softcap = s.final_logit_softcapping
         self.n_layers = s.n_layers
+        self.d_model = s.d_model
         self._unembed_mean = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.g_final.device
 
     @property
     def unembed_mean(self) -> torch.Tensor:
         """Mean unembedding vector over the vocabulary `[D]`: logit nodes read logits minus their mean."""
         if self._unembed_mean is None:
-            self._unembed_mean = self.W_U.float().mean(0).cpu()
+            self._unembed_mean = self.W_U.float().mean(0)
         return self._unembed_mean
 
     def logit_directions(self, token_ids: list[int], contrast: int | None = None) -> torch.Tensor:
         """Directions `[n, D]` in the final-norm output whose dot product is each logit node's input:
         the demeaned unembedding of each token, or the difference of two unembeddings for a contrast."""
-        rows = self.W_U[torch.as_tensor(token_ids)].float().cpu()
+        rows = self.W_U[torch.as_tensor(token_ids, device=self.W_U.device)].float()
         if contrast is not None:
-            return rows - self.W_U[contrast].float().cpu()[None]
+            return rows - self.W_U[contrast].float()[None]
         return rows - self.unembed_mean[None]
 
 
@@ -156,19 +174,22 @@ def attention_apply(fw: FrozenWeights, l: int, pattern: torch.Tensor, x_in: torc
     return o.flatten(-2) @ fw.W_o[l].T
 
 
-def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_acts: list[torch.Tensor],
+def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_acts: list[torch.Tensor] | None,
                    errors: torch.Tensor, embeddings: torch.Tensor | None = None,
-                   resid_delta: dict[int, torch.Tensor] | None = None) -> dict:
+                   resid_delta: dict[int, torch.Tensor] | None = None, feature_out: torch.Tensor | None = None,
+                   preacts: bool = True) -> dict:
     """Run the linear frozen replacement model forwards.
 
-    feature_acts[l]: dense activations `[n, F]` of layer l's features (held fixed: direct effects only).
-    errors: `[L, n, D]` error terms. embeddings: `[n, D]` (default: the prompt's). resid_delta: optional
-    additions to x_l. Returns pre-activations `[L, n, F]` of every feature, MLP outputs, residuals and
-    the last position's pre-cap logits over the vocabulary.
+    feature_acts[l]: dense activations `[n, F]` of layer l's features (held fixed: direct effects only), or
+    feature_out `[L, n, D]`: what the features and decoder biases write to each layer's MLP output, decoded
+    already (see `decode_sparse`). errors: `[L, n, D]` error terms. embeddings: `[n, D]` (default: the
+    prompt's). resid_delta: optional additions to x_l. Returns the pre-activations `[L][n, F]` of every
+    feature (unless preacts=False), MLP inputs and outputs `[L, n, D]`, residuals `[L+1, n, D]`, the final
+    norm's output at the last position `[D]` and the last position's pre-cap logits over the vocabulary.
     """
     x = state.embeddings if embeddings is None else embeddings
     L = fw.n_layers
-    resid, preacts, mlp_outs = [], [], []
+    resid, pre, mlp_ins, mlp_outs = [], [], [], []
     for l in range(L):
         if resid_delta and l in resid_delta:
             x = x + resid_delta[l]
@@ -177,69 +198,161 @@ def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_a
         a = attention_apply(fw, l, state.patterns[l], h)
         m = x + a * (state.s_pa[l, :, None] * fw.g_pa[l])
         u = m * (state.s_ff[l, :, None] * fw.g_ff[l])
-        preacts.append(transcoders.pre_activation(l, u).float())
-        y = transcoders.b_dec[l].float() + errors[l]
-        for s in transcoders.output_layers_into(l):
-            w = transcoders.W_dec[s][:, l - s] if transcoders.is_clt else transcoders.W_dec[s]
-            y = y + feature_acts[s].to(w.dtype) @ w
+        mlp_ins.append(u)
+        if preacts:
+            pre.append(transcoders.pre_activation(l, u).float())
+        if feature_out is not None:
+            y = feature_out[l] + errors[l]
+        else:
+            y = transcoders.b_dec[l].float() + errors[l]
+            for s in transcoders.output_layers_into(l):
+                w = transcoders.W_dec[s][:, l - s] if transcoders.is_clt else transcoders.W_dec[s]
+                y = y + (feature_acts[s].to(w.dtype) @ w).float()
         skip = transcoders.skip_term(l, u)
         if skip is not None:
-            y = y + skip
-        mlp_outs.append(y.float())
-        x = m + y.float()
+            y = y + skip.float()
+        mlp_outs.append(y)
+        x = m + y
     if resid_delta and L in resid_delta:
         x = x + resid_delta[L]
     resid.append(x)
     final = x[-1] * state.s_final[-1] * fw.g_final
-    logits = (fw.W_U.float() @ final.to(fw.W_U.device).float()).cpu()
-    return {"resid": torch.stack(resid), "preacts": preacts, "mlp_out": torch.stack(mlp_outs),
-            "final": final, "logits": logits}
+    logits = (fw.W_U @ final.to(fw.W_U.dtype)).float()
+    return {"resid": torch.stack(resid), "preacts": pre, "mlp_in": torch.stack(mlp_ins),
+            "mlp_out": torch.stack(mlp_outs), "final": final, "logits": logits}
+
+
+@torch.no_grad()
+def decode_sparse(transcoders, layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor, act: torch.Tensor,
+                  n_pos: int) -> torch.Tensor:
+    """What active features (`[k]` each, as `sparse_encode` returns them) and the decoder biases write to
+    every layer's MLP output: `[L, n_pos, D]` float32, without the skip term. Reads only active rows."""
+    tc = transcoders
+    dev = tc.b_dec[0].device
+    out = torch.stack([b.detach().float() for b in tc.b_dec])[:, None, :].repeat(1, n_pos, 1)
+    layer, pos, feat, act = layer.to(dev), pos.to(dev), feat.to(dev), act.to(dev).float()
+    for s in range(tc.n_layers):
+        here = layer == s
+        if not bool(here.any()):
+            continue
+        rows = tc.decoder_rows(s, feat[here]).float() * act[here][:, None, None]  # [k, n_out, D]
+        for o, l in enumerate(tc.output_layers(s)):
+            out[l].index_add_(0, pos[here], rows[:, o])
+    return out
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
-def backward(state: PromptState, fw: FrozenWeights, transcoders, inject_mlp_in: tuple | None,
-             inject_final: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """The transpose of the frozen linear model for a batch of B targets at once.
+# the visitor of `TransposedModel.run`: visit(l, g, k, P) with g `[P, k, D]`
+Visitor = Callable[[int, torch.Tensor, int, int], None]
 
-    inject_mlp_in: (row `[k]`, layer `[k]`, pos `[k]`, vectors `[k, D]`): target `row` reads the MLP input
-    of `layer` at `pos` along `vector` (a feature target's encoder vector), or None. inject_final: `[B, n, D]` gradient with
-    respect to the final norm's output (a logit target's direction at the last position), or None.
-    Returns G `[B, L+1, n, D]`: each target's gradient with respect to an addition to x_l (the residual
-    before layer l; G[:, l+1] is where layer l's MLP output, hence its features and error, are written).
-    Gradients do not pass through feature activations: edges are direct effects.
+
+class TransposedModel:
+    """The transpose of the frozen linear model, for batches of targets.
+
+    A target reads either the MLP input of layer l at position p along a vector (a feature's encoder
+    vector: its pre-activation) or, with l == n_layers, the final norm's output at p along a vector (a
+    logit direction). Gradients are laid out `[P, k, D]` (positions first) so that every step is a few
+    large matrix products. What is constant per prompt is folded once, here:
+      - the norm gains into the weights: W_o diag(1 + w_pa) per head `[H, D, hd]`, W_v diag(1 + w_in)
+        `[KV, hd, D]`, W_skip^T diag(1 + w_ff) `[D, D]`;
+      - the per-position scales of the input and post-attention norms into the transposed patterns:
+        A[l, key, h, query] = s_in[key] * P[h, query, key] * s_pa[query], so that the heads sharing a
+        KV head mix positions in one product `[P, rep*P] @ [rep*P, k*hd]`.
+    Work is truncated to what can be non-zero: a target of layer l is only live below layer l, and, when
+    the patterns are causal, a target at position p only reaches positions <= p.
     """
-    B = batch
-    L, n, D = fw.n_layers, state.n_pos, state.resid.shape[-1]
-    G = torch.zeros(B, L + 1, n, D)
-    g = torch.zeros(B, n, D)
-    if inject_final is not None:
-        g = inject_final * (state.s_final[:, None] * fw.g_final)
-    G[:, L] = g
-    rep = fw.n_heads // fw.n_kv
-    for l in reversed(range(L)):
-        # x_{l+1} = m_l + [features + b_dec + skip(mlp_in_l) + error]; mlp_in_l = s_ff * g_ff * m_l
-        u = None
-        if inject_mlp_in is not None:
-            rows, layers, pos, vecs = inject_mlp_in
-            here = layers == l
-            if bool(here.any()):
-                u = torch.zeros(B, n, D)
-                u.index_put_((rows[here], pos[here]), vecs[here].float(), accumulate=True)
+
+    def __init__(self, state: PromptState, fw: FrozenWeights, transcoders):
+        self.state, self.fw = state, fw
+        self.L, self.n, self.D = fw.n_layers, state.n_pos, fw.d_model
+        self.H, self.KV, self.hd = fw.n_heads, fw.n_kv, fw.head_dim
+        D, H, hd = self.D, self.H, self.hd
+        self.W_o = [(w * g[:, None]).view(D, H, hd).permute(1, 0, 2).contiguous()
+                    for w, g in zip(fw.W_o, fw.g_pa)]  # [H, D, hd]
+        self.W_v = [(w * g[None, :]).view(self.KV, hd, D) for w, g in zip(fw.W_v, fw.g_in)]  # [KV, hd, D]
+        self.W_skip = None
         if transcoders.W_skip is not None:
-            sk = g @ transcoders.W_skip[l].float().T
-            u = sk if u is None else u + sk
-        gm = g if u is None else g + u * (state.s_ff[l, :, None] * fw.g_ff[l])
-        # m_l = x_l + s_pa * g_pa * o_proj(P @ v_proj(s_in * g_in * x_l))
-        g1 = gm * (state.s_pa[l, :, None] * fw.g_pa[l])
-        go = (g1 @ fw.W_o[l]).unflatten(-1, (fw.n_heads, fw.head_dim))  # [B, n, H, hd]
-        gv = torch.einsum("hqk,bqhd->bkhd", state.patterns[l], go)
-        gv = gv.unflatten(2, (fw.n_kv, rep)).sum(3).flatten(-2)  # [B, n, KV*hd]
-        g = gm + (gv @ fw.W_v[l]) * (state.s_in[l, :, None] * fw.g_in[l])
-        G[:, l] = g
-    return G
+            self.W_skip = [w.detach().float().to(fw.device).T * g[None, :]
+                           for w, g in zip(transcoders.W_skip, fw.g_ff)]  # [D, D]
+        self.mix = (state.s_in[:, :, None, None] * state.patterns.permute(0, 3, 1, 2)
+                    * state.s_pa[:, None, None, :]).contiguous()  # [L, key, H, query]
+
+    def _extent(self, pos: torch.Tensor, k: int) -> int:
+        """Positions the first k rows can reach."""
+        if not self.state.causal:
+            return self.n
+        return int(pos[:k].max()) + 1 if k else 0
+
+    def _attention(self, l: int, gm: torch.Tensor) -> torch.Tensor:
+        """Gradient `[P, k, D]` with respect to x_l through the frozen attention, from the gradient with
+        respect to m_l `[P, k, D]` (without the residual path)."""
+        P, k, D = gm.shape
+        KV, rep, hd = self.KV, self.H // self.KV, self.hd
+        go = torch.matmul(gm.view(1, P * k, D), self.W_o[l])  # [H, P*k, hd]
+        mix = self.mix[l, :P, :, :P]  # [key, H, query]
+        if KV == 1:
+            gv = mix.reshape(P, rep * P) @ go.view(rep * P, k * hd)  # [key, k*hd]
+            return (gv.view(P * k, hd) @ self.W_v[l][0]).view(P, k, D)
+        mix = mix.reshape(P, KV, rep * P).transpose(0, 1)  # [KV, key, rep*query]
+        gv = torch.bmm(mix, go.view(KV, rep * P, k * hd))  # [KV, key, k*hd]
+        return torch.bmm(gv.view(KV, P * k, hd), self.W_v[l]).sum(0).view(P, k, D)
+
+    def run(self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor, visit: Visitor) -> None:
+        """Propagate B targets backwards and hand each residual gradient to `visit`.
+
+        layer `[B]` (sorted descending; n_layers for logit targets), pos `[B]`, vectors `[B, D]`.
+        visit(l, g, k, P) is called for l = L-1 .. 0 with g `[P, k, D]`, the gradient of the first k
+        targets (the live ones) with respect to x_{l+1} at positions < P (where layer l's MLP output, so
+        its features, error and decoder bias, are written; other rows and positions are zero), then
+        with l = -1 and the gradient with respect to x_0 (the token embeddings).
+        """
+        st, L, D, dev = self.state, self.L, self.D, self.fw.device
+        layer, pos = layer.cpu(), pos.cpu()
+        if len(layer) > 1 and bool((layer[1:] > layer[:-1]).any()):
+            raise ValueError("targets must be sorted by layer, descending")
+        vectors = vectors.float().to(dev)
+        dev_pos = pos.to(dev)
+        live = [int((layer >= l).sum()) for l in range(L + 1)]  # live[l]: rows live at and below layer l
+        k = live[L]
+        P = self._extent(pos, k)
+        g = torch.zeros(P, k, D, device=dev)
+        if k:
+            g[dev_pos[:k], torch.arange(k, device=dev)] = vectors[:k] * (st.s_final[dev_pos[:k], None] * self.fw.g_final)
+        for l in reversed(range(L)):
+            if k:
+                visit(l, g, k, P)
+            k_new = live[l]
+            if k_new == 0:
+                continue
+            P_new = self._extent(pos, k_new)
+            if k_new > k or P_new > P:
+                grown = torch.zeros(P_new, k_new, D, device=dev)
+                grown[:P, :k] = g
+                g, P = grown, P_new
+            # gradient with respect to mlp_in_l: the skip path plus the targets that read it here
+            u = g @ self.W_skip[l] if self.W_skip is not None else None
+            if k_new > k:
+                u = torch.zeros_like(g) if u is None else u
+                u[dev_pos[k:k_new], torch.arange(k, k_new, device=dev)] += vectors[k:k_new] * self.fw.g_ff[l]
+            k = k_new
+            gm = g if u is None else torch.addcmul(g, u, st.s_ff[l, :P, None, None])
+            g = gm + self._attention(l, gm)
+        if k:
+            visit(-1, g, k, P)
+
+    def full_gradients(self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Every target's gradient with respect to x_0 .. x_L: `[B, L+1, n, D]` (any target order; for
+        tests and small batches: the dense result is B x (L+1) x n x D)."""
+        order = torch.argsort(layer.cpu(), descending=True, stable=True)
+        G = torch.zeros(len(layer), self.L + 1, self.n, self.D, device=self.fw.device)
+
+        def visit(l, g, k, P):
+            G[order[:k], l + 1, :P] = g.transpose(0, 1)
+        self.run(layer.cpu()[order], pos.cpu()[order], vectors[order.to(vectors.device)], visit)
+        return G
 
 
 def check_prompt(lm: LoadedModel, tokens: torch.Tensor, max_tokens: int | None = None) -> None:
@@ -251,6 +364,5 @@ def check_prompt(lm: LoadedModel, tokens: torch.Tensor, max_tokens: int | None =
         raise UserError("the prompt is empty; give at least one token of text")
     limit = min(lm.sites.max_positions, max_tokens or lm.sites.max_positions)
     if n > limit:
-        raise UserError(f"the prompt has {n} tokens, more than the limit of {limit} "
-                        f"({'--max-tokens' if max_tokens and max_tokens < lm.sites.max_positions else 'the model context'}); "
-                        f"shorten it")
+        what = "--max-tokens" if max_tokens and max_tokens < lm.sites.max_positions else "the model's context"
+        raise UserError(f"the prompt has {n} tokens, more than {limit} ({what}); shorten it")

@@ -68,11 +68,15 @@ def synthetic_graph(n_features: int = 120, n_layers: int = 18, seed: int = 0, to
         for i, text in zip(feats[-6:], ["Texas", "say a capital", "state names", "Dallas", "capital cities",
                                         "US geography & politics"]):
             g.labels[int(i)] = text
-    if dashboards:
+    if dashboards:  # the schema of docs/HELPERS.md
         g.metadata["dashboards"] = {
-            g.node_id(int(i)): {"top_contexts": [f"...lives in <<Dallas>> near {j}" for j in range(3)],
-                                "top_output_tokens": [" Texas", " Austin", " Houston"]}
-            for i in np.flatnonzero(kind == FEATURE)[-10:]}
+            g.node_id(int(i)): {
+                "density": 0.002 * (j + 1), "max_activation": 10.0 + j,
+                "top_contexts": [{"tokens": ["lives", " in", " Dallas", " near", f" {k}"],
+                                  "acts": [0.0, 0.5, 9.0 + j, 1.0, 0.0], "max_act": 9.0 + j} for k in range(3)],
+                "top_promoted": [[" Texas", 1.2], [" Austin", 0.9]], "top_suppressed": [[" Paris", -0.7]],
+                "auto_label": f"Dallas/Texas {j}"}
+            for j, i in enumerate(np.flatnonzero(kind == FEATURE)[-10:])}
     return g
 
 
@@ -119,7 +123,7 @@ def test_select_nodes_keeps_tokens_and_logits():
 def test_render_svg(tmp_path, n_features, influence):
     from circuits.render import render_svg
     g = synthetic_graph(n_features=n_features, with_influence=influence, seed=n_features)
-    out = render_svg(g, tmp_path / "g.svg")
+    out = render_svg(g, tmp_path / "g.svg", max_nodes=None)
     root = ET.parse(out).getroot()
     ns = "{http://www.w3.org/2000/svg}"
     node_ids = {e.get("id") for e in root.iter(f"{ns}g") if e.get("class") == "node"}
@@ -144,7 +148,9 @@ def test_render_png_and_max_nodes(tmp_path):
     assert im.shape[0] > 200 and im.shape[1] > 300
     assert (im < 200).mean() > 0.01
     svg = render_svg(g, tmp_path / "g.svg", max_nodes=80).read_text()
-    assert len(re.findall(r'class="node"', svg)) == 80 + g.n_pos + 1  # + row/column/legend labels? see below
+    drawn = re.findall(r'<g id="([^"]+)" class="node"', svg)
+    assert len([d for d in drawn if d[:2] in ("f:", "e:", "t:", "l:")]) == 80
+    assert len(drawn) > 80 + g.n_pos  # plus the row and column captions
 
 
 @needs_graphviz

@@ -34,8 +34,7 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         g_pre = grad * (pre > theta).to(pre.dtype)
         g_theta = -(theta / eps) * _rect((pre - theta) / eps) * grad
-        g_theta = g_theta.reshape(-1, theta.shape[-1]).sum(0)
-        return g_pre, g_theta, None
+        return g_pre, g_theta.sum_to_size(theta.shape), None
 
 
 class _Step(torch.autograd.Function):
@@ -50,11 +49,12 @@ class _Step(torch.autograd.Function):
         pre, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         g_theta = -(1.0 / eps) * _rect((pre - theta) / eps) * grad
-        return torch.zeros_like(pre), g_theta.reshape(-1, theta.shape[-1]).sum(0), None
+        return None, g_theta.sum_to_size(theta.shape), None
 
 
 def jumprelu(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float = 0.001) -> torch.Tensor:
-    """JumpReLU with a straight-through threshold gradient (theta `[F]`, pre `[..., F]`)."""
+    """JumpReLU with a straight-through threshold gradient (theta broadcastable to pre, e.g. `[F]` or
+    `[L, 1, F]` for pre `[L, n, F]`)."""
     return _JumpReLU.apply(pre, theta, bandwidth)
 
 
@@ -80,6 +80,18 @@ def batchtopk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     pos = vals[vals > 0]
     floor = pos.min().detach() if pos.numel() else torch.zeros((), dtype=pre.dtype)
     return out, floor
+
+
+def batchtopk_per_layer(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK for every layer at once: pre `[L, n, F]` keeps the k * n largest relu(pre) of each layer.
+    Returns (activations `[L, n, F]`, smallest kept positive value per layer `[L]`)."""
+    L, n, F = pre.shape
+    flat = torch.relu(pre).reshape(L, n * F)
+    vals, idx = flat.topk(min(k * n, n * F), dim=-1)
+    out = torch.zeros_like(flat).scatter(1, idx, vals).reshape(L, n, F)
+    kept = vals.detach()
+    floor = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).amin(-1)
+    return out, torch.where(torch.isinf(floor), torch.zeros_like(floor), floor)
 
 
 def train_activate(activation: str, pre: torch.Tensor, *, theta: torch.Tensor | None = None,

@@ -2,9 +2,10 @@
 
 Text sources (`text_source(spec, ...)`):
   ``builtin`` (the offline default) — no network needed: Python's bundled documentation
-      (``pydoc_data.topics``, ~1 MB of English prose and code shipped with every CPython), split into
-      paragraphs, interleaved with text sampled from the model itself (batched generation from BOS,
-      cached under ``cache_dir()/text``; ``gen_samples`` sets how many, 0 disables).
+      (``pydoc_data.topics``, ~0.4 MB of English reference prose) and the docstrings of the standard library
+      (~1.5 MB, read with `ast` from the installed sources, nothing imported), split into paragraphs;
+      optionally interleaved with text sampled from the model itself (``gen_samples`` > 0; slow on a CPU, so
+      off by default; cached under ``cache_dir()/text``).
   ``generated`` — only the model's own samples.
   ``file:PATH`` or an existing path — text files (a file, or every .txt/.md under a folder), split on blank
       lines.
@@ -15,16 +16,19 @@ training text.
 
 Harvesting: `ActivationSource` runs the model body (no LM head) with forward hooks on every layer's
 `pre_feedforward_layernorm` (MLP input) and `post_feedforward_layernorm` (MLP output) — the sites named by
-`ModelSites` — over packed sequences of `context` tokens, drops the BOS position, and yields shards of
-(mlp_in, mlp_out) `[n, L, D]`. With `cache_dir` set, shards are written there as safetensors (atomically)
-and read back on later runs. `ActivationBuffer` keeps `buffer_tokens` of them in memory, shuffled, and serves
-batch `step` deterministically (so a resumed run sees the same data).
+`ModelSites` — over packed sequences of `context` tokens, drops the BOS position, and serves shards of
+(mlp_in, mlp_out) `[n, L, D]`. Shard i is a pure function of i (random access, so a resumed run does not
+redo earlier shards). With `harvest_dtype="bfloat16"` a bfloat16 copy of the model does the harvesting:
+~6x faster on CPUs with AVX512-BF16, and its activations differ from float32 ones by a fraction of variance
+of ~5e-4, far below any transcoder's error. With `cache_dir` set, shards are written there as safetensors
+(atomically) and read back on later runs. `ActivationBuffer` keeps `buffer_tokens` of them in memory,
+shuffled, and serves batch `step` deterministically (so a resumed run sees the same data).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -54,6 +58,49 @@ def pydoc_paragraphs() -> list[str]:
     for key in sorted(topics):
         out.extend(_split_paragraphs(topics[key]))
     return out
+
+
+def stdlib_docstring_paragraphs() -> list[str]:
+    """Docstrings of the installed Python standard library (modules, classes, functions), parsed with `ast`
+    so that nothing is imported or run. Tests and IDLE are left out."""
+    import ast
+    import sysconfig
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(lib.glob("*.py")) + sorted(lib.glob("*/*.py"))
+    out = []
+    for f in files:
+        if f.parent.name in ("test", "tests", "idlelib", "lib2to3") or f.name.startswith("test_"):
+            continue
+        try:
+            tree = ast.parse(f.read_text(errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    out.extend(_split_paragraphs(doc))
+    return out
+
+
+def builtin_paragraphs() -> list[str]:
+    """The offline corpus: Python's reference documentation and standard-library docstrings. Parsing the
+    docstrings takes seconds, so the result is cached per process and on disk (keyed by Python version)."""
+    global _BUILTIN
+    if _BUILTIN is None:
+        import platform
+        from circuits.graph import atomic_write_text
+        from circuits.models import cache_dir
+        path = cache_dir() / "text" / f"builtin-py{platform.python_version()}.json"
+        try:
+            _BUILTIN = json.loads(path.read_text())
+        except (OSError, ValueError):
+            _BUILTIN = pydoc_paragraphs() + stdlib_docstring_paragraphs()
+            atomic_write_text(path, json.dumps(_BUILTIN))
+    return list(_BUILTIN)
+
+
+_BUILTIN: list[str] | None = None
 
 
 def file_paragraphs(path: str | Path) -> list[str]:
@@ -125,12 +172,14 @@ def hf_paragraphs(spec: str, limit: int = 20000) -> list[str]:
     return out
 
 
-def text_source(spec: str, loaded=None, split: str = "train", gen_samples: int = 32, seed: int = 0,
+def text_source(spec: str, loaded=None, split: str = "train", gen_samples: int = 0, seed: int = 0,
                 progress: bool = False) -> list[str]:
     """Paragraphs of text for `split` ("train" or "eval") from a source spec (see the module docstring)."""
     spec = spec or "builtin"
+    if split not in ("train", "eval"):
+        raise UserError(f"unknown split {split!r}; use 'train' or 'eval'")
     if spec == "builtin":
-        paras = pydoc_paragraphs()
+        paras = builtin_paragraphs()
         if loaded is not None and gen_samples:
             gen = generated_paragraphs(loaded, gen_samples, seed=seed, progress=progress)
             # interleave so every buffer sees both kinds
@@ -144,7 +193,7 @@ def text_source(spec: str, loaded=None, split: str = "train", gen_samples: int =
     elif spec == "generated":
         if loaded is None:
             raise UserError("the 'generated' text source needs a model")
-        paras = generated_paragraphs(loaded, gen_samples, seed=seed, progress=progress)
+        paras = generated_paragraphs(loaded, gen_samples or 32, seed=seed, progress=progress)
     elif spec.startswith("hf:"):
         paras = hf_paragraphs(spec[3:])
     else:
@@ -226,54 +275,95 @@ def harvest(loaded, ids: torch.Tensor, drop_bos: bool = True) -> tuple[torch.Ten
 _DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ActivationSource:
-    """Fixed-size shards of harvested activations, computed on demand and optionally cached on disk.
+def harvest_copy(loaded, dtype: str):
+    """A LoadedModel sharing `loaded`'s tokenizer and sites layout, with the model cast to `dtype` and fast
+    attention (harvesting needs no attention patterns). float32 returns `loaded` itself."""
+    import copy
+    from circuits.models import model_sites
+    if _DT[dtype] == loaded.dtype:
+        return loaded
+    model = copy.deepcopy(loaded.model).to(_DT[dtype])
+    model.config._attn_implementation = "sdpa"
+    return dataclasses.replace(loaded, model=model, sites=model_sites(model))
 
-    Shard i holds `shard_tokens` tokens, taken in order from the packed text stream; shards past the end of
-    the text wrap around. `n_shards` is how many distinct shards the text gives (None: unknown yet)."""
+
+class ActivationSource:
+    """Fixed-size shards of harvested activations `[shard_tokens, L, D]`, computed on demand.
+
+    The text is tokenised once into packed sequences of `context` tokens (BOS first; BOS positions are dropped
+    from the activations). Shard i holds sequences [i*s, (i+1)*s) of the epoch-e order (s sequences per
+    shard, e = i*s // n_sequences; each epoch reshuffles the sequences with (seed, e)), so any shard can be
+    computed without the ones before it. `max_tokens` caps the distinct shards (later ones wrap around and
+    are kept in memory); `cache_dir` stores shards as safetensors for reuse across runs."""
 
     def __init__(self, loaded, paragraphs: list[str], context: int = 128, shard_tokens: int = 4096,
                  batch_seqs: int = 8, dtype: str = "bfloat16", cache_dir: str | Path | None = None,
-                 max_tokens: int | None = None, seed: int = 0):
-        self.loaded, self.context, self.shard_tokens = loaded, context, shard_tokens
+                 max_tokens: int | None = None, seed: int = 0, harvest_dtype: str = "float32"):
+        if dtype not in _DT or harvest_dtype not in _DT:
+            raise UserError(f"unknown dtype {dtype if dtype not in _DT else harvest_dtype!r}; use one of "
+                            f"{', '.join(_DT)}")
+        if context < 2:
+            raise UserError(f"context {context} is too short; use at least 2 tokens")
+        self.loaded, self.context = loaded, context
+        self.harvester = harvest_copy(loaded, harvest_dtype)
+        self.seqs_per_shard = max(1, -(-shard_tokens // (context - 1)))
+        self.shard_tokens = self.seqs_per_shard * (context - 1)
         self.batch_seqs, self.dtype = batch_seqs, _DT[dtype]
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.paragraphs, self.seed = paragraphs, seed
-        n_text_tokens = None
-        self.max_shards = None if max_tokens is None else max(1, max_tokens // shard_tokens)
-        self._stream = None
-        self._next_shard = 0
+        self.max_shards = None if max_tokens is None else max(1, max_tokens // self.shard_tokens)
+        self._sequences: torch.Tensor | None = None
         self._mem: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.n_shards = n_text_tokens
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """All packed token sequences `[n_sequences, context]` (tokenised on first use)."""
+        if self._sequences is None:
+            seqs = list(token_sequences(self.loaded, self.paragraphs, self.context, self.seed))
+            if not seqs:
+                raise UserError(f"the text source is too short for one sequence of {self.context} tokens; "
+                                f"give more text or a shorter context")
+            self._sequences = torch.stack(seqs)
+        return self._sequences
+
+    @property
+    def n_shards(self) -> int:
+        """Distinct shards before the data repeats."""
+        n = max(1, len(self.sequences) // self.seqs_per_shard)
+        return min(n, self.max_shards) if self.max_shards else n
 
     def _path(self, i: int) -> Path:
         return self.cache_dir / f"shard_{i:05d}.safetensors"
 
-    def _seqs(self):
-        while True:
-            got = False
-            for s in token_sequences(self.loaded, self.paragraphs, self.context, self.seed):
-                got = True
-                yield s
-            if not got:
-                raise UserError("the text source is too short for one sequence; give more text")
-            if self.n_shards is None:
-                self.n_shards = max(1, self._next_shard)
+    def shard_sequences(self, i: int) -> torch.Tensor:
+        """Token ids `[seqs_per_shard, context]` of shard i."""
+        n = len(self.sequences)
+        rows = []
+        for j in range(i * self.seqs_per_shard, (i + 1) * self.seqs_per_shard):
+            epoch, r = divmod(j, n)
+            rows.append(int(self._epoch_order(epoch)[r]))
+        return self.sequences[rows]
 
-    def _compute_next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._stream is None:
-            self._stream = self._seqs()
-        xs, ys, n = [], [], 0
-        while n < self.shard_tokens:
-            batch = torch.stack([next(self._stream) for _ in range(self.batch_seqs)])
-            x, y = harvest(self.loaded, batch)
-            xs.append(x.to(self.dtype)); ys.append(y.to(self.dtype)); n += x.shape[0]
-        x, y = torch.cat(xs)[:self.shard_tokens], torch.cat(ys)[:self.shard_tokens]
-        return x, y
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """Sequence order of one pass over the text: as packed for epoch 0, reshuffled after."""
+        if epoch == 0:
+            return torch.arange(len(self.sequences))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.sequences), generator=g)
+
+    def _compute(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = self.shard_sequences(i)
+        xs, ys = [], []
+        for b in range(0, len(seqs), self.batch_seqs):
+            x, y = harvest(self.harvester, seqs[b:b + self.batch_seqs])
+            xs.append(x.to(self.dtype))
+            ys.append(y.to(self.dtype))
+        return torch.cat(xs), torch.cat(ys)
 
     def shard(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp_in, mlp_out) of shard i, each `[shard_tokens, L, D]`."""
         if self.max_shards:
             i = i % self.max_shards
         if i in self._mem:
@@ -282,48 +372,56 @@ class ActivationSource:
             from safetensors.torch import load_file
             d = load_file(str(self._path(i)))
             return d["mlp_in"], d["mlp_out"]
-        while self._next_shard <= i:  # shards are produced in order from the stream
-            x, y = self._compute_next()
-            j = self._next_shard
-            self._next_shard += 1
-            if self.cache_dir:
-                from safetensors.torch import save
-                from circuits.graph import atomic_write
-                blob = save({"mlp_in": x.contiguous(), "mlp_out": y.contiguous()})
-                atomic_write(self._path(j), lambda f: f.write(blob))
-            if not self.cache_dir and self.max_shards:
-                self._mem[j] = (x, y)
-            if j == i:
-                return x, y
-        raise AssertionError("unreachable")
+        x, y = self._compute(i)
+        if self.cache_dir:
+            from safetensors.torch import save
+            from circuits.graph import atomic_write
+            blob = save({"mlp_in": x.contiguous(), "mlp_out": y.contiguous()})
+            atomic_write(self._path(i), lambda f: f.write(blob))
+        elif self.max_shards:
+            self._mem[i] = (x, y)
+        return x, y
 
 
 class ActivationBuffer:
     """A shuffled in-memory buffer of `buffer_tokens` activations, refilled from a source.
 
-    Fill f holds shards [f*m, (f+1)*m) (m = buffer_tokens // shard_tokens), shuffled with seed (seed, f);
-    `batch(step)` is a pure function of step, so resumed runs see exactly the batches they would have."""
+    Fill f holds shards [f*m, (f+1)*m) (m = buffer_tokens // shard_tokens) and serves `passes` shuffled
+    passes over them (pass p shuffled with seed (seed, f, p)): more passes trade fresh data for less
+    harvesting. `batch(step)` is a pure function of step, so resumed runs see exactly the batches they
+    would have seen."""
 
-    def __init__(self, source: ActivationSource, buffer_tokens: int, batch_size: int, seed: int = 0):
-        self.source, self.batch_size, self.seed = source, batch_size, seed
+    def __init__(self, source: ActivationSource, buffer_tokens: int, batch_size: int, seed: int = 0,
+                 passes: int = 1):
+        self.source, self.batch_size, self.seed, self.passes = source, batch_size, seed, max(1, passes)
         self.m = max(1, buffer_tokens // source.shard_tokens)
-        self.per_fill = (self.m * source.shard_tokens) // batch_size
-        if self.per_fill < 1:
+        self.per_pass = (self.m * source.shard_tokens) // batch_size
+        if self.per_pass < 1:
             raise UserError(f"batch size {batch_size} is larger than the buffer ({buffer_tokens} tokens)")
-        self._fill_id = None
+        self.per_fill = self.per_pass * self.passes
+        self._fill_id = self._pass_id = None
         self._x = self._y = self._perm = None
 
     def _fill(self, f: int):
+        self._x = self._y = None  # let the old fill go before the new one is built
         xs, ys = zip(*(self.source.shard(f * self.m + j) for j in range(self.m)))
         self._x, self._y = torch.cat(xs), torch.cat(ys)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + f)
-        self._perm = torch.randperm(self._x.shape[0], generator=g)
-        self._fill_id = f
+        self._fill_id, self._pass_id = f, None
+
+    def needs_fill(self, step: int) -> bool:
+        """Whether `batch(step)` will harvest (or read) a new buffer fill first."""
+        return step // self.per_fill != self._fill_id
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp_in, mlp_out) `[batch_size, L, D]` float32 of training step `step`."""
         f, i = divmod(step, self.per_fill)
+        p, i = divmod(i, self.per_pass)
         if f != self._fill_id:
             self._fill(f)
+        if p != self._pass_id:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + f) * 101 + p)
+            self._perm = torch.randperm(self._x.shape[0], generator=g)
+            self._pass_id = p
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
         return self._x[idx].float(), self._y[idx].float()
 

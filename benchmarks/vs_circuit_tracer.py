@@ -1,0 +1,674 @@
+"""Side by side with circuit-tracer 0.5.0: attribution time, memory and agreement on the same weights.
+
+    bash benchmarks/setup_circuit_tracer.sh            # once: the peer's venv (.venv-ct)
+    python benchmarks/vs_circuit_tracer.py             # everything; writes benchmarks/results/vs_circuit_tracer.md
+    python benchmarks/vs_circuit_tracer.py --sets skip --lengths 8 --repeats 1     # a quick look
+
+Both tools get the same model (the embedded gemma-3-270m; circuit-tracer reads its dequantised Hugging Face
+copy), the same transcoders (written once in circuit-tracer's layout; we load the same files), the same token
+ids and the same settings (max_n_logits, desired_logit_prob, max_feature_nodes, batch size, float32). Each run
+is a fresh subprocess, the two tools alternate, and each reports its attribution wall time, the peak resident
+memory of its process and within attribution, and its graph. Agreement is measured on the adjacency restricted
+to the nodes both graphs kept. Two differences are by design and measured apart (see `agreement`): circuit-tracer
+drops every feature and error at position 0 (BOS), and its token-embedding edges use the unscaled embedding
+matrix, while Gemma 3 feeds the residual stream embed * sqrt(d_model); finite differences in our frozen
+replacement model (`circuits.replacement.frozen_forward`) decide which token edges are right.
+
+Transcoders: random sets at a realistic L0 (thresholds calibrated on other text), a 16k-wide skip PLT and a
+4k-per-layer CLT; the default trained set too where it has been trained (`--sets default`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "vs_circuit_tracer.md"
+
+# Prompt text for the measured cases (cut to 8, 32, 128 tokens) and, apart, text to calibrate thresholds on.
+PASSAGE = (
+    "Fact: the capital of the state containing Dallas is Austin. The city grew around the Colorado River, "
+    "where early settlers built mills and a small wooden bridge. By the end of the century it had a university, "
+    "a railway station and a domed capitol made of red granite, taller than the one in Washington. Visitors "
+    "today walk along the river trails, listen to live music on Sixth Street and watch a million bats leave "
+    "the Congress Avenue bridge at dusk every summer evening. Local historians like to point out that the "
+    "city was briefly renamed during the republic years, and that the archives were once hidden in a wagon "
+    "to keep them from being moved to Houston. The story of that night is still told in schools, and a "
+    "bronze statue of the woman who fired the cannon stands downtown near the old land office building.")
+CALIBRATION = (
+    "The recipe calls for two cups of flour, a pinch of salt and three eggs beaten until pale. In 1969 the "
+    "first crewed landing on the Moon was watched by hundreds of millions of people. def mean(xs): return "
+    "sum(xs) / len(xs)  # average of a list. Photosynthesis turns light, water and carbon dioxide into sugar "
+    "and oxygen. She said: \"I will be there at eight, unless the train is late again.\"")
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run; every field is also a command-line option."""
+
+    sets: list[str] = field(default_factory=lambda: ["skip", "clt", "default"])  # skip | clt | default
+    lengths: list[int] = field(default_factory=lambda: [8, 32, 128])  # prompt tokens, BOS included
+    repeats: int = 2  # measured runs per tool and case, alternating tools
+    l0: float = 20.0  # active features per position and layer of the random sets
+    d_sae_skip: int = 16384
+    d_sae_clt: int = 4096
+    seed: int = 0
+    max_n_logits: int = 10
+    desired_logit_prob: float = 0.95
+    max_feature_nodes: int = 2048
+    batch_tokens: int = 2048  # batch size = batch_tokens // n_pos (in [16, 256]): circuit-tracer's forward pass
+    # runs batch-size copies of the prompt with full logits, so a fixed batch of 256 needs ~35 GB at 128 tokens
+    threads: int = 2
+    timeout_s: int = 1800  # a run still going after this is stopped and reported as such
+    max_rss_gb: float = 14.0  # a run whose resident memory passes this is stopped (the machine is shared)
+    fd_max_tokens: int = 32  # finite-difference check of token edges on prompts up to this length
+    workdir: str = ""  # exported transcoders and raw results (default: <cache>/bench/vs_circuit_tracer)
+    ct_python: str = str(REPO / ".venv-ct" / "bin" / "python")
+    out: str = str(RESULTS)
+    resume: bool = True  # reuse finished runs found in workdir
+    tools: list[str] = field(default_factory=lambda: ["ours", "circuit-tracer"])
+
+    def batch_size(self, n_pos: int) -> int:
+        return int(min(256, max(16, self.batch_tokens // n_pos)))
+
+
+# -- preparing transcoders and prompts ----------------------------------------------------------------------
+
+def calibrate_thresholds(tc, mlp_in, l0: float) -> None:
+    """Set every layer's JumpReLU threshold so that about `l0` features fire per position on `mlp_in`
+    `[L, n, D]` (BOS left out: its inputs are an outlier)."""
+    import torch
+    with torch.no_grad():
+        for l in range(tc.n_layers):
+            pre = tc.pre_activation(l, mlp_in[l, 1:]).flatten()
+            k = max(1, int(round(len(pre) * (1 - l0 / tc.d_sae))))
+            tc.threshold[l].fill_(float(pre.kthvalue(k).values))
+
+
+def exact_prompt(lm, n_pos: int) -> tuple[str, list[int]]:
+    """Text whose tokenization (BOS first) is exactly `n_pos` tokens: a prefix of PASSAGE."""
+    ids = lm.tokenize(PASSAGE).tolist()
+    if len(ids) < n_pos:
+        raise SystemExit(f"the benchmark passage has only {len(ids)} tokens; lengths must be <= that")
+    for cut in (n_pos, n_pos - 1, n_pos + 1):  # a cut inside a word may re-tokenize differently
+        text = lm.tokenizer.decode(ids[1:cut])
+        again = lm.tokenize(text).tolist()
+        if len(again) == n_pos:
+            return text, again
+    raise SystemExit(f"could not cut the passage at exactly {n_pos} tokens")
+
+
+def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
+    """Export every transcoder set in circuit-tracer's layout (once) and fix the prompts. Returns the cases and
+    notes on sets that were left out."""
+    import torch
+
+    import circuits
+    from circuits.replacement import run_and_freeze
+    from transcoders import random_transcoders
+    from transcoders.circuit_tracer_format import is_circuit_tracer_dir, save_circuit_tracer
+    lm = circuits.load_model()
+    notes, sets = [], {}
+    for name in cfg.sets:
+        if name not in ("skip", "clt", "default"):
+            raise SystemExit(f"unknown set {name!r}; use skip, clt or default")
+        d = work / "transcoders" / (f"{name}-{cfg.d_sae_skip if name == 'skip' else cfg.d_sae_clt}-l0{cfg.l0:g}"
+                                    f"-seed{cfg.seed}" if name != "default" else "default")
+        if not is_circuit_tracer_dir(d):
+            if name == "default":
+                tc = _default_set(lm, notes)
+                if tc is None:
+                    continue
+            else:
+                tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model,
+                                        cfg.d_sae_skip if name == "skip" else cfg.d_sae_clt, kind=name,
+                                        seed=cfg.seed, l0=cfg.l0, model_name=lm.name)
+                calibrate_thresholds(tc, run_and_freeze(lm, lm.tokenize(CALIBRATION)).mlp_in, cfg.l0)
+            try:
+                save_circuit_tracer(tc, d)
+            except circuits.UserError as e:
+                notes.append(f"set {name}: circuit-tracer cannot load it ({e}); left out")
+                continue
+            del tc
+        sets[name] = d
+    cases = []
+    for n in cfg.lengths:
+        text, tokens = exact_prompt(lm, n)
+        for name, d in sets.items():
+            cases.append({"name": f"{name}-{n}", "set": name, "dir": str(d), "n_pos": n, "text": text,
+                          "tokens": tokens, "batch_size": cfg.batch_size(n)})
+    del lm
+    import gc
+    gc.collect()
+    return cases, notes
+
+
+def _default_set(lm, notes: list[str]):
+    """The default trained set if it has been trained already (this benchmark never starts training)."""
+    try:
+        from transcoders.default import default_transcoders_dir
+        from transcoders.formats import load_any
+    except ImportError as e:
+        notes.append(f"set default: not available in this tree ({e}); left out")
+        return None
+    d = default_transcoders_dir()
+    if not d.exists():
+        notes.append(f"set default: not trained yet ({d} is missing; `circuits trace` trains it); left out")
+        return None
+    return load_any(d, model=lm)
+
+
+# -- one measured run in a fresh process ----------------------------------------------------------------------
+
+def _proc_status(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def run_measured(cmd: list[str], cfg: BenchConfig, log: Path) -> dict:
+    """Run `cmd` with `cfg.threads` threads; its last stdout line is a JSON report. Stops it at the time or
+    memory limit and says where it was (the last progress line it printed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True, cwd=REPO)
+        peak, stopped = 0, None
+        while proc.poll() is None:
+            peak = max(peak, _proc_status(proc.pid, "VmHWM"))
+            elapsed = time.perf_counter() - t0
+            if elapsed > cfg.timeout_s:
+                stopped = f"stopped after {elapsed:.0f} s (time limit)"
+            elif peak > cfg.max_rss_gb * 2**30:
+                stopped = f"stopped at {peak / 2**30:.1f} GB resident after {elapsed:.0f} s (memory limit)"
+            if stopped:
+                proc.kill()
+                break
+            time.sleep(0.2)
+        out = proc.communicate()[0]
+    if stopped or proc.returncode != 0:
+        tail = re.split(r"[\r\n]+", log.read_text(errors="replace").strip())
+        progress = [t for t in tail if re.search(r"\d+/\d+ \[", t)]
+        return {"failed": stopped or f"exit code {proc.returncode}: {tail[-1][:200] if tail else ''}",
+                "where": progress[-1].strip()[:160] if progress else (tail[-1][:160] if tail else ""),
+                "peak_rss": peak, "elapsed_s": time.perf_counter() - t0}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def code_fingerprint(tool: str) -> str:
+    """A hash of the code a tool's run depends on here, so that `resume` never reuses a run of older code."""
+    import hashlib
+    files = ([REPO / "benchmarks" / "ct_runner.py"] if tool == "circuit-tracer" else
+             sorted([*(REPO / "circuits").glob("*.py"), *(REPO / "transcoders").glob("*.py"), *(REPO / "csrc").glob("*")]))
+    h = hashlib.sha1()
+    for f in files:
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ct_phases(log: str) -> dict:
+    """circuit-tracer's own phase timings from its verbose log ("Forward pass completed in 11.70s")."""
+    names = {"Precomputation": "precompute", "Forward pass": "forward", "Logit attributions": "logit rows",
+             "Feature attributions": "feature rows"}
+    return {short: float(m.group(1)) for name, short in names.items()
+            for m in [re.search(name + r" completed in ([\d.]+)s", log)] if m}
+
+
+def ours_command(case: dict, cfg: BenchConfig, out: Path, fd: bool) -> list[str]:
+    return [sys.executable, __file__, "_ours", "--transcoders", case["dir"], "--text", case["text"],
+            "--tokens", ",".join(map(str, case["tokens"])), "--out", str(out),
+            "--settings", json.dumps(settings(cfg, case)), *(["--fd"] if fd else [])]
+
+
+def ct_command(case: dict, cfg: BenchConfig, out: Path) -> list[str]:
+    from circuits.models import cache_dir
+    s = settings(cfg, case)
+    return [cfg.ct_python, str(REPO / "benchmarks" / "ct_runner.py"), "attribute",
+            "--model", str(cache_dir() / "models" / "gemma-3-270m-hf"), "--transcoders", case["dir"],
+            "--tokens", ",".join(map(str, case["tokens"])), "--out", str(out), "--threads", str(cfg.threads),
+            "--max-n-logits", str(s["max_n_logits"]), "--desired-logit-prob", str(s["desired_logit_prob"]),
+            "--max-feature-nodes", str(s["max_feature_nodes"]), "--batch-size", str(s["batch_size"]), "--verbose"]
+
+
+def settings(cfg: BenchConfig, case: dict) -> dict:
+    return {"max_n_logits": cfg.max_n_logits, "desired_logit_prob": cfg.desired_logit_prob,
+            "max_feature_nodes": cfg.max_feature_nodes, "batch_size": case["batch_size"], "dtype": "float32"}
+
+
+def child_ours(args) -> int:
+    """The measured run of our engine (a fresh process): load, then time `circuits.attribute`."""
+    import torch
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ct_runner import PeakRSS, rss_bytes
+
+    import circuits
+    from transcoders.circuit_tracer_format import load_circuit_tracer
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    t0 = time.perf_counter()
+    lm = circuits.load_model()
+    tc = load_circuit_tracer(args.transcoders)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if lm.tokenize(args.text).tolist() != tokens:
+        raise SystemExit("the prompt text does not tokenize to the case's token ids")
+    s = json.loads(args.settings)
+    t_load = time.perf_counter() - t0
+    rss_before = rss_bytes()
+    with PeakRSS() as peak:
+        t1 = time.perf_counter()
+        graph = circuits.attribute(lm, args.text, transcoders=tc, progress=True, **s)
+        wall = time.perf_counter() - t1
+    import resource
+    info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "peak_rss_attribution": int(peak.peak),
+            "peak_rss": int(max(peak.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)),
+            "rss_before": int(rss_before), "n_active_features": int(graph.metadata["n_active_features"]),
+            "n_selected_features": int(graph.metadata["n_feature_rows"]), "threads": torch.get_num_threads(),
+            "timing_s": graph.metadata.get("timing_s", {}), "edge_backend": graph.metadata.get("edge_backend"),
+            "versions": graph.metadata.get("versions", {})}
+    if args.fd:
+        info["fd"] = token_edges_by_finite_differences(lm, tc, graph)
+    graph.save(args.out)
+    print(json.dumps(info))
+    return 0
+
+
+# -- finite differences of token edges -------------------------------------------------------------------------
+
+def token_edges_by_finite_differences(lm, tc, graph, n_features: int = 8) -> dict:
+    """Token edges measured directly: in the frozen replacement model (feature activations and errors held
+    fixed, so every node input is affine in the embeddings) add the embedding of position p once more, x_0[p]
+    -> 2 x_0[p], and read the change of each target's input. For an affine map that change is exactly the
+    direct effect of token node p. Targets: every logit node and the `n_features` most active feature rows
+    after BOS. Returns {"targets": [node id], "values": [targets x n_pos]}."""
+    import torch
+
+    from circuits.graph import FEATURE
+    from circuits.replacement import FrozenWeights, frozen_forward, run_and_freeze
+    state = run_and_freeze(lm, torch.as_tensor(graph.tokens))
+    fw = FrozenWeights(lm)
+    with torch.no_grad():
+        acts = [tc.encode(l, state.mlp_in[l]) for l in range(tc.n_layers)]
+        errors = state.mlp_out - tc.reconstruct(state.mlp_in).float()
+        feats = np.flatnonzero((graph.kind == FEATURE) & graph.has_row & (graph.pos > 0))
+        feats = feats[np.argsort(-graph.activation[feats])][:n_features]
+        logits = graph.logit_nodes
+
+        def inputs(run) -> np.ndarray:
+            demeaned = run["logits"] - run["logits"].mean()
+            vals = [float(demeaned[graph.feature[i]]) for i in logits]
+            vals += [float(run["preacts"][graph.layer[i]][graph.pos[i], graph.feature[i]]) for i in feats]
+            return np.array(vals)
+
+        base = inputs(frozen_forward(state, fw, tc, acts, errors))
+        cols = []
+        for p in range(graph.n_pos):
+            emb = state.embeddings.clone()
+            emb[p] *= 2
+            cols.append(inputs(frozen_forward(state, fw, tc, acts, errors, embeddings=emb)) - base)
+    ids = [graph.node_id(int(i)) for i in [*logits, *feats]]
+    return {"targets": ids, "values": np.stack(cols, 1).tolist()}
+
+
+# -- agreement ------------------------------------------------------------------------------------------------
+
+def ct_graph(path: Path) -> dict:
+    """circuit-tracer's saved graph: adjacency and a node id per row/column in our notation."""
+    import scipy.sparse as sp
+    z = np.load(path)
+    L, n = int(z["n_layers"]), len(z["tokens"])
+    active, sel = z["active_features"], z["selected_features"]
+    ids = ([f"f:{active[i][0]}:{active[i][1]}:{active[i][2]}" for i in sel]
+           + [f"e:{l}:{p}" for l in range(L) for p in range(n)] + [f"t:{p}" for p in range(n)]
+           + [f"l:{t}" for t in z["logit_ids"]])
+    adj = sp.csr_array((z["adj_data"], z["adj_indices"], z["adj_indptr"]), shape=tuple(z["shape"]))
+    rows = np.zeros(len(ids), dtype=bool)
+    rows[:len(sel)] = True
+    rows[len(ids) - len(z["logit_ids"]):] = True
+    return {"ids": ids, "adj": adj, "has_row": rows, "logit_ids": z["logit_ids"].tolist(),
+            "logit_probabilities": z["logit_probabilities"], "n_layers": L, "n_pos": n}
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def agreement(ours_path: Path, ct_path: Path, embed_scale: float) -> dict:
+    """Compare the two graphs on the nodes both kept: rows of targets both computed, columns of sources both
+    have. Edges (entries nonzero in either graph) are split into: features and errors after BOS (expected to
+    agree to float rounding), errors at position 0 (circuit-tracer zeroes them by design), token edges
+    (circuit-tracer's are smaller by sqrt(d_model) by its choice of embedding vector)."""
+    from circuits.graph import FEATURE, load_graph
+    ours, ct = load_graph(ours_path), ct_graph(ct_path)
+    o_ids = ours.node_ids()
+    o_index, c_index = {k: i for i, k in enumerate(o_ids)}, {k: i for i, k in enumerate(ct["ids"])}
+    shared = [k for k in ct["ids"] if k in o_index]
+    targets = [k for k in shared if ours.has_row[o_index[k]] and ct["has_row"][c_index[k]]]
+    O = ours.adjacency[[o_index[k] for k in targets]][:, [o_index[k] for k in shared]].toarray()
+    C = ct["adj"][[c_index[k] for k in targets]][:, [c_index[k] for k in shared]].toarray()
+    kind = np.array([k[0] for k in shared])
+    pos = np.array([int(k.split(":")[2]) if k[0] in "fe" else int(k.split(":")[1]) if k[0] == "t" else -1
+                    for k in shared])
+
+    def part(mask, scale=1.0):
+        o, c = O[:, mask].ravel(), C[:, mask].ravel() * scale
+        nz = (o != 0) | (c != 0)
+        o, c = o[nz], c[nz]
+        both = (o != 0) & (c != 0)
+        return {"edges": int(nz.sum()), "pearson": _pearson(o, c),
+                "max_abs_diff": float(np.abs(o - c).max()) if len(o) else 0.0,
+                "max_abs": float(np.abs(o).max()) if len(o) else 0.0,
+                "median_ratio": float(np.median(o[both] / c[both])) if both.any() else float("nan"),
+                "abs_weight_ours": float(np.abs(o).sum())}
+
+    main = ((kind == "f") | (kind == "e")) & (pos > 0)
+    o_logits = ours.logit_tokens.tolist()
+    probs_o = dict(zip(o_logits, ours.logit_probabilities.tolist()))
+    dp = [abs(probs_o[t] - p) for t, p in zip(ct["logit_ids"], ct["logit_probabilities"].tolist()) if t in probs_o]
+    total_o = float(np.abs(O).sum())
+    res = {
+        "shared_nodes": len(shared), "shared_targets": len(targets),
+        "nodes_ours": ours.n_nodes, "nodes_ct": len(ct["ids"]),
+        "features_and_errors": part(main),
+        "errors_at_bos": part((kind == "e") & (pos == 0)),
+        "tokens": part(kind == "t"), "tokens_rescaled": part(kind == "t", embed_scale),
+        "same_logits": sorted(o_logits) == sorted(ct["logit_ids"]), "logit_ids_ours": o_logits,
+        "logit_ids_ct": ct["logit_ids"], "max_logit_prob_diff": max(dp) if dp else float("nan"),
+        "ours_bos_features": int(((ours.kind == FEATURE) & (ours.pos == 0)).sum()),
+        "abs_weight_shared_ours": total_o,
+    }
+    return res
+
+
+def fd_agreement(fd: dict, ours_path: Path, ct_path: Path) -> dict:
+    """Relative error of each tool's token edges against the finite differences (over targets both kept)."""
+    from circuits.graph import load_graph
+    ours, ct = load_graph(ours_path), ct_graph(ct_path)
+    o_index, c_index = {k: i for i, k in enumerate(ours.node_ids())}, {k: i for i, k in enumerate(ct["ids"])}
+    vals = np.array(fd["values"])
+    err_o, err_c, n = [], [], 0
+    for t, row in zip(fd["targets"], vals):
+        if t not in c_index or not ct["has_row"][c_index[t]]:
+            continue
+        o = np.array([ours.adjacency[o_index[t], o_index[f"t:{p}"]] for p in range(len(row))])
+        c = np.array([ct["adj"][c_index[t], c_index[f"t:{p}"]] for p in range(len(row))])
+        scale = max(np.abs(row).max(), 1e-12)
+        err_o.append(np.abs(o - row).max() / scale)
+        err_c.append(np.abs(c - row).max() / scale)
+        n += 1
+    return {"targets": n, "max_rel_err_ours": max(err_o) if err_o else float("nan"),
+            "max_rel_err_ct": max(err_c) if err_c else float("nan")}
+
+
+# -- work and the machine's peak ------------------------------------------------------------------------------
+
+def attribution_flops(sites, n: int, kind: str, skip: bool, d_sae: int, n_active: int, row_layers) -> dict:
+    """Floating-point operations the attribution must do (multiply-add = 2), counted from the model's shapes:
+      forward: one pass over the prompt (attention causal, logits at the last position only), plus encoding
+               every transcoder feature at every position, the skip term and decoding the active features;
+      backward: for each computed row, one transposed pass through the frozen linear model from the target's
+               layer down (value and output projections, frozen patterns, skip term);
+      edges: each row's gradient dotted with every source's output vector (features, errors, tokens)."""
+    L, D, H, KV, hd, V, M = (sites.n_layers, sites.d_model, sites.n_heads, sites.n_kv_heads, sites.head_dim,
+                             sites.vocab_size, sites.d_mlp)
+    pairs = n * (n + 1) / 2
+    n_out = (L + 1) / 2 if kind == "clt" else 1.0  # average output layers of a CLT feature
+    per_layer = 2 * n * (D * H * hd + 2 * D * KV * hd + H * hd * D + 3 * D * M) + 2 * 2 * pairs * H * hd
+    forward = L * per_layer + 2 * D * V
+    forward += L * 2 * n * D * d_sae + (L * 2 * n * D * D if skip else 0) + 2 * D * n_active * n_out
+    back_layer = 2 * n * (D * KV * hd + H * hd * D) + 2 * pairs * H * hd + (2 * n * D * D if skip else 0)
+    backward = float(sum(back_layer * int(l) for l in row_layers))
+    edges = len(row_layers) * 2 * D * (n_active * n_out + L * n + n)
+    return {"forward": forward, "backward": backward, "edges": edges, "total": forward + backward + edges}
+
+
+def peak_flops(threads: int, size: int = 4096, reps: int = 5) -> float:
+    """This CPU's float32 matmul rate with `threads` threads (best of `reps`), measured in a fresh process."""
+    code = (f"import torch,time;torch.set_num_threads({threads});a=torch.randn({size},{size});b=torch.randn({size},{size});"
+            f"a@b;best=1e9\nfor _ in range({reps}):\n t=time.perf_counter();a@b;best=min(best,time.perf_counter()-t)\n"
+            f"print(2*{size}**3/best)")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                check=True).stdout.strip())
+
+
+# -- the whole benchmark --------------------------------------------------------------------------------------
+
+def run(cfg: BenchConfig) -> str:
+    from circuits.graph import atomic_write_text
+    from circuits.models import cache_dir
+    if "circuit-tracer" in cfg.tools and not Path(cfg.ct_python).exists():
+        raise SystemExit(f"{cfg.ct_python} is missing: run `bash benchmarks/setup_circuit_tracer.sh` first")
+    work = Path(cfg.workdir) if cfg.workdir else cache_dir() / "bench" / "vs_circuit_tracer"
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    cases, notes = prepare(cfg, work)
+    print(f"[vs_circuit_tracer] {len(cases)} cases x {cfg.repeats} repeats x {len(cfg.tools)} tools; work in {work}",
+          flush=True)
+    results: dict[str, dict] = {}
+    for r in range(cfg.repeats):
+        for case in cases:
+            tools = cfg.tools if r % 2 == 0 else cfg.tools[::-1]  # alternate which tool goes first
+            for tool in tools:
+                tag = f"{case['name']}-{tool}-{r}"
+                out = work / "runs" / (tag + (".npz" if tool == "circuit-tracer" else ".graph.npz"))
+                report = work / "runs" / (tag + ".json")
+                key = json.dumps([case["tokens"], case["dir"], settings(cfg, case), code_fingerprint(tool)])
+                if cfg.resume and report.exists():
+                    old = json.loads(report.read_text())
+                    if old.get("key") == key:
+                        results[tag] = old
+                        continue
+                fd = tool == "ours" and r == 0 and case["n_pos"] <= cfg.fd_max_tokens
+                cmd = ct_command(case, cfg, out) if tool == "circuit-tracer" else ours_command(case, cfg, out, fd)
+                print(f"[vs_circuit_tracer] {tag} ...", end=" ", flush=True)
+                log = work / "runs" / (tag + ".log")
+                res = run_measured(cmd, cfg, log)
+                res.update(key=key, out=str(out))
+                if tool == "circuit-tracer" and "failed" not in res:
+                    res["phases"] = ct_phases(log.read_text(errors="replace"))
+                print(res.get("failed") or f"{res['wall_s']:.1f} s, {res['peak_rss'] / 2**30:.2f} GB", flush=True)
+                atomic_write_text(report, json.dumps(res))
+                results[tag] = res
+    peak = peak_flops(cfg.threads)
+    text = report_markdown(cfg, cases, results, notes, peak)
+    atomic_write_text(cfg.out, text)
+    print(text)
+    return text
+
+
+def _median(xs):
+    return float(np.median(xs)) if xs else float("nan")
+
+
+def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: list[str], peak: float) -> str:
+    import circuits
+    from circuits.models import DEFAULT_MODEL
+    lm_sites = _sites()
+    gb = 2**30
+    lines = ["## Side by side with circuit-tracer 0.5.0", "",
+             f"Command: `python benchmarks/vs_circuit_tracer.py {' '.join(_cli_args(cfg))}`".rstrip() + "  ",
+             f"Machine: {_cpu()}, {os.cpu_count()} cores, {cfg.threads} threads per run; "
+             f"{time.strftime('%Y-%m-%d')}; peak float32 matmul {peak / 1e9:.0f} GFLOP/s ({cfg.threads} threads)  ",
+             f"Model: {DEFAULT_MODEL} (float32, CPU). Settings for both: max_n_logits {cfg.max_n_logits}, "
+             f"desired_logit_prob {cfg.desired_logit_prob}, max_feature_nodes {cfg.max_feature_nodes}, batch size "
+             f"{cfg.batch_tokens} tokens / n_pos (16..256). Random sets calibrated to L0 {cfg.l0:g}: skip PLT "
+             f"{cfg.d_sae_skip} wide, CLT {cfg.d_sae_clt} per layer. {cfg.repeats} runs per tool, alternating, each a "
+             f"fresh process; times are medians.", ""]
+    versions = next((r.get("versions") for r in results.values() if r.get("tool") == "circuit-tracer"), None)
+    if versions:
+        lines += [f"Peer: {', '.join(f'{k} {v}' for k, v in versions.items())}; ours: gemma-circuits "
+                  f"{circuits.__version__}.", ""]
+    lines += ["| case | tool | tokens | batch | active features | rows | wall s | peak RSS GB | attribution ΔRSS GB "
+              "| GFLOP | % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary, phases = [], []
+    for case in cases:
+        per_tool = {}
+        for tool in cfg.tools:
+            runs = [results.get(f"{case['name']}-{tool}-{r}") for r in range(cfg.repeats)]
+            ok = [x for x in runs if x and "failed" not in x]
+            bad = [x for x in runs if x and "failed" in x]
+            if not ok:
+                why = bad[0] if bad else {"failed": "not run", "where": ""}
+                lines.append(f"| {case['name']} | {tool} | {case['n_pos']} | {case['batch_size']} | | | "
+                             f"{why['failed']}; last progress: `{why.get('where', '')}` | "
+                             f"{why.get('peak_rss', 0) / gb:.2f} | | | |")
+                continue
+            wall = _median([x["wall_s"] for x in ok])
+            rss = max(x["peak_rss"] for x in ok)
+            during = max(x["peak_rss_attribution"] - x["rss_before"] for x in ok)
+            spent = ok[0].get("timing_s") or ok[0].get("phases") or {}
+            phases.append(f"| {case['name']} | {tool} | " + ", ".join(f"{k} {v:.1f}" for k, v in spent.items()
+                                                                     if k != "load") + " |")
+            rows = ok[0]["n_selected_features"]
+            work = _work(case, ok[0], tool, lm_sites)
+            per_tool[tool] = {"wall": wall, "rss": rss, "during": during}
+            lines.append(f"| {case['name']} | {tool} | {case['n_pos']} | {case['batch_size']} | "
+                         f"{ok[0]['n_active_features']} | {rows} | {wall:.2f} ({min(x['wall_s'] for x in ok):.2f}-"
+                         f"{max(x['wall_s'] for x in ok):.2f}) | {rss / gb:.2f} | {during / gb:.2f} | "
+                         f"{work['total'] / 1e9:.1f} | {100 * work['total'] / wall / peak:.1f} |")
+        if len(per_tool) == 2:
+            o, c = per_tool["ours"], per_tool["circuit-tracer"]
+            summary.append(f"| {case['name']} | {c['wall'] / o['wall']:.1f}x | {o['rss'] / c['rss']:.2f} | "
+                           f"{o['during'] / max(c['during'], 1):.2f} |")
+    if summary:
+        lines += ["", "Speed and memory, ours relative to circuit-tracer (time: how many times faster; memory: our "
+                  "peak as a fraction of theirs):", "", "| case | speed-up | peak RSS ratio | attribution ΔRSS "
+                  "ratio |", "|---|---|---|---|", *summary]
+    if phases:
+        lines += ["", "Where the time goes (seconds; first run of each; ours from the graph's metadata, "
+                  "circuit-tracer from its verbose log):", "", "| case | tool | phases |", "|---|---|---|", *phases]
+    lines += ["", "### Agreement", "",
+              "On the nodes both graphs kept (rows both computed x sources both have); r and max |diff| over edges "
+              "nonzero in either graph. Features and errors after BOS should agree to float rounding. circuit-tracer "
+              "zeroes every feature and error at position 0 (BOS) by design; its token edges use the unscaled "
+              "embedding row (see below).", "",
+              "| case | shared nodes | shared rows | edges | Pearson r | max abs diff (max abs) | same logits | "
+              "max logit p diff | BOS error edges (ours, share of weight) | token edges: ours / theirs | "
+              "token r after x sqrt(d) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fd_lines = []
+    for case in cases:
+        o, c = results.get(f"{case['name']}-ours-0"), results.get(f"{case['name']}-circuit-tracer-0")
+        if not (o and c and "failed" not in o and "failed" not in c):
+            continue
+        a = agreement(Path(o["out"]), Path(c["out"]), lm_sites.embed_scale)
+        fe, bos, tok, tok2 = a["features_and_errors"], a["errors_at_bos"], a["tokens"], a["tokens_rescaled"]
+        share = bos["abs_weight_ours"] / max(a["abs_weight_shared_ours"], 1e-30)
+        lines.append(f"| {case['name']} | {a['shared_nodes']} | {a['shared_targets']} | {fe['edges']} | "
+                     f"{fe['pearson']:.6f} | {fe['max_abs_diff']:.2g} ({fe['max_abs']:.2g}) | "
+                     f"{'yes' if a['same_logits'] else 'NO'} | {a['max_logit_prob_diff']:.1e} | "
+                     f"{bos['edges']}, {100 * share:.1f}% | {tok['median_ratio']:.4f} | {tok2['pearson']:.6f} |")
+        if "fd" in o:
+            f = fd_agreement(o["fd"], Path(o["out"]), Path(c["out"]))
+            fd_lines.append(f"| {case['name']} | {f['targets']} | {f['max_rel_err_ours']:.1e} | "
+                            f"{f['max_rel_err_ct']:.3f} |")
+    if fd_lines:
+        lines += ["", f"Token edges against finite differences in the frozen replacement model (x_0[p] -> 2 x_0[p] "
+                  f"with features and errors held fixed; exact for this affine map). Gemma 3 scales embeddings by "
+                  f"sqrt(d_model) = {lm_sites.embed_scale:.4f}; circuit-tracer multiplies the gradient at the scaled "
+                  f"embedding by the unscaled row, so its token edges are too small by that factor.", "",
+                  "| case | targets | max rel. error, ours | max rel. error, circuit-tracer |", "|---|---|---|---|",
+                  *fd_lines]
+    if notes:
+        lines += ["", "Notes: " + " ".join(notes)]
+    return "\n".join(lines) + "\n"
+
+
+def _work(case: dict, res: dict, tool: str, sites) -> dict:
+    """FLOPs of the run, from the rows it computed and its active features. A feature row of layer l passes
+    back through the attention of layers l..0; a logit row through all layers."""
+    import yaml
+    cfg = yaml.safe_load((Path(case["dir"]) / "config.yaml").read_text())
+    gc = cfg.get("gemma_circuits", {})
+    kind, skip, d_sae = gc.get("kind", "plt"), bool(gc.get("skip")), int(gc.get("d_sae", 0))
+    if tool == "ours":
+        from circuits.graph import FEATURE, load_graph
+        g = load_graph(res["out"])
+        row_layers = list(g.layer[g.has_row & (g.kind == FEATURE)] + 1) + [sites.n_layers] * len(g.logit_nodes)
+    else:
+        z = np.load(res["out"])
+        row_layers = list(z["active_features"][z["selected_features"], 0] + 1) + [sites.n_layers] * len(z["logit_ids"])
+    return attribution_flops(sites, case["n_pos"], kind, skip, d_sae, res["n_active_features"], row_layers)
+
+
+def _sites():
+    """The model's shapes without keeping it loaded."""
+    from types import SimpleNamespace
+
+    from circuits.models import cache_dir
+    c = json.loads((cache_dir() / "models" / "gemma-3-270m-hf" / "config.json").read_text())
+    return SimpleNamespace(n_layers=c["num_hidden_layers"], d_model=c["hidden_size"], n_heads=c["num_attention_heads"],
+                           n_kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"], vocab_size=c["vocab_size"],
+                           d_mlp=c["intermediate_size"], embed_scale=float(c["hidden_size"]) ** 0.5)
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cli_args(cfg: BenchConfig) -> list[str]:
+    default, out = BenchConfig(), []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if v != getattr(default, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                out.append(flag if v else "--no-" + f.name.replace("_", "-"))
+            else:
+                out += [flag, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return out
+
+
+def parse_config(argv=None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default = BenchConfig()
+    for f in fields(BenchConfig):
+        v = getattr(default, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
+        elif isinstance(v, list):
+            conv = int if v and isinstance(v[0], int) else str
+            p.add_argument(flag, default=v, type=lambda s, conv=conv: [conv(x) for x in s.split(",") if x],
+                           help=f"comma-separated (default {','.join(map(str, v))})")
+        else:
+            p.add_argument(flag, type=type(v), default=v, help=f"default {v}")
+    return BenchConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_ours":  # the measured child process of our engine
+        p = argparse.ArgumentParser()
+        for a in ("--transcoders", "--text", "--tokens", "--out", "--settings"):
+            p.add_argument(a, required=True)
+        p.add_argument("--fd", action="store_true")
+        return child_ours(p.parse_args(argv[1:]))
+    run(parse_config(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

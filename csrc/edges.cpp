@@ -1,0 +1,447 @@
+// Attribution edge kernels on the CPU (C++/OpenMP), exposed to Python as `circuits._edges`.
+//
+// feature_edges: for the active features of one source layer
+//     out[b, i] = act[i] * sum_o decoder[feat[i], o, :] . grad[b, o, pos[i], :]
+//   grad    [B, n_out, n_pos, D]  any strides, float32 / bfloat16 / float16 (read in place)
+//   decoder [F, n_out, D]         any strides, float32 / bfloat16 / float16 (read in place)
+//   pos, feat [n] int64; act [n] float32; out [B, n] float32
+// vector_edges: one vector per source row (error nodes, token embeddings)
+//     out[b, r] = grad[b, r, :] . vectors[r, :]      grad [B, R, D], vectors [R, D]
+//
+// Why it is fast: features active at the same position share their gradient rows, so for one position
+// the edges are a small matrix product [B, D] x [D, k]. Work items are (block of batch rows, chunk of
+// features at one position). Each item copies its decoder rows and gradient rows, in K blocks, into
+// float32 panels laid out for an outer-product micro-kernel (the classic GEMM packing): the copy converts
+// the dtype and absorbs any strides, and each packed value is reused across a whole tile, so the inner
+// loop only does vector loads, broadcasts and FMAs. Nothing proportional to n x n_out x D is ever
+// allocated: per thread a few panels of at most KC x 128 floats, plus the output.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int KC = 1024;        // K block: floats of one decoder row per packed panel (6 gradient rows fit L1)
+constexpr int MAX_FEATS = 128;  // features per work item
+constexpr int MAX_ROWS = 256;   // batch rows per work item
+
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
+
+// -- the micro-kernel -----------------------------------------------------------------------------
+// C[MR][NV*W] += G^T A over kc steps: G = MR gradient rows read in place (one scalar per row and step,
+// broadcast), A = the decoder rows of the item's features packed transposed, [kc][lda] (features along the
+// vector lanes). Written with GCC/Clang vector extensions so one source serves SSE2, AVX2 and AVX-512:
+// the wrappers below compile it under different target attributes and the best is picked at run time.
+#if defined(__GNUC__)
+template <int MR, int NV, int W, bool PREFETCH = false>
+ALWAYS_INLINE void micro_tile(const float* const* __restrict g, const float* __restrict A, int lda, int kc,
+                              float* __restrict C, int ldc, const float* const* __restrict next = nullptr) {
+  typedef float V __attribute__((vector_size(W * 4), aligned(4)));
+  const float* row[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) row[r] = g[r];
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int d = 0; d < kc; ++d, A += lda) {
+    if constexpr (PREFETCH) {
+      // the next tile's gradient rows are far apart in memory (one row per target): fetch them early,
+      // one cache line per row every 16 steps
+      if ((d & 15) == 0)
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) __builtin_prefetch(next[r] + d);
+    }
+    V a[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[v] = *reinterpret_cast<const V*>(A + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const V x = row[r][d] - V{};  // broadcast (x - 0 == x exactly, so this compiles to a plain splat)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * a[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * W) += acc[r][v];
+}
+#else
+template <int MR, int NV, int W>
+inline void micro_tile(const float* const* g, const float* A, int lda, int kc, float* C, int ldc) {
+  for (int d = 0; d < kc; ++d)
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NV * W; ++c) C[r * ldc + c] += g[r][d] * A[d * lda + c];
+}
+#endif
+
+// C[n_rows_pad][n_feat_pad] += rows . A for all tiles. rows: n_rows pointers to kc floats each; the last
+// row is repeated to fill a tile (C has room for it), and narrower tiles take the feature tail.
+template <int MR, int NV, int W>
+ALWAYS_INLINE void block_product(const float* const* rows, int n_rows, const float* A, int n_feat_pad, int kc,
+                                 float* C) {
+  constexpr int NF = NV * W;
+  for (int r0 = 0; r0 < n_rows; r0 += MR) {
+    const float *g[MR], *next[MR];
+    for (int r = 0; r < MR; ++r) {
+      g[r] = rows[std::min(r0 + r, n_rows - 1)];
+      next[r] = rows[std::min(r0 + MR + r, n_rows - 1)];
+    }
+    float* c = C + (int64_t)r0 * n_feat_pad;
+    int v0 = 0;
+    if (NF <= n_feat_pad) {
+      micro_tile<MR, NV, W, true>(g, A, n_feat_pad, kc, c, n_feat_pad, next);
+      v0 = NF;
+    }
+    for (; v0 + NF <= n_feat_pad; v0 += NF) micro_tile<MR, NV, W>(g, A + v0, n_feat_pad, kc, c + v0, n_feat_pad);
+    switch ((n_feat_pad - v0) / W) {  // 0 .. NV - 1 vectors left
+      case 1: micro_tile<MR, 1, W>(g, A + v0, n_feat_pad, kc, c + v0, n_feat_pad); break;
+      case 2: if constexpr (NV > 2) micro_tile<MR, 2, W>(g, A + v0, n_feat_pad, kc, c + v0, n_feat_pad); break;
+      case 3: if constexpr (NV > 3) micro_tile<MR, 3, W>(g, A + v0, n_feat_pad, kc, c + v0, n_feat_pad); break;
+      default: break;
+    }
+  }
+}
+
+using BlockFn = void (*)(const float* const*, int, const float*, int, int, float*);
+
+struct Kernel {
+  const char* name;
+  int mr, w;  // rows per tile, feature lanes per vector
+  BlockFn block;
+};
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+// 256-bit vectors even with AVX-512: the 32 registers allow a 6 x 32 tile, and 8-lane feature tails waste less
+__attribute__((target("avx512f,avx512vl,fma"))) void block_avx512(const float* const* rows, int n_rows,
+                                                                   const float* A, int nf, int kc, float* C) {
+  block_product<6, 4, 8>(rows, n_rows, A, nf, kc, C);
+}
+__attribute__((target("avx2,fma"))) void block_avx2(const float* const* rows, int n_rows, const float* A, int nf,
+                                                     int kc, float* C) {
+  block_product<6, 2, 8>(rows, n_rows, A, nf, kc, C);
+}
+#endif
+void block_generic(const float* const* rows, int n_rows, const float* A, int nf, int kc, float* C) {
+  block_product<4, 3, 4>(rows, n_rows, A, nf, kc, C);
+}
+
+Kernel pick_kernel() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  const char* forced = std::getenv("GEMMA_CIRCUITS_SIMD");  // for tests and benchmarks: avx512|avx2|generic
+  const std::string want = forced ? forced : "";
+  if ((want.empty() || want == "avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+    return {"avx512", 6, 8, block_avx512};
+  if ((want.empty() || want == "avx512" || want == "avx2") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return {"avx2", 6, 8, block_avx2};
+#endif
+  return {"generic", 4, 4, block_generic};
+}
+
+const Kernel& kernel() {
+  static const Kernel k = pick_kernel();
+  return k;
+}
+
+// -- aligned per-thread scratch -------------------------------------------------------------------
+struct Scratch {
+  float* p = nullptr;
+  size_t n = 0;
+  float* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      n = (want + 15) / 16 * 16;
+      p = static_cast<float*>(std::aligned_alloc(64, n * sizeof(float)));
+      TORCH_CHECK(p != nullptr, "edge kernel: out of memory for a ", n, "-float panel");
+    }
+    return p;
+  }
+  ~Scratch() { std::free(p); }
+};
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// -- packing: any dtype, any strides -> float32 ---------------------------------------------------
+// Decoder rows of one item, transposed to [kc][n_pad] (features along the vector lanes; padding is zero).
+template <typename T>
+void pack_decoder_t(const T* base, const int64_t* offsets, int n, int n_pad, int64_t stride_d, int64_t d0, int kc,
+                    float* out) {
+  for (int j = 0; j < n; ++j) {
+    const T* src = base + offsets[j] + d0 * stride_d;
+    float* dst = out + j;
+    if (stride_d == 1) {
+      for (int d = 0; d < kc; ++d) dst[(int64_t)d * n_pad] = static_cast<float>(src[d]);
+    } else {
+      for (int d = 0; d < kc; ++d) dst[(int64_t)d * n_pad] = static_cast<float>(src[d * stride_d]);
+    }
+  }
+  if (n < n_pad)
+    for (int d = 0; d < kc; ++d)
+      for (int j = n; j < n_pad; ++j) out[(int64_t)d * n_pad + j] = 0.f;
+}
+
+// kc elements of one gradient row as contiguous float32.
+template <typename T>
+void convert_row_t(const T* src, int64_t stride_d, int kc, float* dst) {
+  if (stride_d == 1) {
+    for (int d = 0; d < kc; ++d) dst[d] = static_cast<float>(src[d]);
+  } else {
+    for (int d = 0; d < kc; ++d) dst[d] = static_cast<float>(src[d * stride_d]);
+  }
+}
+
+#define EDGES_DISPATCH(tensor, T, ...)                                                            \
+  switch ((tensor).scalar_type()) {                                                               \
+    case at::kFloat: { using T = float; __VA_ARGS__; break; }                                     \
+    case at::kBFloat16: { using T = at::BFloat16; __VA_ARGS__; break; }                           \
+    case at::kHalf: { using T = at::Half; __VA_ARGS__; break; }                                   \
+    case at::kDouble: { using T = double; __VA_ARGS__; break; }                                   \
+    default: TORCH_CHECK(false, "edge kernels: unsupported dtype ", (tensor).scalar_type());       \
+  }
+
+void check_float_type(const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble, name,
+              " must be float32, bfloat16, float16 or float64, got ", s);
+}
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// -- feature_edges ------------------------------------------------------------------------------------
+struct Item {
+  int64_t start;  // into the position-sorted order
+  int n_feat;
+  int64_t pos;
+  int64_t b0;
+  int n_rows;
+};
+
+at::Tensor feature_edges(const at::Tensor& grad, const at::Tensor& pos_in, const at::Tensor& feat_in,
+                         const at::Tensor& act_in, const at::Tensor& decoder) {
+  TORCH_CHECK(grad.device().is_cpu() && decoder.device().is_cpu(), "feature_edges (cpp): CPU tensors only");
+  TORCH_CHECK(grad.dim() == 4, "grad must be [B, n_out, n_pos, D], got ", grad.sizes());
+  TORCH_CHECK(decoder.dim() == 3, "decoder must be [F, n_out, D], got ", decoder.sizes());
+  check_float_type(grad, "grad");
+  check_float_type(decoder, "decoder");
+  const int64_t B = grad.size(0), n_out = grad.size(1), n_pos = grad.size(2), D = grad.size(3);
+  const int64_t F = decoder.size(0);
+  TORCH_CHECK(decoder.size(1) == n_out && decoder.size(2) == D, "decoder ", decoder.sizes(),
+              " does not match grad ", grad.sizes(), " (need [F, n_out, D])");
+  const at::Tensor pos = pos_in.to(at::kLong).contiguous();
+  const at::Tensor feat = feat_in.to(at::kLong).contiguous();
+  const at::Tensor act = act_in.to(at::kFloat).contiguous();
+  const int64_t n = feat.numel();
+  TORCH_CHECK(pos.numel() == n && act.numel() == n, "pos, feat and act must have the same length");
+  if (n == 0 || B == 0 || n_out == 0 || D == 0) return at::zeros({B, n}, grad.options().dtype(at::kFloat));
+  auto out = at::empty({B, n}, grad.options().dtype(at::kFloat));  // every entry is written below
+  const int64_t* P = pos.const_data_ptr<int64_t>();
+  const int64_t* Fi = feat.const_data_ptr<int64_t>();
+  const float* A = act.const_data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(P[i] >= 0 && P[i] < n_pos, "pos[", i, "] = ", P[i], " is outside [0, ", n_pos, ")");
+    TORCH_CHECK(Fi[i] >= 0 && Fi[i] < F, "feat[", i, "] = ", Fi[i], " is outside [0, ", F, ")");
+  }
+  float* O = out.data_ptr<float>();
+
+  // counting sort by position (stable): features at one position share their gradient rows
+  std::vector<int64_t> count(n_pos + 1, 0), order(n);
+  for (int64_t i = 0; i < n; ++i) ++count[P[i] + 1];
+  for (int64_t p = 0; p < n_pos; ++p) count[p + 1] += count[p];
+  {
+    std::vector<int64_t> fill(count.begin(), count.end() - 1);
+    for (int64_t i = 0; i < n; ++i) order[fill[P[i]]++] = i;
+  }
+  int64_t n_chunks = 0;
+  for (int64_t p = 0; p < n_pos; ++p) n_chunks += (count[p + 1] - count[p] + MAX_FEATS - 1) / MAX_FEATS;
+  // Each item packs its decoder rows once and reuses them for all its batch rows, so items take as many
+  // rows as possible, split only to give every thread several items.
+  const int threads = num_threads();
+  int64_t rows = std::min<int64_t>(B, MAX_ROWS);
+  while (rows > 16 && n_chunks * ((B + rows - 1) / rows) < 4 * threads) rows = (rows + 1) / 2;
+  std::vector<Item> items;
+  for (int64_t p = 0; p < n_pos; ++p)
+    for (int64_t s = count[p]; s < count[p + 1]; s += MAX_FEATS)
+      for (int64_t b0 = 0; b0 < B; b0 += rows)
+        items.push_back({s, (int)std::min<int64_t>(MAX_FEATS, count[p + 1] - s), p, b0,
+                         (int)std::min<int64_t>(rows, B - b0)});
+
+  const Kernel& K = kernel();
+  const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1), gs2 = grad.stride(2), gs3 = grad.stride(3);
+  const int64_t ds0 = decoder.stride(0), ds1 = decoder.stride(1), ds2 = decoder.stride(2);
+  // gradients are read in place when they are float32 with unit stride along D; otherwise converted per item
+  const bool grad_in_place = grad.scalar_type() == at::kFloat && (gs3 == 1 || D == 1);
+  const float* grad_f = grad_in_place ? grad.const_data_ptr<float>() : nullptr;
+  const int64_t n_items = (int64_t)items.size();
+  const char* dec_bytes = static_cast<const char*>(decoder.const_data_ptr());
+  const int64_t elem = decoder.element_size();
+  auto prefetch_decoder = [&](const Item& w, int64_t o, int64_t d0) {
+    if (ds2 != 1) return;
+    const int64_t bytes = std::min<int64_t>(KC, D - d0) * elem;
+    for (int j = 0; j < w.n_feat; ++j) {
+      const char* row = dec_bytes + (Fi[order[w.start + j]] * ds0 + o * ds1 + d0) * elem;
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+    }
+  };
+
+#pragma omp parallel num_threads(threads)
+  {
+    // kept per thread across calls: OpenMP threads persist, and fresh large buffers would page-fault every call
+    static thread_local Scratch a_buf, g_buf, c_buf;
+    std::vector<int64_t> dec_off(MAX_FEATS);
+    std::vector<const float*> row_ptr(MAX_ROWS);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_items; ++it) {
+      const Item& w = items[it];
+      const int nf_pad = round_up(w.n_feat, K.w), nb_pad = round_up(w.n_rows, K.mr);
+      float* C = c_buf.get((size_t)nf_pad * nb_pad);
+      std::memset(C, 0, sizeof(float) * nf_pad * nb_pad);
+      for (int64_t o = 0; o < n_out; ++o) {
+        for (int j = 0; j < w.n_feat; ++j) dec_off[j] = Fi[order[w.start + j]] * ds0 + o * ds1;
+        for (int64_t d0 = 0; d0 < D; d0 += KC) {
+          const int kc = (int)std::min<int64_t>(KC, D - d0);
+          // decoder rows are scattered across a large matrix: while this block computes, fetch the next
+          // block's rows (the next K block, output layer or item)
+          if (d0 + KC < D) prefetch_decoder(w, o, d0 + KC);
+          else if (o + 1 < n_out) prefetch_decoder(w, o + 1, 0);
+          else if (it + 1 < n_items) prefetch_decoder(items[it + 1], 0, 0);
+          float* Ap = a_buf.get((size_t)kc * nf_pad);
+          EDGES_DISPATCH(decoder, T,
+                         pack_decoder_t(decoder.const_data_ptr<T>(), dec_off.data(), w.n_feat, nf_pad, ds2, d0, kc, Ap));
+          const int64_t row0 = w.b0 * gs0 + o * gs1 + w.pos * gs2;
+          if (grad_in_place) {
+            for (int c = 0; c < w.n_rows; ++c) row_ptr[c] = grad_f + row0 + c * gs0 + d0;
+          } else {
+            float* Gp = g_buf.get((size_t)w.n_rows * kc);
+            EDGES_DISPATCH(grad, T, for (int c = 0; c < w.n_rows; ++c) {
+              convert_row_t(grad.const_data_ptr<T>() + row0 + c * gs0 + d0 * gs3, gs3, kc, Gp + (int64_t)c * kc);
+              row_ptr[c] = Gp + (int64_t)c * kc;
+            });
+          }
+          K.block(row_ptr.data(), w.n_rows, Ap, nf_pad, kc, C);
+        }
+      }
+      for (int c = 0; c < w.n_rows; ++c) {
+        float* orow = O + (w.b0 + c) * n;
+        const float* crow = C + (int64_t)c * nf_pad;
+        for (int j = 0; j < w.n_feat; ++j) {
+          const int64_t col = order[w.start + j];
+          orow[col] = A[col] * crow[j];
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// -- vector_edges: one vector per row and no reuse, so a streaming dot product -----------------------
+template <typename TG, typename TV>
+void vector_edges_t(const TG* G, int64_t gs0, int64_t gs1, int64_t gs2, const TV* Vv, int64_t vs0, int64_t vs1,
+                    int64_t B, int64_t R, int64_t D, float* O, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> vec(D);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r) {
+      convert_row_t(Vv + r * vs0, vs1, (int)D, vec.data());
+      const float* v = vec.data();
+      for (int64_t b = 0; b < B; ++b) {
+        const TG* g = G + b * gs0 + r * gs1;
+        float s = 0.f;
+        if (gs2 == 1) {
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += static_cast<float>(g[d]) * v[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) s += static_cast<float>(g[d * gs2]) * v[d];
+        }
+        O[b * R + r] = s;
+      }
+    }
+  }
+}
+
+at::Tensor vector_edges(const at::Tensor& grad, const at::Tensor& vectors) {
+  TORCH_CHECK(grad.device().is_cpu() && vectors.device().is_cpu(), "vector_edges (cpp): CPU tensors only");
+  TORCH_CHECK(grad.dim() == 3 && vectors.dim() == 2 && grad.size(1) == vectors.size(0) &&
+                  grad.size(2) == vectors.size(1),
+              "vector_edges needs grad [B, R, D] and vectors [R, D], got ", grad.sizes(), " and ", vectors.sizes());
+  check_float_type(grad, "grad");
+  check_float_type(vectors, "vectors");
+  const int64_t B = grad.size(0), R = grad.size(1), D = grad.size(2);
+  auto out = at::zeros({B, R}, grad.options().dtype(at::kFloat));
+  if (out.numel() == 0 || D == 0) return out;
+  float* O = out.data_ptr<float>();
+  const int threads = num_threads();
+  EDGES_DISPATCH(grad, TG, EDGES_DISPATCH(vectors, TV,
+      vector_edges_t(grad.const_data_ptr<TG>(), grad.stride(0), grad.stride(1), grad.stride(2),
+                     vectors.const_data_ptr<TV>(), vectors.stride(0), vectors.stride(1), B, R, D, O, threads)));
+  return out;
+}
+
+bool openmp_enabled() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+#ifdef WITH_CUDA
+at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& feat,
+                              const at::Tensor& act, const at::Tensor& decoder);
+at::Tensor vector_edges_cuda(const at::Tensor& grad, const at::Tensor& vectors);
+#endif
+
+namespace {
+at::Tensor feature_edges_any(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& feat,
+                             const at::Tensor& act, const at::Tensor& decoder) {
+#ifdef WITH_CUDA
+  if (grad.is_cuda()) return feature_edges_cuda(grad, pos, feat, act, decoder);
+#endif
+  return feature_edges(grad, pos, feat, act, decoder);
+}
+
+at::Tensor vector_edges_any(const at::Tensor& grad, const at::Tensor& vectors) {
+#ifdef WITH_CUDA
+  if (grad.is_cuda()) return vector_edges_cuda(grad, vectors);
+#endif
+  return vector_edges(grad, vectors);
+}
+
+bool has_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gemma-circuits attribution edge kernels (C++/OpenMP, optional CUDA)";
+  m.def("feature_edges", &feature_edges_any, "out[b,i] = act[i] * sum_o decoder[feat[i],o,:] . grad[b,o,pos[i],:]",
+        py::arg("grad"), py::arg("pos"), py::arg("feat"), py::arg("act"), py::arg("decoder"));
+  m.def("vector_edges", &vector_edges_any, "out[b,r] = grad[b,r,:] . vectors[r,:]", py::arg("grad"),
+        py::arg("vectors"));
+  m.def("has_cuda", &has_cuda, "built with the CUDA kernels");
+  m.def("has_openmp", &openmp_enabled, "built with OpenMP");
+  m.def("simd", []() { return std::string(kernel().name); }, "the micro-kernel chosen for this CPU");
+}

@@ -1,0 +1,254 @@
+"""Feature dashboards (transcoders/dashboards.py): exact top contexts in bounded memory, resumable."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from circuits.attribution import attribute
+from circuits.errors import UserError
+from circuits.graph import FEATURE, load_graph
+from circuits.models import tiny_model
+from transcoders import random_transcoders
+from transcoders.dashboards import (TopContexts, attach_dashboards, auto_label, build_dashboards,
+                                    load_dashboards, output_tokens)
+
+WORDS = "the cat dog sat on mat ran far away big small red blue house tree river".split()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    rng = np.random.default_rng(0)
+    paras = [". ".join(" ".join(rng.choice(WORDS, 10)) for _ in range(3)) for _ in range(60)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+def setup(kind="plt"):
+    lm = tiny_model(seed=11)
+    tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 24, kind=kind, seed=3)
+    return lm, tc
+
+
+def small(text_file, out, **kw):
+    opts = dict(text=f"file:{text_file}", out=str(out), k=4, context=24, before=3, after=2, max_tokens=2400,
+                batch=5, gen_samples=0, progress=False)
+    return {**opts, **kw}
+
+
+# -- the store ------------------------------------------------------------------------------------------
+
+def test_planted_top_contexts_are_found_exactly():
+    """Each feature fires strongly in a planted set of contexts, at a planted position, with planted values;
+    elsewhere it only fires weakly. The stream arrives in batches of varying size."""
+    g = torch.Generator().manual_seed(0)
+    L, Fe, T, N, k, before, after = 2, 7, 9, 50, 4, 2, 1
+    tokens = torch.randint(0, 1000, (N, T), generator=g)
+    acts = torch.rand(L, N, T, Fe, generator=g) * 0.5 * (torch.rand(L, N, T, Fe, generator=g) < 0.3)
+    planted = {}
+    for l in range(L):
+        for f in range(Fe):
+            ctx = torch.randperm(N, generator=g)[:k + 2]  # more planted contexts than slots
+            vals = 1 + torch.randperm(100, generator=g)[:k + 2].float() / 10  # distinct, all above 0.5
+            pos = torch.randint(0, T, (k + 2,), generator=g)
+            acts[l, ctx, pos, f] = vals
+            best = vals.argsort(descending=True)[:k]
+            planted[l, f] = (ctx[best], vals[best], pos[best])
+    store = TopContexts(L, Fe, k, before, after)
+    start, sizes = 0, [1, 3, 7, 2, 11, 5, 4, 8, 9]
+    for size in sizes:
+        ids = torch.arange(start, min(N, start + size))
+        for l in range(L):
+            store.update(l, acts[l, ids], tokens[ids], ids)
+        start += size
+    assert start >= N
+    padded = torch.nn.functional.pad(tokens, (before, after), value=-1)
+    for (l, f), (ctx, vals, pos) in planted.items():
+        assert store.top_context[l, f].tolist() == ctx.tolist()
+        assert torch.equal(store.top_acts[l, f], vals)
+        for j in range(k):
+            window = slice(int(pos[j]), int(pos[j]) + before + 1 + after)
+            assert store.window_tokens[l, f, j].tolist() == padded[ctx[j], window].tolist()
+            assert float(store.window_acts[l, f, j, before]) == pytest.approx(float(vals[j]), rel=1e-3)
+    assert torch.equal(store.n_active, (acts > 0).sum((1, 2)))
+    assert torch.equal(store.max_act, acts.amax((1, 2)))
+
+
+def test_store_memory_does_not_grow_with_tokens_seen():
+    L, Fe, k = 2, 16, 3
+    store = TopContexts(L, Fe, k, 4, 2)
+    sizes = {name: (t.shape, t.dtype) for name, t in store.state().items()}
+    before = store.nbytes
+    g = torch.Generator().manual_seed(1)
+    for step in range(200):  # 200 x 4 contexts x 16 tokens
+        ids = torch.arange(step * 4, step * 4 + 4)
+        for l in range(L):
+            store.update(l, torch.rand(4, 16, Fe, generator=g), torch.randint(0, 50, (4, 16), generator=g), ids)
+    assert store.nbytes == before
+    assert {name: (t.shape, t.dtype) for name, t in store.state().items()} == sizes
+    assert set(vars(store)) == {"k", "before", "after", *sizes}  # nothing else accumulates
+
+
+# -- the pass on a model --------------------------------------------------------------------------------
+
+def brute_force(lm, tc, text_file, context, max_tokens):
+    """All activations of every context at once `[L, N, T - 1, F]` and the context tokens `[N, T]`."""
+    from transcoders.data import harvest, text_source, token_sequences
+    paras = text_source(f"file:{text_file}", lm, "train", gen_samples=0)
+    seqs = list(token_sequences(lm, paras, context))[:max_tokens // context]
+    ids = torch.stack(seqs)
+    x, _ = harvest(lm, ids, drop_bos=False)
+    x = x.reshape(len(seqs), context, tc.n_layers, -1)
+    acts = torch.stack([tc.encode(l, x[:, 1:, l]) for l in range(tc.n_layers)]).detach()
+    return acts, ids
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_dashboards_hold_the_true_top_contexts(tmp_path, text_file, kind):
+    lm, tc = setup(kind)
+    opts = small(text_file, tmp_path / "d")
+    d = load_dashboards(build_dashboards(lm, tc, **opts))
+    acts, ids = brute_force(lm, tc, text_file, opts["context"], opts["max_tokens"])
+    L, N, T1, Fe = acts.shape
+    assert d.meta["tokens_seen"] == N * T1 and d.meta["n_contexts"] == N
+    peak = acts.amax(2)  # [L, N, F]
+    torch.testing.assert_close(d.t["n_active"], (acts > 0).sum((1, 2)), rtol=0, atol=0)
+    torch.testing.assert_close(d.t["max_act"], peak.amax(1), rtol=1e-5, atol=1e-6)
+    checked = 0
+    for l in range(L):
+        for f in range(Fe):
+            vals, order = torch.sort(peak[l, :, f], descending=True, stable=True)
+            k = opts["k"]
+            torch.testing.assert_close(d.t["top_acts"][l, f], vals[:k], rtol=1e-5, atol=1e-6)
+            gaps = (vals[:k] - vals[1:k + 1]).abs()
+            for j in range(k):  # where the ranking is unambiguous, the very same contexts
+                if vals[j] > 0 and gaps[j] > 1e-4 and (j == 0 or (vals[j - 1] - vals[j]) > 1e-4):
+                    assert int(d.t["top_context"][l, f, j]) == int(order[j])
+                    p = int(acts[l, order[j], :, f].argmax())
+                    lo = max(0, p - opts["before"])
+                    window = ids[order[j], 1:][lo:p + opts["after"] + 1].tolist()
+                    stored = d.t["window_tokens"][l, f, j]
+                    assert stored[stored >= 0].tolist() == window
+                    checked += 1
+    assert checked > L * Fe  # most slots were checked
+
+
+def test_output_tokens_are_decoder_times_final_gain_times_unembedding():
+    lm, tc = setup("clt")
+    layer, feats = 0, torch.tensor([2, 5, 11])
+    pid, pval, sid, sval = output_tokens(tc, lm, layer, feats, n=5)
+    W_U, gain = lm.sites.lm_head.weight.detach(), 1 + lm.sites.final_norm.weight.detach()
+    for row, f in enumerate(feats.tolist()):
+        v = W_U @ (tc.W_dec[layer][f].detach().sum(0) * gain)
+        v = v - v.mean()
+        assert pid[row].tolist() == v.argsort(descending=True)[:5].tolist()
+        assert sid[row].tolist() == v.argsort()[:5].tolist()
+        torch.testing.assert_close(pval[row], v.sort(descending=True).values[:5], rtol=1e-4, atol=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, text_file, monkeypatch):
+    lm, tc = setup("plt")
+    whole = load_dashboards(build_dashboards(lm, tc, **small(text_file, tmp_path / "whole")))
+    import transcoders.data as data
+    real, calls = data.harvest, {"n": 0}
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt  # a kill in the middle of the pass
+        return real(*a, **kw)
+    monkeypatch.setattr(data, "harvest", dying)
+    opts = small(text_file, tmp_path / "resumed", checkpoint_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        build_dashboards(lm, tc, **opts)
+    ckpt = json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())
+    assert ckpt["batches_done"] == 6
+    with pytest.raises(UserError, match="unfinished"):
+        load_dashboards(tmp_path / "resumed")
+    calls["n"] = -10**9
+    resumed = load_dashboards(build_dashboards(lm, tc, **opts))
+    assert calls["n"] == -10**9 + 20 - 6  # only the batches after the checkpoint were run again
+    for name, t in whole.t.items():
+        assert torch.equal(t, resumed.t[name]), name
+    assert not (tmp_path / "resumed" / "checkpoint.json").exists()
+
+
+def test_other_settings_are_refused_and_restart_rebuilds(tmp_path, text_file):
+    lm, tc = setup("plt")
+    out = build_dashboards(lm, tc, **small(text_file, tmp_path / "d"))
+    assert build_dashboards(lm, tc, **small(text_file, tmp_path / "d")) == out  # complete: nothing to do
+    with pytest.raises(UserError, match="other settings"):
+        build_dashboards(lm, tc, **small(text_file, tmp_path / "d", k=5))
+    other = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 24, seed=99)
+    with pytest.raises(UserError, match="other settings or transcoders"):
+        build_dashboards(lm, other, **small(text_file, tmp_path / "d"))
+    d = load_dashboards(build_dashboards(lm, tc, **small(text_file, tmp_path / "d", k=5, restart=True)))
+    assert d.t["top_acts"].shape[-1] == 5
+
+
+def test_attach_dashboards_to_a_graph_and_round_trip(tmp_path, text_file):
+    lm, tc = setup("plt")
+    d = load_dashboards(build_dashboards(lm, tc, **small(text_file, tmp_path / "d")))
+    g = attribute(lm, "the big red house", transcoders=tc, progress=False)
+    assert attach_dashboards(g, d, n_contexts=3) == len(g.nodes_of(FEATURE))
+    i = g.nodes_of(FEATURE)[0]
+    entry = g.metadata["dashboards"][g.node_id(i)]
+    assert set(entry) >= {"density", "max_activation", "top_contexts", "top_promoted", "top_suppressed", "auto_label"}
+    layer, f = int(g.layer[i]), int(g.feature[i])
+    assert entry["density"] == pytest.approx(int(d.t["n_active"][layer, f]) / d.meta["tokens_seen"])
+    assert len(entry["top_contexts"]) <= 3 and all(len(c["tokens"]) == len(c["acts"]) for c in entry["top_contexts"])
+    assert entry["top_promoted"][0][1] >= entry["top_promoted"][-1][1] > entry["top_suppressed"][0][1]
+    g.save(tmp_path / "g.npz")
+    back = load_graph(tmp_path / "g.npz")
+    assert back.metadata["dashboards"] == json.loads(json.dumps(g.metadata["dashboards"]))
+    small_graph = back.subgraph(np.array([i] + list(back.logit_nodes)))
+    assert g.node_id(i) in small_graph.metadata["dashboards"]
+    wrong = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 40, seed=3)
+    g2 = attribute(lm, "the big red house", transcoders=wrong, progress=False)
+    with pytest.raises(UserError, match="dashboards describe"):
+        attach_dashboards(g2, d)
+
+
+def test_auto_label_names_input_and_output_tokens():
+    contexts = [{"tokens": ["a", " cat", "!"], "acts": [0.0, 2.0, 1.0]},
+                {"tokens": [" cat", "s"], "acts": [3.0, 0.5]}, {"tokens": ["x", "y"], "acts": [0.1, 0.2]}]
+    outputs = [[" Paris", 2.0], [" France", 1.0], ["\n", 0.5], ["z", 0.1]]
+    assert auto_label(contexts, outputs) == "cat → Paris/France/'\\n'"
+    assert auto_label([], [[" dog", 1.0]]) == "→ dog"
+    assert len(auto_label(contexts, [["x" * 50, 1.0]])) == 32
+
+
+def test_cli_builds_dashboards_next_to_native_transcoders(tmp_path, text_file, monkeypatch):
+    from circuits import models
+    from transcoders.cli import build_parser
+    from transcoders.formats import save_native
+    from circuits.cli import run
+    lm, tc = setup("plt")
+    save_native(tc, tmp_path / "tc")
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: lm)
+    argv = ["dashboards", "--transcoders", str(tmp_path / "tc"), "--text", f"file:{text_file}", "--k", "3",
+            "--context", "24", "--max-tokens", "960", "--no-progress"]
+    assert run(argv, parser=build_parser()) == 0
+    d = load_dashboards(tmp_path / "tc" / "dashboards")
+    assert d.t["top_acts"].shape == (lm.sites.n_layers, 24, 3)
+    assert run(argv[:-1] + ["--k", "0"], parser=build_parser()) == 2  # a UserError, one line
+
+
+@pytest.mark.slow
+def test_real_model_dashboards_decode_real_tokens(real_model, tmp_path, text_file):
+    lm = real_model
+    tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 16, activation="topk", k=2, seed=2)
+    d = load_dashboards(build_dashboards(lm, tc, **small(text_file, tmp_path / "d", context=32, max_tokens=256,
+                                                          batch=4)))
+    assert d.meta["tokens_seen"] == 8 * 31
+    layer, f = map(int, torch.nonzero(d.t["n_active"])[0])
+    entry = d.feature(layer, f)
+    source = text_file.read_text()
+    assert entry["top_contexts"]
+    for c in entry["top_contexts"]:  # windows are pieces of the text (paragraphs are packed in shuffled order)
+        assert all(piece in source for piece in "".join(c["tokens"]).split("\n\n"))
+    ids = d.t["promoted_ids"][layer, f].tolist()
+    assert [s for s, _ in entry["top_promoted"]] == [lm.tokenizer.decode([i]) for i in ids]

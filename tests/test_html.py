@@ -1,0 +1,344 @@
+"""The interactive page (circuits/frontend/, render_html), driven in headless Chromium through the DevTools
+protocol: load, screenshot, hover, click, threshold sliders, pan and zoom, supernodes and their storage.
+
+A minimal WebSocket client (RFC 6455, text frames only) talks to Chromium; no extra packages needed."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from circuits.graph import FEATURE
+from circuits.prune import prune
+from circuits.render import html_data, render_html
+from test_render import synthetic_graph
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
+                 if shutil.which(n)), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium/chrome on PATH (Debian: apt-get install chromium)")
+
+
+class WebSocket:
+    def __init__(self, url: str, timeout: float = 30.0):
+        assert url.startswith("ws://")
+        hostport, path = url[5:].split("/", 1)
+        host, port = hostport.split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+
+    def send(self, text: str) -> None:
+        data = text.encode()
+        n = len(data)
+        header = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else
+                                  bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else
+                                  bytes([0x80 | 127]) + struct.pack(">Q", n))
+        mask = os.urandom(4)
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            buf += chunk
+        return buf
+
+    def recv(self) -> str:
+        message = b""
+        while True:
+            b0, b1 = self._exact(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._exact(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._exact(8))[0]
+            payload = self._exact(n)
+            if b0 & 0x0F in (0x1, 0x0):
+                message += payload
+                if b0 & 0x80:
+                    return message.decode()
+
+
+class Browser:
+    """One headless Chromium with one page, driven by DevTools protocol commands."""
+
+    def __init__(self, profile: Path, width: int = 1400, height: int = 900):
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--remote-debugging-port=0", f"--window-size={width},{height}",
+             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.time() + 60
+        while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.close()
+                raise RuntimeError("chromium did not start its DevTools endpoint")
+            time.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = WebSocket(page["webSocketDebuggerUrl"])
+        self.next_id = 0
+        self.events: list[dict] = []
+        self.call("Page.enable")
+        self.call("Runtime.enable")
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def wait_event(self, method: str, timeout: float = 30.0) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for i, e in enumerate(self.events):
+                if e.get("method") == method:
+                    return self.events.pop(i)
+            self.events.append(json.loads(self.ws.recv()))
+        raise TimeoutError(method)
+
+    def open(self, path: Path) -> None:
+        self.events.clear()
+        self.call("Page.navigate", url=path.resolve().as_uri())
+        self.wait_event("Page.loadEventFired")
+
+    def js(self, expression: str):
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def mouse(self, kind: str, x: float, y: float, shift: bool = False, **extra) -> None:
+        self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, modifiers=8 if shift else 0, **extra)
+
+    def click(self, x: float, y: float, shift: bool = False) -> None:
+        self.mouse("mouseMoved", x, y, shift)
+        self.mouse("mousePressed", x, y, shift, button="left", clickCount=1)
+        self.mouse("mouseReleased", x, y, shift, button="left", clickCount=1)
+
+    def centre(self, selector: str) -> tuple[float, float]:
+        r = self.js(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                    f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()")
+        return r[0], r[1]
+
+    def screenshot(self) -> np.ndarray:
+        from PIL import Image
+        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def exceptions(self) -> list[dict]:
+        return [e for e in self.events if e.get("method") == "Runtime.exceptionThrown"]
+
+    def close(self) -> None:
+        try:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if CHROMIUM is None:
+        pytest.skip("no chromium")
+    b = Browser(tmp_path_factory.mktemp("chromium-profile"))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A pruned realistic graph with dashboards, written as a page."""
+    g = prune(synthetic_graph(n_features=160, seed=11, dashboards=True, with_influence=False), 0.9, 0.98)
+    g.metadata.setdefault("dashboards", {})
+    path = render_html(g, tmp_path_factory.mktemp("html") / "graph.html")
+    return g, path
+
+
+def test_page_is_self_contained(page):
+    g, path = page
+    text = path.read_text()
+    for needle in ("<script src", "<link ", "@import", "fetch(", "XMLHttpRequest", "url(http", "src=\"http"):
+        assert needle not in text
+    assert "__DATA__" not in text and "__JS__" not in text and "__CSS__" not in text
+    assert g.prompt in text and json.dumps(g.node_id(0)) in text
+
+
+def test_page_data_matches_the_graph(page):
+    g, _ = page
+    data = html_data(g)
+    assert [n["id"] for n in data["nodes"]] == g.node_ids()
+    assert len(data["edges"]) == g.adjacency.nnz
+    assert set(data["dashboards"]) <= set(g.node_ids()) and data["scores"] == g.metadata["scores"]
+
+
+def test_script_closing_tag_in_the_prompt_is_harmless(tmp_path):
+    g = synthetic_graph(n_features=20)
+    g.prompt = "</script><script>alert(1)</script> /*__JS__*/"
+    text = render_html(g, tmp_path / "x.html").read_text()
+    assert text.count("</script>") == 2  # only the page's own two scripts close
+
+
+@needs_chromium
+def test_page_renders_in_chromium(browser, page):
+    g, path = page
+    browser.open(path)
+    assert browser.js("document.body.dataset.ready") == "true"
+    assert browser.exceptions() == []
+    n_drawn = browser.js("document.querySelectorAll('#layer-nodes .node').length")
+    assert n_drawn == g.n_nodes
+    assert browser.js("document.querySelectorAll('#layer-edges path').length") == browser.js("viewer.linkCount()") > 0
+    img = browser.screenshot()
+    # the fills of token (#fef3c7) and logit (#dcfce7) boxes, and the blue of feature boxes, are on screen
+    def share(rgb, tol=6):
+        return float((np.abs(img.astype(int) - np.array(rgb)).max(axis=2) <= tol).mean())
+    assert share((254, 243, 199)) > 0.0005 and share((220, 252, 231)) > 0.0002
+    blue = (img[..., 2] > 235) & (img[..., 0] < 225) & (img[..., 0] > 120)
+    assert blue.mean() > 0.001
+    from PIL import Image
+    Image.fromarray(img).save(path.with_suffix(".png"))
+
+
+@needs_chromium
+def test_hover_click_and_dashboard(browser, page):
+    g, path = page
+    browser.open(path)
+    with_dash = [i for i in g.nodes_of(FEATURE) if g.node_id(int(i)) in g.metadata["dashboards"]]
+    target = g.node_id(int(with_dash[-1]))
+    x, y = browser.centre(f'.node[data-id="{target}"]')
+    browser.mouse("mouseMoved", x, y)
+    assert browser.js("!document.getElementById('tooltip').hidden")
+    assert f"L{target.split(':')[1]}/" in browser.js("document.getElementById('tooltip').textContent")
+    browser.click(x, y)
+    assert browser.js("document.getElementById('graph').classList.contains('dimmed')")
+    panel = browser.js("document.getElementById('panel-body').innerText")
+    dash = g.metadata["dashboards"][target]
+    assert "inputs" in panel.lower() and "outputs" in panel.lower()
+    assert dash["auto_label"] in panel and "Dallas" in panel
+    # highlighted edges are exactly the focused node's drawn links, listed with their weights
+    k = browser.js(f"viewer.visibleIds().indexOf({json.dumps(target)})")
+    links = browser.js(f"[...document.querySelectorAll('#layer-edges path')].filter(p => +p.dataset.from === {k} "
+                       f"|| +p.dataset.to === {k}).map(p => [p.classList.contains('hl'), +p.dataset.weight])")
+    assert links and all(hl for hl, _ in links)
+    assert browser.js("document.querySelectorAll('#layer-edges path.hl').length") == len(links)
+    strongest = max(links, key=lambda e: abs(e[1]))[1]
+    assert f"{abs(strongest):.3f}" in panel or f"{abs(strongest):.2e}" in panel
+    # clicking an input row moves the focus there; clicking the background clears it
+    browser.js("document.querySelector('#panel-body tr.link').dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+    assert browser.js("viewer.state.focus") != k
+    browser.click(5, 200)
+    assert browser.js("viewer.state.focus") is None
+    assert not browser.js("document.getElementById('graph').classList.contains('dimmed')")
+
+
+@needs_chromium
+def test_threshold_sliders(browser, page):
+    g, path = page
+    browser.open(path)
+    before = browser.js("viewer.linkCount()")
+    browser.js("(() => { const s = document.getElementById('edge-slider'); s.value = 95;"
+               " s.dispatchEvent(new Event('input')); })()")
+    after = browser.js("viewer.linkCount()")
+    assert 0 < after < before
+    wmin = browser.js("Math.min(...[...document.querySelectorAll('#layer-edges path')].map(p => Math.abs(+p.dataset.weight)))")
+    assert wmin >= browser.js("viewer.state.edgeMin") > 0
+    browser.js("(() => { const s = document.getElementById('node-slider'); s.value = 60;"
+               " s.dispatchEvent(new Event('input')); })()")
+    shown = browser.js("viewer.visibleIds()")
+    assert len(shown) < g.n_nodes and all(g.node_id(int(i)) in shown for i in np.flatnonzero(g.kind >= 2))
+    browser.js("viewer.setEdgeSlider(0); viewer.setNodeSlider(0)")
+    assert browser.js("viewer.linkCount()") == g.adjacency.nnz
+
+
+@needs_chromium
+def test_pan_and_zoom(browser, page):
+    _, path = page
+    browser.open(path)
+    k0 = browser.js("viewer.state.view.k")
+    browser.mouse("mouseWheel", 500, 400, deltaX=0, deltaY=-400)
+    assert browser.js("viewer.state.view.k") > 1.5 * k0
+    x0 = browser.js("viewer.state.view.x")
+    browser.mouse("mousePressed", 300, 120, button="left", clickCount=1)
+    browser.mouse("mouseMoved", 380, 160, button="left")
+    browser.mouse("mouseReleased", 380, 160, button="left", clickCount=1)
+    assert browser.js("viewer.state.view.x") == pytest.approx(x0 + 80, abs=1)
+    browser.click(*browser.centre("#fit"))
+    assert browser.js("viewer.state.view.k") == pytest.approx(k0, rel=1e-6)
+
+
+@needs_chromium
+def test_supernodes_group_collapse_save_and_restore(browser, page):
+    g, path = page
+    browser.open(path)
+    browser.js("localStorage.clear()")
+    feats = [g.node_id(int(i)) for i in g.nodes_of(FEATURE)[-3:]]
+    for f in feats:
+        browser.click(*browser.centre(f'.node[data-id="{f}"]'), shift=True)
+    assert browser.js("viewer.state.selected.size") == 3
+    assert not browser.js("document.getElementById('group').disabled")
+    browser.js("window.prompt = () => 'capital cities'")
+    browser.click(*browser.centre("#group"))
+    groups = browser.js("viewer.state.groups")
+    assert groups == [{"name": "capital cities", "members": feats}]
+    assert browser.js("document.querySelectorAll('.group-hull').length") == 1
+    # collapsed: one supernode replaces its members; its edges are the members' summed edges
+    browser.js("viewer.setCollapsed(true)")
+    shown = browser.js("viewer.visibleIds()")
+    assert "group:0" in shown and not set(feats) & set(shown)
+    assert browser.js("viewer.focus('group:0')") and "supernode of 3 nodes" in browser.js(
+        "document.getElementById('panel-body').innerText")
+    # the grouping is downloadable as JSON ...
+    browser.js("window.__saved = null; HTMLAnchorElement.prototype.click = function () {"
+               " window.__saved = fetch(this.href).then(r => r.text()).then(t => [this.download, t]); }")
+    browser.click(*browser.centre("#save"))
+    name, text = browser.js("window.__saved")
+    doc = json.loads(text)
+    assert name == "supernodes.json" and doc["supernodes"] == {"capital cities": feats} and doc["prompt"] == g.prompt
+    # ... kept in localStorage across reloads, and loadable from a file's contents
+    browser.open(path)
+    assert browser.js("viewer.state.groups") == groups
+    browser.js(f"viewer.loadGrouping({json.dumps({'supernodes': {'x': feats[:2] + ['nope']}})})")
+    assert browser.js("viewer.state.groups") == [{"name": "x", "members": feats[:2]}]
+    browser.js(f"viewer.loadGrouping({json.dumps([['np', feats[2]]])})")  # Neuronpedia's qParams form
+    assert browser.js("viewer.state.groups") == [{"name": "np", "members": feats[2:]}]
+    browser.js(f"viewer.makeGroup('np', {json.dumps(feats[:1])})")  # names stay unique
+    assert [grp["name"] for grp in browser.js("viewer.state.groups")] == ["np", "np (2)"]
+    browser.js("localStorage.clear()")
+    assert browser.exceptions() == []
+
+
+@needs_chromium
+def test_supernodes_from_the_graph_file(browser, tmp_path):
+    g = prune(synthetic_graph(n_features=100, seed=12))
+    members = [g.node_id(int(i)) for i in g.nodes_of(FEATURE)[:2]]
+    g.metadata["supernodes"] = {"from file": members}
+    path = render_html(g, tmp_path / "sn.html")
+    browser.open(path)
+    browser.js("localStorage.clear()")
+    browser.open(path)
+    assert browser.js("viewer.state.groups") == [{"name": "from file", "members": members}]

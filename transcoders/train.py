@@ -1,0 +1,517 @@
+"""Training transcoders (PLT, skip, CLT) for every layer of a model at once.
+
+`transcoders train --out DIR ...` and `train_transcoders(TrainConfig(...))` run the same recipe:
+
+- Data: MLP inputs/outputs harvested from the model over a text source (`transcoders.data`), served by an
+  `ActivationBuffer` whose batch at step s is a pure function of s; tests pass any object with
+  `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]` instead (e.g. `PlantedBuffer`).
+- Normalisation: per layer, inputs are scaled to norm sqrt(D) and outputs to unit variance per dimension, so
+  the loss reads as a fraction of variance unexplained (FVU) and one learning rate suits every layer. The
+  scales are folded into the saved weights (pre-activations are unchanged, so thresholds carry over), and
+  the saved set works on raw activations.
+- Skip term (kind "skip", or a CLT with skip=True): W_skip starts at the closed-form least-squares map from
+  MLP input to output (ridge-regularised, on `init_tokens` tokens); features then learn what is left.
+- Objective: mean squared error of the normalised outputs, averaged over the Matryoshka prefixes (each prefix
+  of the dictionary reconstructs on its own; no prefixes = one full dictionary) + for JumpReLU an L0 penalty
+  (straight-through threshold gradients, warmed up) + an AuxK loss that makes dead features (silent for
+  `dead_tokens` tokens) reconstruct the residual error (Gao et al. 2024). BatchTopK tracks the smallest
+  kept activation (EMA) as its inference threshold.
+- AdamW with linear warm-up and a linear decay to zero over the last `decay_frac` of the steps; matmuls in
+  bfloat16 autocast (float32 master weights) unless `compute_dtype="float32"`.
+- Checkpoints (weights, optimiser, step) every `checkpoint_every` steps, written atomically to
+  `<out>.train/checkpoint.pt`; a rerun with the same config resumes there and reproduces the uninterrupted
+  run exactly. The finished set is written atomically with `transcoders.formats.save_native`; its
+  config.json carries the training config and final metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from circuits.errors import UserError
+
+from .activations import batchtopk_per_layer, jumprelu, step as heaviside, topk
+from .model import ACTIVATIONS, KINDS, TranscoderConfig, TranscoderSet
+
+# Fields that do not change what is trained: a checkpoint made under other values still resumes.
+_RUN_ONLY = ("out", "checkpoint_every", "threads", "progress", "keep_checkpoint", "activation_cache")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Sizes: L layers, D = d_model, F = d_sae features per layer."""
+    out: str = ""  # directory of the trained set (native layout); checkpoints go to <out>.train/
+    model: str = "gemma-3-270m"  # model to harvest from (name or path, as `circuits.load_model`)
+    kind: str = "skip"  # plt | skip | clt
+    activation: str = "batchtopk"  # relu | jumprelu | topk | batchtopk
+    d_sae: int = 2048
+    k: int = 32  # active features per position (topk / batchtopk; JumpReLU starts its thresholds at this L0)
+    skip: bool = False  # affine skip term for a CLT (always on for kind "skip")
+    matryoshka: list[int] = field(default_factory=list)  # prefix sizes < d_sae, ascending (empty: none)
+    # data
+    text: str = "builtin"  # text source spec (see transcoders.data.text_source)
+    context: int = 128  # tokens per harvested sequence (BOS first, not trained on)
+    tokens: int = 200_000  # training tokens; steps = tokens // batch_size
+    batch_size: int = 1024
+    buffer_tokens: int = 32_768  # shuffled in-memory activation buffer
+    buffer_passes: int = 1  # passes over each buffer fill (more: less harvesting, less fresh data)
+    harvest_dtype: str = "bfloat16"  # model dtype while harvesting (bfloat16: ~6x faster on CPU)
+    activation_cache: str = ""  # folder to keep harvested shards in for later runs (empty: memory only)
+    # optimisation
+    lr: float = 2e-3
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.3
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    compute_dtype: str = "bfloat16"  # autocast dtype of the matmuls; float32 for exact arithmetic
+    skip_init: str = "lstsq"  # lstsq | zeros
+    init_tokens: int = 8192  # tokens for the normalisation scales and the least-squares skip
+    # sparsity and dead features
+    sparsity_coeff: float = 2e-3  # JumpReLU: L0 penalty; ReLU: L1 penalty on act * |decoder row| (FVU units)
+    bandwidth: float = 0.05  # JumpReLU straight-through kernel width (normalised units)
+    sparsity_warmup_frac: float = 0.2
+    dead_tokens: int = 20_000  # a feature silent this long counts as dead
+    aux_coeff: float = 1 / 32  # AuxK loss weight (0 disables)
+    aux_k: int = 64  # dead features each position may use in the AuxK loss
+    # bookkeeping
+    checkpoint_every: int = 25  # steps
+    keep_checkpoint: bool = False  # keep <out>.train/ after a finished run
+    seed: int = 0
+    threads: int = 0  # torch threads (0: leave as is)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UserError(f"unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
+        if not 0 < self.k <= self.d_sae:
+            raise UserError(f"k = {self.k} must be between 1 and d_sae = {self.d_sae}")
+        prefixes = list(self.matryoshka or [])
+        if prefixes != sorted(set(prefixes)) or any(not 0 < p < self.d_sae for p in prefixes):
+            raise UserError(f"matryoshka prefixes {prefixes} must be ascending, distinct and between 1 and "
+                            f"d_sae - 1 = {self.d_sae - 1}")
+        self.matryoshka = prefixes
+        if self.tokens < self.batch_size or self.batch_size < 1:
+            raise UserError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")
+        if self.skip_init not in ("lstsq", "zeros"):
+            raise UserError(f"unknown skip_init {self.skip_init!r}; use lstsq or zeros")
+        if self.compute_dtype not in ("bfloat16", "float32"):
+            raise UserError(f"unknown compute_dtype {self.compute_dtype!r}; use bfloat16 or float32")
+        if self.checkpoint_every < 1:
+            raise UserError("checkpoint_every must be at least 1 step")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    @property
+    def has_skip(self) -> bool:
+        return self.kind == "skip" or self.skip
+
+    def checkpoint_path(self) -> Path:
+        return Path(str(Path(self.out).expanduser()) + ".train") / "checkpoint.pt"
+
+    def training_fields(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
+
+
+# -- the trainable parameters -------------------------------------------------------------------------
+
+class TrainableTranscoders(nn.Module):
+    """All layers' transcoders in stacked tensors (one batched matmul per step), on normalised activations.
+
+    W_enc [L, D, F], b_enc [L, F], W_dec PLT/skip [L, F, D] or CLT list of [F, L - s, D], b_dec [L, D],
+    W_skip [L, D, D], log_threshold [L, F] (JumpReLU). Buffers: in_scale / out_scale [L] (normalisation),
+    bt_threshold [L] (BatchTopK inference threshold), silent_tokens [L, F] (tokens since each feature fired)."""
+
+    def __init__(self, cfg: TrainConfig, n_layers: int, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        L, D, F = n_layers, d_model, cfg.d_sae
+        self.L, self.D, self.F = L, D, F
+        self.is_clt = cfg.kind == "clt"
+        self.W_enc = nn.Parameter(torch.zeros(L, D, F))
+        self.b_enc = nn.Parameter(torch.zeros(L, F))
+        if self.is_clt:
+            self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(F, L - s, D)) for s in range(L)])
+        else:
+            self.W_dec = nn.Parameter(torch.zeros(L, F, D))
+        self.b_dec = nn.Parameter(torch.zeros(L, D))
+        self.W_skip = nn.Parameter(torch.zeros(L, D, D)) if cfg.has_skip else None
+        self.log_threshold = nn.Parameter(torch.zeros(L, F)) if cfg.activation == "jumprelu" else None
+        self.register_buffer("in_scale", torch.ones(L))
+        self.register_buffer("out_scale", torch.ones(L))
+        self.register_buffer("bt_threshold", torch.full((L,), float("nan")))
+        self.register_buffer("silent_tokens", torch.zeros(L, F))
+        self.chunks = list(zip([0] + cfg.matryoshka, cfg.matryoshka + [F]))
+
+    # -- initialisation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialise(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
+        """Scales, skip and biases from a sample of raw activations x, y `[n, L, D]`; random dictionaries."""
+        L, D, F = self.L, self.D, self.F
+        x, y = x.transpose(0, 1).double(), y.transpose(0, 1).double()  # [L, n, D]
+        self.in_scale.copy_(math.sqrt(D) / x.norm(dim=-1).mean(1).clamp_min(1e-12))
+        yc = y - y.mean(1, keepdim=True)
+        self.out_scale.copy_(1.0 / (yc.pow(2).sum(-1).mean(1) / D).sqrt().clamp_min(1e-12))
+        xn, yn = x * self.in_scale[:, None, None], y * self.out_scale[:, None, None]
+        mx, my = xn.mean(1, keepdim=True), yn.mean(1, keepdim=True)
+        if self.W_skip is not None and self.cfg.skip_init == "lstsq":
+            xc, yc = xn - mx, yn - my
+            gram = xc.transpose(1, 2) @ xc  # [L, D, D]
+            ridge = 1e-3 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(D, dtype=gram.dtype)
+            w = torch.linalg.solve(gram + ridge, xc.transpose(1, 2) @ yc)
+            self.W_skip.copy_(w.float())
+            self.b_dec.copy_((my - mx @ w).squeeze(1).float())
+        else:
+            self.b_dec.copy_(my.squeeze(1).float())
+        enc = torch.randn(L, D, F, generator=generator)
+        self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
+        # centre the encoder on the data so features split the inputs instead of all firing on their mean
+        self.b_enc.copy_(-(mx.float() @ self.W_enc).squeeze(1))
+        for s, w in enumerate(self._decoders()):
+            d = torch.randn(w.shape, generator=generator)
+            w.copy_(0.1 * d / d.norm(dim=-1, keepdim=True))
+        if self.log_threshold is not None:
+            # start every feature at firing rate k / F, so training begins at the target L0 instead of
+            # spending its (short) budget walking thresholds there; the L0 penalty takes over from here
+            pre = torch.baddbmm(self.b_enc[:, None, :], xn.float(), self.W_enc)  # [L, n, F]
+            q = torch.quantile(pre[:, :4096].float(), 1 - self.cfg.k / F, dim=1)
+            self.log_threshold.copy_(q.clamp_min(1e-3).log())
+
+    def _decoders(self):
+        return list(self.W_dec) if self.is_clt else [self.W_dec]
+
+    # -- forward ----------------------------------------------------------------------------------
+    def normalise(self, x: torch.Tensor, y: torch.Tensor):
+        """Raw `[B, L, D]` batches to normalised `[L, B, D]`."""
+        return (x.transpose(0, 1) * self.in_scale[:, None, None],
+                y.transpose(0, 1) * self.out_scale[:, None, None])
+
+    def forward(self, xn: torch.Tensor):
+        """Normalised inputs `[L, B, D]` -> (pre-activations `[L, B, F]`, activations `[L, B, F]`,
+        reconstructions `[P, L, B, D]` of each Matryoshka prefix (the last is the full dictionary),
+        BatchTopK floor `[L]` or None)."""
+        cfg = self.cfg
+        with _autocast(cfg.compute_dtype):
+            pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc).float()
+        floor = None
+        if cfg.activation == "relu":
+            acts = torch.relu(pre)
+        elif cfg.activation == "jumprelu":
+            acts = jumprelu(pre, self.log_threshold.exp()[:, None, :], cfg.bandwidth)
+        elif cfg.activation == "topk":
+            acts = topk(pre, cfg.k)
+        else:
+            acts, floor = batchtopk_per_layer(pre, cfg.k)
+        with _autocast(cfg.compute_dtype):
+            base = self.b_dec[:, None, :].expand_as(xn)
+            if self.W_skip is not None:
+                base = base + torch.bmm(xn, self.W_skip)
+            recons, partial = [], base.float()
+            for a, b in self.chunks:
+                partial = partial + self._decode(acts[:, :, a:b], a, b).float()
+                recons.append(partial)
+        return pre, acts, torch.stack(recons), floor
+
+    def _decode(self, acts: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Output contribution `[L, B, D]` of features a:b given their activations `[L, B, b - a]`."""
+        if not self.is_clt:
+            return torch.bmm(acts, self.W_dec[:, a:b])
+        L, B, D = acts.shape[0], acts.shape[1], self.D
+        into: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        for s in range(L):
+            w = self.W_dec[s][a:b].reshape(b - a, (L - s) * D)
+            out = (acts[s] @ w).view(B, L - s, D)
+            for j in range(L - s):
+                into[s + j].append(out[:, j])
+        return torch.stack([torch.stack(parts).sum(0) for parts in into])
+
+    def own_norms(self) -> list[torch.Tensor]:
+        """Per source layer, the decoder `[F, n_out, D]` (norms over D summed over outputs give a feature's
+        total write size, the scale an L1 penalty must see so that shrinking acts cannot cheat it)."""
+        return list(self.W_dec) if self.is_clt else [w[:, None] for w in self.W_dec]
+
+    def own_decoder(self) -> torch.Tensor:
+        """Each feature's decoder into its own layer `[L, F, D]` (for the AuxK loss)."""
+        return torch.stack([w[:, 0] for w in self.W_dec]) if self.is_clt else self.W_dec
+
+    # -- export -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_transcoder_set(self, model_name: str = "", metrics: dict | None = None,
+                          extra: dict | None = None) -> TranscoderSet:
+        """A `TranscoderSet` on raw activations: the normalisation scales folded into the weights."""
+        cfg = self.cfg
+        tcfg = TranscoderConfig(kind=cfg.kind, n_layers=self.L, d_model=self.D, d_sae=self.F,
+                                activation=cfg.activation,
+                                k=cfg.k if cfg.activation in ("topk", "batchtopk") else None,
+                                skip=cfg.has_skip, model_name=model_name,
+                                matryoshka_prefixes=list(cfg.matryoshka) or None,
+                                metrics=dict(metrics or {}), extra=dict(extra or {}))
+        tc = TranscoderSet(tcfg)
+        a, c = self.in_scale, self.out_scale
+        for l in range(self.L):
+            tc.W_enc[l].copy_(self.W_enc[l] * a[l])
+            tc.b_enc[l].copy_(self.b_enc[l])
+            if self.is_clt:
+                tc.W_dec[l].copy_(self.W_dec[l] / c[l:, None])
+            else:
+                tc.W_dec[l].copy_(self.W_dec[l] / c[l])
+            tc.b_dec[l].copy_(self.b_dec[l] / c[l])
+            if self.W_skip is not None:
+                tc.W_skip[l].copy_(self.W_skip[l] * (a[l] / c[l]))
+            if cfg.activation == "jumprelu":
+                tc.threshold[l].copy_(self.log_threshold[l].exp())
+            elif cfg.activation == "batchtopk":
+                t = self.bt_threshold[l]
+                tc.threshold[l].fill_(0.0 if torch.isnan(t) else float(t))
+        return tc
+
+
+def _autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+# -- one step -----------------------------------------------------------------------------------------
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last `decay_frac` of the steps."""
+    warm = max(1, int(cfg.warmup_frac * cfg.steps))
+    decay_start = cfg.steps - int(cfg.decay_frac * cfg.steps)
+    if step < warm:
+        return (step + 1) / warm
+    if step >= decay_start:
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+    return 1.0
+
+
+def train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               step: int) -> dict:
+    """One optimiser step on a raw batch x, y `[B, L, D]`. Returns the step's metrics (per-layer lists)."""
+    cfg = net.cfg
+    xn, yn = net.normalise(x, y)
+    pre, acts, recons, floor = net(xn)
+    mse = (recons - yn).pow(2).mean((1, 2, 3))  # [P]
+    loss = mse.mean()
+    full = recons[-1]
+    active = acts > 0
+    if cfg.activation in ("jumprelu", "relu") and cfg.sparsity_coeff:
+        warm = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup_frac * cfg.steps))
+        if cfg.activation == "jumprelu":
+            penalty = heaviside(pre, net.log_threshold.exp()[:, None, :], cfg.bandwidth).sum(-1).mean()
+        else:
+            dec_norm = torch.stack([w.norm(dim=-1).reshape(net.F, -1).sum(-1) for w in net.own_norms()])
+            penalty = (acts * dec_norm[:, None, :]).sum(-1).mean()
+        loss = loss + warm * cfg.sparsity_coeff * penalty
+    dead = net.silent_tokens >= cfg.dead_tokens  # [L, F]
+    aux = torch.zeros(())
+    if cfg.aux_coeff and bool(dead.any()):
+        err = (yn - full).detach()
+        k_aux = min(cfg.aux_k, net.F)
+        vals, idx = pre.masked_fill(~dead[:, None, :], float("-inf")).topk(k_aux, dim=-1)
+        aux_acts = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        with _autocast(cfg.compute_dtype):
+            err_hat = torch.bmm(aux_acts, net.own_decoder()).float()
+        has_dead = dead.any(-1)
+        per_layer = (err_hat - err).pow(2).sum((1, 2)) / err.pow(2).sum((1, 2)).clamp_min(1e-12)
+        aux = per_layer[has_dead].mean()
+        loss = loss + cfg.aux_coeff * aux
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * lr_factor(step, cfg)
+    opt.step()
+    with torch.no_grad():
+        fired = active.any(1)
+        net.silent_tokens.copy_(torch.where(fired, torch.zeros_like(net.silent_tokens),
+                                            net.silent_tokens + x.shape[0]))
+        if floor is not None:
+            t = net.bt_threshold
+            net.bt_threshold.copy_(torch.where(torch.isnan(t), floor, 0.99 * t + 0.01 * floor))
+        var = (yn - yn.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
+        fvu = (full - yn).pow(2).sum((1, 2)) / var
+    return {"loss": float(loss.detach()), "aux": float(aux.detach()), "fvu": fvu.tolist(),
+            "l0": active.sum(-1).float().mean(1).tolist(), "dead": dead.float().mean(1).tolist()}
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+
+def _save_checkpoint(path: Path, net, opt, step: int, cfg: TrainConfig, history: list) -> None:
+    from circuits.graph import atomic_write
+    state = {"step": step, "net": net.state_dict(), "opt": opt.state_dict(),
+             "config": cfg.training_fields(), "history": history}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _remove_partials(folder: Path, stem: str) -> None:
+    """Temporary files of atomic writes that a killed run left behind (never complete files)."""
+    import shutil
+    if folder.is_dir():
+        for p in folder.glob(f".{stem}.*.partial"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig):
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("config") != cfg.training_fields():
+        old = state.get("config") or {}
+        diff = sorted(k for k in set(old) | set(cfg.training_fields()) if old.get(k) != cfg.training_fields().get(k))
+        raise UserError(f"{path} was made by a run with other settings ({', '.join(diff)}); rerun with the "
+                        f"same settings to resume, or delete {path.parent} to start over")
+    return state
+
+
+def _summary(history: list[dict], last: int = 10) -> dict:
+    """Mean of the last `last` steps' metrics (per layer where they are per layer)."""
+    tail = history[-last:]
+    out = {}
+    for key in ("loss", "aux", "fvu", "l0", "dead"):
+        vals = torch.tensor([h[key] for h in tail], dtype=torch.float64)
+        out[key] = vals.mean(0).tolist()
+    return out
+
+
+def train_transcoders(cfg: TrainConfig, loaded=None, buffer=None, model_name: str | None = None,
+                      on_step=None) -> TranscoderSet:
+    """Train (or resume) the run `cfg` and write it to `cfg.out` (native layout) when `cfg.out` is set.
+
+    loaded: a LoadedModel (default: `circuits.load_model(cfg.model)`); buffer: any object with
+    `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]` raw activations (default: harvested from `loaded`).
+    on_step(step, metrics) is called after every step. Returns the trained `TranscoderSet`."""
+    from .data import ActivationBuffer, ActivationSource, text_source
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out).expanduser() if cfg.out else None
+    ckpt = cfg.checkpoint_path() if out else None
+    if out:
+        _remove_partials(out.parent, out.name)
+        _remove_partials(ckpt.parent, ckpt.name)
+    if buffer is None:
+        if loaded is None:
+            from circuits.models import load_model
+            loaded = load_model(cfg.model)
+        paragraphs = text_source(cfg.text, loaded, "train", seed=cfg.seed)
+        source = ActivationSource(loaded, paragraphs, context=cfg.context, seed=cfg.seed,
+                                  harvest_dtype=cfg.harvest_dtype, cache_dir=cfg.activation_cache or None)
+        buffer = ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, seed=cfg.seed,
+                                  passes=cfg.buffer_passes)
+    if model_name is None:
+        model_name = loaded.name if loaded is not None else ""
+    x0, _ = buffer.batch(0)
+    n_layers, d_model = x0.shape[1], x0.shape[2]
+    net = TrainableTranscoders(cfg, n_layers, d_model)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    state = _load_checkpoint(ckpt, cfg) if ckpt else None
+    if state:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        start, history = state["step"], state["history"]
+    else:
+        n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
+        xs, ys = zip(*(buffer.batch(i) for i in range(n_init)))
+        net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
+        start, history = 0, []
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"training {cfg.kind} transcoders", unit="step",
+                   dynamic_ncols=True)
+    t_start = time.time()
+    for step in range(start, cfg.steps):
+        if bar is not None and getattr(buffer, "needs_fill", lambda s: False)(step):
+            bar.set_postfix_str("harvesting activations...")
+        x, y = buffer.batch(step)
+        m = train_step(net, opt, x, y, step)
+        history.append(m)
+        if on_step is not None:
+            on_step(step, m)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
+                            l0=f"{sum(m['l0']) / len(m['l0']):.1f}", dead=f"{sum(m['dead']) / len(m['dead']):.2f}")
+        if ckpt and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, net, opt, step + 1, cfg, history)
+    if bar is not None:
+        bar.close()
+    summary = _summary(history) if history else {}
+    metrics = {"train_" + k: v for k, v in summary.items()}
+    metrics.update(steps=cfg.steps, tokens=cfg.steps * cfg.batch_size,
+                   seconds_last_session=round(time.time() - t_start, 1))
+    tc = net.to_transcoder_set(model_name, metrics=metrics, extra={"train_config": asdict(cfg)})
+    if out:
+        save_transcoders(tc, out)
+        if not cfg.keep_checkpoint:
+            import shutil
+            shutil.rmtree(ckpt.parent, ignore_errors=True)
+    return tc
+
+
+def save_transcoders(tc: TranscoderSet, out: Path) -> Path:
+    """Write a trained set in the native layout (atomically)."""
+    from .formats import save_native
+    return save_native(tc, out)
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
+    """One --option per dataclass field (lists as comma-separated values, booleans as --x / --no-x)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif typing.get_origin(hint) is list:
+            parser.add_argument(flag, type=_int_list, default=default, metavar="N,N,...")
+        else:
+            base = next((t for t in (int, float, str) if hint is t or t in typing.get_args(hint)), str)
+            parser.add_argument(flag, type=base, default=default)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def config_from_args(cls, args, **overrides):
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def _cmd_train(args) -> int:
+    cfg = config_from_args(TrainConfig, args)
+    if not cfg.out:
+        raise UserError("transcoders train needs --out DIR (where the trained set is written)")
+    tc = train_transcoders(cfg)
+    m = tc.cfg.metrics
+    fvu, l0, dead = (sum(m[k]) / len(m[k]) for k in ("train_fvu", "train_l0", "train_dead"))
+    print(f"wrote {cfg.out}: {cfg.kind} {cfg.activation} x{tc.n_layers} layers, d_sae {tc.d_sae}; last steps: "
+          f"FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1%}. Evaluate with: transcoders eval {cfg.out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train transcoders (PLT, skip, CLT) on a model's MLPs",
+                       description="Train transcoders for every layer of a Gemma 3 model on harvested MLP "
+                                   "activations. Resumes from <out>.train/checkpoint.pt when rerun with the "
+                                   "same settings.")
+    add_config_arguments(p, TrainConfig)
+    p.set_defaults(func=_cmd_train)
