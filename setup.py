@@ -15,20 +15,25 @@ if os.environ.get("GEMMA_CIRCUITS_NO_EXT") != "1":
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+        # torch's build adds its own -std (C++20 for current torch); the kernels need C++17 or later
         omp = ["-fopenmp"] if sys.platform != "darwin" else []
-        cxx = ["-O3", "-std=c++17", *omp]
+        cxx = ["-O3", *omp]
+
+        def cpu_extension():
+            return CppExtension("circuits._edges", ["csrc/edges.cpp"], extra_compile_args=cxx, extra_link_args=omp)
+
         use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                     and os.path.exists("csrc/edges_cuda.cu") and os.environ.get("GEMMA_CIRCUITS_NO_CUDA") != "1")
         if use_cuda:
-            ext = CUDAExtension("circuits._edges", ["csrc/edges.cpp", "csrc/edges_cuda.cu"],
-                                extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]},
-                                extra_link_args=omp)
+            ext_modules.append(CUDAExtension(
+                "circuits._edges", ["csrc/edges.cpp", "csrc/edges_cuda.cu"],
+                extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]},
+                extra_link_args=omp))
         else:
-            ext = CppExtension("circuits._edges", ["csrc/edges.cpp"], extra_compile_args=cxx, extra_link_args=omp)
-        ext_modules.append(ext)
+            ext_modules.append(cpu_extension())
 
         class OptionalBuildExtension(BuildExtension):
-            """Build the kernels if possible; otherwise install without them (pure-PyTorch path)."""
+            """Build the kernels if possible: CUDA + C++, else C++ only, else nothing (pure-PyTorch path)."""
 
             def run(self):
                 try:
@@ -39,6 +44,14 @@ if os.environ.get("GEMMA_CIRCUITS_NO_EXT") != "1":
             def build_extension(self, ext):
                 try:
                     super().build_extension(ext)
+                    return
+                except Exception as e:
+                    if not any(src.endswith(".cu") for src in ext.sources):
+                        print(f"WARNING: could not build {ext.name} ({e}); using the PyTorch path")
+                        return
+                    print(f"WARNING: CUDA edge kernels not built ({e}); building the C++/OpenMP kernels only")
+                try:
+                    super().build_extension(cpu_extension())
                 except Exception as e:
                     print(f"WARNING: could not build {ext.name} ({e}); using the PyTorch path")
 

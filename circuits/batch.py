@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import traceback
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def read_header(path: Path) -> dict:
         return json.loads(z["header"].tobytes().decode())
 
 
-def graph_record(spec: PromptSpec, graph: AttributionGraph, seconds: float, rank: int) -> dict:
+def graph_record(spec: PromptSpec, graph: AttributionGraph, seconds: float | None, rank: int | None) -> dict:
     scores = (graph.metadata.get("scores") or {}).get("full") or {}
     strings = graph.logit_strings
     return {**spec.as_record(), "status": "ok", "file": f"graphs/{spec.filename}",
@@ -223,7 +224,8 @@ def graph_record(spec: PromptSpec, graph: AttributionGraph, seconds: float, rank
             "top_prediction": (graph.metadata.get("top_predictions") or [[None]])[0][0],
             "n_nodes": int(graph.n_nodes), "n_features": int((graph.kind == FEATURE).sum()),
             "n_edges": int(graph.adjacency.nnz), "replacement": scores.get("replacement"),
-            "completeness": scores.get("completeness"), "seconds": round(seconds, 3), "rank": rank}
+            "completeness": scores.get("completeness"),
+            "seconds": None if seconds is None else round(seconds, 3), "rank": rank}
 
 
 def _append_line(path: Path, record: dict) -> None:
@@ -259,11 +261,11 @@ def build_index(out: Path, specs: list[PromptSpec]) -> list[dict]:
         if path.exists():
             try:
                 record = read_header(path)["metadata"].get("batch")
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 record = None
             if record is None and graph_is_done(path, s):  # a graph this job did not write, but the right one
-                record = graph_record(s, load_graph(path), float("nan"), -1)
-        if record is None or record.get("prompt") != s.prompt:
+                record = graph_record(s, load_graph(path), None, None)
+        if record is None or any(record.get(k) != s.as_record()[k] for k in ("prompt", "target", "contrast")):
             record = failures.get(s.id) or {**s.as_record(), "status": "missing"}
         records.append({**record, **s.as_record()})  # ids and extra keys as in today's prompts file
     atomic_write_text(out / "index.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -291,23 +293,21 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     specs = read_prompts(cfg.prompts)
     out = Path(cfg.out).expanduser()
 
-    # rank 0 checks the folder first (and trains the default transcoders when they are not cached yet,
-    # which must happen once, not once per rank); the others follow
-    error = None
-    if ranks.is_main:
-        try:
-            prepare_folder(out, cfg)
-            lm, tc = _load(lm, transcoders, acfg, cfg.progress)
-            check_prompts(lm, specs, acfg)
-        except UserError as e:
-            error = str(e)
-    ranks.agree(error)
-    if not ranks.is_main:
-        try:
-            lm, tc = _load(lm, transcoders, acfg, False)
-        except UserError as e:
-            error = str(e)
-    ranks.agree(error)
+    # rank 0 checks the folder before anyone works; every rank loads the model at once; rank 0 resolves the
+    # transcoders first (the default set is trained on first use: once, not once per rank), then the others
+    _everywhere(ranks, lambda: prepare_folder(out, cfg), here=ranks.is_main)
+    if lm is None:
+        from .models import load_model
+        lm = _everywhere(ranks, lambda: load_model(acfg.model, device=acfg.device, dtype=acfg.dtype))
+    tc_spec = transcoders if transcoders is not None else acfg.transcoders
+
+    def first():
+        tc = resolve_transcoders(tc_spec, lm, cfg.progress)
+        check_prompts(lm, specs, acfg)
+        return tc
+    tc = _everywhere(ranks, first, here=ranks.is_main)
+    later = _everywhere(ranks, lambda: resolve_transcoders(tc_spec, lm, False), here=not ranks.is_main)
+    tc = tc if ranks.is_main else later
 
     # what is done already: each rank checks a share of the graph files
     share = specs[ranks.rank::ranks.world_size]
@@ -358,12 +358,17 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
                        n_failed=n_failed, seconds=time.perf_counter() - t0, rank=ranks.rank)
 
 
-def _load(lm, transcoders, acfg: AttributionConfig, progress: bool):
-    if lm is None:
-        from .models import load_model
-        lm = load_model(acfg.model, device=acfg.device, dtype=acfg.dtype)
-    tc = resolve_transcoders(transcoders if transcoders is not None else acfg.transcoders, lm, progress)
-    return lm, tc
+def _everywhere(ranks: Ranks, fn, here: bool = True):
+    """fn() on this rank when `here`; a UserError raised on any rank is raised on every rank, so none is
+    left waiting in a collective for a rank that gave up."""
+    result, error = None, None
+    if here:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    ranks.agree(error)
+    return result
 
 
 def _scores(graph: AttributionGraph) -> dict | None:

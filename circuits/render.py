@@ -29,6 +29,7 @@ DEFAULT_MAX_NODES = 300
 
 # layout constants, in points (1/72 inch)
 CELL_W, ROW_H, LOGIT_W, TOKEN_W = 64.0, 46.0, 78.0, 70.0
+MAX_CELL_W = 6 * CELL_W  # wider cells wrap onto more lines
 
 
 @dataclass
@@ -154,36 +155,57 @@ def layout(nodes: list[_Node], n_pos: int) -> tuple[float, float, list[tuple[str
             if "\n" in n.label:  # a human label above the L/feature line
                 n.h = max(n.h, 26.0)
                 n.w = max(n.w, 4.6 * max(len(t) for t in n.label.split("\n")) + 6)
-    rows = sorted({_row_key(n) for n in nodes})
-    row_y = {r: 30.0 + i * ROW_H for i, r in enumerate(rows)}
     cells: dict[tuple[int, int], list[_Node]] = {}
     for n in nodes:
         cells.setdefault((_row_key(n), n.pos), []).append(n)
     n_cols = max([n_pos] + [n.pos + 1 for n in nodes])
     col_w = [TOKEN_W] * n_cols
+    lines: dict[tuple[int, int], list[list[_Node]]] = {}
     for (r, p), cell in cells.items():
         if r == _LOGIT_ROW:  # most probable first; the row spreads left over the empty top of the picture
             cell.sort(key=lambda n: n.index)
+            lines[(r, p)] = [cell]
             continue
         cell.sort(key=lambda n: (-n.score, n.id))
-        col_w[p] = max(col_w[p], sum(n.w + 6 for n in cell) + 4)
+        # a crowded cell wraps onto several lines, strongest first, so no column grows too wide
+        lines[(r, p)] = cell_lines = [[]]
+        used = 0.0
+        for n in cell:
+            if cell_lines[-1] and used + n.w + 6 > MAX_CELL_W:
+                cell_lines.append([])
+                used = 0.0
+            cell_lines[-1].append(n)
+            used += n.w + 6
+        col_w[p] = max(col_w[p], max(sum(n.w + 6 for n in line) for line in cell_lines) + 4)
+    line_h = {key: [max(n.h for n in line) + 6 for line in ls] for key, ls in lines.items()}
+    rows = sorted({r for r, _ in cells})
+    row_h = {r: max([ROW_H] + [sum(hs) + 10 for (rr, _), hs in line_h.items() if rr == r]) for r in rows}
+    # rows bottom-up (tokens first); y grows upwards here and is flipped at the end
+    row_y, y = {}, 30.0
+    for r in rows:
+        row_y[r] = y + row_h[r] / 2
+        y += row_h[r]
     left = 54.0
     right = left + sum(col_w)
     col_x = list(np.concatenate([[left], left + np.cumsum(col_w)[:-1]]))
     centres = [col_x[p] + col_w[p] / 2 for p in range(n_cols)]
-    for (r, p), cell in cells.items():
-        total = sum(n.w + 6 for n in cell) - 6
-        x = centres[p] - total / 2
-        if r == _LOGIT_ROW:
-            x = max(left, min(x, right - total))
-            right = max(right, x + total)
-        for n in cell:
-            n.x, n.y = x + n.w / 2, row_y[r]
-            x += n.w + 6
+    for (r, p), cell_lines in lines.items():
+        hs = line_h[(r, p)]
+        top = row_y[r] + sum(hs) / 2  # the first line is drawn on top
+        for line, h in zip(cell_lines, hs):
+            total = sum(n.w + 6 for n in line) - 6
+            x = centres[p] - total / 2
+            if r == _LOGIT_ROW:
+                x = max(left, min(x, right - total))
+                right = max(right, x + total)
+            for n in line:
+                n.x, n.y = x + n.w / 2, top - h / 2
+                x += n.w + 6
+            top -= h
     names = {-1: "emb", _LOGIT_ROW: "logit"}
     labels = [(names.get(r, f"L{r}"), y) for r, y in row_y.items()]
     width = right + 20
-    height = 30.0 + len(rows) * ROW_H + 10
+    height = y + 10
     # flip so tokens are at the bottom (y grows downwards, as in SVG)
     for n in nodes:
         n.y = height - n.y

@@ -437,10 +437,12 @@ bool has_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gemma-circuits attribution edge kernels (C++/OpenMP, optional CUDA)";
+  // the kernels release the GIL: other Python threads (progress bars, data loading) keep running
   m.def("feature_edges", &feature_edges_any, "out[b,i] = act[i] * sum_o decoder[feat[i],o,:] . grad[b,o,pos[i],:]",
-        py::arg("grad"), py::arg("pos"), py::arg("feat"), py::arg("act"), py::arg("decoder"));
+        py::arg("grad"), py::arg("pos"), py::arg("feat"), py::arg("act"), py::arg("decoder"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("vector_edges", &vector_edges_any, "out[b,r] = grad[b,r,:] . vectors[r,:]", py::arg("grad"),
-        py::arg("vectors"));
+        py::arg("vectors"), py::call_guard<py::gil_scoped_release>());
   m.def("has_cuda", &has_cuda, "built with the CUDA kernels");
   m.def("has_openmp", &openmp_enabled, "built with OpenMP");
   m.def("simd", []() { return std::string(kernel().name); }, "the micro-kernel chosen for this CPU");

@@ -268,6 +268,26 @@ def test_sigkill_halfway_then_resume_loses_and_duplicates_nothing(tmp_path):
         _assert_same_graph(load_graph(out / "graphs" / spec.filename), _single_trace(lm, tc, item))
 
 
+@pytest.mark.slow
+def test_real_model_batch_of_the_shipped_prompts(tmp_path, real_model, default_transcoders):
+    """Every prompt of tests/data/batch_prompts_20.jsonl passes the up-front checks on the real tokenizer; two
+    of them trace to the same graphs as `circuits.attribute`."""
+    from circuits.batch import check_prompts
+    path = Path(__file__).parent / "data" / "batch_prompts_20.jsonl"
+    specs = read_prompts(path)
+    assert len(specs) == 20
+    options = AttributionConfig(max_feature_nodes=32, progress=False)
+    check_prompts(real_model, specs, options)
+    picked = [json.loads(line) for line in path.read_text().splitlines()][16:18]  # a target, a contrast
+    result = trace_batch(BatchConfig(prompts=picked, out=str(tmp_path / "out"), attribution=options,
+                                     progress=False), lm=real_model, transcoders=default_transcoders)
+    assert result.n_traced == 2 and [r["top_logit"] for r in result.records][0] == " mice"
+    for item, record in zip(picked, result.records):
+        single = attribute(real_model, item["prompt"], transcoders=default_transcoders, config=AttributionConfig(
+            targets=[item["target"]], contrast=item.get("contrast"), max_feature_nodes=32, progress=False))
+        _assert_same_graph(load_graph(tmp_path / "out" / record["file"]), single)
+
+
 def _driver(argv: list[str]) -> None:
     """One rank of a test job: trace PROMPTS into OUT with the tiny setup (optionally slowly, to be killed)."""
     import argparse

@@ -117,6 +117,23 @@ def test_full_zero_clt_feature_removes_its_decoder_from_every_layer_it_writes():
     assert (r.logits - r.logits_clean).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["plt", "skip", "clt"])
+def test_full_zero_error_node_removes_the_error_vector(kind):
+    lm = tiny_model(seed=3)
+    tc = tc_for(lm, kind)
+    tokens = lm.tokenize(PROMPT)
+    from circuits.replacement import run_and_freeze
+    clean = run_and_freeze(lm, tokens)
+    L, p = lm.sites.n_layers, len(tokens) - 1
+    error = (clean.mlp_out - tc.reconstruct(clean.mlp_in))[L - 1, p].detach()
+    ref = real_logits(lm, tokens, [(lm.sites.layers[L - 1].post_feedforward_layernorm, subtract_at(p, error))])
+    r = intervene(lm, PROMPT, [("zero", f"e:{L - 1}:{p}")], transcoders=tc, mode="full", progress=False)
+    torch.testing.assert_close(r.logits, ref, atol=1e-5, rtol=1e-6)
+    half = intervene(lm, PROMPT, [("scale", f"e:{L - 1}:{p}", 0.5)], transcoders=tc, mode="full", progress=False)
+    ref_half = real_logits(lm, tokens, [(lm.sites.layers[L - 1].post_feedforward_layernorm, subtract_at(p, error / 2))])
+    torch.testing.assert_close(half.logits, ref_half, atol=1e-5, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["skip", "clt"])
 def test_full_mode_equals_hand_spliced_replacement_model(kind):
     """The general case: every MLP output replaced by the transcoder output of its live input plus the

@@ -233,9 +233,10 @@ def build_dashboards(lm=None, transcoders=None, config: DashboardConfig | None =
     out = Path(cfg.out) if cfg.out else dashboards_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "settings": cfg.run_key(), "transcoders": _identity(tc)}
+    if cfg.restart:  # remove the old files now, so that a killed restart resumes instead of clashing
+        for name in ("dashboards.json", "dashboards.safetensors", "checkpoint.json", "checkpoint.safetensors"):
+            (out / name).unlink(missing_ok=True)
     final, ckpt = _read_json(out / "dashboards.json"), _read_json(out / "checkpoint.json")
-    if cfg.restart:
-        final = ckpt = None
     same = lambda m: m is not None and all(m.get(k) == meta[k] for k in ("settings", "transcoders"))  # noqa: E731
     if final is not None:
         if same(final):

@@ -194,7 +194,7 @@ def local_net(cfg: TrainConfig, n_layers: int, d_model: int, state: dict, layout
 def _gather_features(t: torch.Tensor, d: int, layout: Layout) -> torch.Tensor | None:
     """The whole tensor on rank 0 (None elsewhere) from every rank's slice along axis d."""
     if not layout.split_features:
-        return t.detach().cpu().clone()
+        return t.detach().cpu().clone() if layout.ranks.is_main else None
     parts = [torch.empty_like(t) for _ in range(layout.ranks.world_size)] if layout.ranks.is_main else None
     dist.gather(t.detach().contiguous(), parts, dst=0)
     return torch.cat(parts, dim=d).cpu() if parts is not None else None
@@ -206,6 +206,7 @@ def gather_state(net: TrainableTranscoders, opt: torch.optim.Optimizer, layout: 
     for name, t in net.state_dict().items():
         d = feature_dim(name, net.is_clt)
         net_state[name] = _gather_features(t, d, layout) if d is not None else t.detach().cpu().clone()
+    # (replicated tensors are copied on every rank; cheap next to the sharded ones)
     opt_state = opt.state_dict()
     names = [n for n, _ in net.named_parameters()]
     whole = {"param_groups": opt_state["param_groups"], "state": {}}
@@ -287,9 +288,12 @@ def _sync_gradients(net: TrainableTranscoders, layout: Layout) -> None:
     averaging keeps the replicas from drifting apart on hardware with non-deterministic kernels)."""
     if not layout.ranks.distributed:
         return
-    for name, p in net.named_parameters():
-        if p.grad is not None and (layout.mode == "data" or feature_dim(name, net.is_clt) is None):
-            _all_reduce(p.grad).div_(layout.ranks.world_size)
+    grads = [p.grad for name, p in net.named_parameters()
+             if p.grad is not None and (layout.mode == "data" or feature_dim(name, net.is_clt) is None)]
+    if grads:  # one collective for all of them
+        flat = _all_reduce(torch.cat([g.reshape(-1) for g in grads])).div_(layout.ranks.world_size)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def _clip_gradients(net: TrainableTranscoders, max_norm: float, layout: Layout) -> None:
@@ -327,7 +331,7 @@ def distributed_train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer
     loss = mse.mean()
     full = recons[-1]
     active = acts > 0
-    penalty = torch.zeros(())
+    penalty = torch.zeros((), device=x.device)
     warm = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup_frac * cfg.steps))
     if cfg.activation in ("jumprelu", "relu") and cfg.sparsity_coeff:
         # a sum over features: features mode adds this rank's features' terms (the others' do not depend on
@@ -342,7 +346,7 @@ def distributed_train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer
     has_dead = dead.any(-1)
     if layout.split_features:
         has_dead = _all_reduce(has_dead.to(torch.int32), dist.ReduceOp.MAX).bool()
-    aux = torch.zeros(())
+    aux = torch.zeros((), device=x.device)
     if cfg.aux_coeff and bool(has_dead.any()):
         err = (yn - full).detach()
         masked = pre.masked_fill(~dead[:, None, :], float("-inf"))

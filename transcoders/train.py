@@ -167,7 +167,11 @@ class TrainableTranscoders(nn.Module):
             xc, yc = xn - mx, yn - my
             gram = xc.transpose(1, 2) @ xc  # [L, D, D]
             ridge = 1e-3 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(D, dtype=gram.dtype)
-            w = torch.linalg.solve(gram + ridge, xc.transpose(1, 2) @ yc)
+            rhs = xc.transpose(1, 2) @ yc
+            # per layer, by Cholesky (the system is symmetric positive definite); batched LU in float64
+            # trips an MKL pivoting bug at these sizes
+            w = torch.stack([torch.cholesky_solve(rhs[l], torch.linalg.cholesky(gram[l] + ridge[l]))
+                             for l in range(L)])
             self.W_skip.copy_(w.float())
             self.b_dec.copy_((my - mx @ w).squeeze(1).float())
         else:
@@ -336,11 +340,23 @@ def train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer, x: torch.T
                                             net.silent_tokens + x.shape[0]))
         if floor is not None:
             t = net.bt_threshold
-            net.bt_threshold.copy_(torch.where(torch.isnan(t), floor, 0.99 * t + 0.01 * floor))
+            net.bt_threshold.copy_(torch.where(torch.isnan(t), floor, 0.9 * t + 0.1 * floor))
         var = (yn - yn.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
         fvu = (full - yn).pow(2).sum((1, 2)) / var
     return {"loss": float(loss.detach()), "aux": float(aux.detach()), "fvu": fvu.tolist(),
             "l0": active.sum(-1).float().mean(1).tolist(), "dead": dead.float().mean(1).tolist()}
+
+
+@torch.no_grad()
+def calibrate_batchtopk(net: TrainableTranscoders, buffer, steps) -> None:
+    """Set the BatchTopK inference threshold from the final weights: the mean over the batches of `steps` of
+    the smallest activation BatchTopK keeps (the running estimate lags behind the weights)."""
+    floors = []
+    for step in steps:
+        x, y = buffer.batch(step)
+        floors.append(net(net.normalise(x, y)[0])[3])
+    if floors:
+        net.bt_threshold.copy_(torch.stack(floors).mean(0))
 
 
 # -- the loop -----------------------------------------------------------------------------------------
@@ -444,6 +460,8 @@ def train_transcoders(cfg: TrainConfig, loaded=None, buffer=None, model_name: st
             _save_checkpoint(ckpt, net, opt, step + 1, cfg, history)
     if bar is not None:
         bar.close()
+    if cfg.activation == "batchtopk":
+        calibrate_batchtopk(net, buffer, range(max(0, cfg.steps - 4), cfg.steps))
     summary = _summary(history) if history else {}
     metrics = {"train_" + k: v for k, v in summary.items()}
     metrics.update(steps=cfg.steps, tokens=cfg.steps * cfg.batch_size,

@@ -386,11 +386,13 @@
   $('edge-slider').addEventListener('input', (e) => { setEdgeSlider(e.target.value); state.focus = null; draw(); showPanel(); });
   $('node-slider').addEventListener('input', (e) => { setNodeSlider(e.target.value); state.focus = null; draw(); showPanel(); });
   {
-    // start with about three edges per node on screen
+    // start readable: at most ~250 feature and error nodes, about three edges per node on screen
+    const scores = nodes.filter((n) => n.kind === 'feature' || n.kind === 'error').map((n) => n.score).sort((a, b) => b - a);
+    setNodeSlider(scores.length > 250 ? Math.floor(100 * Math.sqrt(scores[249])) : 0);
+    const shown = nodes.filter(nodeVisible).length;
     const mags = edges.map((e) => Math.abs(e[2])).sort((a, b) => b - a);
-    const budget = Math.max(150, 3 * nodes.length);
+    const budget = Math.max(150, 3 * shown);
     setEdgeSlider(mags.length > budget ? Math.floor(weightToSlider(mags[budget - 1])) : 0);
-    setNodeSlider(0);
   }
 
   // -- pan, zoom, hover, click ---------------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""Edge kernels against the pure-PyTorch reference at the shapes of Gemma 3 270M and 4B (random weights).
+
+    python benchmarks/edges.py                      # every case, 1 thread and all threads
+    python benchmarks/edges.py --cases 270m-plt-64 --threads 1
+    python benchmarks/edges.py --quick              # small shapes, a smoke run
+
+One call computes the edges from the active features of one source layer to a batch of B = 256 targets
+(attribution calls it once per source layer and batch: 18 times for 270M, 34 for 4B). Active features:
+L0 features per position (transcoders on Gemma 3 fire ~20-60 per layer per token), random ids among
+d_sae = 16384; the gradients are a slice of a `[B, L + 1, n_pos, D]`-style buffer, as attribution passes
+them. Methods: `cpp` (the compiled kernel), `torch` (`feature_edges_torch`, the reference and the
+fallback), and `v0`, the first reference (gather each feature's gradient rows, then einsum), kept here to
+show what it cost. Each (case, method, threads) runs in a fresh process so that its peak memory (max RSS
+above the inputs) is its own. Prints a markdown table and writes it to benchmarks/results/edges.md.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+CASES = {
+    # name: (description, kind, shape)
+    "270m-plt-16": ("270M PLT, 16 tokens, L0 40", "features",
+                    dict(D=640, F=16384, n_pos=16, l0=40, n_out=1, B=256)),
+    "270m-plt-64": ("270M PLT, 64 tokens, L0 40", "features",
+                    dict(D=640, F=16384, n_pos=64, l0=40, n_out=1, B=256)),
+    "270m-plt-128": ("270M PLT, 128 tokens, L0 20", "features",
+                     dict(D=640, F=16384, n_pos=128, l0=20, n_out=1, B=256)),
+    "270m-plt-64-bf16": ("270M PLT bf16 decoder, 64 tokens, L0 40", "features",
+                         dict(D=640, F=16384, n_pos=64, l0=40, n_out=1, B=256, dec_dtype="bfloat16")),
+    "270m-clt-64": ("270M CLT layer 9 (writes 9 layers), 64 tokens, L0 40", "features",
+                    dict(D=640, F=16384, n_pos=64, l0=40, n_out=9, B=256)),
+    "4b-plt-64": ("4B PLT, 64 tokens, L0 60", "features",
+                  dict(D=2560, F=16384, n_pos=64, l0=60, n_out=1, B=256)),
+    "4b-plt-64-bf16": ("4B PLT bf16 decoder, 64 tokens, L0 60", "features",
+                       dict(D=2560, F=16384, n_pos=64, l0=60, n_out=1, B=256, dec_dtype="bfloat16")),
+    "270m-errors-32": ("270M error nodes, all 18 layers, 32 tokens", "vectors",
+                       dict(D=640, L=18, n_pos=32, B=256)),
+    "4b-errors-32": ("4B error nodes, all 34 layers, 32 tokens", "vectors",
+                     dict(D=2560, L=34, n_pos=32, B=64)),
+}
+QUICK = {
+    "270m-plt-16": dict(D=640, F=4096, n_pos=8, l0=20, n_out=1, B=64),
+    "270m-clt-64": dict(D=640, F=4096, n_pos=8, l0=20, n_out=4, B=64),
+    "270m-errors-32": dict(D=640, L=18, n_pos=8, B=64),
+}
+# v0 gathers [B, n_out, n_active, D]: run it only where that fits comfortably in memory
+V0_MAX_BYTES = 1 << 30
+
+
+@dataclass
+class EdgesBenchConfig:
+    cases: list[str] = field(default_factory=lambda: list(CASES))
+    threads: list[int] = field(default_factory=lambda: sorted({1, os.cpu_count() or 1}))
+    min_seconds: float = 1.0  # repeat each measurement at least this long (and at least 3 times)
+    quick: bool = False
+    out: str = "benchmarks/results/edges.md"
+
+
+def v0_feature_edges(grad, pos, feat, act, decoder):
+    """The first reference implementation: per feature, gather its gradient rows and contract."""
+    import torch
+    B, n_out = grad.shape[0], grad.shape[1]
+    out = torch.empty(B, len(feat), dtype=torch.float32)
+    chunk = max(1, (1 << 22) // max(1, n_out * decoder.shape[-1]))
+    for s in range(0, len(feat), chunk):
+        rows = decoder.index_select(0, feat[s:s + chunk]).float()  # [c, n_out, D]
+        g = grad.index_select(2, pos[s:s + chunk]).float()  # [B, n_out, c, D]
+        out[:, s:s + chunk] = torch.einsum("cod,bocd->bc", rows, g) * act[s:s + chunk].float()
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _inputs(kind: str, shape: dict):
+    """Random inputs built without temporaries, so max RSS before the first call is the inputs."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    B, D = shape["B"], shape["D"]
+    if kind == "vectors":
+        L, n = shape["L"], shape["n_pos"]
+        buffer = torch.randn(B, L + 1, n, D, generator=g)
+        return (buffer[:, 1:].flatten(1, 2), torch.randn(L * n, D, generator=g)), B * L * n
+    n_out, n, l0, F = shape["n_out"], shape["n_pos"], shape["l0"], shape["F"]
+    buffer = torch.randn(B, n_out + 1, n, D, generator=g)
+    dec_dtype = getattr(torch, shape.get("dec_dtype", "float32"))
+    decoder = torch.randn(F, n_out, D, generator=g, dtype=dec_dtype)
+    pos = torch.arange(n).repeat_interleave(l0)
+    feat = torch.stack([torch.randperm(F, generator=g)[:l0] for _ in range(n)]).flatten()
+    act = torch.rand(n * l0, generator=g) * 5
+    return (buffer[:, 1:], pos, feat, act, decoder), B * n * l0
+
+
+def _measure(kind: str, shape: dict, method: str, threads: int, min_seconds: float, conn) -> None:
+    """Child process: time one method on one case; send back (seconds, peak extra bytes, output bytes)."""
+    try:
+        import torch
+        torch.set_num_threads(threads)
+        from circuits import backend as be
+        args, n_out_entries = _inputs(kind, shape)
+        fn = {("features", "cpp"): lambda: be.feature_edges(*args, backend="cpp"),
+              ("features", "torch"): lambda: be.feature_edges_torch(*args),
+              ("features", "v0"): lambda: v0_feature_edges(*args),
+              ("features", "cpp+top64"): lambda: be.feature_edges_sparse(*args, top_k=64, backend="cpp"),
+              ("vectors", "cpp"): lambda: be.vector_edges(*args, backend="cpp"),
+              ("vectors", "torch"): lambda: be.vector_edges_torch(*args),
+              ("vectors", "einsum"): lambda: torch.einsum("brd,rd->br", *args)}[(kind, method)]
+        base = max(_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        out = fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        del out
+        times, start = [], time.perf_counter()
+        while len(times) < 3 or time.perf_counter() - start < min_seconds:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        conn.send((min(times), max(0, peak), 4 * n_out_entries))
+    except Exception as e:  # report, don't hang the parent
+        conn.send(f"{e.__class__.__name__}: {e}")
+
+
+def measure(kind, shape, method, threads, min_seconds):
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_measure, args=(kind, shape, method, threads, min_seconds, child))
+    p.start()
+    result = parent.recv()
+    p.join()
+    if isinstance(result, str):
+        raise RuntimeError(f"{method}: {result}")
+    return result
+
+
+def methods_for(kind: str, shape: dict) -> list[str]:
+    if kind == "vectors":
+        return ["cpp", "torch", "einsum"]
+    names = ["cpp", "torch"]
+    gather = 4 * shape["B"] * shape["n_out"] * shape["n_pos"] * shape["l0"] * shape["D"]
+    if 2 * gather <= V0_MAX_BYTES:
+        names.append("v0")
+    if shape["n_out"] == 1 and "dec_dtype" not in shape:
+        names.append("cpp+top64")
+    return names
+
+
+def run(cfg: EdgesBenchConfig) -> str:
+    import torch
+
+    from circuits import backend as be
+    from circuits.graph import atomic_write_text
+
+    if be._ext is None:
+        raise SystemExit(f"the compiled extension is not built ({be._ext_error}); "
+                         f"run `python setup.py build_ext --inplace` first")
+    lines = [
+        "## Edge kernels (benchmarks/edges.py)",
+        "",
+        f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''}` on {date.today()}: "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"micro-kernel {be._ext.simd()}. One call = the edges of one source layer's active features to "
+        f"B targets (attribution makes one per source layer and batch). Time: best of >= 3 runs. Peak: max "
+        f"RSS above the inputs in a fresh process (the output is part of it). Speed-up: against `torch`, the "
+        f"pure-PyTorch reference (per-position matmuls); `v0` is the first reference (per-feature gather + "
+        f"einsum), run only where its gather fits in 1 GiB.",
+        "",
+        "| case | shape | threads | method | time (ms) | vs torch | peak extra (MB) | output (MB) |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in cfg.cases:
+        desc, kind, shape = CASES[name]
+        shape = dict(shape, **QUICK.get(name, {})) if cfg.quick else shape
+        if cfg.quick and name not in QUICK:
+            continue
+        dims = ", ".join(f"{k}={v}" for k, v in shape.items())
+        for threads in cfg.threads:
+            results = {m: measure(kind, shape, m, threads, cfg.min_seconds) for m in methods_for(kind, shape)}
+            ref = results["torch"][0]
+            for m, (sec, peak, out_bytes) in results.items():
+                row = (f"| {desc} | {dims} | {threads} | {m} | {sec * 1e3:.1f} | {ref / sec:.2f}x | "
+                       f"{peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |")
+                lines.append(row)
+                print(row, flush=True)
+    text = "\n".join(lines) + "\n"
+    if cfg.out:
+        atomic_write_text(cfg.out, text)
+    return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = EdgesBenchConfig()
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=d.cases)
+    p.add_argument("--threads", nargs="+", type=int, default=d.threads)
+    p.add_argument("--min-seconds", type=float, default=d.min_seconds)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=d.out, help="markdown file to write ('' for none)")
+    a = p.parse_args(argv)
+    print(run(EdgesBenchConfig(cases=a.cases, threads=a.threads, min_seconds=a.min_seconds, quick=a.quick,
+                               out=a.out)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Edge kernels (circuits.backend, csrc/): the compiled kernels against a float64 ground truth and the
+pure-PyTorch reference, over random shapes, layouts and dtypes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from circuits import backend as be
+from circuits.errors import UserError
+
+HAS_EXT = be._ext is not None
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"compiled extension not built ({be._ext_error})")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def exact(grad, pos, feat, act, decoder):
+    """Ground truth in float64 from the (already rounded) inputs, and the sum of |terms| per entry."""
+    rows = decoder.double()[feat]  # [n, n_out, D]
+    g = grad.double()[:, :, pos]  # [B, n_out, n, D]
+    value = torch.einsum("iod,boid->bi", rows, g) * act.double()
+    scale = torch.einsum("iod,boid->bi", rows.abs(), g.abs()) * act.double().abs()
+    return value, scale
+
+
+def assert_close(out, grad, pos, feat, act, decoder):
+    """float32 accumulation of exactly representable inputs: error well below 1e-4 of the |terms|."""
+    assert out.dtype == torch.float32 and out.shape == (grad.shape[0], len(feat))
+    value, scale = exact(grad, pos, feat, act, decoder)
+    err = (out.double() - value).abs()
+    bound = 1e-4 * scale + 1e-6
+    assert bool((err <= bound).all()), f"max error {float((err - bound).max()):.3g} over the bound"
+
+
+def magnitude(t: torch.Tensor) -> float:
+    """Largest |entry| (at least 1), to scale absolute tolerances."""
+    return max(1.0, float(t.abs().max())) if t.numel() else 1.0
+
+
+def make_grad(B, n_out, n_pos, D, dtype, layout, gen):
+    """Gradients `[B, n_out, n_pos, D]` in one of the layouts callers pass."""
+    if layout == "slice":  # a slice of the [B, L + 1, n_pos, D] buffer
+        return torch.randn(B, n_out + 2, n_pos, D, generator=gen).to(dtype)[:, 1:1 + n_out]
+    if layout == "permuted":  # built position-major, as the transposed pass produces it
+        return torch.randn(n_pos, n_out, B, D, generator=gen).to(dtype).permute(2, 1, 0, 3)
+    if layout == "strided_d":  # no unit stride along D
+        return torch.randn(B, n_out, n_pos, 2 * D, generator=gen).to(dtype)[..., ::2]
+    raise ValueError(layout)
+
+
+def make_decoder(F, n_out, D, dtype, layout, gen):
+    """Decoders `[F, n_out, D]`: a PLT `[F, D]` viewed as `[F, 1, D]`, a CLT `[F, n_out, D]`, or transposed storage."""
+    if layout == "plt" and n_out == 1:
+        return torch.randn(F, D, generator=gen).to(dtype).unsqueeze(1)
+    if layout == "transposed":
+        return torch.randn(n_out, D, F, generator=gen).to(dtype).permute(2, 0, 1)
+    return torch.randn(F, n_out, D, generator=gen).to(dtype)
+
+
+def make_case(B, n_out, n_pos, D, F, n, seed, gdtype=torch.float32, ddtype=torch.float32, glayout="slice",
+              dlayout="clt"):
+    gen = torch.Generator().manual_seed(seed)
+    grad = make_grad(B, n_out, n_pos, D, gdtype, glayout, gen)
+    decoder = make_decoder(F, n_out, D, ddtype, dlayout, gen)
+    pos = torch.randint(0, n_pos, (n,), generator=gen)
+    feat = torch.randint(0, F, (n,), generator=gen)
+    act = torch.rand(n, generator=gen) * 3
+    return grad, pos, feat, act, decoder
+
+
+cases = st.fixed_dictionaries({
+    "B": st.integers(1, 20), "n_out": st.integers(1, 4), "n_pos": st.integers(1, 7), "D": st.integers(1, 70),
+    "F": st.integers(1, 40), "n": st.integers(0, 60), "seed": st.integers(0, 2**16),
+    "gdtype": st.sampled_from(DTYPES), "ddtype": st.sampled_from(DTYPES),
+    "glayout": st.sampled_from(["slice", "permuted", "strided_d"]),
+    "dlayout": st.sampled_from(["plt", "clt", "transposed"]),
+})
+
+
+# -- the reference --------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases)
+def test_reference_matches_float64(c):
+    args = make_case(**c)
+    assert_close(be.feature_edges_torch(*args), *args)
+
+
+def test_reference_handles_no_features_and_one_position():
+    grad, pos, feat, act, decoder = make_case(3, 2, 1, 16, 5, 0, seed=0)
+    assert be.feature_edges_torch(grad, pos, feat, act, decoder).shape == (3, 0)
+    args = make_case(3, 2, 1, 16, 5, 9, seed=1)
+    assert_close(be.feature_edges_torch(*args), *args)
+
+
+# -- the compiled CPU kernel --------------------------------------------------------------------------
+
+@needs_ext
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases)
+def test_cpp_matches_float64_and_reference(c):
+    args = make_case(**c)
+    out = be.feature_edges(*args, backend="cpp")
+    assert_close(out, *args)
+    ref = be.feature_edges_torch(*args)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * magnitude(ref))
+
+
+@needs_ext
+@pytest.mark.parametrize("B,n_out,n_pos,D,F,n", [
+    (3, 1, 4, 2500, 30, 20),    # D over the 1024-float K block, not a multiple of the vector width
+    (5, 2, 2, 64, 500, 700),    # several 128-feature chunks at one position
+    (300, 1, 3, 24, 50, 40),    # more batch rows than one work item takes
+    (1, 1, 1, 1, 1, 1),         # everything of size one
+    (7, 3, 5, 33, 9, 0),        # no active features
+    (0, 1, 2, 8, 4, 5),         # no targets
+])
+def test_cpp_edge_shapes(B, n_out, n_pos, D, F, n):
+    args = make_case(B, n_out, n_pos, D, F, n, seed=B + n)
+    out = be.feature_edges(*args, backend="cpp")
+    assert out.shape == (B, n)
+    assert_close(out, *args)
+
+
+@needs_ext
+def test_cpp_invariants_permutation_scaling_threads():
+    """Each entry is one float32 dot product whose order does not depend on the other features: permuting
+    the features permutes the columns exactly, doubling the activations doubles the output exactly, and
+    the thread count changes nothing."""
+    grad, pos, feat, act, decoder = make_case(37, 2, 6, 150, 300, 260, seed=3, ddtype=torch.bfloat16)
+    out = be.feature_edges(grad, pos, feat, act, decoder, backend="cpp")
+    perm = torch.randperm(len(feat), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(be.feature_edges(grad, pos[perm], feat[perm], act[perm], decoder, backend="cpp"), out[:, perm])
+    assert torch.equal(be.feature_edges(grad, pos, feat, act * 2, decoder, backend="cpp"), out * 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = be.feature_edges(grad, pos, feat, act, decoder, backend="cpp")
+        torch.set_num_threads(2)
+        assert torch.equal(be.feature_edges(grad, pos, feat, act, decoder, backend="cpp"), single)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, out)
+
+
+@needs_ext
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "generic"])
+def test_every_simd_kernel(simd):
+    """The micro-kernel is chosen once per process, so each one is checked in a subprocess."""
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        import test_edges as t
+        from circuits import _edges
+        print(_edges.simd())
+        for i, (B, n_out, n_pos, D, F, n) in enumerate([(13, 1, 5, 40, 30, 70), (6, 3, 2, 1100, 20, 33),
+                                                         (40, 2, 3, 17, 9, 300)]):
+            for gd, dd in [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)]:
+                args = t.make_case(B, n_out, n_pos, D, F, n, seed=i, gdtype=gd, ddtype=dd, glayout="permuted")
+                t.assert_close(_edges.feature_edges(*args), *args)
+        print("ok")
+    """) % os.path.dirname(__file__)
+    env = dict(os.environ, GEMMA_CIRCUITS_SIMD=simd, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    chosen, status = res.stdout.split()[:2]
+    if chosen != simd:
+        pytest.skip(f"this CPU has no {simd} (got {chosen})")
+    assert status == "ok"
+
+
+# -- sparse output ------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases, st.sampled_from(["threshold", "top_k", "both"]), st.integers(0, 12), st.floats(0.0, 3.0),
+       st.sampled_from(["cpp", "torch"]))
+def test_sparse_output(c, mode, k, threshold, backend):
+    if backend == "cpp" and not HAS_EXT:
+        return
+    args = make_case(**c)
+    dense = be.feature_edges_torch(*args)
+    kw = {"threshold": threshold if mode != "top_k" else None, "top_k": k if mode != "threshold" else None}
+    got = be.feature_edges_sparse(*args, backend=backend, block_bytes=4 * 7 * max(1, c["n"]), **kw)  # 7-row blocks
+    B, n = dense.shape
+    assert got.shape == (B, n) and got.indptr.shape == (B + 1,) and int(got.indptr[-1]) == got.nnz
+    tol = 1e-4 * magnitude(dense)
+    for b in range(B):
+        cols = got.indices[got.indptr[b]:got.indptr[b + 1]]
+        vals = got.values[got.indptr[b]:got.indptr[b + 1]]
+        assert bool((cols[1:] > cols[:-1]).all()), "columns must ascend within a row"
+        torch.testing.assert_close(vals, dense[b, cols], rtol=0, atol=tol)
+        mag = dense[b].abs()
+        if kw["threshold"] is not None:
+            assert bool((vals.abs() >= threshold - tol).all())
+        if kw["top_k"] is not None:
+            assert len(cols) <= k
+            passing = mag >= threshold - tol if kw["threshold"] is not None else torch.ones_like(mag, dtype=torch.bool)
+            want = min(k, int((mag >= threshold + tol).sum()) if kw["threshold"] is not None else n)
+            assert len(cols) >= want
+            if len(cols):  # nothing outside the selection beats its weakest member by more than rounding
+                outside = torch.ones(n, dtype=torch.bool)
+                outside[cols] = False
+                left = mag[outside & passing]
+                if len(left):
+                    assert float(left.max()) <= float(vals.abs().min()) + tol
+        else:
+            assert len(cols) >= int((mag >= threshold + tol).sum())
+    torch.testing.assert_close(got.to_dense(), torch.as_tensor(got.to_scipy().toarray()))
+
+
+def test_sparse_needs_a_rule():
+    args = make_case(2, 1, 2, 8, 4, 3, seed=0)
+    with pytest.raises(ValueError, match="threshold, a top_k"):
+        be.feature_edges_sparse(*args)
+
+
+# -- error and token-embedding sources ----------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 9), st.integers(0, 12), st.integers(1, 50), st.sampled_from(DTYPES), st.sampled_from(DTYPES),
+       st.booleans(), st.integers(0, 1000))
+def test_vector_edges(B, R, D, gdtype, vdtype, strided, seed):
+    gen = torch.Generator().manual_seed(seed)
+    big = torch.randn(B, 3, R, 2 * D if strided else D, generator=gen).to(gdtype)
+    grad = big[:, 1, :, ::2] if strided else big[:, 1]  # [B, R, D], non-contiguous
+    vectors = torch.randn(R, D, generator=gen).to(vdtype)
+    value = torch.einsum("brd,rd->br", grad.double(), vectors.double())
+    scale = torch.einsum("brd,rd->br", grad.double().abs(), vectors.double().abs())
+    for backend in (["cpp", "torch"] if HAS_EXT else ["torch"]):
+        out = be.vector_edges(grad, vectors, backend=backend)
+        assert out.shape == (B, R) and out.dtype == torch.float32
+        assert bool(((out.double() - value).abs() <= 1e-4 * scale + 1e-6).all()), backend
+
+
+def test_vector_edges_of_errors_all_layers_at_once():
+    """The layout attribution uses: error nodes of every layer from a [B, L + 1, n_pos, D] buffer."""
+    gen = torch.Generator().manual_seed(0)
+    G, errors = torch.randn(4, 4, 5, 32, generator=gen), torch.randn(3, 5, 32, generator=gen)
+    out = be.vector_edges(G[:, 1:].flatten(1, 2), errors.flatten(0, 1))
+    torch.testing.assert_close(out, torch.einsum("blnd,lnd->bln", G[:, 1:], errors).flatten(1))
+
+
+# -- argument checks and backend choice ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_bad_arguments(backend):
+    grad, pos, feat, act, decoder = make_case(2, 2, 3, 8, 5, 4, seed=0)
+    with pytest.raises(ValueError, match="does not match grad"):
+        be.feature_edges(grad, pos, feat, act, decoder[:, :1], backend=backend)
+    with pytest.raises(ValueError, match=r"feat must lie in \[0, 5\)"):
+        be.feature_edges(grad, pos, feat + 5, act, decoder, backend=backend)
+    with pytest.raises(ValueError, match=r"pos must lie in \[0, 3\)"):
+        be.feature_edges(grad, pos - 4, feat, act, decoder, backend=backend)
+    with pytest.raises(ValueError, match="one length"):
+        be.feature_edges(grad, pos, feat, act[:2], decoder, backend=backend)
+    with pytest.raises(ValueError, match=r"vectors \[R, D\]"):
+        be.vector_edges(grad[:, 0], decoder[:2, 0], backend=backend)
+    with pytest.raises(ValueError, match="unknown edge backend"):
+        be.feature_edges(grad, pos, feat, act, decoder, backend="fortran")
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("GEMMA_CIRCUITS_BACKEND", raising=False)
+    assert be.active_backend("cpu") == ("cpp" if HAS_EXT else "torch")
+    monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "torch")
+    assert be.active_backend("cpu") == "torch" and "forced" in be.backend_reason("cpu")
+    monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "cuda")  # not available for CPU tensors: falls back
+    assert be.active_backend("cpu") == ("cpp" if HAS_EXT else "torch")
+    assert "GEMMA_CIRCUITS_BACKEND=cuda" in be.backend_reason("cpu")
+    monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "opencl")
+    with pytest.raises(UserError, match="not a backend"):
+        be.active_backend("cpu")
+    monkeypatch.delenv("GEMMA_CIRCUITS_BACKEND")
+    monkeypatch.setattr(be, "_ext", None)
+    monkeypatch.setattr(be, "_ext_error", "ImportError: no module named circuits._edges")
+    assert be.active_backend("cpu") == "torch"
+    assert "not available" in be.backend_reason("cpu") and "no module named" in be.backend_reason("cpu")
+    args = make_case(3, 1, 2, 8, 4, 5, seed=0)
+    assert_close(be.feature_edges(*args, backend="cpp"), *args)  # asks for cpp, gets the reference
+
+
+@needs_ext
+def test_info_reports_the_backend(monkeypatch):
+    monkeypatch.delenv("GEMMA_CIRCUITS_BACKEND", raising=False)
+    from circuits.info import info_lines
+    line = next(x for x in info_lines() if x.startswith("edge backend"))
+    assert line.startswith("edge backend: cpp") and be._ext.simd() in line
+
+
+# -- CUDA (skipped without a GPU and a CUDA build) -------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()),
+                                reason="needs a CUDA device and the extension built with CUDA")
+
+
+@needs_cuda
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases)
+def test_cuda_matches_float64(c):
+    args = [t.cuda() for t in make_case(**c)]
+    assert be.active_backend("cuda") == "cuda"
+    out = be.feature_edges(*args)
+    assert out.is_cuda
+    assert_close(out.cpu(), *[t.cpu() for t in args])
+
+
+@needs_cuda
+def test_cuda_vector_edges_and_sparse():
+    grad, pos, feat, act, decoder = [t.cuda() for t in make_case(40, 2, 5, 300, 50, 120, seed=5)]
+    dense = be.feature_edges(grad, pos, feat, act, decoder)
+    torch.testing.assert_close(dense.cpu(), be.feature_edges_torch(*[t.cpu() for t in (grad, pos, feat, act, decoder)]),
+                               rtol=1e-4, atol=1e-3)
+    top = be.feature_edges_sparse(grad, pos, feat, act, decoder, top_k=5)
+    assert top.nnz == 40 * 5 and top.values.is_cuda
+    vectors = torch.randn(5, 300, device="cuda")
+    torch.testing.assert_close(be.vector_edges(grad[:, 0], vectors),
+                               torch.einsum("brd,rd->br", grad[:, 0], vectors), rtol=1e-4, atol=1e-3)

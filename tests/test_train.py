@@ -1,0 +1,262 @@
+"""Transcoder training: planted dictionaries are recovered by every kind, Matryoshka prefixes reconstruct on
+their own, BatchTopK's inference threshold gives ~k features, normalisation folds exactly into the saved
+weights, and a run killed with SIGKILL resumes where its last checkpoint left it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from circuits.errors import UserError
+from transcoders.data import PlantedBuffer, PlantedData
+from transcoders.train import TrainableTranscoders, TrainConfig, train_transcoders
+
+
+def _planted_cfg(**kw) -> TrainConfig:
+    base = dict(d_sae=128, k=4, tokens=256 * 250, batch_size=256, lr=1e-2, compute_dtype="float32",
+                progress=False, init_tokens=1024, dead_tokens=2000, aux_k=16, sparsity_coeff=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _fvu(tc, data: PlantedData) -> torch.Tensor:
+    x, y = data.batch(10 ** 6, 2048)  # a step never used in training
+    x, y = x.transpose(0, 1), y.transpose(0, 1)
+    with torch.no_grad():
+        rec = tc.reconstruct(x)
+    return (rec - y).pow(2).sum((1, 2)) / (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2))
+
+
+def _decoder_matches(tc, data: PlantedData, layer: int) -> float:
+    """Fraction of planted output directions (all their output layers at once) matched by some decoder."""
+    planted = F.normalize(data.B[layer].flatten(1), dim=-1)
+    learned = F.normalize(tc.decoder_weight(layer).detach().flatten(1), dim=-1)
+    return float(((planted @ learned.T).max(1).values > 0.9).float().mean())
+
+
+def _code_matches(tc, data: PlantedData, layer: int) -> float:
+    """Fraction of planted features whose code some learned feature's activation tracks (correlation > 0.9)."""
+    s = data.codes(4096, torch.Generator().manual_seed(123))[layer]
+    with torch.no_grad():
+        acts = tc.encode(layer, s @ data.A[layer])
+    a = (acts - acts.mean(0)) / (acts.std(0) + 1e-9)
+    c = (s - s.mean(0)) / (s.std(0) + 1e-9)
+    return float((((c.T @ a) / len(a)).max(1).values > 0.9).float().mean())
+
+
+@pytest.mark.parametrize("kind,activation", [("plt", "topk"), ("plt", "jumprelu"), ("clt", "batchtopk"),
+                                             ("skip", "batchtopk")])
+def test_planted_dictionary_is_recovered(kind, activation):
+    data = PlantedData(n_layers=2, d_model=64, n_features=96, l0=2, mode="clt" if kind == "clt" else "plt", seed=0)
+    tc = train_transcoders(_planted_cfg(kind=kind, activation=activation, k=4 if activation != "jumprelu" else 3),
+                           buffer=PlantedBuffer(data, 256))
+    fvu = _fvu(tc, data)
+    assert fvu.max() < 0.06, f"FVU per layer {fvu.tolist()}"
+    for layer in range(2):
+        # a skip transcoder's W_skip carries the linear part of the planted map, so its decoders hold only
+        # the nonlinear rest; what it must recover is which planted feature is active (its codes)
+        matched = _code_matches(tc, data, layer) if kind == "skip" else _decoder_matches(tc, data, layer)
+        assert matched > 0.8, f"layer {layer}: only {matched:.0%} of planted features recovered"
+
+
+def test_skip_transcoder_beats_plain_on_the_same_budget():
+    data = PlantedData(n_layers=1, d_model=64, n_features=96, l0=2, seed=1)
+    fvus = {kind: float(_fvu(train_transcoders(_planted_cfg(kind=kind, activation="topk", tokens=256 * 120),
+                                               buffer=PlantedBuffer(data, 256)), data).mean())
+            for kind in ("plt", "skip")}
+    assert fvus["skip"] < fvus["plt"], fvus
+
+
+def test_matryoshka_prefix_reconstructs_on_its_own():
+    data = PlantedData(n_layers=1, d_model=64, n_features=96, l0=2, seed=2)
+    x, y = data.batch(10 ** 6, 2048)
+    x, y = x[:, 0], y[:, 0]
+
+    def prefix_fvu(tc, m):
+        with torch.no_grad():
+            acts = tc.encode(0, x)
+            acts[:, m:] = 0
+            rec = tc.decode([acts])[0]
+        return float((rec - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+    plain = train_transcoders(_planted_cfg(kind="plt", activation="topk", d_sae=128, tokens=256 * 150),
+                              buffer=PlantedBuffer(data, 256))
+    nested = train_transcoders(_planted_cfg(kind="plt", activation="topk", d_sae=128, tokens=256 * 150, matryoshka=[32]),
+                               buffer=PlantedBuffer(data, 256))
+    assert nested.cfg.matryoshka_prefixes == [32]
+    # the first 32 of 128 features: a nested dictionary reconstructs much of the output with them alone
+    assert prefix_fvu(nested, 32) < 0.85 * prefix_fvu(plain, 32)
+    assert prefix_fvu(nested, 32) < 0.9
+    assert prefix_fvu(nested, 128) < 0.1  # and the full dictionary still works
+
+
+def test_batchtopk_threshold_gives_about_k_per_position():
+    data = PlantedData(n_layers=2, d_model=64, n_features=96, l0=4, seed=3)
+    tc = train_transcoders(_planted_cfg(activation="batchtopk", k=6, tokens=256 * 150),
+                           buffer=PlantedBuffer(data, 256))
+    x, _ = data.batch(10 ** 6, 4096)
+    for layer in range(2):
+        assert float(tc.threshold[layer].min()) > 0
+        with torch.no_grad():
+            l0 = float((tc.encode(layer, x[:, layer]) > 0).sum(-1).float().mean())
+        assert 0.7 * 6 < l0 < 1.3 * 6, f"layer {layer}: L0 {l0} at inference for k = 6"
+
+
+@pytest.mark.parametrize("kind,activation", [("plt", "jumprelu"), ("skip", "batchtopk"), ("clt", "topk"),
+                                             ("clt", "relu")])
+def test_normalisation_folds_into_saved_weights(kind, activation):
+    """The saved set on raw activations equals the trained net on normalised ones, scaled back."""
+    torch.manual_seed(0)
+    L, D = 3, 16
+    cfg = TrainConfig(kind=kind, activation=activation, d_sae=24, k=5, skip=kind == "clt", tokens=64,
+                      batch_size=64, compute_dtype="float32", progress=False)
+    net = TrainableTranscoders(cfg, L, D)
+    x = torch.randn(512, L, D) * torch.tensor([3.0, 0.2, 40.0])[None, :, None] + 1.0
+    y = torch.randn(512, L, D) * torch.tensor([100.0, 0.5, 7.0])[None, :, None] - 2.0
+    net.initialise(x, y, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        net.bt_threshold.fill_(0.3)
+    xn, _ = net.normalise(x, y)
+    with torch.no_grad():
+        _, acts, recons, _ = net(xn)
+    tc = net.to_transcoder_set()
+    xt = x.transpose(0, 1)
+    with torch.no_grad():
+        for l in range(L):  # same pre-activations on raw inputs, so thresholds carry over unchanged
+            torch.testing.assert_close(tc.pre_activation(l, xt[l]), xn[l] @ net.W_enc[l] + net.b_enc[l],
+                                       rtol=1e-4, atol=1e-4)
+            if activation != "batchtopk":  # (BatchTopK trains batch-wise and infers by its threshold)
+                torch.testing.assert_close(tc.encode(l, xt[l]), acts[l], rtol=1e-4, atol=1e-4)
+        raw = tc.decode(list(acts), xt)
+    expected = recons[-1] / net.out_scale[:, None, None]
+    torch.testing.assert_close(raw, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_least_squares_skip_init_explains_a_linear_map():
+    torch.manual_seed(0)
+    L, D = 2, 12
+    m = torch.randn(L, D, D)
+    x = torch.randn(2048, L, D) * 5 + 3
+    y = torch.einsum("nld,lde->nle", x, m) + 7
+    cfg = TrainConfig(kind="skip", activation="topk", d_sae=16, k=2, tokens=64, batch_size=64,
+                      compute_dtype="float32", progress=False)
+    net = TrainableTranscoders(cfg, L, D)
+    net.initialise(x, y, torch.Generator().manual_seed(0))
+    tc = net.to_transcoder_set()
+    with torch.no_grad():
+        base = torch.stack([tc.b_dec[l] + tc.skip_term(l, x[:, l]) for l in range(L)])
+    yt = y.transpose(0, 1)
+    fvu = (base - yt).pow(2).sum((1, 2)) / (yt - yt.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    assert fvu.max() < 1e-3
+
+
+def test_config_errors_are_user_errors():
+    with pytest.raises(UserError, match="kind"):
+        TrainConfig(kind="sae")
+    with pytest.raises(UserError, match="matryoshka"):
+        TrainConfig(d_sae=64, matryoshka=[32, 16])
+    with pytest.raises(UserError, match="k = 0"):
+        TrainConfig(k=0)
+
+
+def test_train_on_a_tiny_model_end_to_end(tiny, tmp_path):
+    """Harvest from a tiny Gemma 3 over a text file, train, save natively, reload, resume is a no-op."""
+    from transcoders.formats import load_native
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * 7} times."
+                                for i in range(60)))
+    out = tmp_path / "tc"
+    cfg = TrainConfig(out=str(out), kind="clt", activation="topk", skip=True, d_sae=32, k=4, text=f"file:{text}",
+                      context=32, tokens=8 * 128, batch_size=128, buffer_tokens=512, harvest_dtype="float32",
+                      compute_dtype="float32", init_tokens=256, checkpoint_every=3, progress=False)
+    tc = train_transcoders(cfg, loaded=tiny)
+    assert (out / "config.json").exists() and not cfg.checkpoint_path().parent.exists()
+    loaded = load_native(out, model=tiny)
+    assert loaded.cfg.kind == "clt" and loaded.cfg.skip and loaded.cfg.model_name == tiny.name
+    assert loaded.cfg.metrics["steps"] == 8 and len(loaded.cfg.metrics["train_fvu"]) == tiny.sites.n_layers
+    x = torch.randn(tiny.sites.n_layers, 5, tiny.sites.d_model)
+    torch.testing.assert_close(loaded.reconstruct(x), tc.reconstruct(x))
+
+
+_KILLABLE = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from transcoders.data import PlantedBuffer, PlantedData
+    from transcoders.train import TrainConfig, train_transcoders
+
+    class SlowBuffer(PlantedBuffer):
+        def batch(self, step):
+            print("step", step, flush=True)
+            return super().batch(step)
+
+    data = PlantedData(n_layers=2, d_model=32, n_features=48, l0=2, seed=0)
+    cfg = TrainConfig(out=sys.argv[1], kind="plt", activation="topk", d_sae=64, k=3, tokens=64 * 60, batch_size=64,
+                      compute_dtype="float32", init_tokens=64, checkpoint_every=5, progress=False, lr=5e-3)
+    train_transcoders(cfg, buffer=SlowBuffer(data, 64))
+    print("done", flush=True)
+""")
+
+
+def _run_until(script: Path, out: Path, kill_at_step: int | None) -> list[int]:
+    """Run the training script; with kill_at_step, SIGKILL it once it asks for that step. Returns the steps
+    it asked for (after initialisation)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    steps = []
+    for line in proc.stdout:
+        if line.startswith("step"):
+            steps.append(int(line.split()[1]))
+            if kill_at_step is not None and len(steps) > 1 and steps[-1] == kill_at_step and steps[-2] == kill_at_step - 1:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait(timeout=120)
+    return steps
+
+
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
+    from transcoders.formats import load_native
+    script = tmp_path / "run.py"
+    script.write_text(_KILLABLE)
+    out = tmp_path / "tc"
+    steps = _run_until(script, out, kill_at_step=23)
+    assert steps[-1] == 23
+    ckpt = Path(str(out) + ".train") / "checkpoint.pt"
+    assert ckpt.exists() and not out.exists()
+    state = torch.load(ckpt, weights_only=False)
+    assert 23 - state["step"] <= 5, "lost more than one checkpoint interval"
+    assert not [p for p in ckpt.parent.iterdir() if p.name != "checkpoint.pt"], "partial files left behind"
+
+    resumed = _run_until(script, out, kill_at_step=None)
+    training_steps = [s for s in resumed if s >= state["step"]]
+    assert training_steps[0] == state["step"] == 20 and training_steps[-1] == 59
+    assert not ckpt.parent.exists() and (out / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+    # resuming reproduces the uninterrupted run exactly (the data order is a function of the step)
+    fresh = tmp_path / "fresh"
+    _run_until(script, fresh, kill_at_step=None)
+    a, b = load_native(out), load_native(fresh)
+    for name, t in a.state_dict().items():
+        torch.testing.assert_close(t, b.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
+    data = PlantedData(n_layers=1, d_model=16, n_features=24, l0=2)
+    out = tmp_path / "tc"
+    cfg = _planted_cfg(out=str(out), d_sae=32, tokens=64 * 10, batch_size=64, checkpoint_every=2,
+                       keep_checkpoint=True)
+    train_transcoders(cfg, buffer=PlantedBuffer(data, 64))
+    assert cfg.checkpoint_path().exists()
+    with pytest.raises(UserError, match="d_sae"):
+        train_transcoders(_planted_cfg(out=str(out), d_sae=48, tokens=64 * 10, batch_size=64),
+                          buffer=PlantedBuffer(data, 64))
