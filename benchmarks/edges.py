@@ -19,7 +19,6 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
-import resource
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -77,13 +76,17 @@ def v0_feature_edges(grad, pos, feat, act, decoder):
     return out
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _peak_rss_bytes(reset: bool = False) -> int:
+    """The process's peak RSS (Linux VmHWM); `reset` first lowers it to the current RSS."""
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 def _inputs(kind: str, shape: dict):
-    """Random inputs built without temporaries, so max RSS before the first call is the inputs."""
+    """Random inputs `(args, number of output entries)`."""
     import torch
     g = torch.Generator().manual_seed(0)
     B, D = shape["B"], shape["D"]
@@ -115,9 +118,9 @@ def _measure(kind: str, shape: dict, method: str, threads: int, min_seconds: flo
               ("vectors", "cpp"): lambda: be.vector_edges(*args, backend="cpp"),
               ("vectors", "torch"): lambda: be.vector_edges_torch(*args),
               ("vectors", "einsum"): lambda: torch.einsum("brd,rd->br", *args)}[(kind, method)]
-        base = max(_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        base = _peak_rss_bytes(reset=True)
         out = fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss_bytes() - base
         del out
         times, start = [], time.perf_counter()
         while len(times) < 3 or time.perf_counter() - start < min_seconds:
@@ -181,6 +184,7 @@ def run(cfg: EdgesBenchConfig) -> str:
         shape = dict(shape, **QUICK.get(name, {})) if cfg.quick else shape
         if cfg.quick and name not in QUICK:
             continue
+        desc = f"(quick) {desc}" if cfg.quick else desc
         dims = ", ".join(f"{k}={v}" for k, v in shape.items())
         for threads in cfg.threads:
             results = {m: measure(kind, shape, m, threads, cfg.min_seconds) for m in methods_for(kind, shape)}

@@ -27,7 +27,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +111,6 @@ def exact_prompt(lm, n_pos: int) -> tuple[str, list[int]]:
 def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
     """Export every transcoder set in circuit-tracer's layout (once) and fix the prompts. Returns the cases and
     notes on sets that were left out."""
-    import torch
-
     import circuits
     from circuits.replacement import run_and_freeze
     from transcoders import random_transcoders
@@ -122,13 +120,18 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
     for name in cfg.sets:
         if name not in ("skip", "clt", "default"):
             raise SystemExit(f"unknown set {name!r}; use skip, clt or default")
-        d = work / "transcoders" / (f"{name}-{cfg.d_sae_skip if name == 'skip' else cfg.d_sae_clt}-l0{cfg.l0:g}"
-                                    f"-seed{cfg.seed}" if name != "default" else "default")
+        if name == "default":
+            src = _default_dir(notes)
+            if src is None:
+                continue
+            d = work / "transcoders" / f"default-{int(src.stat().st_mtime)}"  # a retrained set is exported anew
+        else:
+            d = work / "transcoders" / f"{name}-{cfg.d_sae_skip if name == 'skip' else cfg.d_sae_clt}-l0{cfg.l0:g}" \
+                                       f"-seed{cfg.seed}"
         if not is_circuit_tracer_dir(d):
             if name == "default":
-                tc = _default_set(lm, notes)
-                if tc is None:
-                    continue
+                from transcoders.formats import load_any
+                tc = load_any(src, model=lm)
             else:
                 tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model,
                                         cfg.d_sae_skip if name == "skip" else cfg.d_sae_clt, kind=name,
@@ -153,19 +156,18 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
     return cases, notes
 
 
-def _default_set(lm, notes: list[str]):
-    """The default trained set if it has been trained already (this benchmark never starts training)."""
+def _default_dir(notes: list[str]) -> Path | None:
+    """Where the default trained set is, if it has been trained already (this benchmark never starts training)."""
     try:
         from transcoders.default import default_transcoders_dir
-        from transcoders.formats import load_any
     except ImportError as e:
-        notes.append(f"set default: not available in this tree ({e}); left out")
+        notes.append(f"set default: not available in this tree ({e}); left out.")
         return None
-    d = default_transcoders_dir()
+    d = Path(default_transcoders_dir())
     if not d.exists():
-        notes.append(f"set default: not trained yet ({d} is missing; `circuits trace` trains it); left out")
+        notes.append(f"set default: not trained yet ({d} is missing; `circuits trace` trains it); left out.")
         return None
-    return load_any(d, model=lm)
+    return d
 
 
 # -- one measured run in a fresh process ----------------------------------------------------------------------
@@ -187,8 +189,9 @@ def run_measured(cmd: list[str], cfg: BenchConfig, log: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True, cwd=REPO)
+    stdout = log.with_suffix(".out")
+    with open(log, "w") as err, open(stdout, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
         peak, stopped = 0, None
         while proc.poll() is None:
             peak = max(peak, _proc_status(proc.pid, "VmHWM"))
@@ -201,7 +204,8 @@ def run_measured(cmd: list[str], cfg: BenchConfig, log: Path) -> dict:
                 proc.kill()
                 break
             time.sleep(0.2)
-        out = proc.communicate()[0]
+        proc.wait()
+    out = stdout.read_text(errors="replace")
     if stopped or proc.returncode != 0:
         tail = re.split(r"[\r\n]+", log.read_text(errors="replace").strip())
         progress = [t for t in tail if re.search(r"\d+/\d+ \[", t)]
@@ -585,6 +589,15 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                   f"embedding by the unscaled row, so its token edges are too small by that factor.", "",
                   "| case | targets | max rel. error, ours | max rel. error, circuit-tracer |", "|---|---|---|---|",
                   *fd_lines]
+    lines += ["", "How to read: peak RSS is the whole process (model and transcoders loaded, then attribution); "
+              "circuit-tracer reads decoder rows from disk on demand while we hold the whole set in memory, so "
+              "ΔRSS (peak during attribution minus the resident size before it) isolates the attribution itself. "
+              "GFLOP is the work the attribution must do (one forward pass, one transposed pass per row down from "
+              "its layer, the edge dot products), the same formula for both tools; % of peak divides it by the "
+              "wall time and the matmul rate above. Both tools' rows differ when max_feature_nodes is below the "
+              "active count: they rank features by influence at different moments, and circuit-tracer never "
+              "selects BOS features. No GPU was lent to this run: the Gemma 3 1B/4B-shaped GPU cases are not "
+              "measured here."]
     if notes:
         lines += ["", "Notes: " + " ".join(notes)]
     return "\n".join(lines) + "\n"

@@ -227,7 +227,11 @@ class RowStore:
 
     def add(self, targets: np.ndarray, target_layers: np.ndarray, rows: torch.Tensor, const: torch.Tensor) -> None:
         """Rows `[B, n_src]` of `targets`, sorted by target layer (descending)."""
-        block = sp.csr_array(rows.numpy())
+        dense = rows.numpy()
+        nonzero = dense != 0
+        _, cols = np.nonzero(nonzero)
+        block = sp.csr_array((dense[nonzero], cols.astype(np.int32), np.r_[0, np.cumsum(nonzero.sum(1))]),
+                             shape=dense.shape)
         cuts = np.flatnonzero(np.diff(target_layers)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(targets)]):
             self.segments.append((int(target_layers[a]), targets[a:b], block[a:b]))
@@ -253,24 +257,41 @@ class RowStore:
 
     def adjacency(self) -> sp.csr_array:
         """`[n_nodes, n_nodes]` CSR, targets x sources (rows not computed are empty). Frees the segments."""
-        if not self.segments:
-            return sp.csr_array((self.n_nodes, self.n_nodes), dtype=np.float32)
-        targets = np.concatenate([t for _, t, _ in self.segments])
-        stacked = sp.vstack([b for _, _, b in self.segments], format="csr")
-        self.segments = []
-        stacked = stacked[np.argsort(targets)]  # rows in node order
         counts = np.zeros(self.n_nodes, dtype=np.int64)
-        counts[np.sort(targets)] = np.diff(stacked.indptr)
+        for _, targets, block in self.segments:
+            counts[targets] = np.diff(block.indptr)
         indptr = np.r_[0, np.cumsum(counts)]
-        return sp.csr_array((stacked.data.astype(np.float32, copy=False), stacked.indices, indptr),
-                            shape=(self.n_nodes, self.n_nodes))
+        data = np.empty(indptr[-1], dtype=np.float32)
+        indices = np.empty(indptr[-1], dtype=np.int32 if self.n_nodes < 2**31 else np.int64)
+        while self.segments:  # each segment's entries go straight to their rows' slots
+            _, targets, block = self.segments.pop()
+            row_nnz = np.diff(block.indptr)
+            dest = np.repeat(indptr[targets] - block.indptr[:-1], row_nnz) + np.arange(block.nnz)
+            data[dest] = block.data
+            indices[dest] = block.indices
+        return sp.csr_array((data, indices, indptr), shape=(self.n_nodes, self.n_nodes))
 
 
-def _feature_batches_by_position(f_layer: np.ndarray, f_pos: np.ndarray, size: int) -> list[np.ndarray]:
-    """Every feature, in batches of features at neighbouring positions (a batch's backward pass only
-    covers positions up to its last one)."""
-    order = np.lexsort((f_layer, f_pos))
-    return [order[i:i + size] for i in range(0, len(order), size)]
+INFLUENCE_BATCHES = 4  # batches computed between two influence estimates
+
+
+def _feature_batches_by_position(f_pos: np.ndarray, size: int) -> list[np.ndarray]:
+    """Indices into `f_pos` `[k]`, in batches of features at one position or a few
+    neighbouring ones: a batch's backward pass covers the positions up to its last one, so a batch that
+    is at least half full is closed at the next position."""
+    order = np.argsort(f_pos, kind="stable")
+    starts = np.searchsorted(f_pos[order], np.arange(int(f_pos.max(initial=-1)) + 2))
+    batches, first = [], 0  # the current batch is order[first:end]
+    for a, b in zip(starts[:-1], starts[1:]):
+        if a - first >= size // 2:
+            batches.append(order[first:a])
+            first = a
+        while b - first >= size:
+            batches.append(order[first:first + size])
+            first += size
+    if first < len(order):
+        batches.append(order[first:])
+    return batches
 
 
 # -- the graph ----------------------------------------------------------------------------------------
@@ -308,7 +329,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
 
     # one forward pass: frozen state, active features, errors, logit targets
     state = run_and_freeze(lm, tokens)
-    fw = FrozenWeights(lm)
+    fw = FrozenWeights.of(lm)
     L, n, D = lm.sites.n_layers, len(tokens), lm.sites.d_model
     f_layer, f_pos, f_feat, f_act = (t.cpu() for t in tc.sparse_encode(state.mlp_in))
     n_feat = len(f_feat)
@@ -381,17 +402,18 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
 
     done = np.zeros(n_feat, dtype=bool)
     n_batches = 0
-    if budget == n_feat:
-        plan = iter(_feature_batches_by_position(f_layer.numpy(), f_pos.numpy(), B))
-    while int(done.sum()) < budget:
-        if budget == n_feat:
-            pick = next(plan)
-        else:
+    queue = _feature_batches_by_position(f_pos.numpy(), B) if budget == n_feat else []
+    while queue or int(done.sum()) < budget:
+        if not queue:
+            # re-estimate influence through the rows so far; the next few batches are its top features,
+            # grouped by position so that each batch's backward pass stays short
             infl = store.influence(logit_nodes, logit_probs)[:n_feat]
             infl[done] = -1.0
             # features no computed row reaches yet tie at zero: larger activations first
             order = np.lexsort((-np.abs(activation[:n_feat]), -infl))
-            pick = order[:min(B, budget - int(done.sum()))]
+            top = order[:min(INFLUENCE_BATCHES * B, budget - int(done.sum()))]
+            queue = [top[b] for b in _feature_batches_by_position(f_pos.numpy()[top], B)]
+        pick = queue.pop(0)
         done[pick] = True
         idx = torch.as_tensor(pick)
         compute(pick, f_layer[idx], f_pos[idx], enc_vecs[idx.to(dev)], b_enc[idx.to(dev)])

@@ -208,10 +208,15 @@ class EdgesCSR:
                             shape=self.shape)
 
 
-def sparsify(dense: torch.Tensor, threshold: float | None = None, top_k: int | None = None) -> EdgesCSR:
+def sparsify(dense: torch.Tensor, threshold: float | None = None, top_k: int | None = None,
+             backend: str | None = None) -> EdgesCSR:
     """Keep the entries of `[B, n]` with |value| >= threshold and/or among the top_k |values| of their row
     (both: the top_k of those passing the threshold; ties broken arbitrarily)."""
     B, n = dense.shape
+    if _pick(backend, dense.device) == "cpp":
+        indptr, indices, values = _ext.sparsify(dense, -1.0 if threshold is None else float(threshold),
+                                                -1 if top_k is None else int(top_k))
+        return EdgesCSR(indptr, indices, values, (B, n))
     keep = torch.ones_like(dense, dtype=torch.bool) if threshold is None else dense.abs() >= threshold
     if top_k is not None and top_k < n:
         magnitude = torch.where(keep, dense.abs(), torch.full_like(dense, -1.0))
@@ -238,8 +243,8 @@ def feature_edges_sparse(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tens
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     B, n = grad.shape[0], len(feat)
     rows_per_block = max(1, block_bytes // max(1, 4 * n))
-    parts = [sparsify(feature_edges(grad[b:b + rows_per_block], pos, feat, act, decoder, backend), threshold, top_k)
-             for b in range(0, B, rows_per_block)]
+    parts = [sparsify(feature_edges(grad[b:b + rows_per_block], pos, feat, act, decoder, backend), threshold, top_k,
+                      backend) for b in range(0, B, rows_per_block)]
     if not parts:
         empty = torch.zeros(0, dtype=torch.long, device=grad.device)
         return EdgesCSR(torch.zeros(1, dtype=torch.long, device=grad.device), empty,

@@ -138,12 +138,21 @@ class FrozenWeights:
         self.g_pa = torch.stack([1 + f(l.post_attention_layernorm.weight) for l in s.layers])
         self.g_ff = torch.stack([1 + f(l.pre_feedforward_layernorm.weight) for l in s.layers])
         self.g_final = 1 + f(s.final_norm.weight)
-        self.W_U = s.lm_head.weight.detach()  # [vocab, D]
+        self.W_U = s.lm_head.weight  # [vocab, D] (no_grad everywhere it is used)
         self.n_heads, self.n_kv, self.head_dim = s.n_heads, s.n_kv_heads, s.head_dim
         self.softcap = s.final_logit_softcapping
         self.n_layers = s.n_layers
         self.d_model = s.d_model
         self._unembed_mean = None
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> "FrozenWeights":
+        """The frozen weights of `lm`, built once per loaded model (the vocabulary mean costs a pass over
+        the unembedding) and kept in `lm.meta`."""
+        fw = lm.meta.get("frozen_weights")
+        if fw is None or fw.W_U is not lm.sites.lm_head.weight or fw.device != lm.device:
+            fw = lm.meta["frozen_weights"] = cls(lm)
+        return fw
 
     @property
     def device(self) -> torch.device:

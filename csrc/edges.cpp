@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -90,12 +91,28 @@ inline void micro_tile(const float* const* g, const float* A, int lda, int kc, f
 }
 #endif
 
+// One micro-tile of nv <= NV vectors (a run-time width, dispatched to the compiled ones).
+template <int MR, int NV, int W>
+ALWAYS_INLINE void tile(int nv, bool prefetch, const float* const* g, const float* A, int lda, int kc, float* C,
+                        const float* const* next) {
+  switch (nv * 2 + (prefetch ? 1 : 0)) {
+    case 2: micro_tile<MR, 1, W, false>(g, A, lda, kc, C, lda); break;
+    case 3: micro_tile<MR, 1, W, true>(g, A, lda, kc, C, lda, next); break;
+    case 4: if constexpr (NV >= 2) micro_tile<MR, 2, W, false>(g, A, lda, kc, C, lda); break;
+    case 5: if constexpr (NV >= 2) micro_tile<MR, 2, W, true>(g, A, lda, kc, C, lda, next); break;
+    case 6: if constexpr (NV >= 3) micro_tile<MR, 3, W, false>(g, A, lda, kc, C, lda); break;
+    case 7: if constexpr (NV >= 3) micro_tile<MR, 3, W, true>(g, A, lda, kc, C, lda, next); break;
+    case 8: if constexpr (NV >= 4) micro_tile<MR, 4, W, false>(g, A, lda, kc, C, lda); break;
+    case 9: if constexpr (NV >= 4) micro_tile<MR, 4, W, true>(g, A, lda, kc, C, lda, next); break;
+    default: break;
+  }
+}
+
 // C[n_rows_pad][n_feat_pad] += rows . A for all tiles. rows: n_rows pointers to kc floats each; the last
 // row is repeated to fill a tile (C has room for it), and narrower tiles take the feature tail.
 template <int MR, int NV, int W>
 ALWAYS_INLINE void block_product(const float* const* rows, int n_rows, const float* A, int n_feat_pad, int kc,
                                  float* C) {
-  constexpr int NF = NV * W;
   for (int r0 = 0; r0 < n_rows; r0 += MR) {
     const float *g[MR], *next[MR];
     for (int r = 0; r < MR; ++r) {
@@ -103,17 +120,14 @@ ALWAYS_INLINE void block_product(const float* const* rows, int n_rows, const flo
       next[r] = rows[std::min(r0 + MR + r, n_rows - 1)];
     }
     float* c = C + (int64_t)r0 * n_feat_pad;
+    // tiles of NV vectors, except that a last tile of one vector (too few accumulators to hide the FMA
+    // latency) is avoided by splitting NV + 1 into (NV - 1) + 2; the first tile prefetches the next rows
     int v0 = 0;
-    if (NF <= n_feat_pad) {
-      micro_tile<MR, NV, W, true>(g, A, n_feat_pad, kc, c, n_feat_pad, next);
-      v0 = NF;
-    }
-    for (; v0 + NF <= n_feat_pad; v0 += NF) micro_tile<MR, NV, W>(g, A + v0, n_feat_pad, kc, c + v0, n_feat_pad);
-    switch ((n_feat_pad - v0) / W) {  // 0 .. NV - 1 vectors left
-      case 1: micro_tile<MR, 1, W>(g, A + v0, n_feat_pad, kc, c + v0, n_feat_pad); break;
-      case 2: if constexpr (NV > 2) micro_tile<MR, 2, W>(g, A + v0, n_feat_pad, kc, c + v0, n_feat_pad); break;
-      case 3: if constexpr (NV > 3) micro_tile<MR, 3, W>(g, A + v0, n_feat_pad, kc, c + v0, n_feat_pad); break;
-      default: break;
+    for (int left = n_feat_pad / W; left > 0;) {
+      const int nv = left == NV + 1 ? NV - 1 : std::min(left, NV);
+      tile<MR, NV, W>(nv, v0 == 0, g, A + v0, n_feat_pad, kc, c + v0, next);
+      v0 += nv * W;
+      left -= nv;
     }
   }
 }
@@ -183,18 +197,23 @@ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 template <typename T>
 void pack_decoder_t(const T* base, const int64_t* offsets, int n, int n_pad, int64_t stride_d, int64_t d0, int kc,
                     float* out) {
-  for (int j = 0; j < n; ++j) {
-    const T* src = base + offsets[j] + d0 * stride_d;
-    float* dst = out + j;
-    if (stride_d == 1) {
-      for (int d = 0; d < kc; ++d) dst[(int64_t)d * n_pad] = static_cast<float>(src[d]);
+  // 8 rows at a time, so that each step writes 8 adjacent floats of the transposed panel
+  constexpr int R = 8;
+  for (int j0 = 0; j0 < n_pad; j0 += R) {
+    const T* src[R];
+    int m = std::min(R, n - j0);
+    for (int r = 0; r < R; ++r) src[r] = r < m ? base + offsets[j0 + r] + d0 * stride_d : nullptr;
+    float* dst = out + j0;
+    if (m == R && stride_d == 1) {
+      for (int d = 0; d < kc; ++d, dst += n_pad)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) dst[r] = static_cast<float>(src[r][d]);
     } else {
-      for (int d = 0; d < kc; ++d) dst[(int64_t)d * n_pad] = static_cast<float>(src[d * stride_d]);
+      for (int d = 0; d < kc; ++d, dst += n_pad)
+        for (int r = 0; r < std::min(R, n_pad - j0); ++r)
+          dst[r] = r < m ? static_cast<float>(src[r][d * stride_d]) : 0.f;
     }
   }
-  if (n < n_pad)
-    for (int d = 0; d < kc; ++d)
-      for (int j = n; j < n_pad; ++j) out[(int64_t)d * n_pad + j] = 0.f;
 }
 
 // kc elements of one gradient row as contiguous float32.
@@ -354,23 +373,30 @@ at::Tensor feature_edges(const at::Tensor& grad, const at::Tensor& pos_in, const
 template <typename TG, typename TV>
 void vector_edges_t(const TG* G, int64_t gs0, int64_t gs1, int64_t gs2, const TV* Vv, int64_t vs0, int64_t vs1,
                     int64_t B, int64_t R, int64_t D, float* O, int threads) {
+  // chunks of rows whose vectors (as float32) fit in L2; within a chunk, each target's gradient rows are
+  // usually adjacent in memory, so the reads stream
+  const int64_t chunk = std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, D));
+  const int64_t n_chunks = (R + chunk - 1) / chunk;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> vec(D);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      convert_row_t(Vv + r * vs0, vs1, (int)D, vec.data());
-      const float* v = vec.data();
+    std::vector<float> vec(chunk * D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t r0 = c * chunk, r1 = std::min(R, r0 + chunk);
+      for (int64_t r = r0; r < r1; ++r) convert_row_t(Vv + r * vs0, vs1, (int)D, vec.data() + (r - r0) * D);
       for (int64_t b = 0; b < B; ++b) {
-        const TG* g = G + b * gs0 + r * gs1;
-        float s = 0.f;
-        if (gs2 == 1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const TG* g = G + b * gs0 + r * gs1;
+          const float* v = vec.data() + (r - r0) * D;
+          float s = 0.f;
+          if (gs2 == 1) {
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += static_cast<float>(g[d]) * v[d];
-        } else {
-          for (int64_t d = 0; d < D; ++d) s += static_cast<float>(g[d * gs2]) * v[d];
+            for (int64_t d = 0; d < D; ++d) s += static_cast<float>(g[d]) * v[d];
+          } else {
+            for (int64_t d = 0; d < D; ++d) s += static_cast<float>(g[d * gs2]) * v[d];
+          }
+          O[b * R + r] = s;
         }
-        O[b * R + r] = s;
       }
     }
   }
@@ -392,6 +418,46 @@ at::Tensor vector_edges(const at::Tensor& grad, const at::Tensor& vectors) {
       vector_edges_t(grad.const_data_ptr<TG>(), grad.stride(0), grad.stride(1), grad.stride(2),
                      vectors.const_data_ptr<TV>(), vectors.stride(0), vectors.stride(1), B, R, D, O, threads)));
   return out;
+}
+
+// -- sparse selection: CSR of the entries with |value| >= threshold and/or the top_k |values| per row ----
+std::vector<at::Tensor> sparsify(const at::Tensor& dense_in, double threshold, int64_t top_k) {
+  TORCH_CHECK(dense_in.device().is_cpu() && dense_in.dim() == 2, "sparsify needs a 2-d CPU tensor");
+  const at::Tensor dense = dense_in.to(at::kFloat).contiguous();
+  const int64_t B = dense.size(0), n = dense.size(1);
+  const float* X = dense.const_data_ptr<float>();
+  const bool use_threshold = threshold >= 0, use_top = top_k >= 0;
+  std::vector<std::vector<int64_t>> kept(B);
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads())
+  for (int64_t b = 0; b < B; ++b) {
+    const float* x = X + b * n;
+    std::vector<int64_t>& idx = kept[b];
+    for (int64_t j = 0; j < n; ++j)
+      if (!use_threshold || std::fabs(x[j]) >= threshold) idx.push_back(j);
+    if (use_top && (int64_t)idx.size() > top_k) {
+      std::nth_element(idx.begin(), idx.begin() + top_k, idx.end(),
+                       [x](int64_t a, int64_t c) { return std::fabs(x[a]) > std::fabs(x[c]); });
+      idx.resize(top_k);
+      std::sort(idx.begin(), idx.end());
+    }
+  }
+  auto indptr = at::empty({B + 1}, dense.options().dtype(at::kLong));
+  int64_t* ip = indptr.data_ptr<int64_t>();
+  ip[0] = 0;
+  for (int64_t b = 0; b < B; ++b) ip[b + 1] = ip[b] + (int64_t)kept[b].size();
+  auto indices = at::empty({ip[B]}, dense.options().dtype(at::kLong));
+  auto values = at::empty({ip[B]}, dense.options());
+  int64_t* ix = indices.data_ptr<int64_t>();
+  float* vx = values.data_ptr<float>();
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t k = ip[b];
+    for (const int64_t j : kept[b]) {
+      ix[k] = j;
+      vx[k++] = X[b * n + j];
+    }
+  }
+  return {indptr, indices, values};
 }
 
 bool openmp_enabled() {
@@ -443,6 +509,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("vector_edges", &vector_edges_any, "out[b,r] = grad[b,r,:] . vectors[r,:]", py::arg("grad"),
         py::arg("vectors"), py::call_guard<py::gil_scoped_release>());
+  m.def("sparsify", &sparsify, "CSR (indptr, indices, values) of |x| >= threshold (if >= 0) and the top_k (if >= 0)",
+        py::arg("dense"), py::arg("threshold"), py::arg("top_k"), py::call_guard<py::gil_scoped_release>());
   m.def("has_cuda", &has_cuda, "built with the CUDA kernels");
   m.def("has_openmp", &openmp_enabled, "built with OpenMP");
   m.def("simd", []() { return std::string(kernel().name); }, "the micro-kernel chosen for this CPU");

@@ -253,7 +253,7 @@ def test_graph_metadata_and_round_trip(tmp_path):
     graph = _trace(lm, tc, max_feature_nodes=50, batch_size=20)
     m = graph.metadata
     assert m["model"] == lm.name and m["transcoders"]["kind"] == "clt"
-    assert m["n_feature_rows"] == 50 and m["row_order"] == "influence" and m["n_feature_batches"] == 3
+    assert m["n_feature_rows"] == 50 and m["row_order"] == "influence" and m["n_feature_batches"] >= 3
     assert m["settings"]["max_feature_nodes"] == 50 and set(m["timing_s"]) >= {"load", "forward", "attribution"}
     assert len(graph.token_strings) == graph.n_pos and graph.token_strings[0] == "<bos>"
     assert (graph.adjacency[:, graph.logit_nodes].nnz == 0)  # logits are sinks

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import circuits
-from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN
+from circuits.graph import ERROR, FEATURE, TOKEN
 from transcoders import random_transcoders
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -392,8 +392,9 @@ class ActivationBuffer:
     would have seen."""
 
     def __init__(self, source: ActivationSource, buffer_tokens: int, batch_size: int, seed: int = 0,
-                 passes: int = 1):
+                 passes: int = 1, progress: bool = False):
         self.source, self.batch_size, self.seed, self.passes = source, batch_size, seed, max(1, passes)
+        self.progress = progress
         self.m = max(1, buffer_tokens // source.shard_tokens)
         self.per_pass = (self.m * source.shard_tokens) // batch_size
         if self.per_pass < 1:
@@ -404,7 +405,12 @@ class ActivationBuffer:
 
     def _fill(self, f: int):
         self._x = self._y = None  # let the old fill go before the new one is built
-        xs, ys = zip(*(self.source.shard(f * self.m + j) for j in range(self.m)))
+        shards = range(f * self.m, (f + 1) * self.m)
+        if self.progress:
+            from tqdm import tqdm
+            shards = tqdm(shards, desc=f"harvesting activations (fill {f + 1})", unit="shard", leave=False,
+                          dynamic_ncols=True)
+        xs, ys = zip(*(self.source.shard(i) for i in shards))
         self._x, self._y = torch.cat(xs), torch.cat(ys)
         self._fill_id, self._pass_id = f, None
 

@@ -40,8 +40,8 @@ from circuits.ranks import BACKENDS, Ranks
 from .activations import jumprelu, step as heaviside
 from .model import TranscoderSet
 from .train import (TrainableTranscoders, TrainConfig, _autocast, _load_checkpoint, _remove_partials,
-                    _save_checkpoint, _summary, add_config_arguments, config_from_args, lr_factor,
-                    save_transcoders)
+                    _save_checkpoint, _summary, add_config_arguments, calibrate_batchtopk, config_from_args,
+                    lr_factor, save_transcoders)
 
 SHARDINGS = ("auto", "data", "features")
 DATA_MODES = ("broadcast", "replicate")
@@ -179,15 +179,28 @@ def shard_state(full: dict, layout: Layout, is_clt: bool) -> dict:
     return out
 
 
+class ShardedTranscoders(TrainableTranscoders):
+    """`TrainableTranscoders` holding this rank's share: features [lo, hi) of every layer (features mode) or
+    all of them (data mode). `forward` gives what the whole set gives on the whole batch: reconstructions
+    summed over the ranks, every top-k global, the BatchTopK floor of the whole batch."""
+
+    layout: Layout
+
+    def forward(self, xn: torch.Tensor):
+        batch_total = xn.shape[1] * (self.layout.ranks.world_size if self.layout.split_batch else 1)
+        return _forward(self, xn, self.layout, batch_total)
+
+
 def local_net(cfg: TrainConfig, n_layers: int, d_model: int, state: dict, layout: Layout,
-              device: str) -> TrainableTranscoders:
-    """A `TrainableTranscoders` holding this rank's features only, loaded from a whole-set state."""
+              device: str) -> ShardedTranscoders:
+    """This rank's `ShardedTranscoders`, loaded from a whole-set state."""
     with torch.device("meta"):  # no whole-size allocation
-        net = TrainableTranscoders(cfg, n_layers, d_model)
+        net = ShardedTranscoders(cfg, n_layers, d_model)
     params = {n for n, _ in net.named_parameters()}
     for name, t in shard_state(state, layout, net.is_clt).items():
         _set_tensor(net, name, t.to(device), name in params)
     net.F = layout.hi - layout.lo
+    net.layout = layout
     return net
 
 
@@ -318,15 +331,15 @@ def _clip_gradients(net: TrainableTranscoders, max_norm: float, layout: Layout) 
         g.mul_(coef.to(g.dtype))
 
 
-def distributed_train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor,
-                           y: torch.Tensor, step: int, layout: Layout) -> dict:
+def distributed_train_step(net: ShardedTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor,
+                           y: torch.Tensor, step: int) -> dict:
     """`transcoders.train.train_step` on this rank's share of the set (features mode) or of the batch
     (data mode); x, y `[B_local, L, D]`. Returns the step's metrics for the whole set and batch."""
-    cfg = net.cfg
+    cfg, layout = net.cfg, net.layout
     W = layout.ranks.world_size
     batch_total = x.shape[0] * (W if layout.split_batch else 1)
     xn, yn = net.normalise(x, y)
-    pre, acts, recons, floor = _forward(net, xn, layout, batch_total)
+    pre, acts, recons, floor = net(xn)
     mse = (recons - yn).pow(2).mean((1, 2, 3))  # [P]; data mode: this rank's rows (ranks are averaged)
     loss = mse.mean()
     full = recons[-1]
@@ -379,7 +392,7 @@ def distributed_train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer
                                             net.silent_tokens + batch_total))
         if floor is not None:
             t = net.bt_threshold
-            net.bt_threshold.copy_(torch.where(torch.isnan(t), floor, 0.99 * t + 0.01 * floor))
+            net.bt_threshold.copy_(torch.where(torch.isnan(t), floor, 0.9 * t + 0.1 * floor))
         return _metrics(net, layout, yn, full, mse, penalty, aux, active, dead, warm, batch_total)
 
 
@@ -453,21 +466,30 @@ def _initial_checkpoint(cfg: TrainConfig, buffer, path: Path) -> None:
     _save_checkpoint(path, net, opt, 0, cfg, [])
 
 
-def _draw(buffer, step: int, shape: tuple, layout: Layout, data: str, device: str):
-    """This rank's rows of batch `step`, `[B_local, L, D]` each, drawn once (broadcast) or by every rank."""
-    ranks = layout.ranks
-    if data == "replicate" or not ranks.distributed:
-        x, y = buffer.batch(step)
-        x, y = x.to(device), y.to(device)
-    else:
-        if ranks.is_main:
-            x, y = (t.to(device, torch.float32).contiguous() for t in buffer.batch(step))
+class RankBatches:
+    """This rank's rows of each batch `[B_local, L, D]`, drawn once per step: by rank 0, then broadcast
+    (`data="broadcast"`), or by every rank from its own buffer (`"replicate"`). A buffer (`.batch(step)`)
+    that `transcoders.train`'s helpers can read."""
+
+    def __init__(self, buffer, shape: tuple, layout: Layout, data: str, device: str):
+        self.buffer, self.shape, self.layout, self.data, self.device = buffer, shape, layout, data, device
+
+    def batch(self, step: int):
+        ranks = self.layout.ranks
+        if self.data == "replicate" or not ranks.distributed:
+            x, y = (t.to(self.device, torch.float32) for t in self.buffer.batch(step))
         else:
-            x, y = (torch.empty(shape, device=device) for _ in range(2))
-        dist.broadcast(x, src=0)
-        dist.broadcast(y, src=0)
-    rows = layout.batch_rows(x.shape[0])
-    return x[rows], y[rows]
+            if ranks.is_main:
+                x, y = (t.to(self.device, torch.float32).contiguous() for t in self.buffer.batch(step))
+            else:
+                x, y = (torch.empty(self.shape, device=self.device) for _ in range(2))
+            dist.broadcast(x, src=0)
+            dist.broadcast(y, src=0)
+        rows = self.layout.batch_rows(x.shape[0])
+        return x[rows], y[rows]
+
+    def needs_fill(self, step: int) -> bool:
+        return bool(getattr(self.buffer, "needs_fill", lambda s: False)(step))
 
 
 def train_distributed(config: DistributedTrainConfig, buffer=None, loaded=None, model_name: str | None = None,
@@ -520,7 +542,8 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
     opt.load_state_dict(shard_optimizer_state(state["opt"], net, layout, device))
     start, history = state["step"], state["history"]
     del state
-    shape = (cfg.batch_size, n_layers, d_model)
+    batches = RankBatches(buffer if draws else None, (cfg.batch_size, n_layers, d_model), layout, config.data,
+                          device)
 
     bar = None
     if cfg.progress and ranks.is_main:
@@ -530,8 +553,10 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
                    unit="step", dynamic_ncols=True)
     t_start = time.time()
     for step in range(start, cfg.steps):
-        x, y = _draw(buffer if draws else None, step, shape, layout, config.data, device)
-        m = distributed_train_step(net, opt, x, y, step, layout)
+        if bar is not None and batches.needs_fill(step):
+            bar.set_postfix_str("harvesting activations...")
+        x, y = batches.batch(step)
+        m = distributed_train_step(net, opt, x, y, step)
         history.append(m)
         if on_step is not None:
             on_step(step, m)
@@ -545,6 +570,8 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
                 _save_checkpoint(ckpt, _WholeState(net_state), _WholeState(opt_state), step + 1, cfg, history)
     if bar is not None:
         bar.close()
+    if cfg.activation == "batchtopk":  # as train_transcoders: the threshold of the final weights
+        calibrate_batchtopk(net, batches, range(max(0, cfg.steps - 4), cfg.steps))
 
     net_state, _ = gather_state(net, opt, layout)
     tc = None

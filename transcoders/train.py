@@ -60,7 +60,7 @@ class TrainConfig:
     context: int = 128  # tokens per harvested sequence (BOS first, not trained on)
     tokens: int = 200_000  # training tokens; steps = tokens // batch_size
     batch_size: int = 1024
-    buffer_tokens: int = 32_768  # shuffled in-memory activation buffer
+    buffer_tokens: int = 16_384  # shuffled in-memory activation buffer (~46 kB a token for gemma-3-270m)
     buffer_passes: int = 1  # passes over each buffer fill (more: less harvesting, less fresh data)
     harvest_dtype: str = "bfloat16"  # model dtype while harvesting (bfloat16: ~6x faster on CPU)
     activation_cache: str = ""  # folder to keep harvested shards in for later runs (empty: memory only)
@@ -71,6 +71,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     compute_dtype: str = "bfloat16"  # autocast dtype of the matmuls; float32 for exact arithmetic
     skip_init: str = "lstsq"  # lstsq | zeros
+    feature_init: str = "exemplar"  # exemplar (features start as sample tokens) | random
     init_tokens: int = 8192  # tokens for the normalisation scales and the least-squares skip
     # sparsity and dead features
     sparsity_coeff: float = 2e-3  # JumpReLU: L0 penalty; ReLU: L1 penalty on act * |decoder row| (FVU units)
@@ -100,6 +101,8 @@ class TrainConfig:
         self.matryoshka = prefixes
         if self.tokens < self.batch_size or self.batch_size < 1:
             raise UserError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")
+        if self.feature_init not in ("exemplar", "random"):
+            raise UserError(f"unknown feature_init {self.feature_init!r}; use exemplar or random")
         if self.skip_init not in ("lstsq", "zeros"):
             raise UserError(f"unknown skip_init {self.skip_init!r}; use lstsq or zeros")
         if self.compute_dtype not in ("bfloat16", "float32"):
@@ -176,19 +179,43 @@ class TrainableTranscoders(nn.Module):
             self.b_dec.copy_((my - mx @ w).squeeze(1).float())
         else:
             self.b_dec.copy_(my.squeeze(1).float())
-        enc = torch.randn(L, D, F, generator=generator)
-        self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
+        if self.cfg.feature_init == "exemplar":
+            self._exemplar_init(xn.float() - mx.float(), (yn - my).float() if self.W_skip is None else
+                                (yn - xn @ self.W_skip.double() - self.b_dec[:, None, :].double()).float(),
+                                generator)
+        else:
+            enc = torch.randn(L, D, F, generator=generator)
+            self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
+            for w in self._decoders():
+                d = torch.randn(w.shape, generator=generator)
+                w.copy_(0.1 * d / d.norm(dim=-1, keepdim=True))
         # centre the encoder on the data so features split the inputs instead of all firing on their mean
         self.b_enc.copy_(-(mx.float() @ self.W_enc).squeeze(1))
-        for s, w in enumerate(self._decoders()):
-            d = torch.randn(w.shape, generator=generator)
-            w.copy_(0.1 * d / d.norm(dim=-1, keepdim=True))
         if self.log_threshold is not None:
             # start every feature at firing rate k / F, so training begins at the target L0 instead of
             # spending its (short) budget walking thresholds there; the L0 penalty takes over from here
             pre = torch.baddbmm(self.b_enc[:, None, :], xn.float(), self.W_enc)  # [L, n, F]
             q = torch.quantile(pre[:, :4096].float(), 1 - self.cfg.k / F, dim=1)
             self.log_threshold.copy_(q.clamp_min(1e-3).log())
+
+    def _exemplar_init(self, xc: torch.Tensor, resid: torch.Tensor, generator: torch.Generator) -> None:
+        """Each feature starts as one sample token: it reads that token's centred input direction and writes
+        its residual target (what the skip and bias leave), scaled so that the k features a token selects add
+        up to about the average of their residuals. The dictionary starts as a k-nearest-neighbour regressor
+        instead of noise, every feature fires from step 0, and a short run spends its steps refining."""
+        L, n, D = xc.shape
+        pick = torch.randint(0, n, (self.F,), generator=generator)
+        ex_in, ex_out = xc[:, pick], resid[:, pick]  # [L, F, D]
+        norm = ex_in.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        self.W_enc.copy_((ex_in / norm).transpose(1, 2))
+        k = min(self.cfg.k, self.F)
+        dec = ex_out / (k * 0.5 * norm)  # a selected exemplar fires at about half its own norm
+        if self.is_clt:  # the exemplar's own layer gets its residual; later layers start at zero
+            for s, w in enumerate(self.W_dec):
+                w.zero_()
+                w[:, 0].copy_(dec[s])
+        else:
+            self.W_dec.copy_(dec)
 
     def _decoders(self):
         return list(self.W_dec) if self.is_clt else [self.W_dec]
@@ -205,23 +232,27 @@ class TrainableTranscoders(nn.Module):
         BatchTopK floor `[L]` or None)."""
         cfg = self.cfg
         with _autocast(cfg.compute_dtype):
-            pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc).float()
+            # pre-activations stay in the compute dtype: the [L, B, F] tensors dominate memory traffic
+            pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc)
         floor = None
         if cfg.activation == "relu":
             acts = torch.relu(pre)
         elif cfg.activation == "jumprelu":
-            acts = jumprelu(pre, self.log_threshold.exp()[:, None, :], cfg.bandwidth)
+            acts = jumprelu(pre, self.log_threshold.exp()[:, None, :].to(pre.dtype), cfg.bandwidth)
         elif cfg.activation == "topk":
             acts = topk(pre, cfg.k)
         else:
             acts, floor = batchtopk_per_layer(pre, cfg.k)
+            floor = floor.float()
         with _autocast(cfg.compute_dtype):
             base = self.b_dec[:, None, :].expand_as(xn)
             if self.W_skip is not None:
                 base = base + torch.bmm(xn, self.W_skip)
             recons, partial = [], base.float()
-            for a, b in self.chunks:
-                partial = partial + self._decode(acts[:, :, a:b], a, b).float()
+            # split (not slice): its backward concatenates the pieces' gradients in one allocation
+            pieces = acts.split([b - a for a, b in self.chunks], dim=-1)
+            for (a, b), piece in zip(self.chunks, pieces):
+                partial = partial + self._decode(piece, a, b).float()
                 recons.append(partial)
         return pre, acts, torch.stack(recons), floor
 
@@ -421,13 +452,13 @@ def train_transcoders(cfg: TrainConfig, loaded=None, buffer=None, model_name: st
         source = ActivationSource(loaded, paragraphs, context=cfg.context, seed=cfg.seed,
                                   harvest_dtype=cfg.harvest_dtype, cache_dir=cfg.activation_cache or None)
         buffer = ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, seed=cfg.seed,
-                                  passes=cfg.buffer_passes)
+                                  passes=cfg.buffer_passes, progress=cfg.progress)
     if model_name is None:
         model_name = loaded.name if loaded is not None else ""
     x0, _ = buffer.batch(0)
     n_layers, d_model = x0.shape[1], x0.shape[2]
     net = TrainableTranscoders(cfg, n_layers, d_model)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
     state = _load_checkpoint(ckpt, cfg) if ckpt else None
     if state:
         net.load_state_dict(state["net"])
@@ -445,8 +476,6 @@ def train_transcoders(cfg: TrainConfig, loaded=None, buffer=None, model_name: st
                    dynamic_ncols=True)
     t_start = time.time()
     for step in range(start, cfg.steps):
-        if bar is not None and getattr(buffer, "needs_fill", lambda s: False)(step):
-            bar.set_postfix_str("harvesting activations...")
         x, y = buffer.batch(step)
         m = train_step(net, opt, x, y, step)
         history.append(m)
