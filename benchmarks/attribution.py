@@ -3,9 +3,10 @@
     python benchmarks/attribution.py                 # all lengths, writes benchmarks/results/attribution.md
     python benchmarks/attribution.py --lengths 10 --threads 1
 
-Transcoders: the embedded default set when it has been trained (cached), else random skip transcoders with
+Transcoders: the embedded default set when it has been trained (cached), and random skip transcoders with
 d_sae 16384 whose thresholds are calibrated (on a text other than the prompts) to ~40 active features per
-position per layer; the table says which. Each prompt length runs in its own process, so its peak RSS is
+position per layer; one table each. Under heavy load use --threads 1 (two threads fighting other
+processes for two cores run several times slower); the GEMM rate in the header is the yardstick. Each prompt length runs in its own process, so its peak RSS is
 its own (model + transcoders + attribution). The 10-token run is also profiled: where the time goes.
 """
 from __future__ import annotations
@@ -134,13 +135,28 @@ def run_one(n_tokens: int, transcoders: str, profile: bool) -> dict:
     return out
 
 
-def markdown(results: list[dict], which: str, command: str) -> str:
+def gemm_gflops(threads: int | None) -> float:
+    """The float32 matrix-product rate this machine gives right now (the backward pass is matrix products):
+    a yardstick for comparing runs taken under different load."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 640), torch.randn(640, 1024)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    return 20 * 2 * 2048 * 640 * 1024 / (time.perf_counter() - t) / 1e9
+
+
+def markdown(results: list[dict], which: str, command: str, gflops: float) -> str:
     import torch
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     lines = [f"## Attribution on gemma-3-270m ({datetime.date.today().isoformat()})", "",
              f"Command: `{command}`  ", f"Machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{results[0]['threads']} torch threads, load average {os.getloadavg()[0]:.1f} at the end  ",
+             f"{results[0]['threads']} torch threads, load average {os.getloadavg()[0]:.1f} at the end, "
+             f"float32 GEMM {gflops:.0f} GFLOP/s at the start  ",
              f"Transcoders: {which}  ", f"Edge kernel: {results[0]['edge_backend']}; float32; default options "
              f"(max 8192 feature rows, batch 256)", "",
              "| tokens | load s | forward s | attribution s | active features | L0/pos/layer | feature rows "
@@ -162,7 +178,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[10, 32, 128])
     p.add_argument("--threads", type=int, default=None, help="torch threads in the measured processes")
-    p.add_argument("--transcoders", default="auto", help="auto (default set if trained, else random skip), "
+    p.add_argument("--transcoders", default="all", help="all (the default set if trained, then random skip), "
                    "default, random, or a path")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one length
@@ -175,39 +191,45 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args.one, args.transcoders, args.profile)))
         return
     command = "python benchmarks/attribution.py " + " ".join(sys.argv[1:])
+    kinds = [args.transcoders]
+    if args.transcoders == "all":
+        kinds = (["default"] if default_available() else []) + ["random"]
+    sections = []
     with tempfile.TemporaryDirectory(prefix="bench-attribution-") as tmp:
-        kind = args.transcoders
-        if kind == "auto":
-            kind = "default" if default_available() else "random"
-        if kind == "random":
-            import circuits
-            print(f"building random skip transcoders (d_sae {D_SAE}, calibrated to L0 ~{L0})", file=sys.stderr)
-            random_skip_transcoders(circuits.load_model(), Path(tmp) / "tc")
-            spec, which = str(Path(tmp) / "tc"), f"random skip, d_sae {D_SAE}, thresholds calibrated to ~{L0} " \
-                                                 f"active per position per layer (the default set was not trained)"
-        elif kind == "default":
-            spec, which = "default", "the embedded default set"
-        else:
-            spec, which = kind, f"{kind}"
-        results = []
-        for n in args.lengths:
-            cmd = [sys.executable, __file__, "--one", str(n), "--transcoders", spec]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            if n == min(args.lengths):
-                cmd.append("--profile")
-            print(f"{n} tokens ...", file=sys.stderr)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"the {n}-token run failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(line[len("RESULT "):]))
-    text = markdown(results, which, command)
-    print(text)
+        for kind in kinds:
+            if kind == "random":
+                import circuits
+                print(f"building random skip transcoders (d_sae {D_SAE}, calibrated to L0 ~{L0})", file=sys.stderr)
+                random_skip_transcoders(circuits.load_model(), Path(tmp) / "tc")
+                spec, which = str(Path(tmp) / "tc"), (f"random skip, d_sae {D_SAE}, thresholds calibrated to "
+                                                      f"~{L0} active per position per layer on another text")
+            elif kind == "default":
+                spec, which = "default", "the embedded default set (transcoders.default)"
+            else:
+                spec, which = kind, kind
+            gflops = gemm_gflops(args.threads)
+            results = [_child(n, spec, args.threads, profile=n == min(args.lengths)) for n in args.lengths]
+            sections.append(markdown(results, which, command, gflops))
+            print(sections[-1])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from circuits.graph import atomic_write_text
-    atomic_write_text(out, text)
+    atomic_write_text(out, "\n".join(sections))
+
+
+def _child(n_tokens: int, spec: str, threads: int | None, profile: bool) -> dict:
+    """Run one length in its own process (its own peak RSS) and parse its result."""
+    cmd = [sys.executable, __file__, "--one", str(n_tokens), "--transcoders", spec]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if profile:
+        cmd.append("--profile")
+    print(f"{spec}: {n_tokens} tokens ...", file=sys.stderr)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"the {n_tokens}-token run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
 
 
 if __name__ == "__main__":

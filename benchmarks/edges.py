@@ -22,7 +22,6 @@ import platform
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
 
 CASES = {
     # name: (description, kind, shape)
@@ -85,49 +84,66 @@ def _peak_rss_bytes(reset: bool = False) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
-def _inputs(kind: str, shape: dict):
-    """Random inputs `(args, number of output entries)`."""
+def _inputs(kind: str, shape: dict, device: str = "cpu"):
+    """Random inputs `(args, number of output entries)` on `device`."""
     import torch
     g = torch.Generator().manual_seed(0)
     B, D = shape["B"], shape["D"]
     if kind == "vectors":
         L, n = shape["L"], shape["n_pos"]
-        buffer = torch.randn(B, L + 1, n, D, generator=g)
-        return (buffer[:, 1:].flatten(1, 2), torch.randn(L * n, D, generator=g)), B * L * n
+        buffer = torch.randn(B, L + 1, n, D, generator=g).to(device)
+        return (buffer[:, 1:].flatten(1, 2), torch.randn(L * n, D, generator=g).to(device)), B * L * n
     n_out, n, l0, F = shape["n_out"], shape["n_pos"], shape["l0"], shape["F"]
-    buffer = torch.randn(B, n_out + 1, n, D, generator=g)
+    buffer = torch.randn(B, n_out + 1, n, D, generator=g).to(device)
     dec_dtype = getattr(torch, shape.get("dec_dtype", "float32"))
-    decoder = torch.randn(F, n_out, D, generator=g, dtype=dec_dtype)
+    decoder = torch.randn(F, n_out, D, generator=g, dtype=dec_dtype).to(device)
     pos = torch.arange(n).repeat_interleave(l0)
     feat = torch.stack([torch.randperm(F, generator=g)[:l0] for _ in range(n)]).flatten()
     act = torch.rand(n * l0, generator=g) * 5
-    return (buffer[:, 1:], pos, feat, act, decoder), B * n * l0
+    return (buffer[:, 1:], pos.to(device), feat.to(device), act.to(device), decoder), B * n * l0
 
 
 def _measure(kind: str, shape: dict, method: str, threads: int, min_seconds: float, conn) -> None:
-    """Child process: time one method on one case; send back (seconds, peak extra bytes, output bytes)."""
+    """Child process: time one method on one case; send back (wall seconds, CPU seconds of all threads,
+    peak extra bytes, output bytes)."""
     try:
         import torch
         torch.set_num_threads(threads)
         from circuits import backend as be
-        args, n_out_entries = _inputs(kind, shape)
+        gpu = method in ("cuda", "torch@cuda")
+        args, n_out_entries = _inputs(kind, shape, "cuda" if gpu else "cpu")
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
         fn = {("features", "cpp"): lambda: be.feature_edges(*args, backend="cpp"),
               ("features", "torch"): lambda: be.feature_edges_torch(*args),
+              ("features", "cuda"): lambda: be.feature_edges(*args, backend="cuda"),
+              ("features", "torch@cuda"): lambda: be.feature_edges_torch(*args),
+              ("vectors", "cuda"): lambda: be.vector_edges(*args, backend="cuda"),
+              ("vectors", "torch@cuda"): lambda: be.vector_edges_torch(*args),
               ("features", "v0"): lambda: v0_feature_edges(*args),
               ("features", "cpp+top64"): lambda: be.feature_edges_sparse(*args, top_k=64, backend="cpp"),
               ("vectors", "cpp"): lambda: be.vector_edges(*args, backend="cpp"),
               ("vectors", "torch"): lambda: be.vector_edges_torch(*args),
               ("vectors", "einsum"): lambda: torch.einsum("brd,rd->br", *args)}[(kind, method)]
-        base = _peak_rss_bytes(reset=True)
-        out = fn()
-        peak = _peak_rss_bytes() - base
+        if gpu:
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = fn()
+            sync()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            base = _peak_rss_bytes(reset=True)
+            out = fn()
+            peak = _peak_rss_bytes() - base
         del out
-        times, start = [], time.perf_counter()
-        while len(times) < 3 or time.perf_counter() - start < min_seconds:
-            t = time.perf_counter()
+        wall, cpu, start = [], [], time.perf_counter()
+        while len(wall) < 3 or time.perf_counter() - start < min_seconds:
+            t, c = time.perf_counter(), time.process_time()
             fn()
-            times.append(time.perf_counter() - t)
-        conn.send((min(times), max(0, peak), 4 * n_out_entries))
+            sync()
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        conn.send((min(wall), min(cpu), max(0, peak), 4 * n_out_entries))
     except Exception as e:  # report, don't hang the parent
         conn.send(f"{e.__class__.__name__}: {e}")
 
@@ -145,9 +161,15 @@ def measure(kind, shape, method, threads, min_seconds):
 
 
 def methods_for(kind: str, shape: dict) -> list[str]:
+    import torch
+
+    from circuits import backend as be
+    gpu = ["torch@cuda"] if torch.cuda.is_available() else []
+    if gpu and be._ext.has_cuda():
+        gpu.insert(0, "cuda")
     if kind == "vectors":
-        return ["cpp", "torch", "einsum"]
-    names = ["cpp", "torch"]
+        return ["cpp", "torch", "einsum", *gpu]
+    names = ["cpp", "torch", *gpu]
     gather = 4 * shape["B"] * shape["n_out"] * shape["n_pos"] * shape["l0"] * shape["D"]
     if 2 * gather <= V0_MAX_BYTES:
         names.append("v0")
@@ -168,16 +190,22 @@ def run(cfg: EdgesBenchConfig) -> str:
     lines = [
         "## Edge kernels (benchmarks/edges.py)",
         "",
-        f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''}` on {date.today()}: "
+        f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''} --threads {' '.join(map(str, cfg.threads))}` "
+        f"on {date.today()}: "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"micro-kernel {be._ext.simd()}. One call = the edges of one source layer's active features to "
-        f"B targets (attribution makes one per source layer and batch). Time: best of >= 3 runs. Peak: max "
-        f"RSS above the inputs in a fresh process (the output is part of it). Speed-up: against `torch`, the "
-        f"pure-PyTorch reference (per-position matmuls); `v0` is the first reference (per-feature gather + "
-        f"einsum), run only where its gather fits in 1 GiB.",
+        f"micro-kernel {be._ext.simd()}, load average {os.getloadavg()[0]:.1f} at the start. One call = the "
+        f"edges of one source layer's active features to B targets (attribution makes one per source layer "
+        f"and batch). Wall and CPU (all threads): best of >= 3 runs; on a busy machine the CPU time of a "
+        f"1-thread run is the steadier measure. Speed-ups: against `torch`, the pure-PyTorch reference "
+        f"(per-position matmuls). `v0` is the first reference (per-feature gather + einsum), run only where "
+        f"its gather fits in 1 GiB. Peak: max RSS above the inputs in a fresh process (the output included); "
+        f"on the GPU (`cuda`, and `torch@cuda`, the reference on the GPU, which GPU rows are compared with): "
+        f"peak allocated CUDA memory above the inputs. "
+        + ("" if torch.cuda.is_available() else "No GPU on this machine: the CUDA kernels were not run."),
         "",
-        "| case | shape | threads | method | time (ms) | vs torch | peak extra (MB) | output (MB) |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| case | shape | threads | method | wall (ms) | CPU (ms) | vs torch (wall) | vs torch (CPU) "
+        "| peak extra (MB) | output (MB) |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in cfg.cases:
         desc, kind, shape = CASES[name]
@@ -188,10 +216,10 @@ def run(cfg: EdgesBenchConfig) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in shape.items())
         for threads in cfg.threads:
             results = {m: measure(kind, shape, m, threads, cfg.min_seconds) for m in methods_for(kind, shape)}
-            ref = results["torch"][0]
-            for m, (sec, peak, out_bytes) in results.items():
-                row = (f"| {desc} | {dims} | {threads} | {m} | {sec * 1e3:.1f} | {ref / sec:.2f}x | "
-                       f"{peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |")
+            for m, (wall, cpu, peak, out_bytes) in results.items():
+                ref_wall, ref_cpu = results["torch@cuda" if m in ("cuda", "torch@cuda") else "torch"][:2]
+                row = (f"| {desc} | {dims} | {threads} | {m} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
+                       f"{ref_wall / wall:.2f}x | {ref_cpu / cpu:.2f}x | {peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |")
                 lines.append(row)
                 print(row, flush=True)
     text = "\n".join(lines) + "\n"

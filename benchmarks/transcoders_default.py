@@ -48,6 +48,9 @@ def main() -> int:
     ap.add_argument("--compare-clt", action="store_true", help="also train and evaluate a CLT (d_sae 512) "
                                                                  "for the same number of steps")
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--activation-cache", default="", help="reuse harvested activation shards from this "
+                                                           "folder (and keep new ones there); timings then "
+                                                           "leave out the reused harvesting")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transcoders_default.md"))
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -69,6 +72,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(str(work) + ".train", ignore_errors=True)
         cfg = default_recipe(work)
+        cfg.activation_cache = args.activation_cache
         tc, seconds = train_timed(cfg, lm)
         runs.append((f"default: {cfg.kind} {cfg.activation}, d_sae {cfg.d_sae}, k {cfg.k}", tc, seconds))
         target = default_transcoders_dir()
@@ -81,6 +85,7 @@ def main() -> int:
             clt_dir = cache_dir() / "transcoders" / ".bench-clt"
             shutil.rmtree(clt_dir, ignore_errors=True)
             ccfg = default_recipe(clt_dir)
+            ccfg.activation_cache = args.activation_cache
             ccfg.kind, ccfg.d_sae, ccfg.skip, ccfg.matryoshka = "clt", 512, False, [64, 256]
             ctc, cseconds = train_timed(ccfg, lm)
             runs.append((f"CLT: {ccfg.activation}, d_sae {ccfg.d_sae}, k {ccfg.k}, same steps", ctc, cseconds))
@@ -92,8 +97,7 @@ def main() -> int:
         print(f"\n{label}\n" + results_table(res))
     load_end = os.getloadavg()[0]
 
-    cmd = "OMP_NUM_THREADS=2 python benchmarks/transcoders_default.py" + " ".join(
-        [""] + [a for a in sys.argv[1:] if a.startswith("--") and a != "--out"])
+    cmd = " ".join(["OMP_NUM_THREADS=2 python benchmarks/transcoders_default.py"] + sys.argv[1:])
     lines = ["## Default transcoders (gemma-3-270m)", "",
              f"Command: `{cmd}`  ", f"Machine: {machine()}  ",
              f"Date: {started}; load average {load_start:.1f} at the start, {load_end:.1f} at the end "
@@ -108,7 +112,8 @@ def main() -> int:
         lines.append("")
     label, res, seconds = results[0]
     if seconds is not None:
-        lines.append(f"Training the default recipe from scratch (harvesting included): {seconds / 60:.1f} min.")
+        reused = " (reusing cached activation shards)" if args.activation_cache else " (harvesting included)"
+        lines.append(f"Training the default recipe from scratch{reused}: {seconds / 60:.1f} min.")
     lines += ["", f"Per layer ({label}; {res['tokens']} held-out tokens of the builtin text; dead = never fired on "
                   f"them, dense = fired on more than 10% of them):", "", results_table(res), ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

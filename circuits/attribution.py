@@ -137,7 +137,9 @@ class SourceEdges:
         self.tok0 = self.n_feat + L * n
         self.n_src = self.tok0 + n
         dev = state.resid.device
-        self.b_dec = torch.stack([tc.b_dec[l].detach().float() for l in range(L)]).to(dev)  # [L, D]
+        b_dec = torch.stack([tc.b_dec[l].detach().float() for l in range(L)]).to(dev)  # [L, D]
+        # what a gradient at x_{l+1} reads from layer l's MLP output: each position's error, and the decoder bias
+        self.error_and_bias = torch.stack([errors, b_dec[:, None, :].expand_as(errors)], -1).contiguous()  # [L, n, D, 2]
         self.layers = []  # per source layer: (first column, pos, feat, act, count of features with pos < P, slots)
         starts = np.searchsorted(f_layer.numpy(), np.arange(L + 1))
         for s in range(L):
@@ -204,8 +206,9 @@ class SourceEdges:
                 out[:k, self.tok0:self.tok0 + P] = torch.bmm(g, st.embeddings[:P, :, None])[..., 0].T
                 return
             e0 = self.err0 + l * n
-            out[:k, e0:e0 + P] = torch.bmm(g, self.errors[l, :P, :, None])[..., 0].T
-            const[:k] += (g @ self.b_dec[l]).sum(0)
+            read = torch.bmm(g, self.error_and_bias[l, :P])  # [P, k, 2]: error edges, decoder bias terms
+            out[:k, e0:e0 + P] = read[..., 0].T
+            const[:k] += read[..., 1].sum(0)
             for s in tc.output_layers_into(l):
                 col0, e = self._feature_edges(s, l - s, g, P)
                 out[:k, col0:col0 + e.shape[1]] += e
@@ -307,6 +310,19 @@ def _options(config: AttributionConfig | None, overrides: dict) -> AttributionCo
     return cfg
 
 
+def _encoders(tc, f_layer: torch.Tensor, f_feat: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder vectors `[k, D]` and biases `[k]` of the active features (float32, on `dev`)."""
+    enc_vecs = torch.zeros(len(f_feat), tc.d_model, device=dev)
+    b_enc = torch.zeros(len(f_feat), device=dev)
+    for l in range(tc.n_layers):
+        here = torch.nonzero(f_layer == l).flatten()
+        if len(here):
+            fl = f_feat[here].to(dev)
+            enc_vecs[here.to(dev)] = tc.W_enc[l].detach().index_select(1, fl).T.float()
+            b_enc[here.to(dev)] = tc.b_enc[l].detach()[fl].float()
+    return enc_vecs, b_enc
+
+
 @torch.no_grad()
 def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders=None,
               config: AttributionConfig | None = None, **overrides) -> AttributionGraph:
@@ -356,15 +372,11 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     pos = np.concatenate([f_pos.numpy(), np.tile(np.arange(n), L), np.arange(n), np.full(n_logit, n - 1)]).astype(np.int32)
     feature = np.concatenate([f_feat.numpy(), np.full(n_err + n, -1), np.array(logit_ids)]).astype(np.int64)
     dev = fw.device
-    enc_vecs = torch.zeros(n_feat, D, device=dev)  # encoder vectors of active features
-    b_enc = torch.zeros(n_feat, device=dev)
-    for l in range(L):
-        here = torch.nonzero(f_layer == l).flatten()
-        if len(here):
-            fl = f_feat[here].to(dev)
-            enc_vecs[here.to(dev)] = tc.W_enc[l].detach().index_select(1, fl).T.float()
-            b_enc[here.to(dev)] = tc.b_enc[l].detach()[fl].float()
-    f_pre = (enc_vecs * frozen["mlp_in"][f_layer.to(dev), f_pos.to(dev)]).sum(-1) + b_enc
+    f_pre = torch.empty(n_feat, device=dev)
+    for a in range(0, n_feat, 8192):  # in chunks: encoder vectors are gathered again per batch of rows
+        c = slice(a, a + 8192)
+        enc_vecs, b_enc = _encoders(tc, f_layer[c], f_feat[c], dev)
+        f_pre[c] = (enc_vecs * frozen["mlp_in"][f_layer[c].to(dev), f_pos[c].to(dev)]).sum(-1) + b_enc
     directions = fw.logit_directions(logit_ids, contrast)  # [n_logit, D]
     logit_inputs = directions @ frozen["final"]
     activation = np.concatenate([f_act.float().numpy(), errors.norm(dim=-1).flatten().cpu().numpy(),
@@ -416,7 +428,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
         pick = queue.pop(0)
         done[pick] = True
         idx = torch.as_tensor(pick)
-        compute(pick, f_layer[idx], f_pos[idx], enc_vecs[idx.to(dev)], b_enc[idx.to(dev)])
+        compute(pick, f_layer[idx], f_pos[idx], *_encoders(tc, f_layer[idx], f_feat[idx], dev))
         n_batches += 1
     if bar:
         bar.close()
@@ -426,7 +438,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
 
     probs_all = torch.softmax(state.logits.cpu(), -1)
     metadata = {
-        "model": lm.name, "model_source": lm.source, "n_layers": L, "d_model": D,
+        "model": lm.name, "model_source": lm.source, "n_layers": L, "d_model": D, "n_heads": fw.n_heads,
         "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
         "transcoders": {"kind": tc.cfg.kind, "d_sae": tc.d_sae, "activation": tc.cfg.activation,
                         "model_name": tc.cfg.model_name, "source": str(getattr(tc, "source", ""))},

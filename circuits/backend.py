@@ -40,13 +40,14 @@ _TORCH_CHUNK_BYTES = 64 << 20
 
 # -- the reference ------------------------------------------------------------------------------------
 
+@torch.no_grad()
 def feature_edges_torch(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor, act: torch.Tensor,
                         decoder: torch.Tensor) -> torch.Tensor:
     """Reference implementation (pure PyTorch, any device).
 
     Features active at the same position share their gradient rows, so each position's edges are one
-    matrix product `[B, n_out * D] x [n_out * D, k]`. Working memory: the k decoder rows and one
-    position's gradient rows, never `n_active x n_out x D`."""
+    matrix product `[B, n_out * D] x [n_out * D, k]`. Working memory: one position's gradient rows and at
+    most 64 MiB of its decoder rows at a time, never `n_active x n_out x D`."""
     _check_feature_args(grad, pos, feat, act, decoder)
     B, n_out, _, D = grad.shape
     out = torch.zeros(B, len(feat), dtype=torch.float32, device=grad.device)
@@ -55,20 +56,19 @@ def feature_edges_torch(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tenso
     pos, feat, act = pos.to(grad.device).long(), feat.to(grad.device).long(), act.to(grad.device).float()
     order = torch.argsort(pos, stable=True)
     positions, counts = torch.unique_consecutive(pos[order], return_counts=True)
+    most = max(1, _TORCH_CHUNK_BYTES // max(1, 4 * n_out * D))  # decoder rows per step
     start = 0
-    for p, c in zip(positions.tolist(), counts.tolist()):
-        idx = order[start:start + c]
-        start += c
-        rows = decoder.index_select(0, feat[idx].to(decoder.device)).to(grad.device, torch.float32)  # [c, n_out, D]
-        g = grad[:, :, p, :].float()  # [B, n_out, D]
-        if n_out == 1:
-            values = g[:, 0] @ rows[:, 0].T
-        else:
-            values = g.reshape(B, n_out * D) @ rows.reshape(c, n_out * D).T
-        out[:, idx] = values * act[idx]
+    for p, count in zip(positions.tolist(), counts.tolist()):
+        g = grad[:, :, p, :].float().reshape(B, n_out * D)  # a view when n_out == 1
+        for s in range(start, start + count, most):
+            idx = order[s:min(s + most, start + count)]
+            rows = decoder.index_select(0, feat[idx].to(decoder.device)).to(grad.device, torch.float32)
+            out[:, idx] = (g @ rows.reshape(len(idx), n_out * D).T) * act[idx]  # [B, c]
+        start += count
     return out
 
 
+@torch.no_grad()
 def vector_edges_torch(grad: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """Reference for `vector_edges`: `[B, R]` float32, in chunks of rows to bound working memory."""
     _check_vector_args(grad, vectors)
@@ -211,13 +211,17 @@ class EdgesCSR:
 def sparsify(dense: torch.Tensor, threshold: float | None = None, top_k: int | None = None,
              backend: str | None = None) -> EdgesCSR:
     """Keep the entries of `[B, n]` with |value| >= threshold and/or among the top_k |values| of their row
-    (both: the top_k of those passing the threshold; ties broken arbitrarily)."""
+    (both: the top_k of those passing the threshold; ties broken arbitrarily; NaN never kept)."""
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if threshold is not None and not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
     B, n = dense.shape
     if _pick(backend, dense.device) == "cpp":
         indptr, indices, values = _ext.sparsify(dense, -1.0 if threshold is None else float(threshold),
                                                 -1 if top_k is None else int(top_k))
         return EdgesCSR(indptr, indices, values, (B, n))
-    keep = torch.ones_like(dense, dtype=torch.bool) if threshold is None else dense.abs() >= threshold
+    keep = ~dense.isnan() if threshold is None else dense.abs() >= threshold  # NaN is never kept
     if top_k is not None and top_k < n:
         magnitude = torch.where(keep, dense.abs(), torch.full_like(dense, -1.0))
         top = magnitude.topk(top_k, dim=1).indices
@@ -237,10 +241,6 @@ def feature_edges_sparse(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tens
     output plus one block."""
     if threshold is None and top_k is None:
         raise ValueError("feature_edges_sparse needs a threshold, a top_k or both (else use feature_edges)")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if threshold is not None and not threshold >= 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
     B, n = grad.shape[0], len(feat)
     rows_per_block = max(1, block_bytes // max(1, 4 * n))
     parts = [sparsify(feature_edges(grad[b:b + rows_per_block], pos, feat, act, decoder, backend), threshold, top_k,

@@ -130,6 +130,8 @@ def cmd_trace(args) -> int:
         p = circuit.metadata.get("pruning", {})
         print(f"circuit: {p.get('n_nodes_after', circuit.n_nodes)} nodes, {circuit.adjacency.nnz} edges "
               f"(node threshold {args.node_threshold}, edge threshold {args.edge_threshold})")
+        if circuit.metadata.get("scores"):
+            print(_graph_stage("circuits.prune.scores_table")(circuit))
         if args.prune:
             pruned_path = out.with_name(out.stem + ".pruned.npz")
             circuit.save(pruned_path)

@@ -270,7 +270,7 @@ class TransposedModel:
       - the per-position scales of the input and post-attention norms into the transposed patterns:
         A[l, key, h, query] = s_in[key] * P[h, query, key] * s_pa[query], so that the heads sharing a
         KV head mix positions in one product `[P, rep*P] @ [rep*P, k*hd]`.
-    Work is truncated to what can be non-zero: a target of layer l is only live below layer l, and, when
+    Work is truncated to what can be non-zero: a target of layer l is only live from layer l down, and, when
     the patterns are causal, a target at position p only reaches positions <= p.
     """
 

@@ -8,13 +8,15 @@
 // vector_edges: one vector per source row (error nodes, token embeddings)
 //     out[b, r] = grad[b, r, :] . vectors[r, :]      grad [B, R, D], vectors [R, D]
 //
-// Why it is fast: features active at the same position share their gradient rows, so for one position
-// the edges are a small matrix product [B, D] x [D, k]. Work items are (block of batch rows, chunk of
-// features at one position). Each item copies its decoder rows and gradient rows, in K blocks, into
-// float32 panels laid out for an outer-product micro-kernel (the classic GEMM packing): the copy converts
-// the dtype and absorbs any strides, and each packed value is reused across a whole tile, so the inner
-// loop only does vector loads, broadcasts and FMAs. Nothing proportional to n x n_out x D is ever
-// allocated: per thread a few panels of at most KC x 128 floats, plus the output.
+// Why it is fast: features active at the same position share their gradient rows, so one position's
+// edges are a small matrix product [B, D] x [D, k]. Work items are (chunk of <= 128 features at one
+// position, block of batch rows). An item copies its decoder rows, in K blocks of <= 1024, into a float32
+// panel transposed for an outer-product micro-kernel: the copy converts the dtype, absorbs any strides and
+// is reused by every batch row of the item. float32 gradient rows are read in place (other dtypes or a
+// non-unit stride along D are converted row by row). The micro-kernel keeps a tile of 6 batch rows x 32
+// features in registers, so its inner loop is vector loads, broadcasts and FMAs only; decoder rows of the
+// next block and gradient rows of the next tile are prefetched. Memory beyond the output: per thread one
+// panel of at most 1024 x 128 floats and a conversion buffer, never n x n_out x D.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -22,6 +24,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -37,8 +40,10 @@ constexpr int MAX_ROWS = 256;   // batch rows per work item
 
 #if defined(__GNUC__)
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+#define PREFETCH(address) __builtin_prefetch((address), 0, 2)
 #else
 #define ALWAYS_INLINE inline
+#define PREFETCH(address) ((void)0)
 #endif
 
 // -- the micro-kernel -----------------------------------------------------------------------------
@@ -65,7 +70,7 @@ ALWAYS_INLINE void micro_tile(const float* const* __restrict g, const float* __r
       // one cache line per row every 16 steps
       if ((d & 15) == 0)
 #pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) __builtin_prefetch(next[r] + d);
+        for (int r = 0; r < MR; ++r) PREFETCH(next[r] + d);
     }
     V a[NV];
 #pragma GCC unroll 4
@@ -83,8 +88,9 @@ ALWAYS_INLINE void micro_tile(const float* const* __restrict g, const float* __r
     for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + r * ldc + v * W) += acc[r][v];
 }
 #else
-template <int MR, int NV, int W>
-inline void micro_tile(const float* const* g, const float* A, int lda, int kc, float* C, int ldc) {
+template <int MR, int NV, int W, bool PREFETCH_NEXT = false>
+inline void micro_tile(const float* const* g, const float* A, int lda, int kc, float* C, int ldc,
+                       const float* const* = nullptr) {
   for (int d = 0; d < kc; ++d)
     for (int r = 0; r < MR; ++r)
       for (int c = 0; c < NV * W; ++c) C[r * ldc + c] += g[r][d] * A[d * lda + c];
@@ -315,7 +321,7 @@ at::Tensor feature_edges(const at::Tensor& grad, const at::Tensor& pos_in, const
     const int64_t bytes = std::min<int64_t>(KC, D - d0) * elem;
     for (int j = 0; j < w.n_feat; ++j) {
       const char* row = dec_bytes + (Fi[order[w.start + j]] * ds0 + o * ds1 + d0) * elem;
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+      for (int64_t b = 0; b < bytes; b += 64) PREFETCH(row + b);
     }
   };
 
@@ -373,18 +379,20 @@ at::Tensor feature_edges(const at::Tensor& grad, const at::Tensor& pos_in, const
 template <typename TG, typename TV>
 void vector_edges_t(const TG* G, int64_t gs0, int64_t gs1, int64_t gs2, const TV* Vv, int64_t vs0, int64_t vs1,
                     int64_t B, int64_t R, int64_t D, float* O, int threads) {
-  // chunks of rows whose vectors (as float32) fit in L2; within a chunk, each target's gradient rows are
-  // usually adjacent in memory, so the reads stream
-  const int64_t chunk = std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(1, D));
-  const int64_t n_chunks = (R + chunk - 1) / chunk;
+  // items: (chunk of rows whose vectors, as float32, fit in L2) x (block of targets). Within a chunk, a
+  // target's gradient rows are usually adjacent in memory, so the reads stream.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>((32 << 10) / std::max<int64_t>(1, D),
+                                                               (R + 2 * threads - 1) / (2 * threads)));
+  const int64_t n_chunks = (R + chunk - 1) / chunk, rows = 64, n_blocks = (B + rows - 1) / rows;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> vec(chunk * D);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < n_chunks; ++c) {
+    for (int64_t item = 0; item < n_chunks * n_blocks; ++item) {
+      const int64_t c = item / n_blocks, b0 = (item % n_blocks) * rows;
       const int64_t r0 = c * chunk, r1 = std::min(R, r0 + chunk);
       for (int64_t r = r0; r < r1; ++r) convert_row_t(Vv + r * vs0, vs1, (int)D, vec.data() + (r - r0) * D);
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = b0; b < std::min(B, b0 + rows); ++b) {
         for (int64_t r = r0; r < r1; ++r) {
           const TG* g = G + b * gs0 + r * gs1;
           const float* v = vec.data() + (r - r0) * D;
@@ -421,40 +429,65 @@ at::Tensor vector_edges(const at::Tensor& grad, const at::Tensor& vectors) {
 }
 
 // -- sparse selection: CSR of the entries with |value| >= threshold and/or the top_k |values| per row ----
+// Per row, the k-th largest magnitude is found with nth_element on a copy; a second scan keeps the entries
+// above it (and enough of those equal to it), so the columns come out in ascending order.
 std::vector<at::Tensor> sparsify(const at::Tensor& dense_in, double threshold, int64_t top_k) {
   TORCH_CHECK(dense_in.device().is_cpu() && dense_in.dim() == 2, "sparsify needs a 2-d CPU tensor");
   const at::Tensor dense = dense_in.to(at::kFloat).contiguous();
   const int64_t B = dense.size(0), n = dense.size(1);
   const float* X = dense.const_data_ptr<float>();
-  const bool use_threshold = threshold >= 0, use_top = top_k >= 0;
-  std::vector<std::vector<int64_t>> kept(B);
-#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads())
-  for (int64_t b = 0; b < B; ++b) {
-    const float* x = X + b * n;
-    std::vector<int64_t>& idx = kept[b];
-    for (int64_t j = 0; j < n; ++j)
-      if (!use_threshold || std::fabs(x[j]) >= threshold) idx.push_back(j);
-    if (use_top && (int64_t)idx.size() > top_k) {
-      std::nth_element(idx.begin(), idx.begin() + top_k, idx.end(),
-                       [x](int64_t a, int64_t c) { return std::fabs(x[a]) > std::fabs(x[c]); });
-      idx.resize(top_k);
-      std::sort(idx.begin(), idx.end());
+  const float thr = threshold >= 0 ? static_cast<float>(threshold) : 0.f;
+  const bool use_threshold = threshold >= 0;
+  // a row keeps x with |x| passing the threshold and (|x| > cut, or |x| == cut for the first `ties` of them)
+  std::vector<float> cut(B, -1.f);
+  std::vector<int64_t> ties(B, 0), count(B, 0);
+  auto passes = [&](float x) { const float m = std::fabs(x); return (!use_threshold || m >= thr) && m == m; };
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> mags;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* x = X + b * n;
+      mags.clear();
+      for (int64_t j = 0; j < n; ++j)
+        if (passes(x[j])) mags.push_back(std::fabs(x[j]));
+      const int64_t m = (int64_t)mags.size();
+      if (top_k < 0 || m <= top_k) {
+        count[b] = m;
+        continue;
+      }
+      count[b] = top_k;
+      if (top_k == 0) {
+        cut[b] = INFINITY;
+        continue;
+      }
+      std::nth_element(mags.begin(), mags.begin() + (top_k - 1), mags.end(), std::greater<float>());
+      cut[b] = mags[top_k - 1];
+      int64_t above = 0;
+      for (int64_t j = 0; j < top_k - 1; ++j) above += mags[j] > cut[b];
+      ties[b] = top_k - above;
     }
   }
   auto indptr = at::empty({B + 1}, dense.options().dtype(at::kLong));
   int64_t* ip = indptr.data_ptr<int64_t>();
   ip[0] = 0;
-  for (int64_t b = 0; b < B; ++b) ip[b + 1] = ip[b] + (int64_t)kept[b].size();
+  for (int64_t b = 0; b < B; ++b) ip[b + 1] = ip[b] + count[b];
   auto indices = at::empty({ip[B]}, dense.options().dtype(at::kLong));
   auto values = at::empty({ip[B]}, dense.options());
   int64_t* ix = indices.data_ptr<int64_t>();
   float* vx = values.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(num_threads())
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads())
   for (int64_t b = 0; b < B; ++b) {
-    int64_t k = ip[b];
-    for (const int64_t j : kept[b]) {
-      ix[k] = j;
-      vx[k++] = X[b * n + j];
+    const float* x = X + b * n;
+    int64_t k = ip[b], equal_left = ties[b];
+    const float c = cut[b];
+    for (int64_t j = 0; j < n && k < ip[b + 1]; ++j) {
+      if (!passes(x[j])) continue;
+      const float m = std::fabs(x[j]);
+      if (m > c || (m == c && equal_left-- > 0)) {
+        ix[k] = j;
+        vx[k++] = x[j];
+      }
     }
   }
   return {indptr, indices, values};

@@ -44,6 +44,14 @@ def test_round_trip_is_exact(tmp_path, kind, activation):
         assert all(torch.equal(a, b) for a, b in zip(tc.W_skip, back.W_skip))
 
 
+def test_training_metrics_survive_the_round_trip(tmp_path):
+    import numpy as np
+    tc = random_transcoders(L, D, F, kind="skip", seed=11)
+    tc.cfg.metrics = {"fvu": np.float32(0.25), "l0_per_layer": torch.tensor([3.5, 4.0, 5.0]), "steps": 100}
+    back = load_circuit_tracer(save_circuit_tracer(tc, tmp_path / "ct"))
+    assert back.cfg.metrics == {"fvu": 0.25, "l0_per_layer": [3.5, 4.0, 5.0], "steps": 100}
+
+
 def test_files_are_circuit_tracers_layout(tmp_path):
     skip = random_transcoders(L, D, F, kind="skip", seed=1, model_name="gemma-3-270m")
     d = save_circuit_tracer(skip, tmp_path / "skip")

@@ -214,6 +214,22 @@ def test_sparse_output(c, mode, k, threshold, backend):
     torch.testing.assert_close(got.to_dense(), torch.as_tensor(got.to_scipy().toarray()))
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_sparsify_ties_nan_and_limits(backend):
+    """Ties at the k-th magnitude keep exactly k entries, NaN is never kept, k = 0 keeps nothing."""
+    if backend == "cpp" and not HAS_EXT:
+        pytest.skip("compiled extension not built")
+    dense = torch.tensor([[1.0, -2.0, 2.0, 2.0, 0.5, -2.0], [3.0, float("nan"), -1.0, 0.0, 0.0, 4.0]])
+    top = be.sparsify(dense, top_k=3, backend=backend)
+    assert top.indptr.tolist() == [0, 3, 6]
+    assert bool((top.values[:3].abs() == 2).all())
+    assert top.indices[3:].tolist() == [0, 2, 5]
+    assert be.sparsify(dense, top_k=0, backend=backend).nnz == 0
+    both = be.sparsify(dense, threshold=1.0, top_k=10, backend=backend)
+    assert both.indices.tolist() == [0, 1, 2, 3, 5, 0, 2, 5]
+    assert be.sparsify(dense, threshold=2.5, backend=backend).indices.tolist() == [0, 5]
+
+
 def test_sparse_needs_a_rule():
     args = make_case(2, 1, 2, 8, 4, 3, seed=0)
     with pytest.raises(ValueError, match="threshold, a top_k"):

@@ -262,3 +262,20 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
     with pytest.raises(UserError, match="d_sae"):
         train_transcoders(_planted_cfg(out=str(out), d_sae=48, tokens=64 * 10, batch_size=64),
                           buffer=PlantedBuffer(data, 64))
+
+
+@pytest.mark.slow
+def test_default_set_is_sparse_and_replaces_the_mlps(real_model, default_transcoders):
+    """The embedded default (trained once per machine): a useful graph size and a faithful replacement."""
+    from transcoders.default import default_transcoders_dir
+    from transcoders.evaluate import EvalConfig, evaluate_transcoders
+    tc = default_transcoders
+    assert (default_transcoders_dir() / "config.json").exists()
+    assert tc.cfg.kind == "skip" and tc.cfg.model_name == real_model.name
+    res = evaluate_transcoders(tc, real_model, EvalConfig(tokens=254, progress=False, json=""))
+    for row in res["layers"]:
+        assert 1 <= row["l0"] <= 64, row  # tens of features per position per layer at most
+        assert row["fvu"] < 0.9, row
+        assert row["dense_frac"] < 0.05, row  # features that fire on everything would clutter every graph
+    # splicing every MLP hurts far less than removing them
+    assert res["ce_spliced"] < res["ce_zero_ablated"] and res["ce_recovered"] > 0.5, res

@@ -61,6 +61,17 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise
 
 
+def _plain(value):
+    """Config values as plain YAML types (training metrics may hold numpy or torch scalars)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return _plain(value.tolist())
+    return value
+
+
 def _weight_files(path: Path) -> list[Path]:
     return sorted([*path.glob("layer_*.safetensors"), *path.glob("W_enc_*.safetensors"),
                    *path.glob("W_dec_*.safetensors")])
@@ -115,7 +126,7 @@ def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = 
         "feature_output_hook": OUTPUT_HOOKS[c.output_site],
         "scan": scan or f"gemma-circuits/{c.model_name or 'model'}-{c.kind}-{c.d_sae}",
         "model_name": _hub_model_name(c.model_name),
-        "gemma_circuits": c.to_dict(),
+        "gemma_circuits": _plain(c.to_dict()),
     }
     from circuits.graph import atomic_write_text
     atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))

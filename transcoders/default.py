@@ -16,7 +16,7 @@ from circuits.models import DEFAULT_MODEL, cache_dir
 from .train import TrainConfig, train_transcoders
 
 # The name is the cache key: change it whenever the recipe changes, so stale sets are not reused.
-DEFAULT_NAME = "gemma-3-270m-skip-batchtopk-v1"
+DEFAULT_NAME = "gemma-3-270m-skip-batchtopk1024-v2"
 
 
 def default_transcoders_dir() -> Path:
@@ -27,9 +27,9 @@ def default_transcoders_dir() -> Path:
 def default_recipe(out: str | Path | None = None, progress: bool = True) -> TrainConfig:
     """The training run behind the default set (see docs/transcoders.md for why these choices)."""
     return TrainConfig(out=str(out or default_transcoders_dir()), model=DEFAULT_MODEL, kind="skip",
-                       activation="batchtopk", d_sae=2048, k=16, matryoshka=[256, 1024],
-                       text="builtin", context=128, tokens=160 * 1024, batch_size=1024, buffer_tokens=32768,
-                       buffer_passes=1, harvest_dtype="bfloat16", lr=2e-3, checkpoint_every=20, seed=0,
+                       activation="batchtopk", d_sae=1024, k=16, matryoshka=[128, 512],
+                       text="builtin", context=128, tokens=120 * 1024, batch_size=1024, buffer_tokens=16384,
+                       buffer_passes=2, harvest_dtype="bfloat16", lr=2e-3, checkpoint_every=20, seed=0,
                        progress=progress)
 
 

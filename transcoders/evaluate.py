@@ -35,11 +35,11 @@ class EvalConfig:
     model: str = "gemma-3-270m"
     text: str = "builtin"  # text source spec; its held-out split is used
     tokens: int = 8192  # evaluation tokens (BOS positions not counted)
-    context: int = 128
-    batch_seqs: int = 8
-    dense_threshold: float = 0.1
+    context: int = 128  # tokens per evaluated sequence (BOS first)
+    batch_seqs: int = 8  # sequences per forward pass
+    dense_threshold: float = 0.1  # features firing on more than this fraction of tokens count as dense
     json: str = "transcoders_eval.json"  # where to write the results ("" to skip)
-    seed: int = 0
+    seed: int = 0  # order of the held-out paragraphs
     progress: bool = True
 
 

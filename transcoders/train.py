@@ -51,8 +51,8 @@ class TrainConfig:
     model: str = "gemma-3-270m"  # model to harvest from (name or path, as `circuits.load_model`)
     kind: str = "skip"  # plt | skip | clt
     activation: str = "batchtopk"  # relu | jumprelu | topk | batchtopk
-    d_sae: int = 2048
-    k: int = 32  # active features per position (topk / batchtopk; JumpReLU starts its thresholds at this L0)
+    d_sae: int = 1024  # features per layer
+    k: int = 16  # active features per position (topk / batchtopk; JumpReLU starts its thresholds at this L0)
     skip: bool = False  # affine skip term for a CLT (always on for kind "skip")
     matryoshka: list[int] = field(default_factory=list)  # prefix sizes < d_sae, ascending (empty: none)
     # data
@@ -158,9 +158,9 @@ class TrainableTranscoders(nn.Module):
     # -- initialisation ---------------------------------------------------------------------------
     @torch.no_grad()
     def initialise(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
-        """Scales, skip and biases from a sample of raw activations x, y `[n, L, D]`; random dictionaries."""
+        """Scales, skip, biases and dictionaries from a sample of raw activations x, y `[n, L, D]`."""
         L, D, F = self.L, self.D, self.F
-        x, y = x.transpose(0, 1).double(), y.transpose(0, 1).double()  # [L, n, D]
+        x, y = x.transpose(0, 1).float(), y.transpose(0, 1).float()  # [L, n, D]
         self.in_scale.copy_(math.sqrt(D) / x.norm(dim=-1).mean(1).clamp_min(1e-12))
         yc = y - y.mean(1, keepdim=True)
         self.out_scale.copy_(1.0 / (yc.pow(2).sum(-1).mean(1) / D).sqrt().clamp_min(1e-12))
@@ -168,21 +168,21 @@ class TrainableTranscoders(nn.Module):
         mx, my = xn.mean(1, keepdim=True), yn.mean(1, keepdim=True)
         if self.W_skip is not None and self.cfg.skip_init == "lstsq":
             xc, yc = xn - mx, yn - my
-            gram = xc.transpose(1, 2) @ xc  # [L, D, D]
+            # products in float32 (centred, normalised data: well conditioned), the solve in float64
+            gram = (xc.transpose(1, 2) @ xc).double()  # [L, D, D]
             ridge = 1e-3 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(D, dtype=gram.dtype)
-            rhs = xc.transpose(1, 2) @ yc
+            rhs = (xc.transpose(1, 2) @ yc).double()
             # per layer, by Cholesky (the system is symmetric positive definite); batched LU in float64
             # trips an MKL pivoting bug at these sizes
             w = torch.stack([torch.cholesky_solve(rhs[l], torch.linalg.cholesky(gram[l] + ridge[l]))
-                             for l in range(L)])
-            self.W_skip.copy_(w.float())
-            self.b_dec.copy_((my - mx @ w).squeeze(1).float())
+                             for l in range(L)]).float()
+            self.W_skip.copy_(w)
+            self.b_dec.copy_((my - mx @ w).squeeze(1))
         else:
-            self.b_dec.copy_(my.squeeze(1).float())
+            self.b_dec.copy_(my.squeeze(1))
         if self.cfg.feature_init == "exemplar":
-            self._exemplar_init(xn.float() - mx.float(), (yn - my).float() if self.W_skip is None else
-                                (yn - xn @ self.W_skip.double() - self.b_dec[:, None, :].double()).float(),
-                                generator)
+            resid = yn - my if self.W_skip is None else yn - xn @ self.W_skip - self.b_dec[:, None, :]
+            self._exemplar_init(xn - mx, resid, generator)
         else:
             enc = torch.randn(L, D, F, generator=generator)
             self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
@@ -190,11 +190,11 @@ class TrainableTranscoders(nn.Module):
                 d = torch.randn(w.shape, generator=generator)
                 w.copy_(0.1 * d / d.norm(dim=-1, keepdim=True))
         # centre the encoder on the data so features split the inputs instead of all firing on their mean
-        self.b_enc.copy_(-(mx.float() @ self.W_enc).squeeze(1))
+        self.b_enc.copy_(-(mx @ self.W_enc).squeeze(1))
         if self.log_threshold is not None:
             # start every feature at firing rate k / F, so training begins at the target L0 instead of
             # spending its (short) budget walking thresholds there; the L0 penalty takes over from here
-            pre = torch.baddbmm(self.b_enc[:, None, :], xn.float(), self.W_enc)  # [L, n, F]
+            pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc)  # [L, n, F]
             q = torch.quantile(pre[:, :4096].float(), 1 - self.cfg.k / F, dim=1)
             self.log_threshold.copy_(q.clamp_min(1e-3).log())
 
@@ -515,19 +515,33 @@ def save_transcoders(tc: TranscoderSet, out: Path) -> Path:
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
     """One --option per dataclass field (lists as comma-separated values, booleans as --x / --no-x)."""
     hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
         hint = hints[f.name]
+        text = f"{comments.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif typing.get_origin(hint) is list:
-            parser.add_argument(flag, type=_int_list, default=default, metavar="N,N,...")
+            parser.add_argument(flag, type=_int_list, default=default, metavar="N,N,...", help=text)
         else:
             base = next((t for t in (int, float, str) if hint is t or t in typing.get_args(hint)), str)
-            parser.add_argument(flag, type=base, default=default)
+            parser.add_argument(flag, type=base, default=default, help=text)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each field of a dataclass's source: the fields' help texts."""
+    import inspect
+    import re
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
 
 
 def _int_list(text: str) -> list[int]:
