@@ -55,6 +55,18 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
+def touch(*parameter_groups) -> None:
+    """Read every weight once so that memory-mapped weights are resident before timing: both tools then start
+    attribution with what they keep in memory loaded, and ΔRSS measures attribution alone. (Decoders that
+    circuit-tracer reads from disk on demand are not parameters and stay on disk, as it intends.)"""
+    import torch
+    with torch.no_grad():
+        for group in parameter_groups:
+            for p in group:
+                if p.device.type != "meta":
+                    p.sum()
+
+
 def load_transcoders(path: Path, dtype):
     from circuit_tracer.utils.caching import load_transcoders_from_cache
     # a directory in circuit-tracer's cache layout: config.yaml + layer_{l} / W_enc_{l}, W_dec_{l} files
@@ -94,6 +106,7 @@ def cmd_attribute(args) -> int:
     model = ReplacementModel.from_pretrained_and_transcoders(
         args.model, transcoders, backend="nnsight", device=torch.device("cpu"), dtype=dtype)
     tokens = torch.tensor([int(t) for t in args.tokens.split(",")])
+    touch(model.parameters(), transcoders.parameters())
     t_load = time.perf_counter() - t0
     rss_before = rss_bytes()
     with PeakRSS() as peak:
@@ -102,12 +115,7 @@ def cmd_attribute(args) -> int:
                           batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, verbose=args.verbose)
         wall = time.perf_counter() - t1
     adj = graph.adjacency_matrix.float()
-    rows, cols = adj.nonzero(as_tuple=True)
-    # CSR of the dense adjacency (targets x sources), built here so the file stays small
-    order = np.lexsort((cols.numpy(), rows.numpy()))
-    r, c = rows.numpy()[order], cols.numpy()[order]
-    indptr = np.zeros(adj.shape[0] + 1, dtype=np.int64)
-    np.add.at(indptr, r + 1, 1)
+    csr = adj.to_sparse_csr()  # targets x sources, stored sparse so the file stays small
     selected = graph.selected_features.numpy()
     active = graph.active_features.numpy()  # [n_active, 3] layer, pos, feature
     info = {
@@ -121,8 +129,8 @@ def cmd_attribute(args) -> int:
                      if hasattr(__import__(m), "__version__")},
     }
     np.savez_compressed(
-        args.out, adj_data=adj.numpy()[r, c].astype(np.float32), adj_indices=c.astype(np.int64),
-        adj_indptr=np.cumsum(indptr), shape=np.array(adj.shape), active_features=active,
+        args.out, adj_data=csr.values().numpy(), adj_indices=csr.col_indices().numpy(),
+        adj_indptr=csr.crow_indices().numpy(), shape=np.array(adj.shape), active_features=active,
         selected_features=selected, activation_values=graph.activation_values.float().numpy(),
         tokens=tokens.numpy(), logit_ids=graph.logit_token_ids.numpy(),
         logit_probabilities=graph.logit_probabilities.float().numpy(), n_layers=np.array(graph.cfg.n_layers),

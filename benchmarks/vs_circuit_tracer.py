@@ -260,7 +260,7 @@ def child_ours(args) -> int:
     """The measured run of our engine (a fresh process): load, then time `circuits.attribute`."""
     import torch
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from ct_runner import PeakRSS, rss_bytes
+    from ct_runner import PeakRSS, rss_bytes, touch
 
     import circuits
     from transcoders.circuit_tracer_format import load_circuit_tracer
@@ -272,6 +272,7 @@ def child_ours(args) -> int:
     if lm.tokenize(args.text).tolist() != tokens:
         raise SystemExit("the prompt text does not tokenize to the case's token ids")
     s = json.loads(args.settings)
+    touch(lm.model.parameters(), tc.parameters())
     t_load = time.perf_counter() - t0
     rss_before = rss_bytes()
     with PeakRSS() as peak:
@@ -589,9 +590,10 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                   f"embedding by the unscaled row, so its token edges are too small by that factor.", "",
                   "| case | targets | max rel. error, ours | max rel. error, circuit-tracer |", "|---|---|---|---|",
                   *fd_lines]
-    lines += ["", "How to read: peak RSS is the whole process (model and transcoders loaded, then attribution); "
-              "circuit-tracer reads decoder rows from disk on demand while we hold the whole set in memory, so "
-              "ΔRSS (peak during attribution minus the resident size before it) isolates the attribution itself. "
+    lines += ["", "How to read: wall time is the attribution call alone, after loading, with every weight each tool "
+              "keeps in memory already read once (memory-mapped weights made resident). Peak RSS is the whole "
+              "process; circuit-tracer reads decoder rows from disk on demand while we hold the whole set in memory, "
+              "so ΔRSS (peak during attribution minus the resident size before it) isolates the attribution itself. "
               "GFLOP is the work the attribution must do (one forward pass, one transposed pass per row down from "
               "its layer, the edge dot products), the same formula for both tools; % of peak divides it by the "
               "wall time and the matmul rate above. Both tools' rows differ when max_feature_nodes is below the "
