@@ -45,6 +45,7 @@ class AttributionConfig:
     dtype: str = "float32"
     max_tokens: int = 4096  # refuse longer prompts
     memory_gb: float = 1.0  # bound on the working buffers of one batch (rows x sources, gradients)
+    bos_features: bool = False  # keep feature nodes at the <bos> position (see `attribute`)
     progress: bool = True
 
     def check(self) -> None:
@@ -348,6 +349,13 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     fw = FrozenWeights.of(lm)
     L, n, D = lm.sites.n_layers, len(tokens), lm.sites.d_model
     f_layer, f_pos, f_feat, f_act = (t.cpu() for t in tc.sparse_encode(state.mlp_in))
+    bos = getattr(lm.tokenizer, "bos_token_id", None)
+    if not cfg.bos_features and bos is not None and int(tokens[0]) == bos:
+        # <bos> attends only to itself, so everything at position 0 is the same for every prompt: an
+        # attention sink whose huge-norm activations lie outside what transcoders are trained on (they fire
+        # hundreds of features there). Its MLP outputs become the error nodes at position 0 instead.
+        keep = f_pos != 0
+        f_layer, f_pos, f_feat, f_act = f_layer[keep], f_pos[keep], f_feat[keep], f_act[keep]
     n_feat = len(f_feat)
     # errors: the true MLP output minus the transcoders' (features, decoder bias, skip term)
     feature_out = decode_sparse(tc, f_layer, f_pos, f_feat, f_act, n)  # [L, n, D]

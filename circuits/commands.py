@@ -35,6 +35,8 @@ _HELP = {
     "dtype": "float32 (exact) or bfloat16 (the model's forward pass; attribution runs in float32)",
     "max_tokens": "refuse prompts longer than this many tokens",
     "memory_gb": "bound on the working memory of one batch",
+    "bos_features": "keep feature nodes at the <bos> position (by default its MLP outputs are error nodes: "
+                    "position 0 is the same attention sink for every prompt)",
 }
 
 

@@ -47,7 +47,10 @@ class Frozen:
         self.fw = FrozenWeights(lm)
         L = tc.n_layers
         self.acts = [tc.encode(l, self.state.mlp_in[l]).float() for l in range(L)]
-        self.errors = self.state.mlp_out - tc.reconstruct(self.state.mlp_in).float()
+        if not graph.metadata["settings"]["bos_features"]:  # <bos>'s MLP outputs are its error nodes
+            for a in self.acts:
+                a[0] = 0.0
+        self.errors = self.state.mlp_out - tc.decode(self.acts, self.state.mlp_in).float()
 
     def target(self, i: int):
         """(layer, pos, vector) that node i reads."""

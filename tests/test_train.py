@@ -190,6 +190,19 @@ def test_train_on_a_tiny_model_end_to_end(tiny, tmp_path):
     torch.testing.assert_close(loaded.reconstruct(x), tc.reconstruct(x))
 
 
+def test_training_inside_no_grad_is_the_same_run():
+    """The first trace trains the default set from inside attribution's no_grad: that must not matter."""
+    data = PlantedData(n_layers=2, d_model=32, n_features=48, l0=2, seed=0)
+    cfg = _planted_cfg(d_sae=64, k=3, tokens=64 * 8, batch_size=64, init_tokens=64)
+    plain = train_transcoders(cfg, buffer=PlantedBuffer(data, 64))
+    losses = []
+    with torch.no_grad():
+        inside = train_transcoders(cfg, buffer=PlantedBuffer(data, 64), on_step=lambda s, m: losses.append(m["loss"]))
+    assert len(losses) == 8
+    for (name, a), (_, b) in zip(plain.named_parameters(), inside.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 _KILLABLE = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)

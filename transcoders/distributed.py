@@ -331,6 +331,7 @@ def _clip_gradients(net: TrainableTranscoders, max_norm: float, layout: Layout) 
         g.mul_(coef.to(g.dtype))
 
 
+@torch.enable_grad()  # callers may be inside no_grad (the first trace trains the default set)
 def distributed_train_step(net: ShardedTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor,
                            y: torch.Tensor, step: int) -> dict:
     """`transcoders.train.train_step` on this rank's share of the set (features mode) or of the batch
@@ -459,7 +460,7 @@ def _initial_checkpoint(cfg: TrainConfig, buffer, path: Path) -> None:
     """Step 0 exactly as `train_transcoders` starts, written as its checkpoint for every rank to slice."""
     x0, _ = buffer.batch(0)
     net = TrainableTranscoders(cfg, x0.shape[1], x0.shape[2])
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
     n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
     xs, ys = zip(*(buffer.batch(i) for i in range(n_init)))
     net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
@@ -538,7 +539,7 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
     state = _load_checkpoint(ckpt, cfg)
     n_layers, d_model = state["net"]["W_enc"].shape[:2]
     net = local_net(cfg, n_layers, d_model, state["net"], layout, device)
-    opt = torch.optim.AdamW(net.parameters())  # hyperparameters and moments come from the checkpoint
+    opt = torch.optim.AdamW(net.parameters(), fused=True)  # hyperparameters and moments: the checkpoint's
     opt.load_state_dict(shard_optimizer_state(state["opt"], net, layout, device))
     start, history = state["step"], state["history"]
     del state

@@ -327,6 +327,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
+@torch.enable_grad()  # callers may be inside no_grad (the first trace trains the default set)
 def train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                step: int) -> dict:
     """One optimiser step on a raw batch x, y `[B, L, D]`. Returns the step's metrics (per-layer lists)."""
