@@ -21,7 +21,9 @@ import vs_circuit_tracer as bench  # noqa: E402
 def traced(tiny, tmp_path):
     s = tiny.sites
     tc = random_transcoders(s.n_layers, s.d_model, 96, kind="skip", l0=6, seed=0)
-    graph = circuits.attribute(tiny, "the cat sat", transcoders=tc, progress=False, max_feature_nodes=10_000)
+    # BOS features kept: the agreement must set them apart from what both tools compute
+    graph = circuits.attribute(tiny, "the cat sat", transcoders=tc, progress=False, max_feature_nodes=10_000,
+                               bos_features=True)
     path = graph.save(tmp_path / "ours.graph.npz")
     return tiny, tc, graph, path
 

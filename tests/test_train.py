@@ -94,9 +94,15 @@ def test_matryoshka_prefix_reconstructs_on_its_own():
     nested = train_transcoders(_planted_cfg(kind="plt", activation="topk", d_sae=128, tokens=256 * 150, matryoshka=[32]),
                                buffer=PlantedBuffer(data, 256))
     assert nested.cfg.matryoshka_prefixes == [32]
-    # the first 32 of 128 features: a nested dictionary reconstructs much of the output with them alone
-    assert prefix_fvu(nested, 32) < 0.85 * prefix_fvu(plain, 32)
-    assert prefix_fvu(nested, 32) < 0.9
+    # the best any 32 planted features can do: least squares of the output on their true codes
+    s = data.codes(4096, torch.Generator().manual_seed(123))[0]
+    target = s @ data.B[0][:, 0]
+    codes = torch.cat([s[:, :32], torch.ones(len(s), 1)], 1)
+    fit = codes @ torch.linalg.lstsq(codes, target).solution
+    best = float((fit - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum())
+    # the first 32 of 128 features: a nested dictionary's are about that good on their own; a plain one's are not
+    assert prefix_fvu(nested, 32) < best + 0.05
+    assert prefix_fvu(plain, 32) > prefix_fvu(nested, 32) + 0.05
     assert prefix_fvu(nested, 128) < 0.1  # and the full dictionary still works
 
 

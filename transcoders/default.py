@@ -16,7 +16,7 @@ from circuits.models import DEFAULT_MODEL, cache_dir
 from .train import TrainConfig, train_transcoders
 
 # The name is the cache key: change it whenever the recipe changes, so stale sets are not reused.
-DEFAULT_NAME = "gemma-3-270m-skip-batchtopk1024-v2"
+DEFAULT_NAME = "gemma-3-270m-skip-batchtopk1024-v3"
 
 
 def default_transcoders_dir() -> Path:

@@ -204,7 +204,10 @@ class TrainableTranscoders(nn.Module):
         up to about the average of their residuals. The dictionary starts as a k-nearest-neighbour regressor
         instead of noise, every feature fires from step 0, and a short run spends its steps refining."""
         L, n, D = xc.shape
-        pick = torch.randint(0, n, (self.F,), generator=generator)
+        # distinct tokens where there are enough: a repeated exemplar is a duplicate feature, dead weight
+        # that also ties with its twin in every top-k (so sharded and single-process runs could part ways)
+        pick = (torch.randperm(n, generator=generator)[:self.F] if n >= self.F
+                else torch.randint(0, n, (self.F,), generator=generator))
         ex_in, ex_out = xc[:, pick], resid[:, pick]  # [L, F, D]
         norm = ex_in.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         self.W_enc.copy_((ex_in / norm).transpose(1, 2))
