@@ -3,6 +3,7 @@ their own, BatchTopK's inference threshold gives ~k features, normalisation fold
 weights, and a run killed with SIGKILL resumes where its last checkpoint left it."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -298,3 +299,30 @@ def test_default_set_is_sparse_and_replaces_the_mlps(real_model, default_transco
         assert row["dense_frac"] < 0.05, row  # features that fire on everything would clutter every graph
     # splicing every MLP hurts far less than removing them
     assert res["ce_spliced"] < res["ce_zero_ablated"] and res["ce_recovered"] > 0.5, res
+
+
+def test_reuse_freed_memory_restores_the_allocator():
+    """Inside the context large blocks come from the heap (no mmap per tensor); outside, glibc's defaults."""
+    from transcoders import _malloc
+    libc = _malloc._libc()
+    if libc is None:
+        pytest.skip("not glibc")
+    mallinfo = getattr(libc, "mallinfo2", None)
+    if mallinfo is None:
+        pytest.skip("glibc without mallinfo2")
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+    mallinfo.restype = Info
+
+    def mmapped_while_holding(n_bytes: int) -> int:
+        t = torch.empty(n_bytes // 4)
+        held = mallinfo().hblkhd
+        del t
+        return held
+
+    before = mmapped_while_holding(0)
+    with _malloc.reuse_freed_memory():
+        assert mmapped_while_holding(64 << 20) - before < 1 << 20
+    assert mmapped_while_holding(64 << 20) - before >= 64 << 20

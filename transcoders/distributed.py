@@ -37,6 +37,7 @@ from torch import nn
 from circuits.errors import UserError
 from circuits.ranks import BACKENDS, Ranks
 
+from ._malloc import reuse_freed_memory
 from .activations import jumprelu, step as heaviside
 from .model import TranscoderSet
 from .train import (TrainableTranscoders, TrainConfig, _autocast, _load_checkpoint, _remove_partials,
@@ -504,7 +505,8 @@ def train_distributed(config: DistributedTrainConfig, buffer=None, loaded=None, 
         raise UserError("distributed training needs --out DIR (checkpoints and the trained set go there)")
     ranks = Ranks.start(config.dist_backend, config.device, config.timeout_min)
     try:
-        return _train(config, ranks, buffer, loaded, model_name, on_step)
+        with reuse_freed_memory():
+            return _train(config, ranks, buffer, loaded, model_name, on_step)
     finally:
         ranks.finish()
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from circuits.errors import UserError
 
+from ._malloc import reuse_freed_memory
 from .activations import batchtopk_per_layer, jumprelu, step as heaviside, topk
 from .model import ACTIVATIONS, KINDS, TranscoderConfig, TranscoderSet
 
@@ -440,6 +441,11 @@ def train_transcoders(cfg: TrainConfig, loaded=None, buffer=None, model_name: st
     loaded: a LoadedModel (default: `circuits.load_model(cfg.model)`); buffer: any object with
     `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]` raw activations (default: harvested from `loaded`).
     on_step(step, metrics) is called after every step. Returns the trained `TranscoderSet`."""
+    with reuse_freed_memory():
+        return _train_transcoders(cfg, loaded, buffer, model_name, on_step)
+
+
+def _train_transcoders(cfg: TrainConfig, loaded, buffer, model_name: str | None, on_step) -> TranscoderSet:
     from .data import ActivationBuffer, ActivationSource, text_source
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
