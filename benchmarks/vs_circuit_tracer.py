@@ -596,7 +596,9 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
               "so ΔRSS (peak during attribution minus the resident size before it) isolates the attribution itself. "
               "GFLOP is the work the attribution must do (one forward pass, one transposed pass per row down from "
               "its layer, the edge dot products), the same formula for both tools; % of peak divides it by the "
-              "wall time and the matmul rate above. Both tools' rows differ when max_feature_nodes is below the "
+              "wall time and the matmul rate above. The count takes every transposed pass over the whole prompt; "
+              "ours stops each batch at the last position its rows can reach (causal attention), so it does less "
+              "than the count and can pass 100%. Both tools' rows differ when max_feature_nodes is below the "
               "active count: they rank features by influence at different moments, and circuit-tracer never "
               "selects BOS features. No GPU was lent to this run: the Gemma 3 1B/4B-shaped GPU cases are not "
               "measured here."]
