@@ -18,12 +18,14 @@ import json
 import os
 import platform
 import pstats
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ct_runner import peak_rss_bytes  # noqa: E402  (VmHWM: ru_maxrss would include the parent's)
 
 TEXT = ("Fact: Michael Jordan plays the sport of basketball, and many people consider him the greatest player in "
         "the history of the game. He grew up in Wilmington, North Carolina, played college basketball for the Tar "
@@ -128,7 +130,7 @@ def run_one(n_tokens: int, transcoders: str, profile: bool) -> dict:
            "attribution_s": m["timing_s"]["attribution"], "total_s": total,
            "n_active": m["n_active_features"], "n_rows": m["n_feature_rows"], "row_order": m["row_order"],
            "nnz": int(graph.adjacency.nnz), "edge_backend": m["edge_backend"], "batch_size": m["batch_size_used"],
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "threads": torch.get_num_threads(),
+           "peak_rss_gb": peak_rss_bytes() / 2**30, "threads": torch.get_num_threads(),
            "top": graph.logit_strings[0], "l0": m["n_active_features"] / (graph.n_pos * graph.n_layers)}
     if prof:
         out["profile"] = _profile_table(pstats.Stats(prof), total)

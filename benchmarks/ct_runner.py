@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import threading
 import time
@@ -35,8 +34,19 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across fork and exec,
+    so a child would report its parent's resident size at the fork whenever that was larger."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return rss_bytes()
+
+
 class PeakRSS:
-    """Samples resident memory every 10 ms in a thread: the peak within a block (ru_maxrss covers the process)."""
+    """Samples resident memory every 10 ms in a thread: the peak within a block (`peak_rss_bytes` covers the
+    process)."""
 
     def __enter__(self):
         self.peak = rss_bytes()
@@ -120,7 +130,7 @@ def cmd_attribute(args) -> int:
     active = graph.active_features.numpy()  # [n_active, 3] layer, pos, feature
     info = {
         "tool": "circuit-tracer", "wall_s": wall, "load_s": t_load,
-        "peak_rss": int(max(peak.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)),
+        "peak_rss": int(max(peak.peak, peak_rss_bytes())),
         "peak_rss_attribution": int(peak.peak), "rss_before": int(rss_before),
         "n_active_features": int(len(active)), "n_selected_features": int(len(selected)),
         "threads": torch.get_num_threads(),

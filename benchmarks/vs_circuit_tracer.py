@@ -260,7 +260,7 @@ def child_ours(args) -> int:
     """The measured run of our engine (a fresh process): load, then time `circuits.attribute`."""
     import torch
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from ct_runner import PeakRSS, rss_bytes, touch
+    from ct_runner import PeakRSS, peak_rss_bytes, rss_bytes, touch
 
     import circuits
     from transcoders.circuit_tracer_format import load_circuit_tracer
@@ -279,9 +279,8 @@ def child_ours(args) -> int:
         t1 = time.perf_counter()
         graph = circuits.attribute(lm, args.text, transcoders=tc, progress=True, **s)
         wall = time.perf_counter() - t1
-    import resource
     info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "peak_rss_attribution": int(peak.peak),
-            "peak_rss": int(max(peak.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)),
+            "peak_rss": int(max(peak.peak, peak_rss_bytes())),
             "rss_before": int(rss_before), "n_active_features": int(graph.metadata["n_active_features"]),
             "n_selected_features": int(graph.metadata["n_feature_rows"]), "threads": torch.get_num_threads(),
             "timing_s": graph.metadata.get("timing_s", {}), "edge_backend": graph.metadata.get("edge_backend"),
