@@ -162,6 +162,8 @@ def _driver(root: Path) -> None:
             train_distributed(DistributedTrainConfig(train=cfg), buffer=_buffer(cfg), on_step=_stop_at)
         except Stop:
             pass
+        # meet before tearing the group down: gloo aborts a process whose peer closed its connections first
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
