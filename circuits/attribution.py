@@ -349,8 +349,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     fw = FrozenWeights.of(lm)
     L, n, D = lm.sites.n_layers, len(tokens), lm.sites.d_model
     f_layer, f_pos, f_feat, f_act = (t.cpu() for t in tc.sparse_encode(state.mlp_in))
-    bos = getattr(lm.tokenizer, "bos_token_id", None)
-    if not cfg.bos_features and bos is not None and int(tokens[0]) == bos:
+    if not cfg.bos_features and lm.starts_with_bos(tokens):
         # <bos> attends only to itself, so everything at position 0 is the same for every prompt: an
         # attention sink whose huge-norm activations lie outside what transcoders are trained on (they fire
         # hundreds of features there). Its MLP outputs become the error nodes at position 0 instead.

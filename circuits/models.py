@@ -104,6 +104,11 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def starts_with_bos(self, tokens: torch.Tensor) -> bool:
+        """Whether token ids `[n_pos]` open with the tokenizer's BOS token (position 0 is then its attention sink)."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return bos is not None and len(tokens) > 0 and int(tokens[0]) == bos
+
     def tokenize(self, prompt: str, chat: bool = False) -> torch.Tensor:
         """Token ids `[n_pos]` with the BOS token; `chat` wraps the prompt in the chat template."""
         if chat:

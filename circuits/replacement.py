@@ -367,8 +367,7 @@ class TransposedModel:
 def check_prompt(lm: LoadedModel, tokens: torch.Tensor, max_tokens: int | None = None) -> None:
     """Refuse empty prompts and prompts longer than the model's context (or `max_tokens`)."""
     n = len(tokens)
-    bos = getattr(lm.tokenizer, "bos_token_id", None)
-    content = n - int(n > 0 and bos is not None and int(tokens[0]) == bos)
+    content = n - int(lm.starts_with_bos(tokens))
     if content <= 0:
         raise UserError("the prompt is empty; give at least one token of text")
     limit = min(lm.sites.max_positions, max_tokens or lm.sites.max_positions)
