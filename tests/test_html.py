@@ -123,16 +123,9 @@ class Browser:
         raise TimeoutError(method)
 
     def open(self, path: Path) -> None:
-        # mark the current document, so that a load event left over from it cannot pass for the new one
-        self.call("Runtime.evaluate", expression="window.__previous_page = true")
         self.events.clear()
         self.call("Page.navigate", url=path.resolve().as_uri())
         self.wait_event("Page.loadEventFired")
-        deadline = time.time() + 30
-        while self.js("window.__previous_page === true || document.readyState !== 'complete'"):
-            if time.time() > deadline:
-                raise TimeoutError(f"{path} did not finish loading")
-            time.sleep(0.05)
 
     def js(self, expression: str):
         r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
