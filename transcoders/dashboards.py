@@ -51,7 +51,7 @@ class DashboardConfig:
 
     transcoders: str = "default"  # "default" or a path
     model: str = DEFAULT_MODEL
-    text: str = "builtin"  # builtin | generated | file:PATH | hf:DATASET (see transcoders.data)
+    text: str = "builtin"  # builtin | english | python | generated | file:PATH | hf:DATASET (see transcoders.data)
     out: str | None = None  # default: dashboards_dir(transcoders)
     k: int = 12  # top contexts kept per feature
     context: int = 64  # tokens per context, BOS included
@@ -408,7 +408,7 @@ def register(sub) -> None:
                        "memory; resumable (run the same command again after a kill).")
     p.add_argument("--transcoders", default=d.transcoders, help="'default' or a transcoder folder")
     p.add_argument("--model", default=d.model)
-    p.add_argument("--text", default=d.text, help="builtin | generated | file:PATH | hf:DATASET")
+    p.add_argument("--text", default=d.text, help="builtin | english | python | generated | file:PATH | hf:DATASET")
     p.add_argument("--out", default=None, help="output folder (default: dashboards/ beside the transcoders)")
     p.add_argument("--k", type=int, default=d.k, help="top contexts kept per feature")
     p.add_argument("--context", type=int, default=d.context, help="tokens per context")

