@@ -164,7 +164,7 @@ def _driver(root: Path) -> None:
             train_distributed(DistributedTrainConfig(train=cfg), buffer=_buffer(cfg), on_step=_stop_at)
         except Stop:
             pass
-        # meet before tearing the group down: gloo aborts a process whose peer closed its connections first
+        # the interrupted run skipped train_distributed's closing barrier: meet before tearing the group down
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -2,8 +2,9 @@
 
 `load_default_transcoders(lm)` returns the set from `default_transcoders_dir()` (under
 `circuits.models.cache_dir()/transcoders/`), training it there first if it is missing: `default_recipe()`
-on the offline builtin text (English speeches and Python documentation), a few minutes on a 2-core CPU, with a progress bar, resumable if killed (rerun
-and it continues from its last checkpoint). A lock file keeps two processes from training it at once.
+on the offline builtin text (English speeches and Python documentation), a few minutes on a 2-core CPU,
+with a progress bar, resumable if killed (rerun and it continues from its last checkpoint). A lock file
+keeps two processes from training it at once.
 """
 from __future__ import annotations
 
