@@ -13,7 +13,8 @@ ext_modules, cmdclass = [], {}
 if os.environ.get("GEMMA_CIRCUITS_NO_EXT") != "1":
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension, CUDAExtension,
+                                               is_ninja_available)
 
         # torch's build adds its own -std (C++20 for current torch); the kernels need C++17 or later
         omp = ["-fopenmp"] if sys.platform != "darwin" else []
@@ -55,7 +56,8 @@ if os.environ.get("GEMMA_CIRCUITS_NO_EXT") != "1":
                 except Exception as e:
                     print(f"WARNING: could not build {ext.name} ({e}); using the PyTorch path")
 
-        cmdclass["build_ext"] = OptionalBuildExtension.with_options(use_ninja=False)
+        # ninja (where installed) compiles the C++ and CUDA sources in parallel
+        cmdclass["build_ext"] = OptionalBuildExtension.with_options(use_ninja=is_ninja_available())
     except ImportError:
         print("WARNING: torch is not installed at build time; building without the compiled kernels. "
               "Install torch first and use `pip install --no-build-isolation .`")

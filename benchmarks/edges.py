@@ -49,6 +49,7 @@ QUICK = {
     "270m-clt-64": dict(D=640, F=4096, n_pos=8, l0=20, n_out=4, B=64),
     "270m-errors-32": dict(D=640, L=18, n_pos=8, B=64),
 }
+GPU_METHODS = ("cuda", "cuda-rowwise", "cuda+top64", "torch@cuda")
 # v0 gathers [B, n_out, n_active, D]: run it only where that fits comfortably in memory
 V0_MAX_BYTES = 1 << 30
 
@@ -59,6 +60,7 @@ class EdgesBenchConfig:
     threads: list[int] = field(default_factory=lambda: sorted({1, os.cpu_count() or 1}))
     min_seconds: float = 1.0  # repeat each measurement at least this long (and at least 3 times)
     quick: bool = False
+    methods: list[str] = field(default_factory=list)  # only these (default: every method that can run here)
     out: str = "benchmarks/results/edges.md"
 
 
@@ -110,12 +112,14 @@ def _measure(kind: str, shape: dict, method: str, threads: int, min_seconds: flo
         import torch
         torch.set_num_threads(threads)
         from circuits import backend as be
-        gpu = method in ("cuda", "torch@cuda")
+        gpu = method in GPU_METHODS
         args, n_out_entries = _inputs(kind, shape, "cuda" if gpu else "cpu")
         sync = torch.cuda.synchronize if gpu else (lambda: None)
         fn = {("features", "cpp"): lambda: be.feature_edges(*args, backend="cpp"),
               ("features", "torch"): lambda: be.feature_edges_torch(*args),
               ("features", "cuda"): lambda: be.feature_edges(*args, backend="cuda"),
+              ("features", "cuda-rowwise"): lambda: be._ext.feature_edges(*args, variant="rowwise"),
+              ("features", "cuda+top64"): lambda: be.feature_edges_sparse(*args, top_k=64, backend="cuda"),
               ("features", "torch@cuda"): lambda: be.feature_edges_torch(*args),
               ("vectors", "cuda"): lambda: be.vector_edges(*args, backend="cuda"),
               ("vectors", "torch@cuda"): lambda: be.vector_edges_torch(*args),
@@ -166,7 +170,9 @@ def methods_for(kind: str, shape: dict) -> list[str]:
     from circuits import backend as be
     gpu = ["torch@cuda"] if torch.cuda.is_available() else []
     if gpu and be._ext.has_cuda():
-        gpu.insert(0, "cuda")
+        gpu[:0] = ["cuda"] if kind == "vectors" else ["cuda", "cuda-rowwise"]
+        if kind == "features" and shape["n_out"] == 1 and "dec_dtype" not in shape:
+            gpu.append("cuda+top64")
     if kind == "vectors":
         return ["cpp", "torch", "einsum", *gpu]
     names = ["cpp", "torch", *gpu]
@@ -187,10 +193,12 @@ def run(cfg: EdgesBenchConfig) -> str:
     if be._ext is None:
         raise SystemExit(f"the compiled extension is not built ({be._ext_error}); "
                          f"run `python setup.py build_ext --inplace` first")
+    gpu_only = bool(cfg.methods) and all(m in GPU_METHODS for m in cfg.methods)
     lines = [
-        "## Edge kernels (benchmarks/edges.py)",
+        "## Edge kernels " + (f"on the GPU ({torch.cuda.get_device_name()}) " if gpu_only else "") + "(benchmarks/edges.py)",
         "",
-        f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''} --threads {' '.join(map(str, cfg.threads))}` "
+        f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''} --threads {' '.join(map(str, cfg.threads))}"
+        f"{' --methods ' + ' '.join(cfg.methods) if cfg.methods else ''}` "
         f"on {date.today()}: "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"micro-kernel {be._ext.simd()}, load average {os.getloadavg()[0]:.1f} at the start. One call = the "
@@ -215,9 +223,13 @@ def run(cfg: EdgesBenchConfig) -> str:
         desc = f"(quick) {desc}" if cfg.quick else desc
         dims = ", ".join(f"{k}={v}" for k, v in shape.items())
         for threads in cfg.threads:
-            results = {m: measure(kind, shape, m, threads, cfg.min_seconds) for m in methods_for(kind, shape)}
+            methods = [m for m in methods_for(kind, shape) if not cfg.methods or m in cfg.methods]
+            results = {m: measure(kind, shape, m, threads, cfg.min_seconds) for m in methods}
             for m, (wall, cpu, peak, out_bytes) in results.items():
-                ref_wall, ref_cpu = results["torch@cuda" if m in ("cuda", "torch@cuda") else "torch"][:2]
+                ref = results.get("torch@cuda" if m in GPU_METHODS else "torch")
+                if ref is None:  # the reference was left out by --methods
+                    ref = (float("nan"), float("nan"))
+                ref_wall, ref_cpu = ref[:2]
                 row = (f"| {desc} | {dims} | {threads} | {m} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
                        f"{ref_wall / wall:.2f}x | {ref_cpu / cpu:.2f}x | {peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |")
                 lines.append(row)
@@ -235,10 +247,12 @@ def main(argv=None) -> None:
     p.add_argument("--threads", nargs="+", type=int, default=d.threads)
     p.add_argument("--min-seconds", type=float, default=d.min_seconds)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--methods", nargs="+", default=d.methods,
+                   help="only these methods, e.g. cuda cuda-rowwise torch@cuda (default: all that can run here)")
     p.add_argument("--out", default=d.out, help="markdown file to write ('' for none)")
     a = p.parse_args(argv)
     print(run(EdgesBenchConfig(cases=a.cases, threads=a.threads, min_seconds=a.min_seconds, quick=a.quick,
-                               out=a.out)))
+                               methods=a.methods, out=a.out)))
 
 
 if __name__ == "__main__":

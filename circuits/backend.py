@@ -13,7 +13,8 @@ the top-k of each row, computed in row blocks so the dense `[B, n_active]` never
 embeddings): out[b, r] = grad[b, r, :] . vectors[r, :].
 
 Backends, in order of preference: cuda (compiled, CUDA tensors), cpp (compiled, C++/OpenMP), torch (this
-file; the reference, and the fallback where nothing is compiled). `GEMMA_CIRCUITS_BACKEND=torch|cpp|cuda`
+file; the reference, and the fallback where nothing is compiled). One exception, measured: `vector_edges` on
+CUDA tensors uses PyTorch unless the cuda backend is asked for, since one batched matmul beats the kernel there. `GEMMA_CIRCUITS_BACKEND=torch|cpp|cuda`
 forces one where it is available.
 """
 from __future__ import annotations
@@ -172,6 +173,8 @@ def vector_edges(grad: torch.Tensor, vectors: torch.Tensor, backend: str | None 
     grad `[B, R, D]` (any strides), vectors `[R, D]`. Error nodes of layer l: grad = G[:, l] `[B, n_pos, D]`,
     vectors = errors[l]; all layers at once: G[:, 1:].flatten(1, 2) and errors.flatten(0, 1)."""
     name = _pick(backend, grad.device)
+    if name == "cuda" and backend is None and not _forced():
+        name = "torch"  # on a GPU PyTorch's batched matmul is faster here (BENCHMARKS.md, edge kernels)
     if name != "torch" and grad.dtype in _EXT_DTYPES and vectors.dtype in _EXT_DTYPES \
             and vectors.device == grad.device:
         _check_vector_args(grad, vectors)

@@ -30,7 +30,8 @@ def info_lines() -> list[str]:
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"numpy {numpy.__version__}",
         f"device: {device}",
-        f"edge backend: {active_backend(dev)} ({backend_reason(dev)})",
+        f"edge backend: {active_backend(dev)} ({backend_reason(dev)})"
+        + (f"; for CPU tensors: {active_backend('cpu')} ({backend_reason('cpu')})" if cuda else ""),
         f"default model: {DEFAULT_MODEL}, cached at {model_cache} "
         f"({'present' if (model_cache / 'DONE').exists() else 'not yet assembled'})",
         f"default transcoders: {tc_dir} ({tc_state})",

@@ -505,15 +505,16 @@ bool openmp_enabled() {
 
 #ifdef WITH_CUDA
 at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& feat,
-                              const at::Tensor& act, const at::Tensor& decoder);
+                              const at::Tensor& act, const at::Tensor& decoder, const std::string& variant);
 at::Tensor vector_edges_cuda(const at::Tensor& grad, const at::Tensor& vectors);
 #endif
 
 namespace {
+// `variant` picks the CUDA kernel (tiled, or rowwise); the CPU has one
 at::Tensor feature_edges_any(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& feat,
-                             const at::Tensor& act, const at::Tensor& decoder) {
+                             const at::Tensor& act, const at::Tensor& decoder, const std::string& variant) {
 #ifdef WITH_CUDA
-  if (grad.is_cuda()) return feature_edges_cuda(grad, pos, feat, act, decoder);
+  if (grad.is_cuda()) return feature_edges_cuda(grad, pos, feat, act, decoder, variant);
 #endif
   return feature_edges(grad, pos, feat, act, decoder);
 }
@@ -539,7 +540,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the kernels release the GIL: other Python threads (progress bars, data loading) keep running
   m.def("feature_edges", &feature_edges_any, "out[b,i] = act[i] * sum_o decoder[feat[i],o,:] . grad[b,o,pos[i],:]",
         py::arg("grad"), py::arg("pos"), py::arg("feat"), py::arg("act"), py::arg("decoder"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("variant") = "tiled", py::call_guard<py::gil_scoped_release>());
   m.def("vector_edges", &vector_edges_any, "out[b,r] = grad[b,r,:] . vectors[r,:]", py::arg("grad"),
         py::arg("vectors"), py::call_guard<py::gil_scoped_release>());
   m.def("sparsify", &sparsify, "CSR (indptr, indices, values) of |x| >= threshold (if >= 0) and the top_k (if >= 0)",

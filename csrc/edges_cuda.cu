@@ -3,15 +3,23 @@
 //   grad [B, n_out, n_pos, D], decoder [F, n_out, D]: any strides, float32 / bfloat16 / float16 / float64;
 //   accumulation and output in float32.
 //
-// One thread block per (feature, tile of ROWS batch rows). The block stages the feature's decoder row in
-// shared memory, CHUNK floats at a time, with consecutive threads reading consecutive elements (coalesced),
-// so each decoder row is read from global memory once per row tile. Each warp then owns ROWS / WARPS batch
-// rows: its lanes stride along D (coalesced gradient reads where D has unit stride), and a shuffle
-// reduction folds the 32 partial sums of each row.
+// Two kernels:
+// - tiled (the default for features): features sorted by position and cut into tiles of at most FT features
+//   that share one position, so a tile's edges are a small matrix product [BT rows x D] . [D x FT]. A block
+//   stages a BT x DK slab of the gradient and an FT x DK slab of gathered decoder rows in shared memory
+//   (consecutive threads read consecutive d: coalesced), and each thread accumulates a 4 x 2 patch of the
+//   output. Each gradient row is read once per tile instead of once per feature.
+// - rowwise (vector edges, and `variant="rowwise"`): one block per (source, tile of ROWS batch rows); the
+//   block stages the source's vector in shared memory and each warp folds its rows with a shuffle reduction.
+//   Sources that share nothing (error nodes, token embeddings: one vector per position) gain nothing from
+//   tiling.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <string>
+#include <vector>
 
 namespace {
 
@@ -70,6 +78,64 @@ __global__ void __launch_bounds__(THREADS)
   }
 }
 
+
+// tiled kernel: BT x FT outputs per block, 256 threads as 16 x 16, each thread 4 rows x 2 features
+constexpr int FT = 32, BT = 64, DK = 32;
+
+template <typename TG, typename TD>
+__global__ void __launch_bounds__(THREADS)
+    feature_edges_tiled_kernel(const TG* __restrict__ grad, int64_t gs0, int64_t gs1, int64_t gs2, int64_t gs3,
+                               const TD* __restrict__ dec, int64_t ds0, int64_t ds1, int64_t ds2,
+                               const int64_t* __restrict__ tiles,  // [n_tiles, 3]: first sorted index, length, pos
+                               const int64_t* __restrict__ order, const int64_t* __restrict__ feat,
+                               const float* __restrict__ act, float* __restrict__ out, int64_t B, int64_t n,
+                               int64_t n_out, int64_t D) {
+  __shared__ float gs[BT][DK + 1];  // +1: column reads by different rows fall in different banks
+  __shared__ float ds[FT][DK + 1];
+  const int64_t t0 = tiles[3 * blockIdx.x], len = tiles[3 * blockIdx.x + 1], p = tiles[3 * blockIdx.x + 2];
+  const int64_t b0 = (int64_t)blockIdx.y * BT;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // features tx*2.., rows ty*4..
+  float acc[4][2] = {{0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}};
+  for (int64_t o = 0; o < n_out; ++o) {
+    for (int64_t d0 = 0; d0 < D; d0 += DK) {
+      __syncthreads();  // the previous slab is no longer read
+      for (int e = threadIdx.x; e < BT * DK; e += THREADS) {
+        const int r = e / DK, d = e % DK;
+        const int64_t b = b0 + r, dd = d0 + d;
+        gs[r][d] = (b < B && dd < D) ? static_cast<float>(grad[b * gs0 + o * gs1 + p * gs2 + dd * gs3]) : 0.f;
+      }
+      for (int e = threadIdx.x; e < FT * DK; e += THREADS) {
+        const int f = e / DK, d = e % DK;
+        const int64_t dd = d0 + d;
+        ds[f][d] = (f < len && dd < D) ? static_cast<float>(dec[feat[t0 + f] * ds0 + o * ds1 + dd * ds2]) : 0.f;
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int d = 0; d < DK; ++d) {
+        const float f0 = ds[tx * 2][d], f1 = ds[tx * 2 + 1][d];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float g = gs[ty * 4 + r][d];
+          acc[r][0] += g * f0;
+          acc[r][1] += g * f1;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int f = tx * 2 + j;
+    if (f >= len) continue;
+    const int64_t col = order[t0 + f];
+    const float a = act[t0 + f];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t b = b0 + ty * 4 + r;
+      if (b < B) out[b * n + col] = a * acc[r][j];
+    }
+  }
+}
+
 #define EDGES_CUDA_DISPATCH(tensor, T, ...)                                                       \
   switch ((tensor).scalar_type()) {                                                               \
     case at::kFloat: { using T = float; __VA_ARGS__; break; }                                     \
@@ -82,13 +148,15 @@ __global__ void __launch_bounds__(THREADS)
 }  // namespace
 
 at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos_in, const at::Tensor& feat_in,
-                              const at::Tensor& act_in, const at::Tensor& decoder) {
+                              const at::Tensor& act_in, const at::Tensor& decoder, const std::string& variant) {
   TORCH_CHECK(grad.is_cuda() && decoder.is_cuda() && decoder.device() == grad.device(),
               "feature_edges (cuda): grad and decoder must be on the same CUDA device");
   TORCH_CHECK(grad.dim() == 4 && decoder.dim() == 3 && decoder.size(1) == grad.size(1) &&
                   decoder.size(2) == grad.size(3),
               "feature_edges needs grad [B, n_out, n_pos, D] and decoder [F, n_out, D], got ", grad.sizes(),
               " and ", decoder.sizes());
+  TORCH_CHECK(variant == "tiled" || variant == "rowwise", "feature_edges (cuda): variant must be 'tiled' or "
+              "'rowwise', got '", variant, "'");
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor pos = pos_in.to(grad.device(), at::kLong).contiguous();
   const at::Tensor feat = feat_in.to(grad.device(), at::kLong).contiguous();
@@ -98,14 +166,39 @@ at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos_in, 
   auto out = at::zeros({B, n}, grad.options().dtype(at::kFloat));
   if (n == 0 || B == 0 || n_out == 0 || D == 0) return out;
   TORCH_CHECK(n <= 0x7fffffff, "feature_edges (cuda): at most 2^31 - 1 features per call");
-  const dim3 grid((unsigned)n, (unsigned)((B + ROWS - 1) / ROWS));
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (variant == "rowwise") {
+    const dim3 grid((unsigned)n, (unsigned)((B + ROWS - 1) / ROWS));
+    EDGES_CUDA_DISPATCH(grad, TG, EDGES_CUDA_DISPATCH(decoder, TD,
+        feature_edges_kernel<TG, TD><<<grid, THREADS, 0, stream>>>(
+            grad.const_data_ptr<TG>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
+            decoder.const_data_ptr<TD>(), decoder.stride(0), decoder.stride(1), decoder.stride(2),
+            pos.const_data_ptr<int64_t>(), feat.const_data_ptr<int64_t>(), act.const_data_ptr<float>(),
+            out.data_ptr<float>(), B, n, n_out, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK()));
+    return out;
+  }
+  // tiles of at most FT features sharing one position; the run lengths come to the host (one small copy)
+  const at::Tensor order = std::get<1>(pos.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor pos_sorted = pos.index_select(0, order);
+  const auto runs = at::unique_consecutive(pos_sorted, /*return_inverse=*/false, /*return_counts=*/true);
+  const at::Tensor run_pos = std::get<0>(runs).cpu(), run_len = std::get<2>(runs).cpu();
+  std::vector<int64_t> tiles;
+  const int64_t* rp = run_pos.const_data_ptr<int64_t>();
+  const int64_t* rl = run_len.const_data_ptr<int64_t>();
+  for (int64_t r = 0, start = 0; r < run_pos.numel(); start += rl[r], ++r)
+    for (int64_t s = 0; s < rl[r]; s += FT) tiles.insert(tiles.end(), {start + s, std::min<int64_t>(FT, rl[r] - s), rp[r]});
+  const int64_t n_tiles = (int64_t)tiles.size() / 3;
+  TORCH_CHECK(n_tiles <= 0x7fffffff && (B + BT - 1) / BT <= 65535, "feature_edges (cuda): too many tiles");
+  const at::Tensor tiles_dev = at::from_blob(tiles.data(), {n_tiles, 3}, at::kLong).to(grad.device());
+  const at::Tensor feat_sorted = feat.index_select(0, order), act_sorted = act.index_select(0, order);
+  const dim3 grid((unsigned)n_tiles, (unsigned)((B + BT - 1) / BT));
   EDGES_CUDA_DISPATCH(grad, TG, EDGES_CUDA_DISPATCH(decoder, TD,
-      feature_edges_kernel<TG, TD><<<grid, THREADS, 0, stream>>>(
+      feature_edges_tiled_kernel<TG, TD><<<grid, THREADS, 0, stream>>>(
           grad.const_data_ptr<TG>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
           decoder.const_data_ptr<TD>(), decoder.stride(0), decoder.stride(1), decoder.stride(2),
-          pos.const_data_ptr<int64_t>(), feat.const_data_ptr<int64_t>(), act.const_data_ptr<float>(),
-          out.data_ptr<float>(), B, n, n_out, D);
+          tiles_dev.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), feat_sorted.const_data_ptr<int64_t>(),
+          act_sorted.const_data_ptr<float>(), out.data_ptr<float>(), B, n, n_out, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK()));
   return out;
 }
@@ -117,5 +210,5 @@ at::Tensor vector_edges_cuda(const at::Tensor& grad, const at::Tensor& vectors) 
               "vector_edges needs grad [B, R, D] and vectors [R, D], got ", grad.sizes(), " and ", vectors.sizes());
   const auto rows = at::arange(grad.size(1), grad.options().dtype(at::kLong));
   const auto ones = at::ones({grad.size(1)}, grad.options().dtype(at::kFloat));
-  return feature_edges_cuda(grad.unsqueeze(1), rows, rows, ones, vectors.unsqueeze(1));
+  return feature_edges_cuda(grad.unsqueeze(1), rows, rows, ones, vectors.unsqueeze(1), "rowwise");
 }

@@ -306,7 +306,8 @@ def test_info_reports_the_backend(monkeypatch):
     monkeypatch.delenv("GEMMA_CIRCUITS_BACKEND", raising=False)
     from circuits.info import info_lines
     line = next(x for x in info_lines() if x.startswith("edge backend"))
-    assert line.startswith("edge backend: cpp") and be._ext.simd() in line
+    first = "cuda" if torch.cuda.is_available() and be._ext.has_cuda() else "cpp"
+    assert line.startswith(f"edge backend: {first}") and be._ext.simd() in line
 
 
 # -- CUDA (skipped without a GPU and a CUDA build) -------------------------------------------------------
@@ -324,6 +325,24 @@ def test_cuda_matches_float64(c):
     out = be.feature_edges(*args)
     assert out.is_cuda
     assert_close(out.cpu(), *[t.cpu() for t in args])
+    assert_close(be._ext.feature_edges(*args, variant="rowwise").cpu(), *[t.cpu() for t in args])
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["tiled", "rowwise"])
+@pytest.mark.parametrize("ddtype", DTYPES)
+def test_cuda_many_rows_and_crowded_positions(variant, ddtype):
+    """Past one tile in every direction: 130 batch rows (tiles of 64), 200 features on 3 positions (tiles of
+    at most 32 features of one position), D = 70 (slabs of 32), 3 output layers, unsorted positions."""
+    grad, _, _, _, decoder = make_case(130, 3, 5, 70, 90, 0, seed=11, ddtype=ddtype)
+    gen = torch.Generator().manual_seed(12)
+    pos = torch.tensor([0, 3, 4])[torch.randint(0, 3, (200,), generator=gen)]
+    feat, act = torch.randint(0, 90, (200,), generator=gen), torch.rand(200, generator=gen)
+    args = [t.cuda() for t in (grad, pos, feat, act, decoder)]
+    out = be._ext.feature_edges(*args, variant=variant)
+    assert_close(out.cpu(), grad, pos, feat, act, decoder)
+    with pytest.raises(RuntimeError, match="variant"):
+        be._ext.feature_edges(*args, variant="fastest")
 
 
 @needs_cuda
