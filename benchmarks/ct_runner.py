@@ -65,6 +65,29 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
+class GPUMemory:
+    """CUDA memory of a block on a GPU run: allocated before it and the peak within it (nothing on the CPU)."""
+
+    def __init__(self, device: str):
+        import torch
+        self.cuda = str(device).startswith("cuda")
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+
+    def sync(self) -> None:
+        if self.cuda:
+            __import__("torch").cuda.synchronize()
+
+    def report(self) -> dict:
+        if not self.cuda:
+            return {}
+        import torch
+        return {"gpu_before": int(self.before), "gpu_peak": int(torch.cuda.max_memory_allocated()),
+                "gpu_name": torch.cuda.get_device_name()}
+
+
 def touch(*parameter_groups) -> None:
     """Read every weight once so that memory-mapped weights are resident before timing: both tools then start
     attribution with what they keep in memory loaded, and ΔRSS measures attribution alone. (Decoders that
@@ -77,11 +100,11 @@ def touch(*parameter_groups) -> None:
                     p.sum()
 
 
-def load_transcoders(path: Path, dtype):
+def load_transcoders(path: Path, dtype, device: str = "cpu"):
     from circuit_tracer.utils.caching import load_transcoders_from_cache
     # a directory in circuit-tracer's cache layout: config.yaml + layer_{l} / W_enc_{l}, W_dec_{l} files
     transcoders, config = load_transcoders_from_cache(path.name, cache_dir=path.parent, dtype=dtype,
-                                                      device=__import__("torch").device("cpu"))
+                                                      device=__import__("torch").device(device))
     return transcoders, config
 
 
@@ -112,26 +135,28 @@ def cmd_attribute(args) -> int:
     from circuit_tracer import ReplacementModel, attribute
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
-    transcoders, _ = load_transcoders(Path(args.transcoders), dtype)
+    transcoders, _ = load_transcoders(Path(args.transcoders), dtype, args.device)
     model = ReplacementModel.from_pretrained_and_transcoders(
-        args.model, transcoders, backend="nnsight", device=torch.device("cpu"), dtype=dtype)
+        args.model, transcoders, backend="nnsight", device=torch.device(args.device), dtype=dtype)
     tokens = torch.tensor([int(t) for t in args.tokens.split(",")])
     touch(model.parameters(), transcoders.parameters())
     t_load = time.perf_counter() - t0
     rss_before = rss_bytes()
+    gpu = GPUMemory(args.device)
     with PeakRSS() as peak:
         t1 = time.perf_counter()
         graph = attribute(tokens, model, max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
                           batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, verbose=args.verbose)
+        gpu.sync()
         wall = time.perf_counter() - t1
-    adj = graph.adjacency_matrix.float()
+    adj = graph.adjacency_matrix.float().cpu()
     csr = adj.to_sparse_csr()  # targets x sources, stored sparse so the file stays small
-    selected = graph.selected_features.numpy()
-    active = graph.active_features.numpy()  # [n_active, 3] layer, pos, feature
+    selected = graph.selected_features.cpu().numpy()
+    active = graph.active_features.cpu().numpy()  # [n_active, 3] layer, pos, feature
     info = {
         "tool": "circuit-tracer", "wall_s": wall, "load_s": t_load,
         "peak_rss": int(max(peak.peak, peak_rss_bytes())),
-        "peak_rss_attribution": int(peak.peak), "rss_before": int(rss_before),
+        "peak_rss_attribution": int(peak.peak), "rss_before": int(rss_before), **gpu.report(),
         "n_active_features": int(len(active)), "n_selected_features": int(len(selected)),
         "threads": torch.get_num_threads(),
         "versions": {k: __import__(m).__version__ for k, m in
@@ -141,9 +166,9 @@ def cmd_attribute(args) -> int:
     np.savez_compressed(
         args.out, adj_data=csr.values().numpy(), adj_indices=csr.col_indices().numpy(),
         adj_indptr=csr.crow_indices().numpy(), shape=np.array(adj.shape), active_features=active,
-        selected_features=selected, activation_values=graph.activation_values.float().numpy(),
-        tokens=tokens.numpy(), logit_ids=graph.logit_token_ids.numpy(),
-        logit_probabilities=graph.logit_probabilities.float().numpy(), n_layers=np.array(graph.cfg.n_layers),
+        selected_features=selected, activation_values=graph.activation_values.float().cpu().numpy(),
+        tokens=tokens.numpy(), logit_ids=graph.logit_token_ids.cpu().numpy(),
+        logit_probabilities=graph.logit_probabilities.float().cpu().numpy(), n_layers=np.array(graph.cfg.n_layers),
         info=np.frombuffer(json.dumps(info).encode(), dtype=np.uint8))
     print(json.dumps(info))
     return 0
@@ -163,6 +188,7 @@ def main(argv=None) -> int:
     a.add_argument("--max-feature-nodes", type=int, default=8192)
     a.add_argument("--batch-size", type=int, default=256)
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a.add_argument("--device", default="cpu", help="cpu or cuda")
     a.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     a.add_argument("--verbose", action="store_true")
     a.set_defaults(func=cmd_attribute)

@@ -16,6 +16,14 @@ replacement model (`circuits.replacement.frozen_forward`) decide which token edg
 
 Transcoders: random sets at a realistic L0 (thresholds calibrated on other text), a 16k-wide skip PLT and a
 4k-per-layer CLT; the default trained set too where it has been trained (`--sets default`).
+
+Larger models on a GPU: `--model random-1b` or `random-4b` builds a Gemma 3 1B- or 4B-shaped model with random
+weights (layers, widths, heads, vocabulary and the 5:1 sliding/global pattern of the published configs; plain
+RoPE on every layer, since the two transformers majors the tools run on read RoPE scaling differently) and a
+word-level tokenizer over its vocabulary, saved once as a Hugging Face directory that both tools load:
+
+    python benchmarks/vs_circuit_tracer.py --model random-1b --device cuda --sets skip --lengths 32,128 \
+        --threads 16 --batch-tokens 8192 --out benchmarks/results/vs_circuit_tracer_gpu.md
 """
 from __future__ import annotations
 
@@ -56,6 +64,8 @@ CALIBRATION = (
 class BenchConfig:
     """One benchmark run; every field is also a command-line option."""
 
+    model: str = "gemma-3-270m"  # or random-1b | random-4b | random-tiny: random weights at a Gemma 3 shape
+    device: str = "cpu"
     sets: list[str] = field(default_factory=lambda: ["skip", "clt", "default"])  # skip | clt | default
     lengths: list[int] = field(default_factory=lambda: [8, 32, 128])  # prompt tokens, BOS included
     repeats: int = 2  # measured runs per tool and case, alternating tools
@@ -82,7 +92,75 @@ class BenchConfig:
         return int(min(256, max(16, self.batch_tokens // n_pos)))
 
 
-# -- preparing transcoders and prompts ----------------------------------------------------------------------
+# -- preparing models, transcoders and prompts ------------------------------------------------------------
+
+# Text-decoder shapes of the published Gemma 3 configs (1B: google/gemma-3-1b-pt; 4B: the text tower of
+# google/gemma-3-4b-pt), and a tiny one for smoke tests.
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, vocab_size=4096, sliding_window=16),
+    "1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512),
+    "4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=256, vocab_size=262208, sliding_window=1024),
+}
+
+
+def random_model_dir(name: str, work: Path, seed: int, device: str) -> Path:
+    """A Gemma 3-shaped model with random weights (`name` = random-<shape>) and a word-level tokenizer ("w<id>"
+    is token id), saved once as a Hugging Face directory (bfloat16 on disk; both tools load it as float32).
+    Weights scaled so that activations keep their size through the layers, norm gains random around 1."""
+    import shutil
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+    shape = SHAPES.get(name.removeprefix("random-"))
+    if shape is None:
+        raise SystemExit(f"unknown model {name!r}; use gemma-3-270m or random-{'|random-'.join(SHAPES)}")
+    d = work / "models" / f"{name}-seed{seed}"
+    if (d / "DONE").exists():
+        return d
+    L = shape["num_hidden_layers"]
+    config = Gemma3TextConfig(
+        **shape, layer_types=["full_attention" if (l + 1) % 6 == 0 else "sliding_attention" for l in range(L)],
+        query_pre_attn_scalar=shape["head_dim"], rms_norm_eps=1e-6, max_position_embeddings=32768,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    config.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for pname, prm in model.named_parameters():
+            if "norm" in pname:  # Gemma norms scale by (1 + weight)
+                prm.normal_(0.0, 0.3)
+            elif "embed" in pname:  # the residual stream gets embed * sqrt(d_model): unit-size entries
+                prm.normal_(0.0, shape["hidden_size"] ** -0.5)
+            else:
+                prm.normal_(0.0, prm.shape[1] ** -0.5)
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    del model
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, shape["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(tmp)
+    tc_file = tmp / "tokenizer_config.json"  # transformers 5 names its own class; 4.x (circuit-tracer) needs this one
+    tc_json = json.loads(tc_file.read_text())
+    tc_file.write_text(json.dumps({**tc_json, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (tmp / "DONE").write_text("ok")
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
+    return d
+
+
+def random_words(n: int, vocab_size: int, seed: int) -> str:
+    """Text of `n` words of a random model's word-level tokenizer (ids 4.. are "w4", "w5", ...)."""
+    rng = np.random.default_rng(seed)
+    return " ".join(f"w{i}" for i in rng.integers(4, vocab_size, n))
+
 
 def calibrate_thresholds(tc, mlp_in, l0: float) -> None:
     """Set every layer's JumpReLU threshold so that about `l0` features fire per position on `mlp_in`
@@ -90,13 +168,17 @@ def calibrate_thresholds(tc, mlp_in, l0: float) -> None:
     import torch
     with torch.no_grad():
         for l in range(tc.n_layers):
-            pre = tc.pre_activation(l, mlp_in[l, 1:]).flatten()
+            pre = tc.pre_activation(l, mlp_in[l, 1:].cpu().float()).flatten()
             k = max(1, int(round(len(pre) * (1 - l0 / tc.d_sae))))
             tc.threshold[l].fill_(float(pre.kthvalue(k).values))
 
 
-def exact_prompt(lm, n_pos: int) -> tuple[str, list[int]]:
-    """Text whose tokenization (BOS first) is exactly `n_pos` tokens: a prefix of PASSAGE."""
+def exact_prompt(lm, n_pos: int, random_vocab: int = 0) -> tuple[str, list[int]]:
+    """Text whose tokenization (BOS first) is exactly `n_pos` tokens: a prefix of PASSAGE, or on a random
+    model (`random_vocab` > 0) random words of its vocabulary."""
+    if random_vocab:
+        text = random_words(n_pos - 1, random_vocab, seed=n_pos)
+        return text, lm.tokenize(text).tolist()
     ids = lm.tokenize(PASSAGE).tolist()
     if len(ids) < n_pos:
         raise SystemExit(f"the benchmark passage has only {len(ids)} tokens; lengths must be <= that")
@@ -115,11 +197,27 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
     from circuits.replacement import run_and_freeze
     from transcoders import random_transcoders
     from transcoders.circuit_tracer_format import is_circuit_tracer_dir, save_circuit_tracer
-    lm = circuits.load_model()
+    from circuits.models import DEFAULT_MODEL, cache_dir
+    rand = cfg.model.startswith("random-")
+    if rand:
+        model_dir = random_model_dir(cfg.model, work, cfg.seed, cfg.device)
+        lm = circuits.load_model(str(model_dir), device=cfg.device)
+        vocab = lm.sites.vocab_size
+        calibration = lm.tokenize(random_words(256, vocab, seed=cfg.seed + 12345))
+    elif cfg.model in (DEFAULT_MODEL, "google/gemma-3-270m"):
+        model_dir, vocab = cache_dir() / "models" / "gemma-3-270m-hf", 0
+        lm = circuits.load_model(device=cfg.device)
+        calibration = lm.tokenize(CALIBRATION)
+    else:
+        raise SystemExit(f"unknown model {cfg.model!r}; use {DEFAULT_MODEL} or random-{'|random-'.join(SHAPES)}")
+    suffix = f"-{cfg.model}" if rand else ""
     notes, sets = [], {}
     for name in cfg.sets:
         if name not in ("skip", "clt", "default"):
             raise SystemExit(f"unknown set {name!r}; use skip, clt or default")
+        if name == "default" and rand:
+            notes.append(f"set default: trained for {DEFAULT_MODEL} only; left out for {cfg.model}.")
+            continue
         if name == "default":
             src = _default_dir(notes)
             if src is None:
@@ -127,7 +225,7 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
             d = work / "transcoders" / f"default-{int(src.stat().st_mtime)}"  # a retrained set is exported anew
         else:
             d = work / "transcoders" / f"{name}-{cfg.d_sae_skip if name == 'skip' else cfg.d_sae_clt}-l0{cfg.l0:g}" \
-                                       f"-seed{cfg.seed}"
+                                       f"-seed{cfg.seed}{suffix}"
         if not is_circuit_tracer_dir(d):
             if name == "default":
                 from transcoders.formats import load_any
@@ -136,7 +234,7 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
                 tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model,
                                         cfg.d_sae_skip if name == "skip" else cfg.d_sae_clt, kind=name,
                                         seed=cfg.seed, l0=cfg.l0, model_name=lm.name)
-                calibrate_thresholds(tc, run_and_freeze(lm, lm.tokenize(CALIBRATION)).mlp_in, cfg.l0)
+                calibrate_thresholds(tc, run_and_freeze(lm, calibration).mlp_in, cfg.l0)
             try:
                 save_circuit_tracer(tc, d)
             except circuits.UserError as e:
@@ -146,13 +244,18 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
         sets[name] = d
     cases = []
     for n in cfg.lengths:
-        text, tokens = exact_prompt(lm, n)
+        text, tokens = exact_prompt(lm, n, vocab)
         for name, d in sets.items():
-            cases.append({"name": f"{name}-{n}", "set": name, "dir": str(d), "n_pos": n, "text": text,
-                          "tokens": tokens, "batch_size": cfg.batch_size(n)})
+            cases.append({"name": f"{cfg.model.removeprefix('random-')}-{name}-{n}" if rand else f"{name}-{n}", "set": name, "dir": str(d), "n_pos": n, "text": text,
+                          "tokens": tokens, "batch_size": cfg.batch_size(n), "model_dir": str(model_dir),
+                          "model": str(model_dir) if rand else DEFAULT_MODEL})
     del lm
     import gc
+
+    import torch
     gc.collect()
+    if torch.cuda.is_available():  # the measured runs are other processes: leave them the GPU's memory
+        torch.cuda.empty_cache()
     return cases, notes
 
 
@@ -236,16 +339,16 @@ def ct_phases(log: str) -> dict:
 
 
 def ours_command(case: dict, cfg: BenchConfig, out: Path, fd: bool) -> list[str]:
-    return [sys.executable, __file__, "_ours", "--transcoders", case["dir"], "--text", case["text"],
+    return [sys.executable, __file__, "_ours", "--model", case["model"], "--device", cfg.device,
+            "--transcoders", case["dir"], "--text", case["text"],
             "--tokens", ",".join(map(str, case["tokens"])), "--out", str(out),
             "--settings", json.dumps(settings(cfg, case)), *(["--fd"] if fd else [])]
 
 
 def ct_command(case: dict, cfg: BenchConfig, out: Path) -> list[str]:
-    from circuits.models import cache_dir
     s = settings(cfg, case)
-    return [cfg.ct_python, str(REPO / "benchmarks" / "ct_runner.py"), "attribute",
-            "--model", str(cache_dir() / "models" / "gemma-3-270m-hf"), "--transcoders", case["dir"],
+    return [cfg.ct_python, str(REPO / "benchmarks" / "ct_runner.py"), "attribute", "--device", cfg.device,
+            "--model", case["model_dir"], "--transcoders", case["dir"],
             "--tokens", ",".join(map(str, case["tokens"])), "--out", str(out), "--threads", str(cfg.threads),
             "--max-n-logits", str(s["max_n_logits"]), "--desired-logit-prob", str(s["desired_logit_prob"]),
             "--max-feature-nodes", str(s["max_feature_nodes"]), "--batch-size", str(s["batch_size"]), "--verbose"]
@@ -260,14 +363,14 @@ def child_ours(args) -> int:
     """The measured run of our engine (a fresh process): load, then time `circuits.attribute`."""
     import torch
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from ct_runner import PeakRSS, peak_rss_bytes, rss_bytes, touch
+    from ct_runner import GPUMemory, PeakRSS, peak_rss_bytes, rss_bytes, touch
 
     import circuits
     from transcoders.circuit_tracer_format import load_circuit_tracer
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     t0 = time.perf_counter()
-    lm = circuits.load_model()
-    tc = load_circuit_tracer(args.transcoders)
+    lm = circuits.load_model(args.model, device=args.device)
+    tc = load_circuit_tracer(args.transcoders).to(lm.device)
     tokens = [int(t) for t in args.tokens.split(",")]
     if lm.tokenize(args.text).tolist() != tokens:
         raise SystemExit("the prompt text does not tokenize to the case's token ids")
@@ -275,11 +378,13 @@ def child_ours(args) -> int:
     touch(lm.model.parameters(), tc.parameters())
     t_load = time.perf_counter() - t0
     rss_before = rss_bytes()
+    gpu = GPUMemory(args.device)
     with PeakRSS() as peak:
         t1 = time.perf_counter()
         graph = circuits.attribute(lm, args.text, transcoders=tc, progress=True, **s)
+        gpu.sync()
         wall = time.perf_counter() - t1
-    info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "peak_rss_attribution": int(peak.peak),
+    info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "peak_rss_attribution": int(peak.peak), **gpu.report(),
             "peak_rss": int(max(peak.peak, peak_rss_bytes())),
             "rss_before": int(rss_before), "n_active_features": int(graph.metadata["n_active_features"]),
             "n_selected_features": int(graph.metadata["n_feature_rows"]), "threads": torch.get_num_threads(),
@@ -443,11 +548,16 @@ def attribution_flops(sites, n: int, kind: str, skip: bool, d_sae: int, n_active
     return {"forward": forward, "backward": backward, "edges": edges, "total": forward + backward + edges}
 
 
-def peak_flops(threads: int, size: int = 4096, reps: int = 5) -> float:
-    """This CPU's float32 matmul rate with `threads` threads (best of `reps`), measured in a fresh process."""
-    code = (f"import torch,time;torch.set_num_threads({threads});a=torch.randn({size},{size});b=torch.randn({size},{size});"
-            f"a@b;best=1e9\nfor _ in range({reps}):\n t=time.perf_counter();a@b;best=min(best,time.perf_counter()-t)\n"
-            f"print(2*{size}**3/best)")
+def peak_flops(threads: int, size: int = 4096, reps: int = 5, device: str = "cpu") -> float:
+    """This machine's float32 matmul rate (best of `reps`), measured in a fresh process: the CPU with `threads`
+    threads, or the GPU (TF32 off, as both tools run it)."""
+    if str(device).startswith("cuda"):
+        size, sync = 8192, "torch.cuda.synchronize()"
+    else:
+        sync = "0"
+    code = (f"import torch,time;torch.set_num_threads({threads});a=torch.randn({size},{size},device='{device}');"
+            f"b=torch.randn({size},{size},device='{device}');a@b;{sync};best=1e9\nfor _ in range({reps}):\n "
+            f"t=time.perf_counter();a@b;{sync};best=min(best,time.perf_counter()-t)\nprint(2*{size}**3/best)")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                                 check=True).stdout.strip())
@@ -473,7 +583,8 @@ def run(cfg: BenchConfig) -> str:
                 tag = f"{case['name']}-{tool}-{r}"
                 out = work / "runs" / (tag + (".npz" if tool == "circuit-tracer" else ".graph.npz"))
                 report = work / "runs" / (tag + ".json")
-                key = json.dumps([case["tokens"], case["dir"], settings(cfg, case), code_fingerprint(tool)])
+                key = json.dumps([case["tokens"], case["dir"], case["model_dir"], cfg.device, settings(cfg, case),
+                                  code_fingerprint(tool)])
                 if cfg.resume and report.exists():
                     old = json.loads(report.read_text())
                     if old.get("key") == key:
@@ -490,7 +601,7 @@ def run(cfg: BenchConfig) -> str:
                 print(res.get("failed") or f"{res['wall_s']:.1f} s, {res['peak_rss'] / 2**30:.2f} GB", flush=True)
                 atomic_write_text(report, json.dumps(res))
                 results[tag] = res
-    peak = peak_flops(cfg.threads)
+    peak = peak_flops(cfg.threads, device=cfg.device)
     text = report_markdown(cfg, cases, results, notes, peak)
     atomic_write_text(cfg.out, text)
     print(text)
@@ -504,13 +615,21 @@ def _median(xs):
 def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: list[str], peak: float) -> str:
     import circuits
     from circuits.models import DEFAULT_MODEL
-    lm_sites = _sites()
     gb = 2**30
-    lines = ["## Side by side with circuit-tracer 0.5.0", "",
+    on_gpu = str(cfg.device).startswith("cuda")
+    gpu_name = next((r["gpu_name"] for r in results.values() if r.get("gpu_name")), "a GPU")
+    where = (f"{gpu_name} (peak float32 matmul {peak / 1e12:.1f} TFLOP/s, TF32 off); host {_cpu()}, "
+             f"{os.cpu_count()} cores, {cfg.threads} threads per run" if on_gpu else
+             f"{_cpu()}, {os.cpu_count()} cores, {cfg.threads} threads per run; peak float32 matmul "
+             f"{peak / 1e9:.0f} GFLOP/s ({cfg.threads} threads)")
+    model = (f"{cfg.model} (random weights at the Gemma 3 {cfg.model.removeprefix('random-').upper()} shape)"
+             if cfg.model.startswith("random-") else DEFAULT_MODEL)
+    mem = "GPU" if on_gpu else "RSS"
+    lines = ["## Side by side with circuit-tracer 0.5.0" + (f" on {gpu_name}" if on_gpu else "")
+             + (f": {cfg.model}" if cfg.model.startswith("random-") else ""), "",
              f"Command: `python benchmarks/vs_circuit_tracer.py {' '.join(_cli_args(cfg))}`".rstrip() + "  ",
-             f"Machine: {_cpu()}, {os.cpu_count()} cores, {cfg.threads} threads per run; "
-             f"{time.strftime('%Y-%m-%d')}; peak float32 matmul {peak / 1e9:.0f} GFLOP/s ({cfg.threads} threads)  ",
-             f"Model: {DEFAULT_MODEL} (float32, CPU). Settings for both: max_n_logits {cfg.max_n_logits}, "
+             f"Machine: {where}; {time.strftime('%Y-%m-%d')}  ",
+             f"Model: {model} (float32, {'GPU' if on_gpu else 'CPU'}). Settings for both: max_n_logits {cfg.max_n_logits}, "
              f"desired_logit_prob {cfg.desired_logit_prob}, max_feature_nodes {cfg.max_feature_nodes}, batch size "
              f"{cfg.batch_tokens} tokens / n_pos (16..256). Random sets calibrated to L0 {cfg.l0:g}: skip PLT "
              f"{cfg.d_sae_skip} wide, CLT {cfg.d_sae_clt} per layer. {cfg.repeats} runs per tool, alternating, each a "
@@ -519,7 +638,7 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
     if versions:
         lines += [f"Peer: {', '.join(f'{k} {v}' for k, v in versions.items())}; ours: gemma-circuits "
                   f"{circuits.__version__}.", ""]
-    lines += ["| case | tool | tokens | batch | active features | rows | wall s | peak RSS GB | attribution ΔRSS GB "
+    lines += [f"| case | tool | tokens | batch | active features | rows | wall s | peak {mem} GB | attribution Δ{mem} GB "
               "| GFLOP | % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary, phases = [], []
     for case in cases:
@@ -535,13 +654,17 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                              f"{why.get('peak_rss', 0) / gb:.2f} | | | |")
                 continue
             wall = _median([x["wall_s"] for x in ok])
-            rss = max(x["peak_rss"] for x in ok)
-            during = max(x["peak_rss_attribution"] - x["rss_before"] for x in ok)
+            if on_gpu:  # the process's GPU memory (the model and transcoders included), and its rise in attribution
+                rss = max(x["gpu_peak"] for x in ok)
+                during = max(x["gpu_peak"] - x["gpu_before"] for x in ok)
+            else:
+                rss = max(x["peak_rss"] for x in ok)
+                during = max(x["peak_rss_attribution"] - x["rss_before"] for x in ok)
             spent = ok[0].get("timing_s") or ok[0].get("phases") or {}
             phases.append(f"| {case['name']} | {tool} | " + ", ".join(f"{k} {v:.1f}" for k, v in spent.items()
                                                                      if k != "load") + " |")
             rows = ok[0]["n_selected_features"]
-            work = _work(case, ok[0], tool, lm_sites)
+            work = _work(case, ok[0], tool, _sites(case["model_dir"]))
             per_tool[tool] = {"wall": wall, "rss": rss, "during": during}
             lines.append(f"| {case['name']} | {tool} | {case['n_pos']} | {case['batch_size']} | "
                          f"{ok[0]['n_active_features']} | {rows} | {wall:.2f} ({min(x['wall_s'] for x in ok):.2f}-"
@@ -553,7 +676,7 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                            f"{o['during'] / max(c['during'], 1):.2f} |")
     if summary:
         lines += ["", "Speed and memory, ours relative to circuit-tracer (time: how many times faster; memory: our "
-                  "peak as a fraction of theirs):", "", "| case | speed-up | peak RSS ratio | attribution ΔRSS "
+                  "peak as a fraction of theirs):", "", f"| case | speed-up | peak {mem} ratio | attribution Δ{mem} "
                   "ratio |", "|---|---|---|---|", *summary]
     if phases:
         lines += ["", "Where the time goes (seconds; first run of each; ours from the graph's metadata, "
@@ -566,12 +689,12 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
               "| case | shared nodes | shared rows | edges | Pearson r | max abs diff (max abs) | same logits | "
               "max logit p diff | BOS error edges (ours, share of weight) | token edges: ours / theirs | "
               "token r after x sqrt(d) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    fd_lines = []
+    fd_lines, embed_scale = [], _sites(cases[0]["model_dir"]).embed_scale if cases else float("nan")
     for case in cases:
         o, c = results.get(f"{case['name']}-ours-0"), results.get(f"{case['name']}-circuit-tracer-0")
         if not (o and c and "failed" not in o and "failed" not in c):
             continue
-        a = agreement(Path(o["out"]), Path(c["out"]), lm_sites.embed_scale)
+        a = agreement(Path(o["out"]), Path(c["out"]), _sites(case["model_dir"]).embed_scale)
         fe, bos, tok, tok2 = a["features_and_errors"], a["errors_at_bos"], a["tokens"], a["tokens_rescaled"]
         share = bos["abs_weight_ours"] / max(a["abs_weight_shared_ours"], 1e-30)
         lines.append(f"| {case['name']} | {a['shared_nodes']} | {a['shared_targets']} | {fe['edges']} | "
@@ -585,7 +708,7 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
     if fd_lines:
         lines += ["", f"Token edges against finite differences in the frozen replacement model (x_0[p] -> 2 x_0[p] "
                   f"with features and errors held fixed; exact for this affine map). Gemma 3 scales embeddings by "
-                  f"sqrt(d_model) = {lm_sites.embed_scale:.4f}; circuit-tracer multiplies the gradient at the scaled "
+                  f"sqrt(d_model) = {embed_scale:.4f}; circuit-tracer multiplies the gradient at the scaled "
                   f"embedding by the unscaled row, so its token edges are too small by that factor.", "",
                   "| case | targets | max rel. error, ours | max rel. error, circuit-tracer |", "|---|---|---|---|",
                   *fd_lines]
@@ -599,8 +722,10 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
               "ours stops each batch at the last position its rows can reach (causal attention), so it does less "
               "than the count and can pass 100%. Both tools' rows differ when max_feature_nodes is below the "
               "active count: they rank features by influence at different moments, and circuit-tracer never "
-              "selects BOS features. No GPU was lent to this run: the Gemma 3 1B/4B-shaped GPU cases are not "
-              "measured here."]
+              "selects BOS features."
+              + (" On the GPU, memory is CUDA memory allocated by each process (PyTorch's peak), not resident memory."
+                 if on_gpu else " The Gemma 3 1B/4B-shaped GPU cases (`--model random-1b --device cuda`) are in "
+                 "their own table.")]
     if notes:
         lines += ["", "Notes: " + " ".join(notes)]
     return "\n".join(lines) + "\n"
@@ -623,12 +748,10 @@ def _work(case: dict, res: dict, tool: str, sites) -> dict:
     return attribution_flops(sites, case["n_pos"], kind, skip, d_sae, res["n_active_features"], row_layers)
 
 
-def _sites():
-    """The model's shapes without keeping it loaded."""
+def _sites(model_dir: str):
+    """The model's shapes, from its Hugging Face directory, without loading it."""
     from types import SimpleNamespace
-
-    from circuits.models import cache_dir
-    c = json.loads((cache_dir() / "models" / "gemma-3-270m-hf" / "config.json").read_text())
+    c = json.loads((Path(model_dir) / "config.json").read_text())
     return SimpleNamespace(n_layers=c["num_hidden_layers"], d_model=c["hidden_size"], n_heads=c["num_attention_heads"],
                            n_kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"], vocab_size=c["vocab_size"],
                            d_mlp=c["intermediate_size"], embed_scale=float(c["hidden_size"]) ** 0.5)
@@ -678,7 +801,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_ours":  # the measured child process of our engine
         p = argparse.ArgumentParser()
-        for a in ("--transcoders", "--text", "--tokens", "--out", "--settings"):
+        for a in ("--model", "--device", "--transcoders", "--text", "--tokens", "--out", "--settings"):
             p.add_argument(a, required=True)
         p.add_argument("--fd", action="store_true")
         return child_ours(p.parse_args(argv[1:]))

@@ -119,6 +119,22 @@ def test_edges_equal_the_reference(monkeypatch, backend, kind, budget):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind,batch_size", [("skip", 256), ("clt", 7)])
+def test_graph_on_the_gpu_equals_the_cpu(kind, batch_size):
+    """The whole attribution on a CUDA device (the cuda edge kernels where built) gives the CPU's graph."""
+    lm, tc = _setup(kind, n_heads=4, n_kv_heads=2)
+    options = {"batch_size": batch_size}
+    cpu = _trace(lm, tc, **options)
+    lm.model.to("cuda")
+    gpu = _trace(lm, tc, **options)
+    assert gpu.metadata["device"].startswith("cuda")
+    assert (gpu.has_row == cpu.has_row).all() and (gpu.logit_tokens == cpu.logit_tokens).all()
+    a, b = gpu.adjacency.toarray(), cpu.adjacency.toarray()
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
+    assert _completeness_error(gpu).max() < 1e-3
+
+
 @pytest.mark.parametrize("kind", ["skip", "clt"])
 @torch.no_grad()
 def test_edges_are_finite_difference_effects(kind):
