@@ -195,8 +195,8 @@ class SourceEdges:
 
     @torch.no_grad()
     def rows(self, engine: TransposedModel, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor):
-        """Edge rows `[B, n_src]` (float32, CPU) and constant terms `[B]` (decoder biases) of B targets
-        sorted by layer, descending."""
+        """Edge rows `[B, n_src]` (float32, on the model's device) and constant terms `[B]` (decoder biases)
+        of B targets sorted by layer, descending."""
         B, n = len(layer), self.n
         out = torch.zeros(B, self.n_src, device=vectors.device)
         const = torch.zeros(B, device=vectors.device)
@@ -215,7 +215,7 @@ class SourceEdges:
                 out[:k, col0:col0 + e.shape[1]] += e
 
         engine.run(layer, pos, vectors, visit)
-        return out.cpu(), const.cpu()
+        return out, const
 
 
 # -- computed rows, influence ordering and the final adjacency ----------------------------------------
@@ -230,16 +230,16 @@ class RowStore:
         self.has_row = np.zeros(n_nodes, dtype=bool)
 
     def add(self, targets: np.ndarray, target_layers: np.ndarray, rows: torch.Tensor, const: torch.Tensor) -> None:
-        """Rows `[B, n_src]` of `targets`, sorted by target layer (descending)."""
-        dense = rows.numpy()
-        nonzero = dense != 0
-        _, cols = np.nonzero(nonzero)
-        block = sp.csr_array((dense[nonzero], cols.astype(np.int32), np.r_[0, np.cumsum(nonzero.sum(1))]),
-                             shape=dense.shape)
+        """Rows `[B, n_src]` of `targets`, sorted by target layer (descending). The rows are compacted where
+        they are (on a GPU only the nonzero entries cross to the host)."""
+        nonzero = rows != 0  # NaN stays: a broken row must show, not vanish
+        counts = nonzero.sum(1).cpu().numpy()
+        cols = nonzero.nonzero()[:, 1].to(torch.int32).cpu().numpy()  # row-major: ascending within each row
+        block = sp.csr_array((rows[nonzero].cpu().numpy(), cols, np.r_[0, np.cumsum(counts)]), shape=tuple(rows.shape))
         cuts = np.flatnonzero(np.diff(target_layers)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(targets)]):
             self.segments.append((int(target_layers[a]), targets[a:b], block[a:b]))
-        self.row_constant[targets] = const.numpy()
+        self.row_constant[targets] = const.cpu().numpy()
         self.has_row[targets] = True
 
     def influence(self, logit_nodes: np.ndarray, logit_weights: np.ndarray) -> np.ndarray:
@@ -267,12 +267,11 @@ class RowStore:
         indptr = np.r_[0, np.cumsum(counts)]
         data = np.empty(indptr[-1], dtype=np.float32)
         indices = np.empty(indptr[-1], dtype=np.int32 if self.n_nodes < 2**31 else np.int64)
-        while self.segments:  # each segment's entries go straight to their rows' slots
+        while self.segments:  # row by row: each row's entries are one contiguous copy
             _, targets, block = self.segments.pop()
-            row_nnz = np.diff(block.indptr)
-            dest = np.repeat(indptr[targets] - block.indptr[:-1], row_nnz) + np.arange(block.nnz)
-            data[dest] = block.data
-            indices[dest] = block.indices
+            for t, a, b in zip(indptr[targets].tolist(), block.indptr[:-1].tolist(), block.indptr[1:].tolist()):
+                data[t:t + b - a] = block.data[a:b]
+                indices[t:t + b - a] = block.indices[a:b]
         return sp.csr_array((data, indices, indptr), shape=(self.n_nodes, self.n_nodes))
 
 
@@ -410,7 +409,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
         order = torch.argsort(tgt_layer, descending=True, stable=True)
         rows, const = edges.rows(engine, tgt_layer[order], tgt_pos[order], vecs[order.to(vecs.device)])
         if bias is not None:
-            const = const + bias[order.to(bias.device)].cpu()
+            const = const + bias[order.to(bias.device)].to(const.device)
         store.add(nodes[order.numpy()], tgt_layer[order].numpy(), rows, const)
         if bar:
             bar.update(len(nodes))
