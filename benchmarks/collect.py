@@ -14,7 +14,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 ORDER = [  # (results file, what it measures)
     ("attribution.md", "Attribution of one prompt on gemma-3-270m: time, memory, where the time goes"),
     ("vs_circuit_tracer.md", "Side by side with circuit-tracer 0.5.0: speed, memory, agreement of the graphs"),
+    ("vs_circuit_tracer_gpu.md", "Side by side with circuit-tracer on a GPU: Gemma 3 1B- and 4B-shaped models"),
     ("edges.md", "The compiled edge kernels against the PyTorch reference"),
+    ("gpu_session.md", "The CUDA kernels and GPU tests on a lent GPU"),
+    ("edges_gpu.md", "The CUDA edge kernels against the PyTorch reference on the GPU"),
     ("prune.md", "Pruning by influence"),
     ("transcoders_default.md", "The embedded default transcoders: training time, FVU, L0, dead features, delta CE"),
     ("batch_resume.md", "Batch tracing across two ranks, killed and resumed"),

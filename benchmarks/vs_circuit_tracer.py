@@ -82,6 +82,7 @@ class BenchConfig:
     timeout_s: int = 1800  # a run still going after this is stopped and reported as such
     max_rss_gb: float = 14.0  # a run whose resident memory passes this is stopped (the machine is shared)
     fd_max_tokens: int = 32  # finite-difference check of token edges on prompts up to this length
+    profile: bool = False  # one more run of ours per case under cProfile: our time by stage
     workdir: str = ""  # exported transcoders and raw results (default: <cache>/bench/vs_circuit_tracer)
     ct_python: str = str(REPO / ".venv-ct" / "bin" / "python")
     out: str = str(RESULTS)
@@ -338,11 +339,12 @@ def ct_phases(log: str) -> dict:
             for m in [re.search(name + r" completed in ([\d.]+)s", log)] if m}
 
 
-def ours_command(case: dict, cfg: BenchConfig, out: Path, fd: bool) -> list[str]:
+def ours_command(case: dict, cfg: BenchConfig, out: Path, fd: bool, profile: bool = False) -> list[str]:
     return [sys.executable, __file__, "_ours", "--model", case["model"], "--device", cfg.device,
             "--transcoders", case["dir"], "--text", case["text"],
             "--tokens", ",".join(map(str, case["tokens"])), "--out", str(out),
-            "--settings", json.dumps(settings(cfg, case)), *(["--fd"] if fd else [])]
+            "--settings", json.dumps(settings(cfg, case)), *(["--fd"] if fd else []),
+            *(["--profile"] if profile else [])]
 
 
 def ct_command(case: dict, cfg: BenchConfig, out: Path) -> list[str]:
@@ -379,17 +381,27 @@ def child_ours(args) -> int:
     t_load = time.perf_counter() - t0
     rss_before = rss_bytes()
     gpu = GPUMemory(args.device)
+    prof = __import__("cProfile").Profile() if args.profile else None
     with PeakRSS() as peak:
         t1 = time.perf_counter()
+        if prof:
+            prof.enable()
         graph = circuits.attribute(lm, args.text, transcoders=tc, progress=True, **s)
         gpu.sync()
         wall = time.perf_counter() - t1
+        if prof:
+            prof.disable()
     info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "peak_rss_attribution": int(peak.peak), **gpu.report(),
             "peak_rss": int(max(peak.peak, peak_rss_bytes())),
             "rss_before": int(rss_before), "n_active_features": int(graph.metadata["n_active_features"]),
             "n_selected_features": int(graph.metadata["n_feature_rows"]), "threads": torch.get_num_threads(),
             "timing_s": graph.metadata.get("timing_s", {}), "edge_backend": graph.metadata.get("edge_backend"),
             "versions": graph.metadata.get("versions", {})}
+    if prof:
+        import pstats
+
+        from attribution import _profile_table  # benchmarks/attribution.py: the same stages
+        info["profile"] = _profile_table(pstats.Stats(prof), wall)
     if args.fd:
         info["fd"] = token_edges_by_finite_differences(lm, tc, graph)
     graph.save(args.out)
@@ -576,31 +588,33 @@ def run(cfg: BenchConfig) -> str:
     print(f"[vs_circuit_tracer] {len(cases)} cases x {cfg.repeats} repeats x {len(cfg.tools)} tools; work in {work}",
           flush=True)
     results: dict[str, dict] = {}
-    for r in range(cfg.repeats):
-        for case in cases:
-            tools = cfg.tools if r % 2 == 0 else cfg.tools[::-1]  # alternate which tool goes first
-            for tool in tools:
-                tag = f"{case['name']}-{tool}-{r}"
-                out = work / "runs" / (tag + (".npz" if tool == "circuit-tracer" else ".graph.npz"))
-                report = work / "runs" / (tag + ".json")
-                key = json.dumps([case["tokens"], case["dir"], case["model_dir"], cfg.device, settings(cfg, case),
-                                  code_fingerprint(tool)])
-                if cfg.resume and report.exists():
-                    old = json.loads(report.read_text())
-                    if old.get("key") == key:
-                        results[tag] = old
-                        continue
-                fd = tool == "ours" and r == 0 and case["n_pos"] <= cfg.fd_max_tokens
-                cmd = ct_command(case, cfg, out) if tool == "circuit-tracer" else ours_command(case, cfg, out, fd)
-                print(f"[vs_circuit_tracer] {tag} ...", end=" ", flush=True)
-                log = work / "runs" / (tag + ".log")
-                res = run_measured(cmd, cfg, log)
-                res.update(key=key, out=str(out))
-                if tool == "circuit-tracer" and "failed" not in res:
-                    res["phases"] = ct_phases(log.read_text(errors="replace"))
-                print(res.get("failed") or f"{res['wall_s']:.1f} s, {res['peak_rss'] / 2**30:.2f} GB", flush=True)
-                atomic_write_text(report, json.dumps(res))
-                results[tag] = res
+    runs = [(r, case, tool) for r in range(cfg.repeats) for case in cases
+            for tool in (cfg.tools if r % 2 == 0 else cfg.tools[::-1])]  # alternate which tool goes first
+    if cfg.profile and "ours" in cfg.tools:  # apart from the timed runs: the profiler slows what it watches
+        runs += [("profile", case, "ours") for case in cases]
+    for r, case, tool in runs:
+        tag = f"{case['name']}-{tool}-{r}"
+        out = work / "runs" / (tag + (".npz" if tool == "circuit-tracer" else ".graph.npz"))
+        report = work / "runs" / (tag + ".json")
+        key = json.dumps([case["tokens"], case["dir"], case["model_dir"], cfg.device, settings(cfg, case),
+                          code_fingerprint(tool)])
+        if cfg.resume and report.exists():
+            old = json.loads(report.read_text())
+            if old.get("key") == key:
+                results[tag] = old
+                continue
+        fd = tool == "ours" and r == 0 and case["n_pos"] <= cfg.fd_max_tokens
+        cmd = (ct_command(case, cfg, out) if tool == "circuit-tracer" else
+               ours_command(case, cfg, out, fd, profile=r == "profile"))
+        print(f"[vs_circuit_tracer] {tag} ...", end=" ", flush=True)
+        log = work / "runs" / (tag + ".log")
+        res = run_measured(cmd, cfg, log)
+        res.update(key=key, out=str(out))
+        if tool == "circuit-tracer" and "failed" not in res:
+            res["phases"] = ct_phases(log.read_text(errors="replace"))
+        print(res.get("failed") or f"{res['wall_s']:.1f} s, {res['peak_rss'] / 2**30:.2f} GB", flush=True)
+        atomic_write_text(report, json.dumps(res))
+        results[tag] = res
     peak = peak_flops(cfg.threads, device=cfg.device)
     text = report_markdown(cfg, cases, results, notes, peak)
     atomic_write_text(cfg.out, text)
@@ -681,6 +695,16 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
     if phases:
         lines += ["", "Where the time goes (seconds; first run of each; ours from the graph's metadata, "
                   "circuit-tracer from its verbose log):", "", "| case | tool | phases |", "|---|---|---|", *phases]
+    profiled = [(case["name"], results[f"{case['name']}-ours-profile"]) for case in cases
+                if "profile" in results.get(f"{case['name']}-ours-profile", {})]
+    if profiled:
+        stages = [name for name, _ in profiled[0][1]["profile"]]
+        lines += ["", "Our time by stage (seconds; one more run per case under cProfile, apart from the timed runs"
+                  + ("; on a GPU a stage includes the waits for GPU work queued before it" if on_gpu else "") + "):",
+                  "", "| stage | " + " | ".join(name for name, _ in profiled) + " |",
+                  "|---|" + "---|" * len(profiled)]
+        for i, stage_name in enumerate(stages):
+            lines.append(f"| {stage_name} | " + " | ".join(f"{res['profile'][i][1]:.2f}" for _, res in profiled) + " |")
     lines += ["", "### Agreement", "",
               "On the nodes both graphs kept (rows both computed x sources both have); r and max |diff| over edges "
               "nonzero in either graph. Features and errors after BOS should agree to float rounding. circuit-tracer "
@@ -804,6 +828,7 @@ def main(argv=None) -> int:
         for a in ("--model", "--device", "--transcoders", "--text", "--tokens", "--out", "--settings"):
             p.add_argument(a, required=True)
         p.add_argument("--fd", action="store_true")
+        p.add_argument("--profile", action="store_true")
         return child_ours(p.parse_args(argv[1:]))
     run(parse_config(argv))
     return 0
