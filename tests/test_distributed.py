@@ -150,7 +150,10 @@ def test_two_ranks_equal_single_process_and_resume_at_other_world_sizes(tmp_path
 def _driver(root: Path) -> None:
     """Both ranks: every case of CASES, then an interrupted run and the resumption of a single-process one."""
     import faulthandler
+
     import torch.distributed as dist
+
+    from circuits.ranks import end_process_group
     faulthandler.enable(all_threads=True)  # an abort in C++ (gloo) prints where Python was
     dist.init_process_group("gloo")  # one group for all runs; train_distributed joins it
     try:
@@ -167,14 +170,8 @@ def _driver(root: Path) -> None:
         # the interrupted run skipped train_distributed's closing barrier: meet before tearing the group down
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        end_process_group()  # as the library's jobs end theirs: see its docstring for the exit abort it prevents
 
 
 if __name__ == "__main__":
     _driver(Path(sys.argv[1]))
-    # All work is done and the group destroyed. Under load a rank still aborted now and then ("terminate
-    # called without an active exception", no Python frame left: a C++ static destructor in torch/gloo at
-    # interpreter exit), so leave without running them. An error above still exits non-zero.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
