@@ -195,7 +195,8 @@ def run(cfg: EdgesBenchConfig) -> str:
                          f"run `python setup.py build_ext --inplace` first")
     gpu_only = bool(cfg.methods) and all(m in GPU_METHODS for m in cfg.methods)
     lines = [
-        "## Edge kernels " + (f"on the GPU ({torch.cuda.get_device_name()}) " if gpu_only else "") + "(benchmarks/edges.py)",
+        "## Edge kernels " + (f"on the GPU ({torch.cuda.get_device_name()}) " if gpu_only else "")
+        + "(benchmarks/edges.py)",
         "",
         f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''} --threads {' '.join(map(str, cfg.threads))}"
         f"{' --methods ' + ' '.join(cfg.methods) if cfg.methods else ''}` "
@@ -227,11 +228,10 @@ def run(cfg: EdgesBenchConfig) -> str:
             results = {m: measure(kind, shape, m, threads, cfg.min_seconds) for m in methods}
             for m, (wall, cpu, peak, out_bytes) in results.items():
                 ref = results.get("torch@cuda" if m in GPU_METHODS else "torch")
-                if ref is None:  # the reference was left out by --methods
-                    ref = (float("nan"), float("nan"))
-                ref_wall, ref_cpu = ref[:2]
+                ratio = (lambda r, t: f"{r / t:.2f}x") if ref else (lambda r, t: "-")  # no reference: --methods
+                ref_wall, ref_cpu = ref[:2] if ref else (0.0, 0.0)
                 row = (f"| {desc} | {dims} | {threads} | {m} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
-                       f"{ref_wall / wall:.2f}x | {ref_cpu / cpu:.2f}x | {peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |")
+                       f"{ratio(ref_wall, wall)} | {ratio(ref_cpu, cpu)} | {peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |")
                 lines.append(row)
                 print(row, flush=True)
     text = "\n".join(lines) + "\n"

@@ -247,8 +247,9 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
     for n in cfg.lengths:
         text, tokens = exact_prompt(lm, n, vocab)
         for name, d in sets.items():
-            cases.append({"name": f"{cfg.model.removeprefix('random-')}-{name}-{n}" if rand else f"{name}-{n}", "set": name, "dir": str(d), "n_pos": n, "text": text,
-                          "tokens": tokens, "batch_size": cfg.batch_size(n), "model_dir": str(model_dir),
+            cases.append({"name": f"{cfg.model.removeprefix('random-')}-{name}-{n}" if rand else f"{name}-{n}",
+                          "set": name, "dir": str(d), "n_pos": n, "text": text, "tokens": tokens,
+                          "batch_size": cfg.batch_size(n), "model_dir": str(model_dir),
                           "model": str(model_dir) if rand else DEFAULT_MODEL})
     del lm
     import gc
@@ -391,7 +392,8 @@ def child_ours(args) -> int:
         wall = time.perf_counter() - t1
         if prof:
             prof.disable()
-    info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "peak_rss_attribution": int(peak.peak), **gpu.report(),
+    info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "peak_rss_attribution": int(peak.peak),
+            **gpu.report(),
             "peak_rss": int(max(peak.peak, peak_rss_bytes())),
             "rss_before": int(rss_before), "n_active_features": int(graph.metadata["n_active_features"]),
             "n_selected_features": int(graph.metadata["n_feature_rows"]), "threads": torch.get_num_threads(),
@@ -643,7 +645,8 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
              + (f": {cfg.model}" if cfg.model.startswith("random-") else ""), "",
              f"Command: `python benchmarks/vs_circuit_tracer.py {' '.join(_cli_args(cfg))}`".rstrip() + "  ",
              f"Machine: {where}; {time.strftime('%Y-%m-%d')}  ",
-             f"Model: {model} (float32, {'GPU' if on_gpu else 'CPU'}). Settings for both: max_n_logits {cfg.max_n_logits}, "
+             f"Model: {model} (float32, {'GPU' if on_gpu else 'CPU'}). Settings for both: max_n_logits "
+             f"{cfg.max_n_logits}, "
              f"desired_logit_prob {cfg.desired_logit_prob}, max_feature_nodes {cfg.max_feature_nodes}, batch size "
              f"{cfg.batch_tokens} tokens / n_pos (16..256). Random sets calibrated to L0 {cfg.l0:g}: skip PLT "
              f"{cfg.d_sae_skip} wide, CLT {cfg.d_sae_clt} per layer. {cfg.repeats} runs per tool, alternating, each a "
@@ -652,8 +655,8 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
     if versions:
         lines += [f"Peer: {', '.join(f'{k} {v}' for k, v in versions.items())}; ours: gemma-circuits "
                   f"{circuits.__version__}.", ""]
-    lines += [f"| case | tool | tokens | batch | active features | rows | wall s | peak {mem} GB | attribution Δ{mem} GB "
-              "| GFLOP | % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| case | tool | tokens | batch | active features | rows | wall s | peak {mem} GB | attribution "
+              f"Δ{mem} GB | GFLOP | % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary, phases = [], []
     for case in cases:
         per_tool = {}

@@ -235,7 +235,8 @@ class RowStore:
         nonzero = rows != 0  # NaN stays: a broken row must show, not vanish
         counts = nonzero.sum(1).cpu().numpy()
         cols = nonzero.nonzero()[:, 1].to(torch.int32).cpu().numpy()  # row-major: ascending within each row
-        block = sp.csr_array((rows[nonzero].cpu().numpy(), cols, np.r_[0, np.cumsum(counts)]), shape=tuple(rows.shape))
+        block = sp.csr_array((rows[nonzero].cpu().numpy(), cols, np.r_[0, np.cumsum(counts)]),
+                             shape=tuple(rows.shape))
         cuts = np.flatnonzero(np.diff(target_layers)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(targets)]):
             self.segments.append((int(target_layers[a]), targets[a:b], block[a:b]))

@@ -13,9 +13,9 @@ the top-k of each row, computed in row blocks so the dense `[B, n_active]` never
 embeddings): out[b, r] = grad[b, r, :] . vectors[r, :].
 
 Backends, in order of preference: cuda (compiled, CUDA tensors), cpp (compiled, C++/OpenMP), torch (this
-file; the reference, and the fallback where nothing is compiled). One exception, measured: `vector_edges` on
-CUDA tensors uses PyTorch unless the cuda backend is asked for, since one batched matmul beats the kernel there. `GEMMA_CIRCUITS_BACKEND=torch|cpp|cuda`
-forces one where it is available.
+file; the reference, and the fallback where nothing is compiled). `GEMMA_CIRCUITS_BACKEND=torch|cpp|cuda`
+forces one where it is available. One exception, measured: `vector_edges` on CUDA tensors uses PyTorch unless
+the cuda backend is asked for, since one batched matmul beats the kernel there.
 """
 from __future__ import annotations
 

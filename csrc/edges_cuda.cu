@@ -78,7 +78,6 @@ __global__ void __launch_bounds__(THREADS)
   }
 }
 
-
 // tiled kernel: BT x FT outputs per block, 256 threads as 16 x 16, each thread 4 rows x 2 features
 constexpr int FT = 32, BT = 64, DK = 32;
 
@@ -187,7 +186,8 @@ at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos_in, 
   const int64_t* rp = run_pos.const_data_ptr<int64_t>();
   const int64_t* rl = run_len.const_data_ptr<int64_t>();
   for (int64_t r = 0, start = 0; r < run_pos.numel(); start += rl[r], ++r)
-    for (int64_t s = 0; s < rl[r]; s += FT) tiles.insert(tiles.end(), {start + s, std::min<int64_t>(FT, rl[r] - s), rp[r]});
+    for (int64_t s = 0; s < rl[r]; s += FT)
+      tiles.insert(tiles.end(), {start + s, std::min<int64_t>(FT, rl[r] - s), rp[r]});
   const int64_t n_tiles = (int64_t)tiles.size() / 3;
   TORCH_CHECK(n_tiles <= 0x7fffffff && (B + BT - 1) / BT <= 65535, "feature_edges (cuda): too many tiles");
   const at::Tensor tiles_dev = at::from_blob(tiles.data(), {n_tiles, 3}, at::kLong).to(grad.device());
@@ -197,8 +197,9 @@ at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos_in, 
       feature_edges_tiled_kernel<TG, TD><<<grid, THREADS, 0, stream>>>(
           grad.const_data_ptr<TG>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
           decoder.const_data_ptr<TD>(), decoder.stride(0), decoder.stride(1), decoder.stride(2),
-          tiles_dev.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), feat_sorted.const_data_ptr<int64_t>(),
-          act_sorted.const_data_ptr<float>(), out.data_ptr<float>(), B, n, n_out, D);
+          tiles_dev.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
+          feat_sorted.const_data_ptr<int64_t>(), act_sorted.const_data_ptr<float>(), out.data_ptr<float>(), B, n,
+          n_out, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK()));
   return out;
 }
