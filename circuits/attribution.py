@@ -232,10 +232,16 @@ class RowStore:
     def add(self, targets: np.ndarray, target_layers: np.ndarray, rows: torch.Tensor, const: torch.Tensor) -> None:
         """Rows `[B, n_src]` of `targets`, sorted by target layer (descending). The rows are compacted where
         they are (on a GPU only the nonzero entries cross to the host)."""
-        nonzero = rows != 0  # NaN stays: a broken row must show, not vanish
-        counts = nonzero.sum(1).cpu().numpy()
-        cols = nonzero.nonzero()[:, 1].to(torch.int32).cpu().numpy()  # row-major: ascending within each row
-        block = sp.csr_array((rows[nonzero].cpu().numpy(), cols, np.r_[0, np.cumsum(counts)]),
+        counts, cols, vals = [], [], []
+        step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows per chunk: index temporaries stay ~32 MB
+        for r in range(0, rows.shape[0], step):
+            chunk = rows[r:r + step]
+            nonzero = chunk != 0  # NaN stays: a broken row must show, not vanish
+            counts.append(nonzero.sum(1).cpu().numpy())
+            flat = nonzero.flatten().nonzero()[:, 0]  # row-major: columns ascend within each row
+            cols.append((flat % chunk.shape[1]).to(torch.int32).cpu().numpy())
+            vals.append(chunk.flatten()[flat].cpu().numpy())
+        block = sp.csr_array((np.concatenate(vals), np.concatenate(cols), np.r_[0, np.cumsum(np.concatenate(counts))]),
                              shape=tuple(rows.shape))
         cuts = np.flatnonzero(np.diff(target_layers)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(targets)]):
