@@ -232,6 +232,8 @@ class RowStore:
     def add(self, targets: np.ndarray, target_layers: np.ndarray, rows: torch.Tensor, const: torch.Tensor) -> None:
         """Rows `[B, n_src]` of `targets`, sorted by target layer (descending). The rows are compacted where
         they are (on a GPU only the nonzero entries cross to the host)."""
+        if len(targets) == 0:
+            return
         counts, cols, vals = [], [], []
         step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows per chunk: index temporaries stay ~32 MB
         for r in range(0, rows.shape[0], step):
