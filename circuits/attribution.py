@@ -243,8 +243,12 @@ class RowStore:
             flat = nonzero.flatten().nonzero()[:, 0]  # row-major: columns ascend within each row
             cols.append((flat % chunk.shape[1]).to(torch.int32).cpu().numpy())
             vals.append(chunk.flatten()[flat].cpu().numpy())
-        block = sp.csr_array((np.concatenate(vals), np.concatenate(cols), np.r_[0, np.cumsum(np.concatenate(counts))]),
-                             shape=tuple(rows.shape))
+        indptr = np.zeros(len(targets) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate(counts), out=indptr[1:])
+        # int32 indices and indptr where they fit: scipy would widen int32 indices to an int64 indptr's type
+        index = np.int32 if indptr[-1] < 2**31 else np.int64
+        block = sp.csr_array((np.concatenate(vals), np.concatenate(cols).astype(index, copy=False),
+                              indptr.astype(index, copy=False)), shape=tuple(rows.shape))
         cuts = np.flatnonzero(np.diff(target_layers)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(targets)]):
             self.segments.append((int(target_layers[a]), targets[a:b], block[a:b]))
@@ -273,9 +277,12 @@ class RowStore:
         counts = np.zeros(self.n_nodes, dtype=np.int64)
         for _, targets, block in self.segments:
             counts[targets] = np.diff(block.indptr)
-        indptr = np.r_[0, np.cumsum(counts)]
-        data = np.empty(indptr[-1], dtype=np.float32)
-        indices = np.empty(indptr[-1], dtype=np.int32 if self.n_nodes < 2**31 else np.int64)
+        total = int(counts.sum())
+        index = np.int32 if max(total, self.n_nodes) < 2**31 else np.int64  # 4 bytes an edge less than int64
+        indptr = np.zeros(self.n_nodes + 1, dtype=index)
+        np.cumsum(counts, out=indptr[1:])
+        data = np.empty(total, dtype=np.float32)
+        indices = np.empty(total, dtype=index)
         while self.segments:  # row by row: each row's entries are one contiguous copy
             _, targets, block = self.segments.pop()
             for t, a, b in zip(indptr[targets].tolist(), block.indptr[:-1].tolist(), block.indptr[1:].tolist()):
