@@ -97,13 +97,13 @@ class BenchConfig:
 
 # Text-decoder shapes of the published Gemma 3 configs (1B: google/gemma-3-1b-pt; 4B: the text tower of
 # google/gemma-3-4b-pt), and a tiny one for smoke tests.
-SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=32, vocab_size=4096, sliding_window=16),
-    "1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
-               num_key_value_heads=1, head_dim=256, vocab_size=262144, sliding_window=512),
-    "4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=256, vocab_size=262208, sliding_window=1024),
+SHAPES = {  # arguments of circuits.models.tiny_config
+    "tiny": dict(d_model=64, d_mlp=256, n_layers=4, n_heads=2, n_kv_heads=1, head_dim=32, vocab_size=4096,
+                 sliding_window=16),
+    "1b": dict(d_model=1152, d_mlp=6912, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256, vocab_size=262144,
+               sliding_window=512),
+    "4b": dict(d_model=2560, d_mlp=10240, n_layers=34, n_heads=8, n_kv_heads=4, head_dim=256, vocab_size=262208,
+               sliding_window=1024),
 }
 
 
@@ -115,19 +115,16 @@ def random_model_dir(name: str, work: Path, seed: int, device: str) -> Path:
 
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+    from transformers import Gemma3ForCausalLM, PreTrainedTokenizerFast
+
+    from circuits.models import tiny_config
     shape = SHAPES.get(name.removeprefix("random-"))
     if shape is None:
         raise SystemExit(f"unknown model {name!r}; use gemma-3-270m or random-{'|random-'.join(SHAPES)}")
     d = work / "models" / f"{name}-seed{seed}"
     if (d / "DONE").exists():
         return d
-    L = shape["num_hidden_layers"]
-    config = Gemma3TextConfig(
-        **shape, layer_types=["full_attention" if (l + 1) % 6 == 0 else "sliding_attention" for l in range(L)],
-        query_pre_attn_scalar=shape["head_dim"], rms_norm_eps=1e-6, max_position_embeddings=32768,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
-    config.architectures = ["Gemma3ForCausalLM"]
+    config = tiny_config(**shape, global_every=6, max_positions=32768)
     torch.manual_seed(seed)
     with torch.device(device):
         model = Gemma3ForCausalLM(config)
@@ -136,7 +133,7 @@ def random_model_dir(name: str, work: Path, seed: int, device: str) -> Path:
             if "norm" in pname:  # Gemma norms scale by (1 + weight)
                 prm.normal_(0.0, 0.3)
             elif "embed" in pname:  # the residual stream gets embed * sqrt(d_model): unit-size entries
-                prm.normal_(0.0, shape["hidden_size"] ** -0.5)
+                prm.normal_(0.0, shape["d_model"] ** -0.5)
             else:
                 prm.normal_(0.0, prm.shape[1] ** -0.5)
     tmp = d.with_name(d.name + ".tmp")

@@ -338,14 +338,16 @@ class TinyTokenizer:
 
 def tiny_config(n_layers: int = 3, d_model: int = 64, softcap: float | None = None,
                 sliding_window: int = 4, vocab_size: int = 128, n_heads: int = 2, n_kv_heads: int = 1,
-                head_dim: int = 16, d_mlp: int = 128):
-    """A small Gemma 3 text config with both sliding and global layers (every third layer global)."""
+                head_dim: int = 16, d_mlp: int = 128, global_every: int = 3, max_positions: int = 256):
+    """A small Gemma 3 text config with both sliding and global layers (every `global_every`-th layer global;
+    the released models: 6). Any size: benchmarks build 1B- and 4B-shaped configs with it."""
     from transformers import Gemma3TextConfig
-    layer_types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(n_layers)]
+    layer_types = ["full_attention" if (i + 1) % global_every == 0 else "sliding_attention"
+                   for i in range(n_layers)]
     cfg = Gemma3TextConfig(
         vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
-        max_position_embeddings=256, sliding_window=sliding_window, layer_types=layer_types,
+        max_position_embeddings=max_positions, sliding_window=sliding_window, layer_types=layer_types,
         final_logit_softcapping=softcap, query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6,
         pad_token_id=0, bos_token_id=2, eos_token_id=1, attn_implementation="eager")
     cfg.architectures = ["Gemma3ForCausalLM"]

@@ -178,8 +178,7 @@ at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos_in, 
     return out;
   }
   // tiles of at most FT features sharing one position; the run lengths come to the host (one small copy)
-  const at::Tensor order = std::get<1>(pos.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  const at::Tensor pos_sorted = pos.index_select(0, order);
+  const auto [pos_sorted, order] = pos.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
   const auto runs = at::unique_consecutive(pos_sorted, /*return_inverse=*/false, /*return_counts=*/true);
   const at::Tensor run_pos = std::get<0>(runs).cpu(), run_len = std::get<2>(runs).cpu();
   std::vector<int64_t> tiles;
