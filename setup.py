@@ -21,13 +21,14 @@ if os.environ.get("GEMMA_CIRCUITS_NO_EXT") != "1":
         cxx = ["-O3", *omp]
 
         def cpu_extension():
-            return CppExtension("circuits._edges", ["csrc/edges.cpp"], extra_compile_args=cxx, extra_link_args=omp)
+            return CppExtension("circuits._edges", ["csrc/edges.cpp"], depends=["csrc/tiles.h"],
+                                extra_compile_args=cxx, extra_link_args=omp)
 
         use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                     and os.path.exists("csrc/edges_cuda.cu") and os.environ.get("GEMMA_CIRCUITS_NO_CUDA") != "1")
         if use_cuda:
             ext_modules.append(CUDAExtension(
-                "circuits._edges", ["csrc/edges.cpp", "csrc/edges_cuda.cu"],
+                "circuits._edges", ["csrc/edges.cpp", "csrc/edges_cuda.cu"], depends=["csrc/tiles.h"],
                 extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]},
                 extra_link_args=omp))
         else:

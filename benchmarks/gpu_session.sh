@@ -46,7 +46,7 @@ cat /tmp/ctsite.log
 printf '#!/bin/sh\nPYTHONPATH=%s exec %s "$@"\n' "$CTSITE" "$PY" > /tmp/ctpy && chmod +x /tmp/ctpy
 /tmp/ctpy -c "import circuit_tracer, transformers, huggingface_hub; print('peer side: transformers', transformers.__version__, 'hub', huggingface_hub.__version__)"
 }
-COMMON="--device cuda --sets skip --repeats 1 --threads 16 --batch-tokens 8192 --max-rss-gb 110 --fd-max-tokens 0 --profile
+COMMON="--device cuda --sets skip --repeats 1 --threads 16 --batch-tokens 8192 --max-rss-gb 110 --fd-max-tokens 0 --profile --warmup
         --workdir /tmp/vsct --ct-python /tmp/ctpy"
 
 "$PY" -c "import circuits._edges" 2> /dev/null || build
@@ -71,7 +71,7 @@ if [[ $STAGES == *,1b,* ]]; then
 stage vs_circuit_tracer 1b
 peer
 # shellcheck disable=SC2086
-timeout 220 "$PY" benchmarks/vs_circuit_tracer.py --model random-1b --lengths 32,128 --timeout-s 120 $COMMON \
+timeout 260 "$PY" benchmarks/vs_circuit_tracer.py --model random-1b --lengths 32,128 --timeout-s 120 $COMMON \
   --out /tmp/vsct/vs_circuit_tracer_1b.md > "$OUTDIR/vsct_1b.log" 2>&1
 echo "1b rc $?"; grep "^\[vs_circuit_tracer\]" "$OUTDIR/vsct_1b.log"
 fi

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ct_runner import WARMUP_TOKENS  # noqa: E402  (the peer's runner: both tools warm up alike)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "vs_circuit_tracer.md"
 
@@ -83,6 +86,8 @@ class BenchConfig:
     max_rss_gb: float = 14.0  # a run whose resident memory passes this is stopped (the machine is shared)
     fd_max_tokens: int = 32  # finite-difference check of token edges on prompts up to this length
     profile: bool = False  # one more run of ours per case under cProfile: our time by stage
+    warmup: bool = False  # each process traces a short prompt once before the timed call, so that one-time
+    # costs (on a GPU: CUDA context, cuBLAS handles, kernels loaded on first use) stay out of the timed call
     workdir: str = ""  # exported transcoders and raw results (default: <cache>/bench/vs_circuit_tracer)
     ct_python: str = str(REPO / ".venv-ct" / "bin" / "python")
     out: str = str(RESULTS)
@@ -342,7 +347,7 @@ def ours_command(case: dict, cfg: BenchConfig, out: Path, fd: bool, profile: boo
             "--transcoders", case["dir"], "--text", case["text"],
             "--tokens", ",".join(map(str, case["tokens"])), "--out", str(out),
             "--settings", json.dumps(settings(cfg, case)), *(["--fd"] if fd else []),
-            *(["--profile"] if profile else [])]
+            *(["--profile"] if profile else []), *(["--warmup"] if cfg.warmup else [])]
 
 
 def ct_command(case: dict, cfg: BenchConfig, out: Path) -> list[str]:
@@ -351,7 +356,8 @@ def ct_command(case: dict, cfg: BenchConfig, out: Path) -> list[str]:
             "--model", case["model_dir"], "--transcoders", case["dir"],
             "--tokens", ",".join(map(str, case["tokens"])), "--out", str(out), "--threads", str(cfg.threads),
             "--max-n-logits", str(s["max_n_logits"]), "--desired-logit-prob", str(s["desired_logit_prob"]),
-            "--max-feature-nodes", str(s["max_feature_nodes"]), "--batch-size", str(s["batch_size"]), "--verbose"]
+            "--max-feature-nodes", str(s["max_feature_nodes"]), "--batch-size", str(s["batch_size"]), "--verbose",
+            *(["--warmup"] if cfg.warmup else [])]
 
 
 def settings(cfg: BenchConfig, case: dict) -> dict:
@@ -377,6 +383,12 @@ def child_ours(args) -> int:
     s = json.loads(args.settings)
     touch(lm.model.parameters(), tc.parameters())
     t_load = time.perf_counter() - t0
+    warmup_s = None
+    if args.warmup:  # the same settings on the first tokens of the prompt (BOS + up to 7)
+        t = time.perf_counter()
+        circuits.attribute(lm, lm.tokenizer.decode(tokens[1:WARMUP_TOKENS]), transcoders=tc, progress=False, **s)
+        GPUMemory(args.device).sync()
+        warmup_s = time.perf_counter() - t
     rss_before = rss_bytes()
     gpu = GPUMemory(args.device)
     prof = __import__("cProfile").Profile() if args.profile else None
@@ -389,7 +401,8 @@ def child_ours(args) -> int:
         wall = time.perf_counter() - t1
         if prof:
             prof.disable()
-    info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "peak_rss_attribution": int(peak.peak),
+    info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "warmup_s": warmup_s,
+            "peak_rss_attribution": int(peak.peak),
             **gpu.report(),
             "peak_rss": int(max(peak.peak, peak_rss_bytes())),
             "rss_before": int(rss_before), "n_active_features": int(graph.metadata["n_active_features"]),
@@ -596,7 +609,7 @@ def run(cfg: BenchConfig) -> str:
         out = work / "runs" / (tag + (".npz" if tool == "circuit-tracer" else ".graph.npz"))
         report = work / "runs" / (tag + ".json")
         key = json.dumps([case["tokens"], case["dir"], case["model_dir"], cfg.device, settings(cfg, case),
-                          code_fingerprint(tool)])
+                          code_fingerprint(tool), cfg.warmup])
         if cfg.resume and report.exists():
             old = json.loads(report.read_text())
             if old.get("key") == key:
@@ -675,8 +688,9 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                 rss = max(x["peak_rss"] for x in ok)
                 during = max(x["peak_rss_attribution"] - x["rss_before"] for x in ok)
             spent = ok[0].get("timing_s") or ok[0].get("phases") or {}
-            phases.append(f"| {case['name']} | {tool} | " + ", ".join(f"{k} {v:.1f}" for k, v in spent.items()
-                                                                     if k != "load") + " |")
+            warm = f"warm-up call {ok[0]['warmup_s']:.2f} s; " if ok[0].get("warmup_s") is not None else ""
+            phases.append(f"| {case['name']} | {tool} | {warm}" + ", ".join(f"{k} {v:.1f}" for k, v in spent.items()
+                                                                            if k != "load") + " |")
             rows = ok[0]["n_selected_features"]
             work = _work(case, ok[0], tool, _sites(case["model_dir"]))
             per_tool[tool] = {"wall": wall, "rss": rss, "during": during}
@@ -747,6 +761,10 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
               "than the count and can pass 100%. Both tools' rows differ when max_feature_nodes is below the "
               "active count: they rank features by influence at different moments, and circuit-tracer never "
               "selects BOS features."
+              + (f" With --warmup, each process first traced the prompt's first {WARMUP_TOKENS} tokens with the same "
+                 "settings (the warm-up call, not in the wall time), so that one-time costs of a process (on a GPU: "
+                 "CUDA context, cuBLAS handles, kernels loaded on first use) stay out of the timed call."
+                 if cfg.warmup else "")
               + (" On the GPU, memory is CUDA memory allocated by each process (PyTorch's peak), not resident memory."
                  if on_gpu else " The Gemma 3 1B/4B-shaped GPU cases (`--model random-1b --device cuda`) are in "
                  "their own table.")]
@@ -829,6 +847,7 @@ def main(argv=None) -> int:
             p.add_argument(a, required=True)
         p.add_argument("--fd", action="store_true")
         p.add_argument("--profile", action="store_true")
+        p.add_argument("--warmup", action="store_true")
         return child_ours(p.parse_args(argv[1:]))
     run(parse_config(argv))
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from . import __version__
-from .backend import active_backend, feature_edges
+from .backend import PositionSortedFeatures, active_backend
 from .errors import UserError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .models import DEFAULT_MODEL, LoadedModel, load_model
@@ -125,7 +126,8 @@ class SourceEdges:
     """Edge rows `[B, n_src]` for batches of targets. Sources, in node order: active features (sorted by
     layer, position, feature), error nodes (layer-major), token embeddings.
 
-    Feature edges use the compiled kernel (`circuits.backend.feature_edges`) when one is active; otherwise
+    Feature edges use the compiled kernel when one is active (through `circuits.backend.PositionSortedFeatures`,
+    one per source layer, made once per prompt); otherwise
     each position's features are contracted with one batched matrix product (the features of a layer are
     padded per position to `[n_pos, c_max]` slots), which reads each decoder row once per batch."""
 
@@ -141,13 +143,15 @@ class SourceEdges:
         b_dec = torch.stack([tc.b_dec[l].detach().float() for l in range(L)]).to(dev)  # [L, D]
         # what a gradient at x_{l+1} reads from layer l's MLP output: each position's error, and the decoder bias
         self.error_and_bias = torch.stack([errors, b_dec[:, None, :].expand_as(errors)], -1).contiguous()  # [L, n, D, 2]
-        self.layers = []  # per source layer: (first column, pos, feat, act, count of features with pos < P, slots)
+        self.layers = []  # per source layer: (first column, its features for the kernel, or per-position slots)
         starts = np.searchsorted(f_layer.numpy(), np.arange(L + 1))
         for s in range(L):
             a, b = int(starts[s]), int(starts[s + 1])
             pos, feat, act = f_pos[a:b], f_feat[a:b], f_act[a:b].float()
-            below = torch.as_tensor(np.searchsorted(pos.numpy(), np.arange(n + 1)))  # below[P] = #(pos < P)
-            self.layers.append((a, pos.to(dev), feat.to(dev), act.to(dev), below, self._slots(pos, feat, act, n, dev)))
+            if backend in ("cpp", "cuda"):
+                self.layers.append((a, PositionSortedFeatures(pos, feat, act, tc.d_sae, dev, backend)))
+            else:
+                self.layers.append((a, self._slots(pos, feat, act, n, dev)))
         self._cache: dict = {}
         self._cache_left = cache_bytes
 
@@ -171,7 +175,7 @@ class SourceEdges:
         key = (s, o)
         if key in self._cache:
             return self._cache[key]
-        ids, acts, _ = self.layers[s][5]
+        ids, acts, _ = self.layers[s][1]
         dec = self.tc.decoder_weight(s)[:, o]  # [F, D], a view
         rows = dec.index_select(0, ids.flatten()).float().view(*ids.shape, -1) * acts[..., None]
         size = rows.numel() * 4
@@ -182,14 +186,13 @@ class SourceEdges:
     def _feature_edges(self, s: int, o: int, g: torch.Tensor, P: int) -> tuple[int, torch.Tensor]:
         """(first column, edges `[k, m]`) from layer s's features at positions < P into output layer s + o;
         g `[P, k, D]`."""
-        col0, pos, feat, act, below, (_, _, valid) = self.layers[s]
-        m = int(below[P])
-        if m == 0:
-            return col0, g.new_zeros(g.shape[1], 0)
-        if self.backend in ("cpp", "cuda"):
-            dec = self.tc.decoder_weight(s)[:, o:o + 1]
+        col0, features = self.layers[s]
+        if isinstance(features, PositionSortedFeatures):
             grad = g.permute(1, 0, 2)[:, None]  # [k, 1, P, D]
-            return col0, feature_edges(grad, pos[:m], feat[:m], act[:m], dec, backend=self.backend)
+            return col0, features.edges(grad, self.tc.decoder_weight(s)[:, o:o + 1], P)
+        valid = features[2]
+        if valid.shape[1] == 0:  # no features in this layer
+            return col0, g.new_zeros(g.shape[1], 0)
         per_pos = torch.bmm(g, self._scaled_decoder(s, o)[:P].transpose(1, 2))  # [P, k, c_max]
         return col0, per_pos.transpose(0, 1)[:, valid[:P]]
 
@@ -221,19 +224,61 @@ class SourceEdges:
 # -- computed rows, influence ordering and the final adjacency ----------------------------------------
 
 class RowStore:
-    """Computed rows as CSR segments (one per target layer per batch), with their target node indices."""
+    """Computed rows as CSR segments (one per target layer per batch), with their target node indices.
 
-    def __init__(self, n_nodes: int, n_src: int):
+    With `background` (the default for rows on a GPU) each batch is compacted on a worker thread, and on a
+    side CUDA stream, while the next batch's backward pass runs: the compaction's host work (copies, CSR
+    blocks) would otherwise leave the GPU idle. At most one batch waits, so at most one extra batch of rows
+    is held."""
+
+    def __init__(self, n_nodes: int, n_src: int, background: bool = False):
         self.n_nodes, self.n_src = n_nodes, n_src
         self.segments: list[tuple[int, np.ndarray, sp.csr_array]] = []
         self.row_constant = np.zeros(n_nodes, dtype=np.float32)
         self.has_row = np.zeros(n_nodes, dtype=bool)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="rowstore") if background else None
+        self._pending = self._side = None
 
     def add(self, targets: np.ndarray, target_layers: np.ndarray, rows: torch.Tensor, const: torch.Tensor) -> None:
         """Rows `[B, n_src]` of `targets`, sorted by target layer (descending). The rows are compacted where
         they are (on a GPU only the nonzero entries cross to the host)."""
         if len(targets) == 0:
             return
+        if self._worker is None:
+            self._add(targets, target_layers, rows, const)
+            return
+        self.wait()
+        ready = None
+        if rows.is_cuda:  # the side stream starts when the rows are complete, not when the queue is empty
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(rows.device))
+        self._pending = self._worker.submit(self._add, targets, target_layers, rows, const, ready)
+
+    def wait(self) -> None:
+        """Until the batch being compacted in the background is stored (its errors are raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        if self._worker is not None:
+            try:
+                self.wait()
+            finally:
+                self._worker.shutdown()
+                self._worker = None
+
+    def _add(self, targets, target_layers, rows, const, ready=None) -> None:
+        if ready is not None:
+            side = self._side = self._side or torch.cuda.Stream(rows.device)
+            side.wait_event(ready)
+            with torch.cuda.stream(side):
+                self._compact(targets, target_layers, rows, const)
+            side.synchronize()  # before `rows` is released to the allocator of the stream that made it
+        else:
+            self._compact(targets, target_layers, rows, const)
+
+    def _compact(self, targets, target_layers, rows, const) -> None:
         counts, cols, vals = [], [], []
         step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows per chunk: index temporaries stay ~32 MB
         for r in range(0, rows.shape[0], step):
@@ -260,6 +305,7 @@ class RowStore:
         |adjacency| normalised by each row's total, w (A + A^2 + ...), w the logit probabilities. Edges
         only run from lower to higher layers, so one pass over the rows from the top layer down sums the
         whole series."""
+        self.wait()
         v = np.zeros(self.n_nodes)
         v[logit_nodes] = logit_weights / max(float(logit_weights.sum()), 1e-12)
         for _, targets, block in sorted(self.segments, key=lambda seg: -seg[0]):
@@ -274,6 +320,7 @@ class RowStore:
 
     def adjacency(self) -> sp.csr_array:
         """`[n_nodes, n_nodes]` CSR, targets x sources (rows not computed are empty). Frees the segments."""
+        self.close()
         counts = np.zeros(self.n_nodes, dtype=np.int64)
         for _, targets, block in self.segments:
             counts[targets] = np.diff(block.indptr)
@@ -414,7 +461,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     # working memory of one batch: its rows x sources, plus a few gradients [n, H*hd] per row
     per_row = 4 * (n_src + 6 * n * max(D, fw.n_heads * fw.head_dim))
     B = max(1, min(cfg.batch_size, int(cfg.memory_gb * 2**30 // per_row)))
-    store = RowStore(N, n_src)
+    store = RowStore(N, n_src, background=torch.device(dev).type == "cuda")
     budget = min(n_feat, cfg.max_feature_nodes)
     bar = None
     if cfg.progress:
@@ -430,32 +477,35 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
         if bar:
             bar.update(len(nodes))
 
-    for a in range(0, n_logit, B):
-        b = min(a + B, n_logit)
-        compute(logit_nodes[a:b], torch.full((b - a,), L), torch.full((b - a,), n - 1), directions[a:b], None)
+    try:
+        for a in range(0, n_logit, B):
+            b = min(a + B, n_logit)
+            compute(logit_nodes[a:b], torch.full((b - a,), L), torch.full((b - a,), n - 1), directions[a:b], None)
 
-    done = np.zeros(n_feat, dtype=bool)
-    n_batches = 0
-    queue = _feature_batches_by_position(f_pos.numpy(), B) if budget == n_feat else []
-    while queue or int(done.sum()) < budget:
-        if not queue:
-            # re-estimate influence through the rows so far; the next few batches are its top features,
-            # grouped by position so that each batch's backward pass stays short
-            infl = store.influence(logit_nodes, logit_probs)[:n_feat]
-            infl[done] = -1.0
-            # features no computed row reaches yet tie at zero: larger activations first
-            order = np.lexsort((-np.abs(activation[:n_feat]), -infl))
-            top = order[:min(INFLUENCE_BATCHES * B, budget - int(done.sum()))]
-            queue = [top[b] for b in _feature_batches_by_position(f_pos.numpy()[top], B)]
-        pick = queue.pop(0)
-        done[pick] = True
-        idx = torch.as_tensor(pick)
-        compute(pick, f_layer[idx], f_pos[idx], *_encoders(tc, f_layer[idx], f_feat[idx], dev))
-        n_batches += 1
-    if bar:
-        bar.close()
+        done = np.zeros(n_feat, dtype=bool)
+        n_batches = 0
+        queue = _feature_batches_by_position(f_pos.numpy(), B) if budget == n_feat else []
+        while queue or int(done.sum()) < budget:
+            if not queue:
+                # re-estimate influence through the rows so far; the next few batches are its top features,
+                # grouped by position so that each batch's backward pass stays short
+                infl = store.influence(logit_nodes, logit_probs)[:n_feat]
+                infl[done] = -1.0
+                # features no computed row reaches yet tie at zero: larger activations first
+                order = np.lexsort((-np.abs(activation[:n_feat]), -infl))
+                top = order[:min(INFLUENCE_BATCHES * B, budget - int(done.sum()))]
+                queue = [top[b] for b in _feature_batches_by_position(f_pos.numpy()[top], B)]
+            pick = queue.pop(0)
+            done[pick] = True
+            idx = torch.as_tensor(pick)
+            compute(pick, f_layer[idx], f_pos[idx], *_encoders(tc, f_layer[idx], f_feat[idx], dev))
+            n_batches += 1
+        adjacency = store.adjacency()
+    finally:
+        store.close()
+        if bar:
+            bar.close()
     row_constant, has_row = store.row_constant, store.has_row
-    adjacency = store.adjacency()
     t_end = time.perf_counter()
 
     probs_all = torch.softmax(state.logits.cpu(), -1)

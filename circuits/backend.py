@@ -168,6 +168,57 @@ def feature_edges(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor, act
     return feature_edges_torch(grad, pos, feat, act, decoder)
 
 
+class PositionSortedFeatures:
+    """The active features of one source layer (sorted by position), prepared once for many `feature_edges`
+    calls that each take the features before some position: `edges(grad, decoder, P)`.
+
+    On a GPU with the compiled kernels the tiled kernel's plan is made here, on the host, once: a plan made
+    per call copies the positions to the host, and each such copy waits for all queued GPU work (attribution
+    makes one call per source layer per batch). Elsewhere `edges` is `feature_edges` on the first features."""
+
+    def __init__(self, pos: torch.Tensor, feat: torch.Tensor, act: torch.Tensor, n_features: int,
+                 device: torch.device | str, backend: str | None = None):
+        pos, feat = pos.detach().cpu().long(), feat.detach().cpu().long()
+        if not (pos.dim() == feat.dim() == act.dim() == 1 and len(pos) == len(feat) == len(act)):
+            raise ValueError(f"pos, feat and act must be 1-d of one length, got {tuple(pos.shape)}, "
+                             f"{tuple(feat.shape)}, {tuple(act.shape)}")
+        if len(pos) and (bool((pos[1:] < pos[:-1]).any()) or int(pos[0]) < 0):
+            raise ValueError("pos must be non-negative and sorted (ascending)")
+        if len(feat) and (int(feat.min()) < 0 or int(feat.max()) >= n_features):
+            raise ValueError(f"feat must lie in [0, {n_features}), got [{int(feat.min())}, {int(feat.max())}]")
+        self.device, self.n_features = torch.device(device), n_features
+        self.backend = _pick(backend, self.device)
+        self.host_pos = pos.numpy()
+        ends = torch.arange(int(pos[-1]) + 2 if len(pos) else 1)  # P = 0 .. last position + 1
+        self.below = torch.searchsorted(pos, ends).numpy()  # below[P] = #(pos < P)
+        self.pos, self.feat = pos.to(self.device), feat.to(self.device)
+        self.act = act.detach().to(self.device, torch.float32)
+        self.tiles = None
+        if self.backend == "cuda":
+            order, tiles = _ext.feature_tiles(pos)  # order is the identity: pos is sorted
+            self.order, self.tiles = order.to(self.device), tiles.to(self.device)
+            self.tiles_below = torch.searchsorted(tiles[:, 2].contiguous(), ends).numpy()
+
+    def count(self, P: int | None = None) -> int:
+        """How many features lie before position P (all of them for None)."""
+        return len(self.host_pos) if P is None else int(self.below[min(max(P, 0), len(self.below) - 1)])
+
+    def edges(self, grad: torch.Tensor, decoder: torch.Tensor, P: int | None = None) -> torch.Tensor:
+        """`[B, count(P)]` float32: `feature_edges(grad, pos, feat, act, decoder)` over the features at
+        positions < P. grad `[B, n_out, n_pos, D]` must reach those features' positions."""
+        m = self.count(P)
+        if m and self.host_pos[m - 1] >= grad.shape[2]:
+            raise ValueError(f"grad covers {grad.shape[2]} positions; the features reach position "
+                             f"{self.host_pos[m - 1]}")
+        if self.tiles is None or grad.device != self.device or decoder.device != self.device \
+                or grad.dtype not in _EXT_DTYPES or decoder.dtype not in _EXT_DTYPES:
+            return feature_edges(grad, self.pos[:m], self.feat[:m], self.act[:m], decoder, backend=self.backend)
+        if decoder.dim() != 3 or decoder.shape[0] < self.n_features:
+            raise ValueError(f"decoder must be [F >= {self.n_features}, n_out, D], got shape {tuple(decoder.shape)}")
+        n_tiles = len(self.tiles) if P is None else int(self.tiles_below[min(max(P, 0), len(self.below) - 1)])
+        return _ext.feature_edges_tiled(grad, decoder, self.tiles, n_tiles, self.order, self.feat, self.act, m)
+
+
 def vector_edges(grad: torch.Tensor, vectors: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Edges `[B, R]` float32 from sources with one vector each: out[b, r] = grad[b, r, :] . vectors[r, :].
     grad `[B, R, D]` (any strides), vectors `[R, D]`. Error nodes of layer l: grad = G[:, l] `[B, n_pos, D]`,

@@ -19,6 +19,8 @@
 // panel of at most 1024 x 128 floats and a conversion buffer, never n x n_out x D.
 #include <torch/extension.h>
 
+#include "tiles.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -503,9 +505,35 @@ bool openmp_enabled() {
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> feature_tiles(const at::Tensor& pos_in) {
+  TORCH_CHECK(pos_in.device().is_cpu() && pos_in.dim() == 1, "feature_tiles: pos must be a 1-d CPU tensor, got ",
+              pos_in.sizes(), " on ", pos_in.device());
+  const at::Tensor pos = pos_in.to(at::kLong).contiguous();
+  const int64_t n = pos.numel();
+  const int64_t* P = pos.const_data_ptr<int64_t>();
+  at::Tensor order = at::arange(n, pos.options());
+  int64_t* O = order.data_ptr<int64_t>();
+  std::stable_sort(O, O + n, [P](int64_t a, int64_t b) { return P[a] < P[b]; });
+  std::vector<int64_t> tiles;
+  for (int64_t run = 0; run < n;) {  // one run of equal positions, cut into tiles
+    const int64_t p = P[O[run]];
+    TORCH_CHECK(p >= 0, "feature_tiles: pos[", O[run], "] = ", p, " is negative");
+    int64_t end = run;
+    while (end < n && P[O[end]] == p) ++end;
+    for (int64_t s = run; s < end; s += kTileFeatures)
+      tiles.insert(tiles.end(), {s, std::min<int64_t>(kTileFeatures, end - s), p});
+    run = end;
+  }
+  const int64_t n_tiles = (int64_t)tiles.size() / 3;
+  return {order, at::from_blob(tiles.data(), {n_tiles, 3}, at::kLong).clone()};
+}
+
 #ifdef WITH_CUDA
 at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos, const at::Tensor& feat,
                               const at::Tensor& act, const at::Tensor& decoder, const std::string& variant);
+at::Tensor feature_edges_tiled_cuda(const at::Tensor& grad, const at::Tensor& decoder, const at::Tensor& tiles,
+                                   int64_t n_tiles, const at::Tensor& order, const at::Tensor& feat,
+                                   const at::Tensor& act, int64_t n_cols);
 at::Tensor vector_edges_cuda(const at::Tensor& grad, const at::Tensor& vectors);
 #endif
 
@@ -545,6 +573,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("vectors"), py::call_guard<py::gil_scoped_release>());
   m.def("sparsify", &sparsify, "CSR (indptr, indices, values) of |x| >= threshold (if >= 0) and the top_k (if >= 0)",
         py::arg("dense"), py::arg("threshold"), py::arg("top_k"), py::call_guard<py::gil_scoped_release>());
+  m.def("feature_tiles", &feature_tiles, "(order, tiles [n_tiles, 3]: first sorted index, length, position) "
+        "of the tiled CUDA kernel for features at positions pos (CPU)", py::arg("pos"));
+  m.attr("TILE_FEATURES") = kTileFeatures;
+#ifdef WITH_CUDA
+  m.def("feature_edges_tiled", &feature_edges_tiled_cuda, "the tiled CUDA kernel on a plan from feature_tiles: "
+        "feat and act in position order, the first n_tiles tiles, output [B, n_cols] at columns order[i]",
+        py::arg("grad"), py::arg("decoder"), py::arg("tiles"), py::arg("n_tiles"), py::arg("order"), py::arg("feat"),
+        py::arg("act"), py::arg("n_cols"), py::call_guard<py::gil_scoped_release>());
+#endif
   m.def("has_cuda", &has_cuda, "built with the CUDA kernels");
   m.def("has_openmp", &openmp_enabled, "built with OpenMP");
   m.def("simd", []() { return std::string(kernel().name); }, "the micro-kernel chosen for this CPU");

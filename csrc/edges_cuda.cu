@@ -19,7 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <string>
-#include <vector>
+
+#include "tiles.h"
 
 namespace {
 
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(THREADS)
 }
 
 // tiled kernel: BT x FT outputs per block, 256 threads as 16 x 16, each thread 4 rows x 2 features
-constexpr int FT = 32, BT = 64, DK = 32;
+constexpr int FT = kTileFeatures, BT = 64, DK = 32;
 
 template <typename TG, typename TD>
 __global__ void __launch_bounds__(THREADS)
@@ -146,6 +147,10 @@ __global__ void __launch_bounds__(THREADS)
 
 }  // namespace
 
+at::Tensor feature_edges_tiled_cuda(const at::Tensor& grad, const at::Tensor& decoder, const at::Tensor& tiles,
+                                   int64_t n_tiles, const at::Tensor& order, const at::Tensor& feat,
+                                   const at::Tensor& act, int64_t n_cols);
+
 at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos_in, const at::Tensor& feat_in,
                               const at::Tensor& act_in, const at::Tensor& decoder, const std::string& variant) {
   TORCH_CHECK(grad.is_cuda() && decoder.is_cuda() && decoder.device() == grad.device(),
@@ -162,11 +167,11 @@ at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos_in, 
   const at::Tensor act = act_in.to(grad.device(), at::kFloat).contiguous();
   const int64_t B = grad.size(0), n_out = grad.size(1), D = grad.size(3), n = feat.numel();
   TORCH_CHECK(pos.numel() == n && act.numel() == n, "pos, feat and act must have the same length");
-  auto out = at::zeros({B, n}, grad.options().dtype(at::kFloat));
-  if (n == 0 || B == 0 || n_out == 0 || D == 0) return out;
+  if (n == 0 || B == 0 || n_out == 0 || D == 0) return at::zeros({B, n}, grad.options().dtype(at::kFloat));
   TORCH_CHECK(n <= 0x7fffffff, "feature_edges (cuda): at most 2^31 - 1 features per call");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (variant == "rowwise") {
+    auto out = at::zeros({B, n}, grad.options().dtype(at::kFloat));
     const dim3 grid((unsigned)n, (unsigned)((B + ROWS - 1) / ROWS));
     EDGES_CUDA_DISPATCH(grad, TG, EDGES_CUDA_DISPATCH(decoder, TD,
         feature_edges_kernel<TG, TD><<<grid, THREADS, 0, stream>>>(
@@ -177,28 +182,49 @@ at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos_in, 
         C10_CUDA_KERNEL_LAUNCH_CHECK()));
     return out;
   }
-  // tiles of at most FT features sharing one position; the run lengths come to the host (one small copy)
-  const auto [pos_sorted, order] = pos.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const auto runs = at::unique_consecutive(pos_sorted, /*return_inverse=*/false, /*return_counts=*/true);
-  const at::Tensor run_pos = std::get<0>(runs).cpu(), run_len = std::get<2>(runs).cpu();
-  std::vector<int64_t> tiles;
-  const int64_t* rp = run_pos.const_data_ptr<int64_t>();
-  const int64_t* rl = run_len.const_data_ptr<int64_t>();
-  for (int64_t r = 0, start = 0; r < run_pos.numel(); start += rl[r], ++r)
-    for (int64_t s = 0; s < rl[r]; s += FT)
-      tiles.insert(tiles.end(), {start + s, std::min<int64_t>(FT, rl[r] - s), rp[r]});
-  const int64_t n_tiles = (int64_t)tiles.size() / 3;
+  // the plan needs the positions on the host: one copy, which waits for the queue (SourceEdges makes its
+  // plans once per prompt and calls feature_edges_tiled instead)
+  const auto [order_cpu, tiles_cpu] = feature_tiles(pos.cpu());
+  const at::Tensor order = order_cpu.to(grad.device());
+  return feature_edges_tiled_cuda(grad, decoder, tiles_cpu.to(grad.device()), tiles_cpu.size(0), order,
+                                  feat.index_select(0, order), act.index_select(0, order), n);
+}
+
+at::Tensor feature_edges_tiled_cuda(const at::Tensor& grad, const at::Tensor& decoder, const at::Tensor& tiles,
+                                   int64_t n_tiles, const at::Tensor& order, const at::Tensor& feat,
+                                   const at::Tensor& act, int64_t n_cols) {
+  // Checks that need no device data: the plan's contents are trusted (made by feature_tiles; columns
+  // written by the first n_tiles tiles are < n_cols)
+  TORCH_CHECK(grad.is_cuda() && decoder.device() == grad.device() && tiles.device() == grad.device() &&
+                  order.device() == grad.device() && feat.device() == grad.device() && act.device() == grad.device(),
+              "feature_edges_tiled: every tensor must be on grad's CUDA device");
+  TORCH_CHECK(grad.dim() == 4 && decoder.dim() == 3 && decoder.size(1) == grad.size(1) &&
+                  decoder.size(2) == grad.size(3),
+              "feature_edges needs grad [B, n_out, n_pos, D] and decoder [F, n_out, D], got ", grad.sizes(),
+              " and ", decoder.sizes());
+  TORCH_CHECK(tiles.dim() == 2 && tiles.size(1) == 3 && tiles.scalar_type() == at::kLong && tiles.is_contiguous() &&
+                  n_tiles >= 0 && n_tiles <= tiles.size(0),
+              "feature_edges_tiled: tiles must be a contiguous int64 [T, 3] plan with n_tiles <= T");
+  const int64_t n = order.numel();
+  TORCH_CHECK(order.dim() == 1 && feat.dim() == 1 && act.dim() == 1 && feat.numel() == n && act.numel() == n &&
+                  order.scalar_type() == at::kLong && feat.scalar_type() == at::kLong &&
+                  act.scalar_type() == at::kFloat && order.is_contiguous() && feat.is_contiguous() &&
+                  act.is_contiguous(),
+              "feature_edges_tiled: order, feat (int64) and act (float32) must be contiguous, of one length");
+  TORCH_CHECK(n_cols >= 0 && n_cols <= n && n_cols <= 0x7fffffff, "feature_edges_tiled: n_cols must lie in [0, ",
+              n, "]");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t B = grad.size(0), n_out = grad.size(1), D = grad.size(3);
+  auto out = at::zeros({B, n_cols}, grad.options().dtype(at::kFloat));
+  if (n_tiles == 0 || B == 0 || n_out == 0 || D == 0) return out;
   TORCH_CHECK(n_tiles <= 0x7fffffff && (B + BT - 1) / BT <= 65535, "feature_edges (cuda): too many tiles");
-  const at::Tensor tiles_dev = at::from_blob(tiles.data(), {n_tiles, 3}, at::kLong).to(grad.device());
-  const at::Tensor feat_sorted = feat.index_select(0, order), act_sorted = act.index_select(0, order);
   const dim3 grid((unsigned)n_tiles, (unsigned)((B + BT - 1) / BT));
   EDGES_CUDA_DISPATCH(grad, TG, EDGES_CUDA_DISPATCH(decoder, TD,
-      feature_edges_tiled_kernel<TG, TD><<<grid, THREADS, 0, stream>>>(
+      feature_edges_tiled_kernel<TG, TD><<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad.const_data_ptr<TG>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
           decoder.const_data_ptr<TD>(), decoder.stride(0), decoder.stride(1), decoder.stride(2),
-          tiles_dev.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(),
-          feat_sorted.const_data_ptr<int64_t>(), act_sorted.const_data_ptr<float>(), out.data_ptr<float>(), B, n,
-          n_out, D);
+          tiles.const_data_ptr<int64_t>(), order.const_data_ptr<int64_t>(), feat.const_data_ptr<int64_t>(),
+          act.const_data_ptr<float>(), out.data_ptr<float>(), B, n_cols, n_out, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK()));
   return out;
 }

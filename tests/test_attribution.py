@@ -211,6 +211,33 @@ def test_influence_ordering_picks_the_strongest_features_first():
     assert len(chosen) == budget
 
 
+def test_row_store_in_the_background_equals_the_foreground():
+    """The GPU's path (compaction on a worker thread while the next batch runs), here on the CPU: the same
+    segments, influence and adjacency, rows added in batches; a failing batch raises at the next call."""
+    lm, tc = _setup("plt")
+    full = _trace(lm, tc)
+    n_src = int((full.kind != LOGIT).sum())
+    rows = np.flatnonzero(full.has_row)
+    stores = [RowStore(full.n_nodes, n_src), RowStore(full.n_nodes, n_src, background=True)]
+    for store in stores:
+        for batch in np.array_split(rows, 5):
+            batch = batch[np.argsort(-full.layer[batch], kind="stable")]
+            store.add(batch, full.layer[batch], torch.as_tensor(full.adjacency[batch][:, :n_src].toarray()),
+                      torch.as_tensor(full.row_constant[batch]))
+    fore, back = stores
+    np.testing.assert_array_equal(back.influence(full.logit_nodes, full.logit_probabilities),
+                                  fore.influence(full.logit_nodes, full.logit_probabilities))
+    a, b = fore.adjacency(), back.adjacency()
+    assert (a != b).nnz == 0 and a.nnz == full.adjacency.nnz
+    np.testing.assert_array_equal(back.row_constant, full.row_constant)
+    assert back._worker is None  # adjacency() ends the worker
+    broken = RowStore(full.n_nodes, n_src, background=True)
+    broken.add(rows[:2], full.layer[rows[:2]], torch.zeros(2, n_src + 1), torch.zeros(3))  # const of 3 rows for 2
+    with pytest.raises(ValueError):
+        broken.influence(full.logit_nodes, full.logit_probabilities)
+    broken.close()
+
+
 def test_logit_nodes_by_cumulative_probability():
     lm, tc = _setup("plt", softcap=5.0)  # a flat distribution: many tokens needed
     state = run_and_freeze(lm, lm.tokenize(PROMPT))

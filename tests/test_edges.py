@@ -310,6 +310,54 @@ def test_info_reports_the_backend(monkeypatch):
     assert line.startswith(f"edge backend: {first}") and be._ext.simd() in line
 
 
+# -- features prepared once per source layer (attribution's path) ----------------------------------------
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 6), max_size=150))
+def test_tile_plan_covers_every_feature_once(positions):
+    """The tiled CUDA kernel's plan, made on the host: a stable sort by position, cut into runs of one
+    position of at most TILE_FEATURES features, in order of position."""
+    pos = torch.tensor(positions, dtype=torch.long)
+    order, tiles = be._ext.feature_tiles(pos)
+    assert torch.equal(order, torch.sort(pos, stable=True).indices)
+    covered = torch.cat([torch.arange(a, a + n) for a, n, _ in tiles.tolist()]) if len(tiles) else order[:0]
+    assert torch.equal(covered, torch.arange(len(pos)))  # every sorted index once, in order
+    assert all(1 <= n <= be._ext.TILE_FEATURES for n in tiles[:, 1].tolist())
+    for a, n, p in tiles.tolist():
+        assert bool((pos[order[a:a + n]] == p).all())
+    assert bool((tiles[1:, 2] >= tiles[:-1, 2]).all())
+    with pytest.raises(RuntimeError, match="negative"):
+        be._ext.feature_tiles(torch.tensor([-1, 0]))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()), reason="needs a CUDA build and device"))])
+@pytest.mark.parametrize("ddtype", [torch.float32, torch.bfloat16])
+def test_position_sorted_features_equal_feature_edges(device, ddtype):
+    """Edges from the features before each position P equal feature_edges over those features: 130 rows,
+    crowded positions (70 features at one position: three tiles), empty positions, 2 output layers."""
+    gen = torch.Generator().manual_seed(3)
+    pos = torch.sort(torch.tensor([0, 2, 2, 5] + [3] * 70 + [7] * 9)).values
+    feat, act = torch.randint(0, 50, (len(pos),), generator=gen), torch.rand(len(pos), generator=gen) + 0.5
+    grad = make_grad(130, 2, 9, 40, torch.float32, "permuted", gen).to(device)
+    decoder = make_decoder(50, 2, 40, ddtype, "clt", gen).to(device)
+    features = be.PositionSortedFeatures(pos, feat, act, 50, device)
+    for P in [0, 1, 3, 4, 6, 8, 9, None]:
+        m = features.count(P)
+        assert m == (len(pos) if P is None else int((pos < P).sum()))
+        out = features.edges(grad[:, :, :P] if P else grad, decoder, P)
+        assert out.shape == (130, m) and out.device.type == device
+        assert_close(out.cpu(), grad.cpu(), pos[:m], feat[:m], act[:m], decoder.cpu())
+    with pytest.raises(ValueError, match="covers 4 positions"):
+        features.edges(grad[:, :, :4], decoder, 6)
+    with pytest.raises(ValueError, match="sorted"):
+        be.PositionSortedFeatures(pos.flip(0), feat, act, 50, device)
+    with pytest.raises(ValueError, match="feat must lie"):
+        be.PositionSortedFeatures(pos, feat + 50, act, 50, device)
+
+
 # -- CUDA (skipped without a GPU and a CUDA build) -------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()),
