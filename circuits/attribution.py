@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from . import __version__
-from .backend import PositionSortedFeatures, active_backend
+from .backend import PositionSortedFeatures, abs_rmatvec, active_backend
 from .errors import UserError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .models import DEFAULT_MODEL, LoadedModel, load_model
@@ -233,7 +233,7 @@ class RowStore:
 
     def __init__(self, n_nodes: int, n_src: int, background: bool = False):
         self.n_nodes, self.n_src = n_nodes, n_src
-        self.segments: list[tuple[int, np.ndarray, sp.csr_array]] = []
+        self.segments: list[tuple[int, np.ndarray, sp.csr_array, np.ndarray]] = []  # layer, targets, rows, |row| sums
         self.row_constant = np.zeros(n_nodes, dtype=np.float32)
         self.has_row = np.zeros(n_nodes, dtype=bool)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="rowstore") if background else None
@@ -279,12 +279,13 @@ class RowStore:
             self._compact(targets, target_layers, rows, const)
 
     def _compact(self, targets, target_layers, rows, const) -> None:
-        counts, cols, vals = [], [], []
+        counts, cols, vals, totals = [], [], [], []
         step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows per chunk: index temporaries stay ~32 MB
         for r in range(0, rows.shape[0], step):
             chunk = rows[r:r + step]
             nonzero = chunk != 0  # NaN stays: a broken row must show, not vanish
             counts.append(nonzero.sum(1).cpu().numpy())
+            totals.append(chunk.abs().sum(1, dtype=torch.float64).cpu().numpy())
             flat = nonzero.flatten().nonzero()[:, 0]  # row-major: columns ascend within each row
             cols.append((flat % chunk.shape[1]).to(torch.int32).cpu().numpy())
             vals.append(chunk.flatten()[flat].cpu().numpy())
@@ -294,9 +295,10 @@ class RowStore:
         index = np.int32 if indptr[-1] < 2**31 else np.int64
         block = sp.csr_array((np.concatenate(vals), np.concatenate(cols).astype(index, copy=False),
                               indptr.astype(index, copy=False)), shape=tuple(rows.shape))
+        totals = np.concatenate(totals)
         cuts = np.flatnonzero(np.diff(target_layers)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(targets)]):
-            self.segments.append((int(target_layers[a]), targets[a:b], block[a:b]))
+            self.segments.append((int(target_layers[a]), targets[a:b], block[a:b], totals[a:b]))
         self.row_constant[targets] = const.cpu().numpy()
         self.has_row[targets] = True
 
@@ -308,13 +310,10 @@ class RowStore:
         self.wait()
         v = np.zeros(self.n_nodes)
         v[logit_nodes] = logit_weights / max(float(logit_weights.sum()), 1e-12)
-        for _, targets, block in sorted(self.segments, key=lambda seg: -seg[0]):
+        for _, targets, block, totals in sorted(self.segments, key=lambda seg: -seg[0]):
             w = v[targets]
-            if not w.any():
-                continue
-            absolute = sp.csr_array((np.abs(block.data), block.indices, block.indptr), shape=block.shape)
-            totals = np.asarray(absolute.sum(axis=1)).ravel()
-            v[:self.n_src] += absolute.T @ (w / np.maximum(totals, 1e-30))
+            if w.any():
+                abs_rmatvec(block, w / np.maximum(totals, 1e-30), v[:self.n_src])
         v[logit_nodes] = 0.0
         return v
 
@@ -322,7 +321,7 @@ class RowStore:
         """`[n_nodes, n_nodes]` CSR, targets x sources (rows not computed are empty). Frees the segments."""
         self.close()
         counts = np.zeros(self.n_nodes, dtype=np.int64)
-        for _, targets, block in self.segments:
+        for _, targets, block, _ in self.segments:
             counts[targets] = np.diff(block.indptr)
         total = int(counts.sum())
         index = np.int32 if max(total, self.n_nodes) < 2**31 else np.int64  # 4 bytes an edge less than int64
@@ -331,7 +330,7 @@ class RowStore:
         data = np.empty(total, dtype=np.float32)
         indices = np.empty(total, dtype=index)
         while self.segments:  # row by row: each row's entries are one contiguous copy
-            _, targets, block = self.segments.pop()
+            _, targets, block, _ = self.segments.pop()
             for t, a, b in zip(indptr[targets].tolist(), block.indptr[:-1].tolist(), block.indptr[1:].tolist()):
                 data[t:t + b - a] = block.data[a:b]
                 indices[t:t + b - a] = block.indices[a:b]

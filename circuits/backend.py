@@ -308,6 +308,24 @@ def feature_edges_sparse(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tens
     return EdgesCSR(indptr, torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]), (B, n))
 
 
+# -- influence ------------------------------------------------------------------------------------------
+
+def abs_rmatvec(block, row_weight, out, backend: str | None = None) -> None:
+    """out += |block|^T row_weight, in place: block a scipy CSR `[rows, n]` (float32 data), row_weight
+    `[rows]` float64, out `[n]` float64 contiguous. The step of attribution's influence estimate; the compiled
+    pass reads each edge once, the scipy reference builds an absolute copy first."""
+    import numpy as np
+    if _pick(backend, torch.device("cpu")) == "cpp" and block.data.dtype == np.float32 \
+            and block.indptr.dtype == block.indices.dtype and out.flags.c_contiguous and out.dtype == np.float64:
+        w = np.ascontiguousarray(row_weight, dtype=np.float64)
+        _ext.abs_rmatvec(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (block.indptr, block.indices, block.data, w)),
+                         torch.from_numpy(out))
+        return
+    import scipy.sparse as sp
+    absolute = sp.csr_array((np.abs(block.data), block.indices, block.indptr), shape=block.shape)
+    out += absolute.T @ np.asarray(row_weight, dtype=np.float64)
+
+
 # -- argument checks (the same message whichever backend runs) -----------------------------------------
 
 def _check_feature_args(grad, pos, feat, act, decoder) -> None:

@@ -430,6 +430,62 @@ at::Tensor vector_edges(const at::Tensor& grad, const at::Tensor& vectors) {
   return out;
 }
 
+// -- influence: one transposed pass over CSR rows ---------------------------------------------------
+// out[indices[k]] += |data[k]| * row_weight[r] for every entry k of row r, accumulated in float64: the step
+// of attribution's influence estimate, in one pass over the edges without a copy of |data| (scipy needs an
+// absolute copy, a CSR built around it, and a transposed product).
+template <typename I>
+void abs_rmatvec_t(const I* indptr, const I* indices, const float* data, const double* row_weight, int64_t rows,
+                   double* out, int64_t n_out) {
+  for (int64_t k = 0; k < (int64_t)indptr[rows]; ++k)  // first, so that a bad column changes nothing
+    TORCH_CHECK(indices[k] >= 0 && indices[k] < n_out, "abs_rmatvec: column ", (int64_t)indices[k],
+                " is outside [0, ", n_out, ")");
+  // rows split by edge count among threads, each summing into its own copy of out (out is small: the sources)
+  const int64_t nnz = indptr[rows];
+  const int threads = (int)std::min<int64_t>(num_threads(), std::max<int64_t>(1, nnz / (1 << 20)));
+  std::vector<std::vector<double>> partial(threads - 1, std::vector<double>(n_out, 0.0));
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+  for (int t = 0; t < threads; ++t) {
+    double* acc = t == 0 ? out : partial[t - 1].data();
+    const int64_t lo = nnz * t / threads, hi = nnz * (t + 1) / threads;  // this thread's rows: starting in [lo, hi)
+    int64_t r = std::upper_bound(indptr, indptr + rows + 1, (I)lo) - indptr - 1;
+    for (; r < rows && (int64_t)indptr[r] < hi; ++r) {
+      if ((int64_t)indptr[r] < lo && t > 0) continue;  // started in the previous thread's range
+      const double w = row_weight[r];
+      if (w == 0.0) continue;
+      for (int64_t k = indptr[r]; k < (int64_t)indptr[r + 1]; ++k) acc[indices[k]] += std::fabs((double)data[k]) * w;
+    }
+  }
+  for (const auto& p : partial)
+    for (int64_t c = 0; c < n_out; ++c) out[c] += p[c];
+}
+
+void abs_rmatvec(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& data,
+                 const at::Tensor& row_weight, at::Tensor& out) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&indptr, &indices, &data, &row_weight, &out})
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->is_contiguous(),
+                "abs_rmatvec: contiguous 1-d CPU tensors only");
+  TORCH_CHECK(indptr.scalar_type() == indices.scalar_type() &&
+                  (indptr.scalar_type() == at::kInt || indptr.scalar_type() == at::kLong),
+              "abs_rmatvec: indptr and indices must both be int32 or both int64");
+  TORCH_CHECK(data.scalar_type() == at::kFloat && row_weight.scalar_type() == at::kDouble &&
+                  out.scalar_type() == at::kDouble, "abs_rmatvec: data float32, row_weight and out float64");
+  const int64_t rows = row_weight.numel();
+  TORCH_CHECK(indptr.numel() == rows + 1, "abs_rmatvec: indptr has ", indptr.numel(), " entries for ", rows, " rows");
+  const at::Tensor ends = indptr.to(at::kLong);
+  const int64_t* E = ends.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(E[r] >= 0 && E[r] <= E[r + 1], "abs_rmatvec: indptr must be non-decreasing from 0");
+  TORCH_CHECK(E[rows] <= data.numel() && data.numel() == indices.numel(),
+              "abs_rmatvec: indptr points past the ", data.numel(), " entries");
+  if (indptr.scalar_type() == at::kInt)
+    abs_rmatvec_t(indptr.const_data_ptr<int32_t>(), indices.const_data_ptr<int32_t>(), data.const_data_ptr<float>(),
+                  row_weight.const_data_ptr<double>(), rows, out.data_ptr<double>(), out.numel());
+  else
+    abs_rmatvec_t(indptr.const_data_ptr<int64_t>(), indices.const_data_ptr<int64_t>(), data.const_data_ptr<float>(),
+                  row_weight.const_data_ptr<double>(), rows, out.data_ptr<double>(), out.numel());
+}
+
 // -- sparse selection: CSR of the entries with |value| >= threshold and/or the top_k |values| per row ----
 // Per row, the k-th largest magnitude is found with nth_element on a copy; a second scan keeps the entries
 // above it (and enough of those equal to it), so the columns come out in ascending order.
@@ -582,6 +638,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("decoder"), py::arg("tiles"), py::arg("n_tiles"), py::arg("order"), py::arg("feat"),
         py::arg("act"), py::arg("n_cols"), py::call_guard<py::gil_scoped_release>());
 #endif
+  m.def("abs_rmatvec", &abs_rmatvec, "out[indices[k]] += |data[k]| * row_weight[r] over the entries k of CSR row r",
+        py::arg("indptr"), py::arg("indices"), py::arg("data"), py::arg("row_weight"), py::arg("out"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("has_cuda", &has_cuda, "built with the CUDA kernels");
   m.def("has_openmp", &openmp_enabled, "built with OpenMP");
   m.def("simd", []() { return std::string(kernel().name); }, "the micro-kernel chosen for this CPU");

@@ -358,6 +358,55 @@ def test_position_sorted_features_equal_feature_edges(device, ddtype):
         be.PositionSortedFeatures(pos, feat + 50, act, 50, device)
 
 
+@needs_ext
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 12), st.integers(1, 50), st.floats(0.0, 0.9), st.booleans(), st.integers(0, 2**16))
+def test_abs_rmatvec_equals_scipy(rows, n, density, wide, seed):
+    """The influence step out += |A|^T w: the compiled single pass against scipy, int32 and int64 indices,
+    empty rows and zero weights; a column outside out is refused."""
+    import numpy as np
+    import scipy.sparse as sp
+    rng = np.random.default_rng(seed)
+    a = sp.random_array((rows, n), density=density, rng=rng, dtype=np.float32, format="csr")
+    a.data = a.data * 2 - 1  # signed values
+    if wide:
+        a.indices, a.indptr = a.indices.astype(np.int64), a.indptr.astype(np.int64)
+    w = rng.random(rows) * (rng.random(rows) > 0.3)
+    start = rng.random(n)
+    fast, ref = start.copy(), start.copy()
+    be.abs_rmatvec(a, w, fast)
+    be.abs_rmatvec(a, w, ref, backend="torch")
+    np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fast, start + np.abs(a.toarray()).T.astype(np.float64) @ w, rtol=1e-6, atol=1e-9)
+    if a.nnz:
+        with pytest.raises(RuntimeError, match="outside"):
+            be.abs_rmatvec(a, np.ones(rows), np.zeros(int(a.indices.max())))
+
+
+@needs_ext
+def test_abs_rmatvec_split_among_threads():
+    """Rows split among threads by edge count: long and empty rows on the boundaries, each row once."""
+    import numpy as np
+    import scipy.sparse as sp
+    rng = np.random.default_rng(0)
+    lengths = np.array([0, 0, 1_500_000, 0, 3, 700_000, 0, 0, 900_000, 1, 0])
+    n = 2_000_000
+    indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    indices = np.concatenate([np.sort(rng.choice(n, k, replace=False)) for k in lengths]).astype(np.int64)
+    a = sp.csr_array((rng.standard_normal(len(indices)).astype(np.float32), indices, indptr), shape=(len(lengths), n))
+    w = rng.random(len(lengths))
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            fast, ref = np.zeros(n), np.zeros(n)
+            be.abs_rmatvec(a, w, fast)
+            be.abs_rmatvec(a, w, ref, backend="torch")
+            np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- CUDA (skipped without a GPU and a CUDA build) -------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()),
