@@ -46,8 +46,8 @@ cat /tmp/ctsite.log
 printf '#!/bin/sh\nPYTHONPATH=%s exec %s "$@"\n' "$CTSITE" "$PY" > /tmp/ctpy && chmod +x /tmp/ctpy
 /tmp/ctpy -c "import circuit_tracer, transformers, huggingface_hub; print('peer side: transformers', transformers.__version__, 'hub', huggingface_hub.__version__)"
 }
-COMMON="--device cuda --sets skip --repeats 1 --threads 16 --batch-tokens 8192 --max-rss-gb 110 --fd-max-tokens 0 --profile --warmup
-        --workdir /tmp/vsct --ct-python /tmp/ctpy"
+COMMON="--device cuda --sets skip --repeats 1 --threads 16 --batch-tokens 8192 --max-rss-gb 110 --fd-max-tokens 0
+        --profile --warmup --workdir /tmp/vsct --ct-python /tmp/ctpy"
 
 "$PY" -c "import circuits._edges" 2> /dev/null || build
 

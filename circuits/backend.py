@@ -317,9 +317,9 @@ def abs_rmatvec(block, row_weight, out, backend: str | None = None) -> None:
     import numpy as np
     if _pick(backend, torch.device("cpu")) == "cpp" and block.data.dtype == np.float32 \
             and block.indptr.dtype == block.indices.dtype and out.flags.c_contiguous and out.dtype == np.float64:
-        w = np.ascontiguousarray(row_weight, dtype=np.float64)
-        _ext.abs_rmatvec(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (block.indptr, block.indices, block.data, w)),
-                         torch.from_numpy(out))
+        w = np.asarray(row_weight, dtype=np.float64)
+        parts = [torch.from_numpy(np.ascontiguousarray(a)) for a in (block.indptr, block.indices, block.data, w)]
+        _ext.abs_rmatvec(*parts, torch.from_numpy(out))
         return
     import scipy.sparse as sp
     absolute = sp.csr_array((np.abs(block.data), block.indices, block.indptr), shape=block.shape)

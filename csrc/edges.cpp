@@ -437,25 +437,35 @@ at::Tensor vector_edges(const at::Tensor& grad, const at::Tensor& vectors) {
 template <typename I>
 void abs_rmatvec_t(const I* indptr, const I* indices, const float* data, const double* row_weight, int64_t rows,
                    double* out, int64_t n_out) {
-  for (int64_t k = 0; k < (int64_t)indptr[rows]; ++k)  // first, so that a bad column changes nothing
-    TORCH_CHECK(indices[k] >= 0 && indices[k] < n_out, "abs_rmatvec: column ", (int64_t)indices[k],
-                " is outside [0, ", n_out, ")");
-  // rows split by edge count among threads, each summing into its own copy of out (out is small: the sources)
+  // rows split by edge count among threads, each summing into its own copy of out (out is small: the
+  // sources), added to out only when every column was inside it
   const int64_t nnz = indptr[rows];
   const int threads = (int)std::min<int64_t>(num_threads(), std::max<int64_t>(1, nnz / (1 << 20)));
-  std::vector<std::vector<double>> partial(threads - 1, std::vector<double>(n_out, 0.0));
+  std::vector<std::vector<double>> partial(threads, std::vector<double>(n_out, 0.0));
+  std::vector<int64_t> bad(threads, 0);
+  std::vector<char> seen_bad(threads, 0);  // a column outside out was seen (and skipped)
 #pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
   for (int t = 0; t < threads; ++t) {
-    double* acc = t == 0 ? out : partial[t - 1].data();
+    double* acc = partial[t].data();
     const int64_t lo = nnz * t / threads, hi = nnz * (t + 1) / threads;  // this thread's rows: starting in [lo, hi)
     int64_t r = std::upper_bound(indptr, indptr + rows + 1, (I)lo) - indptr - 1;
     for (; r < rows && (int64_t)indptr[r] < hi; ++r) {
       if ((int64_t)indptr[r] < lo && t > 0) continue;  // started in the previous thread's range
       const double w = row_weight[r];
       if (w == 0.0) continue;
-      for (int64_t k = indptr[r]; k < (int64_t)indptr[r + 1]; ++k) acc[indices[k]] += std::fabs((double)data[k]) * w;
+      for (int64_t k = indptr[r]; k < (int64_t)indptr[r + 1]; ++k) {
+        const int64_t c = indices[k];
+        if (c < 0 || c >= n_out) {
+          bad[t] = c;
+          seen_bad[t] = 1;
+          continue;
+        }
+        acc[c] += std::fabs((double)data[k]) * w;
+      }
     }
   }
+  for (int t = 0; t < threads; ++t)
+    TORCH_CHECK(!seen_bad[t], "abs_rmatvec: column ", bad[t], " is outside [0, ", n_out, ")");
   for (const auto& p : partial)
     for (int64_t c = 0; c < n_out; ++c) out[c] += p[c];
 }
