@@ -373,15 +373,21 @@ def _options(config: AttributionConfig | None, overrides: dict) -> AttributionCo
 
 
 def _encoders(tc, f_layer: torch.Tensor, f_feat: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder vectors `[k, D]` and biases `[k]` of the active features (float32, on `dev`)."""
+    """Encoder vectors `[k, D]` and biases `[k]` of the active features (float32, on `dev`). The ids cross to
+    the device in one copy (on a GPU each copy waits for the queue), then each layer's are a slice."""
+    order = torch.argsort(f_layer, stable=True)
+    layers, counts = torch.unique_consecutive(f_layer[order], return_counts=True)
+    ids = torch.stack([f_feat[order].long(), order]).to(dev)  # [2, k]: feature ids by layer, where each goes
+    vecs, biases, start = [], [], 0
+    for l, c in zip(layers.tolist(), counts.tolist()):
+        fl = ids[0, start:start + c]
+        vecs.append(tc.W_enc[l].detach().index_select(1, fl).T.float())
+        biases.append(tc.b_enc[l].detach()[fl].float())
+        start += c
     enc_vecs = torch.zeros(len(f_feat), tc.d_model, device=dev)
     b_enc = torch.zeros(len(f_feat), device=dev)
-    for l in range(tc.n_layers):
-        here = torch.nonzero(f_layer == l).flatten()
-        if len(here):
-            fl = f_feat[here].to(dev)
-            enc_vecs[here.to(dev)] = tc.W_enc[l].detach().index_select(1, fl).T.float()
-            b_enc[here.to(dev)] = tc.b_enc[l].detach()[fl].float()
+    if vecs:
+        enc_vecs[ids[1]], b_enc[ids[1]] = torch.cat(vecs), torch.cat(biases)
     return enc_vecs, b_enc
 
 
