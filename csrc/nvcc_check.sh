@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile csrc/edges_cuda.cu to an object file with nvcc, with the flags torch's CUDAExtension uses, to
-# check that it builds on a machine without a GPU (nothing is linked or run).
+# Compile csrc/edges_cuda.cu to an object file with nvcc, with the flags torch's CUDAExtension uses, and
+# csrc/edges.cpp as a CUDA build compiles it, to check that both build on a machine without a GPU (nothing is
+# linked or run).
 #
 # A CPU-only torch wheel ships the ATen/c10 CUDA headers but not the generated
 # c10/cuda/impl/cuda_cmake_macros.h, nor libc10_cuda/libtorch_cuda: so the object compiles here (this
@@ -32,4 +33,9 @@ for a in "${ARCHS[@]}"; do GENCODE+=(-gencode "arch=compute_${a#sm_},code=$a"); 
   $FLAGS "${EXTRA_INC[@]}" -I "$TORCH_DIR/include" -I "$TORCH_DIR/include/torch/csrc/api/include" \
   --compiler-options -fPIC "${GENCODE[@]}" -diag-suppress 3189
 echo "OK: csrc/edges_cuda.cu compiled for ${ARCHS[*]} with $("$NVCC" --version | tail -1)"
-nm -C "$TMP/edges_cuda.o" | grep -E " T (feature|vector)_edges_cuda"
+nm -C "$TMP/edges_cuda.o" | grep -E " T (feature|vector)_edges(_tiled)?_cuda"
+# the C++ side of a CUDA build (bindings of the CUDA entry points): syntax only, as the CUDA build compiles it
+PYINC=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+g++ -std=c++20 -fsyntax-only -fopenmp -DWITH_CUDA -DTORCH_EXTENSION_NAME=_edges -I "$PYINC" -I "$TORCH_DIR/include" \
+  -I "$TORCH_DIR/include/torch/csrc/api/include" csrc/edges.cpp
+echo "OK: csrc/edges.cpp compiles with -DWITH_CUDA"
