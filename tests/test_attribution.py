@@ -120,16 +120,19 @@ def test_edges_equal_the_reference(monkeypatch, backend, kind, budget):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind,batch_size", [("skip", 256), ("clt", 7)])
-def test_graph_on_the_gpu_equals_the_cpu(kind, batch_size):
-    """The whole attribution on a CUDA device (the cuda edge kernels where built) gives the CPU's graph."""
+@pytest.mark.parametrize("kind,batch_size,budget", [("skip", 256, None), ("clt", 7, None), ("skip", 16, 80)])
+def test_graph_on_the_gpu_equals_the_cpu(kind, batch_size, budget):
+    """The whole attribution on a CUDA device (the cuda edge kernels where built; rows compacted in the
+    background) gives the CPU's graph; with a budget, rows in influence order, re-ranked from the rows so far."""
     lm, tc = _setup(kind, n_heads=4, n_kv_heads=2)
-    options = {"batch_size": batch_size}
+    options = {"batch_size": batch_size, **({"max_feature_nodes": budget} if budget else {})}
     cpu = _trace(lm, tc, **options)
     lm.model.to("cuda")
     gpu = _trace(lm, tc, **options)
     assert gpu.metadata["device"].startswith("cuda")
     assert (gpu.has_row == cpu.has_row).all() and (gpu.logit_tokens == cpu.logit_tokens).all()
+    if budget:
+        assert gpu.metadata["row_order"] == "influence" and gpu.metadata["n_feature_rows"] == budget
     a, b = gpu.adjacency.toarray(), cpu.adjacency.toarray()
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
     assert _completeness_error(gpu).max() < 1e-3
