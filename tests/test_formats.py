@@ -561,3 +561,67 @@ def test_a_released_gemmascope_clt_converts_to_circuit_tracer(tmp_path):
     ref_acts, ref_out = reference_forward(params, x, clt=True)
     tc = load_any(tmp_path / "ct")
     torch.testing.assert_close(tc.reconstruct(x), ref_out, rtol=1e-5, atol=1e-6)
+
+
+# -- decoders stay on disk: memory-mapped views, not read at load -------------------------------------
+def _mapped_ranges(files) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `files` (Linux /proc/self/maps)."""
+    names = {str(Path(f).resolve()) for f in files}
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] in names:
+            out.append(tuple(int(x, 16) for x in parts[0].split("-")))
+    return out
+
+
+def _resident_fraction(t: torch.Tensor) -> float:
+    """Share of the memory pages spanned by `t` that are present in this process (/proc/self/pagemap)."""
+    import struct
+    page = os.sysconf("SC_PAGE_SIZE")
+    span = (t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    start = t.data_ptr() // page
+    end = (t.data_ptr() + span - 1) // page + 1
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start * 8)
+        entries = struct.unpack(f"{end - start}Q", f.read((end - start) * 8))
+    return sum(e >> 63 for e in entries) / (end - start)
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
+@pytest.mark.parametrize("layout,kind", [("native", "skip"), ("native", "clt"), ("circuit-tracer", "skip"),
+                                         ("circuit-tracer", "clt"), ("gemmascope2", "skip"), ("gemmascope2", "clt")])
+def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
+    """Loading checks every value but leaves the decoders as views of the files with (almost) none of their
+    pages present: attribution then reads only the active features' rows."""
+    big = random_transcoders(L, 256, 8192, kind=kind, seed=1)
+    if layout == "native":
+        save_native(big, tmp_path / "set")
+        files = [tmp_path / "set" / formats.WEIGHTS_FILE]
+    elif layout == "circuit-tracer":
+        from transcoders.circuit_tracer_format import save_circuit_tracer
+        save_circuit_tracer(big, tmp_path / "set")
+        files = sorted((tmp_path / "set").glob("*.safetensors"))
+    else:
+        save_gemmascope2(big, tmp_path / "set")
+        files = sorted((tmp_path / "set").rglob("*.safetensors"))
+    tc = load_any(tmp_path / "set")
+    ranges = _mapped_ranges(files)
+    for w in tc.W_dec:
+        assert any(a <= w.data_ptr() < b for a, b in ranges), "a decoder is a copy, not a view of its file"
+        assert _resident_fraction(w) < 0.05, "loading read a decoder"
+    x = torch.randn(L, 5, 256)
+    torch.testing.assert_close(tc.reconstruct(x), big.reconstruct(x))
+    assert all(_resident_fraction(w) > 0.9 for w in tc.W_dec)  # the dense decode read them all: the probe works
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_values_check_reads_every_float_dtype(tmp_path, dtype, bad):
+    good = torch.randn(1000, dtype=torch.float32).to(dtype)
+    broken = good.clone()
+    broken[777] = bad
+    save_file({"a": good, "b": broken, "c": torch.arange(5)}, str(tmp_path / "w.safetensors"))
+    assert list(formats.nonfinite_tensors_in_file(tmp_path / "w.safetensors", piece=512)) == ["b"]
+    with pytest.raises(UserError, match="b holds NaN or infinite"):
+        formats.read_safetensors(tmp_path / "w.safetensors")

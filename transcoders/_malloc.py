@@ -1,4 +1,4 @@
-"""Keep freed memory in the process while training.
+"""Keep freed memory in the process while training; give it back after loading.
 
 Training allocates and frees tensors of tens of megabytes every step. glibc serves each one with a fresh
 mmap and unmaps it on free, so every step faults in (and zeroes) the same pages again: on a 2-core CPU that
@@ -39,4 +39,12 @@ def reuse_freed_memory():
     finally:
         for param, value in _DEFAULTS.items():
             libc.mallopt(param, value)
+        libc.malloc_trim(0)
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc keeps freed blocks below its mmap threshold, up
+    to 32 MB each, e.g. the temporaries of a loader's layout change)."""
+    libc = _libc()
+    if libc is not None:
         libc.malloc_trim(0)

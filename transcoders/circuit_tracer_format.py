@@ -183,7 +183,10 @@ def _site(hooks: dict, hook: str, which: str, path: Path) -> str:
 
 def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     """Load a directory in circuit-tracer's layout as a `TranscoderSet` (weights keep their stored dtype)."""
-    from safetensors.torch import load_file
+    from circuits.errors import UserError
+
+    from ._malloc import return_freed_memory
+    from .formats import build_transcoder_set, read_safetensors, read_tensor_copy
     path = Path(path)
     if not is_circuit_tracer_dir(path):
         raise _user_error(f"{path} is not a circuit-tracer transcoder directory (config.yaml with model_kind "
@@ -193,21 +196,22 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     input_site = _site(INPUT_HOOKS, config.get("feature_input_hook", ""), "feature_input", path)
     output_site = _site(OUTPUT_HOOKS, config.get("feature_output_hook", ""), "feature_output", path)
 
-    def read(file: Path) -> dict[str, torch.Tensor]:
+    def read(file: Path, strip: bool = False) -> dict[str, tuple[torch.Tensor, Path, str]]:
+        """Our short name -> (memory-mapped tensor, file, stored name)."""
         if not file.is_file():
             raise _user_error(f"{file} is missing; the circuit-tracer export at {path} is incomplete, write it again")
-        return load_file(str(file))
+        return {(k.rsplit("_", 1)[0] if strip else k): (v, file, k) for k, v in read_safetensors(file)[0].items()}
 
     if clt:
         n_layers = len(list(path.glob("W_enc_*.safetensors")))
-        layers = [{k.rsplit("_", 1)[0]: v for k, v in {**read(path / f"W_enc_{l}.safetensors"),
-                                                        **read(path / f"W_dec_{l}.safetensors")}.items()}
-                  for l in range(n_layers)]
+        files = [{**read(path / f"W_enc_{l}.safetensors", True), **read(path / f"W_dec_{l}.safetensors", True)}
+                 for l in range(n_layers)]
         threshold_key = "threshold"
     else:
-        layers = [read(p) for p in _plt_paths(path, config)]
-        n_layers = len(layers)
+        files = [read(p) for p in _plt_paths(path, config)]
+        n_layers = len(files)
         threshold_key = "activation_function.threshold"
+    layers = [{k: v[0] for k, v in f.items()} for f in files]
     first = layers[0]
     if "W_enc" not in first:
         raise _user_error(f"{path}: layer 0 has no W_enc tensor (keys {sorted(first)}); this is not circuit-tracer's "
@@ -227,22 +231,36 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
             activation="jumprelu" if threshold_key in first else "relu", skip=skip,
             model_name=str(config.get("model_name", "")).split("/")[-1], input_site=input_site,
             output_site=output_site, extra={"scan": config.get("scan")})
-    tc = TranscoderSet(cfg)
+    # Decoders stay memory-mapped views of the files: attribution reads only the active features' rows, so
+    # the rest never becomes resident. Everything else is read into memory of its own (encoders and skip
+    # matrices are stored transposed to our layout; copied through the mapping, they would stay resident
+    # twice, and small tensors would keep their file's mapping, touched pages included, alive).
     dtype = first["W_enc"].dtype
-    tc.to(dtype)
-    with torch.no_grad():
-        for l, t in enumerate(layers):
-            try:
-                tc.W_enc[l].copy_(t["W_enc"].T.contiguous())
-                tc.b_enc[l].copy_(t["b_enc"])
-                tc.W_dec[l].copy_(t["W_dec"])
-                tc.b_dec[l].copy_(t["b_dec"])
-                if threshold_key in t:
-                    tc.threshold[l].copy_(t[threshold_key].reshape(-1))
-                if tc.W_skip is not None:
-                    tc.W_skip[l].copy_(t["W_skip"].T.contiguous())
-            except (KeyError, RuntimeError) as e:
-                raise _user_error(f"{path}: layer {l} does not match layer 0's shapes or lacks a tensor "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); export it again")
+
+    def copy(l: int, key: str) -> torch.Tensor:
+        _, file, stored = files[l][key]
+        return read_tensor_copy(file, stored)
+
+    state = {}
+    for l, t in enumerate(layers):
+        try:
+            state.update({f"W_enc.{l}": copy(l, "W_enc").T.contiguous(), f"b_enc.{l}": copy(l, "b_enc"),
+                          f"W_dec.{l}": t["W_dec"], f"b_dec.{l}": copy(l, "b_dec"),
+                          f"threshold.{l}": (copy(l, threshold_key).reshape(-1) if threshold_key in t
+                                             else torch.zeros(d_sae, dtype=dtype))})
+            if cfg.skip:
+                state[f"W_skip.{l}"] = copy(l, "W_skip").T.contiguous()
+        except KeyError as e:
+            raise _user_error(f"{path}: layer {l} lacks {e}; export it again") from None
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise _user_error(f"{path}: {k} has dtype {v.dtype}; transcoder weights are floating point")
+    state = {k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()}  # one dtype, as stored in W_enc
+    del layers, files, first
+    return_freed_memory()
+    try:
+        tc = build_transcoder_set(cfg, state, path)
+    except UserError as e:
+        raise _user_error(f"{e}; layer shapes must match layer 0's: export it again") from None
     tc.source = str(path)
     return tc

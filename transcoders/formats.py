@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from circuits.errors import UserError
@@ -94,17 +95,79 @@ def config_from_dict(raw: dict, source) -> TranscoderConfig:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors and the metadata of a safetensors file; missing or corrupt files are UserErrors."""
+    """All tensors and the metadata of a safetensors file; missing or corrupt files, and floating-point
+    tensors holding NaN or inf, are UserErrors. The tensors are memory-mapped views of the file (read when
+    first touched), and the values check reads the file apart from them: a decoder of which attribution reads
+    only the active features' rows never becomes resident as a whole."""
     from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} is missing")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
                         "write or download it again") from None
+    for name in nonfinite_tensors_in_file(path):  # the first one found
+        raise UserError(f"{path}: {name} holds NaN or infinite values; the file is corrupt")
+    for t in tensors.values():
+        t.finite_checked = True  # build_transcoder_set need not read it again; a copy or view loses the mark
+    return tensors, metadata
+
+
+# bit masks of the exponent of each floating dtype a safetensors file stores: all ones = inf or NaN
+_EXPONENT_MASKS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+                   "F64": (np.uint64, 0x7FF0000000000000)}
+_TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _safetensors_header(f) -> tuple[dict, int]:
+    """(header, offset of the data) of an open safetensors file."""
+    header_len = int.from_bytes(f.read(8), "little")
+    return json.loads(f.read(header_len)), 8 + header_len
+
+
+def nonfinite_tensors_in_file(path: Path, piece: int = 64 << 20):
+    """Names of the floating-point tensors of safetensors file `path` that hold NaN or inf, read in pieces of
+    `piece` bytes through ordinary reads (the page cache), not through a mapping of this process."""
+    with open(path, "rb") as f:
+        header, data_start = _safetensors_header(f)
+        for name, info in header.items():
+            if name == "__metadata__" or info.get("dtype") not in _EXPONENT_MASKS:
+                continue
+            bits, mask = _EXPONENT_MASKS[info["dtype"]]
+            begin, end = info["data_offsets"]
+            f.seek(data_start + begin)
+            left = end - begin
+            while left > 0:
+                data = f.read(min(left, piece))
+                if not data:
+                    break
+                left -= len(data)
+                if bool(((np.frombuffer(data, dtype=bits) & bits(mask)) == mask).any()):
+                    yield name
+                    break
+
+
+def read_tensor_copy(path: Path, name: str) -> torch.Tensor:
+    """One floating-point tensor of a (checked) safetensors file as a tensor of its own, read through the
+    page cache: for weights a loader must copy into another layout, since copying from the memory-mapped
+    view would leave the mapped pages resident beside the copy."""
+    with open(path, "rb") as f:
+        header, data_start = _safetensors_header(f)
+        info = header.get(name)
+        if info is None or info.get("dtype") not in _TORCH_DTYPES:
+            raise UserError(f"{path} has no floating-point tensor {name!r}")
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+        if out.numel() * out.element_size() != end - begin:
+            raise UserError(f"{path}: {name} has {end - begin} bytes for shape {info['shape']}; the file is corrupt")
+        f.seek(data_start + begin)
+        if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+            raise UserError(f"{path}: {name} is cut short; the file is truncated")
+    out.finite_checked = True
+    return out
 
 
 def build_transcoder_set(cfg: TranscoderConfig, state: dict[str, torch.Tensor], source,
@@ -127,7 +190,7 @@ def build_transcoder_set(cfg: TranscoderConfig, state: dict[str, torch.Tensor], 
                             f"(d_model {cfg.d_model}, d_sae {cfg.d_sae}, {cfg.n_layers} layers)")
         if not t.is_floating_point():
             raise UserError(f"{source}: {k} has dtype {t.dtype}; transcoder weights are floating point")
-        if not bool(torch.isfinite(t).all()):
+        if not getattr(t, "finite_checked", False) and not bool(torch.isfinite(t).all()):
             raise UserError(f"{source}: {k} holds NaN or infinite values; the file is corrupt")
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

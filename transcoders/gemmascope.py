@@ -35,7 +35,8 @@ import torch
 
 from circuits.errors import UserError
 
-from .formats import atomic_directory, build_transcoder_set, config_from_dict, config_json, read_json
+from .formats import (atomic_directory, build_transcoder_set, config_from_dict, config_json, nonfinite_tensors_in_file,
+                      read_json)
 from .model import TranscoderConfig, TranscoderSet
 
 PLT_SITES = ("transcoder_all", "transcoder")
@@ -192,8 +193,9 @@ def _hook_layer(hook: str, which: str) -> int | None:
 
 
 def _read_layer(path: Path, layer: int, n_layers: int, clt: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of one params file under our names, and its metadata. CLT decoders are read from
-    layer `layer` on, so the unused entries for earlier layers are never loaded."""
+    """The tensors of one params file under our names (memory-mapped views of it), and its metadata. A CLT
+    decoder is the view from layer `layer` on, so the entries for earlier layers are never read; decoders
+    stay views (strided for CLTs) so that only the rows attribution reads become resident."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -213,13 +215,18 @@ def _read_layer(path: Path, layer: int, n_layers: int, clt: bool) -> tuple[dict[
                                 f"({'a CLT of ' + str(n_layers) + ' layers' if clt else 'a per-layer transcoder'})")
             state = {"W_enc": w_enc, "b_enc": f.get_tensor("b_enc"), "b_dec": f.get_tensor("b_dec"),
                      "threshold": f.get_tensor("threshold"),
-                     "W_dec": f.get_slice("w_dec")[:, layer:, :] if clt else f.get_tensor("w_dec")}
+                     "W_dec": f.get_tensor("w_dec")[:, layer:, :] if clt else f.get_tensor("w_dec")}
             if "affine_skip_connection" in keys:
                 state["W_skip"] = f.get_tensor("affine_skip_connection")
-            return state, dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
                         "download it again") from None
+    for name in nonfinite_tensors_in_file(path):  # read apart from the views, which stay unread
+        raise UserError(f"{path}: {name} holds NaN or infinite values; the file is corrupt: download it again")
+    for t in state.values():
+        t.finite_checked = True
+    return state, meta
 
 
 def _our_config(meta: dict, path: Path) -> dict:
@@ -256,7 +263,7 @@ def load_gemmascope2(path, dtype: torch.dtype | None = None, progress: bool = Fa
                             f"connection, but {first[1]} holds {list(first[0][0])}"
                             f"{' with' if first[0][1] else ' without'}: the layers are from different sets")
         for name, t in tensors.items():
-            state[f"{name}.{l}"] = t.contiguous()
+            state[f"{name}.{l}"] = t if name == "W_dec" else t.contiguous()
     (D, F), skip = first[0]
     cfg = _set_config(found, configs, stored, n_layers, D, F, skip)
     for l in range(n_layers):  # relu(pre) * (pre > t) == pre * (pre > max(t, 0)): see the module docstring
