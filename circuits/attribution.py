@@ -144,12 +144,17 @@ class SourceEdges:
         # what a gradient at x_{l+1} reads from layer l's MLP output: each position's error, and the decoder bias
         self.error_and_bias = torch.stack([errors, b_dec[:, None, :].expand_as(errors)], -1).contiguous()  # [L, n, D, 2]
         self.layers = []  # per source layer: (first column, its features for the kernel, or per-position slots)
+        # the decoder rows of each layer's active features, read once (from the file where the decoder is
+        # memory-mapped): `[n_unique, n_out, D]`; features index them by their position in the unique list
+        self.decoders = []
         starts = np.searchsorted(f_layer.numpy(), np.arange(L + 1))
         for s in range(L):
             a, b = int(starts[s]), int(starts[s + 1])
-            pos, feat, act = f_pos[a:b], f_feat[a:b], f_act[a:b].float()
+            pos, act = f_pos[a:b], f_act[a:b].float()
+            unique, feat = torch.unique(f_feat[a:b], return_inverse=True)
+            self.decoders.append(tc.decoder_rows(s, unique).detach().to(dev))
             if backend in ("cpp", "cuda"):
-                self.layers.append((a, PositionSortedFeatures(pos, feat, act, tc.d_sae, dev, backend)))
+                self.layers.append((a, PositionSortedFeatures(pos, feat, act, len(unique), dev, backend)))
             else:
                 self.layers.append((a, self._slots(pos, feat, act, n, dev)))
         self._cache: dict = {}
@@ -176,7 +181,7 @@ class SourceEdges:
         if key in self._cache:
             return self._cache[key]
         ids, acts, _ = self.layers[s][1]
-        dec = self.tc.decoder_weight(s)[:, o]  # [F, D], a view
+        dec = self.decoders[s][:, o]  # [n_unique, D], a view
         rows = dec.index_select(0, ids.flatten()).float().view(*ids.shape, -1) * acts[..., None]
         size = rows.numel() * 4
         if size <= self._cache_left:  # PLT decoders are small enough to keep; CLT ones are re-gathered
@@ -189,7 +194,7 @@ class SourceEdges:
         col0, features = self.layers[s]
         if isinstance(features, PositionSortedFeatures):
             grad = g.permute(1, 0, 2)[:, None]  # [k, 1, P, D]
-            return col0, features.edges(grad, self.tc.decoder_weight(s)[:, o:o + 1], P)
+            return col0, features.edges(grad, self.decoders[s][:, o:o + 1], P)
         valid = features[2]
         if valid.shape[1] == 0:  # no features in this layer
             return col0, g.new_zeros(g.shape[1], 0)

@@ -244,7 +244,8 @@ def decode_sparse(transcoders, layer: torch.Tensor, pos: torch.Tensor, feat: tor
         here = layer == s
         if not bool(here.any()):
             continue
-        rows = tc.decoder_rows(s, feat[here]).float() * act[here][:, None, None]  # [k, n_out, D]
+        unique, which = torch.unique(feat[here], return_inverse=True)  # a feature active at several positions
+        rows = tc.decoder_rows(s, unique).float()[which] * act[here][:, None, None]  # [k, n_out, D]
         for o, l in enumerate(tc.output_layers(s)):
             out[l].index_add_(0, pos[here], rows[:, o])
     return out

@@ -610,6 +610,16 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
     for w in tc.W_dec:
         assert any(a <= w.data_ptr() < b for a, b in ranges), "a decoder is a copy, not a view of its file"
         assert _resident_fraction(w) < 0.05, "loading read a decoder"
+    # rows read for attribution come from the file, not through the mapping
+    feats = torch.tensor([4000, 3, 8191, 77, 3])
+    with torch.no_grad():
+        for l in range(L):
+            torch.testing.assert_close(tc.decoder_rows(l, feats), big.decoder_rows(l, feats), rtol=0, atol=0)
+            assert _resident_fraction(tc.W_dec[l]) < 0.05, "decoder_rows read through the mapping"
+        # a decoder changed in memory (a private copy of the page): rows come from memory, not the stale file
+        tc.W_dec[1][77] += 1.0
+        torch.testing.assert_close(tc.decoder_rows(1, feats)[3], big.decoder_rows(1, feats)[3] + 1.0)
+        tc.W_dec[1][77] -= 1.0
     x = torch.randn(L, 5, 256)
     torch.testing.assert_close(tc.reconstruct(x), big.reconstruct(x))
     assert all(_resident_fraction(w) > 0.9 for w in tc.W_dec)  # the dense decode read them all: the probe works
@@ -625,3 +635,15 @@ def test_the_values_check_reads_every_float_dtype(tmp_path, dtype, bad):
     assert list(formats.nonfinite_tensors_in_file(tmp_path / "w.safetensors", piece=512)) == ["b"]
     with pytest.raises(UserError, match="b holds NaN or infinite"):
         formats.read_safetensors(tmp_path / "w.safetensors")
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
+def test_decoder_rows_of_a_replaced_file_are_the_loaded_ones(tmp_path):
+    """A set saved over the directory a loaded set maps (an atomic swap) does not leak into the loaded one."""
+    old, new = random_transcoders(L, 64, 2048, seed=1), random_transcoders(L, 64, 2048, seed=2)
+    save_native(old, tmp_path / "set")
+    tc = load_any(tmp_path / "set")
+    save_native(new, tmp_path / "set")
+    feats = torch.tensor([5, 2000, 17])
+    with torch.no_grad():
+        torch.testing.assert_close(tc.decoder_rows(2, feats), old.decoder_rows(2, feats), rtol=0, atol=0)

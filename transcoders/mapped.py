@@ -1,0 +1,106 @@
+"""Rows of memory-mapped weights, read from their file instead of through the mapping (Linux).
+
+Loaded decoders are views of their memory-mapped safetensors files. Reading a few rows through the mapping
+faults in far more than those rows: the kernel maps the whole page-cache folio around each fault, and the
+pages stay resident. `read_rows` reads the rows with `pread` into a tensor of their own, so that only the
+page cache holds the rest. It does so only when that gives the same values as the mapping: the tensor's
+memory must be a mapping of a regular file still at its path (same device and inode), and no page of it may
+have been written in this process (a private copy-on-write page, which the file does not see). Anywhere
+else it returns None and the caller reads through the mapping.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61  # /proc/self/pagemap entry bits
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes from t's first element to the end of its last one."""
+    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def file_region(t: torch.Tensor) -> tuple[str, int] | None:
+    """(path, offset in the file of t's first element) when t's memory is a mapping of a regular file that
+    is still at that path; else None."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return None
+    address = t.data_ptr()
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if not start <= address < end:
+            continue
+        if len(parts) < 6 or not parts[5].startswith("/") or parts[5].endswith(" (deleted)"):
+            return None
+        path, offset, inode = parts[5], int(parts[2], 16), int(parts[4])
+        major, minor = (int(x, 16) for x in parts[3].split(":"))
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if st.st_ino != inode or (os.major(st.st_dev), os.minor(st.st_dev)) != (major, minor):
+            return None
+        if address + _span_bytes(t) > end:  # not one mapping: do not guess
+            return None
+        return path, offset + (address - start)
+    return None
+
+
+def written_in_process(t: torch.Tensor) -> bool:
+    """Whether any page under t holds data the file does not: written (copy-on-write, now anonymous) or
+    swapped out. True where this cannot be told."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = t.data_ptr() // page, (t.data_ptr() + _span_bytes(t) - 1) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first * 8)
+            raw = f.read((last - first + 1) * 8)
+    except OSError:
+        return True
+    if len(raw) != (last - first + 1) * 8:
+        return True
+    for entry in struct.iter_unpack("Q", raw):
+        e = entry[0]
+        if e & _SWAPPED or (e & _PRESENT and not e & _FILE):
+            return True
+    return False
+
+
+def read_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """`w[rows]` (`[k, *w.shape[1:]]`, a tensor of its own) read from w's file, or None where that would not
+    give the values w holds (see the module docstring) or w's rows are not contiguous in memory."""
+    inner = w.shape[1:]
+    expected = [1]
+    for n in reversed(inner[1:]):
+        expected.insert(0, expected[0] * n)
+    if w.dim() < 1 or list(w.stride()[1:]) != expected[:len(inner)] or len(rows) == 0:
+        return None
+    region = file_region(w)
+    if region is None or written_in_process(w):
+        return None
+    path, base = region
+    size = w.element_size()
+    row_bytes, stride_bytes = w[0].numel() * size, w.stride(0) * size
+    ids = rows.detach().cpu().long()
+    if bool((ids < 0).any()) or bool((ids >= w.shape[0]).any()):
+        raise IndexError(f"rows must lie in [0, {w.shape[0]})")
+    out = torch.empty((len(ids), *inner), dtype=w.dtype)
+    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i, r in enumerate(ids.tolist()):
+            if os.preadv(fd, [buffer[i * row_bytes:(i + 1) * row_bytes]], base + r * stride_bytes) != row_bytes:
+                return None
+    finally:
+        os.close(fd)
+    return out
