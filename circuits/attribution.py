@@ -25,8 +25,8 @@ from .backend import PositionSortedFeatures, abs_rmatvec, active_backend
 from .errors import UserError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .replacement import (FrozenWeights, PromptState, TransposedModel, check_prompt, decode_sparse, frozen_forward,
-                          run_and_freeze)
+from .replacement import (FrozenWeights, PromptState, TransposedModel, active_decoder_rows, check_prompt,
+                          decode_sparse, frozen_forward, run_and_freeze)
 
 
 @dataclass
@@ -131,11 +131,11 @@ class SourceEdges:
     each position's features are contracted with one batched matrix product (the features of a layer are
     padded per position to `[n_pos, c_max]` slots), which reads each decoder row once per batch."""
 
-    def __init__(self, state: PromptState, tc, f_layer, f_pos, f_feat, f_act, errors: torch.Tensor,
+    def __init__(self, state: PromptState, tc, f_layer, f_pos, f_act, decoders, errors: torch.Tensor,
                  backend: str, cache_bytes: int = 512 << 20):
         self.tc, self.state, self.errors, self.backend = tc, state, errors, backend
         L, n = tc.n_layers, state.n_pos
-        self.n, self.n_feat = n, len(f_feat)
+        self.n, self.n_feat = n, len(f_layer)
         self.err0 = self.n_feat
         self.tok0 = self.n_feat + L * n
         self.n_src = self.tok0 + n
@@ -144,17 +144,15 @@ class SourceEdges:
         # what a gradient at x_{l+1} reads from layer l's MLP output: each position's error, and the decoder bias
         self.error_and_bias = torch.stack([errors, b_dec[:, None, :].expand_as(errors)], -1).contiguous()  # [L, n, D, 2]
         self.layers = []  # per source layer: (first column, its features for the kernel, or per-position slots)
-        # the decoder rows of each layer's active features, read once (from the file where the decoder is
-        # memory-mapped): `[n_unique, n_out, D]`; features index them by their position in the unique list
-        self.decoders = []
+        # the decoder rows of each layer's active features (`replacement.active_decoder_rows`, read once):
+        # `[n_unique, n_out, D]`; each feature is the index of its row there
+        self.decoders = [rows.to(dev) for rows, _ in decoders]
         starts = np.searchsorted(f_layer.numpy(), np.arange(L + 1))
         for s in range(L):
             a, b = int(starts[s]), int(starts[s + 1])
-            pos, act = f_pos[a:b], f_act[a:b].float()
-            unique, feat = torch.unique(f_feat[a:b], return_inverse=True)
-            self.decoders.append(tc.decoder_rows(s, unique).detach().to(dev))
+            pos, act, feat = f_pos[a:b], f_act[a:b].float(), decoders[s][1].cpu()
             if backend in ("cpp", "cuda"):
-                self.layers.append((a, PositionSortedFeatures(pos, feat, act, len(unique), dev, backend)))
+                self.layers.append((a, PositionSortedFeatures(pos, feat, act, len(self.decoders[s]), dev, backend)))
             else:
                 self.layers.append((a, self._slots(pos, feat, act, n, dev)))
         self._cache: dict = {}
@@ -429,7 +427,8 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
         f_layer, f_pos, f_feat, f_act = f_layer[keep], f_pos[keep], f_feat[keep], f_act[keep]
     n_feat = len(f_feat)
     # errors: the true MLP output minus the transcoders' (features, decoder bias, skip term)
-    feature_out = decode_sparse(tc, f_layer, f_pos, f_feat, f_act, n)  # [L, n, D]
+    decoders = active_decoder_rows(tc, f_layer, f_feat)  # each active feature's decoder row, read once
+    feature_out = decode_sparse(tc, f_layer, f_pos, f_feat, f_act, n, decoders)  # [L, n, D]
     skip = torch.stack([tc.skip_term(l, state.mlp_in[l]).float() for l in range(L)]) if tc.W_skip is not None else 0.0
     errors = state.mlp_out - feature_out - skip  # [L, n, D]
     # node inputs as the frozen linear model computes them (equal to the recorded ones up to rounding in
@@ -467,7 +466,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
 
     backend = active_backend(dev)
     engine = TransposedModel(state, fw, tc)
-    edges = SourceEdges(state, tc, f_layer, f_pos, f_feat, f_act, errors, backend)
+    edges = SourceEdges(state, tc, f_layer, f_pos, f_act, decoders, errors, backend)
     # working memory of one batch: its rows x sources, plus a few gradients [n, H*hd] per row
     per_row = 4 * (n_src + 6 * n * max(D, fw.n_heads * fw.head_dim))
     B = max(1, min(cfg.batch_size, int(cfg.memory_gb * 2**30 // per_row)))

@@ -232,20 +232,35 @@ def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_a
 
 
 @torch.no_grad()
+def active_decoder_rows(transcoders, layer: torch.Tensor,
+                        feat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per source layer s: (the decoder rows of its active features `[n_unique, n_out, D]`, on the transcoders'
+    device; for each of layer s's entries of `feat`, in order, its row there). Each row is read once, even for
+    a feature active at several positions."""
+    out = []
+    for s in range(transcoders.n_layers):
+        unique, which = torch.unique(feat[layer == s], return_inverse=True)
+        out.append((transcoders.decoder_rows(s, unique.cpu()).detach(), which))
+    return out
+
+
+@torch.no_grad()
 def decode_sparse(transcoders, layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor, act: torch.Tensor,
-                  n_pos: int) -> torch.Tensor:
+                  n_pos: int, decoders: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """What active features (`[k]` each, as `sparse_encode` returns them) and the decoder biases write to
-    every layer's MLP output: `[L, n_pos, D]` float32, without the skip term. Reads only active rows."""
+    every layer's MLP output: `[L, n_pos, D]` float32, without the skip term. Reads only active rows (or
+    takes them from `decoders`, as `active_decoder_rows` returns them for these features)."""
     tc = transcoders
     dev = tc.b_dec[0].device
+    decoders = decoders if decoders is not None else active_decoder_rows(tc, layer, feat)
     out = torch.stack([b.detach().float() for b in tc.b_dec])[:, None, :].repeat(1, n_pos, 1)
-    layer, pos, feat, act = layer.to(dev), pos.to(dev), feat.to(dev), act.to(dev).float()
+    layer, pos, act = layer.to(dev), pos.to(dev), act.to(dev).float()
     for s in range(tc.n_layers):
         here = layer == s
         if not bool(here.any()):
             continue
-        unique, which = torch.unique(feat[here], return_inverse=True)  # a feature active at several positions
-        rows = tc.decoder_rows(s, unique).float()[which] * act[here][:, None, None]  # [k, n_out, D]
+        rows, which = decoders[s]
+        rows = rows.float()[which.to(dev)] * act[here][:, None, None]  # [k, n_out, D]
         for o, l in enumerate(tc.output_layers(s)):
             out[l].index_add_(0, pos[here], rows[:, o])
     return out
