@@ -433,7 +433,8 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     errors = state.mlp_out - feature_out - skip  # [L, n, D]
     # node inputs as the frozen linear model computes them (equal to the recorded ones up to rounding in
     # float32; in bfloat16 this keeps every node exactly complete with respect to the linear model)
-    frozen = frozen_forward(state, fw, tc, None, errors, feature_out=feature_out, preacts=False)
+    frozen = frozen_forward(state, fw, tc, None, errors, feature_out=feature_out, preacts=False,
+                            logits=False)
     logit_ids, logit_probs, logit_strings, contrast = choose_logits(lm, state.logits, cfg)
     n_logit = len(logit_ids)
     t_forward = time.perf_counter()

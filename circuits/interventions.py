@@ -305,7 +305,7 @@ def _frozen(state: PromptState, fw: FrozenWeights, tc, ops, propagate: bool):
             # x_l depends on features of layers < l only, which are final by now. The change is taken
             # against the frozen clean pass, so nothing moves where nothing upstream moved (the frozen and
             # the real forward pass differ by rounding); a feature that switches off is exactly 0.
-            new = tc.activate(l, frozen_forward(state, fw, tc, acts, errs)["preacts"][l]).float()
+            new = tc.activate(l, frozen_forward(state, fw, tc, acts, errs, logits=False)["preacts"][l]).float()
             old = tc.activate(l, ref["preacts"][l]).float()
             acts[l] = torch.where(new == old, clean_acts[l], torch.where(new == 0, 0.0, clean_acts[l] + new - old))
         _apply_feature_ops(acts[l], l, ops)
@@ -398,7 +398,7 @@ def _eos_ids(lm: LoadedModel) -> set[int]:
 
 @torch.no_grad()
 def _last_logits(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    return lm.model(ids[None].to(lm.device), use_cache=False, logits_to_keep=1).logits[0, -1].float().cpu()
+    return lm.last_logits(ids).cpu()
 
 
 @torch.no_grad()

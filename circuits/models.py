@@ -109,6 +109,39 @@ class LoadedModel:
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return bos is not None and len(tokens) > 0 and int(tokens[0]) == bos
 
+    @torch.no_grad()
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """x_0 `[n, D]` of token ids `[n]` (the model's dtype and device): embedding rows times sqrt(d_model), as
+        the model's embedding computes them. A memory-mapped embedding is read by row from its file
+        (`transcoders.mapped`), so that the vocabulary stays out of the process's memory."""
+        from transcoders.mapped import read_rows
+        weight = self.sites.embed.weight
+        rows = read_rows(weight, tokens) if weight.device.type == "cpu" else None
+        if rows is None:
+            return self.sites.embed(tokens.to(self.device))
+        scale = getattr(self.sites.embed, "embed_scale", None)
+        scale = scale if isinstance(scale, torch.Tensor) else torch.tensor(self.sites.embed_scale)
+        return rows.to(self.device) * scale.to(weight.device, weight.dtype)
+
+    @torch.no_grad()
+    def unembed(self, final: torch.Tensor) -> torch.Tensor:
+        """Logits `[vocab]` (float32) of the final norm's output at one position `[D]`, soft-capped as the model's
+        head does. A memory-mapped unembedding is read from its file a chunk at a time."""
+        from transcoders.mapped import matvec
+        logits = matvec(self.sites.lm_head.weight, final)
+        cap = self.sites.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    @torch.no_grad()
+    def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's logits `[vocab]` (float32, on its device) at the last of `tokens` `[n]`: the model's own
+        forward pass (hooks on its modules run), with `embed` and `unembed` in place of its embedding lookup
+        and head, which would read the whole vocabulary matrix through its mapping."""
+        out = self.model.model(inputs_embeds=self.embed(tokens)[None], use_cache=False)
+        return self.unembed(out.last_hidden_state[0, -1])
+
     def tokenize(self, prompt: str, chat: bool = False) -> torch.Tensor:
         """Token ids `[n_pos]` with the BOS token; `chat` wraps the prompt in the chat template."""
         if chat:

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from transcoders.mapped import matvec, read_rows, row_chunks
+
 from .errors import UserError
 from .models import LoadedModel
 
@@ -106,8 +108,7 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
     handles.append(sites.final_norm.register_forward_pre_hook(final_hook, with_kwargs=True))
     lm.model.config._attn_implementation = "eager"
     try:
-        # logits_to_keep=1: the unembedding runs for the last position only
-        out = lm.model(tokens[None].to(lm.device), use_cache=False, logits_to_keep=1)
+        logits = lm.last_logits(tokens)
     finally:
         for h in handles:
             h.remove()
@@ -116,7 +117,7 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
         tokens=tokens.cpu(), resid=torch.stack(rec["resid"] + [final["x"]]),
         patterns=patterns, s_in=torch.stack(rec["s_in"]), s_pa=torch.stack(rec["s_pa"]),
         s_ff=torch.stack(rec["s_ff"]), s_final=final["s"], mlp_in=torch.stack(rec["mlp_in"]),
-        mlp_out=torch.stack(rec["mlp_out"]), logits=out.logits[0, -1].float(),
+        mlp_out=torch.stack(rec["mlp_out"]), logits=logits,
         causal=bool((patterns.triu(1) == 0).all()))
 
 
@@ -162,16 +163,25 @@ class FrozenWeights:
     def unembed_mean(self) -> torch.Tensor:
         """Mean unembedding vector over the vocabulary `[D]`: logit nodes read logits minus their mean."""
         if self._unembed_mean is None:
-            self._unembed_mean = self.W_U.float().mean(0)
+            total = torch.zeros(self.W_U.shape[1], dtype=torch.float64, device=self.W_U.device)
+            for _, rows in row_chunks(self.W_U):  # from the file where it is mapped (see `LoadedModel.unembed`)
+                total += rows.float().sum(0)
+            self._unembed_mean = (total / self.W_U.shape[0]).float().to(self.device)
         return self._unembed_mean
+
+    def unembedding_rows(self, token_ids: list[int]) -> torch.Tensor:
+        """Rows `[k, D]` of the unembedding (float32, on the weights' device)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        rows = read_rows(self.W_U, ids) if self.W_U.device.type == "cpu" else None
+        return (self.W_U[ids.to(self.W_U.device)] if rows is None else rows).float()
 
     def logit_directions(self, token_ids: list[int], contrast: int | None = None) -> torch.Tensor:
         """Directions `[n, D]` in the final-norm output whose dot product is each logit node's input:
         the demeaned unembedding of each token, or the difference of two unembeddings for a contrast."""
-        rows = self.W_U[torch.as_tensor(token_ids, device=self.W_U.device)].float()
+        rows = self.unembedding_rows(list(token_ids) + ([] if contrast is None else [contrast]))
         if contrast is not None:
-            return rows - self.W_U[contrast].float()[None]
-        return rows - self.unembed_mean[None]
+            return rows[:-1] - rows[-1:]
+        return rows - self.unembed_mean[None].to(rows.device)
 
 
 def attention_apply(fw: FrozenWeights, l: int, pattern: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
@@ -186,7 +196,7 @@ def attention_apply(fw: FrozenWeights, l: int, pattern: torch.Tensor, x_in: torc
 def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_acts: list[torch.Tensor] | None,
                    errors: torch.Tensor, embeddings: torch.Tensor | None = None,
                    resid_delta: dict[int, torch.Tensor] | None = None, feature_out: torch.Tensor | None = None,
-                   preacts: bool = True) -> dict:
+                   preacts: bool = True, logits: bool = True) -> dict:
     """Run the linear frozen replacement model forwards.
 
     feature_acts[l]: dense activations `[n, F]` of layer l's features (held fixed: direct effects only), or
@@ -194,7 +204,8 @@ def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_a
     already (see `decode_sparse`). errors: `[L, n, D]` error terms. embeddings: `[n, D]` (default: the
     prompt's). resid_delta: optional additions to x_l. Returns the pre-activations `[L][n, F]` of every
     feature (unless preacts=False), MLP inputs and outputs `[L, n, D]`, residuals `[L+1, n, D]`, the final
-    norm's output at the last position `[D]` and the last position's pre-cap logits over the vocabulary.
+    norm's output at the last position `[D]` and (with `logits`) the last position's pre-cap logits over the
+    vocabulary.
     """
     x = state.embeddings if embeddings is None else embeddings
     L = fw.n_layers
@@ -226,9 +237,11 @@ def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_a
         x = x + resid_delta[L]
     resid.append(x)
     final = x[-1] * state.s_final[-1] * fw.g_final
-    logits = (fw.W_U @ final.to(fw.W_U.dtype)).float()
-    return {"resid": torch.stack(resid), "preacts": pre, "mlp_in": torch.stack(mlp_ins),
-            "mlp_out": torch.stack(mlp_outs), "final": final, "logits": logits}
+    out = {"resid": torch.stack(resid), "preacts": pre, "mlp_in": torch.stack(mlp_ins),
+           "mlp_out": torch.stack(mlp_outs), "final": final}
+    if logits:
+        out["logits"] = matvec(fw.W_U, final).float()
+    return out
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from transcoders import random_transcoders
 from transcoders import formats, gemmascope
 from transcoders.formats import convert, detect_layout, load_any, load_native, save_native
 from transcoders.gemmascope import save_gemmascope2
+from transcoders.mapped import matvec, resident_fraction, row_chunks
 
 L, D, F = 3, 16, 40
 RELEASED_CONFIG_KEYS = {"hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
@@ -575,19 +576,6 @@ def _mapped_ranges(files) -> list[tuple[int, int]]:
     return out
 
 
-def _resident_fraction(t: torch.Tensor) -> float:
-    """Share of the memory pages spanned by `t` that are present in this process (/proc/self/pagemap)."""
-    import struct
-    page = os.sysconf("SC_PAGE_SIZE")
-    span = (t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-    start = t.data_ptr() // page
-    end = (t.data_ptr() + span - 1) // page + 1
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(start * 8)
-        entries = struct.unpack(f"{end - start}Q", f.read((end - start) * 8))
-    return sum(e >> 63 for e in entries) / (end - start)
-
-
 @pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
 @pytest.mark.parametrize("layout,kind", [("native", "skip"), ("native", "clt"), ("circuit-tracer", "skip"),
                                          ("circuit-tracer", "clt"), ("gemmascope2", "skip"), ("gemmascope2", "clt")])
@@ -609,20 +597,20 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
     ranges = _mapped_ranges(files)
     for w in tc.W_dec:
         assert any(a <= w.data_ptr() < b for a, b in ranges), "a decoder is a copy, not a view of its file"
-        assert _resident_fraction(w) < 0.05, "loading read a decoder"
+        assert resident_fraction(w) < 0.05, "loading read a decoder"
     # rows read for attribution come from the file, not through the mapping
     feats = torch.tensor([4000, 3, 8191, 77, 3])
     with torch.no_grad():
         for l in range(L):
             torch.testing.assert_close(tc.decoder_rows(l, feats), big.decoder_rows(l, feats), rtol=0, atol=0)
-            assert _resident_fraction(tc.W_dec[l]) < 0.05, "decoder_rows read through the mapping"
+            assert resident_fraction(tc.W_dec[l]) < 0.05, "decoder_rows read through the mapping"
         # a decoder changed in memory (a private copy of the page): rows come from memory, not the stale file
         tc.W_dec[1][77] += 1.0
         torch.testing.assert_close(tc.decoder_rows(1, feats)[3], big.decoder_rows(1, feats)[3] + 1.0)
         tc.W_dec[1][77] -= 1.0
     x = torch.randn(L, 5, 256)
     torch.testing.assert_close(tc.reconstruct(x), big.reconstruct(x))
-    assert all(_resident_fraction(w) > 0.9 for w in tc.W_dec)  # the dense decode read them all: the probe works
+    assert all(resident_fraction(w) > 0.9 for w in tc.W_dec)  # the dense decode read them all: the probe works
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -647,3 +635,34 @@ def test_decoder_rows_of_a_replaced_file_are_the_loaded_ones(tmp_path):
     feats = torch.tensor([5, 2000, 17])
     with torch.no_grad():
         torch.testing.assert_close(tc.decoder_rows(2, feats), old.decoder_rows(2, feats), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
+def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
+    """`row_chunks` / `matvec` over a memory-mapped matrix (contiguous, and the strided rows of a CLT-like
+    `[n, 3, D]` tensor) give its values with (almost) none of its pages made present; a matrix edited in
+    memory is read from memory."""
+    torch.manual_seed(0)
+    full = torch.randn(20000, 3, 96)
+    save_file({"w": full}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        mapped = f.get_tensor("w")
+    assert resident_fraction(mapped) < 0.05
+    x = torch.randn(96)
+    for w, ref in [(mapped.view(20000, 288), full.view(20000, 288)), (mapped[:, 1], full[:, 1])]:
+        seen = torch.cat([rows.clone() for _, rows in row_chunks(w, chunk_rows=3000)])
+        torch.testing.assert_close(seen, ref, rtol=0, atol=0)
+        xx = x if w.shape[1] == 96 else torch.randn(288)
+        torch.testing.assert_close(matvec(w, xx, chunk_rows=4096), ref @ xx)
+        starts = [a for a, _ in row_chunks(w, chunk_rows=3000)]
+        assert starts == list(range(0, 20000, 3000))
+    assert resident_fraction(mapped) < 0.05, "a pass read through the mapping"
+    mapped[123, 1, 5] += 1.0  # a private copy of that page: the file no longer holds the values
+    edited = full[:, 1].clone()
+    edited[123, 5] += 1.0
+    torch.testing.assert_close(matvec(mapped[:, 1], x), edited @ x)
+    assert float(mapped.sum()) == pytest.approx(float(full.sum()) + 1.0, rel=1e-5)
+    assert resident_fraction(mapped) > 0.9  # read through the mapping: the probe works
+    small = torch.randn(7, 5)  # not a mapping: views of it
+    assert [a for a, _ in row_chunks(small, chunk_rows=3)] == [0, 3, 6]
+    torch.testing.assert_close(matvec(small, torch.ones(5)), small.sum(1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,38 @@ def test_model_sites_of_real_model(real_model):
     again = model_sites(real_model.model)
     assert again.n_layers == real_model.sites.n_layers
     assert real_model.sites.rms_norm_eps == pytest.approx(1e-6)
+
+
+def test_embed_unembed_and_last_logits_equal_the_models_own(tiny_softcap):
+    """`LoadedModel.embed` / `unembed` / `last_logits` compute what the model's embedding, head and
+    soft-cap compute (here on a tiny model held in memory, not mapped)."""
+    lm = tiny_softcap
+    tokens = lm.tokenize("abcabd")
+    with torch.no_grad():
+        torch.testing.assert_close(lm.embed(tokens), lm.sites.embed(tokens), rtol=0, atol=0)
+        out = lm.model(tokens[None], use_cache=False)
+        torch.testing.assert_close(lm.last_logits(tokens), out.logits[0, -1].float(), rtol=1e-5, atol=1e-5)
+        assert float(out.logits.abs().max()) <= 5.0  # the soft-cap was applied on both sides
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
+def test_the_vocabulary_matrix_stays_out_of_memory():
+    """Gemma 3 270M's embedding (tied to its unembedding) is 63% of its weights. Freezing a prompt and
+    building its logit directions read it from the file: it stays (almost) all off the process's pages, and
+    the logits equal the model's own forward pass, which reads it through the mapping."""
+    from circuits.replacement import FrozenWeights, run_and_freeze
+    from transcoders.mapped import resident_fraction
+    lm = load_model()  # a fresh mapping of the cached weights
+    W = lm.sites.embed.weight
+    assert W.data_ptr() == lm.sites.lm_head.weight.data_ptr()
+    tokens = lm.tokenize("The capital of France is Paris, and the capital of Germany is")
+    state = run_and_freeze(lm, tokens)
+    directions = FrozenWeights.of(lm).logit_directions([int(state.logits.argmax()), 5, 1000])
+    assert resident_fraction(W) < 0.05
+    with torch.no_grad():
+        ref = lm.model(tokens[None], use_cache=False, logits_to_keep=1).logits[0, -1].float()
+        torch.testing.assert_close(state.logits, ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(directions, W[[int(ref.argmax()), 5, 1000]].float() - W.float().mean(0),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state.resid[0], lm.sites.embed(tokens), rtol=0, atol=0)
+    assert resident_fraction(W) > 0.9  # the model's own head read it all: the probe works

@@ -6,13 +6,15 @@ pages stay resident. `read_rows` reads the rows with `pread` into a tensor of th
 page cache holds the rest. It does so only when that gives the same values as the mapping: the tensor's
 memory must be a mapping of a regular file still at its path (same device and inode), and no page of it may
 have been written in this process (a private copy-on-write page, which the file does not see). Anywhere
-else it returns None and the caller reads through the mapping.
+else it returns None and the caller reads through the mapping. `row_chunks` and `matvec` make whole
+passes over such a matrix (the unembedding: 63% of Gemma 3 270M's weights) the same way, a chunk at a time.
 """
 from __future__ import annotations
 
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -76,17 +78,40 @@ def written_in_process(t: torch.Tensor) -> bool:
     return False
 
 
-def read_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-    """`w[rows]` (`[k, *w.shape[1:]]`, a tensor of its own) read from w's file, or None where that would not
-    give the values w holds (see the module docstring) or w's rows are not contiguous in memory."""
+def _readable(w: torch.Tensor) -> tuple[str, int] | None:
+    """(path, offset of w's first element) where reading w's rows from its file gives the values w holds and
+    each row is contiguous in memory (rows may be strided); else None."""
     inner = w.shape[1:]
     expected = [1]
     for n in reversed(inner[1:]):
         expected.insert(0, expected[0] * n)
-    if w.dim() < 1 or list(w.stride()[1:]) != expected[:len(inner)] or len(rows) == 0:
+    if w.dim() < 1 or list(w.stride()[1:]) != expected[:len(inner)]:
         return None
     region = file_region(w)
     if region is None or written_in_process(w):
+        return None
+    return region
+
+
+def resident_fraction(t: torch.Tensor) -> float:
+    """Share of the memory pages under t that are present in this process (0.0 where that cannot be read)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = t.data_ptr() // page, (t.data_ptr() + _span_bytes(t) - 1) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first * 8)
+            raw = f.read((last - first + 1) * 8)
+    except OSError:
+        return 0.0
+    return sum(e >> 63 for (e,) in struct.iter_unpack("Q", raw)) / max(1, len(raw) // 8)
+
+
+def read_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """`w[rows]` (`[k, *w.shape[1:]]`, a tensor of its own) read from w's file, or None where that would not
+    give the values w holds (see the module docstring) or w's rows are not contiguous in memory."""
+    inner = w.shape[1:]
+    region = _readable(w) if len(rows) else None
+    if region is None:
         return None
     path, base = region
     size = w.element_size()
@@ -103,4 +128,49 @@ def read_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
                 return None
     finally:
         os.close(fd)
+    return out
+
+
+def row_chunks(w: torch.Tensor, chunk_rows: int = 16384) -> Iterator[tuple[int, torch.Tensor]]:
+    """(a, w[a:a + k]) for consecutive chunks of at most `chunk_rows` rows of w `[n, ...]`.
+
+    Where `read_rows` could read w, the chunks are read from its file into one buffer that is reused: each
+    chunk is valid until the next one is asked for. A pass over a large memory-mapped matrix (the
+    unembedding) then leaves it in the page cache instead of resident in the process. Elsewhere the chunks
+    are views of w."""
+    region = _readable(w) if w.dim() >= 1 and w.shape[0] else None
+    if region is None:
+        for a in range(0, w.shape[0], chunk_rows):
+            yield a, w[a:a + chunk_rows]
+        return
+    path, base = region
+    row_bytes, stride_bytes = w[0].numel() * w.element_size(), w.stride(0) * w.element_size()
+    buffer = torch.empty((min(chunk_rows, w.shape[0]), *w.shape[1:]), dtype=w.dtype)
+    raw = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for a in range(0, w.shape[0], chunk_rows):
+            k = min(chunk_rows, w.shape[0] - a)
+            if stride_bytes == row_bytes:  # contiguous rows: one read per chunk
+                if os.preadv(fd, [raw[:k * row_bytes]], base + a * row_bytes) != k * row_bytes:
+                    raise OSError(f"{path} is shorter than its mapping: the file changed while in use")
+            else:
+                for i in range(k):
+                    if os.preadv(fd, [raw[i * row_bytes:(i + 1) * row_bytes]],
+                                 base + (a + i) * stride_bytes) != row_bytes:
+                        raise OSError(f"{path} is shorter than its mapping: the file changed while in use")
+            yield a, buffer[:k]
+    finally:
+        os.close(fd)
+
+
+def matvec(w: torch.Tensor, x: torch.Tensor, chunk_rows: int = 16384) -> torch.Tensor:
+    """w @ x `[n]` (in w's dtype) for w `[n, D]`, x `[D]`: over `row_chunks`, so that a memory-mapped w is
+    read from its file instead of becoming resident (one product where autograd needs the graph)."""
+    if w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+        return w @ x.to(w.device, w.dtype)
+    out = torch.empty(w.shape[0], dtype=w.dtype)
+    x = x.to(w.dtype)
+    for a, rows in row_chunks(w, chunk_rows):
+        torch.mv(rows, x, out=out[a:a + len(rows)])
     return out
