@@ -12,14 +12,14 @@ passes over such a matrix (the unembedding: 63% of Gemma 3 270M's weights) the s
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61  # /proc/self/pagemap entry bits
+_PRESENT, _SWAPPED, _FILE = (np.uint64(1 << b) for b in (63, 62, 61))  # /proc/self/pagemap entry bits
 
 
 def _span_bytes(t: torch.Tensor) -> int:
@@ -58,9 +58,8 @@ def file_region(t: torch.Tensor) -> tuple[str, int] | None:
     return None
 
 
-def written_in_process(t: torch.Tensor) -> bool:
-    """Whether any page under t holds data the file does not: written (copy-on-write, now anonymous) or
-    swapped out. True where this cannot be told."""
+def _page_entries(t: torch.Tensor) -> np.ndarray | None:
+    """This process's /proc/self/pagemap entry of every page under t, or None where it cannot be read."""
     page = os.sysconf("SC_PAGE_SIZE")
     first, last = t.data_ptr() // page, (t.data_ptr() + _span_bytes(t) - 1) // page
     try:
@@ -68,14 +67,23 @@ def written_in_process(t: torch.Tensor) -> bool:
             f.seek(first * 8)
             raw = f.read((last - first + 1) * 8)
     except OSError:
-        return True
+        return None
     if len(raw) != (last - first + 1) * 8:
-        return True
-    for entry in struct.iter_unpack("Q", raw):
-        e = entry[0]
-        if e & _SWAPPED or (e & _PRESENT and not e & _FILE):
-            return True
-    return False
+        return None
+    return np.frombuffer(raw, dtype=np.uint64)
+
+
+def written_in_process(t: torch.Tensor) -> bool:
+    """Whether any page under t holds data the file does not: written (copy-on-write, now anonymous) or
+    swapped out. True where this cannot be told."""
+    entries = _page_entries(t)
+    return entries is None or bool(((entries & _SWAPPED != 0) | ((entries & _PRESENT != 0) & (entries & _FILE == 0))).any())
+
+
+def resident_fraction(t: torch.Tensor) -> float:
+    """Share of the memory pages under t that are present in this process (0.0 where that cannot be read)."""
+    entries = _page_entries(t)
+    return float((entries & _PRESENT != 0).mean()) if entries is not None and len(entries) else 0.0
 
 
 def _readable(w: torch.Tensor) -> tuple[str, int] | None:
@@ -91,19 +99,6 @@ def _readable(w: torch.Tensor) -> tuple[str, int] | None:
     if region is None or written_in_process(w):
         return None
     return region
-
-
-def resident_fraction(t: torch.Tensor) -> float:
-    """Share of the memory pages under t that are present in this process (0.0 where that cannot be read)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    first, last = t.data_ptr() // page, (t.data_ptr() + _span_bytes(t) - 1) // page
-    try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(first * 8)
-            raw = f.read((last - first + 1) * 8)
-    except OSError:
-        return 0.0
-    return sum(e >> 63 for (e,) in struct.iter_unpack("Q", raw)) / max(1, len(raw) // 8)
 
 
 def read_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
