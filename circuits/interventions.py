@@ -412,7 +412,10 @@ def greedy(lm: LoadedModel, tokens: torch.Tensor, n_new: int, hooks=None, desc: 
         steps = tqdm(steps, desc=desc, unit="tok", leave=False)
     for _ in steps:
         with hooks if hooks is not None else contextlib.nullcontext():
-            nxt = int(_last_logits(lm, ids).argmax())
+            # the model's own head, not `lm.last_logits`: a pass over the vocabulary from the file each step
+            # made 10 steps 1.8 s instead of 1.0 (270M, 2 cores); generation keeps it resident instead
+            logits = lm.model(ids[None].to(lm.device), use_cache=False, logits_to_keep=1).logits[0, -1]
+            nxt = int(logits.argmax())
         out.append(nxt)
         ids = torch.cat([ids, torch.tensor([nxt])])
         if nxt in eos:
