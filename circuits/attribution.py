@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from . import __version__
-from .backend import PositionSortedFeatures, abs_rmatvec, active_backend
+from .backend import PositionSortedFeatures, abs_rmatvec, active_backend, to_device
 from .errors import UserError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .models import DEFAULT_MODEL, LoadedModel, load_model
@@ -377,10 +377,10 @@ def _options(config: AttributionConfig | None, overrides: dict) -> AttributionCo
 
 def _encoders(tc, f_layer: torch.Tensor, f_feat: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder vectors `[k, D]` and biases `[k]` of the active features (float32, on `dev`). The ids cross to
-    the device in one copy (on a GPU each copy waits for the queue), then each layer's are a slice."""
+    the device in one copy that does not wait for the GPU (`backend.to_device`), then each layer's are a slice."""
     order = torch.argsort(f_layer, stable=True)
     layers, counts = torch.unique_consecutive(f_layer[order], return_counts=True)
-    ids = torch.stack([f_feat[order].long(), order]).to(dev)  # [2, k]: feature ids by layer, where each goes
+    ids = to_device(torch.stack([f_feat[order].long(), order]), dev)  # [2, k]: feature ids by layer, where each goes
     vecs, biases, start = [], [], 0
     for l, c in zip(layers.tolist(), counts.tolist()):
         fl = ids[0, start:start + c]
@@ -480,9 +480,10 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
 
     def compute(nodes: np.ndarray, tgt_layer: torch.Tensor, tgt_pos: torch.Tensor, vecs: torch.Tensor, bias):
         order = torch.argsort(tgt_layer, descending=True, stable=True)
-        rows, const = edges.rows(engine, tgt_layer[order], tgt_pos[order], vecs[order.to(vecs.device)])
+        on_device = to_device(order, vecs.device)
+        rows, const = edges.rows(engine, tgt_layer[order], tgt_pos[order], vecs[on_device])
         if bias is not None:
-            const = const + bias[order.to(bias.device)].to(const.device)
+            const = const + bias[on_device.to(bias.device)].to(const.device)
         store.add(nodes[order.numpy()], tgt_layer[order].numpy(), rows, const)
         if bar:
             bar.update(len(nodes))

@@ -310,6 +310,16 @@ def feature_edges_sparse(grad: torch.Tensor, pos: torch.Tensor, feat: torch.Tens
 
 # -- influence ------------------------------------------------------------------------------------------
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """t on `device`. A host tensor bound for a GPU goes through pinned memory without blocking: a copy from
+    pageable memory makes the host wait until the GPU has run all the work queued before it, so a host loop
+    that copies a few indices per batch could never queue ahead of the GPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the pinned block is reused only after the copy
+
+
 def abs_rmatvec(block, row_weight, out, backend: str | None = None) -> None:
     """out += |block|^T row_weight, in place: block a scipy CSR `[rows, n]` (float32 data), row_weight
     `[rows]` float64, out `[n]` float64 contiguous. The step of attribution's influence estimate; the compiled

@@ -30,6 +30,7 @@ import torch
 
 from transcoders.mapped import matvec, read_rows, row_chunks
 
+from .backend import to_device
 from .errors import UserError
 from .models import LoadedModel
 
@@ -352,7 +353,7 @@ class TransposedModel:
         if len(layer) > 1 and bool((layer[1:] > layer[:-1]).any()):
             raise ValueError("targets must be sorted by layer, descending")
         vectors = vectors.float().to(dev)
-        dev_pos = pos.to(dev)
+        dev_pos = to_device(pos, dev)
         live = [int((layer >= l).sum()) for l in range(L + 1)]  # live[l]: rows live at and below layer l
         k = live[L]
         P = self._extent(pos, k)

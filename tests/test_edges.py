@@ -453,3 +453,21 @@ def test_cuda_vector_edges_and_sparse():
     vectors = torch.randn(5, 300, device="cuda")
     torch.testing.assert_close(be.vector_edges(grad[:, 0], vectors),
                                torch.einsum("brd,rd->br", grad[:, 0], vectors), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_to_device_copies_host_tensors(device):
+    """`to_device` gives the values on the device, also while the GPU is still busy with earlier work and
+    when the host tensor changes right after the call (the copy goes through a pinned block of its own)."""
+    host = torch.arange(1000, dtype=torch.long)
+    if device == "cuda":
+        busy = torch.randn(4096, 4096, device="cuda")
+        for _ in range(8):
+            busy = busy @ busy / 64.0  # queued work the copy must not wait for, nor overtake wrongly
+    out = be.to_device(host, device)
+    if device == "cuda":
+        host += 5  # the copy's source is a pinned block of its own
+    assert out.device.type == device and torch.equal(out.cpu(), torch.arange(1000))
+    already = torch.ones(3, device=device)
+    assert be.to_device(already, device) is already
