@@ -381,12 +381,12 @@ def child_ours(args) -> int:
     if lm.tokenize(args.text).tolist() != tokens:
         raise SystemExit("the prompt text does not tokenize to the case's token ids")
     s = json.loads(args.settings)
-    # decoders and the (un)embedding stay memory-mapped on disk (attribution reads the active features' rows,
-    # the prompt's embedding rows, and passes over the unembedding from the file), as circuit-tracer keeps its
-    # CLT decoders on disk: neither tool's on-demand weights are read ahead
+    # encoders, decoders and the (un)embedding stay memory-mapped on disk (attribution reads the active
+    # features' rows, the prompt's embedding rows, and passes over the encoders and the unembedding from the
+    # file), as circuit-tracer keeps its CLT decoders on disk: neither tool's on-demand weights are read ahead
     vocab = lm.sites.embed.weight.data_ptr()
     touch([p for p in lm.model.parameters() if p.data_ptr() != vocab],
-          [p for name, p in tc.named_parameters() if not name.startswith("W_dec")])
+          [p for name, p in tc.named_parameters() if not name.startswith(("W_dec", "W_enc"))])
     t_load = time.perf_counter() - t0
     warmup_s = None
     if args.warmup:  # the same settings on the first tokens of the prompt (BOS + up to 7)
@@ -758,9 +758,11 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
     lines += ["", "How to read: wall time is the attribution call alone, after loading, with every weight each tool "
               "keeps in memory already read once (memory-mapped weights made resident). Weights either tool reads "
               "from disk on demand stay there: circuit-tracer's CLT decoders, and all our decoders (memory-mapped "
-              "views of the files, of which attribution reads the active features' rows) and our model's "
-              "embedding matrix (tied to the unembedding; attribution reads the prompt's rows and passes over the "
-              "vocabulary from the file, `LoadedModel.embed` / `unembed`). Peak RSS is the whole "
+              "views of the files, of which attribution reads the active features' rows), our encoders (views of "
+              "the files too; attribution's one pass over them and the active features' vectors are read from the "
+              "file) and our model's embedding matrix (tied to the unembedding; attribution reads the prompt's "
+              "rows and passes over the vocabulary from the file, `LoadedModel.embed` / `unembed`). Peak RSS is "
+              "the whole "
               "process, so ΔRSS (peak during attribution minus the resident size before it) isolates the "
               "attribution itself. "
               "GFLOP is the work the attribution must do (one forward pass, one transposed pass per row down from "

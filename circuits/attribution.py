@@ -25,8 +25,8 @@ from .backend import PositionSortedFeatures, abs_rmatvec, active_backend, to_dev
 from .errors import UserError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .replacement import (FrozenWeights, PromptState, TransposedModel, active_decoder_rows, check_prompt,
-                          decode_sparse, frozen_forward, run_and_freeze)
+from .replacement import (FrozenWeights, PromptState, TransposedModel, active_decoder_rows, active_encoder_rows,
+                          check_prompt, decode_sparse, frozen_forward, run_and_freeze)
 
 
 @dataclass
@@ -375,23 +375,27 @@ def _options(config: AttributionConfig | None, overrides: dict) -> AttributionCo
     return cfg
 
 
-def _encoders(tc, f_layer: torch.Tensor, f_feat: torch.Tensor, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder vectors `[k, D]` and biases `[k]` of the active features (float32, on `dev`). The ids cross to
-    the device in one copy that does not wait for the GPU (`backend.to_device`), then each layer's are a slice."""
-    order = torch.argsort(f_layer, stable=True)
-    layers, counts = torch.unique_consecutive(f_layer[order], return_counts=True)
-    ids = to_device(torch.stack([f_feat[order].long(), order]), dev)  # [2, k]: feature ids by layer, where each goes
-    vecs, biases, start = [], [], 0
-    for l, c in zip(layers.tolist(), counts.tolist()):
-        fl = ids[0, start:start + c]
-        vecs.append(tc.W_enc[l].detach().index_select(1, fl).T.float())
-        biases.append(tc.b_enc[l].detach()[fl].float())
-        start += c
-    enc_vecs = torch.zeros(len(f_feat), tc.d_model, device=dev)
-    b_enc = torch.zeros(len(f_feat), device=dev)
-    if vecs:
-        enc_vecs[ids[1]], b_enc[ids[1]] = torch.cat(vecs), torch.cat(biases)
-    return enc_vecs, b_enc
+class ActiveEncoders:
+    """Encoder vectors `[k, D]` and biases `[k]` (float32, on `device`) of any subset of the active features.
+    Each active feature's encoder vector is read once per prompt (`replacement.active_encoder_rows`: from the
+    file where the encoder is mapped) and sent to the device once; a subset's indices then cross in one copy
+    that does not wait for the GPU (`backend.to_device`)."""
+
+    def __init__(self, tc, f_layer: torch.Tensor, f_feat: torch.Tensor, device):
+        per_layer = active_encoder_rows(tc, f_layer, f_feat)
+        first = np.cumsum([0] + [len(rows) for rows, _ in per_layer])
+        # f_layer ascends, so each layer's entries are one run, in order
+        self.row = torch.cat([which + int(first[s]) for s, (_, which) in enumerate(per_layer)]) \
+            if len(f_feat) else torch.zeros(0, dtype=torch.long)  # [n_active]: its row of `vectors`
+        self.vectors = torch.cat([rows.float() for rows, _ in per_layer]).to(device)  # [n_unique, D]
+        self.bias = torch.cat([tc.b_enc[s].detach()[f_feat[f_layer == s].to(tc.b_enc[s].device)].float()
+                               for s in range(tc.n_layers)]).to(device)  # [n_active]
+        self.device = device
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vectors `[k, D]`, biases `[k]`) of the active features `idx` (indices into the active arrays)."""
+        both = to_device(torch.stack([self.row[idx], torch.as_tensor(idx, dtype=torch.long)]), self.device)
+        return self.vectors[both[0]], self.bias[both[1]]
 
 
 @torch.no_grad()
@@ -452,9 +456,10 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     feature = np.concatenate([f_feat.numpy(), np.full(n_err + n, -1), np.array(logit_ids)]).astype(np.int64)
     dev = fw.device
     f_pre = torch.empty(n_feat, device=dev)
-    for a in range(0, n_feat, 8192):  # in chunks: encoder vectors are gathered again per batch of rows
+    encoders = ActiveEncoders(tc, f_layer, f_feat, dev)
+    for a in range(0, n_feat, 8192):  # in chunks: [k, D] temporaries
         c = slice(a, a + 8192)
-        enc_vecs, b_enc = _encoders(tc, f_layer[c], f_feat[c], dev)
+        enc_vecs, b_enc = encoders(torch.arange(a, min(a + 8192, n_feat)))
         f_pre[c] = (enc_vecs * frozen["mlp_in"][f_layer[c].to(dev), f_pos[c].to(dev)]).sum(-1) + b_enc
     directions = fw.logit_directions(logit_ids, contrast)  # [n_logit, D]
     logit_inputs = directions @ frozen["final"]
@@ -509,7 +514,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
             pick = queue.pop(0)
             done[pick] = True
             idx = torch.as_tensor(pick)
-            compute(pick, f_layer[idx], f_pos[idx], *_encoders(tc, f_layer[idx], f_feat[idx], dev))
+            compute(pick, f_layer[idx], f_pos[idx], *encoders(idx))
             n_batches += 1
         adjacency = store.adjacency()
     finally:

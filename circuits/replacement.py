@@ -251,10 +251,21 @@ def active_decoder_rows(transcoders, layer: torch.Tensor,
     """Per source layer s: (the decoder rows of its active features `[n_unique, n_out, D]`, on the transcoders'
     device; for each of layer s's entries of `feat`, in order, its row there). Each row is read once, even for
     a feature active at several positions."""
+    return _rows_of_active(transcoders.decoder_rows, transcoders.n_layers, layer, feat)
+
+
+@torch.no_grad()
+def active_encoder_rows(transcoders, layer: torch.Tensor,
+                        feat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """As `active_decoder_rows`, for the encoder vectors `[n_unique, D]` (`TranscoderSet.encoder_rows`)."""
+    return _rows_of_active(transcoders.encoder_rows, transcoders.n_layers, layer, feat)
+
+
+def _rows_of_active(read, n_layers: int, layer: torch.Tensor, feat: torch.Tensor):
     out = []
-    for s in range(transcoders.n_layers):
+    for s in range(n_layers):
         unique, which = torch.unique(feat[layer == s], return_inverse=True)
-        out.append((transcoders.decoder_rows(s, unique.cpu()).detach(), which))
+        out.append((read(s, unique.cpu()).detach(), which))
     return out
 
 

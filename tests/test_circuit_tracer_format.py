@@ -24,9 +24,16 @@ def inputs(seed=0, n=6):
 
 
 def same_set(a, b, x):
-    for s, t in zip(a.sparse_encode(x), b.sparse_encode(x)):
+    """As tests/test_formats.py's `assert_same_function`: weights bit for bit, the same active features,
+    values to float rounding (a loaded encoder is the transposed view of the stored `[F, D]`)."""
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for l, (wa, wb) in enumerate(zip(getattr(a, name), getattr(b, name))):
+            assert torch.equal(wa, wb), f"{name}[{l}]"
+    ea, eb = a.sparse_encode(x), b.sparse_encode(x)
+    for s, t in zip(ea[:3], eb[:3]):
         assert torch.equal(s, t)
-    assert torch.equal(a.reconstruct(x), b.reconstruct(x))
+    torch.testing.assert_close(ea[3], eb[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.reconstruct(x), b.reconstruct(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind,activation", [("plt", "jumprelu"), ("skip", "jumprelu"), ("clt", "jumprelu"),

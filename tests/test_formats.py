@@ -20,7 +20,7 @@ from transcoders import random_transcoders
 from transcoders import formats, gemmascope
 from transcoders.formats import convert, detect_layout, load_any, load_native, save_native
 from transcoders.gemmascope import save_gemmascope2
-from transcoders.mapped import matvec, resident_fraction, row_chunks
+from transcoders.mapped import column_chunks, matmul, matvec, read_columns, resident_fraction, row_chunks
 
 L, D, F = 3, 16, 40
 RELEASED_CONFIG_KEYS = {"hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
@@ -51,12 +51,18 @@ def inputs(seed=0, n_pos=7):
 
 
 def assert_same_function(a, b, x):
-    """Encodings (active ids and values) and reconstructions are exactly equal."""
+    """The same weights bit for bit, the same active features, and activations and reconstructions equal to
+    float rounding (a set loaded from circuit-tracer's layout multiplies by the transposed view of its stored
+    `[F, D]` encoders, which rounds differently from a `[D, F]` one)."""
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if a.W_skip is not None else ()):
+        for l, (wa, wb) in enumerate(zip(getattr(a, name), getattr(b, name))):
+            assert torch.equal(wa, wb), f"{name}[{l}]"
     ea, eb = a.sparse_encode(x), b.sparse_encode(x)
     assert len(ea[0]) > 0, "no feature fired: the check would be vacuous"
-    for ta, tb in zip(ea, eb):
+    for ta, tb in zip(ea[:3], eb[:3]):
         assert torch.equal(ta, tb)
-    assert torch.equal(a.reconstruct(x), b.reconstruct(x))
+    torch.testing.assert_close(ea[3], eb[3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.reconstruct(x), b.reconstruct(x), rtol=1e-5, atol=1e-6)
 
 
 # -- native -------------------------------------------------------------------------------------------
@@ -580,8 +586,9 @@ def _mapped_ranges(files) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("layout,kind", [("native", "skip"), ("native", "clt"), ("circuit-tracer", "skip"),
                                          ("circuit-tracer", "clt"), ("gemmascope2", "skip"), ("gemmascope2", "clt")])
 def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
-    """Loading checks every value but leaves the decoders as views of the files with (almost) none of their
-    pages present: attribution then reads only the active features' rows."""
+    """Loading checks every value but leaves the decoders (and the encoders stored as `[D, F]`) as views of the
+    files with (almost) none of their pages present: attribution then reads only the active features' rows,
+    and passes over the encoders from the file."""
     big = random_transcoders(L, 256, 8192, kind=kind, seed=1)
     if layout == "native":
         save_native(big, tmp_path / "set")
@@ -608,7 +615,21 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
         tc.W_dec[1][77] += 1.0
         torch.testing.assert_close(tc.decoder_rows(1, feats)[3], big.decoder_rows(1, feats)[3] + 1.0)
         tc.W_dec[1][77] -= 1.0
+    # encoders: attribution's one pass (sparse_encode) and the active features' vectors come from the file
+    # where the layout stores them as we use them ([D, F]: native, Gemma Scope 2); circuit-tracer's [F, D]
+    # encoders are read into memory of their own at loading
     x = torch.randn(L, 5, 256)
+    with torch.no_grad():
+        got, want = tc.sparse_encode(x), big.sparse_encode(x)
+        for a, b in zip(got[:3], want[:3]):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(got[3], want[3], rtol=1e-6, atol=1e-6)
+        for l in range(L):
+            torch.testing.assert_close(tc.encoder_rows(l, feats), big.W_enc[l][:, feats].T, rtol=0, atol=0)
+    if layout != "circuit-tracer":
+        for w in tc.W_enc:
+            assert any(a <= w.data_ptr() < b for a, b in ranges), "an encoder is a copy, not a view of its file"
+            assert resident_fraction(w) < 0.05, "sparse_encode or encoder_rows read an encoder through the mapping"
     torch.testing.assert_close(tc.reconstruct(x), big.reconstruct(x))
     assert all(resident_fraction(w) > 0.9 for w in tc.W_dec)  # the dense decode read them all: the probe works
 
@@ -666,3 +687,34 @@ def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
     small = torch.randn(7, 5)  # not a mapping: views of it
     assert [a for a, _ in row_chunks(small, chunk_rows=3)] == [0, 3, 6]
     torch.testing.assert_close(matvec(small, torch.ones(5)), small.sum(1))
+
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
+@pytest.mark.parametrize("stored", ["[D, F]", "[F, D]"])
+def test_encoder_products_and_columns_read_the_file(tmp_path, stored):
+    """`matmul` and `read_columns` over an encoder mapped from a file, stored `[D, F]` or as `[F, D]` (used
+    through its transposed view), give its values with (almost) none of its pages made present; blocks hold
+    whole columns; an encoder edited in memory is multiplied from memory, and its columns are left to the caller."""
+    torch.manual_seed(1)
+    ref = torch.randn(96, 7000)  # [D, F]
+    save_file({"w": ref if stored == "[D, F]" else ref.T.contiguous()}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        stored_tensor = f.get_tensor("w")
+    w = stored_tensor if stored == "[D, F]" else stored_tensor.T
+    x = torch.randn(5, 96)
+    chunk = 96 * 4 * 1000  # 1000 columns a block
+    assert [(a, blk.shape[1]) for a, blk in column_chunks(w, chunk)][-2:] == [(5000, 1000), (6000, 1000)]
+    torch.testing.assert_close(matmul(x, w, chunk), x @ ref)
+    cols = torch.tensor([6999, 0, 1000, 999, 0, 4321])
+    torch.testing.assert_close(read_columns(w, cols, chunk), ref[:, cols].T, rtol=0, atol=0)
+    assert read_columns(w, torch.tensor([], dtype=torch.long)).shape == (0, 96)
+    with pytest.raises(IndexError):
+        read_columns(w, torch.tensor([7000]))
+    assert resident_fraction(stored_tensor) < 0.05, "a pass read through the mapping"
+    w[3, 4321] += 1.0
+    edited = ref.clone()
+    edited[3, 4321] += 1.0
+    assert read_columns(w, cols, chunk) is None  # the file no longer holds the values: the caller reads memory
+    torch.testing.assert_close(matmul(x, w, chunk), x @ edited)  # through the views, edit included
+    assert read_columns(torch.randn(4, 6), torch.tensor([1])) is None  # not a mapping: the caller indexes memory

@@ -231,10 +231,12 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
             activation="jumprelu" if threshold_key in first else "relu", skip=skip,
             model_name=str(config.get("model_name", "")).split("/")[-1], input_site=input_site,
             output_site=output_site, extra={"scan": config.get("scan")})
-    # Decoders stay memory-mapped views of the files: attribution reads only the active features' rows, so
-    # the rest never becomes resident. Everything else is read into memory of its own (encoders and skip
-    # matrices are stored transposed to our layout; copied through the mapping, they would stay resident
-    # twice, and small tensors would keep their file's mapping, touched pages included, alive).
+    # Decoders and encoders stay memory-mapped views of the files (an encoder is the transposed view of the
+    # stored [F, D], so products with it round as circuit-tracer's do): attribution reads the active features'
+    # rows and passes over the encoders from the file, so neither becomes resident. Everything else is read
+    # into memory of its own (skip matrices are stored transposed to our layout; copied through the mapping,
+    # they would stay resident twice, and small tensors would keep their file's mapping, touched pages
+    # included, alive).
     dtype = first["W_enc"].dtype
 
     def copy(l: int, key: str) -> torch.Tensor:
@@ -244,7 +246,9 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     state = {}
     for l, t in enumerate(layers):
         try:
-            state.update({f"W_enc.{l}": copy(l, "W_enc").T.contiguous(), f"b_enc.{l}": copy(l, "b_enc"),
+            encoder = t["W_enc"].T
+            encoder.finite_checked = True  # read_safetensors checked the file; a view loses the mark
+            state.update({f"W_enc.{l}": encoder, f"b_enc.{l}": copy(l, "b_enc"),
                           f"W_dec.{l}": t["W_dec"], f"b_dec.{l}": copy(l, "b_dec"),
                           f"threshold.{l}": (copy(l, threshold_key).reshape(-1) if threshold_key in t
                                              else torch.zeros(d_sae, dtype=dtype))})

@@ -7,7 +7,8 @@ page cache holds the rest. It does so only when that gives the same values as th
 memory must be a mapping of a regular file still at its path (same device and inode), and no page of it may
 have been written in this process (a private copy-on-write page, which the file does not see). Anywhere
 else it returns None and the caller reads through the mapping. `row_chunks` and `matvec` make whole
-passes over such a matrix (the unembedding: 63% of Gemma 3 270M's weights) the same way, a chunk at a time.
+passes over such a matrix (the unembedding: 63% of Gemma 3 270M's weights) the same way, a chunk at a time;
+`matmul` and `read_columns` do so for encoders (`[D, F]`, or the transposed view of a `[F, D]` file tensor).
 """
 from __future__ import annotations
 
@@ -168,4 +169,73 @@ def matvec(w: torch.Tensor, x: torch.Tensor, chunk_rows: int = 16384) -> torch.T
     x = x.to(w.dtype)
     for a, rows in row_chunks(w, chunk_rows):
         torch.mv(rows, x, out=out[a:a + len(rows)])
+    return out
+
+
+def column_chunks(w: torch.Tensor, chunk_bytes: int = 32 << 20) -> Iterator[tuple[int, torch.Tensor]]:
+    """(a, w[:, a:a + k]) for consecutive blocks of columns of w `[D, F]`, about `chunk_bytes` each. Where w
+    (stored `[D, F]`) or w.T (w the transposed view of a `[F, D]` file tensor) can be read by row (`read_rows`'
+    conditions), the blocks are read from the file into a reused buffer (each valid until the next is asked
+    for); elsewhere they are views of w. Whole columns, so products with them sum over D as one product would."""
+    D, F = w.shape
+    per_chunk = max(1, chunk_bytes // max(1, D * w.element_size()))
+    if _readable(w.T) is not None:
+        for a, rows in row_chunks(w.T, per_chunk):
+            yield a, rows.T
+        return
+    region = _readable(w) if D and F else None
+    if region is None:
+        for a in range(0, F, per_chunk):
+            yield a, w[:, a:a + per_chunk]
+        return
+    path, base = region
+    size, row_stride = w.element_size(), w.stride(0) * w.element_size()
+    buffer = torch.empty(D, min(per_chunk, F), dtype=w.dtype)
+    raw = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for a in range(0, F, per_chunk):
+            k = min(per_chunk, F - a)
+            block = buffer[:, :k]  # rows of the block lie buffer.shape[1] elements apart
+            for d in range(D):
+                start = d * buffer.shape[1] * size
+                if os.preadv(fd, [raw[start:start + k * size]], base + d * row_stride + a * size) != k * size:
+                    raise OSError(f"{path} is shorter than its mapping: the file changed while in use")
+            yield a, block
+    finally:
+        os.close(fd)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+    """x @ w `[..., F]` (in w's dtype) for x `[..., D]`, w `[D, F]`, over `column_chunks`: a memory-mapped w is
+    read from its file instead of becoming resident (one product where autograd needs the graph)."""
+    x = x.to(w.dtype)
+    if w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+        return x @ w
+    out = torch.empty(*x.shape[:-1], w.shape[1], dtype=w.dtype)
+    for a, block in column_chunks(w, chunk_bytes):
+        out[..., a:a + block.shape[1]] = x @ block
+    return out
+
+
+def read_columns(w: torch.Tensor, cols: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor | None:
+    """`w[:, cols].T` (`[k, D]`, a tensor of its own) of a memory-mapped w `[D, F]`, read from its file: the rows
+    of w.T where w is the transposed view of a `[F, D]` file tensor, else one pass over `column_chunks`. None
+    where w cannot be read from a file (see `read_rows`)."""
+    if w.dim() != 2 or w.device.type != "cpu":
+        return None
+    ids = cols.detach().cpu().long()
+    if len(ids) and (bool((ids < 0).any()) or bool((ids >= w.shape[1]).any())):
+        raise IndexError(f"columns must lie in [0, {w.shape[1]})")
+    if _readable(w.T) is not None:
+        return read_rows(w.T, ids) if len(ids) else torch.empty(0, w.shape[0], dtype=w.dtype)
+    if _readable(w) is None:
+        return None
+    out = torch.empty(len(ids), w.shape[0], dtype=w.dtype)
+    order = torch.argsort(ids)
+    sorted_ids = ids[order]
+    for a, block in column_chunks(w, chunk_bytes):
+        lo, hi = (int(torch.searchsorted(sorted_ids, v)) for v in (a, a + block.shape[1]))
+        if hi > lo:
+            out[order[lo:hi]] = block[:, sorted_ids[lo:hi] - a].T
     return out

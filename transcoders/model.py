@@ -115,15 +115,28 @@ class TranscoderSet(nn.Module):
         return self.activate(layer, self.pre_activation(layer, x))
 
     def sparse_encode(self, mlp_in: torch.Tensor):
-        """Active features of MLP inputs `[L, n_pos, D]`.
+        """Active features of MLP inputs `[L, n_pos, D]`. A memory-mapped encoder is read from its file a chunk
+        at a time (`transcoders.mapped`), so this one pass over every encoder leaves them off the process's memory.
 
         Returns (layer, pos, feature, activation), each `[n_active]`, sorted by layer, position, feature."""
+        from .mapped import matmul
         out = []
         for l in range(self.n_layers):
-            acts = self.encode(l, mlp_in[l])
+            acts = self.activate(l, matmul(mlp_in[l], self.W_enc[l]) + self.b_enc[l])
             pos, feat = acts.nonzero(as_tuple=True)
             out.append((torch.full_like(pos, l), pos, feat, acts[pos, feat]))
         return tuple(torch.cat(t) for t in zip(*out))
+
+    def encoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """Encoder vectors of a subset of features of layer `layer`: `[n, D]`, a tensor of its own, read from the
+        file where the encoder is a memory-mapped view of one (see `sparse_encode`)."""
+        from .mapped import read_columns
+        w = self.W_enc[layer]
+        needs_grad = torch.is_grad_enabled() and w.requires_grad
+        rows = read_columns(w.detach(), features) if w.device.type == "cpu" and not needs_grad else None
+        if rows is None:
+            rows = w.index_select(1, features.to(w.device)).T
+        return rows
 
     # -- decoding -----------------------------------------------------------------------------
     def decoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
