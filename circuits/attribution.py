@@ -20,6 +20,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from transcoders._malloc import return_freed_memory
+
 from . import __version__
 from .backend import PositionSortedFeatures, abs_rmatvec, active_backend, to_device
 from .errors import UserError
@@ -332,11 +334,20 @@ class RowStore:
         np.cumsum(counts, out=indptr[1:])
         data = np.empty(total, dtype=np.float32)
         indices = np.empty(total, dtype=index)
-        while self.segments:  # row by row: each row's entries are one contiguous copy
-            _, targets, block, _ = self.segments.pop()
-            for t, a, b in zip(indptr[targets].tolist(), block.indptr[:-1].tolist(), block.indptr[1:].tolist()):
-                data[t:t + b - a] = block.data[a:b]
-                indices[t:t + b - a] = block.indices[a:b]
+        # one target layer at a time: its rows fill one stretch of node order (nodes are sorted by layer), so
+        # only that stretch of the result is resident while its segments are still held; freed and returned
+        # to the system after each layer, the result never lies in memory beside a full copy of the rows
+        by_layer: dict[int, list] = {}
+        for segment in self.segments:
+            by_layer.setdefault(segment[0], []).append(segment)
+        self.segments = []
+        for layer in sorted(by_layer):
+            for _, targets, block, _ in by_layer.pop(layer):  # row by row: each row's entries, one copy
+                for t, a, b in zip(indptr[targets].tolist(), block.indptr[:-1].tolist(), block.indptr[1:].tolist()):
+                    data[t:t + b - a] = block.data[a:b]
+                    indices[t:t + b - a] = block.indices[a:b]
+            del targets, block
+            return_freed_memory()
         return sp.csr_array((data, indices, indptr), shape=(self.n_nodes, self.n_nodes))
 
 
