@@ -468,9 +468,9 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     dev = fw.device
     f_pre = torch.empty(n_feat, device=dev)
     encoders = ActiveEncoders(tc, f_layer, f_feat, dev)
-    for a in range(0, n_feat, 8192):  # in chunks: [k, D] temporaries
-        c = slice(a, a + 8192)
-        enc_vecs, b_enc = encoders(torch.arange(a, min(a + 8192, n_feat)))
+    for a in range(0, n_feat, 2048):  # in chunks: three [2048, D] temporaries
+        c = slice(a, a + 2048)
+        enc_vecs, b_enc = encoders(torch.arange(a, min(a + 2048, n_feat)))
         f_pre[c] = (enc_vecs * frozen["mlp_in"][f_layer[c].to(dev), f_pos[c].to(dev)]).sum(-1) + b_enc
     directions = fw.logit_directions(logit_ids, contrast)  # [n_logit, D]
     logit_inputs = directions @ frozen["final"]

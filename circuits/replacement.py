@@ -285,9 +285,9 @@ def decode_sparse(transcoders, layer: torch.Tensor, pos: torch.Tensor, feat: tor
         if not bool(here.any()):
             continue
         rows, which = decoders[s]
-        rows = rows.float()[which.to(dev)] * act[here][:, None, None]  # [k, n_out, D]
-        for o, l in enumerate(tc.output_layers(s)):
-            out[l].index_add_(0, pos[here], rows[:, o])
+        which, a, p = which.to(dev), act[here][:, None], pos[here]
+        for o, l in enumerate(tc.output_layers(s)):  # one output layer at a time: [k, D], not [k, n_out, D]
+            out[l].index_add_(0, p, rows[:, o].float()[which] * a)
     return out
 
 
