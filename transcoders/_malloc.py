@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
 _DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_TOP_PAD: 0, M_MMAP_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
 
 
+@functools.cache  # find_library runs `ldconfig -p` in a subprocess: a fork of this (large) process per call
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
