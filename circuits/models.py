@@ -127,8 +127,8 @@ class LoadedModel:
     def unembed(self, final: torch.Tensor) -> torch.Tensor:
         """Logits `[vocab]` (float32) of the final norm's output at one position `[D]`, soft-capped as the model's
         head does. A memory-mapped unembedding is read from its file a chunk at a time."""
-        from transcoders.mapped import matvec
-        logits = matvec(self.sites.lm_head.weight, final)
+        from transcoders.mapped import matmul
+        logits = matmul(final, self.sites.lm_head.weight.T)
         cap = self.sites.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

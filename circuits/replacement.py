@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from transcoders.mapped import matvec, read_rows, row_chunks
+from transcoders.mapped import matmul, row_chunks, take_rows
 
 from .backend import to_device
 from .errors import UserError
@@ -172,9 +172,7 @@ class FrozenWeights:
 
     def unembedding_rows(self, token_ids: list[int]) -> torch.Tensor:
         """Rows `[k, D]` of the unembedding (float32, on the weights' device)."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long)
-        rows = read_rows(self.W_U, ids) if self.W_U.device.type == "cpu" else None
-        return (self.W_U[ids.to(self.W_U.device)] if rows is None else rows).float()
+        return take_rows(self.W_U, torch.as_tensor(token_ids, dtype=torch.long)).float()
 
     def logit_directions(self, token_ids: list[int], contrast: int | None = None) -> torch.Tensor:
         """Directions `[n, D]` in the final-norm output whose dot product is each logit node's input:
@@ -241,7 +239,7 @@ def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_a
     out = {"resid": torch.stack(resid), "preacts": pre, "mlp_in": torch.stack(mlp_ins),
            "mlp_out": torch.stack(mlp_outs), "final": final}
     if logits:
-        out["logits"] = matvec(fw.W_U, final).float()
+        out["logits"] = matmul(final, fw.W_U.T).float()
     return out
 
 

@@ -20,7 +20,7 @@ from transcoders import random_transcoders
 from transcoders import formats, gemmascope
 from transcoders.formats import convert, detect_layout, load_any, load_native, save_native
 from transcoders.gemmascope import save_gemmascope2
-from transcoders.mapped import column_chunks, matmul, matvec, read_columns, resident_fraction, row_chunks
+from transcoders.mapped import column_chunks, matmul, read_columns, resident_fraction, row_chunks
 
 L, D, F = 3, 16, 40
 RELEASED_CONFIG_KEYS = {"hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
@@ -660,7 +660,7 @@ def test_decoder_rows_of_a_replaced_file_are_the_loaded_ones(tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
 def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
-    """`row_chunks` / `matvec` over a memory-mapped matrix (contiguous, and the strided rows of a CLT-like
+    """`row_chunks` / `matmul(x, w.T)` over a memory-mapped matrix (contiguous, and the strided rows of a CLT-like
     `[n, 3, D]` tensor) give its values with (almost) none of its pages made present; a matrix edited in
     memory is read from memory."""
     torch.manual_seed(0)
@@ -674,19 +674,19 @@ def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
         seen = torch.cat([rows.clone() for _, rows in row_chunks(w, chunk_rows=3000)])
         torch.testing.assert_close(seen, ref, rtol=0, atol=0)
         xx = x if w.shape[1] == 96 else torch.randn(288)
-        torch.testing.assert_close(matvec(w, xx, chunk_rows=4096), ref @ xx)
+        torch.testing.assert_close(matmul(xx, w.T, chunk_bytes=4096 * w.shape[1] * 4), ref @ xx)
         starts = [a for a, _ in row_chunks(w, chunk_rows=3000)]
         assert starts == list(range(0, 20000, 3000))
     assert resident_fraction(mapped) < 0.05, "a pass read through the mapping"
     mapped[123, 1, 5] += 1.0  # a private copy of that page: the file no longer holds the values
     edited = full[:, 1].clone()
     edited[123, 5] += 1.0
-    torch.testing.assert_close(matvec(mapped[:, 1], x), edited @ x)
+    torch.testing.assert_close(matmul(x, mapped[:, 1].T), edited @ x)
     assert float(mapped.sum()) == pytest.approx(float(full.sum()) + 1.0, rel=1e-5)
     assert resident_fraction(mapped) > 0.9  # read through the mapping: the probe works
     small = torch.randn(7, 5)  # not a mapping: views of it
     assert [a for a, _ in row_chunks(small, chunk_rows=3)] == [0, 3, 6]
-    torch.testing.assert_close(matvec(small, torch.ones(5)), small.sum(1))
+    torch.testing.assert_close(matmul(torch.ones(5), small.T), small.sum(1))
 
 
 

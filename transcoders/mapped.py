@@ -6,9 +6,10 @@ pages stay resident. `read_rows` reads the rows with `pread` into a tensor of th
 page cache holds the rest. It does so only when that gives the same values as the mapping: the tensor's
 memory must be a mapping of a regular file still at its path (same device and inode), and no page of it may
 have been written in this process (a private copy-on-write page, which the file does not see). Anywhere
-else it returns None and the caller reads through the mapping. `row_chunks` and `matvec` make whole
-passes over such a matrix (the unembedding: 63% of Gemma 3 270M's weights) the same way, a chunk at a time;
-`matmul` and `read_columns` do so for encoders (`[D, F]`, or the transposed view of a `[F, D]` file tensor).
+else it returns None and the caller reads through the mapping (`take_rows` does both). `row_chunks` and
+`matmul` make whole passes over such a matrix (the unembedding: 63% of Gemma 3 270M's weights; encoders stored
+`[D, F]`, or the transposed view of a `[F, D]` file tensor) the same way, a chunk at a time; `read_columns` /
+`take_columns` read an encoder's columns.
 """
 from __future__ import annotations
 
@@ -102,29 +103,51 @@ def _readable(w: torch.Tensor) -> tuple[str, int] | None:
     return region
 
 
+def _pread(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill `view` (bytes) from `offset` of the open file; False where the file ends first (it changed)."""
+    return os.preadv(fd, [view], offset) == len(view)
+
+
+def _changed(path: str) -> OSError:
+    return OSError(f"{path} is shorter than its mapping: the file changed while in use")
+
+
 def read_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
     """`w[rows]` (`[k, *w.shape[1:]]`, a tensor of its own) read from w's file, or None where that would not
     give the values w holds (see the module docstring) or w's rows are not contiguous in memory."""
-    inner = w.shape[1:]
-    region = _readable(w) if len(rows) else None
+    return _read_rows(w, rows, _readable(w) if len(rows) else None)
+
+
+def _read_rows(w: torch.Tensor, rows: torch.Tensor, region: tuple[str, int] | None) -> torch.Tensor | None:
+    """`read_rows` with w's region (`_readable(w)`) known."""
     if region is None:
         return None
     path, base = region
-    size = w.element_size()
-    row_bytes, stride_bytes = w[0].numel() * size, w.stride(0) * size
+    row_bytes, stride_bytes = w[0].numel() * w.element_size(), w.stride(0) * w.element_size()
     ids = rows.detach().cpu().long()
     if bool((ids < 0).any()) or bool((ids >= w.shape[0]).any()):
         raise IndexError(f"rows must lie in [0, {w.shape[0]})")
-    out = torch.empty((len(ids), *inner), dtype=w.dtype)
+    out = torch.empty((len(ids), *w.shape[1:]), dtype=w.dtype)
     buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
     fd = os.open(path, os.O_RDONLY)
     try:
         for i, r in enumerate(ids.tolist()):
-            if os.preadv(fd, [buffer[i * row_bytes:(i + 1) * row_bytes]], base + r * stride_bytes) != row_bytes:
+            if not _pread(fd, buffer[i * row_bytes:(i + 1) * row_bytes], base + r * stride_bytes):
                 return None
     finally:
         os.close(fd)
     return out
+
+
+def take_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`w[rows]` (`[k, *w.shape[1:]]`, a tensor of its own): read from w's file where `read_rows` can, else
+    gathered from memory (on a GPU, for weights not mapped or changed in memory, and where autograd needs
+    the graph)."""
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        out = read_rows(w.detach(), rows)
+        if out is not None:
+            return out
+    return w.index_select(0, rows.to(w.device))
 
 
 def row_chunks(w: torch.Tensor, chunk_rows: int = 16384) -> Iterator[tuple[int, torch.Tensor]]:
@@ -134,7 +157,12 @@ def row_chunks(w: torch.Tensor, chunk_rows: int = 16384) -> Iterator[tuple[int, 
     chunk is valid until the next one is asked for. A pass over a large memory-mapped matrix (the
     unembedding) then leaves it in the page cache instead of resident in the process. Elsewhere the chunks
     are views of w."""
-    region = _readable(w) if w.dim() >= 1 and w.shape[0] else None
+    return _row_chunks(w, chunk_rows, _readable(w) if w.dim() >= 1 and w.shape[0] else None)
+
+
+def _row_chunks(w: torch.Tensor, chunk_rows: int,
+                region: tuple[str, int] | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """`row_chunks` with w's region (`_readable(w)`) known."""
     if region is None:
         for a in range(0, w.shape[0], chunk_rows):
             yield a, w[a:a + chunk_rows]
@@ -148,28 +176,25 @@ def row_chunks(w: torch.Tensor, chunk_rows: int = 16384) -> Iterator[tuple[int, 
         for a in range(0, w.shape[0], chunk_rows):
             k = min(chunk_rows, w.shape[0] - a)
             if stride_bytes == row_bytes:  # contiguous rows: one read per chunk
-                if os.preadv(fd, [raw[:k * row_bytes]], base + a * row_bytes) != k * row_bytes:
-                    raise OSError(f"{path} is shorter than its mapping: the file changed while in use")
+                if not _pread(fd, raw[:k * row_bytes], base + a * row_bytes):
+                    raise _changed(path)
             else:
                 for i in range(k):
-                    if os.preadv(fd, [raw[i * row_bytes:(i + 1) * row_bytes]],
-                                 base + (a + i) * stride_bytes) != row_bytes:
-                        raise OSError(f"{path} is shorter than its mapping: the file changed while in use")
+                    if not _pread(fd, raw[i * row_bytes:(i + 1) * row_bytes], base + (a + i) * stride_bytes):
+                        raise _changed(path)
             yield a, buffer[:k]
     finally:
         os.close(fd)
 
 
-def matvec(w: torch.Tensor, x: torch.Tensor, chunk_rows: int = 16384) -> torch.Tensor:
-    """w @ x `[n]` (in w's dtype) for w `[n, D]`, x `[D]`: over `row_chunks`, so that a memory-mapped w is
-    read from its file instead of becoming resident (one product where autograd needs the graph)."""
-    if w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
-        return w @ x.to(w.device, w.dtype)
-    out = torch.empty(w.shape[0], dtype=w.dtype)
-    x = x.to(w.dtype)
-    for a, rows in row_chunks(w, chunk_rows):
-        torch.mv(rows, x, out=out[a:a + len(rows)])
-    return out
+def _column_source(w: torch.Tensor) -> tuple[bool, tuple[str, int]] | None:
+    """How w `[D, F]` can be read from its file: (True, region of w.T) where w is the transposed view of a
+    `[F, D]` file tensor, (False, region of w) where it is stored `[D, F]`; None where neither (`_readable`)."""
+    region = _readable(w.T)
+    if region is not None:
+        return True, region
+    region = _readable(w) if w.numel() else None
+    return None if region is None else (False, region)
 
 
 def column_chunks(w: torch.Tensor, chunk_bytes: int = 32 << 20) -> Iterator[tuple[int, torch.Tensor]]:
@@ -177,16 +202,22 @@ def column_chunks(w: torch.Tensor, chunk_bytes: int = 32 << 20) -> Iterator[tupl
     (stored `[D, F]`) or w.T (w the transposed view of a `[F, D]` file tensor) can be read by row (`read_rows`'
     conditions), the blocks are read from the file into a reused buffer (each valid until the next is asked
     for); elsewhere they are views of w. Whole columns, so products with them sum over D as one product would."""
+    return _column_chunks(w, chunk_bytes, _column_source(w))
+
+
+def _column_chunks(w: torch.Tensor, chunk_bytes: int,
+                   source: tuple[bool, tuple[str, int]] | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """`column_chunks` with w's `_column_source` known."""
     D, F = w.shape
     per_chunk = max(1, chunk_bytes // max(1, D * w.element_size()))
-    if _readable(w.T) is not None:
-        for a, rows in row_chunks(w.T, per_chunk):
-            yield a, rows.T
-        return
-    region = _readable(w) if D and F else None
-    if region is None:
+    if source is None:
         for a in range(0, F, per_chunk):
             yield a, w[:, a:a + per_chunk]
+        return
+    transposed, region = source
+    if transposed:
+        for a, rows in _row_chunks(w.T, per_chunk, region):
+            yield a, rows.T
         return
     path, base = region
     size, row_stride = w.element_size(), w.stride(0) * w.element_size()
@@ -196,19 +227,19 @@ def column_chunks(w: torch.Tensor, chunk_bytes: int = 32 << 20) -> Iterator[tupl
     try:
         for a in range(0, F, per_chunk):
             k = min(per_chunk, F - a)
-            block = buffer[:, :k]  # rows of the block lie buffer.shape[1] elements apart
-            for d in range(D):
+            for d in range(D):  # rows of the block lie buffer.shape[1] elements apart
                 start = d * buffer.shape[1] * size
-                if os.preadv(fd, [raw[start:start + k * size]], base + d * row_stride + a * size) != k * size:
-                    raise OSError(f"{path} is shorter than its mapping: the file changed while in use")
-            yield a, block
+                if not _pread(fd, raw[start:start + k * size], base + d * row_stride + a * size):
+                    raise _changed(path)
+            yield a, buffer[:, :k]
     finally:
         os.close(fd)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
     """x @ w `[..., F]` (in w's dtype) for x `[..., D]`, w `[D, F]`, over `column_chunks`: a memory-mapped w is
-    read from its file instead of becoming resident (one product where autograd needs the graph)."""
+    read from its file instead of becoming resident (one product where autograd needs the graph). A pass over
+    the rows of a mapped matrix m `[n, D]` is `matmul(x, m.T)`."""
     x = x.to(w.dtype)
     if w.device.type != "cpu" or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
         return x @ w
@@ -227,15 +258,27 @@ def read_columns(w: torch.Tensor, cols: torch.Tensor, chunk_bytes: int = 32 << 2
     ids = cols.detach().cpu().long()
     if len(ids) and (bool((ids < 0).any()) or bool((ids >= w.shape[1]).any())):
         raise IndexError(f"columns must lie in [0, {w.shape[1]})")
-    if _readable(w.T) is not None:
-        return read_rows(w.T, ids) if len(ids) else torch.empty(0, w.shape[0], dtype=w.dtype)
-    if _readable(w) is None:
+    source = _column_source(w)
+    if source is None:
         return None
+    transposed, region = source
+    if transposed:
+        return _read_rows(w.T, ids, region) if len(ids) else torch.empty(0, w.shape[0], dtype=w.dtype)
     out = torch.empty(len(ids), w.shape[0], dtype=w.dtype)
     order = torch.argsort(ids)
     sorted_ids = ids[order]
-    for a, block in column_chunks(w, chunk_bytes):
+    for a, block in _column_chunks(w, chunk_bytes, source):
         lo, hi = (int(torch.searchsorted(sorted_ids, v)) for v in (a, a + block.shape[1]))
         if hi > lo:
             out[order[lo:hi]] = block[:, sorted_ids[lo:hi] - a].T
     return out
+
+
+def take_columns(w: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`w[:, cols].T` (`[k, D]`): read from w's file where `read_columns` can, else gathered from memory (as
+    `take_rows`)."""
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        out = read_columns(w.detach(), cols)
+        if out is not None:
+            return out
+    return w.index_select(1, cols.to(w.device)).T

@@ -130,25 +130,16 @@ class TranscoderSet(nn.Module):
     def encoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """Encoder vectors of a subset of features of layer `layer`: `[n, D]`, a tensor of its own, read from the
         file where the encoder is a memory-mapped view of one (see `sparse_encode`)."""
-        from .mapped import read_columns
-        w = self.W_enc[layer]
-        needs_grad = torch.is_grad_enabled() and w.requires_grad
-        rows = read_columns(w.detach(), features) if w.device.type == "cpu" and not needs_grad else None
-        if rows is None:
-            rows = w.index_select(1, features.to(w.device)).T
-        return rows
+        from .mapped import take_columns
+        return take_columns(self.W_enc[layer], features)
 
     # -- decoding -----------------------------------------------------------------------------
     def decoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """Decoder vectors of a subset of features of source layer `layer`: `[n, n_out, D]` (n_out = 1 for PLTs),
         a tensor of its own. Reads only those rows: from the file where the decoder is a memory-mapped view of
         one (`transcoders.mapped`), so the rest of the decoder stays off this process's memory."""
-        from .mapped import read_rows
-        w = self.W_dec[layer]
-        needs_grad = torch.is_grad_enabled() and w.requires_grad
-        rows = read_rows(w.detach(), features) if w.device.type == "cpu" and not needs_grad else None
-        if rows is None:
-            rows = w.index_select(0, features.to(w.device))
+        from .mapped import take_rows
+        rows = take_rows(self.W_dec[layer], features)
         return rows if self.is_clt else rows.unsqueeze(1)
 
     def decoder_weight(self, layer: int) -> torch.Tensor:
