@@ -36,6 +36,15 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def anon_bytes() -> int:
+    """Resident anonymous memory (RssAnon: resident minus file-backed and shared pages). Clean file-backed
+    pages (memory-mapped weights) count in RSS but the kernel can drop them whenever it needs the memory;
+    anonymous pages it cannot."""
+    with open("/proc/self/statm") as f:
+        _, resident, shared = (int(v) for v in f.read().split()[:3])
+    return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_rss_bytes() -> int:
     """This process's own peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across fork and exec,
     so a child would report its parent's resident size at the fork whenever that was larger."""
@@ -48,23 +57,26 @@ def peak_rss_bytes() -> int:
 
 class PeakRSS:
     """Samples resident memory every 10 ms in a thread: the peak within a block (`peak_rss_bytes` covers the
-    process)."""
+    process), and the peak of its anonymous part (`anon_bytes`)."""
 
     def __enter__(self):
-        self.peak = rss_bytes()
+        self.peak, self.peak_anon = rss_bytes(), anon_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _sample(self):
+        self.peak, self.peak_anon = max(self.peak, rss_bytes()), max(self.peak_anon, anon_bytes())
+
     def _run(self):
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss_bytes())
+            self._sample()
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self._sample()
 
 
 class GPUMemory:
@@ -151,7 +163,7 @@ def cmd_attribute(args) -> int:
                   max_feature_nodes=args.max_feature_nodes, verbose=False)
         GPUMemory(args.device).sync()
         warmup_s = time.perf_counter() - t
-    rss_before = rss_bytes()
+    rss_before, anon_before = rss_bytes(), anon_bytes()
     gpu = GPUMemory(args.device)
     with PeakRSS() as peak:
         t1 = time.perf_counter()
@@ -166,7 +178,8 @@ def cmd_attribute(args) -> int:
     info = {
         "tool": "circuit-tracer", "wall_s": wall, "load_s": t_load, "warmup_s": warmup_s,
         "peak_rss": int(max(peak.peak, peak_rss_bytes())),
-        "peak_rss_attribution": int(peak.peak), "rss_before": int(rss_before), **gpu.report(),
+        "peak_rss_attribution": int(peak.peak), "rss_before": int(rss_before),
+        "peak_anon_attribution": int(peak.peak_anon), "anon_before": int(anon_before), **gpu.report(),
         "n_active_features": int(len(active)), "n_selected_features": int(len(selected)),
         "threads": torch.get_num_threads(),
         "versions": {k: __import__(m).__version__ for k, m in

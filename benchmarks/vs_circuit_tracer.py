@@ -369,7 +369,7 @@ def child_ours(args) -> int:
     """The measured run of our engine (a fresh process): load, then time `circuits.attribute`."""
     import torch
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from ct_runner import GPUMemory, PeakRSS, peak_rss_bytes, rss_bytes, touch
+    from ct_runner import GPUMemory, PeakRSS, anon_bytes, peak_rss_bytes, rss_bytes, touch
 
     import circuits
     from transcoders.circuit_tracer_format import load_circuit_tracer
@@ -394,7 +394,7 @@ def child_ours(args) -> int:
         circuits.attribute(lm, lm.tokenizer.decode(tokens[1:WARMUP_TOKENS]), transcoders=tc, progress=False, **s)
         GPUMemory(args.device).sync()
         warmup_s = time.perf_counter() - t
-    rss_before = rss_bytes()
+    rss_before, anon_before = rss_bytes(), anon_bytes()
     gpu = GPUMemory(args.device)
     prof = __import__("cProfile").Profile() if args.profile else None
     with PeakRSS() as peak:
@@ -408,6 +408,7 @@ def child_ours(args) -> int:
             prof.disable()
     info = {"tool": "ours", "wall_s": wall, "load_s": t_load, "warmup_s": warmup_s,
             "peak_rss_attribution": int(peak.peak),
+            "peak_anon_attribution": int(peak.peak_anon), "anon_before": int(anon_before),
             **gpu.report(),
             "peak_rss": int(max(peak.peak, peak_rss_bytes())),
             "rss_before": int(rss_before), "n_active_features": int(graph.metadata["n_active_features"]),
@@ -670,8 +671,10 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
     if versions:
         lines += [f"Peer: {', '.join(f'{k} {v}' for k, v in versions.items())}; ours: gemma-circuits "
                   f"{circuits.__version__}.", ""]
+    anon_col = "" if on_gpu else " peak anon GB |"
     lines += [f"| case | tool | tokens | batch | active features | rows | wall s | peak {mem} GB | attribution "
-              f"Δ{mem} GB | GFLOP | % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"Δ{mem} GB |{anon_col} GFLOP | % of peak |", "|---|---|---|---|---|---|---|---|---|" +
+              ("" if on_gpu else "---|") + "---|---|"]
     summary, phases = [], []
     for case in cases:
         per_tool = {}
@@ -683,7 +686,7 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                 why = bad[0] if bad else {"failed": "not run", "where": ""}
                 lines.append(f"| {case['name']} | {tool} | {case['n_pos']} | {case['batch_size']} | | | "
                              f"{why['failed']}; last progress: `{why.get('where', '')}` | "
-                             f"{why.get('peak_rss', 0) / gb:.2f} | | | |")
+                             f"{why.get('peak_rss', 0) / gb:.2f} | |{'' if on_gpu else ' |'} | |")
                 continue
             wall = _median([x["wall_s"] for x in ok])
             if on_gpu:  # the process's GPU memory (the model and transcoders included), and its rise in attribution
@@ -692,25 +695,35 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
             else:
                 rss = max(x["peak_rss"] for x in ok)
                 during = max(x["peak_rss_attribution"] - x["rss_before"] for x in ok)
+            peaks = [x["gpu_peak" if on_gpu else "peak_rss"] for x in ok]
+            spread = f" ({min(peaks) / gb:.2f}-{rss / gb:.2f})" if len(ok) > 1 else ""
+            # anonymous memory: runs recorded before it was measured have none
+            anon = max((x["peak_anon_attribution"] for x in ok if "peak_anon_attribution" in x), default=None)
             spent = ok[0].get("timing_s") or ok[0].get("phases") or {}
             warm = f"warm-up call {ok[0]['warmup_s']:.2f} s; " if ok[0].get("warmup_s") is not None else ""
             phases.append(f"| {case['name']} | {tool} | {warm}" + ", ".join(f"{k} {v:.1f}" for k, v in spent.items()
                                                                             if k != "load") + " |")
             rows = ok[0]["n_selected_features"]
             work = _work(case, ok[0], tool, _sites(case["model_dir"]))
-            per_tool[tool] = {"wall": wall, "rss": rss, "during": during}
+            per_tool[tool] = {"wall": wall, "rss": rss, "rss_median": _median(peaks), "during": during, "anon": anon}
+            anon_cell = "" if on_gpu else f" {'–' if anon is None else f'{anon / gb:.2f}'} |"
             lines.append(f"| {case['name']} | {tool} | {case['n_pos']} | {case['batch_size']} | "
                          f"{ok[0]['n_active_features']} | {rows} | {wall:.2f} ({min(x['wall_s'] for x in ok):.2f}-"
-                         f"{max(x['wall_s'] for x in ok):.2f}) | {rss / gb:.2f} | {during / gb:.2f} | "
+                         f"{max(x['wall_s'] for x in ok):.2f}) | {rss / gb:.2f}{spread} | {during / gb:.2f} |{anon_cell} "
                          f"{work['total'] / 1e9:.1f} | {100 * work['total'] / wall / peak:.1f} |")
         if len(per_tool) == 2:
             o, c = per_tool["ours"], per_tool["circuit-tracer"]
-            summary.append(f"| {case['name']} | {c['wall'] / o['wall']:.1f}x | {o['rss'] / c['rss']:.2f} | "
-                           f"{o['during'] / max(c['during'], 1):.2f} |")
+            anon_ratio = "" if on_gpu else (" – |" if None in (o["anon"], c["anon"])
+                                            else f" {o['anon'] / c['anon']:.3f} |")
+            summary.append(f"| {case['name']} | {c['wall'] / o['wall']:.1f}x | {o['rss'] / c['rss']:.3f} | "
+                           f"{o['rss_median'] / c['rss_median']:.3f} | "
+                           f"{o['during'] / max(c['during'], 1):.2f} |{anon_ratio}")
     if summary:
         lines += ["", "Speed and memory, ours relative to circuit-tracer (time: how many times faster; memory: our "
-                  "peak as a fraction of theirs):", "", f"| case | speed-up | peak {mem} ratio | attribution Δ{mem} "
-                  "ratio |", "|---|---|---|---|", *summary]
+                  "peak as a fraction of theirs, the highest of each tool's runs, and the ratio of the medians):",
+                  "", f"| case | speed-up | peak {mem} ratio | of medians | attribution Δ{mem} "
+                  "ratio |" + ("" if on_gpu else " peak anon ratio |"), "|---|---|---|---|---|" + ("" if on_gpu else "---|"),
+                  *summary]
     if phases:
         lines += ["", "Where the time goes (seconds; first run of each; ours from the graph's metadata, "
                   "circuit-tracer from its verbose log):", "", "| case | tool | phases |", "|---|---|---|", *phases]
@@ -764,7 +777,11 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
               "rows and passes over the vocabulary from the file, `LoadedModel.embed` / `unembed`). Peak RSS is "
               "the whole "
               "process, so ΔRSS (peak during attribution minus the resident size before it) isolates the "
-              "attribution itself. "
+              "attribution itself. Peak anon is the anonymous part of the resident memory at its peak during the "
+              "attribution call (sampled every 10 ms): RSS minus file-backed pages. Both tools' model weights "
+              "are memory-mapped safetensors files (transformers loads them so), so they count in RSS but not "
+              "here: clean file pages, which the kernel can drop and read again when memory runs short; "
+              "anonymous memory it cannot. "
               "GFLOP is the work the attribution must do (one forward pass, one transposed pass per row down from "
               "its layer, the edge dot products), the same formula for both tools; % of peak divides it by the "
               "wall time and the matmul rate above. The count takes every transposed pass over the whole prompt; "

@@ -142,9 +142,8 @@ class SourceEdges:
         self.tok0 = self.n_feat + L * n
         self.n_src = self.tok0 + n
         dev = state.resid.device
-        b_dec = torch.stack([tc.b_dec[l].detach().float() for l in range(L)]).to(dev)  # [L, D]
-        # what a gradient at x_{l+1} reads from layer l's MLP output: each position's error, and the decoder bias
-        self.error_and_bias = torch.stack([errors, b_dec[:, None, :].expand_as(errors)], -1).contiguous()  # [L, n, D, 2]
+        self.b_dec = torch.stack([tc.b_dec[l].detach().float() for l in range(L)]).to(dev)  # [L, D]
+        self.errors_col = errors[..., None]  # [L, n, D, 1]: a view, for one batched product per layer
         self.layers = []  # per source layer: (first column, its features for the kernel, or per-position slots)
         # the decoder rows of each layer's active features (`replacement.active_decoder_rows`, read once):
         # `[n_unique, n_out, D]`; each feature is the index of its row there
@@ -215,9 +214,10 @@ class SourceEdges:
                 out[:k, self.tok0:self.tok0 + P] = torch.bmm(g, st.embeddings[:P, :, None])[..., 0].T
                 return
             e0 = self.err0 + l * n
-            read = torch.bmm(g, self.error_and_bias[l, :P])  # [P, k, 2]: error edges, decoder bias terms
-            out[:k, e0:e0 + P] = read[..., 0].T
-            const[:k] += read[..., 1].sum(0)
+            # what a gradient at x_{l+1} reads from layer l's MLP output: each position's error, and the
+            # decoder bias (the same vector at every position, so one product with the gradient's sum)
+            out[:k, e0:e0 + P] = torch.bmm(g, self.errors_col[l, :P])[..., 0].T
+            const[:k] += g.sum(0) @ self.b_dec[l]
             for s in tc.output_layers_into(l):
                 col0, e = self._feature_edges(s, l - s, g, P)
                 out[:k, col0:col0 + e.shape[1]] += e
@@ -450,6 +450,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     # float32; in bfloat16 this keeps every node exactly complete with respect to the linear model)
     frozen = frozen_forward(state, fw, tc, None, errors, feature_out=feature_out, preacts=False,
                             logits=False)
+    del feature_out, skip
     logit_ids, logit_probs, logit_strings, contrast = choose_logits(lm, state.logits, cfg)
     n_logit = len(logit_ids)
     t_forward = time.perf_counter()
@@ -474,6 +475,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
         f_pre[c] = (enc_vecs * frozen["mlp_in"][f_layer[c].to(dev), f_pos[c].to(dev)]).sum(-1) + b_enc
     directions = fw.logit_directions(logit_ids, contrast)  # [n_logit, D]
     logit_inputs = directions @ frozen["final"]
+    del frozen  # [L+1, n, D] and more; the row loop below is where the peak is
     activation = np.concatenate([f_act.float().numpy(), errors.norm(dim=-1).flatten().cpu().numpy(),
                                  state.embeddings.norm(dim=-1).cpu().numpy(),
                                  logit_inputs.cpu().numpy()]).astype(np.float32)
@@ -484,6 +486,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     backend = active_backend(dev)
     engine = TransposedModel(state, fw, tc)
     edges = SourceEdges(state, tc, f_layer, f_pos, f_act, decoders, errors, backend)
+    state.drop_activations()  # the row loop below is where the peak is
     # working memory of one batch: its rows x sources, plus a few gradients [n, H*hd] per row
     per_row = 4 * (n_src + 6 * n * max(D, fw.n_heads * fw.head_dim))
     B = max(1, min(cfg.batch_size, int(cfg.memory_gb * 2**30 // per_row)))

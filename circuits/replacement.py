@@ -42,13 +42,13 @@ class PromptState:
 
     tokens: torch.Tensor  # [n] token ids
     resid: torch.Tensor  # [L+1, n, D] residual stream before each layer, and after the last
-    patterns: torch.Tensor  # [L, H, n, n] attention probabilities (query, key)
+    patterns: torch.Tensor | None  # [L, H, n, n] attention probabilities (query, key); see drop_activations
     s_in: torch.Tensor  # [L, n] 1/rms of the input of input_layernorm
     s_pa: torch.Tensor  # [L, n] 1/rms of the input of post_attention_layernorm (the attention output)
     s_ff: torch.Tensor  # [L, n] 1/rms of the input of pre_feedforward_layernorm
     s_final: torch.Tensor  # [n] 1/rms of the input of the final norm
-    mlp_in: torch.Tensor  # [L, n, D]
-    mlp_out: torch.Tensor  # [L, n, D]
+    mlp_in: torch.Tensor | None  # [L, n, D]
+    mlp_out: torch.Tensor | None  # [L, n, D]
     logits: torch.Tensor  # [vocab] model logits at the last position (after soft-capping)
     causal: bool = True  # every pattern is lower-triangular: position p never reads a later position
 
@@ -60,6 +60,15 @@ class PromptState:
     def embeddings(self) -> torch.Tensor:
         """The token-embedding nodes `[n, D]`: embed(tokens) * sqrt(d_model), as the first layer reads them."""
         return self.resid[0]
+
+    def drop_activations(self) -> None:
+        """Free what only the forward side reads (the residuals after the embeddings, the MLP inputs and
+        outputs, `[L, n, D]` each, and the patterns, `[L, H, n, n]`), keeping what the transposed pass reads:
+        embeddings, norm scales, logits. For attribution once errors, node inputs and a `TransposedModel` (which
+        holds its own scaled patterns) exist; `frozen_forward` cannot run on the state afterwards. At long
+        prompts this is gigabytes (4B, 4,096 tokens: 1.4 GB per `[L, n, D]`, 18 GB of patterns)."""
+        self.resid = self.resid[:1].clone()
+        self.mlp_in = self.mlp_out = self.patterns = None
 
 
 def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -303,9 +312,9 @@ class TransposedModel:
     A target reads either the MLP input of layer l at position p along a vector (a feature's encoder
     vector: its pre-activation) or, with l == n_layers, the final norm's output at p along a vector (a
     logit direction). Gradients are laid out `[P, k, D]` (positions first) so that every step is a few
-    large matrix products. What is constant per prompt is folded once, here:
-      - the norm gains into the weights: W_o diag(1 + w_pa) per head `[H, D, hd]`, W_v diag(1 + w_in)
-        `[KV, hd, D]`, W_skip^T diag(1 + w_ff) `[D, D]`;
+    large matrix products. The model's weights are used as they are (views, no copies: folding the norm gains
+    into them would hold a second copy of W_o and W_v, 59 MB for 270M, and of W_skip); the gains scale the
+    gradients instead. What is constant per prompt is folded once, here:
       - the per-position scales of the input and post-attention norms into the transposed patterns:
         A[l, key, h, query] = s_in[key] * P[h, query, key] * s_pa[query], so that the heads sharing a
         KV head mix positions in one product `[P, rep*P] @ [rep*P, k*hd]`.
@@ -318,13 +327,11 @@ class TransposedModel:
         self.L, self.n, self.D = fw.n_layers, state.n_pos, fw.d_model
         self.H, self.KV, self.hd = fw.n_heads, fw.n_kv, fw.head_dim
         D, H, hd = self.D, self.H, self.hd
-        self.W_o = [(w * g[:, None]).view(D, H, hd).permute(1, 0, 2).contiguous()
-                    for w, g in zip(fw.W_o, fw.g_pa)]  # [H, D, hd]
-        self.W_v = [(w * g[None, :]).view(self.KV, hd, D) for w, g in zip(fw.W_v, fw.g_in)]  # [KV, hd, D]
+        self.W_o = [w.view(D, H, hd).permute(1, 0, 2) for w in fw.W_o]  # [H, D, hd] views
+        self.W_v = [w.view(self.KV, hd, D) for w in fw.W_v]  # [KV, hd, D] views
         self.W_skip = None
         if transcoders.W_skip is not None:
-            self.W_skip = [w.detach().float().to(fw.device).T * g[None, :]
-                           for w, g in zip(transcoders.W_skip, fw.g_ff)]  # [D, D]
+            self.W_skip = [w.detach().float().to(fw.device).T for w in transcoders.W_skip]  # [D, D] (D_out, D_in)
         self.mix = (state.s_in[:, :, None, None] * state.patterns.permute(0, 3, 1, 2)
                     * state.s_pa[:, None, None, :]).contiguous()  # [L, key, H, query]
 
@@ -339,14 +346,16 @@ class TransposedModel:
         respect to m_l `[P, k, D]` (without the residual path)."""
         P, k, D = gm.shape
         KV, rep, hd = self.KV, self.H // self.KV, self.hd
-        go = torch.matmul(gm.view(1, P * k, D), self.W_o[l])  # [H, P*k, hd]
+        go = torch.matmul((gm * self.fw.g_pa[l]).view(1, P * k, D), self.W_o[l])  # [H, P*k, hd]
         mix = self.mix[l, :P, :, :P]  # [key, H, query]
         if KV == 1:
             gv = mix.reshape(P, rep * P) @ go.view(rep * P, k * hd)  # [key, k*hd]
-            return (gv.view(P * k, hd) @ self.W_v[l][0]).view(P, k, D)
-        mix = mix.reshape(P, KV, rep * P).transpose(0, 1)  # [KV, key, rep*query]
-        gv = torch.bmm(mix, go.view(KV, rep * P, k * hd))  # [KV, key, k*hd]
-        return torch.bmm(gv.view(KV, P * k, hd), self.W_v[l]).sum(0).view(P, k, D)
+            gx = gv.view(P * k, hd) @ self.W_v[l][0]
+        else:
+            mix = mix.reshape(P, KV, rep * P).transpose(0, 1)  # [KV, key, rep*query]
+            gv = torch.bmm(mix, go.view(KV, rep * P, k * hd))  # [KV, key, k*hd]
+            gx = torch.bmm(gv.view(KV, P * k, hd), self.W_v[l]).sum(0)
+        return gx.mul_(self.fw.g_in[l]).view(P, k, D)
 
     def run(self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor, visit: Visitor) -> None:
         """Propagate B targets backwards and hand each residual gradient to `visit`.
@@ -384,9 +393,10 @@ class TransposedModel:
             u = g @ self.W_skip[l] if self.W_skip is not None else None
             if k_new > k:
                 u = torch.zeros_like(g) if u is None else u
-                u[dev_pos[k:k_new], torch.arange(k, k_new, device=dev)] += vectors[k:k_new] * self.fw.g_ff[l]
+                u[dev_pos[k:k_new], torch.arange(k, k_new, device=dev)] += vectors[k:k_new]
             k = k_new
-            gm = g if u is None else torch.addcmul(g, u, st.s_ff[l, :P, None, None])
+            # then through pre_feedforward_layernorm: its gain and each position's 1/rms, `[P, 1, D]`
+            gm = g if u is None else torch.addcmul(g, u, st.s_ff[l, :P, None, None] * self.fw.g_ff[l])
             g = gm + self._attention(l, gm)
         if k:
             visit(-1, g, k, P)

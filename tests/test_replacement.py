@@ -115,9 +115,14 @@ def test_transposed_model_matches_autograd(config, kind):
     layer = torch.tensor([t[0] for t in targets])
     pos = torch.tensor([t[1] for t in targets])
     vecs = torch.randn(len(targets), D, generator=g)
-    G = TransposedModel(state, fw, tc).full_gradients(layer, pos, vecs)
+    refs = [_autograd_gradients(state, fw, tc, acts, errors, l, p, vecs[i]) for i, (l, p) in enumerate(targets)]
+    engine = TransposedModel(state, fw, tc)
+    embeddings = state.embeddings.clone()
+    state.drop_activations()  # as attribution does: the transposed pass reads only what is kept
+    assert state.mlp_in is None and state.patterns is None and torch.equal(state.embeddings, embeddings)
+    G = engine.full_gradients(layer, pos, vecs)
     for i, (l, p) in enumerate(targets):
-        ref = _autograd_gradients(state, fw, tc, acts, errors, l, p, vecs[i])
+        ref = refs[i]
         assert torch.allclose(G[i], ref, atol=1e-5, rtol=1e-4), (l, p)
         assert ref[:l + 1, :p + 1].abs().max() > 0
         # causality: nothing reaches positions after the target
