@@ -395,9 +395,13 @@ class TransposedModel:
                 u = torch.zeros_like(g) if u is None else u
                 u[dev_pos[k:k_new], torch.arange(k, k_new, device=dev)] += vectors[k:k_new]
             k = k_new
-            # then through pre_feedforward_layernorm: its gain and each position's 1/rms, `[P, 1, D]`
-            gm = g if u is None else torch.addcmul(g, u, st.s_ff[l, :P, None, None] * self.fw.g_ff[l])
-            g = gm + self._attention(l, gm)
+            # then through pre_feedforward_layernorm (its gain and each position's 1/rms, `[P, 1, D]`) into
+            # the residual: g becomes the gradient at m_l. In place, so that only one [P, k, D] gradient is
+            # held while the attention's temporaries are
+            if u is not None:
+                g = u.mul_(st.s_ff[l, :P, None, None] * self.fw.g_ff[l]).add_(g)
+                del u
+            g = self._attention(l, g).add_(g)
         if k:
             visit(-1, g, k, P)
 
