@@ -5,9 +5,10 @@
 
 Traces the same prompt `--runs` times in one process. A thread samples the process's anonymous resident memory
 (RssAnon) every millisecond and keeps the main thread's Python stack at the highest sample of each run. Our peak
-varies between identical runs; this shows which call it was in (issue 9's notes: the large ones, +0.2-0.4 GB,
-were inside float32 matmuls; they come in some processes and not in others). Prints one line per run, and the
-stack where a run rose above `--threshold-gb`.
+varies between identical runs; this shows where the main thread was at each run's peak (issue 9's notes: the
+large ones, +0.2-0.4 GB for a few milliseconds, came in some processes and not in others, at different points:
+inside matmuls, reading /proc/self/maps, in torch.unique; so not one operation's allocation, cause open). Prints
+one line per run, and the stack where a run rose above `--threshold-gb`.
 """
 from __future__ import annotations
 
