@@ -689,13 +689,12 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                              f"{why.get('peak_rss', 0) / gb:.2f} | |{'' if on_gpu else ' |'} | |")
                 continue
             wall = _median([x["wall_s"] for x in ok])
-            if on_gpu:  # the process's GPU memory (the model and transcoders included), and its rise in attribution
-                rss = max(x["gpu_peak"] for x in ok)
-                during = max(x["gpu_peak"] - x["gpu_before"] for x in ok)
-            else:
-                rss = max(x["peak_rss"] for x in ok)
-                during = max(x["peak_rss_attribution"] - x["rss_before"] for x in ok)
+            # the process's peak (on a GPU: its GPU memory, the model and transcoders included), and its rise in
+            # attribution
             peaks = [x["gpu_peak" if on_gpu else "peak_rss"] for x in ok]
+            rss = max(peaks)
+            during = max(x["gpu_peak"] - x["gpu_before"] if on_gpu else x["peak_rss_attribution"] - x["rss_before"]
+                         for x in ok)
             spread = f" ({min(peaks) / gb:.2f}-{rss / gb:.2f})" if len(ok) > 1 else ""
             # anonymous memory: runs recorded before it was measured have none
             anon = max((x["peak_anon_attribution"] for x in ok if "peak_anon_attribution" in x), default=None)

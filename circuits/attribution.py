@@ -143,7 +143,6 @@ class SourceEdges:
         self.n_src = self.tok0 + n
         dev = state.resid.device
         self.b_dec = torch.stack([tc.b_dec[l].detach().float() for l in range(L)]).to(dev)  # [L, D]
-        self.errors_col = errors[..., None]  # [L, n, D, 1]: a view, for one batched product per layer
         self.layers = []  # per source layer: (first column, its features for the kernel, or per-position slots)
         # the decoder rows of each layer's active features (`replacement.active_decoder_rows`, read once):
         # `[n_unique, n_out, D]`; each feature is the index of its row there
@@ -216,7 +215,7 @@ class SourceEdges:
             e0 = self.err0 + l * n
             # what a gradient at x_{l+1} reads from layer l's MLP output: each position's error, and the
             # decoder bias (the same vector at every position, so one product with the gradient's sum)
-            out[:k, e0:e0 + P] = torch.bmm(g, self.errors_col[l, :P])[..., 0].T
+            out[:k, e0:e0 + P] = torch.bmm(g, self.errors[l, :P, :, None])[..., 0].T
             const[:k] += g.sum(0) @ self.b_dec[l]
             for s in tc.output_layers_into(l):
                 col0, e = self._feature_edges(s, l - s, g, P)
