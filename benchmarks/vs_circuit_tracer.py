@@ -28,6 +28,7 @@ word-level tokenizer over its vocabulary, saved once as a Hugging Face directory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -85,7 +86,8 @@ class BenchConfig:
     timeout_s: int = 1800  # a run still going after this is stopped and reported as such
     max_rss_gb: float = 14.0  # a run whose resident memory passes this is stopped (the machine is shared)
     fd_max_tokens: int = 32  # finite-difference check of token edges on prompts up to this length
-    profile: bool = False  # one more run of ours per case under cProfile: our time by stage
+    profile: bool = False  # one more run of ours per case under cProfile (our time by stage) and torch.profiler
+    # (on a GPU: its kernels' own time, so whether the GPU or the host is the limit)
     warmup: bool = False  # each process traces a short prompt once before the timed call, so that one-time
     # costs (on a GPU: CUDA context, cuBLAS handles, kernels loaded on first use) stay out of the timed call
     workdir: str = ""  # exported transcoders and raw results (default: <cache>/bench/vs_circuit_tracer)
@@ -397,7 +399,8 @@ def child_ours(args) -> int:
     rss_before, anon_before = rss_bytes(), anon_bytes()
     gpu = GPUMemory(args.device)
     prof = __import__("cProfile").Profile() if args.profile else None
-    with PeakRSS() as peak:
+    ops = op_profiler(args.device) if args.profile else contextlib.nullcontext()
+    with PeakRSS() as peak, ops:
         t1 = time.perf_counter()
         if prof:
             prof.enable()
@@ -420,11 +423,38 @@ def child_ours(args) -> int:
 
         from attribution import _profile_table  # benchmarks/attribution.py: the same stages
         info["profile"] = _profile_table(pstats.Stats(prof), wall)
+        info["ops"] = op_table(ops, args.device)
     if args.fd:
         info["fd"] = token_edges_by_finite_differences(lm, tc, graph)
     graph.save(args.out)
     print(json.dumps(info))
     return 0
+
+
+def op_profiler(device: str):
+    """torch.profiler over the profiled run: on a GPU its kernels (what the device itself spends), on the CPU
+    PyTorch's operators. cProfile's stages are host time, which on a GPU says little: kernels run
+    asynchronously, so the device's own time shows whether the GPU is busy or waits for the host."""
+    from torch.profiler import ProfilerActivity, profile
+    gpu = str(device).startswith("cuda")
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else []))
+
+
+def op_table(prof, device: str, top: int = 8) -> dict:
+    """{"busy_s": the device's total time in its own operations (kernels and copies on a GPU; PyTorch
+    operators' self time on the CPU, where the compiled edge kernels, not being operators, are left out),
+    "top": [(name, calls, seconds)] the largest, by that time}."""
+    from torch.autograd import DeviceType
+    gpu = str(device).startswith("cuda")
+    rows = []
+    for ev in prof.key_averages():
+        if gpu != (ev.device_type != DeviceType.CPU):  # a GPU kernel also counts as its launching operator's time
+            continue
+        t = ev.self_device_time_total if gpu else ev.self_cpu_time_total
+        if t > 0:
+            rows.append((ev.key, int(ev.count), t / 1e6))
+    rows.sort(key=lambda r: -r[2])
+    return {"busy_s": sum(r[2] for r in rows), "top": rows[:top]}
 
 
 # -- finite differences of token edges -------------------------------------------------------------------------
@@ -736,6 +766,17 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                   "|---|" + "---|" * len(profiled)]
         for i, stage_name in enumerate(stages):
             lines.append(f"| {stage_name} | " + " | ".join(f"{res['profile'][i][1]:.2f}" for _, res in profiled) + " |")
+    # on the CPU the host is the device, and the compiled edge kernels are not PyTorch operators: the table
+    # would leave them out, so it is shown for GPU runs only (the run's JSON keeps it either way)
+    with_ops = [(name, res["ops"]) for name, res in profiled if "ops" in res] if on_gpu else []
+    if with_ops:
+        lines += ["", "What the GPU itself does in the profiled run (torch.profiler: kernels and copies); busy is "
+                  "their total, against the timed run's wall time (far below it: the GPU waits for the host):",
+                  "", "| case | busy s | timed wall s | largest (calls, s) |", "|---|---|---|---|"]
+        for name, ops in with_ops:
+            timed = results.get(f"{name}-ours-0", {}).get("wall_s", float("nan"))
+            top = "; ".join(f"{_short_op(k)} ({calls}, {sec:.3f})" for k, calls, sec in ops["top"])
+            lines.append(f"| {name} | {ops['busy_s']:.2f} | {timed:.2f} | {top} |")
     lines += ["", "### Agreement", "",
               "On the nodes both graphs kept (rows both computed x sources both have); r and max |diff| over edges "
               "nonzero in either graph. Features and errors after BOS should agree to float rounding. circuit-tracer "
@@ -798,6 +839,12 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
     if notes:
         lines += ["", "Notes: " + " ".join(notes)]
     return "\n".join(lines) + "\n"
+
+
+def _short_op(name: str, width: int = 60) -> str:
+    """A kernel's or operator's name for a table cell: no `void `, no `|`, cut to `width` (a GPU kernel's
+    template arguments say which matmul variant it is, so they stay as far as they fit)."""
+    return " ".join(name.removeprefix("void ").split()).replace("|", "/")[:width]
 
 
 def _work(case: dict, res: dict, tool: str, sites) -> dict:

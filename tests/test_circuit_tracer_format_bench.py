@@ -112,6 +112,18 @@ def test_flop_count_scales_with_the_work():
     assert bench.peak_flops(1, size=128, reps=1) > 0
 
 
+def test_op_profile_ranks_the_work_it_saw():
+    import torch
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    with bench.op_profiler("cpu") as prof:
+        for _ in range(3):
+            (a @ b).relu_()
+    ops = bench.op_table(prof, "cpu", top=2)
+    assert ops["top"][0][:2] == ("aten::mm", 3) and len(ops["top"]) == 2
+    assert ops["busy_s"] >= sum(sec for _, _, sec in ops["top"]) > 0
+    assert bench._short_op("void gemm<float|x>(int)  ", width=12) == "gemm<float/x"
+
+
 def test_prompts_are_cut_at_exact_lengths(tiny):
     for n in (8, 32):
         text, tokens = bench.exact_prompt(tiny, n)
