@@ -424,6 +424,12 @@ def child_ours(args) -> int:
         from attribution import _profile_table  # benchmarks/attribution.py: the same stages
         info["profile"] = _profile_table(pstats.Stats(prof), wall)
         info["ops"] = op_table(ops, args.device)
+        # the matrix products the attribution ran (their shapes, as executed: truncated passes counted as run),
+        # in one more call with no profiler watching; the compiled edge kernels are not counted (few FLOPs)
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as flops:
+            circuits.attribute(lm, args.text, transcoders=tc, progress=False, **s)
+        info["matmul_gflop"] = flops.get_total_flops() / 1e9
     if args.fd:
         info["fd"] = token_edges_by_finite_differences(lm, tc, graph)
     graph.save(args.out)
@@ -766,6 +772,11 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                   "|---|" + "---|" * len(profiled)]
         for i, stage_name in enumerate(stages):
             lines.append(f"| {stage_name} | " + " | ".join(f"{res['profile'][i][1]:.2f}" for _, res in profiled) + " |")
+        if all("matmul_gflop" in res for _, res in profiled):  # what the matmuls alone need at the machine's peak
+            lines.append("| matrix products it ran, GFLOP (torch's FlopCounterMode) | "
+                         + " | ".join(f"{res['matmul_gflop']:.1f}" for _, res in profiled) + " |")
+            lines.append("| the same at the peak matmul rate above, s | "
+                         + " | ".join(f"{res['matmul_gflop'] * 1e9 / peak:.3f}" for _, res in profiled) + " |")
     # on the CPU the host is the device, and the compiled edge kernels are not PyTorch operators: the table
     # would leave them out, so it is shown for GPU runs only (the run's JSON keeps it either way)
     with_ops = [(name, res["ops"]) for name, res in profiled if "ops" in res] if on_gpu else []
