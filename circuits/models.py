@@ -205,8 +205,10 @@ def _finish(model: nn.Module, tokenizer, name: str, source: str, device: str) ->
     model.config._attn_implementation = "eager"  # the replacement model reads attention patterns
     model.eval().requires_grad_(False).to(device)
     it = bool(getattr(tokenizer, "chat_template", None)) and ("-it" in name or "instruct" in name.lower())
+    from .gemma3 import Gemma3CausalLM
+    implementation = "circuits.gemma3" if isinstance(model, Gemma3CausalLM) else "transformers"
     return LoadedModel(model=model, tokenizer=tokenizer, sites=model_sites(model), name=name,
-                       source=source, is_instruction_tuned=it)
+                       source=source, is_instruction_tuned=it, meta={"implementation": implementation})
 
 
 def _text_model(model: nn.Module) -> nn.Module:
@@ -255,9 +257,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tok
 
 
-def _load_default(dtype: torch.dtype):
+def _load_default(dtype: torch.dtype, implementation: str = "auto"):
     """The embedded default, dequantised once and cached as a safetensors HF directory (loads in seconds)."""
-    from transformers import AutoModelForCausalLM
     cached = cache_dir() / "models" / "gemma-3-270m-hf"
     if not (cached / "DONE").exists():
         model, tok = _load_gguf(_default_gguf(), torch.float32)
@@ -277,8 +278,22 @@ def _load_default(dtype: torch.dtype):
         os.replace(tmp, cached)
         del model, tok  # loaded again from the cache below: the weights then stay memory-mapped, as on every later run
     tok = load_tokenizer(str(cached))
-    model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
-    return model, tok
+    return _load_directory(cached, dtype, implementation), tok
+
+
+def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.Module:
+    """A local Hugging Face directory's Gemma 3 text model: `circuits.gemma3` (the same model without
+    transformers' modelling imports, ~0.12 GB less memory) where it covers the config, else transformers."""
+    if implementation == "auto":
+        from .gemma3 import Gemma3Config, load_gemma3
+        try:
+            Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
+        except (UserError, KeyError, TypeError, ValueError):
+            pass  # not covered: transformers' implementation below
+        else:
+            return load_gemma3(path, dtype)
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
 def load_tokenizer(source: str):
@@ -298,16 +313,20 @@ def load_tokenizer(source: str):
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
-               dtype: str | torch.dtype = "float32") -> LoadedModel:
+               dtype: str | torch.dtype = "float32", implementation: str = "auto") -> LoadedModel:
     """Load a Gemma 3 model, its tokenizer and its transcoder sites.
 
     `name_or_path`: ``gemma-3-270m`` (default, offline), a ``.gguf`` file, a local Hugging Face
     directory, or a Hub id such as ``google/gemma-3-1b-pt`` (needs network access).
+    `implementation`: ``auto`` runs Gemma 3 text models from local directories (the default included) on
+    `circuits.gemma3`, the rest on transformers; ``transformers`` runs everything on transformers (the two
+    give the same logits, bit for bit, in float32).
     """
     torch_dtype = resolve_dtype(dtype)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    if implementation not in ("auto", "transformers"):
+        raise UserError(f"unknown model implementation {implementation!r}; use 'auto' or 'transformers'")
     if name_or_path in (DEFAULT_MODEL, "google/gemma-3-270m") and not Path(name_or_path).exists():
-        model, tok = _load_default(torch_dtype)
+        model, tok = _load_default(torch_dtype, implementation)
         return _finish(model, tok, DEFAULT_MODEL, f"PyPI package {GGUF_PACKAGE}", device)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
@@ -319,12 +338,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
         if not (path.is_dir() and (path / "config.json").exists()):
             raise UserError(f"{path} is not a model: expected a Hugging Face directory with config.json, "
                             f"a .gguf file, or the name {DEFAULT_MODEL!r}")
+        try:
+            local_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            raise UserError(f"{path / 'config.json'} is not a JSON object; the directory is damaged")
+        if local_type == "gemma3_text":
+            model = _load_directory(path, torch_dtype, implementation)
+            return _finish(model, load_tokenizer(str(path)), path.name, str(path), device)
         source = str(path)
     elif "/" in name_or_path and not name_or_path.startswith((".", "/")):
         source = name_or_path  # a Hub id
     else:
         raise UserError(f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r}, a .gguf file, "
                         f"a local Hugging Face directory, or a Hub id like google/gemma-3-1b-pt")
+    from transformers import AutoConfig, AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
