@@ -58,6 +58,11 @@ def test_same_logits_as_transformers(tmp_path, case, dtype):
         last = ours.model(input_ids=ids, logits_to_keep=1).logits
     assert torch.equal(a, b)  # bit for bit: the same operations in the same order
     assert torch.equal(last, theirs.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits)
+    ours.model.config._attn_implementation = "sdpa"  # fast attention (harvesting): the same up to rounding
+    with torch.no_grad():
+        fast = ours.model(input_ids=ids, attention_mask=mask).logits
+    tol = 1e-4 if dtype == "float32" else 0.1
+    torch.testing.assert_close(fast, a, rtol=tol, atol=tol)
 
 
 def test_recorded_state_and_graph_are_the_same(tmp_path):
