@@ -21,6 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# Column blocks read from a file go through a buffer of about this size. Not larger: glibc serves a block
+# just under 32 MiB from its heap once its mmap threshold has risen (after the first such buffer is freed),
+# and a fresh 32 MiB buffer per product, with small allocations landing in the holes between them, grew the
+# heap by up to ~0.2 GB during the encoder pass in some runs (benchmarks/memory_spikes.py; first attribution
+# in fresh processes, skip set, 8 tokens: peak +107..257 MiB at 32 MiB, +113..136 at 8 MiB).
+CHUNK_BYTES = 8 << 20
+
 _PRESENT, _SWAPPED, _FILE = (np.uint64(1 << b) for b in (63, 62, 61))  # /proc/self/pagemap entry bits
 
 
@@ -197,7 +204,7 @@ def _column_source(w: torch.Tensor) -> tuple[bool, tuple[str, int]] | None:
     return None if region is None else (False, region)
 
 
-def column_chunks(w: torch.Tensor, chunk_bytes: int = 32 << 20) -> Iterator[tuple[int, torch.Tensor]]:
+def column_chunks(w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
     """(a, w[:, a:a + k]) for consecutive blocks of columns of w `[D, F]`, about `chunk_bytes` each. Where w
     (stored `[D, F]`) or w.T (w the transposed view of a `[F, D]` file tensor) can be read by row (`read_rows`'
     conditions), the blocks are read from the file into a reused buffer (each valid until the next is asked
@@ -236,7 +243,7 @@ def _column_chunks(w: torch.Tensor, chunk_bytes: int,
         os.close(fd)
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """x @ w `[..., F]` (in w's dtype) for x `[..., D]`, w `[D, F]`, over `column_chunks`: a memory-mapped w is
     read from its file instead of becoming resident (one product where autograd needs the graph). A pass over
     the rows of a mapped matrix m `[n, D]` is `matmul(x, m.T)`."""
@@ -249,7 +256,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, chunk_bytes: int = 32 << 20) -> tor
     return out
 
 
-def read_columns(w: torch.Tensor, cols: torch.Tensor, chunk_bytes: int = 32 << 20) -> torch.Tensor | None:
+def read_columns(w: torch.Tensor, cols: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor | None:
     """`w[:, cols].T` (`[k, D]`, a tensor of its own) of a memory-mapped w `[D, F]`, read from its file: the rows
     of w.T where w is the transposed view of a `[F, D]` file tensor, else one pass over `column_chunks`. None
     where w cannot be read from a file (see `read_rows`)."""
