@@ -5,10 +5,16 @@
 
 Traces the same prompt `--runs` times in one process. A thread samples the process's anonymous resident memory
 (RssAnon) every millisecond and keeps the main thread's Python stack at the highest sample of each run. Our peak
-varies between identical runs; this shows where the main thread was at each run's peak (issue 9's notes: the
-large ones, +0.2-0.4 GB for a few milliseconds, came in some processes and not in others, at different points:
-inside matmuls, reading /proc/self/maps, in torch.unique; so not one operation's allocation, cause open). Prints
-one line per run, and the stack where a run rose above `--threshold-gb`.
+varies between identical runs; this shows where the main thread was at each run's peak. Prints one line per
+run, and the stack where a run rose above `--threshold-gb`.
+
+What it found (issue 9's notes): the large ones (+0.15-0.35 GB for a few milliseconds, in some processes and not
+in others) were glibc's heap growing during the pass over the memory-mapped encoders (`transcoders.mapped.matmul`):
+/proc/self/smaps showed [heap] regions growing and new, fully touched 64 MiB arena heaps. Not reference cycles
+(none), not transparent huge pages (madvise-only here), not removed by MALLOC_ARENA_MAX=1 or a fixed
+MALLOC_MMAP_THRESHOLD_. The read buffers were just under 32 MiB, which glibc serves from its heap once its mmap
+threshold has risen; at 8 MiB (`transcoders.mapped.CHUNK_BYTES`) the first attribution of fresh processes
+(skip set, 8 tokens) peaks at +110..129 MiB instead of +107..257.
 """
 from __future__ import annotations
 
