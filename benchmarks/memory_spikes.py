@@ -14,7 +14,8 @@ in others) were glibc's heap growing during the pass over the memory-mapped enco
 (none), not transparent huge pages (madvise-only here), not removed by MALLOC_ARENA_MAX=1 or a fixed
 MALLOC_MMAP_THRESHOLD_. The read buffers were just under 32 MiB, which glibc serves from its heap once its mmap
 threshold has risen; at 8 MiB (`transcoders.mapped.CHUNK_BYTES`) the first attribution of fresh processes
-(skip set, 8 tokens) peaks at +110..129 MiB instead of +107..257.
+(skip set, 8 tokens) peaks at +110..136 MiB instead of +107..257, and the side-by-side's skip-128 runs at
+1.03-1.05 GB instead of 1.04-1.29.
 """
 from __future__ import annotations
 

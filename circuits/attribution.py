@@ -540,7 +540,8 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     probs_all = torch.softmax(state.logits.cpu(), -1)
     metadata = {
         "model": lm.name, "model_source": lm.source, "model_implementation": lm.meta.get("implementation"),
-        "n_layers": L, "d_model": D, "n_heads": fw.n_heads, "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+        "n_layers": L, "d_model": D, "n_heads": fw.n_heads, "dtype": str(lm.dtype).replace("torch.", ""),
+        "device": str(lm.device),
         "transcoders": {"kind": tc.cfg.kind, "d_sae": tc.d_sae, "activation": tc.cfg.activation,
                         "model_name": tc.cfg.model_name, "source": str(getattr(tc, "source", ""))},
         "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},

@@ -150,7 +150,8 @@ class Attention(nn.Module):
         if self.config._attn_implementation == "sdpa" and self.config.attn_logit_softcapping is None:
             # an additive mask, as eager's: a query whose every key is hidden (left padding) reads them all
             # evenly instead of giving NaN
-            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~allowed, torch.finfo(q.dtype).min)
             out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling), None
         else:
             scores = (q @ k.transpose(2, 3)) * self.scaling
@@ -243,11 +244,13 @@ class Gemma3CausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.model.embed_tokens.weight
         self.generation_config = SimpleNamespace(eos_token_id=None)
+        self.source_dir: str | None = None  # the directory it was loaded from (`load_gemma3`)
         self._transformers = None
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, **_ignored) -> SimpleNamespace:
-        h = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        h = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                       attention_mask=attention_mask).last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         cap = self.config.final_logit_softcapping
         if cap is not None:
@@ -271,9 +274,8 @@ class Gemma3CausalLM(nn.Module):
                         raise RuntimeError(f"transformers' {type(m).__name__} holds buffers this cannot rebuild")
                     parent, _, attr = name.rpartition(".")
                     setattr(hf.get_submodule(parent), attr, type(m)(config=cfg, device=self.lm_head.weight.device))
-            source = getattr(self, "source_dir", None)
-            if source is not None and (Path(source) / "generation_config.json").exists():
-                hf.generation_config = GenerationConfig.from_pretrained(source)
+            if self.source_dir is not None and (Path(self.source_dir) / "generation_config.json").exists():
+                hf.generation_config = GenerationConfig.from_pretrained(self.source_dir)
             self._transformers = hf.eval().requires_grad_(False)
         return self._transformers
 
@@ -290,12 +292,14 @@ def load_gemma3(path: str | Path, dtype: torch.dtype = torch.float32) -> Gemma3C
     path = Path(path)
     cfg = Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
     state = {}
     for name in files:
         state.update(read_safetensors(path / name)[0])
     state = {k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()}
-    state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    if "model.embed_tokens.weight" in state:  # tied: checkpoints store the embedding only
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model = Gemma3CausalLM(cfg)
     expected = dict(model.state_dict())
     missing = sorted(set(expected) - set(state))

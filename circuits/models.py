@@ -283,7 +283,7 @@ def _load_default(dtype: torch.dtype, implementation: str = "auto"):
 
 def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.Module:
     """A local Hugging Face directory's Gemma 3 text model: `circuits.gemma3` (the same model without
-    transformers' modelling imports, ~0.12 GB less memory) where it covers the config, else transformers."""
+    transformers' modelling imports, ~0.1 GB less memory) where it covers the config, else transformers."""
     if implementation == "auto":
         from .gemma3 import Gemma3Config, load_gemma3
         try:

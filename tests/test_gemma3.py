@@ -133,7 +133,8 @@ def test_incomplete_weights_are_a_clear_error(tmp_path):
 def test_loading_leaves_transformers_modelling_unimported(tmp_path):
     """The point of circuits.gemma3: tracing a local Gemma 3 never imports transformers' modelling code."""
     path = _save(tmp_path, sliding_window=4)
-    code = ("import sys, circuits; lm = circuits.load_model(sys.argv[1]); lm.model(input_ids=lm.tokenize('w5 w6')[None]);"
+    code = ("import sys, circuits; lm = circuits.load_model(sys.argv[1]);"
+            "lm.model(input_ids=lm.tokenize('w5 w6')[None]);"
             "heavy = [m for m in ('transformers.modeling_utils', 'sympy', 'torch._dynamo', 'accelerate') if m in sys.modules];"
             "print(heavy); sys.exit(1 if heavy else 0)")
     run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)

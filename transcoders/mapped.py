@@ -25,7 +25,7 @@ import torch
 # just under 32 MiB from its heap once its mmap threshold has risen (after the first such buffer is freed),
 # and a fresh 32 MiB buffer per product, with small allocations landing in the holes between them, grew the
 # heap by up to ~0.2 GB during the encoder pass in some runs (benchmarks/memory_spikes.py; first attribution
-# in fresh processes, skip set, 8 tokens: peak +107..257 MiB at 32 MiB, +113..136 at 8 MiB).
+# in fresh processes, skip set, 8 tokens, 10 each: peak +107..257 MiB at 32 MiB, +110..136 at 8 MiB).
 CHUNK_BYTES = 8 << 20
 
 _PRESENT, _SWAPPED, _FILE = (np.uint64(1 << b) for b in (63, 62, 61))  # /proc/self/pagemap entry bits
