@@ -830,7 +830,7 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
               "process, so ΔRSS (peak during attribution minus the resident size before it) isolates the "
               "attribution itself. Peak anon is the anonymous part of the resident memory at its peak during the "
               "attribution call (sampled every 10 ms): RSS minus file-backed pages. Both tools' model weights "
-              "are memory-mapped safetensors files (transformers loads them so), so they count in RSS but not "
+              "are memory-mapped safetensors files (circuit-tracer through transformers, ours through circuits.gemma3), so they count in RSS but not "
               "here: clean file pages, which the kernel can drop and read again when memory runs short; "
               "anonymous memory it cannot. "
               "GFLOP is the work the attribution must do (one forward pass, one transposed pass per row down from "
