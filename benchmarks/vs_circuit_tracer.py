@@ -399,7 +399,10 @@ def child_ours(args) -> int:
     rss_before, anon_before = rss_bytes(), anon_bytes()
     gpu = GPUMemory(args.device)
     prof = __import__("cProfile").Profile() if args.profile else None
-    ops = op_profiler(args.device) if args.profile else contextlib.nullcontext()
+    # kernels' own time, on a GPU only: on the CPU the report does not show it, and recording every operator
+    # would slow the cProfile'd stages the report does show
+    on_gpu = str(args.device).startswith("cuda")
+    ops = op_profiler(args.device) if args.profile and on_gpu else contextlib.nullcontext()
     with PeakRSS() as peak, ops:
         t1 = time.perf_counter()
         if prof:
@@ -423,7 +426,8 @@ def child_ours(args) -> int:
 
         from attribution import _profile_table  # benchmarks/attribution.py: the same stages
         info["profile"] = _profile_table(pstats.Stats(prof), wall)
-        info["ops"] = op_table(ops, args.device)
+        if on_gpu:
+            info["ops"] = op_table(ops, args.device)
         # the matrix products the attribution ran (their shapes, as executed: truncated passes counted as run),
         # in one more call with no profiler watching; the compiled edge kernels are not counted (few FLOPs)
         from torch.utils.flop_counter import FlopCounterMode
@@ -440,7 +444,8 @@ def child_ours(args) -> int:
 def op_profiler(device: str):
     """torch.profiler over the profiled run: on a GPU its kernels (what the device itself spends), on the CPU
     PyTorch's operators. cProfile's stages are host time, which on a GPU says little: kernels run
-    asynchronously, so the device's own time shows whether the GPU is busy or waits for the host."""
+    asynchronously, so the device's own time shows whether the GPU is busy or waits for the host. (The
+    benchmark uses it on GPU runs only: on the CPU the compiled edge kernels, not being operators, are missed.)"""
     from torch.profiler import ProfilerActivity, profile
     gpu = str(device).startswith("cuda")
     return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else []))
@@ -777,9 +782,7 @@ def report_markdown(cfg: BenchConfig, cases: list[dict], results: dict, notes: l
                          + " | ".join(f"{res['matmul_gflop']:.1f}" for _, res in profiled) + " |")
             lines.append("| the same at the peak matmul rate above, s | "
                          + " | ".join(f"{res['matmul_gflop'] * 1e9 / peak:.3f}" for _, res in profiled) + " |")
-    # on the CPU the host is the device, and the compiled edge kernels are not PyTorch operators: the table
-    # would leave them out, so it is shown for GPU runs only (the run's JSON keeps it either way)
-    with_ops = [(name, res["ops"]) for name, res in profiled if "ops" in res] if on_gpu else []
+    with_ops = [(name, res["ops"]) for name, res in profiled if "ops" in res]  # GPU runs record them
     if with_ops:
         lines += ["", "What the GPU itself does in the profiled run (torch.profiler: kernels and copies); busy is "
                   "their total, against the timed run's wall time (far below it: the GPU waits for the host):",
