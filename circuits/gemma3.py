@@ -284,13 +284,15 @@ class Gemma3CausalLM(nn.Module):
         return self.to_transformers().generate(*args, **kwargs)
 
 
-def load_gemma3(path: str | Path, dtype: torch.dtype = torch.float32) -> Gemma3CausalLM:
+def load_gemma3(path: str | Path, dtype: torch.dtype = torch.float32,
+                cfg: Gemma3Config | None = None) -> Gemma3CausalLM:
     """A Hugging Face directory's Gemma 3 text model (config.json, model.safetensors or its shards). Weights
     stored in `dtype` stay memory-mapped views of their files; others are converted. A config this module
-    does not cover raises UserError (`load_model` then uses transformers)."""
+    does not cover raises UserError (`load_model` then uses transformers). `cfg`: its config.json, where the
+    caller has read it already."""
     from transcoders.formats import read_safetensors
     path = Path(path)
-    cfg = Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
+    cfg = cfg or Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
         else ["model.safetensors"]

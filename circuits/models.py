@@ -287,11 +287,11 @@ def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.M
     if implementation == "auto":
         from .gemma3 import Gemma3Config, load_gemma3
         try:
-            Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
+            cfg = Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
         except (UserError, KeyError, TypeError, ValueError):
             pass  # not covered: transformers' implementation below
         else:
-            return load_gemma3(path, dtype)
+            return load_gemma3(path, dtype, cfg)
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
