@@ -9,6 +9,7 @@ and both workers once half the graphs exist, resumes with the same command, then
 has exactly one graph and one index line, that the graphs written before the kill were kept untouched, and
 prints a markdown table of the times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,9 @@ PROMPTS = ROOT / "tests" / "data" / "batch_prompts_20.jsonl"
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout
     return [int(x) for x in out.split()]
 
 
@@ -38,9 +41,24 @@ def _graphs(out: Path) -> dict[str, float]:
 
 
 def _launch(args, out: Path, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "circuits", "trace-batch", str(PROMPTS), "--out", str(out), "--transcoders", args.transcoders,
-           "--max-feature-nodes", str(args.max_feature_nodes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "circuits",
+        "trace-batch",
+        str(PROMPTS),
+        "--out",
+        str(out),
+        "--transcoders",
+        args.transcoders,
+        "--max-feature-nodes",
+        str(args.max_feature_nodes),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
@@ -48,7 +66,9 @@ def _launch(args, out: Path, log: Path) -> subprocess.Popen:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--transcoders", default="default")
-    p.add_argument("--random-transcoders", action="store_true", help="random skip transcoders (no training)")
+    p.add_argument(
+        "--random-transcoders", action="store_true", help="random skip transcoders (no training)"
+    )
     p.add_argument("--max-feature-nodes", type=int, default=8192)
     p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     p.add_argument("--out", default="", help="output folder (default: a temporary one)")
@@ -59,12 +79,27 @@ def main() -> None:
     if args.random_transcoders:
         from transcoders import random_transcoders
         from transcoders.formats import save_native
+
         args.transcoders = str(work / "random_skip")
-        save_native(random_transcoders(18, 640, 2048, kind="skip", activation="batchtopk", k=16, seed=0,
-                                       model_name="gemma-3-270m"), args.transcoders)
-    if args.transcoders == "default":  # train (or find) the default set first, so the timings are tracing only
+        save_native(
+            random_transcoders(
+                18,
+                640,
+                2048,
+                kind="skip",
+                activation="batchtopk",
+                k=16,
+                seed=0,
+                model_name="gemma-3-270m",
+            ),
+            args.transcoders,
+        )
+    if (
+        args.transcoders == "default"
+    ):  # train (or find) the default set first, so the timings are tracing only
         from circuits import load_model
         from transcoders.default import load_default_transcoders
+
         load_default_transcoders(load_model())
 
     t0 = time.time()
@@ -81,7 +116,9 @@ def main() -> None:
     time.sleep(1)
     before = _graphs(out)
     for pid in victims:  # make sure no worker outlived the kill
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
 
     t1 = time.time()
     run = _launch(args, out, work / "run2.log")
@@ -93,27 +130,41 @@ def main() -> None:
     kept = all(after.get(name) == mtime for name, mtime in before.items())
     lost = n - len(after)
     duplicated = len(ids) - len(set(ids))
-    ok = rc == 0 and lost == 0 and duplicated == 0 and len(index) == n and kept \
+    ok = (
+        rc == 0
+        and lost == 0
+        and duplicated == 0
+        and len(index) == n
+        and kept
         and all(r["status"] == "ok" for r in index)
+    )
     resume_log = (work / "run2.log").read_text()
     traced_line = next((x for x in resume_log.splitlines() if " traced, " in x), "")
 
     print(f"## batch trace kill/resume ({n} prompts, 2 ranks, gloo)\n")
-    print(f"command: `python benchmarks/batch_resume.py{' --random-transcoders' if args.random_transcoders else ''}`"
-          f" (transcoders {args.transcoders if not args.random_transcoders else 'random skip'}, "
-          f"max_feature_nodes {args.max_feature_nodes}, OMP_NUM_THREADS={args.threads})  ")
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}\n")
+    print(
+        f"command: `python benchmarks/batch_resume.py{' --random-transcoders' if args.random_transcoders else ''}`"
+        f" (transcoders {args.transcoders if not args.random_transcoders else 'random skip'}, "
+        f"max_feature_nodes {args.max_feature_nodes}, OMP_NUM_THREADS={args.threads})  "
+    )
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}\n"
+    )
     print("| stage | wall s | graphs on disk |")
     print("| --- | ---: | ---: |")
     print(f"| first run, SIGKILLed (torchrun + both workers) | {t_kill:.1f} | {len(before)} |")
     print(f"| resumed run (same command) | {t_resume:.1f} | {len(after)} |")
     print(f"\nresumed run: `{traced_line.strip()}`  ")
-    print(f"index lines {len(index)}, unique ids {len(set(ids))}, graphs lost {lost}, duplicated {duplicated}, "
-          f"graphs from before the kill untouched: {kept}; overall {'OK' if ok else 'FAILED'}\n")
+    print(
+        f"index lines {len(index)}, unique ids {len(set(ids))}, graphs lost {lost}, duplicated {duplicated}, "
+        f"graphs from before the kill untouched: {kept}; overall {'OK' if ok else 'FAILED'}\n"
+    )
     seconds = sorted(r["seconds"] for r in index if r.get("seconds") is not None)
     if seconds:
-        print(f"per-prompt attribution: median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s; "
-              f"outputs in {work}")
+        print(
+            f"per-prompt attribution: median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s; "
+            f"outputs in {work}"
+        )
     sys.exit(0 if ok else 1)
 
 

@@ -4,6 +4,7 @@
 
 Each benchmark is rerunnable on its own (its command heads its section); this only gathers their latest
 results, in a fixed order, under one index, so BENCHMARKS.md never holds a number no benchmark printed."""
+
 from __future__ import annotations
 
 import sys
@@ -12,14 +13,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = [  # (results file, what it measures)
-    ("attribution.md", "Attribution of one prompt on gemma-3-270m: time, memory, where the time goes"),
-    ("vs_circuit_tracer.md", "Side by side with circuit-tracer 0.5.0: speed, memory, agreement of the graphs"),
-    ("vs_circuit_tracer_gpu.md", "Side by side with circuit-tracer on a GPU: Gemma 3 1B- and 4B-shaped models"),
+    (
+        "attribution.md",
+        "Attribution of one prompt on gemma-3-270m: time, memory, where the time goes",
+    ),
+    (
+        "vs_circuit_tracer.md",
+        "Side by side with circuit-tracer 0.5.0: speed, memory, agreement of the graphs",
+    ),
+    (
+        "vs_circuit_tracer_gpu.md",
+        "Side by side with circuit-tracer on a GPU: Gemma 3 1B- and 4B-shaped models",
+    ),
     ("edges.md", "The compiled edge kernels against the PyTorch reference"),
     ("gpu_session.md", "The CUDA kernels and GPU tests on a lent GPU"),
     ("edges_gpu.md", "The CUDA edge kernels against the PyTorch reference on the GPU"),
     ("prune.md", "Pruning by influence"),
-    ("transcoders_default.md", "The embedded default transcoders: training time, FVU, L0, dead features, delta CE"),
+    (
+        "transcoders_default.md",
+        "The embedded default transcoders: training time, FVU, L0, dead features, delta CE",
+    ),
     ("batch_resume.md", "Batch tracing across two ranks, killed and resumed"),
 ]
 
@@ -27,13 +40,19 @@ ORDER = [  # (results file, what it measures)
 def main() -> int:
     missing = [name for name, _ in ORDER if not (RESULTS / name).exists()]
     if missing:
-        print(f"missing results: {', '.join(missing)} (run their benchmarks first)", file=sys.stderr)
+        print(
+            f"missing results: {', '.join(missing)} (run their benchmarks first)", file=sys.stderr
+        )
         return 1
     extra = sorted(p.name for p in RESULTS.glob("*.md") if p.name not in dict(ORDER))
-    lines = ["# Benchmarks", "",
-             "Every section below was written by the benchmark named in its command, on the machine and date it",
-             "states; `python benchmarks/collect.py` gathers them from `benchmarks/results/`. Speed targets are",
-             "measured here, never by timed assertions in the tests.", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every section below was written by the benchmark named in its command, on the machine and date it",
+        "states; `python benchmarks/collect.py` gathers them from `benchmarks/results/`. Speed targets are",
+        "measured here, never by timed assertions in the tests.",
+        "",
+    ]
     lines += [f"- [{what}](#{_anchor(RESULTS / name)})" for name, what in ORDER]
     lines.append("")
     for name in [n for n, _ in ORDER] + extra:
@@ -48,7 +67,11 @@ def main() -> int:
 
 def _anchor(path: Path) -> str:
     """GitHub's anchor of the first heading of a results file."""
-    head = next(line for line in path.read_text().splitlines() if line.startswith("#")).lstrip("#").strip()
+    head = (
+        next(line for line in path.read_text().splitlines() if line.startswith("#"))
+        .lstrip("#")
+        .strip()
+    )
     return "".join(c for c in head.lower().replace(" ", "-") if c.isalnum() or c in "-_")
 
 

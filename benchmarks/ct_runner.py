@@ -11,6 +11,7 @@ circuit-tracer's layout, times `circuit_tracer.attribute` on the given token ids
 adjacency as CSR (targets x sources), logit ids and probabilities, wall time and resident memory.
 `encode` writes circuit-tracer's own feature activations and reconstructions of given MLP inputs `[L, n, D]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,15 @@ import threading
 import time
 from pathlib import Path
 
-WARMUP_TOKENS = 8  # --warmup: the prompt's first tokens (BOS included), traced once before the timed call
+WARMUP_TOKENS = (
+    8  # --warmup: the prompt's first tokens (BOS included), traced once before the timed call
+)
 
 
 def _patch_hub():
     # circuit-tracer 0.5.0 imports HF_HUB_ENABLE_HF_TRANSFER, which huggingface_hub >= 1.0 no longer defines
     import huggingface_hub.constants as c
+
     if not hasattr(c, "HF_HUB_ENABLE_HF_TRANSFER"):
         c.HF_HUB_ENABLE_HF_TRANSFER = False
 
@@ -84,6 +88,7 @@ class GPUMemory:
 
     def __init__(self, device: str):
         import torch
+
         self.cuda = str(device).startswith("cuda")
         if self.cuda:
             torch.cuda.synchronize()
@@ -98,8 +103,12 @@ class GPUMemory:
         if not self.cuda:
             return {}
         import torch
-        return {"gpu_before": int(self.before), "gpu_peak": int(torch.cuda.max_memory_allocated()),
-                "gpu_name": torch.cuda.get_device_name()}
+
+        return {
+            "gpu_before": int(self.before),
+            "gpu_peak": int(torch.cuda.max_memory_allocated()),
+            "gpu_name": torch.cuda.get_device_name(),
+        }
 
 
 def touch(*parameter_groups) -> None:
@@ -107,6 +116,7 @@ def touch(*parameter_groups) -> None:
     attribution with what they keep in memory loaded, and ΔRSS measures attribution alone. (Decoders that
     circuit-tracer reads from disk on demand are not parameters and stay on disk, as it intends.)"""
     import torch
+
     with torch.no_grad():
         for group in parameter_groups:
             for p in group:
@@ -116,15 +126,18 @@ def touch(*parameter_groups) -> None:
 
 def load_transcoders(path: Path, dtype, device: str = "cpu"):
     from circuit_tracer.utils.caching import load_transcoders_from_cache
+
     # a directory in circuit-tracer's cache layout: config.yaml + layer_{l} / W_enc_{l}, W_dec_{l} files
-    transcoders, config = load_transcoders_from_cache(path.name, cache_dir=path.parent, dtype=dtype,
-                                                      device=__import__("torch").device(device))
+    transcoders, config = load_transcoders_from_cache(
+        path.name, cache_dir=path.parent, dtype=dtype, device=__import__("torch").device(device)
+    )
     return transcoders, config
 
 
 def cmd_encode(args) -> int:
     import torch
     from safetensors.torch import load_file, save_file
+
     tc, config = load_transcoders(Path(args.transcoders), torch.float32)
     mlp_in = load_file(args.inputs)["mlp_in"]  # [L, n, D]
     out = {}
@@ -145,30 +158,48 @@ def cmd_encode(args) -> int:
 def cmd_attribute(args) -> int:
     import numpy as np
     import torch
+
     torch.set_num_threads(args.threads or torch.get_num_threads())
     from circuit_tracer import ReplacementModel, attribute
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     t0 = time.perf_counter()
     transcoders, _ = load_transcoders(Path(args.transcoders), dtype, args.device)
     model = ReplacementModel.from_pretrained_and_transcoders(
-        args.model, transcoders, backend="nnsight", device=torch.device(args.device), dtype=dtype)
+        args.model, transcoders, backend="nnsight", device=torch.device(args.device), dtype=dtype
+    )
     tokens = torch.tensor([int(t) for t in args.tokens.split(",")])
     touch(model.parameters(), transcoders.parameters())
     t_load = time.perf_counter() - t0
     warmup_s = None
-    if args.warmup:  # the same settings on the first tokens of the prompt, as vs_circuit_tracer.py does for ours
+    if (
+        args.warmup
+    ):  # the same settings on the first tokens of the prompt, as vs_circuit_tracer.py does for ours
         t = time.perf_counter()
-        attribute(tokens[:WARMUP_TOKENS], model, max_n_logits=args.max_n_logits,
-                  desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size,
-                  max_feature_nodes=args.max_feature_nodes, verbose=False)
+        attribute(
+            tokens[:WARMUP_TOKENS],
+            model,
+            max_n_logits=args.max_n_logits,
+            desired_logit_prob=args.desired_logit_prob,
+            batch_size=args.batch_size,
+            max_feature_nodes=args.max_feature_nodes,
+            verbose=False,
+        )
         GPUMemory(args.device).sync()
         warmup_s = time.perf_counter() - t
     rss_before, anon_before = rss_bytes(), anon_bytes()
     gpu = GPUMemory(args.device)
     with PeakRSS() as peak:
         t1 = time.perf_counter()
-        graph = attribute(tokens, model, max_n_logits=args.max_n_logits, desired_logit_prob=args.desired_logit_prob,
-                          batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes, verbose=args.verbose)
+        graph = attribute(
+            tokens,
+            model,
+            max_n_logits=args.max_n_logits,
+            desired_logit_prob=args.desired_logit_prob,
+            batch_size=args.batch_size,
+            max_feature_nodes=args.max_feature_nodes,
+            verbose=args.verbose,
+        )
         gpu.sync()
         wall = time.perf_counter() - t1
     adj = graph.adjacency_matrix.float().cpu()
@@ -176,23 +207,44 @@ def cmd_attribute(args) -> int:
     selected = graph.selected_features.cpu().numpy()
     active = graph.active_features.cpu().numpy()  # [n_active, 3] layer, pos, feature
     info = {
-        "tool": "circuit-tracer", "wall_s": wall, "load_s": t_load, "warmup_s": warmup_s,
+        "tool": "circuit-tracer",
+        "wall_s": wall,
+        "load_s": t_load,
+        "warmup_s": warmup_s,
         "peak_rss": int(max(peak.peak, peak_rss_bytes())),
-        "peak_rss_attribution": int(peak.peak), "rss_before": int(rss_before),
-        "peak_anon_attribution": int(peak.peak_anon), "anon_before": int(anon_before), **gpu.report(),
-        "n_active_features": int(len(active)), "n_selected_features": int(len(selected)),
+        "peak_rss_attribution": int(peak.peak),
+        "rss_before": int(rss_before),
+        "peak_anon_attribution": int(peak.peak_anon),
+        "anon_before": int(anon_before),
+        **gpu.report(),
+        "n_active_features": int(len(active)),
+        "n_selected_features": int(len(selected)),
         "threads": torch.get_num_threads(),
-        "versions": {k: __import__(m).__version__ for k, m in
-                     [("circuit_tracer", "circuit_tracer"), ("torch", "torch"), ("transformers", "transformers")]
-                     if hasattr(__import__(m), "__version__")},
+        "versions": {
+            k: __import__(m).__version__
+            for k, m in [
+                ("circuit_tracer", "circuit_tracer"),
+                ("torch", "torch"),
+                ("transformers", "transformers"),
+            ]
+            if hasattr(__import__(m), "__version__")
+        },
     }
     np.savez_compressed(
-        args.out, adj_data=csr.values().numpy(), adj_indices=csr.col_indices().numpy(),
-        adj_indptr=csr.crow_indices().numpy(), shape=np.array(adj.shape), active_features=active,
-        selected_features=selected, activation_values=graph.activation_values.float().cpu().numpy(),
-        tokens=tokens.numpy(), logit_ids=graph.logit_token_ids.cpu().numpy(),
-        logit_probabilities=graph.logit_probabilities.float().cpu().numpy(), n_layers=np.array(graph.cfg.n_layers),
-        info=np.frombuffer(json.dumps(info).encode(), dtype=np.uint8))
+        args.out,
+        adj_data=csr.values().numpy(),
+        adj_indices=csr.col_indices().numpy(),
+        adj_indptr=csr.crow_indices().numpy(),
+        shape=np.array(adj.shape),
+        active_features=active,
+        selected_features=selected,
+        activation_values=graph.activation_values.float().cpu().numpy(),
+        tokens=tokens.numpy(),
+        logit_ids=graph.logit_token_ids.cpu().numpy(),
+        logit_probabilities=graph.logit_probabilities.float().cpu().numpy(),
+        n_layers=np.array(graph.cfg.n_layers),
+        info=np.frombuffer(json.dumps(info).encode(), dtype=np.uint8),
+    )
     print(json.dumps(info))
     return 0
 
@@ -201,7 +253,9 @@ def main(argv=None) -> int:
     _patch_hub()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("attribute", help="time circuit_tracer.attribute on one prompt and save its graph")
+    a = sub.add_parser(
+        "attribute", help="time circuit_tracer.attribute on one prompt and save its graph"
+    )
     a.add_argument("--model", required=True, help="local Hugging Face directory of the model")
     a.add_argument("--transcoders", required=True, help="directory in circuit-tracer's layout")
     a.add_argument("--tokens", required=True, help="comma-separated token ids, BOS first")
@@ -214,9 +268,15 @@ def main(argv=None) -> int:
     a.add_argument("--device", default="cpu", help="cpu or cuda")
     a.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     a.add_argument("--verbose", action="store_true")
-    a.add_argument("--warmup", action="store_true", help=f"trace the first {WARMUP_TOKENS} tokens once before timing")
+    a.add_argument(
+        "--warmup",
+        action="store_true",
+        help=f"trace the first {WARMUP_TOKENS} tokens once before timing",
+    )
     a.set_defaults(func=cmd_attribute)
-    e = sub.add_parser("encode", help="circuit-tracer's activations and reconstructions of given MLP inputs")
+    e = sub.add_parser(
+        "encode", help="circuit-tracer's activations and reconstructions of given MLP inputs"
+    )
     e.add_argument("--transcoders", required=True)
     e.add_argument("--inputs", required=True, help="safetensors file with mlp_in [L, n, D]")
     e.add_argument("--out", required=True)

@@ -13,6 +13,7 @@ fallback), and `v0`, the first reference (gather each feature's gradient rows, t
 show what it cost. Each (case, method, threads) runs in a fresh process so that its peak memory (max RSS
 above the inputs) is its own. Prints a markdown table and writes it to benchmarks/results/edges.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,24 +26,51 @@ from datetime import date
 
 CASES = {
     # name: (description, kind, shape)
-    "270m-plt-16": ("270M PLT, 16 tokens, L0 40", "features",
-                    dict(D=640, F=16384, n_pos=16, l0=40, n_out=1, B=256)),
-    "270m-plt-64": ("270M PLT, 64 tokens, L0 40", "features",
-                    dict(D=640, F=16384, n_pos=64, l0=40, n_out=1, B=256)),
-    "270m-plt-128": ("270M PLT, 128 tokens, L0 20", "features",
-                     dict(D=640, F=16384, n_pos=128, l0=20, n_out=1, B=256)),
-    "270m-plt-64-bf16": ("270M PLT bf16 decoder, 64 tokens, L0 40", "features",
-                         dict(D=640, F=16384, n_pos=64, l0=40, n_out=1, B=256, dec_dtype="bfloat16")),
-    "270m-clt-64": ("270M CLT layer 9 (writes 9 layers), 64 tokens, L0 40", "features",
-                    dict(D=640, F=16384, n_pos=64, l0=40, n_out=9, B=256)),
-    "4b-plt-64": ("4B PLT, 64 tokens, L0 60", "features",
-                  dict(D=2560, F=16384, n_pos=64, l0=60, n_out=1, B=256)),
-    "4b-plt-64-bf16": ("4B PLT bf16 decoder, 64 tokens, L0 60", "features",
-                       dict(D=2560, F=16384, n_pos=64, l0=60, n_out=1, B=256, dec_dtype="bfloat16")),
-    "270m-errors-32": ("270M error nodes, all 18 layers, 32 tokens", "vectors",
-                       dict(D=640, L=18, n_pos=32, B=256)),
-    "4b-errors-32": ("4B error nodes, all 34 layers, 32 tokens", "vectors",
-                     dict(D=2560, L=34, n_pos=32, B=64)),
+    "270m-plt-16": (
+        "270M PLT, 16 tokens, L0 40",
+        "features",
+        dict(D=640, F=16384, n_pos=16, l0=40, n_out=1, B=256),
+    ),
+    "270m-plt-64": (
+        "270M PLT, 64 tokens, L0 40",
+        "features",
+        dict(D=640, F=16384, n_pos=64, l0=40, n_out=1, B=256),
+    ),
+    "270m-plt-128": (
+        "270M PLT, 128 tokens, L0 20",
+        "features",
+        dict(D=640, F=16384, n_pos=128, l0=20, n_out=1, B=256),
+    ),
+    "270m-plt-64-bf16": (
+        "270M PLT bf16 decoder, 64 tokens, L0 40",
+        "features",
+        dict(D=640, F=16384, n_pos=64, l0=40, n_out=1, B=256, dec_dtype="bfloat16"),
+    ),
+    "270m-clt-64": (
+        "270M CLT layer 9 (writes 9 layers), 64 tokens, L0 40",
+        "features",
+        dict(D=640, F=16384, n_pos=64, l0=40, n_out=9, B=256),
+    ),
+    "4b-plt-64": (
+        "4B PLT, 64 tokens, L0 60",
+        "features",
+        dict(D=2560, F=16384, n_pos=64, l0=60, n_out=1, B=256),
+    ),
+    "4b-plt-64-bf16": (
+        "4B PLT bf16 decoder, 64 tokens, L0 60",
+        "features",
+        dict(D=2560, F=16384, n_pos=64, l0=60, n_out=1, B=256, dec_dtype="bfloat16"),
+    ),
+    "270m-errors-32": (
+        "270M error nodes, all 18 layers, 32 tokens",
+        "vectors",
+        dict(D=640, L=18, n_pos=32, B=256),
+    ),
+    "4b-errors-32": (
+        "4B error nodes, all 34 layers, 32 tokens",
+        "vectors",
+        dict(D=2560, L=34, n_pos=32, B=64),
+    ),
 }
 QUICK = {
     "270m-plt-16": dict(D=640, F=4096, n_pos=8, l0=20, n_out=1, B=64),
@@ -60,20 +88,23 @@ class EdgesBenchConfig:
     threads: list[int] = field(default_factory=lambda: sorted({1, os.cpu_count() or 1}))
     min_seconds: float = 1.0  # repeat each measurement at least this long (and at least 3 times)
     quick: bool = False
-    methods: list[str] = field(default_factory=list)  # only these (default: every method that can run here)
+    methods: list[str] = field(
+        default_factory=list
+    )  # only these (default: every method that can run here)
     out: str = "benchmarks/results/edges.md"
 
 
 def v0_feature_edges(grad, pos, feat, act, decoder):
     """The first reference implementation: per feature, gather its gradient rows and contract."""
     import torch
+
     B, n_out = grad.shape[0], grad.shape[1]
     out = torch.empty(B, len(feat), dtype=torch.float32)
     chunk = max(1, (1 << 22) // max(1, n_out * decoder.shape[-1]))
     for s in range(0, len(feat), chunk):
-        rows = decoder.index_select(0, feat[s:s + chunk]).float()  # [c, n_out, D]
-        g = grad.index_select(2, pos[s:s + chunk]).float()  # [B, n_out, c, D]
-        out[:, s:s + chunk] = torch.einsum("cod,bocd->bc", rows, g) * act[s:s + chunk].float()
+        rows = decoder.index_select(0, feat[s : s + chunk]).float()  # [c, n_out, D]
+        g = grad.index_select(2, pos[s : s + chunk]).float()  # [B, n_out, c, D]
+        out[:, s : s + chunk] = torch.einsum("cod,bocd->bc", rows, g) * act[s : s + chunk].float()
     return out
 
 
@@ -89,12 +120,16 @@ def _peak_rss_bytes(reset: bool = False) -> int:
 def _inputs(kind: str, shape: dict, device: str = "cpu"):
     """Random inputs `(args, number of output entries)` on `device`."""
     import torch
+
     g = torch.Generator().manual_seed(0)
     B, D = shape["B"], shape["D"]
     if kind == "vectors":
         L, n = shape["L"], shape["n_pos"]
         buffer = torch.randn(B, L + 1, n, D, generator=g).to(device)
-        return (buffer[:, 1:].flatten(1, 2), torch.randn(L * n, D, generator=g).to(device)), B * L * n
+        return (
+            buffer[:, 1:].flatten(1, 2),
+            torch.randn(L * n, D, generator=g).to(device),
+        ), B * L * n
     n_out, n, l0, F = shape["n_out"], shape["n_pos"], shape["l0"], shape["F"]
     buffer = torch.randn(B, n_out + 1, n, D, generator=g).to(device)
     dec_dtype = getattr(torch, shape.get("dec_dtype", "float32"))
@@ -110,24 +145,32 @@ def _measure(kind: str, shape: dict, method: str, threads: int, min_seconds: flo
     peak extra bytes, output bytes)."""
     try:
         import torch
+
         torch.set_num_threads(threads)
         from circuits import backend as be
+
         gpu = method in GPU_METHODS
         args, n_out_entries = _inputs(kind, shape, "cuda" if gpu else "cpu")
         sync = torch.cuda.synchronize if gpu else (lambda: None)
-        fn = {("features", "cpp"): lambda: be.feature_edges(*args, backend="cpp"),
-              ("features", "torch"): lambda: be.feature_edges_torch(*args),
-              ("features", "cuda"): lambda: be.feature_edges(*args, backend="cuda"),
-              ("features", "cuda-rowwise"): lambda: be._ext.feature_edges(*args, variant="rowwise"),
-              ("features", "cuda+top64"): lambda: be.feature_edges_sparse(*args, top_k=64, backend="cuda"),
-              ("features", "torch@cuda"): lambda: be.feature_edges_torch(*args),
-              ("vectors", "cuda"): lambda: be.vector_edges(*args, backend="cuda"),
-              ("vectors", "torch@cuda"): lambda: be.vector_edges_torch(*args),
-              ("features", "v0"): lambda: v0_feature_edges(*args),
-              ("features", "cpp+top64"): lambda: be.feature_edges_sparse(*args, top_k=64, backend="cpp"),
-              ("vectors", "cpp"): lambda: be.vector_edges(*args, backend="cpp"),
-              ("vectors", "torch"): lambda: be.vector_edges_torch(*args),
-              ("vectors", "einsum"): lambda: torch.einsum("brd,rd->br", *args)}[(kind, method)]
+        fn = {
+            ("features", "cpp"): lambda: be.feature_edges(*args, backend="cpp"),
+            ("features", "torch"): lambda: be.feature_edges_torch(*args),
+            ("features", "cuda"): lambda: be.feature_edges(*args, backend="cuda"),
+            ("features", "cuda-rowwise"): lambda: be._ext.feature_edges(*args, variant="rowwise"),
+            ("features", "cuda+top64"): lambda: be.feature_edges_sparse(
+                *args, top_k=64, backend="cuda"
+            ),
+            ("features", "torch@cuda"): lambda: be.feature_edges_torch(*args),
+            ("vectors", "cuda"): lambda: be.vector_edges(*args, backend="cuda"),
+            ("vectors", "torch@cuda"): lambda: be.vector_edges_torch(*args),
+            ("features", "v0"): lambda: v0_feature_edges(*args),
+            ("features", "cpp+top64"): lambda: be.feature_edges_sparse(
+                *args, top_k=64, backend="cpp"
+            ),
+            ("vectors", "cpp"): lambda: be.vector_edges(*args, backend="cpp"),
+            ("vectors", "torch"): lambda: be.vector_edges_torch(*args),
+            ("vectors", "einsum"): lambda: torch.einsum("brd,rd->br", *args),
+        }[(kind, method)]
         if gpu:
             sync()
             torch.cuda.reset_peak_memory_stats()
@@ -168,6 +211,7 @@ def methods_for(kind: str, shape: dict) -> list[str]:
     import torch
 
     from circuits import backend as be
+
     gpu = ["torch@cuda"] if torch.cuda.is_available() else []
     if gpu and be._ext.has_cuda():
         gpu[:0] = ["cuda"] if kind == "vectors" else ["cuda", "cuda-rowwise"]
@@ -191,11 +235,14 @@ def run(cfg: EdgesBenchConfig) -> str:
     from circuits.graph import atomic_write_text
 
     if be._ext is None:
-        raise SystemExit(f"the compiled extension is not built ({be._ext_error}); "
-                         f"run `python setup.py build_ext --inplace` first")
+        raise SystemExit(
+            f"the compiled extension is not built ({be._ext_error}); "
+            f"run `python setup.py build_ext --inplace` first"
+        )
     gpu_only = bool(cfg.methods) and all(m in GPU_METHODS for m in cfg.methods)
     lines = [
-        "## Edge kernels " + (f"on the GPU ({torch.cuda.get_device_name()}) " if gpu_only else "")
+        "## Edge kernels "
+        + (f"on the GPU ({torch.cuda.get_device_name()}) " if gpu_only else "")
         + "(benchmarks/edges.py)",
         "",
         f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''} --threads {' '.join(map(str, cfg.threads))}"
@@ -210,7 +257,11 @@ def run(cfg: EdgesBenchConfig) -> str:
         f"its gather fits in 1 GiB. Peak: max RSS above the inputs in a fresh process (the output included); "
         f"on the GPU (`cuda`, and `torch@cuda`, the reference on the GPU, which GPU rows are compared with): "
         f"peak allocated CUDA memory above the inputs. "
-        + ("" if torch.cuda.is_available() else "No GPU on this machine: the CUDA kernels were not run."),
+        + (
+            ""
+            if torch.cuda.is_available()
+            else "No GPU on this machine: the CUDA kernels were not run."
+        ),
         "",
         "| case | shape | threads | method | wall (ms) | CPU (ms) | vs torch (wall) | vs torch (CPU) "
         "| peak extra (MB) | output (MB) |",
@@ -228,10 +279,14 @@ def run(cfg: EdgesBenchConfig) -> str:
             results = {m: measure(kind, shape, m, threads, cfg.min_seconds) for m in methods}
             for m, (wall, cpu, peak, out_bytes) in results.items():
                 ref = results.get("torch@cuda" if m in GPU_METHODS else "torch")
-                ratio = (lambda r, t: f"{r / t:.2f}x") if ref else (lambda r, t: "-")  # no reference: --methods
+                ratio = (
+                    (lambda r, t: f"{r / t:.2f}x") if ref else (lambda r, t: "-")
+                )  # no reference: --methods
                 ref_wall, ref_cpu = ref[:2] if ref else (0.0, 0.0)
-                row = (f"| {desc} | {dims} | {threads} | {m} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
-                       f"{ratio(ref_wall, wall)} | {ratio(ref_cpu, cpu)} | {peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |")
+                row = (
+                    f"| {desc} | {dims} | {threads} | {m} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
+                    f"{ratio(ref_wall, wall)} | {ratio(ref_cpu, cpu)} | {peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |"
+                )
                 lines.append(row)
                 print(row, flush=True)
     text = "\n".join(lines) + "\n"
@@ -247,12 +302,26 @@ def main(argv=None) -> None:
     p.add_argument("--threads", nargs="+", type=int, default=d.threads)
     p.add_argument("--min-seconds", type=float, default=d.min_seconds)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--methods", nargs="+", default=d.methods,
-                   help="only these methods, e.g. cuda cuda-rowwise torch@cuda (default: all that can run here)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=d.methods,
+        help="only these methods, e.g. cuda cuda-rowwise torch@cuda (default: all that can run here)",
+    )
     p.add_argument("--out", default=d.out, help="markdown file to write ('' for none)")
     a = p.parse_args(argv)
-    print(run(EdgesBenchConfig(cases=a.cases, threads=a.threads, min_seconds=a.min_seconds, quick=a.quick,
-                               methods=a.methods, out=a.out)))
+    print(
+        run(
+            EdgesBenchConfig(
+                cases=a.cases,
+                threads=a.threads,
+                min_seconds=a.min_seconds,
+                quick=a.quick,
+                methods=a.methods,
+                out=a.out,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ one error node per layer and position, dense rows: every feature and logit reads
 few thousand earlier nodes). Baseline: the dense power series w A + w A^2 + ... (the peer tool's way),
 run in torch on the same machine. Prints a markdown table and writes it to benchmarks/results/prune.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph, atomi
 from circuits.prune import compute_influence, graph_scores, logit_weights, prune
 
 
-def random_attribution_graph(n_nodes: int, n_layers: int = 18, n_pos: int = 32, n_logits: int = 10,
-                             min_in: int = 200, max_in: int = 2000, seed: int = 0) -> AttributionGraph:
+def random_attribution_graph(
+    n_nodes: int,
+    n_layers: int = 18,
+    n_pos: int = 32,
+    n_logits: int = 10,
+    min_in: int = 200,
+    max_in: int = 2000,
+    seed: int = 0,
+) -> AttributionGraph:
     """A layered DAG of about n_nodes nodes with attribution-graph structure and dense rows."""
     rng = np.random.default_rng(seed)
     n_err = n_layers * n_pos
@@ -35,11 +43,20 @@ def random_attribution_graph(n_nodes: int, n_layers: int = 18, n_pos: int = 32, 
         raise ValueError("n_nodes too small for the layers and positions")
     f_layer = np.sort(rng.integers(0, n_layers, n_feat))
     f_pos = rng.integers(0, n_pos, n_feat)
-    kind = np.repeat(np.array([FEATURE, ERROR, TOKEN, LOGIT], np.int8), [n_feat, n_err, n_pos, n_logits])
-    layer = np.concatenate([f_layer, np.repeat(np.arange(n_layers), n_pos), np.full(n_pos, -1),
-                            np.full(n_logits, n_layers)]).astype(np.int32)
-    pos = np.concatenate([f_pos, np.tile(np.arange(n_pos), n_layers), np.arange(n_pos),
-                          np.full(n_logits, n_pos - 1)]).astype(np.int32)
+    kind = np.repeat(
+        np.array([FEATURE, ERROR, TOKEN, LOGIT], np.int8), [n_feat, n_err, n_pos, n_logits]
+    )
+    layer = np.concatenate(
+        [
+            f_layer,
+            np.repeat(np.arange(n_layers), n_pos),
+            np.full(n_pos, -1),
+            np.full(n_logits, n_layers),
+        ]
+    ).astype(np.int32)
+    pos = np.concatenate(
+        [f_pos, np.tile(np.arange(n_pos), n_layers), np.arange(n_pos), np.full(n_logits, n_pos - 1)]
+    ).astype(np.int32)
     sources = np.flatnonzero(kind != LOGIT)
     indptr, indices, data = [0], [], []
     for t in range(len(kind)):
@@ -53,14 +70,28 @@ def random_attribution_graph(n_nodes: int, n_layers: int = 18, n_pos: int = 32, 
         data.append((rng.standard_normal(k) * rng.lognormal(0, 1.2, k)).astype(np.float32))
         indptr.append(indptr[-1] + k)
     n = len(kind)
-    adj = sp.csr_array((np.concatenate(data), np.concatenate(indices), np.asarray(indptr)), shape=(n, n))
+    adj = sp.csr_array(
+        (np.concatenate(data), np.concatenate(indices), np.asarray(indptr)), shape=(n, n)
+    )
     has_row = np.isin(kind, (FEATURE, LOGIT))
     return AttributionGraph(
-        prompt="benchmark", tokens=np.arange(n_pos), token_strings=[f"t{i}" for i in range(n_pos)], kind=kind,
-        layer=layer, pos=pos, feature=np.arange(n, dtype=np.int64), activation=np.ones(n, np.float32),
-        node_input=np.where(has_row, np.asarray(adj.sum(axis=1)).ravel(), np.nan).astype(np.float32),
-        row_constant=np.zeros(n, np.float32), has_row=has_row, adjacency=adj,
-        logit_probabilities=np.sort(rng.dirichlet(np.ones(n_logits)))[::-1].astype(np.float32), n_layers=n_layers)
+        prompt="benchmark",
+        tokens=np.arange(n_pos),
+        token_strings=[f"t{i}" for i in range(n_pos)],
+        kind=kind,
+        layer=layer,
+        pos=pos,
+        feature=np.arange(n, dtype=np.int64),
+        activation=np.ones(n, np.float32),
+        node_input=np.where(has_row, np.asarray(adj.sum(axis=1)).ravel(), np.nan).astype(
+            np.float32
+        ),
+        row_constant=np.zeros(n, np.float32),
+        has_row=has_row,
+        adjacency=adj,
+        logit_probabilities=np.sort(rng.dirichlet(np.ones(n_logits)))[::-1].astype(np.float32),
+        n_layers=n_layers,
+    )
 
 
 def dense_power_series(graph: AttributionGraph) -> np.ndarray:
@@ -100,21 +131,46 @@ def main() -> None:
         t_prune, p = best_of(lambda: prune(g), args.repeats)
         t_dense, dense = best_of(lambda: dense_power_series(g), args.repeats)
         err = float(np.abs(dense - infl).max() / max(np.abs(infl).max(), 1e-30))
-        rows.append((n, g.adjacency.nnz, t_infl, t_scores, t_prune, t_dense, err, p.n_nodes, p.adjacency.nnz))
-        print(f"{n} nodes: influence {t_infl:.3f}s, prune {t_prune:.3f}s, dense baseline {t_dense:.3f}s", flush=True)
-    table = ["| nodes | edges | influence (s) | scores (s) | prune, end to end (s) | dense power series (s) "
-             "| max rel. diff vs dense | pruned nodes | pruned edges |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    table += [f"| {n:,} | {e:,} | {a:.3f} | {s:.3f} | {p:.3f} | {d:.3f} | {r:.1e} | {pn:,} | {pe:,} |"
-              for n, e, a, s, p, d, r, pn, pe in rows]
-    text = "\n".join([
-        "## Pruning (benchmarks/prune.py)", "",
-        f"Command: `python benchmarks/prune.py --sizes {' '.join(map(str, args.sizes))} --repeats {args.repeats}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {date.today()}  ",
-        "Best of the repeats. `prune` includes influence, scores of the full and pruned graph, edge influence "
-        "and building the pruned graph. Random layered graphs with dense rows (200-2,000 inputs per row).", "",
-        *table, ""])
+        rows.append(
+            (
+                n,
+                g.adjacency.nnz,
+                t_infl,
+                t_scores,
+                t_prune,
+                t_dense,
+                err,
+                p.n_nodes,
+                p.adjacency.nnz,
+            )
+        )
+        print(
+            f"{n} nodes: influence {t_infl:.3f}s, prune {t_prune:.3f}s, dense baseline {t_dense:.3f}s",
+            flush=True,
+        )
+    table = [
+        "| nodes | edges | influence (s) | scores (s) | prune, end to end (s) | dense power series (s) "
+        "| max rel. diff vs dense | pruned nodes | pruned edges |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    table += [
+        f"| {n:,} | {e:,} | {a:.3f} | {s:.3f} | {p:.3f} | {d:.3f} | {r:.1e} | {pn:,} | {pe:,} |"
+        for n, e, a, s, p, d, r, pn, pe in rows
+    ]
+    text = "\n".join(
+        [
+            "## Pruning (benchmarks/prune.py)",
+            "",
+            f"Command: `python benchmarks/prune.py --sizes {' '.join(map(str, args.sizes))} --repeats {args.repeats}`  ",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+            f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {date.today()}  ",
+            "Best of the repeats. `prune` includes influence, scores of the full and pruned graph, edge influence "
+            "and building the pruned graph. Random layered graphs with dense rows (200-2,000 inputs per row).",
+            "",
+            *table,
+            "",
+        ]
+    )
     print("\n" + text)
     atomic_write_text(args.out, text)
 

@@ -8,6 +8,7 @@
 The from-scratch run trains into a temporary directory; if the user's cache holds no default set yet, the
 result is moved there (so the benchmark also warms the cache). Threads: OMP_NUM_THREADS (default 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,20 @@ sys.path.insert(0, str(ROOT))
 def machine() -> str:
     cpu = "unknown CPU"
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(
+            l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}"
+    )
 
 
 def train_timed(cfg, lm) -> tuple[object, float]:
     from transcoders.train import train_transcoders
+
     t = time.time()
     tc = train_transcoders(cfg, loaded=lm)
     return tc, time.time() - t
@@ -50,6 +56,7 @@ def prompt_l0(tc, lm) -> float:
     """Active features per position per layer on the short English prompts of PROMPTS (BOS left out): what
     sets a graph's size, and far above the held-out L0 when the training text is off-domain."""
     from transcoders.data import harvest
+
     fired = positions = 0
     for line in PROMPTS.read_text().splitlines():
         ids = lm.tokenizer(json.loads(line)["prompt"], return_tensors="pt").input_ids
@@ -61,22 +68,37 @@ def prompt_l0(tc, lm) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reuse", action="store_true", help="evaluate the cached default set; do not train")
-    ap.add_argument("--compare-clt", action="store_true", help="also train and evaluate a CLT (d_sae 512) "
-                                                                 "for the same number of steps")
+    ap.add_argument(
+        "--reuse", action="store_true", help="evaluate the cached default set; do not train"
+    )
+    ap.add_argument(
+        "--compare-clt",
+        action="store_true",
+        help="also train and evaluate a CLT (d_sae 512) for the same number of steps",
+    )
     ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--activation-cache", default="", help="reuse harvested activation shards from this "
-                                                           "folder (and keep new ones there); timings then "
-                                                           "leave out the reused harvesting")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transcoders_default.md"))
+    ap.add_argument(
+        "--activation-cache",
+        default="",
+        help="reuse harvested activation shards from this "
+        "folder (and keep new ones there); timings then "
+        "leave out the reused harvesting",
+    )
+    ap.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "transcoders_default.md")
+    )
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     from circuits import load_model
     from circuits.models import cache_dir
-    from transcoders.default import DEFAULT_NAME, default_recipe, default_transcoders_dir, load_default_transcoders
+    from transcoders.default import (
+        DEFAULT_NAME,
+        default_recipe,
+        default_transcoders_dir,
+        load_default_transcoders,
+    )
     from transcoders.evaluate import EvalConfig, evaluate_transcoders, results_table
-    from transcoders.formats import load_native
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_start = os.getloadavg()[0]
@@ -91,7 +113,9 @@ def main() -> int:
         cfg = default_recipe(work)
         cfg.activation_cache = args.activation_cache
         tc, seconds = train_timed(cfg, lm)
-        runs.append((f"default: {cfg.kind} {cfg.activation}, d_sae {cfg.d_sae}, k {cfg.k}", tc, seconds))
+        runs.append(
+            (f"default: {cfg.kind} {cfg.activation}, d_sae {cfg.d_sae}, k {cfg.k}", tc, seconds)
+        )
         target = default_transcoders_dir()
         if not (target / "config.json").exists():
             shutil.rmtree(target, ignore_errors=True)
@@ -105,7 +129,13 @@ def main() -> int:
             ccfg.activation_cache = args.activation_cache
             ccfg.kind, ccfg.d_sae, ccfg.skip, ccfg.matryoshka = "clt", 512, False, [64, 256]
             ctc, cseconds = train_timed(ccfg, lm)
-            runs.append((f"CLT: {ccfg.activation}, d_sae {ccfg.d_sae}, k {ccfg.k}, same steps", ctc, cseconds))
+            runs.append(
+                (
+                    f"CLT: {ccfg.activation}, d_sae {ccfg.d_sae}, k {ccfg.k}, same steps",
+                    ctc,
+                    cseconds,
+                )
+            )
             shutil.rmtree(clt_dir, ignore_errors=True)
     results = []
     for label, tc, seconds in runs:
@@ -116,27 +146,49 @@ def main() -> int:
     load_end = os.getloadavg()[0]
 
     cmd = " ".join(["OMP_NUM_THREADS=2 python benchmarks/transcoders_default.py"] + sys.argv[1:])
-    lines = ["## Default transcoders (gemma-3-270m)", "",
-             f"Command: `{cmd}`  ", f"Machine: {machine()}  ",
-             f"Date: {started}; load average {load_start:.1f} at the start, {load_end:.1f} at the end "
-             f"(other jobs sharing the CPU slow the timings).", ""]
+    lines = [
+        "## Default transcoders (gemma-3-270m)",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {machine()}  ",
+        f"Date: {started}; load average {load_start:.1f} at the start, {load_end:.1f} at the end "
+        f"(other jobs sharing the CPU slow the timings).",
+        "",
+    ]
     if len(results) > 1:
-        lines += ["| set | train time | mean FVU | mean L0 | dead | dense | delta CE | CE recovered |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "| set | train time | mean FVU | mean L0 | dead | dense | delta CE | CE recovered |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for label, res, seconds in results:
-            lines.append(f"| {label} | {seconds / 60:.1f} min | {res['mean_fvu']:.3f} | {res['mean_l0']:.1f} | "
-                         f"{res['mean_dead_frac']:.1%} | {res['mean_dense_frac']:.1%} | {res['delta_ce']:+.3f} | "
-                         f"{res['ce_recovered']:.1%} |")
+            lines.append(
+                f"| {label} | {seconds / 60:.1f} min | {res['mean_fvu']:.3f} | {res['mean_l0']:.1f} | "
+                f"{res['mean_dead_frac']:.1%} | {res['mean_dense_frac']:.1%} | {res['delta_ce']:+.3f} | "
+                f"{res['ce_recovered']:.1%} |"
+            )
         lines.append("")
     label, res, seconds = results[0]
     if seconds is not None:
-        reused = " (reusing cached activation shards)" if args.activation_cache else " (harvesting included)"
+        reused = (
+            " (reusing cached activation shards)"
+            if args.activation_cache
+            else " (harvesting included)"
+        )
         lines.append(f"Training the default recipe from scratch{reused}: {seconds / 60:.1f} min.")
-    lines += ["", f"On the {len(PROMPTS.read_text().splitlines())} English prompts of `tests/data/{PROMPTS.name}` "
-                  f"({label}): {res['prompt_l0']:.1f} active features per position per layer (BOS left out), "
-                  f"against {res['mean_l0']:.1f} on the held-out text."]
-    lines += ["", f"Per layer ({label}; {res['tokens']} held-out tokens of the builtin text; dead = never fired on "
-                  f"them, dense = fired on more than 10% of them):", "", results_table(res), ""]
+    lines += [
+        "",
+        f"On the {len(PROMPTS.read_text().splitlines())} English prompts of `tests/data/{PROMPTS.name}` "
+        f"({label}): {res['prompt_l0']:.1f} active features per position per layer (BOS left out), "
+        f"against {res['mean_l0']:.1f} on the held-out text.",
+    ]
+    lines += [
+        "",
+        f"Per layer ({label}; {res['tokens']} held-out tokens of the builtin text; dead = never fired on "
+        f"them, dense = fired on more than 10% of them):",
+        "",
+        results_table(res),
+        "",
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print(f"\nwrote {args.out}")

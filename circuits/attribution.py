@@ -9,6 +9,7 @@ the sources plus one layer's gradient. Feature rows are computed in order of the
 the logits, up to a budget; when the budget covers every active feature, batches are grouped by position
 instead so that each one's backward pass stays short.
 """
+
 from __future__ import annotations
 
 import platform
@@ -27,8 +28,17 @@ from .backend import PositionSortedFeatures, abs_rmatvec, active_backend, to_dev
 from .errors import UserError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .replacement import (FrozenWeights, PromptState, TransposedModel, active_decoder_rows, active_encoder_rows,
-                          check_prompt, decode_sparse, frozen_forward, run_and_freeze)
+from .replacement import (
+    FrozenWeights,
+    PromptState,
+    TransposedModel,
+    active_decoder_rows,
+    active_encoder_rows,
+    check_prompt,
+    decode_sparse,
+    frozen_forward,
+    run_and_freeze,
+)
 
 
 @dataclass
@@ -36,12 +46,16 @@ class AttributionConfig:
     """One job: drives both `circuits trace` and `circuits.attribute`."""
 
     model: str = DEFAULT_MODEL
-    transcoders: str = "default"  # "default", or a path (native, Gemma Scope 2 or circuit-tracer layout)
+    transcoders: str = (
+        "default"  # "default", or a path (native, Gemma Scope 2 or circuit-tracer layout)
+    )
     max_feature_nodes: int = 8192  # feature rows computed, most influential first
     batch_size: int = 256  # targets per transposed pass
     max_n_logits: int = 10
     desired_logit_prob: float = 0.95
-    targets: list[str] = field(default_factory=list)  # logit tokens to attribute instead of the top ones
+    targets: list[str] = field(
+        default_factory=list
+    )  # logit tokens to attribute instead of the top ones
     contrast: str | None = None  # attribute logit(target) - logit(contrast)
     chat: bool = False
     device: str = "cpu"
@@ -63,23 +77,31 @@ class AttributionConfig:
         if self.memory_gb <= 0:
             raise UserError("--memory-gb must be > 0")
         if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {self.device}, but torch sees no CUDA device here; use --device cpu")
+            raise UserError(
+                f"--device {self.device}, but torch sees no CUDA device here; use --device cpu"
+            )
 
 
 # -- transcoders and logit targets ------------------------------------------------------------------
 
+
 def resolve_transcoders(spec, lm: LoadedModel, progress: bool = True):
     """A TranscoderSet from "default", a path, or an existing set; checked against the model."""
     from transcoders import TranscoderSet
+
     if isinstance(spec, TranscoderSet):
         tc = spec
     elif spec in (None, "default"):
         if lm.name != DEFAULT_MODEL:
-            raise UserError(f"there is no default transcoder set for {lm.name}; pass --transcoders PATH")
+            raise UserError(
+                f"there is no default transcoder set for {lm.name}; pass --transcoders PATH"
+            )
         from transcoders.default import load_default_transcoders
+
         tc = load_default_transcoders(lm, progress=progress)
     else:
         from transcoders.formats import load_any
+
         tc = load_any(str(spec), model=lm)
     tc.check_compatible(lm.sites, lm.name)
     return tc
@@ -90,8 +112,10 @@ def single_token(lm: LoadedModel, text: str) -> int:
     ids = ids[0] if ids and isinstance(ids[0], list) else ids
     if len(ids) != 1:
         pieces = [lm.tokenizer.decode([i]) for i in ids]
-        raise UserError(f"target {text!r} is {len(ids)} tokens {pieces}, not one; pick a single-token target "
-                        f"(mind the leading space, e.g. ' Paris')")
+        raise UserError(
+            f"target {text!r} is {len(ids)} tokens {pieces}, not one; pick a single-token target "
+            f"(mind the leading space, e.g. ' Paris')"
+        )
     return int(ids[0])
 
 
@@ -105,10 +129,12 @@ def choose_logits(lm: LoadedModel, logits: torch.Tensor, cfg: AttributionConfig)
             raise UserError("the same --target was given twice; name each token once")
     else:
         if cfg.contrast:
-            raise UserError("--contrast needs a --target (the logit difference is target minus contrast)")
+            raise UserError(
+                "--contrast needs a --target (the logit difference is target minus contrast)"
+            )
         top = probs.topk(min(cfg.max_n_logits, len(probs)))
         k = int((top.values.cumsum(0) < cfg.desired_logit_prob).sum()) + 1
-        ids = top.indices[:min(k, cfg.max_n_logits)].tolist()
+        ids = top.indices[: min(k, cfg.max_n_logits)].tolist()
     contrast = None
     if cfg.contrast:
         if len(ids) != 1:
@@ -124,6 +150,7 @@ def choose_logits(lm: LoadedModel, logits: torch.Tensor, cfg: AttributionConfig)
 
 # -- edges from every source to a batch of targets ---------------------------------------------------
 
+
 class SourceEdges:
     """Edge rows `[B, n_src]` for batches of targets. Sources, in node order: active features (sorted by
     layer, position, feature), error nodes (layer-major), token embeddings.
@@ -133,8 +160,18 @@ class SourceEdges:
     each position's features are contracted with one batched matrix product (the features of a layer are
     padded per position to `[n_pos, c_max]` slots), which reads each decoder row once per batch."""
 
-    def __init__(self, state: PromptState, tc, f_layer, f_pos, f_act, decoders, errors: torch.Tensor,
-                 backend: str, cache_bytes: int = 512 << 20):
+    def __init__(
+        self,
+        state: PromptState,
+        tc,
+        f_layer,
+        f_pos,
+        f_act,
+        decoders,
+        errors: torch.Tensor,
+        backend: str,
+        cache_bytes: int = 512 << 20,
+    ):
         self.tc, self.state, self.errors, self.backend = tc, state, errors, backend
         L, n = tc.n_layers, state.n_pos
         self.n, self.n_feat = n, len(f_layer)
@@ -152,7 +189,9 @@ class SourceEdges:
             a, b = int(starts[s]), int(starts[s + 1])
             pos, act, feat = f_pos[a:b], f_act[a:b].float(), decoders[s][1].cpu()
             if backend in ("cpp", "cuda"):
-                self.layers.append((a, PositionSortedFeatures(pos, feat, act, len(self.decoders[s]), dev, backend)))
+                self.layers.append(
+                    (a, PositionSortedFeatures(pos, feat, act, len(self.decoders[s]), dev, backend))
+                )
             else:
                 self.layers.append((a, self._slots(pos, feat, act, n, dev)))
         self._cache: dict = {}
@@ -182,7 +221,9 @@ class SourceEdges:
         dec = self.decoders[s][:, o]  # [n_unique, D], a view
         rows = dec.index_select(0, ids.flatten()).float().view(*ids.shape, -1) * acts[..., None]
         size = rows.numel() * 4
-        if size <= self._cache_left:  # PLT decoders are small enough to keep; CLT ones are re-gathered
+        if (
+            size <= self._cache_left
+        ):  # PLT decoders are small enough to keep; CLT ones are re-gathered
             self._cache[key], self._cache_left = rows, self._cache_left - size
         return rows
 
@@ -192,7 +233,7 @@ class SourceEdges:
         col0, features = self.layers[s]
         if isinstance(features, PositionSortedFeatures):
             grad = g.permute(1, 0, 2)[:, None]  # [k, 1, P, D]
-            return col0, features.edges(grad, self.decoders[s][:, o:o + 1], P)
+            return col0, features.edges(grad, self.decoders[s][:, o : o + 1], P)
         valid = features[2]
         if valid.shape[1] == 0:  # no features in this layer
             return col0, g.new_zeros(g.shape[1], 0)
@@ -200,7 +241,9 @@ class SourceEdges:
         return col0, per_pos.transpose(0, 1)[:, valid[:P]]
 
     @torch.no_grad()
-    def rows(self, engine: TransposedModel, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor):
+    def rows(
+        self, engine: TransposedModel, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor
+    ):
         """Edge rows `[B, n_src]` (float32, on the model's device) and constant terms `[B]` (decoder biases)
         of B targets sorted by layer, descending."""
         B, n = len(layer), self.n
@@ -210,22 +253,25 @@ class SourceEdges:
 
         def visit(l: int, g: torch.Tensor, k: int, P: int) -> None:
             if l < 0:
-                out[:k, self.tok0:self.tok0 + P] = torch.bmm(g, st.embeddings[:P, :, None])[..., 0].T
+                out[:k, self.tok0 : self.tok0 + P] = torch.bmm(g, st.embeddings[:P, :, None])[
+                    ..., 0
+                ].T
                 return
             e0 = self.err0 + l * n
             # what a gradient at x_{l+1} reads from layer l's MLP output: each position's error, and the
             # decoder bias (the same vector at every position, so one product with the gradient's sum)
-            out[:k, e0:e0 + P] = torch.bmm(g, self.errors[l, :P, :, None])[..., 0].T
+            out[:k, e0 : e0 + P] = torch.bmm(g, self.errors[l, :P, :, None])[..., 0].T
             const[:k] += g.sum(0) @ self.b_dec[l]
             for s in tc.output_layers_into(l):
                 col0, e = self._feature_edges(s, l - s, g, P)
-                out[:k, col0:col0 + e.shape[1]] += e
+                out[:k, col0 : col0 + e.shape[1]] += e
 
         engine.run(layer, pos, vectors, visit)
         return out, const
 
 
 # -- computed rows, influence ordering and the final adjacency ----------------------------------------
+
 
 class RowStore:
     """Computed rows as CSR segments (one per target layer per batch), with their target node indices.
@@ -237,13 +283,21 @@ class RowStore:
 
     def __init__(self, n_nodes: int, n_src: int, background: bool = False):
         self.n_nodes, self.n_src = n_nodes, n_src
-        self.segments: list[tuple[int, np.ndarray, sp.csr_array, np.ndarray]] = []  # layer, targets, rows, |row| sums
+        self.segments: list[
+            tuple[int, np.ndarray, sp.csr_array, np.ndarray]
+        ] = []  # layer, targets, rows, |row| sums
         self.row_constant = np.zeros(n_nodes, dtype=np.float32)
         self.has_row = np.zeros(n_nodes, dtype=bool)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="rowstore") if background else None
         self._pending = self._side = None
 
-    def add(self, targets: np.ndarray, target_layers: np.ndarray, rows: torch.Tensor, const: torch.Tensor) -> None:
+    def add(
+        self,
+        targets: np.ndarray,
+        target_layers: np.ndarray,
+        rows: torch.Tensor,
+        const: torch.Tensor,
+    ) -> None:
         """Rows `[B, n_src]` of `targets`, sorted by target layer (descending). The rows are compacted where
         they are (on a GPU only the nonzero entries cross to the host)."""
         if len(targets) == 0:
@@ -253,7 +307,9 @@ class RowStore:
             return
         self.wait()
         ready = None
-        if rows.is_cuda:  # the side stream starts when the rows are complete, not when the queue is empty
+        if (
+            rows.is_cuda
+        ):  # the side stream starts when the rows are complete, not when the queue is empty
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(rows.device))
         self._pending = self._worker.submit(self._add, targets, target_layers, rows, const, ready)
@@ -284,9 +340,11 @@ class RowStore:
 
     def _compact(self, targets, target_layers, rows, const) -> None:
         counts, cols, vals, totals = [], [], [], []
-        step = max(1, (1 << 22) // max(1, rows.shape[1]))  # rows per chunk: index temporaries stay ~32 MB
+        step = max(
+            1, (1 << 22) // max(1, rows.shape[1])
+        )  # rows per chunk: index temporaries stay ~32 MB
         for r in range(0, rows.shape[0], step):
-            chunk = rows[r:r + step]
+            chunk = rows[r : r + step]
             nonzero = chunk != 0  # NaN stays: a broken row must show, not vanish
             counts.append(nonzero.sum(1).cpu().numpy())
             totals.append(chunk.abs().sum(1, dtype=torch.float64).cpu().numpy())
@@ -297,8 +355,14 @@ class RowStore:
         np.cumsum(np.concatenate(counts), out=indptr[1:])
         # int32 indices and indptr where they fit: scipy would widen int32 indices to an int64 indptr's type
         index = np.int32 if indptr[-1] < 2**31 else np.int64
-        block = sp.csr_array((np.concatenate(vals), np.concatenate(cols).astype(index, copy=False),
-                              indptr.astype(index, copy=False)), shape=tuple(rows.shape))
+        block = sp.csr_array(
+            (
+                np.concatenate(vals),
+                np.concatenate(cols).astype(index, copy=False),
+                indptr.astype(index, copy=False),
+            ),
+            shape=tuple(rows.shape),
+        )
         totals = np.concatenate(totals)
         cuts = np.flatnonzero(np.diff(target_layers)) + 1
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(targets)]):
@@ -317,7 +381,7 @@ class RowStore:
         for _, targets, block, totals in sorted(self.segments, key=lambda seg: -seg[0]):
             w = v[targets]
             if w.any():
-                abs_rmatvec(block, w / np.maximum(totals, 1e-30), v[:self.n_src])
+                abs_rmatvec(block, w / np.maximum(totals, 1e-30), v[: self.n_src])
         v[logit_nodes] = 0.0
         return v
 
@@ -328,7 +392,9 @@ class RowStore:
         for _, targets, block, _ in self.segments:
             counts[targets] = np.diff(block.indptr)
         total = int(counts.sum())
-        index = np.int32 if max(total, self.n_nodes) < 2**31 else np.int64  # 4 bytes an edge less than int64
+        index = (
+            np.int32 if max(total, self.n_nodes) < 2**31 else np.int64
+        )  # 4 bytes an edge less than int64
         indptr = np.zeros(self.n_nodes + 1, dtype=index)
         np.cumsum(counts, out=indptr[1:])
         data = np.empty(total, dtype=np.float32)
@@ -341,10 +407,14 @@ class RowStore:
             by_layer.setdefault(segment[0], []).append(segment)
         self.segments = []
         for layer in sorted(by_layer):
-            for _, targets, block, _ in by_layer.pop(layer):  # row by row: each row's entries, one copy
-                for t, a, b in zip(indptr[targets].tolist(), block.indptr[:-1].tolist(), block.indptr[1:].tolist()):
-                    data[t:t + b - a] = block.data[a:b]
-                    indices[t:t + b - a] = block.indices[a:b]
+            for _, targets, block, _ in by_layer.pop(
+                layer
+            ):  # row by row: each row's entries, one copy
+                for t, a, b in zip(
+                    indptr[targets].tolist(), block.indptr[:-1].tolist(), block.indptr[1:].tolist()
+                ):
+                    data[t : t + b - a] = block.data[a:b]
+                    indices[t : t + b - a] = block.indices[a:b]
             del targets, block
             return_freed_memory()
         return sp.csr_array((data, indices, indptr), shape=(self.n_nodes, self.n_nodes))
@@ -365,7 +435,7 @@ def _feature_batches_by_position(f_pos: np.ndarray, size: int) -> list[np.ndarra
             batches.append(order[first:a])
             first = a
         while b - first >= size:
-            batches.append(order[first:first + size])
+            batches.append(order[first : first + size])
             first += size
     if first < len(order):
         batches.append(order[first:])
@@ -373,6 +443,7 @@ def _feature_batches_by_position(f_pos: np.ndarray, size: int) -> list[np.ndarra
 
 
 # -- the graph ----------------------------------------------------------------------------------------
+
 
 def _options(config: AttributionConfig | None, overrides: dict) -> AttributionConfig:
     cfg = AttributionConfig(**asdict(config)) if config else AttributionConfig()
@@ -395,22 +466,38 @@ class ActiveEncoders:
         per_layer = active_encoder_rows(tc, f_layer, f_feat)
         first = np.cumsum([0] + [len(rows) for rows, _ in per_layer])
         # f_layer ascends, so each layer's entries are one run, in order
-        self.row = torch.cat([which + int(first[s]) for s, (_, which) in enumerate(per_layer)]) \
-            if len(f_feat) else torch.zeros(0, dtype=torch.long)  # [n_active]: its row of `vectors`
-        self.vectors = torch.cat([rows.float() for rows, _ in per_layer]).to(device)  # [n_unique, D]
-        self.bias = torch.cat([tc.b_enc[s].detach()[f_feat[f_layer == s].to(tc.b_enc[s].device)].float()
-                               for s in range(tc.n_layers)]).to(device)  # [n_active]
+        self.row = (
+            torch.cat([which + int(first[s]) for s, (_, which) in enumerate(per_layer)])
+            if len(f_feat)
+            else torch.zeros(0, dtype=torch.long)
+        )  # [n_active]: its row of `vectors`
+        self.vectors = torch.cat([rows.float() for rows, _ in per_layer]).to(
+            device
+        )  # [n_unique, D]
+        self.bias = torch.cat(
+            [
+                tc.b_enc[s].detach()[f_feat[f_layer == s].to(tc.b_enc[s].device)].float()
+                for s in range(tc.n_layers)
+            ]
+        ).to(device)  # [n_active]
         self.device = device
 
     def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(vectors `[k, D]`, biases `[k]`) of the active features `idx` (indices into the active arrays)."""
-        both = to_device(torch.stack([self.row[idx], torch.as_tensor(idx, dtype=torch.long)]), self.device)
+        both = to_device(
+            torch.stack([self.row[idx], torch.as_tensor(idx, dtype=torch.long)]), self.device
+        )
         return self.vectors[both[0]], self.bias[both[1]]
 
 
 @torch.no_grad()
-def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders=None,
-              config: AttributionConfig | None = None, **overrides) -> AttributionGraph:
+def attribute(
+    lm: LoadedModel | str | None = None,
+    prompt: str = "",
+    transcoders=None,
+    config: AttributionConfig | None = None,
+    **overrides,
+) -> AttributionGraph:
     """Build the attribution graph of `prompt`.
 
     lm: a LoadedModel, or a model name/path (default: the embedded gemma-3-270m). transcoders: a
@@ -422,7 +509,9 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
         raise UserError("the prompt must be a string")
     if lm is None or isinstance(lm, str):
         lm = load_model(lm or cfg.model, device=cfg.device, dtype=cfg.dtype)
-    tc = resolve_transcoders(transcoders if transcoders is not None else cfg.transcoders, lm, cfg.progress)
+    tc = resolve_transcoders(
+        transcoders if transcoders is not None else cfg.transcoders, lm, cfg.progress
+    )
     tc = tc.to(lm.device)
     tokens = lm.tokenize(prompt, chat=cfg.chat)
     check_prompt(lm, tokens, cfg.max_tokens)
@@ -441,14 +530,21 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
         f_layer, f_pos, f_feat, f_act = f_layer[keep], f_pos[keep], f_feat[keep], f_act[keep]
     n_feat = len(f_feat)
     # errors: the true MLP output minus the transcoders' (features, decoder bias, skip term)
-    decoders = active_decoder_rows(tc, f_layer, f_feat)  # each active feature's decoder row, read once
+    decoders = active_decoder_rows(
+        tc, f_layer, f_feat
+    )  # each active feature's decoder row, read once
     feature_out = decode_sparse(tc, f_layer, f_pos, f_feat, f_act, n, decoders)  # [L, n, D]
-    skip = torch.stack([tc.skip_term(l, state.mlp_in[l]).float() for l in range(L)]) if tc.W_skip is not None else 0.0
+    skip = (
+        torch.stack([tc.skip_term(l, state.mlp_in[l]).float() for l in range(L)])
+        if tc.W_skip is not None
+        else 0.0
+    )
     errors = state.mlp_out - feature_out - skip  # [L, n, D]
     # node inputs as the frozen linear model computes them (equal to the recorded ones up to rounding in
     # float32; in bfloat16 this keeps every node exactly complete with respect to the linear model)
-    frozen = frozen_forward(state, fw, tc, None, errors, feature_out=feature_out, preacts=False,
-                            logits=False)
+    frozen = frozen_forward(
+        state, fw, tc, None, errors, feature_out=feature_out, preacts=False, logits=False
+    )
     del feature_out, skip
     logit_ids, logit_probs, logit_strings, contrast = choose_logits(lm, state.logits, cfg)
     n_logit = len(logit_ids)
@@ -459,25 +555,43 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     n_src = n_feat + n_err + n
     N = n_src + n_logit
     logit_nodes = np.arange(n_src, N)
-    kind = np.concatenate([np.full(n_feat, FEATURE), np.full(n_err, ERROR), np.full(n, TOKEN),
-                           np.full(n_logit, LOGIT)]).astype(np.int8)
-    layer = np.concatenate([f_layer.numpy(), np.repeat(np.arange(L), n), np.full(n, -1),
-                            np.full(n_logit, L)]).astype(np.int32)
-    pos = np.concatenate([f_pos.numpy(), np.tile(np.arange(n), L), np.arange(n), np.full(n_logit, n - 1)]).astype(np.int32)
-    feature = np.concatenate([f_feat.numpy(), np.full(n_err + n, -1), np.array(logit_ids)]).astype(np.int64)
+    kind = np.concatenate(
+        [
+            np.full(n_feat, FEATURE),
+            np.full(n_err, ERROR),
+            np.full(n, TOKEN),
+            np.full(n_logit, LOGIT),
+        ]
+    ).astype(np.int8)
+    layer = np.concatenate(
+        [f_layer.numpy(), np.repeat(np.arange(L), n), np.full(n, -1), np.full(n_logit, L)]
+    ).astype(np.int32)
+    pos = np.concatenate(
+        [f_pos.numpy(), np.tile(np.arange(n), L), np.arange(n), np.full(n_logit, n - 1)]
+    ).astype(np.int32)
+    feature = np.concatenate([f_feat.numpy(), np.full(n_err + n, -1), np.array(logit_ids)]).astype(
+        np.int64
+    )
     dev = fw.device
     f_pre = torch.empty(n_feat, device=dev)
     encoders = ActiveEncoders(tc, f_layer, f_feat, dev)
     for a in range(0, n_feat, 2048):  # in chunks: three [2048, D] temporaries
         c = slice(a, a + 2048)
         enc_vecs, b_enc = encoders(torch.arange(a, min(a + 2048, n_feat)))
-        f_pre[c] = (enc_vecs * frozen["mlp_in"][f_layer[c].to(dev), f_pos[c].to(dev)]).sum(-1) + b_enc
+        f_pre[c] = (enc_vecs * frozen["mlp_in"][f_layer[c].to(dev), f_pos[c].to(dev)]).sum(
+            -1
+        ) + b_enc
     directions = fw.logit_directions(logit_ids, contrast)  # [n_logit, D]
     logit_inputs = directions @ frozen["final"]
     del frozen  # [L+1, n, D] and more; the row loop below is where the peak is
-    activation = np.concatenate([f_act.float().numpy(), errors.norm(dim=-1).flatten().cpu().numpy(),
-                                 state.embeddings.norm(dim=-1).cpu().numpy(),
-                                 logit_inputs.cpu().numpy()]).astype(np.float32)
+    activation = np.concatenate(
+        [
+            f_act.float().numpy(),
+            errors.norm(dim=-1).flatten().cpu().numpy(),
+            state.embeddings.norm(dim=-1).cpu().numpy(),
+            logit_inputs.cpu().numpy(),
+        ]
+    ).astype(np.float32)
     node_input = np.full(N, np.nan, dtype=np.float32)
     node_input[:n_feat] = f_pre.cpu().numpy()
     node_input[n_src:] = logit_inputs.cpu().numpy()
@@ -494,9 +608,12 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=n_logit + budget, desc="attribution", unit="row")
 
-    def compute(nodes: np.ndarray, tgt_layer: torch.Tensor, tgt_pos: torch.Tensor, vecs: torch.Tensor, bias):
+    def compute(
+        nodes: np.ndarray, tgt_layer: torch.Tensor, tgt_pos: torch.Tensor, vecs: torch.Tensor, bias
+    ):
         order = torch.argsort(tgt_layer, descending=True, stable=True)
         on_device = to_device(order, vecs.device)
         rows, const = edges.rows(engine, tgt_layer[order], tgt_pos[order], vecs[on_device])
@@ -509,7 +626,13 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
     try:
         for a in range(0, n_logit, B):
             b = min(a + B, n_logit)
-            compute(logit_nodes[a:b], torch.full((b - a,), L), torch.full((b - a,), n - 1), directions[a:b], None)
+            compute(
+                logit_nodes[a:b],
+                torch.full((b - a,), L),
+                torch.full((b - a,), n - 1),
+                directions[a:b],
+                None,
+            )
 
         done = np.zeros(n_feat, dtype=bool)
         n_batches = 0
@@ -522,7 +645,7 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
                 infl[done] = -1.0
                 # features no computed row reaches yet tie at zero: larger activations first
                 order = np.lexsort((-np.abs(activation[:n_feat]), -infl))
-                top = order[:min(INFLUENCE_BATCHES * B, budget - int(done.sum()))]
+                top = order[: min(INFLUENCE_BATCHES * B, budget - int(done.sum()))]
                 queue = [top[b] for b in _feature_batches_by_position(f_pos.numpy()[top], B)]
             pick = queue.pop(0)
             done[pick] = True
@@ -539,25 +662,64 @@ def attribute(lm: LoadedModel | str | None = None, prompt: str = "", transcoders
 
     probs_all = torch.softmax(state.logits.cpu(), -1)
     metadata = {
-        "model": lm.name, "model_source": lm.source, "model_implementation": lm.meta.get("implementation"),
-        "n_layers": L, "d_model": D, "n_heads": fw.n_heads, "dtype": str(lm.dtype).replace("torch.", ""),
+        "model": lm.name,
+        "model_source": lm.source,
+        "model_implementation": lm.meta.get("implementation"),
+        "n_layers": L,
+        "d_model": D,
+        "n_heads": fw.n_heads,
+        "dtype": str(lm.dtype).replace("torch.", ""),
         "device": str(lm.device),
-        "transcoders": {"kind": tc.cfg.kind, "d_sae": tc.d_sae, "activation": tc.cfg.activation,
-                        "model_name": tc.cfg.model_name, "source": str(getattr(tc, "source", ""))},
+        "transcoders": {
+            "kind": tc.cfg.kind,
+            "d_sae": tc.d_sae,
+            "activation": tc.cfg.activation,
+            "model_name": tc.cfg.model_name,
+            "source": str(getattr(tc, "source", "")),
+        },
         "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
-        "logit_strings": logit_strings, "contrast_token": contrast,
-        "top_predictions": [[lm.tokenizer.decode([int(i)]), float(p)] for p, i in zip(*probs_all.topk(5))],
-        "n_active_features": int(n_feat), "n_feature_rows": int(done.sum()), "batch_size_used": int(B),
-        "n_feature_batches": n_batches, "row_order": "position" if budget == n_feat else "influence",
-        "edge_backend": backend if backend in ("cpp", "cuda") else "torch (per-position batched matmul)",
-        "timing_s": {"load": t_load - t0, "forward": t_forward - t_load, "attribution": t_end - t_forward},
-        "versions": {"gemma_circuits": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "logit_strings": logit_strings,
+        "contrast_token": contrast,
+        "top_predictions": [
+            [lm.tokenizer.decode([int(i)]), float(p)] for p, i in zip(*probs_all.topk(5))
+        ],
+        "n_active_features": int(n_feat),
+        "n_feature_rows": int(done.sum()),
+        "batch_size_used": int(B),
+        "n_feature_batches": n_batches,
+        "row_order": "position" if budget == n_feat else "influence",
+        "edge_backend": backend
+        if backend in ("cpp", "cuda")
+        else "torch (per-position batched matmul)",
+        "timing_s": {
+            "load": t_load - t0,
+            "forward": t_forward - t_load,
+            "attribution": t_end - t_forward,
+        },
+        "versions": {
+            "gemma_circuits": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "softcap": lm.sites.final_logit_softcapping,
-        "logit_input": "demeaned pre-softcap logit" if contrast is None else "pre-softcap logit difference",
+        "logit_input": "demeaned pre-softcap logit"
+        if contrast is None
+        else "pre-softcap logit difference",
     }
     return AttributionGraph(
-        prompt=prompt, tokens=tokens.numpy().astype(np.int64),
+        prompt=prompt,
+        tokens=tokens.numpy().astype(np.int64),
         token_strings=[lm.tokenizer.decode([int(t)]) for t in tokens],
-        kind=kind, layer=layer, pos=pos, feature=feature, activation=activation, node_input=node_input,
-        row_constant=row_constant, has_row=has_row, adjacency=adjacency, logit_probabilities=logit_probs,
-        n_layers=L, metadata=metadata)
+        kind=kind,
+        layer=layer,
+        pos=pos,
+        feature=feature,
+        activation=activation,
+        node_input=node_input,
+        row_constant=row_constant,
+        has_row=has_row,
+        adjacency=adjacency,
+        logit_probabilities=logit_probs,
+        n_layers=L,
+        metadata=metadata,
+    )

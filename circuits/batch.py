@@ -19,6 +19,7 @@ The output folder:
 Resuming: a prompt is skipped when its graph exists, loads, and was traced for the same prompt, targets and
 contrast; the rest are dealt round-robin across the ranks, so a resumed job may use another number of ranks.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,15 @@ from .graph import FEATURE, AttributionGraph, atomic_write_text, load_graph
 from .ranks import Ranks
 
 # options that change how a graph is computed but not what it is: a resumed run may change them
-_NON_RESULT_OPTIONS = {"progress", "targets", "contrast", "device", "batch_size", "memory_gb", "max_tokens"}
+_NON_RESULT_OPTIONS = {
+    "progress",
+    "targets",
+    "contrast",
+    "device",
+    "batch_size",
+    "memory_gb",
+    "max_tokens",
+}
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
@@ -50,10 +59,14 @@ class BatchConfig:
     prompts: str | list = ""  # a JSONL file; from Python also a list of dicts or strings
     out: str = "batch"  # output folder
     attribution: AttributionConfig = field(default_factory=AttributionConfig)  # as `circuits trace`
-    scores: bool = True  # replacement / completeness scores (circuits.prune.graph_scores) in each graph
+    scores: bool = (
+        True  # replacement / completeness scores (circuits.prune.graph_scores) in each graph
+    )
     overwrite: bool = False  # retrace prompts whose graph exists already
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU), gloo, nccl
-    timeout_min: float = 120.0  # how long a rank waits for the others (model loading, the final merge)
+    timeout_min: float = (
+        120.0  # how long a rank waits for the others (model loading, the final merge)
+    )
     progress: bool = True
 
 
@@ -72,7 +85,13 @@ class PromptSpec:
 
     def as_record(self) -> dict:
         target = self.targets[0] if len(self.targets) == 1 else (self.targets or None)
-        return {"id": self.id, "prompt": self.prompt, "target": target, "contrast": self.contrast, **self.extra}
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "target": target,
+            "contrast": self.contrast,
+            **self.extra,
+        }
 
 
 @dataclass
@@ -89,15 +108,32 @@ class BatchResult:
 
     def table(self, max_prompt: int = 40) -> str:
         """The index as a markdown table."""
-        rows = ["| id | prompt | top logit | p | nodes | edges | replacement | s | status |",
-                "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        rows = [
+            "| id | prompt | top logit | p | nodes | edges | replacement | s | status |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
         for r in self.records:
-            prompt = r["prompt"] if len(r["prompt"]) <= max_prompt else r["prompt"][:max_prompt - 1] + "…"
-            cells = [r["id"], repr(prompt), repr(r["top_logit"]) if r.get("top_logit") is not None else "-",
-                     _fmt(r.get("top_logit_prob"), ".3f"), _fmt(r.get("n_nodes"), "d"), _fmt(r.get("n_edges"), "d"),
-                     _fmt(r.get("replacement"), ".3f"), _fmt(r.get("seconds"), ".1f"),
-                     r["status"] if r["status"] != "failed" else f"failed: {r.get('error', '')}"]
-            rows.append("| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+            prompt = (
+                r["prompt"]
+                if len(r["prompt"]) <= max_prompt
+                else r["prompt"][: max_prompt - 1] + "…"
+            )
+            cells = [
+                r["id"],
+                repr(prompt),
+                repr(r["top_logit"]) if r.get("top_logit") is not None else "-",
+                _fmt(r.get("top_logit_prob"), ".3f"),
+                _fmt(r.get("n_nodes"), "d"),
+                _fmt(r.get("n_edges"), "d"),
+                _fmt(r.get("replacement"), ".3f"),
+                _fmt(r.get("seconds"), ".1f"),
+                r["status"] if r["status"] != "failed" else f"failed: {r.get('error', '')}",
+            ]
+            rows.append(
+                "| "
+                + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells)
+                + " |"
+            )
         return "\n".join(rows)
 
 
@@ -107,14 +143,17 @@ def _fmt(value, spec: str) -> str:
 
 # -- prompts ------------------------------------------------------------------------------------------
 
+
 def read_prompts(source: str | Path | list) -> list[PromptSpec]:
     """Prompt specs from a JSONL file (or a list of dicts / strings), checked: every line an object with a
     "prompt" string, ids unique and usable as file names."""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not str(source) or not path.is_file():
-            raise UserError(f"prompts file {source!r} does not exist; give a JSONL file with one "
-                            f'{{"prompt": ...}} object a line')
+            raise UserError(
+                f"prompts file {source!r} does not exist; give a JSONL file with one "
+                f'{{"prompt": ...}} object a line'
+            )
         items = []
         for n, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
@@ -122,7 +161,9 @@ def read_prompts(source: str | Path | list) -> list[PromptSpec]:
             try:
                 items.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not JSON ({e.msg}); write one JSON object a line")
+                raise UserError(
+                    f"{path} line {n} is not JSON ({e.msg}); write one JSON object a line"
+                )
         where = str(path)
     else:
         items, where = [(n, item) for n, item in enumerate(source, start=1)], "prompt list"
@@ -130,20 +171,34 @@ def read_prompts(source: str | Path | list) -> list[PromptSpec]:
     for n, item in items:
         if isinstance(item, str):
             item = {"prompt": item}
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
-            raise UserError(f'{where} line {n}: expected an object with a non-empty "prompt" string, got {item!r:.80}')
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("prompt"), str)
+            or not item["prompt"]
+        ):
+            raise UserError(
+                f'{where} line {n}: expected an object with a non-empty "prompt" string, got {item!r:.80}'
+            )
         target = item.get("target")
-        targets = [target] if isinstance(target, str) else target if isinstance(target, list) else []
+        targets = (
+            [target] if isinstance(target, str) else target if isinstance(target, list) else []
+        )
         if target is not None and not (targets and all(isinstance(t, str) for t in targets)):
             raise UserError(f'{where} line {n}: "target" must be a string or a list of strings')
         contrast = item.get("contrast")
         if contrast is not None and (not isinstance(contrast, str) or len(targets) != 1):
-            raise UserError(f'{where} line {n}: "contrast" must be a string and needs exactly one "target"')
+            raise UserError(
+                f'{where} line {n}: "contrast" must be a string and needs exactly one "target"'
+            )
         pid = str(item["id"]) if item.get("id") is not None else f"{n:05d}"
         if not _ID_PATTERN.match(pid):
-            raise UserError(f'{where} line {n}: id {pid!r} cannot name a file; use letters, digits, ".", "_", "-"')
+            raise UserError(
+                f'{where} line {n}: id {pid!r} cannot name a file; use letters, digits, ".", "_", "-"'
+            )
         if pid in seen:
-            raise UserError(f"{where} line {n}: id {pid!r} is used already on line {seen[pid]}; ids must be unique")
+            raise UserError(
+                f"{where} line {n}: id {pid!r} is used already on line {seen[pid]}; ids must be unique"
+            )
         seen[pid] = n
         extra = {k: v for k, v in item.items() if k not in ("prompt", "target", "contrast", "id")}
         specs.append(PromptSpec(pid, item["prompt"], targets, contrast, n, extra))
@@ -159,7 +214,9 @@ def check_prompts(lm, specs: list[PromptSpec], cfg: AttributionConfig) -> None:
         try:
             n_tokens = len(lm.tokenize(s.prompt, chat=cfg.chat))
             if n_tokens > cfg.max_tokens:
-                raise UserError(f"the prompt is {n_tokens} tokens, more than --max-tokens {cfg.max_tokens}")
+                raise UserError(
+                    f"the prompt is {n_tokens} tokens, more than --max-tokens {cfg.max_tokens}"
+                )
             for t in s.targets + ([s.contrast] if s.contrast else []):
                 single_token(lm, t)
         except UserError as e:
@@ -167,6 +224,7 @@ def check_prompts(lm, specs: list[PromptSpec], cfg: AttributionConfig) -> None:
 
 
 # -- the output folder --------------------------------------------------------------------------------
+
 
 def _job_options(cfg: AttributionConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in _NON_RESULT_OPTIONS}
@@ -184,11 +242,17 @@ def prepare_folder(out: Path, cfg: BatchConfig) -> None:
         diff = {k: (old.get(k), v) for k, v in options.items() if old.get(k) != v}
         if diff:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise UserError(f"{out} holds graphs traced with other options ({what}); pass the same options to "
-                            f"resume, another --out, or --overwrite to retrace everything")
-    atomic_write_text(job, json.dumps({"format": "gemma-circuits-batch", "attribution": options}, indent=1))
+            raise UserError(
+                f"{out} holds graphs traced with other options ({what}); pass the same options to "
+                f"resume, another --out, or --overwrite to retrace everything"
+            )
+    atomic_write_text(
+        job, json.dumps({"format": "gemma-circuits-batch", "attribution": options}, indent=1)
+    )
     (out / "graphs").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "graphs").glob(".*.partial"):  # temporary files of writes that a kill interrupted
+    for stale in (out / "graphs").glob(
+        ".*.partial"
+    ):  # temporary files of writes that a kill interrupted
         stale.unlink(missing_ok=True)
     progress = out / "progress"
     progress.mkdir(exist_ok=True)
@@ -205,8 +269,11 @@ def graph_is_done(path: Path, spec: PromptSpec) -> bool:
     except UserError:
         return False
     settings = g.metadata.get("settings", {})
-    return (g.prompt == spec.prompt and list(settings.get("targets") or []) == spec.targets
-            and settings.get("contrast") == spec.contrast)
+    return (
+        g.prompt == spec.prompt
+        and list(settings.get("targets") or []) == spec.targets
+        and settings.get("contrast") == spec.contrast
+    )
 
 
 def read_header(path: Path) -> dict:
@@ -215,17 +282,28 @@ def read_header(path: Path) -> dict:
         return json.loads(z["header"].tobytes().decode())
 
 
-def graph_record(spec: PromptSpec, graph: AttributionGraph, seconds: float | None, rank: int | None) -> dict:
+def graph_record(
+    spec: PromptSpec, graph: AttributionGraph, seconds: float | None, rank: int | None
+) -> dict:
     scores = (graph.metadata.get("scores") or {}).get("full") or {}
     strings = graph.logit_strings
-    return {**spec.as_record(), "status": "ok", "file": f"graphs/{spec.filename}",
-            "top_logit": strings[0] if strings else None,
-            "top_logit_prob": float(graph.logit_probabilities[0]) if len(graph.logit_probabilities) else None,
-            "top_prediction": (graph.metadata.get("top_predictions") or [[None]])[0][0],
-            "n_nodes": int(graph.n_nodes), "n_features": int((graph.kind == FEATURE).sum()),
-            "n_edges": int(graph.adjacency.nnz), "replacement": scores.get("replacement"),
-            "completeness": scores.get("completeness"),
-            "seconds": None if seconds is None else round(seconds, 3), "rank": rank}
+    return {
+        **spec.as_record(),
+        "status": "ok",
+        "file": f"graphs/{spec.filename}",
+        "top_logit": strings[0] if strings else None,
+        "top_logit_prob": float(graph.logit_probabilities[0])
+        if len(graph.logit_probabilities)
+        else None,
+        "top_prediction": (graph.metadata.get("top_predictions") or [[None]])[0][0],
+        "n_nodes": int(graph.n_nodes),
+        "n_features": int((graph.kind == FEATURE).sum()),
+        "n_edges": int(graph.adjacency.nnz),
+        "replacement": scores.get("replacement"),
+        "completeness": scores.get("completeness"),
+        "seconds": None if seconds is None else round(seconds, 3),
+        "rank": rank,
+    }
 
 
 def _append_line(path: Path, record: dict) -> None:
@@ -263,9 +341,13 @@ def build_index(out: Path, specs: list[PromptSpec]) -> list[dict]:
                 record = read_header(path)["metadata"].get("batch")
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 record = None
-            if record is None and graph_is_done(path, s):  # a graph this job did not write, but the right one
+            if record is None and graph_is_done(
+                path, s
+            ):  # a graph this job did not write, but the right one
                 record = graph_record(s, load_graph(path), None, None)
-        if record is None or any(record.get(k) != s.as_record()[k] for k in ("prompt", "target", "contrast")):
+        if record is None or any(
+            record.get(k) != s.as_record()[k] for k in ("prompt", "target", "contrast")
+        ):
             record = failures.get(s.id) or {**s.as_record(), "status": "missing"}
         records.append({**record, **s.as_record()})  # ids and extra keys as in today's prompts file
     atomic_write_text(out / "index.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -274,7 +356,10 @@ def build_index(out: Path, specs: list[PromptSpec]) -> list[dict]:
 
 # -- the job ------------------------------------------------------------------------------------------
 
-def trace_batch(config: BatchConfig | None = None, lm=None, transcoders=None, **overrides) -> BatchResult:
+
+def trace_batch(
+    config: BatchConfig | None = None, lm=None, transcoders=None, **overrides
+) -> BatchResult:
     """Trace every prompt of `config.prompts` into `config.out`; see the module docstring.
 
     Under torchrun, every rank calls this and traces its share; every rank returns the full index.
@@ -298,39 +383,60 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     _everywhere(ranks, lambda: prepare_folder(out, cfg), here=ranks.is_main)
     if lm is None:
         from .models import load_model
-        lm = _everywhere(ranks, lambda: load_model(acfg.model, device=acfg.device, dtype=acfg.dtype))
+
+        lm = _everywhere(
+            ranks, lambda: load_model(acfg.model, device=acfg.device, dtype=acfg.dtype)
+        )
     tc_spec = transcoders if transcoders is not None else acfg.transcoders
 
     def first():
         tc = resolve_transcoders(tc_spec, lm, cfg.progress)
         check_prompts(lm, specs, acfg)
         return tc
+
     tc = _everywhere(ranks, first, here=ranks.is_main)
-    later = _everywhere(ranks, lambda: resolve_transcoders(tc_spec, lm, False), here=not ranks.is_main)
+    later = _everywhere(
+        ranks, lambda: resolve_transcoders(tc_spec, lm, False), here=not ranks.is_main
+    )
     tc = tc if ranks.is_main else later
 
     # what is done already: each rank checks a share of the graph files
-    share = specs[ranks.rank::ranks.world_size]
-    done_here = [] if cfg.overwrite else [s.id for s in share if graph_is_done(out / "graphs" / s.filename, s)]
+    share = specs[ranks.rank :: ranks.world_size]
+    done_here = (
+        []
+        if cfg.overwrite
+        else [s.id for s in share if graph_is_done(out / "graphs" / s.filename, s)]
+    )
     done = {i for ids in ranks.all_gather_object(done_here) for i in ids}
     todo = [s for s in specs if s.id not in done]
-    mine = todo[ranks.rank::ranks.world_size]
+    mine = todo[ranks.rank :: ranks.world_size]
     if ranks.is_main and cfg.progress:
-        print(f"{len(specs)} prompts: {len(done)} done already, {len(todo)} to trace on {ranks.world_size} "
-              f"rank{'s' if ranks.world_size > 1 else ''}", file=sys.stderr, flush=True)
+        print(
+            f"{len(specs)} prompts: {len(done)} done already, {len(todo)} to trace on {ranks.world_size} "
+            f"rank{'s' if ranks.world_size > 1 else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     log = out / "progress" / f"rank-{ranks.rank}.jsonl"
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
+
         desc = f"rank {ranks.rank}" if ranks.distributed else "trace-batch"
-        bar = tqdm(total=len(mine), desc=desc, unit="prompt", position=ranks.rank, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(mine), desc=desc, unit="prompt", position=ranks.rank, dynamic_ncols=True
+        )
     n_failed = 0
     for spec in mine:
         t = time.perf_counter()
         try:
-            graph = attribute(lm, spec.prompt, transcoders=tc,
-                              config=replace(acfg, targets=list(spec.targets), contrast=spec.contrast))
+            graph = attribute(
+                lm,
+                spec.prompt,
+                transcoders=tc,
+                config=replace(acfg, targets=list(spec.targets), contrast=spec.contrast),
+            )
             if cfg.scores:
                 scores = _scores(graph)
                 if scores is not None:
@@ -338,12 +444,18 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
             record = graph_record(spec, graph, time.perf_counter() - t, ranks.rank)
             graph.metadata["batch"] = record
             graph.save(out / "graphs" / spec.filename)
-        except Exception as e:  # one bad prompt must not end a job of thousands; it is reported and retried
+        except (
+            Exception
+        ) as e:  # one bad prompt must not end a job of thousands; it is reported and retried
             n_failed += 1
             if not isinstance(e, UserError):
                 traceback.print_exc()
-            record = {**spec.as_record(), "status": "failed", "error": f"{e.__class__.__name__}: {e}",
-                      "rank": ranks.rank}
+            record = {
+                **spec.as_record(),
+                "status": "failed",
+                "error": f"{e.__class__.__name__}: {e}",
+                "rank": ranks.rank,
+            }
         _append_line(log, record)
         if bar:
             bar.update(1)
@@ -354,8 +466,15 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     records = build_index(out, specs) if ranks.is_main else None
     records = ranks.broadcast_object(records)
     n_failed = sum(ranks.all_gather_object(n_failed))
-    return BatchResult(records, out / "index.jsonl", n_traced=len(todo) - n_failed, n_skipped=len(done),
-                       n_failed=n_failed, seconds=time.perf_counter() - t0, rank=ranks.rank)
+    return BatchResult(
+        records,
+        out / "index.jsonl",
+        n_traced=len(todo) - n_failed,
+        n_skipped=len(done),
+        n_failed=n_failed,
+        seconds=time.perf_counter() - t0,
+        rank=ranks.rank,
+    )
 
 
 def _everywhere(ranks: Ranks, fn, here: bool = True):

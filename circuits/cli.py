@@ -1,5 +1,6 @@
 """The `circuits` command. Subcommands live beside the stage they drive; each module listed in
 `COMMAND_MODULES` exposes `register(subparsers)` and sets `func` on its parser."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,13 +9,21 @@ import sys
 
 from .errors import UserError
 
-COMMAND_MODULES = ["circuits.info", "circuits.commands", "circuits.commands_graph", "circuits.commands_render",
-                   "circuits.commands_intervene", "circuits.commands_batch"]
+COMMAND_MODULES = [
+    "circuits.info",
+    "circuits.commands",
+    "circuits.commands_graph",
+    "circuits.commands_render",
+    "circuits.commands_intervene",
+    "circuits.commands_batch",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuits", description="Trace, prune, render and compare "
-                                     "attribution graphs of Gemma 3 models.")
+    parser = argparse.ArgumentParser(
+        prog="circuits",
+        description="Trace, prune, render and compare attribution graphs of Gemma 3 models.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -43,6 +52,7 @@ def run(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = 
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
         import os
+
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

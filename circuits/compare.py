@@ -6,6 +6,7 @@ the position replaced by its column (`f:L:C:F`, `e:L:C`, `t:C`, `l:TOKEN`). Feat
 feature id and column agree, error nodes when layer and column agree, tokens when the column and the
 token agree, logits by vocabulary id. Graphs that were not pruned yet are pruned first.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,17 +32,23 @@ class CompareConfig:
 class Comparison:
     a: AttributionGraph  # the pruned graphs compared
     b: AttributionGraph
-    columns: list[tuple[int | None, int | None]]  # shared frame: (position in A, position in B) per column
+    columns: list[
+        tuple[int | None, int | None]
+    ]  # shared frame: (position in A, position in B) per column
     a_to_merged: dict[str, str]  # A's node id -> merged id
     b_to_merged: dict[str, str]
     node_status: dict[str, str]  # merged id -> "a" (only in A), "b" (only in B), "both"
     jaccard: float  # |shared| / |union| of feature and error nodes (merged ids)
     feature_jaccard_any_position: float  # the same over (layer, feature id), positions ignored
-    influence_changes: list[dict] = field(default_factory=list)  # largest |influence B - influence A|
+    influence_changes: list[dict] = field(
+        default_factory=list
+    )  # largest |influence B - influence A|
     edge_changes: list[dict] = field(default_factory=list)  # largest |weight B - weight A|
 
     def ids_with(self, status: str, kinds: tuple[str, ...] = ("f", "e")) -> list[str]:
-        return sorted(m for m, s in self.node_status.items() if s == status and m.split(":")[0] in kinds)
+        return sorted(
+            m for m, s in self.node_status.items() if s == status and m.split(":")[0] in kinds
+        )
 
     @property
     def shared(self) -> list[str]:
@@ -61,7 +68,11 @@ class Comparison:
         for pa, pb in self.columns:
             ta = self.a.token_strings[pa] if pa is not None else None
             tb = self.b.token_strings[pb] if pb is not None else None
-            out.append(ta if ta == tb else f"{ta if ta is not None else '∅'}|{tb if tb is not None else '∅'}")
+            out.append(
+                ta
+                if ta == tb
+                else f"{ta if ta is not None else '∅'}|{tb if tb is not None else '∅'}"
+            )
         return out
 
     def summary(self) -> str:
@@ -69,32 +80,49 @@ class Comparison:
         for m, s in self.node_status.items():
             counts[s][m[0]] += 1
         aligned = sum(pa is not None and pb is not None for pa, pb in self.columns)
-        lines = [f"A: {self.a.prompt!r} ({self.a.n_pos} tokens)", f"B: {self.b.prompt!r} ({self.b.n_pos} tokens)",
-                 f"aligned positions: {aligned}",
-                 f"features: {counts['both']['f']} shared, {counts['a']['f']} only in A, {counts['b']['f']} only in B",
-                 f"error nodes: {counts['both']['e']} shared, {counts['a']['e']} only in A, {counts['b']['e']} only in B",
-                 f"logits: {counts['both']['l']} shared, {counts['a']['l']} only in A, {counts['b']['l']} only in B",
-                 f"Jaccard of pruned feature+error nodes: {self.jaccard:.3f}; "
-                 f"of (layer, feature) at any position: {self.feature_jaccard_any_position:.3f}"]
+        lines = [
+            f"A: {self.a.prompt!r} ({self.a.n_pos} tokens)",
+            f"B: {self.b.prompt!r} ({self.b.n_pos} tokens)",
+            f"aligned positions: {aligned}",
+            f"features: {counts['both']['f']} shared, {counts['a']['f']} only in A, {counts['b']['f']} only in B",
+            f"error nodes: {counts['both']['e']} shared, {counts['a']['e']} only in A, {counts['b']['e']} only in B",
+            f"logits: {counts['both']['l']} shared, {counts['a']['l']} only in A, {counts['b']['l']} only in B",
+            f"Jaccard of pruned feature+error nodes: {self.jaccard:.3f}; "
+            f"of (layer, feature) at any position: {self.feature_jaccard_any_position:.3f}",
+        ]
         if self.influence_changes:
             lines.append("largest influence changes (B - A):")
-            lines += [f"  {c['id']:<22} {c['a']:.4f} -> {c['b']:.4f} ({c['delta']:+.4f})  {c['label']}"
-                      for c in self.influence_changes]
+            lines += [
+                f"  {c['id']:<22} {c['a']:.4f} -> {c['b']:.4f} ({c['delta']:+.4f})  {c['label']}"
+                for c in self.influence_changes
+            ]
         if self.edge_changes:
             lines.append("largest edge weight changes (B - A):")
-            lines += [f"  {c['source']} -> {c['target']}: {c['a']:+.4g} -> {c['b']:+.4g} ({c['delta']:+.4g})"
-                      for c in self.edge_changes]
+            lines += [
+                f"  {c['source']} -> {c['target']}: {c['a']:+.4g} -> {c['b']:+.4g} ({c['delta']:+.4g})"
+                for c in self.edge_changes
+            ]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"prompt_a": self.a.prompt, "prompt_b": self.b.prompt, "columns": self.columns,
-                "column_tokens": self.column_tokens(), "node_status": self.node_status,
-                "shared": self.shared, "only_a": self.only_a, "only_b": self.only_b, "jaccard": self.jaccard,
-                "feature_jaccard_any_position": self.feature_jaccard_any_position,
-                "influence_changes": self.influence_changes, "edge_changes": self.edge_changes}
+        return {
+            "prompt_a": self.a.prompt,
+            "prompt_b": self.b.prompt,
+            "columns": self.columns,
+            "column_tokens": self.column_tokens(),
+            "node_status": self.node_status,
+            "shared": self.shared,
+            "only_a": self.only_a,
+            "only_b": self.only_b,
+            "jaccard": self.jaccard,
+            "feature_jaccard_any_position": self.feature_jaccard_any_position,
+            "influence_changes": self.influence_changes,
+            "edge_changes": self.edge_changes,
+        }
 
     def render_svg(self, path: str | Path, max_nodes: int | None = None) -> Path:
         from .render import DEFAULT_MAX_NODES, render_comparison_svg
+
         return render_comparison_svg(self, self.a, self.b, path, max_nodes or DEFAULT_MAX_NODES)
 
 
@@ -115,7 +143,9 @@ def align_tokens(tokens_a: list[str], tokens_b: list[str]) -> list[tuple[int | N
     return cols
 
 
-def _merged_ids(g: AttributionGraph, col_of: dict[int, int], side: str, other_tokens: dict[int, int]) -> list[str]:
+def _merged_ids(
+    g: AttributionGraph, col_of: dict[int, int], side: str, other_tokens: dict[int, int]
+) -> list[str]:
     out = []
     for i in range(g.n_nodes):
         k, L, p, f = int(g.kind[i]), int(g.layer[i]), int(g.pos[i]), int(g.feature[i])
@@ -136,13 +166,17 @@ def _influence(g: AttributionGraph) -> np.ndarray:
     if g.influence is not None:
         return np.asarray(g.influence, dtype=np.float64)
     from .prune import compute_influence
+
     return compute_influence(g)
 
 
-def compare(a: AttributionGraph, b: AttributionGraph, config: CompareConfig | None = None, **overrides) -> Comparison:
+def compare(
+    a: AttributionGraph, b: AttributionGraph, config: CompareConfig | None = None, **overrides
+) -> Comparison:
     """Compare two circuits. Unpruned graphs (no `metadata["pruning"]`) are pruned with the config's
     thresholds first; options as in `CompareConfig`."""
     from .prune import prune
+
     cfg = config or CompareConfig()
     for k, v in overrides.items():
         if not hasattr(cfg, k):
@@ -172,19 +206,44 @@ def compare(a: AttributionGraph, b: AttributionGraph, config: CompareConfig | No
     inf_b = dict(zip(mb, _influence(b)))
     label_of = {m: display_label(a, i)[0] for i, m in enumerate(ma)}
     label_of.update({m: display_label(b, i)[0] for i, m in enumerate(mb) if m not in label_of})
-    changes = [{"id": m, "a": float(inf_a.get(m, 0.0)), "b": float(inf_b.get(m, 0.0)),
-                "delta": float(inf_b.get(m, 0.0) - inf_a.get(m, 0.0)), "status": status[m], "label": label_of[m]}
-               for m in ia | ib]
+    changes = [
+        {
+            "id": m,
+            "a": float(inf_a.get(m, 0.0)),
+            "b": float(inf_b.get(m, 0.0)),
+            "delta": float(inf_b.get(m, 0.0) - inf_a.get(m, 0.0)),
+            "status": status[m],
+            "label": label_of[m],
+        }
+        for m in ia | ib
+    ]
     changes.sort(key=lambda c: (-abs(c["delta"]), c["id"]))
 
     def edges(g, ids):
         coo = g.adjacency.tocoo()
         return {(ids[s], ids[t]): float(w) for t, s, w in zip(coo.row, coo.col, coo.data)}
+
     ea, eb = edges(a, ma), edges(b, mb)
-    edge_changes = [{"source": s, "target": t, "a": ea.get((s, t), 0.0), "b": eb.get((s, t), 0.0),
-                     "delta": eb.get((s, t), 0.0) - ea.get((s, t), 0.0)} for s, t in set(ea) | set(eb)]
+    edge_changes = [
+        {
+            "source": s,
+            "target": t,
+            "a": ea.get((s, t), 0.0),
+            "b": eb.get((s, t), 0.0),
+            "delta": eb.get((s, t), 0.0) - ea.get((s, t), 0.0),
+        }
+        for s, t in set(ea) | set(eb)
+    ]
     edge_changes.sort(key=lambda c: (-abs(c["delta"]), c["source"], c["target"]))
-    return Comparison(a=a, b=b, columns=columns, a_to_merged=dict(zip(a.node_ids(), ma)),
-                      b_to_merged=dict(zip(b.node_ids(), mb)), node_status=status, jaccard=jaccard,
-                      feature_jaccard_any_position=fj, influence_changes=changes[:cfg.top_k],
-                      edge_changes=edge_changes[:cfg.top_k])
+    return Comparison(
+        a=a,
+        b=b,
+        columns=columns,
+        a_to_merged=dict(zip(a.node_ids(), ma)),
+        b_to_merged=dict(zip(b.node_ids(), mb)),
+        node_status=status,
+        jaccard=jaccard,
+        feature_jaccard_any_position=fj,
+        influence_changes=changes[: cfg.top_k],
+        edge_changes=edge_changes[: cfg.top_k],
+    )

@@ -10,6 +10,7 @@ weights, and weights memory-mapped from the safetensors files. It runs the forwa
 to sample training text) hands over to transformers with the same weights. `tests/test_gemma3.py` holds it to
 transformers' implementation: the same logits, the same recorded activations.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,10 +46,12 @@ class Gemma3Config:
     max_position_embeddings: int = 32768
     model_type: str = "gemma3_text"
     raw: dict = field(default_factory=dict, repr=False)  # the whole config.json, for transformers
-    _attn_implementation: str = "eager"  # "sdpa": no weights returned (faster, for harvesting activations)
+    _attn_implementation: str = (
+        "eager"  # "sdpa": no weights returned (faster, for harvesting activations)
+    )
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Gemma3Config":
+    def from_dict(cls, d: dict) -> Gemma3Config:
         """The config, or a UserError naming what this implementation does not cover (the caller then uses
         transformers)."""
         if d.get("model_type") != "gemma3_text":
@@ -58,28 +61,48 @@ class Gemma3Config:
         if d.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise UserError(f"hidden_activation {d.get('hidden_activation')!r} is not covered")
         n = d["num_hidden_layers"]
-        types = d.get("layer_types") or ["full_attention" if (i + 1) % d.get("sliding_window_pattern", 6) == 0
-                                         else "sliding_attention" for i in range(n)]
+        types = d.get("layer_types") or [
+            "full_attention"
+            if (i + 1) % d.get("sliding_window_pattern", 6) == 0
+            else "sliding_attention"
+            for i in range(n)
+        ]
         rope = {}
         for kind in ("full_attention", "sliding_attention"):
             if "rope_parameters" in d:  # transformers 5: one entry per layer type
                 p = d["rope_parameters"].get(kind, d["rope_parameters"])
             else:  # transformers 4: global theta and scaling, local base
                 p = dict(d.get("rope_scaling") or {}) if kind == "full_attention" else {}
-                p["rope_theta"] = d.get("rope_theta", 1e6) if kind == "full_attention" \
+                p["rope_theta"] = (
+                    d.get("rope_theta", 1e6)
+                    if kind == "full_attention"
                     else d.get("rope_local_base_freq", 1e4)
+                )
             rtype = p.get("rope_type", p.get("type", "default"))
             if rtype not in ("default", "linear"):
                 raise UserError(f"RoPE type {rtype!r} is not covered")
-            rope[kind] = (float(p["rope_theta"]), float(p.get("factor", 1.0)) if rtype == "linear" else 1.0)
-        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-                   num_hidden_layers=n, num_attention_heads=d["num_attention_heads"],
-                   num_key_value_heads=d["num_key_value_heads"], head_dim=d.get("head_dim", 256), layer_types=types,
-                   sliding_window=d.get("sliding_window", 4096), rope=rope,
-                   query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-                   final_logit_softcapping=d.get("final_logit_softcapping"),
-                   attn_logit_softcapping=d.get("attn_logit_softcapping"),
-                   max_position_embeddings=d.get("max_position_embeddings", 32768), raw=d)
+            rope[kind] = (
+                float(p["rope_theta"]),
+                float(p.get("factor", 1.0)) if rtype == "linear" else 1.0,
+            )
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=n,
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d["num_key_value_heads"],
+            head_dim=d.get("head_dim", 256),
+            layer_types=types,
+            sliding_window=d.get("sliding_window", 4096),
+            rope=rope,
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+            attn_logit_softcapping=d.get("attn_logit_softcapping"),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            raw=d,
+        )
 
 
 class Linear(nn.Linear):
@@ -110,7 +133,7 @@ class ScaledEmbedding(nn.Embedding):
 
     def __init__(self, vocab: int, dim: int):
         super().__init__(vocab, dim)
-        self.register_buffer("embed_scale", torch.tensor(dim ** 0.5), persistent=False)
+        self.register_buffer("embed_scale", torch.tensor(dim**0.5), persistent=False)
 
     def reset_parameters(self) -> None:  # as `Linear`
         pass
@@ -127,11 +150,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: Gemma3Config, layer: int):
         super().__init__()
-        D, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D, H, KV, hd = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.config, self.n_heads, self.n_kv, self.head_dim = cfg, H, KV, hd
         self.is_sliding = cfg.layer_types[layer] == "sliding_attention"
         self.sliding_window = cfg.sliding_window if self.is_sliding else None
-        self.scaling = cfg.query_pre_attn_scalar ** -0.5
+        self.scaling = cfg.query_pre_attn_scalar**-0.5
         self.q_proj, self.k_proj = Linear(D, H * hd, bias=False), Linear(D, KV * hd, bias=False)
         self.v_proj, self.o_proj = Linear(D, KV * hd, bias=False), Linear(H * hd, D, bias=False)
         self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
@@ -147,12 +175,18 @@ class Attention(nn.Module):
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         rep = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if self.config._attn_implementation == "sdpa" and self.config.attn_logit_softcapping is None:
+        if (
+            self.config._attn_implementation == "sdpa"
+            and self.config.attn_logit_softcapping is None
+        ):
             # an additive mask, as eager's: a query whose every key is hidden (left padding) reads them all
             # evenly instead of giving NaN
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~allowed, torch.finfo(q.dtype).min)
-            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling), None
+            out, weights = (
+                F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling),
+                None,
+            )
         else:
             scores = (q @ k.transpose(2, 3)) * self.scaling
             if self.config.attn_logit_softcapping is not None:
@@ -181,7 +215,10 @@ class DecoderLayer(nn.Module):
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.self_attn, self.mlp = Attention(cfg, layer), MLP(cfg)
         self.input_layernorm, self.post_attention_layernorm = RMSNorm(D, eps), RMSNorm(D, eps)
-        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = RMSNorm(D, eps), RMSNorm(D, eps)
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = (
+            RMSNorm(D, eps),
+            RMSNorm(D, eps),
+        )
 
     def forward(self, hidden_states: torch.Tensor, rope: dict, masks: dict) -> torch.Tensor:
         kind = "sliding_attention" if self.self_attn.is_sliding else "full_attention"
@@ -203,7 +240,9 @@ class TextModel(nn.Module):
         hd, pos = self.config.head_dim, torch.arange(n, device=device, dtype=torch.float32)
         out = {}
         for kind, (base, factor) in self.config.rope.items():
-            inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+            inv_freq = 1.0 / (
+                base ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
+            )
             freqs = pos[:, None] * (inv_freq / factor)[None]
             emb = torch.cat((freqs, freqs), dim=-1)[None]
             out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
@@ -214,7 +253,10 @@ class TextModel(nn.Module):
         the last `sliding_window` positions; keys whose attention_mask is 0 are hidden)."""
         q, k = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None]
         causal = k <= q
-        masks = {"full_attention": causal, "sliding_attention": causal & (q - k < self.config.sliding_window)}
+        masks = {
+            "full_attention": causal,
+            "sliding_attention": causal & (q - k < self.config.sliding_window),
+        }
         for kind, m in masks.items():
             m = m[None, None]
             if attention_mask is not None:
@@ -222,8 +264,13 @@ class TextModel(nn.Module):
             masks[kind] = m
         return masks
 
-    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **_ignored) -> SimpleNamespace:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **_ignored,
+    ) -> SimpleNamespace:
         """`.last_hidden_state` `[B, n, D]` (after the final norm). transformers' other arguments (use_cache,
         ...) are accepted and ignored: there is no KV cache; `generate` goes to transformers."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -247,10 +294,17 @@ class Gemma3CausalLM(nn.Module):
         self.source_dir: str | None = None  # the directory it was loaded from (`load_gemma3`)
         self._transformers = None
 
-    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, **_ignored) -> SimpleNamespace:
-        h = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                       attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **_ignored,
+    ) -> SimpleNamespace:
+        h = self.model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        ).last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         cap = self.config.final_logit_softcapping
         if cap is not None:
@@ -261,20 +315,36 @@ class Gemma3CausalLM(nn.Module):
         """transformers' Gemma3ForCausalLM on these same parameter tensors (no copy of the weights)."""
         if self._transformers is None:
             from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
-            raw = {k: v for k, v in self.config.raw.items() if k not in ("architectures", "transformers_version")}
+
+            raw = {
+                k: v
+                for k, v in self.config.raw.items()
+                if k not in ("architectures", "transformers_version")
+            }
             cfg = Gemma3TextConfig(**raw)
             cfg._attn_implementation = "eager"
             with torch.device("meta"):
                 hf = Gemma3ForCausalLM(cfg)
             hf.load_state_dict(dict(self.state_dict()), assign=True)
             hf.model.embed_tokens.embed_scale = self.model.embed_tokens.embed_scale.clone()
-            for name, m in list(hf.named_modules()):  # what was made on the meta device and is not a weight
+            for name, m in list(
+                hf.named_modules()
+            ):  # what was made on the meta device and is not a weight
                 if any(b.is_meta for b in m.buffers(recurse=False)):
                     if "Rotary" not in type(m).__name__:
-                        raise RuntimeError(f"transformers' {type(m).__name__} holds buffers this cannot rebuild")
+                        raise RuntimeError(
+                            f"transformers' {type(m).__name__} holds buffers this cannot rebuild"
+                        )
                     parent, _, attr = name.rpartition(".")
-                    setattr(hf.get_submodule(parent), attr, type(m)(config=cfg, device=self.lm_head.weight.device))
-            if self.source_dir is not None and (Path(self.source_dir) / "generation_config.json").exists():
+                    setattr(
+                        hf.get_submodule(parent),
+                        attr,
+                        type(m)(config=cfg, device=self.lm_head.weight.device),
+                    )
+            if (
+                self.source_dir is not None
+                and (Path(self.source_dir) / "generation_config.json").exists()
+            ):
                 hf.generation_config = GenerationConfig.from_pretrained(self.source_dir)
             self._transformers = hf.eval().requires_grad_(False)
         return self._transformers
@@ -284,18 +354,23 @@ class Gemma3CausalLM(nn.Module):
         return self.to_transformers().generate(*args, **kwargs)
 
 
-def load_gemma3(path: str | Path, dtype: torch.dtype = torch.float32,
-                cfg: Gemma3Config | None = None) -> Gemma3CausalLM:
+def load_gemma3(
+    path: str | Path, dtype: torch.dtype = torch.float32, cfg: Gemma3Config | None = None
+) -> Gemma3CausalLM:
     """A Hugging Face directory's Gemma 3 text model (config.json, model.safetensors or its shards). Weights
     stored in `dtype` stay memory-mapped views of their files; others are converted. A config this module
     does not cover raises UserError (`load_model` then uses transformers). `cfg`: its config.json, where the
     caller has read it already."""
     from transcoders.formats import read_safetensors
+
     path = Path(path)
     cfg = cfg or Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
         else ["model.safetensors"]
+    )
     state = {}
     for name in files:
         state.update(read_safetensors(path / name)[0])
@@ -306,12 +381,16 @@ def load_gemma3(path: str | Path, dtype: torch.dtype = torch.float32,
     expected = dict(model.state_dict())
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise UserError(f"{path} lacks {len(missing)} of the weights its config.json implies, e.g. {missing[0]}; "
-                        "the files may be incomplete")
+        raise UserError(
+            f"{path} lacks {len(missing)} of the weights its config.json implies, e.g. {missing[0]}; "
+            "the files may be incomplete"
+        )
     wrong = [k for k, t in expected.items() if tuple(state[k].shape) != tuple(t.shape)]
     if wrong:
-        raise UserError(f"{path}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, config.json implies "
-                        f"{tuple(expected[wrong[0]].shape)}")
+        raise UserError(
+            f"{path}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, config.json implies "
+            f"{tuple(expected[wrong[0]].shape)}"
+        )
     model.load_state_dict({k: state[k] for k in expected}, assign=True)
     model.lm_head.weight = model.model.embed_tokens.weight
     gen = path / "generation_config.json"

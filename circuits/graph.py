@@ -6,9 +6,9 @@ linear effect of source node s on target node t's input, a sparse CSR matrix `[n
 (targets x sources). Rows exist for feature and logit nodes; error and token nodes are sources only.
 For every computed row: `adjacency[t].sum() + row_constant[t] == node_input[t]`.
 """
+
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -35,9 +35,15 @@ class AttributionGraph:
     layer: np.ndarray  # [n_nodes] int32: source layer; -1 for tokens; n_layers for logits
     pos: np.ndarray  # [n_nodes] int32
     feature: np.ndarray  # [n_nodes] int64: feature id; vocabulary id for logits; -1 otherwise
-    activation: np.ndarray  # [n_nodes] float32: feature activation; |error|; |embedding|; logit value
-    node_input: np.ndarray  # [n_nodes] float32: encoder pre-activation / logit input; NaN for sources only
-    row_constant: np.ndarray  # [n_nodes] float32: input not explained by edges (biases, frozen terms)
+    activation: (
+        np.ndarray
+    )  # [n_nodes] float32: feature activation; |error|; |embedding|; logit value
+    node_input: (
+        np.ndarray
+    )  # [n_nodes] float32: encoder pre-activation / logit input; NaN for sources only
+    row_constant: (
+        np.ndarray
+    )  # [n_nodes] float32: input not explained by edges (biases, frozen terms)
     has_row: np.ndarray  # [n_nodes] bool: whether the node's incoming edges were computed
     adjacency: sp.csr_array  # [n_nodes, n_nodes] targets x sources
     logit_probabilities: np.ndarray  # [n_logits]
@@ -116,25 +122,40 @@ class AttributionGraph:
         """Write the graph as one .npz file (atomically: a temporary file, then a rename)."""
         path = Path(path)
         arrays = {
-            "tokens": self.tokens, "kind": self.kind, "layer": self.layer, "pos": self.pos,
-            "feature": self.feature, "activation": self.activation, "node_input": self.node_input,
-            "row_constant": self.row_constant, "has_row": self.has_row,
+            "tokens": self.tokens,
+            "kind": self.kind,
+            "layer": self.layer,
+            "pos": self.pos,
+            "feature": self.feature,
+            "activation": self.activation,
+            "node_input": self.node_input,
+            "row_constant": self.row_constant,
+            "has_row": self.has_row,
             "logit_probabilities": self.logit_probabilities,
-            "adj_data": self.adjacency.data, "adj_indices": self.adjacency.indices,
+            "adj_data": self.adjacency.data,
+            "adj_indices": self.adjacency.indices,
             "adj_indptr": self.adjacency.indptr,
         }
         if self.influence is not None:
             arrays["influence"] = self.influence
-        header = {"format": "gemma-circuits-graph", "version": FORMAT_VERSION, "prompt": self.prompt,
-                  "token_strings": self.token_strings, "n_layers": self.n_layers,
-                  "shape": list(self.adjacency.shape), "metadata": self.metadata,
-                  "labels": {str(k): v for k, v in self.labels.items()}}
-        arrays["header"] = np.frombuffer(json.dumps(header, default=_json_default).encode(), dtype=np.uint8)
+        header = {
+            "format": "gemma-circuits-graph",
+            "version": FORMAT_VERSION,
+            "prompt": self.prompt,
+            "token_strings": self.token_strings,
+            "n_layers": self.n_layers,
+            "shape": list(self.adjacency.shape),
+            "metadata": self.metadata,
+            "labels": {str(k): v for k, v in self.labels.items()},
+        }
+        arrays["header"] = np.frombuffer(
+            json.dumps(header, default=_json_default).encode(), dtype=np.uint8
+        )
         atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "AttributionGraph":
+    def load(cls, path: str | Path) -> AttributionGraph:
         path = Path(path)
         if not path.exists():
             raise UserError(f"graph file {path} does not exist")
@@ -146,43 +167,68 @@ class AttributionGraph:
             raise UserError(f"{path} is not a gemma-circuits graph file or is corrupt ({e})")
         if header.get("format") != "gemma-circuits-graph":
             raise UserError(f"{path} is not a gemma-circuits graph file")
-        adj = sp.csr_array((a.pop("adj_data"), a.pop("adj_indices"), a.pop("adj_indptr")),
-                           shape=tuple(header["shape"]))
-        return cls(prompt=header["prompt"], token_strings=header["token_strings"], n_layers=header["n_layers"],
-                   metadata=header["metadata"], labels={int(k): v for k, v in header["labels"].items()},
-                   adjacency=adj, influence=a.pop("influence", None), **a)
+        adj = sp.csr_array(
+            (a.pop("adj_data"), a.pop("adj_indices"), a.pop("adj_indptr")),
+            shape=tuple(header["shape"]),
+        )
+        return cls(
+            prompt=header["prompt"],
+            token_strings=header["token_strings"],
+            n_layers=header["n_layers"],
+            metadata=header["metadata"],
+            labels={int(k): v for k, v in header["labels"].items()},
+            adjacency=adj,
+            influence=a.pop("influence", None),
+            **a,
+        )
 
     # -- views for other tools ------------------------------------------------------------------
     def to_networkx(self):
         from .export import graph_to_networkx
+
         return graph_to_networkx(self)
 
     @classmethod
-    def from_networkx(cls, g) -> "AttributionGraph":
+    def from_networkx(cls, g) -> AttributionGraph:
         from .export import graph_from_networkx
+
         return graph_from_networkx(g)
 
-    def subgraph(self, keep: np.ndarray) -> "AttributionGraph":
+    def subgraph(self, keep: np.ndarray) -> AttributionGraph:
         """The graph restricted to the nodes in `keep` (indices or boolean mask), in their original order."""
         keep = np.asarray(keep)
         idx = np.flatnonzero(keep) if keep.dtype == bool else np.sort(keep)
         adj = self.adjacency[idx][:, idx]
         remap = {int(o): n for n, o in enumerate(idx)}
         return AttributionGraph(
-            prompt=self.prompt, tokens=self.tokens, token_strings=self.token_strings,
-            kind=self.kind[idx], layer=self.layer[idx], pos=self.pos[idx], feature=self.feature[idx],
-            activation=self.activation[idx], node_input=self.node_input[idx],
-            row_constant=self.row_constant[idx], has_row=self.has_row[idx], adjacency=sp.csr_array(adj),
+            prompt=self.prompt,
+            tokens=self.tokens,
+            token_strings=self.token_strings,
+            kind=self.kind[idx],
+            layer=self.layer[idx],
+            pos=self.pos[idx],
+            feature=self.feature[idx],
+            activation=self.activation[idx],
+            node_input=self.node_input[idx],
+            row_constant=self.row_constant[idx],
+            has_row=self.has_row[idx],
+            adjacency=sp.csr_array(adj),
             logit_probabilities=self.logit_probabilities[np.isin(self.logit_nodes, idx)],
-            n_layers=self.n_layers, metadata=json.loads(json.dumps(self.metadata, default=_json_default)),
+            n_layers=self.n_layers,
+            metadata=json.loads(json.dumps(self.metadata, default=_json_default)),
             influence=None if self.influence is None else self.influence[idx],
-            labels={remap[k]: v for k, v in self.labels.items() if k in remap})
+            labels={remap[k]: v for k, v in self.labels.items() if k in remap},
+        )
 
     def summary(self) -> str:
         n = {name: int((self.kind == k).sum()) for k, name in enumerate(KIND_NAMES)}
-        top = ", ".join(f"{s!r} {p:.3f}" for s, p in zip(self.logit_strings, self.logit_probabilities))
-        return (f"{n['feature']} features, {n['error']} error nodes, {n['token']} tokens, {n['logit']} logits "
-                f"({top}); {self.adjacency.nnz} edges")
+        top = ", ".join(
+            f"{s!r} {p:.3f}" for s, p in zip(self.logit_strings, self.logit_probabilities)
+        )
+        return (
+            f"{n['feature']} features, {n['error']} error nodes, {n['token']} tokens, {n['logit']} logits "
+            f"({top}); {self.adjacency.nnz} edges"
+        )
 
 
 def _json_default(x):

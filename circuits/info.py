@@ -1,4 +1,5 @@
 """`circuits info`: versions, device, edge backend and caches."""
+
 from __future__ import annotations
 
 import platform
@@ -15,14 +16,23 @@ def info_lines() -> list[str]:
     from .models import DEFAULT_MODEL, cache_dir
 
     cuda = torch.cuda.is_available()
-    device = f"cuda ({torch.cuda.get_device_name(0)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    device = (
+        f"cuda ({torch.cuda.get_device_name(0)})"
+        if cuda
+        else f"cpu ({torch.get_num_threads()} threads)"
+    )
     dev = "cuda" if cuda else "cpu"
     root = cache_dir()
     model_cache = root / "models" / "gemma-3-270m-hf"
     try:
         from transcoders.default import default_transcoders_dir
+
         tc_dir = default_transcoders_dir()
-        tc_state = "trained" if (tc_dir / "config.json").exists() else "not trained yet (the first trace trains it)"
+        tc_state = (
+            "trained"
+            if (tc_dir / "config.json").exists()
+            else "not trained yet (the first trace trains it)"
+        )
     except ImportError:
         tc_dir, tc_state = root / "transcoders", "unavailable"
     return [

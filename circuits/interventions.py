@@ -19,6 +19,7 @@ Generation is greedy and always runs the full model (frozen patterns exist only 
 intervention held at its positions. Generated positions have no clean run, so their error term is the live
 one: the real MLP output there plus the change of the transcoder output that the intervention causes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,14 @@ import torch
 from .errors import UserError
 from .graph import AttributionGraph
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .replacement import FrozenWeights, PromptState, check_prompt, frozen_forward, run_and_freeze, softcap
+from .replacement import (
+    FrozenWeights,
+    PromptState,
+    check_prompt,
+    frozen_forward,
+    run_and_freeze,
+    softcap,
+)
 
 OPS = ("set", "scale", "zero")
 MODES = ("frozen", "full")
@@ -42,8 +50,12 @@ class InterventionConfig:
     """One intervention job: drives both `circuits intervene` and `circuits.intervene`."""
 
     model: str = DEFAULT_MODEL
-    transcoders: str = "default"  # "default", or a path (native, Gemma Scope 2 or circuit-tracer layout)
-    mode: str = "frozen"  # "frozen" (attention and norms of the clean run) or "full" (real model re-run)
+    transcoders: str = (
+        "default"  # "default", or a path (native, Gemma Scope 2 or circuit-tracer layout)
+    )
+    mode: str = (
+        "frozen"  # "frozen" (attention and norms of the clean run) or "full" (real model re-run)
+    )
     propagate: bool = True  # False: features not intervened on keep their clean activations
     generate: int = 0  # greedy continuation tokens (clean and intervened)
     top_k: int = 10  # rows of the before/after table
@@ -95,7 +107,9 @@ class InterventionResult:
     applied: list[str]
     logits_clean: torch.Tensor = field(repr=False)
     logits: torch.Tensor = field(repr=False)
-    top: list[dict] = field(repr=False)  # the before/after table: union of the top-k tokens before and after
+    top: list[dict] = field(
+        repr=False
+    )  # the before/after table: union of the top-k tokens before and after
     clean_acts: list[torch.Tensor] = field(repr=False, default_factory=list)
     acts: list[torch.Tensor] = field(repr=False, default_factory=list)
     raw_logits_clean: torch.Tensor | None = field(repr=False, default=None)
@@ -117,33 +131,54 @@ class InterventionResult:
     @property
     def n_changed_features(self) -> int:
         """How many (layer, position, feature) activations differ from the clean run (intervened ones too)."""
-        return int(sum(((a - c).abs() > 1e-6 * (1 + c.abs())).sum() for a, c in zip(self.acts, self.clean_acts)))
+        return int(
+            sum(
+                ((a - c).abs() > 1e-6 * (1 + c.abs())).sum()
+                for a, c in zip(self.acts, self.clean_acts)
+            )
+        )
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "token_strings": self.token_strings, "mode": self.mode,
-                "propagate": self.propagate, "interventions": self.applied, "top": self.top,
-                "n_changed_features": self.n_changed_features, "notes": self.notes,
-                "continuation_clean": self.continuation_clean, "continuation": self.continuation}
+        return {
+            "prompt": self.prompt,
+            "token_strings": self.token_strings,
+            "mode": self.mode,
+            "propagate": self.propagate,
+            "interventions": self.applied,
+            "top": self.top,
+            "n_changed_features": self.n_changed_features,
+            "notes": self.notes,
+            "continuation_clean": self.continuation_clean,
+            "continuation": self.continuation,
+        }
 
     def table(self) -> str:
         """The before/after table as text (what `circuits intervene` prints)."""
         world = "frozen attention and norms" if self.mode == "frozen" else "full re-run"
-        lines = [f"interventions ({world}{'' if self.propagate else ', other features held'}): "
-                 + ("; ".join(self.applied) or "none"), *[f"note: {n}" for n in self.notes],
-                 f"features whose activation changed: {self.n_changed_features}",
-                 f"{'token':<18}{'logit':>9}{'after':>9}{'change':>9}{'prob':>9}{'after':>9}{'change':>9}"]
+        lines = [
+            f"interventions ({world}{'' if self.propagate else ', other features held'}): "
+            + ("; ".join(self.applied) or "none"),
+            *[f"note: {n}" for n in self.notes],
+            f"features whose activation changed: {self.n_changed_features}",
+            f"{'token':<18}{'logit':>9}{'after':>9}{'change':>9}{'prob':>9}{'after':>9}{'change':>9}",
+        ]
         for r in self.top:
-            lines.append(f"{r['token']!r:<18.18}{r['logit_before']:>9.3f}{r['logit_after']:>9.3f}"
-                         f"{r['logit_change']:>+9.3f}{r['prob_before']:>9.4f}{r['prob_after']:>9.4f}"
-                         f"{r['prob_change']:>+9.4f}")
+            lines.append(
+                f"{r['token']!r:<18.18}{r['logit_before']:>9.3f}{r['logit_after']:>9.3f}"
+                f"{r['logit_change']:>+9.3f}{r['prob_before']:>9.4f}{r['prob_after']:>9.4f}"
+                f"{r['prob_change']:>+9.4f}"
+            )
         if self.continuation is not None:
             note = " (generated by the full model)" if self.mode == "frozen" else ""
-            lines += [f"continuation, clean:       {self.continuation_clean!r}",
-                      f"continuation, intervened:  {self.continuation!r}{note}"]
+            lines += [
+                f"continuation, clean:       {self.continuation_clean!r}",
+                f"continuation, intervened:  {self.continuation!r}{note}",
+            ]
         return "\n".join(lines)
 
 
 # -- targets ------------------------------------------------------------------------------------------
+
 
 def normalize(interventions) -> list[Intervention]:
     """Interventions from a dict {target: value} (set), a list of `Intervention`, or tuples (op, target[, value])."""
@@ -158,7 +193,9 @@ def normalize(interventions) -> list[Intervention]:
         elif isinstance(item, (tuple, list)) and len(item) in (2, 3) and item[0] in OPS:
             out.append(Intervention(item[0], item[1], float(item[2]) if len(item) == 3 else 0.0))
         else:
-            raise UserError(f"cannot read intervention {item!r}; use (op, target[, value]) with op in {OPS}")
+            raise UserError(
+                f"cannot read intervention {item!r}; use (op, target[, value]) with op in {OPS}"
+            )
     for iv in out:
         if iv.op not in OPS:
             raise UserError(f"unknown operation {iv.op!r}; use one of {', '.join(OPS)}")
@@ -170,28 +207,37 @@ def parse_node(node_id: str, n_layers: int, n_pos: int, d_sae: int) -> Site:
     parts = node_id.strip().split(":")
     kind = parts[0]
     if kind in ("t", "l"):
-        raise UserError(f"{node_id!r} is a {'token' if kind == 't' else 'logit'} node; interventions act on "
-                        f"features (f:LAYER:POS:FEATURE) and error nodes (e:LAYER:POS)")
+        raise UserError(
+            f"{node_id!r} is a {'token' if kind == 't' else 'logit'} node; interventions act on "
+            f"features (f:LAYER:POS:FEATURE) and error nodes (e:LAYER:POS)"
+        )
     if (kind, len(parts)) not in (("f", 4), ("e", 3)):
-        raise UserError(f"cannot read node {node_id!r}: features are f:LAYER:POS:FEATURE (e.g. f:3:5:1021), "
-                        f"error nodes e:LAYER:POS; POS may be *")
+        raise UserError(
+            f"cannot read node {node_id!r}: features are f:LAYER:POS:FEATURE (e.g. f:3:5:1021), "
+            f"error nodes e:LAYER:POS; POS may be *"
+        )
     try:
         layer = int(parts[1])
         pos = None if parts[2] == "*" else int(parts[2])
         feature = int(parts[3]) if kind == "f" else -1
     except ValueError:
-        raise UserError(f"cannot read node {node_id!r}: LAYER, POS and FEATURE must be integers (POS may be *)")
+        raise UserError(
+            f"cannot read node {node_id!r}: LAYER, POS and FEATURE must be integers (POS may be *)"
+        )
     if not 0 <= layer < n_layers:
         raise UserError(f"node {node_id}: layer {layer} is outside 0..{n_layers - 1}")
     if pos is not None and not 0 <= pos < n_pos:
-        raise UserError(f"node {node_id}: position {pos} is outside the prompt's positions 0..{n_pos - 1}")
+        raise UserError(
+            f"node {node_id}: position {pos} is outside the prompt's positions 0..{n_pos - 1}"
+        )
     if kind == "f" and not 0 <= feature < d_sae:
         raise UserError(f"node {node_id}: feature {feature} is outside 0..{d_sae - 1}")
     return Site(kind, layer, pos, feature)
 
 
-def resolve(interventions, supernodes: dict | None, n_layers: int, n_pos: int,
-            d_sae: int) -> tuple[list[tuple[str, float, Site]], list[str]]:
+def resolve(
+    interventions, supernodes: dict | None, n_layers: int, n_pos: int, d_sae: int
+) -> tuple[list[tuple[str, float, Site]], list[str]]:
     """Expand supernodes and parse node ids. Returns ([(op, value, site)], descriptions)."""
     supernodes = supernodes or {}
     ops, described = [], []
@@ -199,13 +245,18 @@ def resolve(interventions, supernodes: dict | None, n_layers: int, n_pos: int,
         if isinstance(iv.target, (list, tuple)):
             members, name = list(iv.target), f"{len(iv.target)} nodes"
         elif iv.target in supernodes:
-            members, name = list(supernodes[iv.target]), f"supernode {iv.target!r} ({len(supernodes[iv.target])} nodes)"
+            members, name = (
+                list(supernodes[iv.target]),
+                f"supernode {iv.target!r} ({len(supernodes[iv.target])} nodes)",
+            )
         elif ":" in str(iv.target):
             members, name = [iv.target], str(iv.target)
         else:
             known = ", ".join(map(repr, supernodes)) or "none given"
-            raise UserError(f"unknown node or supernode {iv.target!r}; node ids look like f:LAYER:POS:FEATURE, "
-                            f"supernodes come from --groups (known: {known})")
+            raise UserError(
+                f"unknown node or supernode {iv.target!r}; node ids look like f:LAYER:POS:FEATURE, "
+                f"supernodes come from --groups (known: {known})"
+            )
         if not members:
             raise UserError(f"supernode {iv.target!r} is empty")
         for m in members:
@@ -213,7 +264,10 @@ def resolve(interventions, supernodes: dict | None, n_layers: int, n_pos: int,
             if site.kind == "e" and iv.op == "set":
                 raise UserError(f"{m}: an error node is a vector; scale or zero it, don't set it")
             ops.append((iv.op, float(iv.value), site))
-        described.append(f"{iv.op} {name}" + {"set": f" = {iv.value:g}", "scale": f" x{iv.value:g}"}.get(iv.op, ""))
+        described.append(
+            f"{iv.op} {name}"
+            + {"set": f" = {iv.value:g}", "scale": f" x{iv.value:g}"}.get(iv.op, "")
+        )
     return ops, described
 
 
@@ -229,7 +283,7 @@ def load_supernodes(path) -> dict[str, list[str]]:
         raise UserError(f"{p} is not valid JSON ({e}); save the grouping again from the viewer")
     groups = data.get("supernodes", data) if isinstance(data, dict) else None
     if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
-        raise UserError(f"{p} must hold {{\"supernodes\": {{\"name\": [node ids, ...]}}}}")
+        raise UserError(f'{p} must hold {{"supernodes": {{"name": [node ids, ...]}}}}')
     return {str(k): [str(x) for x in v] for k, v in groups.items()}
 
 
@@ -268,8 +322,10 @@ def inert_notes(ops, clean_acts: list[torch.Tensor]) -> list[str]:
             acts = clean_acts[s.layer][slice(None) if s.pos is None else s.pos, s.feature]
             if not bool(acts.any()):
                 pos = "*" if s.pos is None else s.pos
-                notes.append(f"f:{s.layer}:{pos}:{s.feature} is inactive in the prompt (activation 0), so "
-                             f"{op} leaves it at 0 there; use set to switch it on")
+                notes.append(
+                    f"f:{s.layer}:{pos}:{s.feature} is inactive in the prompt (activation 0), so "
+                    f"{op} leaves it at 0 there; use set to switch it on"
+                )
     return notes
 
 
@@ -279,11 +335,12 @@ def _error_factors(ops, layer: int, n: int, device=None) -> torch.Tensor | None:
     for op, value, s in ops:
         if s.kind == "e" and s.layer == layer:
             f = torch.ones(n, device=device) if f is None else f
-            f[slice(None) if s.pos is None else s.pos] *= (0.0 if op == "zero" else value)
+            f[slice(None) if s.pos is None else s.pos] *= 0.0 if op == "zero" else value
     return f
 
 
 # -- frozen mode ---------------------------------------------------------------------------------------
+
 
 def _frozen(state: PromptState, fw: FrozenWeights, tc, ops, propagate: bool):
     """(clean acts, acts, raw clean logits, raw logits) in the frozen replacement model."""
@@ -305,15 +362,20 @@ def _frozen(state: PromptState, fw: FrozenWeights, tc, ops, propagate: bool):
             # x_l depends on features of layers < l only, which are final by now. The change is taken
             # against the frozen clean pass, so nothing moves where nothing upstream moved (the frozen and
             # the real forward pass differ by rounding); a feature that switches off is exactly 0.
-            new = tc.activate(l, frozen_forward(state, fw, tc, acts, errs, logits=False)["preacts"][l]).float()
+            new = tc.activate(
+                l, frozen_forward(state, fw, tc, acts, errs, logits=False)["preacts"][l]
+            ).float()
             old = tc.activate(l, ref["preacts"][l]).float()
-            acts[l] = torch.where(new == old, clean_acts[l], torch.where(new == 0, 0.0, clean_acts[l] + new - old))
+            acts[l] = torch.where(
+                new == old, clean_acts[l], torch.where(new == 0, 0.0, clean_acts[l] + new - old)
+            )
         _apply_feature_ops(acts[l], l, ops)
     out = frozen_forward(state, fw, tc, acts, errs)
     return clean_acts, acts, ref["logits"].cpu(), out["logits"].cpu()
 
 
 # -- full mode -----------------------------------------------------------------------------------------
+
 
 class Splice:
     """Hooks that splice the transcoders into the real model with the clean error terms held fixed.
@@ -332,13 +394,17 @@ class Splice:
         self.clean_in, self.clean_out = state.mlp_in.to(self.dev), state.mlp_out.to(self.dev)
         L = lm.sites.n_layers
         self.acts, self.ref, self.x, self.x_ref = [None] * L, [None] * L, [None] * L, [None] * L
-        self.first_acts: list[torch.Tensor] | None = None  # acts at prompt positions of the first pass
+        self.first_acts: list[torch.Tensor] | None = (
+            None  # acts at prompt positions of the first pass
+        )
         self.handles = []
 
     def __enter__(self):
         for l, s in enumerate(self.lm.sites.layers):
             self.handles.append(s.pre_feedforward_layernorm.register_forward_hook(self._mlp_in(l)))
-            self.handles.append(s.post_feedforward_layernorm.register_forward_hook(self._mlp_out(l)))
+            self.handles.append(
+                s.post_feedforward_layernorm.register_forward_hook(self._mlp_out(l))
+            )
         return self
 
     def __exit__(self, *exc):
@@ -351,14 +417,15 @@ class Splice:
             x = output[0].float().to(self.dev)  # [T, D]
             live = self.tc.encode(l, x).float()
             ref = live.clone()
-            ref[:self.n] = self.clean_acts[l]
+            ref[: self.n] = self.clean_acts[l]
             acts = live if self.propagate else live.clone()
             if not self.propagate:
-                acts[:self.n] = self.clean_acts[l]
+                acts[: self.n] = self.clean_acts[l]
             _apply_feature_ops(acts, l, self.ops)
             x_ref = x.clone()
-            x_ref[:self.n] = self.clean_in[l]
+            x_ref[: self.n] = self.clean_in[l]
             self.acts[l], self.ref[l], self.x[l], self.x_ref[l] = acts, ref, x, x_ref
+
         return hook
 
     def _mlp_out(self, l: int):
@@ -366,7 +433,7 @@ class Splice:
 
         def hook(module, args, output):
             base = output[0].float().to(self.dev, copy=True)  # [T, D]
-            base[:self.n] = self.clean_out[l]
+            base[: self.n] = self.clean_out[l]
             change = torch.zeros_like(base)
             for s in tc.output_layers_into(l):
                 w = tc.W_dec[s][:, l - s] if tc.is_clt else tc.W_dec[s]
@@ -377,15 +444,21 @@ class Splice:
                 change += (tc.skip_term(l, self.x[l]) - tc.skip_term(l, self.x_ref[l])).float()
             factors = _error_factors(self.ops, l, base.shape[0], self.dev)
             if factors is not None:
-                recon_ref = tc.b_dec[l].float() + sum(
-                    self.ref[s].to(tc.W_dec[s].dtype) @ (tc.W_dec[s][:, l - s] if tc.is_clt else tc.W_dec[s])
-                    for s in tc.output_layers_into(l)).float()
+                recon_ref = (
+                    tc.b_dec[l].float()
+                    + sum(
+                        self.ref[s].to(tc.W_dec[s].dtype)
+                        @ (tc.W_dec[s][:, l - s] if tc.is_clt else tc.W_dec[s])
+                        for s in tc.output_layers_into(l)
+                    ).float()
+                )
                 if tc.W_skip is not None:
                     recon_ref = recon_ref + tc.skip_term(l, self.x_ref[l]).float()
                 change += (factors - 1)[:, None] * (base - recon_ref)
             if self.first_acts is None and l == len(self.acts) - 1:
-                self.first_acts = [a[:self.n].clone() for a in self.acts]
+                self.first_acts = [a[: self.n].clone() for a in self.acts]
             return (base + change).to(output.device, output.dtype)[None]
+
         return hook
 
 
@@ -402,19 +475,24 @@ def _last_logits(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(lm: LoadedModel, tokens: torch.Tensor, n_new: int, hooks=None, desc: str | None = None) -> list[int]:
+def greedy(
+    lm: LoadedModel, tokens: torch.Tensor, n_new: int, hooks=None, desc: str | None = None
+) -> list[int]:
     """Greedy continuation of `tokens` `[n]` (stops at end of sequence), each step a full re-run inside the
     `hooks` context (a `Splice`, or None for the plain model). `desc`: show a progress bar with this name."""
     ids, out, eos = tokens.clone(), [], _eos_ids(lm)
     steps = range(n_new)
     if desc:
         from tqdm.auto import tqdm
+
         steps = tqdm(steps, desc=desc, unit="tok", leave=False)
     for _ in steps:
         with hooks if hooks is not None else contextlib.nullcontext():
             # the model's own head, not `lm.last_logits`: a pass over the vocabulary from the file each step
             # made 10 steps 1.8 s instead of 1.0 (270M, 2 cores); generation keeps it resident instead
-            logits = lm.model(ids[None].to(lm.device), use_cache=False, logits_to_keep=1).logits[0, -1]
+            logits = lm.model(ids[None].to(lm.device), use_cache=False, logits_to_keep=1).logits[
+                0, -1
+            ]
             nxt = int(logits.argmax())
         out.append(nxt)
         ids = torch.cat([ids, torch.tensor([nxt])])
@@ -424,6 +502,7 @@ def greedy(lm: LoadedModel, tokens: torch.Tensor, n_new: int, hooks=None, desc: 
 
 
 # -- the job -------------------------------------------------------------------------------------------
+
 
 def apply_overrides(cfg, overrides: dict):
     """Set keyword options on a job's config dataclass (unknown names are a TypeError), then check it."""
@@ -438,10 +517,19 @@ def apply_overrides(cfg, overrides: dict):
 def _top_rows(lm: LoadedModel, before: torch.Tensor, after: torch.Tensor, k: int) -> list[dict]:
     pb, pa = torch.softmax(before, -1), torch.softmax(after, -1)
     ids = dict.fromkeys(pb.topk(k).indices.tolist() + pa.topk(k).indices.tolist())
-    rows = [{"token": lm.tokenizer.decode([i]), "id": i, "logit_before": float(before[i]),
-             "logit_after": float(after[i]), "logit_change": float(after[i] - before[i]),
-             "prob_before": float(pb[i]), "prob_after": float(pa[i]), "prob_change": float(pa[i] - pb[i])}
-            for i in ids]
+    rows = [
+        {
+            "token": lm.tokenizer.decode([i]),
+            "id": i,
+            "logit_before": float(before[i]),
+            "logit_after": float(after[i]),
+            "logit_change": float(after[i] - before[i]),
+            "prob_before": float(pb[i]),
+            "prob_after": float(pa[i]),
+            "prob_change": float(pa[i] - pb[i]),
+        }
+        for i in ids
+    ]
     return sorted(rows, key=lambda r: -max(r["prob_before"], r["prob_after"]))
 
 
@@ -451,9 +539,15 @@ def _graph_transcoders(graph: AttributionGraph) -> str:
 
 
 @torch.no_grad()
-def intervene(lm: LoadedModel | str | None = None, prompt="", interventions=None, transcoders=None,
-              config: InterventionConfig | None = None, supernodes: dict | None = None,
-              **overrides) -> InterventionResult:
+def intervene(
+    lm: LoadedModel | str | None = None,
+    prompt="",
+    interventions=None,
+    transcoders=None,
+    config: InterventionConfig | None = None,
+    supernodes: dict | None = None,
+    **overrides,
+) -> InterventionResult:
     """Run `prompt` with `interventions` under constrained patching; see the module docstring.
 
     lm: a LoadedModel or a model name/path. prompt: text, a token tensor `[n]`, or an AttributionGraph
@@ -463,14 +557,20 @@ def intervene(lm: LoadedModel | str | None = None, prompt="", interventions=None
     top_k, chat, ...) as keyword overrides.
     """
     from .attribution import resolve_transcoders
+
     cfg = apply_overrides(config or InterventionConfig(), overrides)
     graph = prompt if isinstance(prompt, AttributionGraph) else None
     if lm is None or isinstance(lm, str):
-        lm = load_model(lm or (graph.metadata.get("model") if graph else None) or cfg.model,
-                        device=cfg.device, dtype=cfg.dtype)
+        lm = load_model(
+            lm or (graph.metadata.get("model") if graph else None) or cfg.model,
+            device=cfg.device,
+            dtype=cfg.dtype,
+        )
     if graph is not None:
         if graph.metadata.get("model") not in (None, lm.name):
-            raise UserError(f"the graph was traced on {graph.metadata['model']}, not {lm.name}; load that model")
+            raise UserError(
+                f"the graph was traced on {graph.metadata['model']}, not {lm.name}; load that model"
+            )
         tokens = torch.as_tensor(graph.tokens, dtype=torch.long)
         text = graph.prompt
         supernodes = {**(graph.metadata.get("supernodes") or {}), **(supernodes or {})}
@@ -483,7 +583,9 @@ def intervene(lm: LoadedModel | str | None = None, prompt="", interventions=None
     else:
         raise UserError("the prompt must be text, a token tensor or an AttributionGraph")
     check_prompt(lm, tokens)
-    tc = resolve_transcoders(transcoders if transcoders is not None else cfg.transcoders, lm, cfg.progress)
+    tc = resolve_transcoders(
+        transcoders if transcoders is not None else cfg.transcoders, lm, cfg.progress
+    )
     ops, applied = resolve(interventions, supernodes, lm.sites.n_layers, len(tokens), tc.d_sae)
 
     state = run_and_freeze(lm, tokens)
@@ -494,7 +596,9 @@ def intervene(lm: LoadedModel | str | None = None, prompt="", interventions=None
         logits_clean, logits = softcap(raw_clean, fw.softcap), softcap(raw, fw.softcap)
     else:
         dev = tc.b_dec[0].device
-        clean_acts = [tc.encode(l, state.mlp_in[l].to(dev)).float() for l in range(lm.sites.n_layers)]
+        clean_acts = [
+            tc.encode(l, state.mlp_in[l].to(dev)).float() for l in range(lm.sites.n_layers)
+        ]
         splice = Splice(lm, tc, state, clean_acts, ops, cfg.propagate)
         with splice:
             logits = _last_logits(lm, tokens)
@@ -502,16 +606,33 @@ def intervene(lm: LoadedModel | str | None = None, prompt="", interventions=None
         # from one code path, and "no intervention" reproduces them bit for bit
         logits_clean, acts = _last_logits(lm, tokens), splice.first_acts
     result = InterventionResult(
-        prompt=text, tokens=tokens, token_strings=[lm.tokenizer.decode([int(t)]) for t in tokens],
-        mode=cfg.mode, propagate=cfg.propagate, applied=applied, logits_clean=logits_clean, logits=logits,
-        top=_top_rows(lm, logits_clean, logits, cfg.top_k), clean_acts=[a.cpu() for a in clean_acts],
+        prompt=text,
+        tokens=tokens,
+        token_strings=[lm.tokenizer.decode([int(t)]) for t in tokens],
+        mode=cfg.mode,
+        propagate=cfg.propagate,
+        applied=applied,
+        logits_clean=logits_clean,
+        logits=logits,
+        top=_top_rows(lm, logits_clean, logits, cfg.top_k),
+        clean_acts=[a.cpu() for a in clean_acts],
         acts=[a.cpu() for a in acts],
-        raw_logits_clean=raw_clean, raw_logits=raw, notes=inert_notes(ops, clean_acts))
+        raw_logits_clean=raw_clean,
+        raw_logits=raw,
+        notes=inert_notes(ops, clean_acts),
+    )
     if cfg.generate:
         show = cfg.progress or None
-        result.continuation_tokens_clean = greedy(lm, tokens, cfg.generate, desc=show and "clean continuation")
-        result.continuation_tokens = greedy(lm, tokens, cfg.generate, Splice(lm, tc, state, clean_acts, ops,
-                                            cfg.propagate), desc=show and "intervened continuation")
+        result.continuation_tokens_clean = greedy(
+            lm, tokens, cfg.generate, desc=show and "clean continuation"
+        )
+        result.continuation_tokens = greedy(
+            lm,
+            tokens,
+            cfg.generate,
+            Splice(lm, tc, state, clean_acts, ops, cfg.propagate),
+            desc=show and "intervened continuation",
+        )
         result.continuation_clean = lm.tokenizer.decode(result.continuation_tokens_clean)
         result.continuation = lm.tokenizer.decode(result.continuation_tokens)
     return result

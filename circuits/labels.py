@@ -1,5 +1,6 @@
 """Human labels on graph nodes. They live in `graph.labels` (node index -> text), are saved with the graph,
 survive pruning, and win over automatic labels in the SVG and the viewer."""
+
 from __future__ import annotations
 
 from pathlib import Path

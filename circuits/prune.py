@@ -11,6 +11,7 @@ the edges that account for `edge_threshold` of the edge influence in the remaini
 logits always stay. Input carried by a dropped edge moves into the target's `row_constant`, so a pruned
 graph keeps the invariant `adjacency[t].sum() + row_constant[t] == node_input[t]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ class PruneConfig:
 
 
 # -- influence ---------------------------------------------------------------------------------------
+
 
 def normalized_adjacency(adjacency: sp.sparray) -> sp.csr_array:
     """|adjacency| with each row scaled to sum to 1 (empty rows stay empty), float64 `[n, n]`."""
@@ -78,7 +80,9 @@ def topological_levels(a: sp.csr_array, key: np.ndarray | None = None) -> np.nda
         if (new == depth).all():
             return depth
         depth = new
-    raise UserError("the graph has a cycle (an edge path returns to its start); attribution graphs are DAGs")
+    raise UserError(
+        "the graph has a cycle (an edge path returns to its start); attribution graphs are DAGs"
+    )
 
 
 def _solve_influence(a: sp.csr_array, weights: np.ndarray, levels: np.ndarray) -> np.ndarray:
@@ -95,7 +99,9 @@ def _solve_influence(a: sp.csr_array, weights: np.ndarray, levels: np.ndarray) -
 def logit_weights(graph: AttributionGraph) -> np.ndarray:
     """`[n_nodes]`: each logit node's probability, 0 elsewhere."""
     w = np.zeros(graph.n_nodes)
-    w[graph.logit_nodes] = np.asarray(graph.logit_probabilities, dtype=np.float64)[: len(graph.logit_nodes)]
+    w[graph.logit_nodes] = np.asarray(graph.logit_probabilities, dtype=np.float64)[
+        : len(graph.logit_nodes)
+    ]
     return w
 
 
@@ -138,6 +144,7 @@ def _keep_top(scores: np.ndarray, threshold: float) -> np.ndarray:
 
 # -- scores ------------------------------------------------------------------------------------------
 
+
 def graph_scores(graph: AttributionGraph, influence: np.ndarray | None = None) -> dict:
     """Replacement and completeness scores (Ameisen et al., 2025), both in [0, 1]; 1 means the graph
     explains the output through features alone.
@@ -164,17 +171,26 @@ def graph_scores(graph: AttributionGraph, influence: np.ndarray | None = None) -
     has_in = np.diff(a.indptr) > 0
     err_share = a @ is_err.astype(np.float64)  # per row: fraction of normalised input from errors
     weight = (influence + w) * has_in
-    completeness = float(((1.0 - err_share) * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
+    completeness = (
+        float(((1.0 - err_share) * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
+    )
     total = tok + err + lost
-    return {"replacement": float(np.clip(replacement, 0.0, 1.0)),
-            "completeness": float(np.clip(completeness, 0.0, 1.0)),
-            "unexplained_fraction": lost / total if total > 0 else 0.0}
+    return {
+        "replacement": float(np.clip(replacement, 0.0, 1.0)),
+        "completeness": float(np.clip(completeness, 0.0, 1.0)),
+        "unexplained_fraction": lost / total if total > 0 else 0.0,
+    }
 
 
 # -- pruning -----------------------------------------------------------------------------------------
 
-def prune_masks(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                influence: np.ndarray | None = None) -> tuple[np.ndarray, sp.csr_array, np.ndarray]:
+
+def prune_masks(
+    graph: AttributionGraph,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    influence: np.ndarray | None = None,
+) -> tuple[np.ndarray, sp.csr_array, np.ndarray]:
     """(node mask `[n_nodes]`, kept edges as a 0/1 CSR mask `[n_nodes, n_nodes]`, influence `[n_nodes]`)."""
     PruneConfig(node_threshold, edge_threshold).check()
     always = (graph.kind == TOKEN) | (graph.kind == LOGIT)
@@ -194,7 +210,9 @@ def prune_masks(graph: AttributionGraph, node_threshold: float = 0.8, edge_thres
     infl_kept = _solve_influence(an, w, topological_levels(an, _layer_key(graph)))
     edge_score = an.data * (infl_kept + w)[_edge_rows(an)]
     keep_edge = _keep_top(edge_score, edge_threshold)
-    edges = sp.csr_array((keep_edge.astype(np.int8), an.indices.copy(), an.indptr.copy()), shape=an.shape)
+    edges = sp.csr_array(
+        (keep_edge.astype(np.int8), an.indices.copy(), an.indptr.copy()), shape=an.shape
+    )
     edges.eliminate_zeros()
 
     # a feature or error node needs an outgoing edge; a feature whose row was computed needs an incoming
@@ -210,13 +228,19 @@ def prune_masks(graph: AttributionGraph, node_threshold: float = 0.8, edge_thres
             break
         node_mask = new
         r = _edge_rows(edges)
-        edges.data = np.where(node_mask[r] & node_mask[edges.indices], edges.data, 0).astype(np.int8)
+        edges.data = np.where(node_mask[r] & node_mask[edges.indices], edges.data, 0).astype(
+            np.int8
+        )
         edges.eliminate_zeros()
     return node_mask, edges, influence
 
 
-def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-          config: PruneConfig | None = None) -> AttributionGraph:
+def prune(
+    graph: AttributionGraph,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    config: PruneConfig | None = None,
+) -> AttributionGraph:
     """The circuit: the nodes and edges that carry most of the influence on the logits.
 
     Returns a new graph (node order kept) whose `influence` holds each node's influence in the full graph
@@ -225,26 +249,41 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     cfg = config or PruneConfig(node_threshold, edge_threshold)
     cfg.check()
     if graph.adjacency.shape != (graph.n_nodes, graph.n_nodes):
-        raise UserError(f"graph adjacency has shape {graph.adjacency.shape}, expected {(graph.n_nodes,) * 2}")
+        raise UserError(
+            f"graph adjacency has shape {graph.adjacency.shape}, expected {(graph.n_nodes,) * 2}"
+        )
     influence = compute_influence(graph)
     full_scores = graph_scores(graph, influence)
     node_mask, edges, _ = prune_masks(graph, cfg.node_threshold, cfg.edge_threshold, influence)
 
     kept_adj = sp.csr_array(graph.adjacency.multiply(edges), dtype=graph.adjacency.dtype)
     kept_adj.eliminate_zeros()
-    dropped = np.asarray(graph.adjacency.sum(axis=1)).ravel() - np.asarray(kept_adj.sum(axis=1)).ravel()
-    full = AttributionGraph(**{**graph.__dict__, "adjacency": kept_adj,
-                               "row_constant": (graph.row_constant + dropped).astype(graph.row_constant.dtype),
-                               "influence": influence.astype(np.float32)})
+    dropped = (
+        np.asarray(graph.adjacency.sum(axis=1)).ravel() - np.asarray(kept_adj.sum(axis=1)).ravel()
+    )
+    full = AttributionGraph(
+        **{
+            **graph.__dict__,
+            "adjacency": kept_adj,
+            "row_constant": (graph.row_constant + dropped).astype(graph.row_constant.dtype),
+            "influence": influence.astype(np.float32),
+        }
+    )
     pruned = full.subgraph(node_mask)
     pruned.metadata["scores"] = {"full": full_scores, "pruned": graph_scores(pruned)}
     pruned.metadata["pruning"] = {
-        **asdict(cfg), "n_nodes_before": int(graph.n_nodes), "n_nodes_after": int(pruned.n_nodes),
-        "n_edges_before": int(graph.adjacency.nnz), "n_edges_after": int(pruned.adjacency.nnz),
+        **asdict(cfg),
+        "n_nodes_before": int(graph.n_nodes),
+        "n_nodes_after": int(pruned.n_nodes),
+        "n_edges_before": int(graph.adjacency.nnz),
+        "n_edges_after": int(pruned.adjacency.nnz),
         "n_features_after": int((pruned.kind == FEATURE).sum()),
         # the full graph's feature + error influence: cumulative shares in exports stay relative to it
-        "total_influence": float(np.clip(influence[(graph.kind == FEATURE) | (graph.kind == ERROR)], 0, None).sum()),
-        "n_errors_after": int((pruned.kind == ERROR).sum())}
+        "total_influence": float(
+            np.clip(influence[(graph.kind == FEATURE) | (graph.kind == ERROR)], 0, None).sum()
+        ),
+        "n_errors_after": int((pruned.kind == ERROR).sum()),
+    }
     return pruned
 
 
@@ -253,14 +292,28 @@ def scores_table(graph: AttributionGraph) -> str:
     scores = graph.metadata.get("scores") or {}
     lines = []
     for which, s in scores.items():
-        lines.append(f"{which:>7}: replacement {s['replacement']:.3f}  completeness {s['completeness']:.3f}"
-                     + (f"  (unexplained {s['unexplained_fraction']:.3f})" if s.get("unexplained_fraction") else ""))
+        lines.append(
+            f"{which:>7}: replacement {s['replacement']:.3f}  completeness {s['completeness']:.3f}"
+            + (
+                f"  (unexplained {s['unexplained_fraction']:.3f})"
+                if s.get("unexplained_fraction")
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     d = PruneConfig()
-    p.add_argument("--node-threshold", type=float, default=d.node_threshold,
-                   help=f"keep nodes carrying this fraction of the influence on the logits (default {d.node_threshold})")
-    p.add_argument("--edge-threshold", type=float, default=d.edge_threshold,
-                   help=f"keep edges carrying this fraction of the edge influence (default {d.edge_threshold})")
+    p.add_argument(
+        "--node-threshold",
+        type=float,
+        default=d.node_threshold,
+        help=f"keep nodes carrying this fraction of the influence on the logits (default {d.node_threshold})",
+    )
+    p.add_argument(
+        "--edge-threshold",
+        type=float,
+        default=d.edge_threshold,
+        help=f"keep edges carrying this fraction of the edge influence (default {d.edge_threshold})",
+    )

@@ -6,6 +6,7 @@ one plain process, or under torchrun with one rank, it is a group of one and eve
 so the same code path serves both. A group that the caller set up already (e.g. with
 `torch.multiprocessing.spawn`) is used as it is and left open.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -44,22 +45,33 @@ class Ranks:
         return self.world_size > 1
 
     @classmethod
-    def start(cls, backend: str = "auto", device: str = "cpu", timeout_min: float = 120.0) -> "Ranks":
+    def start(cls, backend: str = "auto", device: str = "cpu", timeout_min: float = 120.0) -> Ranks:
         """Join the job's process group (or describe the one already joined)."""
         if backend not in BACKENDS:
-            raise UserError(f"unknown distributed backend {backend!r}; use one of {', '.join(BACKENDS)}")
+            raise UserError(
+                f"unknown distributed backend {backend!r}; use one of {', '.join(BACKENDS)}"
+            )
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
-                       dist.get_backend(), owns_group=False)
+            return cls(
+                dist.get_rank(),
+                dist.get_world_size(),
+                int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                dist.get_backend(),
+                owns_group=False,
+            )
         if not launched_by_torchrun():
             return cls()
         if not dist.is_available():
-            raise UserError("this torch build has no torch.distributed; run as one process (without torchrun)")
+            raise UserError(
+                "this torch build has no torch.distributed; run as one process (without torchrun)"
+            )
         on_cuda = str(device).startswith("cuda")
         if backend == "auto":
             backend = "nccl" if on_cuda else "gloo"
         if backend == "nccl" and not (on_cuda and torch.cuda.is_available()):
-            raise UserError("the nccl backend needs CUDA devices (--device cuda); on the CPU use --dist-backend gloo")
+            raise UserError(
+                "the nccl backend needs CUDA devices (--device cuda); on the CPU use --dist-backend gloo"
+            )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if on_cuda:
             # one GPU per process; nccl's object collectives use the current device

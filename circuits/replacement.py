@@ -21,10 +21,11 @@ post_feedforward_layernorm), and the error term absorbs whatever they miss.
 reference that tests and frozen-mode interventions use); `TransposedModel` runs its transpose for a batch of
 targets at once, which is what attribution needs: one forward pass serves every batch.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -42,15 +43,21 @@ class PromptState:
 
     tokens: torch.Tensor  # [n] token ids
     resid: torch.Tensor  # [L+1, n, D] residual stream before each layer, and after the last
-    patterns: torch.Tensor | None  # [L, H, n, n] attention probabilities (query, key); see drop_activations
+    patterns: (
+        torch.Tensor | None
+    )  # [L, H, n, n] attention probabilities (query, key); see drop_activations
     s_in: torch.Tensor  # [L, n] 1/rms of the input of input_layernorm
-    s_pa: torch.Tensor  # [L, n] 1/rms of the input of post_attention_layernorm (the attention output)
+    s_pa: (
+        torch.Tensor
+    )  # [L, n] 1/rms of the input of post_attention_layernorm (the attention output)
     s_ff: torch.Tensor  # [L, n] 1/rms of the input of pre_feedforward_layernorm
     s_final: torch.Tensor  # [n] 1/rms of the input of the final norm
     mlp_in: torch.Tensor | None  # [L, n, D]
     mlp_out: torch.Tensor | None  # [L, n, D]
     logits: torch.Tensor  # [vocab] model logits at the last position (after soft-capping)
-    causal: bool = True  # every pattern is lower-triangular: position p never reads a later position
+    causal: bool = (
+        True  # every pattern is lower-triangular: position p never reads a later position
+    )
 
     @property
     def n_pos(self) -> int:
@@ -81,7 +88,9 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
     """Run the real model on `tokens` `[n]` and record the frozen quantities (one forward pass)."""
     sites = lm.sites
     L = sites.n_layers
-    rec: dict[str, list] = {k: [None] * L for k in ("resid", "pattern", "s_in", "s_pa", "s_ff", "mlp_in", "mlp_out")}
+    rec: dict[str, list] = {
+        k: [None] * L for k in ("resid", "pattern", "s_in", "s_pa", "s_ff", "mlp_in", "mlp_out")
+    }
     final: dict = {}
     eps = sites.rms_norm_eps
     handles = []
@@ -90,31 +99,42 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
             rec[key][l] = x[0].float() if key == "resid" else _rms_scale(x[0], eps)
+
         return hook
 
     def out_hook(key, l):
         def hook(module, args, output):
             if key == "pattern":
                 if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
-                    raise RuntimeError("attention weights were not returned; the model must use eager attention")
+                    raise RuntimeError(
+                        "attention weights were not returned; the model must use eager attention"
+                    )
                 rec[key][l] = output[1][0].float()
             else:
                 rec[key][l] = output[0].float()
+
         return hook
 
     for l, s in enumerate(sites.layers):
-        handles += [s.block.register_forward_pre_hook(pre_hook("resid", l), with_kwargs=True),
-                    s.input_layernorm.register_forward_pre_hook(pre_hook("s_in", l), with_kwargs=True),
-                    s.post_attention_layernorm.register_forward_pre_hook(pre_hook("s_pa", l), with_kwargs=True),
-                    s.pre_feedforward_layernorm.register_forward_pre_hook(pre_hook("s_ff", l), with_kwargs=True),
-                    s.self_attn.register_forward_hook(out_hook("pattern", l)),
-                    s.pre_feedforward_layernorm.register_forward_hook(out_hook("mlp_in", l)),
-                    s.post_feedforward_layernorm.register_forward_hook(out_hook("mlp_out", l))]
+        handles += [
+            s.block.register_forward_pre_hook(pre_hook("resid", l), with_kwargs=True),
+            s.input_layernorm.register_forward_pre_hook(pre_hook("s_in", l), with_kwargs=True),
+            s.post_attention_layernorm.register_forward_pre_hook(
+                pre_hook("s_pa", l), with_kwargs=True
+            ),
+            s.pre_feedforward_layernorm.register_forward_pre_hook(
+                pre_hook("s_ff", l), with_kwargs=True
+            ),
+            s.self_attn.register_forward_hook(out_hook("pattern", l)),
+            s.pre_feedforward_layernorm.register_forward_hook(out_hook("mlp_in", l)),
+            s.post_feedforward_layernorm.register_forward_hook(out_hook("mlp_out", l)),
+        ]
 
     def final_hook(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         final["x"] = x[0].float()
         final["s"] = _rms_scale(x[0], eps)
+
     handles.append(sites.final_norm.register_forward_pre_hook(final_hook, with_kwargs=True))
     lm.model.config._attn_implementation = "eager"
     try:
@@ -124,11 +144,18 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
             h.remove()
     patterns = torch.stack(rec["pattern"])
     return PromptState(
-        tokens=tokens.cpu(), resid=torch.stack(rec["resid"] + [final["x"]]),
-        patterns=patterns, s_in=torch.stack(rec["s_in"]), s_pa=torch.stack(rec["s_pa"]),
-        s_ff=torch.stack(rec["s_ff"]), s_final=final["s"], mlp_in=torch.stack(rec["mlp_in"]),
-        mlp_out=torch.stack(rec["mlp_out"]), logits=logits,
-        causal=bool((patterns.triu(1) == 0).all()))
+        tokens=tokens.cpu(),
+        resid=torch.stack(rec["resid"] + [final["x"]]),
+        patterns=patterns,
+        s_in=torch.stack(rec["s_in"]),
+        s_pa=torch.stack(rec["s_pa"]),
+        s_ff=torch.stack(rec["s_ff"]),
+        s_final=final["s"],
+        mlp_in=torch.stack(rec["mlp_in"]),
+        mlp_out=torch.stack(rec["mlp_out"]),
+        logits=logits,
+        causal=bool((patterns.triu(1) == 0).all()),
+    )
 
 
 class FrozenWeights:
@@ -139,9 +166,14 @@ class FrozenWeights:
     def __init__(self, lm: LoadedModel):
         s = lm.sites
         attn = s.layers[0].self_attn
-        if getattr(attn.v_proj, "bias", None) is not None or getattr(attn.o_proj, "bias", None) is not None:
-            raise UserError("this model has attention biases; the replacement model supports Gemma 3 "
-                            "attention without biases only (attention_bias=False, as Gemma 3 ships)")
+        if (
+            getattr(attn.v_proj, "bias", None) is not None
+            or getattr(attn.o_proj, "bias", None) is not None
+        ):
+            raise UserError(
+                "this model has attention biases; the replacement model supports Gemma 3 "
+                "attention without biases only (attention_bias=False, as Gemma 3 ships)"
+            )
         f = lambda t: t.detach().float()  # noqa: E731
         self.W_v = [f(l.self_attn.v_proj.weight) for l in s.layers]
         self.W_o = [f(l.self_attn.o_proj.weight) for l in s.layers]
@@ -157,7 +189,7 @@ class FrozenWeights:
         self._unembed_mean = None
 
     @classmethod
-    def of(cls, lm: LoadedModel) -> "FrozenWeights":
+    def of(cls, lm: LoadedModel) -> FrozenWeights:
         """The frozen weights of `lm`, built once per loaded model (the vocabulary mean costs a pass over
         the unembedding) and kept in `lm.meta`."""
         fw = lm.meta.get("frozen_weights")
@@ -174,7 +206,9 @@ class FrozenWeights:
         """Mean unembedding vector over the vocabulary `[D]`: logit nodes read logits minus their mean."""
         if self._unembed_mean is None:
             total = torch.zeros(self.W_U.shape[1], dtype=torch.float64, device=self.W_U.device)
-            for _, rows in row_chunks(self.W_U):  # from the file where it is mapped (see `LoadedModel.unembed`)
+            for _, rows in row_chunks(
+                self.W_U
+            ):  # from the file where it is mapped (see `LoadedModel.unembed`)
                 total += rows.float().sum(0)
             self._unembed_mean = (total / self.W_U.shape[0]).float().to(self.device)
         return self._unembed_mean
@@ -192,19 +226,31 @@ class FrozenWeights:
         return rows - self.unembed_mean[None].to(rows.device)
 
 
-def attention_apply(fw: FrozenWeights, l: int, pattern: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+def attention_apply(
+    fw: FrozenWeights, l: int, pattern: torch.Tensor, x_in: torch.Tensor
+) -> torch.Tensor:
     """The attention of layer l with a frozen pattern `[H, n, n]` on normalised input `[..., n, D]`,
     before the post-attention norm. Returns `[..., n, D]`."""
     v = x_in @ fw.W_v[l].T  # [..., n, KV*hd]
-    v = v.unflatten(-1, (fw.n_kv, fw.head_dim)).repeat_interleave(fw.n_heads // fw.n_kv, dim=-2)  # [..., n, H, hd]
+    v = v.unflatten(-1, (fw.n_kv, fw.head_dim)).repeat_interleave(
+        fw.n_heads // fw.n_kv, dim=-2
+    )  # [..., n, H, hd]
     o = torch.einsum("hqk,...khd->...qhd", pattern, v)
     return o.flatten(-2) @ fw.W_o[l].T
 
 
-def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_acts: list[torch.Tensor] | None,
-                   errors: torch.Tensor, embeddings: torch.Tensor | None = None,
-                   resid_delta: dict[int, torch.Tensor] | None = None, feature_out: torch.Tensor | None = None,
-                   preacts: bool = True, logits: bool = True) -> dict:
+def frozen_forward(
+    state: PromptState,
+    fw: FrozenWeights,
+    transcoders,
+    feature_acts: list[torch.Tensor] | None,
+    errors: torch.Tensor,
+    embeddings: torch.Tensor | None = None,
+    resid_delta: dict[int, torch.Tensor] | None = None,
+    feature_out: torch.Tensor | None = None,
+    preacts: bool = True,
+    logits: bool = True,
+) -> dict:
     """Run the linear frozen replacement model forwards.
 
     feature_acts[l]: dense activations `[n, F]` of layer l's features (held fixed: direct effects only), or
@@ -245,16 +291,22 @@ def frozen_forward(state: PromptState, fw: FrozenWeights, transcoders, feature_a
         x = x + resid_delta[L]
     resid.append(x)
     final = x[-1] * state.s_final[-1] * fw.g_final
-    out = {"resid": torch.stack(resid), "preacts": pre, "mlp_in": torch.stack(mlp_ins),
-           "mlp_out": torch.stack(mlp_outs), "final": final}
+    out = {
+        "resid": torch.stack(resid),
+        "preacts": pre,
+        "mlp_in": torch.stack(mlp_ins),
+        "mlp_out": torch.stack(mlp_outs),
+        "final": final,
+    }
     if logits:
         out["logits"] = matmul(final, fw.W_U.T).float()
     return out
 
 
 @torch.no_grad()
-def active_decoder_rows(transcoders, layer: torch.Tensor,
-                        feat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def active_decoder_rows(
+    transcoders, layer: torch.Tensor, feat: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per source layer s: (the decoder rows of its active features `[n_unique, n_out, D]`, on the transcoders'
     device; for each of layer s's entries of `feat`, in order, its row there). Each row is read once, even for
     a feature active at several positions."""
@@ -262,8 +314,9 @@ def active_decoder_rows(transcoders, layer: torch.Tensor,
 
 
 @torch.no_grad()
-def active_encoder_rows(transcoders, layer: torch.Tensor,
-                        feat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def active_encoder_rows(
+    transcoders, layer: torch.Tensor, feat: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """As `active_decoder_rows`, for the encoder vectors `[n_unique, D]` (`TranscoderSet.encoder_rows`)."""
     return _rows_of_active(transcoders.encoder_rows, transcoders.n_layers, layer, feat)
 
@@ -277,8 +330,15 @@ def _rows_of_active(read, n_layers: int, layer: torch.Tensor, feat: torch.Tensor
 
 
 @torch.no_grad()
-def decode_sparse(transcoders, layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor, act: torch.Tensor,
-                  n_pos: int, decoders: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+def decode_sparse(
+    transcoders,
+    layer: torch.Tensor,
+    pos: torch.Tensor,
+    feat: torch.Tensor,
+    act: torch.Tensor,
+    n_pos: int,
+    decoders: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
     """What active features (`[k]` each, as `sparse_encode` returns them) and the decoder biases write to
     every layer's MLP output: `[L, n_pos, D]` float32, without the skip term. Reads only active rows (or
     takes them from `decoders`, as `active_decoder_rows` returns them for these features)."""
@@ -293,7 +353,9 @@ def decode_sparse(transcoders, layer: torch.Tensor, pos: torch.Tensor, feat: tor
             continue
         rows, which = decoders[s]
         which, a, p = which.to(dev), act[here][:, None], pos[here]
-        for o, l in enumerate(tc.output_layers(s)):  # one output layer at a time: [k, D], not [k, n_out, D]
+        for o, l in enumerate(
+            tc.output_layers(s)
+        ):  # one output layer at a time: [k, D], not [k, n_out, D]
             out[l].index_add_(0, p, rows[:, o].float()[which] * a)
     return out
 
@@ -331,9 +393,14 @@ class TransposedModel:
         self.W_v = [w.view(self.KV, hd, D) for w in fw.W_v]  # [KV, hd, D] views
         self.W_skip = None
         if transcoders.W_skip is not None:
-            self.W_skip = [w.detach().float().to(fw.device).T for w in transcoders.W_skip]  # [D, D] (D_out, D_in)
-        self.mix = (state.s_in[:, :, None, None] * state.patterns.permute(0, 3, 1, 2)
-                    * state.s_pa[:, None, None, :]).contiguous()  # [L, key, H, query]
+            self.W_skip = [
+                w.detach().float().to(fw.device).T for w in transcoders.W_skip
+            ]  # [D, D] (D_out, D_in)
+        self.mix = (
+            state.s_in[:, :, None, None]
+            * state.patterns.permute(0, 3, 1, 2)
+            * state.s_pa[:, None, None, :]
+        ).contiguous()  # [L, key, H, query]
 
     def _extent(self, pos: torch.Tensor, k: int) -> int:
         """Positions the first k rows can reach."""
@@ -357,7 +424,9 @@ class TransposedModel:
             gx = torch.bmm(gv.view(KV, P * k, hd), self.W_v[l]).sum(0)
         return gx.mul_(self.fw.g_in[l]).view(P, k, D)
 
-    def run(self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor, visit: Visitor) -> None:
+    def run(
+        self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor, visit: Visitor
+    ) -> None:
         """Propagate B targets backwards and hand each residual gradient to `visit`.
 
         layer `[B]` (sorted descending; n_layers for logit targets), pos `[B]`, vectors `[B, D]`.
@@ -372,12 +441,16 @@ class TransposedModel:
             raise ValueError("targets must be sorted by layer, descending")
         vectors = vectors.float().to(dev)
         dev_pos = to_device(pos, dev)
-        live = [int((layer >= l).sum()) for l in range(L + 1)]  # live[l]: rows live at and below layer l
+        live = [
+            int((layer >= l).sum()) for l in range(L + 1)
+        ]  # live[l]: rows live at and below layer l
         k = live[L]
         P = self._extent(pos, k)
         g = torch.zeros(P, k, D, device=dev)
         if k:
-            g[dev_pos[:k], torch.arange(k, device=dev)] = vectors[:k] * (st.s_final[dev_pos[:k], None] * self.fw.g_final)
+            g[dev_pos[:k], torch.arange(k, device=dev)] = vectors[:k] * (
+                st.s_final[dev_pos[:k], None] * self.fw.g_final
+            )
         for l in reversed(range(L)):
             if k:
                 visit(l, g, k, P)
@@ -405,7 +478,9 @@ class TransposedModel:
         if k:
             visit(-1, g, k, P)
 
-    def full_gradients(self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def full_gradients(
+        self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
         """Every target's gradient with respect to x_0 .. x_L: `[B, L+1, n, D]` (any target order; for
         tests and small batches: the dense result is B x (L+1) x n x D)."""
         order = torch.argsort(layer.cpu(), descending=True, stable=True)
@@ -413,6 +488,7 @@ class TransposedModel:
 
         def visit(l, g, k, P):
             G[order[:k], l + 1, :P] = g.transpose(0, 1)
+
         self.run(layer.cpu()[order], pos.cpu()[order], vectors[order.to(vectors.device)], visit)
         return G
 
@@ -425,5 +501,9 @@ def check_prompt(lm: LoadedModel, tokens: torch.Tensor, max_tokens: int | None =
         raise UserError("the prompt is empty; give at least one token of text")
     limit = min(lm.sites.max_positions, max_tokens or lm.sites.max_positions)
     if n > limit:
-        what = "--max-tokens" if max_tokens and max_tokens < lm.sites.max_positions else "the model's context"
+        what = (
+            "--max-tokens"
+            if max_tokens and max_tokens < lm.sites.max_positions
+            else "the model's context"
+        )
         raise UserError(f"the prompt has {n} tokens, more than {limit} ({what}); shorten it")

@@ -6,6 +6,7 @@ leave bit for bit as they were. `tests/test_graph_digests.py` compares against
 
 (one entry per edge backend available here: torch always, cpp where the compiled kernel is built).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,25 +24,53 @@ PROMPT = "When Mary and John went"
 # name -> (model config, transcoder config, attribution options)
 CASES = {
     "skip-jumprelu": ({}, {"kind": "skip", "activation": "jumprelu"}, {}),
-    "plt-topk-softcap": ({"seed": 1, "softcap": 5.0}, {"kind": "plt", "activation": "topk", "l0": 5}, {}),
-    "clt-batchtopk-gqa": ({"seed": 2, "n_heads": 4, "n_kv_heads": 2},
-                          {"kind": "clt", "activation": "batchtopk", "l0": 6}, {}),
-    "clt-skip-budget": ({"seed": 3}, {"kind": "clt", "skip": True},
-                        {"max_feature_nodes": 40, "batch_size": 9}),
-    "skip-influence-order": ({"seed": 4, "n_layers": 4}, {"kind": "skip"},
-                             {"max_feature_nodes": 70, "batch_size": 16}),
-    "plt-contrast-bos": ({"seed": 5}, {"kind": "plt"},
-                         {"targets": ["J"], "contrast": "M", "bos_features": True}),
+    "plt-topk-softcap": (
+        {"seed": 1, "softcap": 5.0},
+        {"kind": "plt", "activation": "topk", "l0": 5},
+        {},
+    ),
+    "clt-batchtopk-gqa": (
+        {"seed": 2, "n_heads": 4, "n_kv_heads": 2},
+        {"kind": "clt", "activation": "batchtopk", "l0": 6},
+        {},
+    ),
+    "clt-skip-budget": (
+        {"seed": 3},
+        {"kind": "clt", "skip": True},
+        {"max_feature_nodes": 40, "batch_size": 9},
+    ),
+    "skip-influence-order": (
+        {"seed": 4, "n_layers": 4},
+        {"kind": "skip"},
+        {"max_feature_nodes": 70, "batch_size": 16},
+    ),
+    "plt-contrast-bos": (
+        {"seed": 5},
+        {"kind": "plt"},
+        {"targets": ["J"], "contrast": "M", "bos_features": True},
+    ),
     "skip-bfloat16": ({"seed": 6, "dtype": torch.bfloat16}, {"kind": "skip"}, {"max_n_logits": 4}),
 }
 
-_NODE_ARRAYS = ("tokens", "kind", "layer", "pos", "feature", "activation", "node_input", "row_constant",
-                "has_row", "logit_probabilities")
+_NODE_ARRAYS = (
+    "tokens",
+    "kind",
+    "layer",
+    "pos",
+    "feature",
+    "activation",
+    "node_input",
+    "row_constant",
+    "has_row",
+    "logit_probabilities",
+)
 
 
 def _sha(a) -> str:
     a = np.ascontiguousarray(a)
-    return hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()[:20]
+    return hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()[
+        :20
+    ]
 
 
 def graph_digest(graph) -> dict:
@@ -49,11 +78,23 @@ def graph_digest(graph) -> dict:
     influence where set; scores and pruning metadata as numbers."""
     out = {name: _sha(getattr(graph, name)) for name in _NODE_ARRAYS}
     adj = graph.adjacency
-    out.update(adj_data=_sha(adj.data), adj_indices=_sha(adj.indices), adj_indptr=_sha(adj.indptr),
-               nnz=int(adj.nnz), abs_sum=float(np.abs(adj.data.astype(np.float64)).sum()))
+    out.update(
+        adj_data=_sha(adj.data),
+        adj_indices=_sha(adj.indices),
+        adj_indptr=_sha(adj.indptr),
+        nnz=int(adj.nnz),
+        abs_sum=float(np.abs(adj.data.astype(np.float64)).sum()),
+    )
     if graph.influence is not None:
         out["influence"] = _sha(graph.influence)
-    for key in ("scores", "pruning", "logit_strings", "contrast_token", "row_order", "n_feature_rows"):
+    for key in (
+        "scores",
+        "pruning",
+        "logit_strings",
+        "contrast_token",
+        "row_order",
+        "n_feature_rows",
+    ):
         if key in graph.metadata:
             out[key] = graph.metadata[key]
     return out
@@ -77,6 +118,7 @@ def case_digest(name: str) -> dict:
 
 def backends() -> list[str]:
     from circuits.backend import _ext
+
     return ["torch"] + (["cpp"] if _ext is not None else [])
 
 

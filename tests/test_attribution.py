@@ -1,11 +1,11 @@
 """Attribution graphs: completeness per node, edges against an independent reference and against
 finite differences in the frozen model, batching invariance, influence ordering, logit node choice, and
 one clear error per kind of bad input."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from circuits.attribution import AttributionConfig, RowStore, attribute
@@ -47,7 +47,9 @@ class Frozen:
         self.fw = FrozenWeights(lm)
         L = tc.n_layers
         self.acts = [tc.encode(l, self.state.mlp_in[l]).float() for l in range(L)]
-        if not graph.metadata["settings"]["bos_features"]:  # <bos>'s MLP outputs are its error nodes
+        if not graph.metadata["settings"][
+            "bos_features"
+        ]:  # <bos>'s MLP outputs are its error nodes
             for a in self.acts:
                 a[0] = 0.0
         self.errors = self.state.mlp_out - tc.decode(self.acts, self.state.mlp_in).float()
@@ -58,8 +60,16 @@ class Frozen:
         if g.kind[i] == LOGIT:
             j = int(np.flatnonzero(g.logit_nodes == i)[0])
             contrast = g.metadata["contrast_token"]
-            return g.n_layers, g.n_pos - 1, self.fw.logit_directions([int(g.logit_tokens[j])], contrast)[0]
-        return int(g.layer[i]), int(g.pos[i]), self.tc.W_enc[int(g.layer[i])][:, int(g.feature[i])].float()
+            return (
+                g.n_layers,
+                g.n_pos - 1,
+                self.fw.logit_directions([int(g.logit_tokens[j])], contrast)[0],
+            )
+        return (
+            int(g.layer[i]),
+            int(g.pos[i]),
+            self.tc.W_enc[int(g.layer[i])][:, int(g.feature[i])].float(),
+        )
 
     def input_of(self, i: int, out: dict) -> float:
         layer, pos, vec = self.target(i)
@@ -72,15 +82,21 @@ class Frozen:
         """Node i's incoming edges from full gradients and the backend's reference contraction."""
         g, tc, st = self.graph, self.tc, self.state
         layer, pos, vec = self.target(i)
-        G = TransposedModel(st, self.fw, tc).full_gradients(torch.tensor([layer]), torch.tensor([pos]), vec[None])
+        G = TransposedModel(st, self.fw, tc).full_gradients(
+            torch.tensor([layer]), torch.tensor([pos]), vec[None]
+        )
         row = np.zeros(g.n_nodes)
         for s in range(tc.n_layers):
             cols = np.flatnonzero((g.kind == FEATURE) & (g.layer == s))
             if len(cols):
                 n_out = len(tc.output_layers(s))
-                e = feature_edges_torch(G[:, s + 1:s + 1 + n_out], torch.as_tensor(g.pos[cols]).long(),
-                                        torch.as_tensor(g.feature[cols]), torch.as_tensor(g.activation[cols]),
-                                        tc.decoder_weight(s))
+                e = feature_edges_torch(
+                    G[:, s + 1 : s + 1 + n_out],
+                    torch.as_tensor(g.pos[cols]).long(),
+                    torch.as_tensor(g.feature[cols]),
+                    torch.as_tensor(g.activation[cols]),
+                    tc.decoder_weight(s),
+                )
                 row[cols] = e[0].numpy()
         row[g.kind == ERROR] = (G[0, 1:] * self.errors).sum(-1).flatten().numpy()
         row[g.kind == TOKEN] = (G[0, 0] * st.embeddings).sum(-1).numpy()
@@ -88,8 +104,10 @@ class Frozen:
 
 
 @pytest.mark.parametrize("kind", ["plt", "skip", "clt"])
-@pytest.mark.parametrize("config,budget", [({}, None), ({"softcap": 5.0}, None), ({}, 40),
-                                           ({"n_heads": 4, "n_kv_heads": 2}, 25)])
+@pytest.mark.parametrize(
+    "config,budget",
+    [({}, None), ({"softcap": 5.0}, None), ({}, 40), ({"n_heads": 4, "n_kv_heads": 2}, 25)],
+)
 def test_completeness_per_node(kind, config, budget):
     lm, tc = _setup(kind, **config)
     options = {} if budget is None else {"max_feature_nodes": budget, "batch_size": 16}
@@ -97,7 +115,10 @@ def test_completeness_per_node(kind, config, budget):
     n_feat = int((graph.kind == FEATURE).sum())
     assert n_feat > 100
     assert graph.has_row[graph.kind == FEATURE].sum() == min(n_feat, budget or n_feat)
-    assert graph.has_row[graph.kind == LOGIT].all() and not graph.has_row[(graph.kind == ERROR) | (graph.kind == TOKEN)].any()
+    assert (
+        graph.has_row[graph.kind == LOGIT].all()
+        and not graph.has_row[(graph.kind == ERROR) | (graph.kind == TOKEN)].any()
+    )
     assert _completeness_error(graph).max() < 1e-4
 
 
@@ -108,19 +129,25 @@ def test_edges_equal_the_reference(monkeypatch, backend, kind, budget):
         pytest.skip("the compiled edge kernel is not built")
     monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", backend)
     lm, tc = _setup(kind, n_heads=4, n_kv_heads=2)
-    graph = _trace(lm, tc, **({} if budget is None else {"max_feature_nodes": budget, "batch_size": 7}))
+    graph = _trace(
+        lm, tc, **({} if budget is None else {"max_feature_nodes": budget, "batch_size": 7})
+    )
     assert backend in graph.metadata["edge_backend"]
     ref = Frozen(lm, tc, graph)
     rows = np.flatnonzero(graph.has_row)
     rng = np.random.default_rng(0)
-    for i in np.r_[graph.logit_nodes, rng.choice(rows[graph.kind[rows] == FEATURE], 8, replace=False)]:
+    for i in np.r_[
+        graph.logit_nodes, rng.choice(rows[graph.kind[rows] == FEATURE], 8, replace=False)
+    ]:
         expected = ref.reference_row(int(i))
         got = graph.adjacency[[int(i)]].toarray()[0]
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("kind,batch_size,budget", [("skip", 256, None), ("clt", 7, None), ("skip", 16, 80)])
+@pytest.mark.parametrize(
+    "kind,batch_size,budget", [("skip", 256, None), ("clt", 7, None), ("skip", 16, 80)]
+)
 def test_graph_on_the_gpu_equals_the_cpu(kind, batch_size, budget):
     """The whole attribution on a CUDA device (the cuda edge kernels where built; rows compacted in the
     background) gives the CPU's graph; with a budget, rows in influence order, re-ranked from the rows so far."""
@@ -149,7 +176,10 @@ def test_edges_are_finite_difference_effects(kind):
     rng = np.random.default_rng(1)
     d = 0.5
     adj = graph.adjacency.tocsr()
-    targets = np.r_[graph.logit_nodes[:2], rng.choice(np.flatnonzero((graph.kind == FEATURE) & (graph.layer >= 1)), 4)]
+    targets = np.r_[
+        graph.logit_nodes[:2],
+        rng.choice(np.flatnonzero((graph.kind == FEATURE) & (graph.layer >= 1)), 4),
+    ]
     checked = {FEATURE: 0, ERROR: 0, TOKEN: 0}
     for t in targets:
         row = adj[[int(t)]]
@@ -157,8 +187,14 @@ def test_edges_are_finite_difference_effects(kind):
             candidates = row.indices[graph.kind[row.indices] == want]
             if not len(candidates):
                 continue
-            s = int(candidates[np.argmax(np.abs(row.toarray()[0][candidates]))])  # the strongest edge
-            acts, errors, emb = [a.clone() for a in ref.acts], ref.errors.clone(), ref.state.embeddings.clone()
+            s = int(
+                candidates[np.argmax(np.abs(row.toarray()[0][candidates]))]
+            )  # the strongest edge
+            acts, errors, emb = (
+                [a.clone() for a in ref.acts],
+                ref.errors.clone(),
+                ref.state.embeddings.clone(),
+            )
             l, p = int(graph.layer[s]), int(graph.pos[s])
             if want == FEATURE:
                 acts[l][p, int(graph.feature[s])] *= 1 + d
@@ -169,7 +205,9 @@ def test_edges_are_finite_difference_effects(kind):
             moved = frozen_forward(ref.state, ref.fw, tc, acts, errors, embeddings=emb)
             effect = (ref.input_of(int(t), moved) - ref.input_of(int(t), base)) / d
             edge = float(adj[int(t), s])
-            assert effect == pytest.approx(edge, rel=1e-3, abs=1e-4 * max(1.0, abs(graph.node_input[t])))
+            assert effect == pytest.approx(
+                edge, rel=1e-3, abs=1e-4 * max(1.0, abs(graph.node_input[t]))
+            )
             checked[want] += 1
     assert min(checked.values()) >= 2
 
@@ -178,13 +216,20 @@ def test_rows_do_not_depend_on_batching():
     lm, tc = _setup("skip")
     full = _trace(lm, tc)
     tiny_batches = _trace(lm, tc, batch_size=3)
-    by_influence = _trace(lm, tc, max_feature_nodes=int((full.kind == FEATURE).sum()) - 1, batch_size=11)
-    assert full.metadata["row_order"] == "position" and by_influence.metadata["row_order"] == "influence"
+    by_influence = _trace(
+        lm, tc, max_feature_nodes=int((full.kind == FEATURE).sum()) - 1, batch_size=11
+    )
+    assert (
+        full.metadata["row_order"] == "position"
+        and by_influence.metadata["row_order"] == "influence"
+    )
     for other in (tiny_batches, by_influence):
         rows = np.flatnonzero(other.has_row)
         a, b = full.adjacency[rows].toarray(), other.adjacency[rows].toarray()
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
-        np.testing.assert_allclose(other.row_constant[rows], full.row_constant[rows], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            other.row_constant[rows], full.row_constant[rows], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_influence_ordering_picks_the_strongest_features_first():
@@ -197,8 +242,12 @@ def test_influence_ordering_picks_the_strongest_features_first():
     rows = np.flatnonzero(full.has_row)
     order = np.argsort(-full.layer[rows], kind="stable")
     n_src = store.n_src
-    store.add(rows[order], full.layer[rows][order], torch.as_tensor(full.adjacency[rows[order]][:, :n_src].toarray()),
-              torch.as_tensor(full.row_constant[rows[order]]))
+    store.add(
+        rows[order],
+        full.layer[rows][order],
+        torch.as_tensor(full.adjacency[rows[order]][:, :n_src].toarray()),
+        torch.as_tensor(full.row_constant[rows[order]]),
+    )
     estimate = store.influence(full.logit_nodes, full.logit_probabilities)
     a = abs(full.adjacency).astype(np.float64).toarray()
     a /= np.maximum(a.sum(1, keepdims=True), 1e-30)
@@ -209,7 +258,7 @@ def test_influence_ordering_picks_the_strongest_features_first():
     # the first batch after the logits is the top of the logit rows' influence
     direct = w @ a
     chosen = np.flatnonzero(partial.has_row & (partial.kind == FEATURE))
-    top = np.argsort(-direct[:int((full.kind == FEATURE).sum())])[:10]
+    top = np.argsort(-direct[: int((full.kind == FEATURE).sum())])[:10]
     assert set(top) <= set(chosen)
     assert len(chosen) == budget
 
@@ -225,17 +274,25 @@ def test_row_store_in_the_background_equals_the_foreground():
     for store in stores:
         for batch in np.array_split(rows, 5):
             batch = batch[np.argsort(-full.layer[batch], kind="stable")]
-            store.add(batch, full.layer[batch], torch.as_tensor(full.adjacency[batch][:, :n_src].toarray()),
-                      torch.as_tensor(full.row_constant[batch]))
+            store.add(
+                batch,
+                full.layer[batch],
+                torch.as_tensor(full.adjacency[batch][:, :n_src].toarray()),
+                torch.as_tensor(full.row_constant[batch]),
+            )
     fore, back = stores
-    np.testing.assert_array_equal(back.influence(full.logit_nodes, full.logit_probabilities),
-                                  fore.influence(full.logit_nodes, full.logit_probabilities))
+    np.testing.assert_array_equal(
+        back.influence(full.logit_nodes, full.logit_probabilities),
+        fore.influence(full.logit_nodes, full.logit_probabilities),
+    )
     a, b = fore.adjacency(), back.adjacency()
     assert (a != b).nnz == 0 and a.nnz == full.adjacency.nnz
     np.testing.assert_array_equal(back.row_constant, full.row_constant)
     assert back._worker is None  # adjacency() ends the worker
     broken = RowStore(full.n_nodes, n_src, background=True)
-    broken.add(rows[:2], full.layer[rows[:2]], torch.zeros(2, n_src + 1), torch.zeros(3))  # const of 3 rows for 2
+    broken.add(
+        rows[:2], full.layer[rows[:2]], torch.zeros(2, n_src + 1), torch.zeros(3)
+    )  # const of 3 rows for 2
     with pytest.raises(ValueError):
         broken.influence(full.logit_nodes, full.logit_probabilities)
     broken.close()
@@ -249,9 +306,14 @@ def test_logit_nodes_by_cumulative_probability():
         graph = _trace(lm, tc, desired_logit_prob=desired, max_feature_nodes=0)
         k = int(np.searchsorted(np.cumsum(probs), desired) + 1)
         assert len(graph.logit_nodes) == min(k, 10)
-        np.testing.assert_allclose(np.sort(graph.logit_probabilities)[::-1], probs[:len(graph.logit_nodes)], rtol=1e-5)
+        np.testing.assert_allclose(
+            np.sort(graph.logit_probabilities)[::-1], probs[: len(graph.logit_nodes)], rtol=1e-5
+        )
     assert len(_trace(lm, tc, desired_logit_prob=1.0, max_feature_nodes=0).logit_nodes) == 10
-    assert len(_trace(lm, tc, desired_logit_prob=1.0, max_n_logits=4, max_feature_nodes=0).logit_nodes) == 4
+    assert (
+        len(_trace(lm, tc, desired_logit_prob=1.0, max_n_logits=4, max_feature_nodes=0).logit_nodes)
+        == 4
+    )
 
 
 def test_named_targets_and_contrast():
@@ -262,26 +324,33 @@ def test_named_targets_and_contrast():
     ids = [lm.tokenizer.encode(t, add_special_tokens=False)[0] for t in ("a", "b")]
     graph = _trace(lm, tc, targets=["a", "b"], max_feature_nodes=10)
     assert graph.logit_tokens.tolist() == ids
-    np.testing.assert_allclose(graph.node_input[graph.logit_nodes], (raw[ids] - raw.mean()).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        graph.node_input[graph.logit_nodes], (raw[ids] - raw.mean()).numpy(), rtol=1e-4, atol=1e-4
+    )
     diff = _trace(lm, tc, targets=["a"], contrast="b", max_feature_nodes=10)
     assert diff.logit_strings == ["a - b"] and diff.metadata["contrast_token"] == ids[1]
-    assert diff.node_input[diff.logit_nodes[0]] == pytest.approx(float(raw[ids[0]] - raw[ids[1]]), rel=1e-4, abs=1e-4)
+    assert diff.node_input[diff.logit_nodes[0]] == pytest.approx(
+        float(raw[ids[0]] - raw[ids[1]]), rel=1e-4, abs=1e-4
+    )
     assert _completeness_error(diff).max() < 1e-4
 
 
-@pytest.mark.parametrize("options,prompt,message", [
-    ({}, "", "empty"),
-    ({}, "x" * 300, "model's context"),
-    ({"max_tokens": 8}, PROMPT, "max-tokens"),
-    ({"targets": ["ab"]}, PROMPT, "not one"),
-    ({"targets": ["a"], "contrast": "bc"}, PROMPT, "not one"),
-    ({"contrast": "a"}, PROMPT, "needs a --target"),
-    ({"targets": ["a", "b"], "contrast": "c"}, PROMPT, "exactly one --target"),
-    ({"targets": ["a"], "contrast": "a"}, PROMPT, "same token"),
-    ({"batch_size": 0}, PROMPT, "batch-size"),
-    ({"desired_logit_prob": 0.0}, PROMPT, "desired-logit-prob"),
-    ({"max_feature_nodes": -1}, PROMPT, "max-feature-nodes"),
-])
+@pytest.mark.parametrize(
+    "options,prompt,message",
+    [
+        ({}, "", "empty"),
+        ({}, "x" * 300, "model's context"),
+        ({"max_tokens": 8}, PROMPT, "max-tokens"),
+        ({"targets": ["ab"]}, PROMPT, "not one"),
+        ({"targets": ["a"], "contrast": "bc"}, PROMPT, "not one"),
+        ({"contrast": "a"}, PROMPT, "needs a --target"),
+        ({"targets": ["a", "b"], "contrast": "c"}, PROMPT, "exactly one --target"),
+        ({"targets": ["a"], "contrast": "a"}, PROMPT, "same token"),
+        ({"batch_size": 0}, PROMPT, "batch-size"),
+        ({"desired_logit_prob": 0.0}, PROMPT, "desired-logit-prob"),
+        ({"max_feature_nodes": -1}, PROMPT, "max-feature-nodes"),
+    ],
+)
 def test_bad_input_is_one_clear_error(options, prompt, message):
     lm, tc = _setup("plt")
     with pytest.raises(UserError, match=message):
@@ -302,10 +371,16 @@ def test_graph_metadata_and_round_trip(tmp_path):
     graph = _trace(lm, tc, max_feature_nodes=50, batch_size=20)
     m = graph.metadata
     assert m["model"] == lm.name and m["transcoders"]["kind"] == "clt"
-    assert m["n_feature_rows"] == 50 and m["row_order"] == "influence" and m["n_feature_batches"] >= 3
-    assert m["settings"]["max_feature_nodes"] == 50 and set(m["timing_s"]) >= {"load", "forward", "attribution"}
+    assert (
+        m["n_feature_rows"] == 50 and m["row_order"] == "influence" and m["n_feature_batches"] >= 3
+    )
+    assert m["settings"]["max_feature_nodes"] == 50 and set(m["timing_s"]) >= {
+        "load",
+        "forward",
+        "attribution",
+    }
     assert len(graph.token_strings) == graph.n_pos and graph.token_strings[0] == "<bos>"
-    assert (graph.adjacency[:, graph.logit_nodes].nnz == 0)  # logits are sinks
+    assert graph.adjacency[:, graph.logit_nodes].nnz == 0  # logits are sinks
     graph.save(tmp_path / "g.npz")
     back = load_graph(tmp_path / "g.npz")
     assert (back.adjacency != graph.adjacency).nnz == 0 and back.metadata == m
@@ -345,8 +420,12 @@ def test_bfloat16_model():
 def test_real_model_graph_is_complete_and_linear(real_model):
     lm = real_model
     s = lm.sites
-    tc = random_transcoders(s.n_layers, s.d_model, 512, kind="skip", seed=0, l0=12, model_name=lm.name)
-    graph = _trace(lm, tc, "Fact: Michael Jordan plays the sport of", max_feature_nodes=128, batch_size=64)
+    tc = random_transcoders(
+        s.n_layers, s.d_model, 512, kind="skip", seed=0, l0=12, model_name=lm.name
+    )
+    graph = _trace(
+        lm, tc, "Fact: Michael Jordan plays the sport of", max_feature_nodes=128, batch_size=64
+    )
     assert graph.logit_strings[0] == " basketball"
     assert _completeness_error(graph).max() < 1e-4
     ref = Frozen(lm, tc, graph)
@@ -358,13 +437,20 @@ def test_real_model_graph_is_complete_and_linear(real_model):
     acts = [a.clone() for a in ref.acts]
     acts[int(graph.layer[s_])][int(graph.pos[s_]), int(graph.feature[s_])] *= 2
     moved = frozen_forward(ref.state, ref.fw, tc, acts, ref.errors)
-    assert ref.input_of(t, moved) - ref.input_of(t, out) == pytest.approx(float(graph.adjacency[t, s_]), rel=1e-3)
+    assert ref.input_of(t, moved) - ref.input_of(t, out) == pytest.approx(
+        float(graph.adjacency[t, s_]), rel=1e-3
+    )
 
 
 @pytest.mark.slow
 def test_default_transcoders_graph_is_complete(real_model, default_transcoders):
-    graph = attribute(real_model, "The capital of the state containing Dallas is", transcoders=default_transcoders,
-                      progress=False, max_feature_nodes=256)
+    graph = attribute(
+        real_model,
+        "The capital of the state containing Dallas is",
+        transcoders=default_transcoders,
+        progress=False,
+        max_feature_nodes=256,
+    )
     assert graph.metadata["n_feature_rows"] == min(256, int((graph.kind == FEATURE).sum()))
     assert _completeness_error(graph).max() < 1e-4
 

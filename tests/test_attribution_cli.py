@@ -1,5 +1,6 @@
 """`circuits trace`: end to end on a tiny model (graph, circuit, SVG and HTML files), its options mirror
 `AttributionConfig`, and bad input ends in one line on stderr."""
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -21,6 +22,7 @@ PROMPT = "The cat sat on the"
 def tiny_setup(tmp_path, monkeypatch):
     """`circuits trace` on a tiny random model (load_model patched) with random transcoders on disk."""
     from transcoders.formats import save_native
+
     lm = tiny_model(seed=0)
     tc = random_transcoders(3, 64, 96, kind="skip", seed=1, l0=6, model_name=lm.name)
     save_native(tc, tmp_path / "tc")
@@ -29,6 +31,7 @@ def tiny_setup(tmp_path, monkeypatch):
     def fake_load(name, device="cpu", dtype="float32"):
         calls.append((name, device, dtype))
         return lm
+
     monkeypatch.setattr(circuits.models, "load_model", fake_load)
     return tmp_path, calls
 
@@ -36,9 +39,28 @@ def tiny_setup(tmp_path, monkeypatch):
 def test_trace_writes_graph_circuit_and_pictures(tiny_setup, capsys):
     tmp, calls = tiny_setup
     out = tmp / "out" / "g.npz"
-    code = run(["trace", PROMPT, "--out", str(out), "--transcoders", str(tmp / "tc"), "--prune",
-                "--svg", str(tmp / "out" / "g.svg"), "--html", str(tmp / "out" / "g.html"), "--no-progress",
-                "--max-feature-nodes", "40", "--batch-size", "16", "--model", "tiny"])
+    code = run(
+        [
+            "trace",
+            PROMPT,
+            "--out",
+            str(out),
+            "--transcoders",
+            str(tmp / "tc"),
+            "--prune",
+            "--svg",
+            str(tmp / "out" / "g.svg"),
+            "--html",
+            str(tmp / "out" / "g.html"),
+            "--no-progress",
+            "--max-feature-nodes",
+            "40",
+            "--batch-size",
+            "16",
+            "--model",
+            "tiny",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert calls == [("tiny", "cpu", "float32")]
@@ -49,32 +71,77 @@ def test_trace_writes_graph_circuit_and_pictures(tiny_setup, capsys):
     assert 0 < pruned.n_nodes < graph.n_nodes
     assert (tmp / "out" / "g.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     assert "<html" in (tmp / "out" / "g.html").read_text().lower()
-    for line in ("top predictions:", "logit nodes:", "active features (40 with incoming edges)", "time:", "circuit:"):
+    for line in (
+        "top predictions:",
+        "logit nodes:",
+        "active features (40 with incoming edges)",
+        "time:",
+        "circuit:",
+    ):
         assert line in text
 
 
 def test_trace_targets_and_contrast(tiny_setup, capsys):
     tmp, _ = tiny_setup
     out = tmp / "d.npz"
-    assert run(["trace", PROMPT, "--out", str(out), "--transcoders", str(tmp / "tc"), "--target", "a",
-                "--contrast", "b", "--no-progress", "--max-feature-nodes", "0"]) == 0
+    assert (
+        run(
+            [
+                "trace",
+                PROMPT,
+                "--out",
+                str(out),
+                "--transcoders",
+                str(tmp / "tc"),
+                "--target",
+                "a",
+                "--contrast",
+                "b",
+                "--no-progress",
+                "--max-feature-nodes",
+                "0",
+            ]
+        )
+        == 0
+    )
     graph = load_graph(out)
     assert graph.logit_strings == ["a - b"] and int((graph.kind == FEATURE).sum()) > 0
     assert not graph.has_row[graph.kind == FEATURE].any()
     assert "[logit difference]" in capsys.readouterr().out
-    assert run(["trace", PROMPT, "--out", str(out), "--transcoders", str(tmp / "tc"), "--target", "a",
-                "--target", "b", "--no-progress", "--max-feature-nodes", "0"]) == 0
+    assert (
+        run(
+            [
+                "trace",
+                PROMPT,
+                "--out",
+                str(out),
+                "--transcoders",
+                str(tmp / "tc"),
+                "--target",
+                "a",
+                "--target",
+                "b",
+                "--no-progress",
+                "--max-feature-nodes",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert load_graph(out).logit_strings == ["a", "b"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--target", "ab"], "not one"),
-    (["--out-suffix"], "must end in .npz"),
-    (["--batch-size", "0"], "batch-size"),
-    (["--prompt", ""], "empty"),
-    (["--svg", "same"], "same file"),
-    (["--prune", "--node-threshold", "2"], "node-threshold"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--target", "ab"], "not one"),
+        (["--out-suffix"], "must end in .npz"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--prompt", ""], "empty"),
+        (["--svg", "same"], "same file"),
+        (["--prune", "--node-threshold", "2"], "node-threshold"),
+    ],
+)
 def test_bad_input_is_one_line(tiny_setup, capsys, argv, message):
     tmp, _ = tiny_setup
     out = tmp / "g.npz"
@@ -85,7 +152,18 @@ def test_bad_input_is_one_line(tiny_setup, capsys, argv, message):
         prompt, argv = argv[1], []
     if argv == ["--svg", "same"]:
         argv = ["--svg", str(out)]
-    code = run(["trace", prompt, "--out", str(out), "--transcoders", str(tmp / "tc"), "--no-progress", *argv])
+    code = run(
+        [
+            "trace",
+            prompt,
+            "--out",
+            str(out),
+            "--transcoders",
+            str(tmp / "tc"),
+            "--no-progress",
+            *argv,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and message in err
@@ -100,19 +178,48 @@ def test_options_mirror_attribution_config():
         if f.name != "progress":
             assert getattr(args, f.name) == getattr(d, f.name), f.name
     help_text = parser._subparsers._group_actions[0].choices["trace"].format_help()
-    for flag in ("--max-feature-nodes", "--batch-size", "--max-n-logits", "--desired-logit-prob", "--target",
-                 "--contrast", "--chat", "--device", "--dtype", "--transcoders", "--model", "--prune", "--svg",
-                 "--html"):
+    for flag in (
+        "--max-feature-nodes",
+        "--batch-size",
+        "--max-n-logits",
+        "--desired-logit-prob",
+        "--target",
+        "--contrast",
+        "--chat",
+        "--device",
+        "--dtype",
+        "--transcoders",
+        "--model",
+        "--prune",
+        "--svg",
+        "--html",
+    ):
         assert flag in help_text
 
 
 def test_missing_graph_stage_is_a_clear_error(tiny_setup, capsys, monkeypatch):
     import sys
+
     tmp, _ = tiny_setup
     monkeypatch.setitem(sys.modules, "circuits.render", None)  # importing it now raises ImportError
     out = tmp / "g.npz"
-    code = run(["trace", PROMPT, "--out", str(out), "--transcoders", str(tmp / "tc"), "--no-progress",
-                "--svg", str(tmp / "g.svg"), "--max-feature-nodes", "5"])
+    code = run(
+        [
+            "trace",
+            PROMPT,
+            "--out",
+            str(out),
+            "--transcoders",
+            str(tmp / "tc"),
+            "--no-progress",
+            "--svg",
+            str(tmp / "g.svg"),
+            "--max-feature-nodes",
+            "5",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "circuits.render.render_svg is not available" in err
-    assert out.exists() and np.isfinite(load_graph(out).activation).all()  # the graph itself was written
+    assert (
+        out.exists() and np.isfinite(load_graph(out).activation).all()
+    )  # the graph itself was written

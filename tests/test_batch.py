@@ -3,6 +3,7 @@
 The two-rank tests start this file as a script (see `_driver` at the bottom) under torchrun, or as two
 plain processes with the torchrun environment set by hand, on a tiny random model with random transcoders.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,23 @@ from circuits.batch import BatchConfig, read_prompts, trace_batch
 from circuits.errors import UserError
 from circuits.graph import load_graph
 
-PROMPTS = ["The cat sat on the mat", "Hello there, world", "abc abc ab", "1 2 3 4 5",
-           "Once upon a time", "zzz yyy", "A B C D", "to be or not to be"]
+PROMPTS = [
+    "The cat sat on the mat",
+    "Hello there, world",
+    "abc abc ab",
+    "1 2 3 4 5",
+    "Once upon a time",
+    "zzz yyy",
+    "A B C D",
+    "to be or not to be",
+]
 
 
 def _setup():
     """The tiny model and transcoders every process of a test builds for itself (seeded, so identical)."""
     from circuits.models import tiny_model
     from transcoders import random_transcoders
+
     return tiny_model(seed=0), random_transcoders(3, 64, 128, seed=0, l0=4.0)
 
 
@@ -48,8 +58,14 @@ def _write_prompts(path: Path, n: int) -> list[dict]:
 
 def _single_trace(lm, tc, item: dict):
     target = item.get("target")
-    return attribute(lm, item["prompt"], transcoders=tc, config=AttributionConfig(
-        targets=[target] if target else [], contrast=item.get("contrast"), progress=False))
+    return attribute(
+        lm,
+        item["prompt"],
+        transcoders=tc,
+        config=AttributionConfig(
+            targets=[target] if target else [], contrast=item.get("contrast"), progress=False
+        ),
+    )
 
 
 def _assert_same_graph(a, b):
@@ -57,7 +73,9 @@ def _assert_same_graph(a, b):
     for name in ("tokens", "kind", "layer", "pos", "feature", "has_row"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     for name in ("activation", "node_input", "row_constant", "logit_probabilities"):
-        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6, err_msg=name
+        )
     np.testing.assert_allclose(a.adjacency.toarray(), b.adjacency.toarray(), rtol=1e-4, atol=1e-6)
 
 
@@ -83,10 +101,13 @@ def _env() -> dict:
 
 # -- prompts files -----------------------------------------------------------------------------------
 
+
 def test_read_prompts_ids_targets_and_extra_keys(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "a b", "topic": "t"}\n\n{"prompt": "c", "target": [" x", " y"], "id": 7}\n'
-                    '{"prompt": "d", "target": " x", "contrast": " y"}\n')
+    path.write_text(
+        '{"prompt": "a b", "topic": "t"}\n\n{"prompt": "c", "target": [" x", " y"], "id": 7}\n'
+        '{"prompt": "d", "target": " x", "contrast": " y"}\n'
+    )
     a, b, c = read_prompts(path)
     assert (a.id, a.targets, a.extra, a.line) == ("00001", [], {"topic": "t"}, 1)
     assert (b.id, b.targets) == ("7", [" x", " y"])
@@ -94,15 +115,18 @@ def test_read_prompts_ids_targets_and_extra_keys(tmp_path):
     assert read_prompts(["just a string"])[0].prompt == "just a string"
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
-    ('{"text": "a"}\n', '"prompt" string'),
-    ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', "used already on line 1"),
-    ('{"prompt": "a", "id": "../evil"}\n', "cannot name a file"),
-    ('{"prompt": "a", "contrast": " b"}\n', "needs exactly one"),
-    ('{"prompt": "a", "target": 3}\n', "string or a list"),
-    ("\n\n", "holds no prompts"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
+        ('{"text": "a"}\n', '"prompt" string'),
+        ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', "used already on line 1"),
+        ('{"prompt": "a", "id": "../evil"}\n', "cannot name a file"),
+        ('{"prompt": "a", "contrast": " b"}\n', "needs exactly one"),
+        ('{"prompt": "a", "target": 3}\n', "string or a list"),
+        ("\n\n", "holds no prompts"),
+    ],
+)
 def test_read_prompts_refuses_bad_files(tmp_path, text, message):
     path = tmp_path / "p.jsonl"
     path.write_text(text)
@@ -118,12 +142,20 @@ def test_missing_prompts_file(tmp_path):
 def test_bad_target_refused_before_tracing(tmp_path):
     lm, tc = _setup()
     with pytest.raises(UserError, match=r"line 2.*not one"):
-        trace_batch(BatchConfig(prompts=["ok", {"prompt": "a", "target": "two tokens"}], out=str(tmp_path / "o"),
-                                progress=False), lm=lm, transcoders=tc)
+        trace_batch(
+            BatchConfig(
+                prompts=["ok", {"prompt": "a", "target": "two tokens"}],
+                out=str(tmp_path / "o"),
+                progress=False,
+            ),
+            lm=lm,
+            transcoders=tc,
+        )
     assert not list((tmp_path / "o" / "graphs").glob("*.npz"))
 
 
 # -- one process -------------------------------------------------------------------------------------
+
 
 def test_one_process_equals_single_traces_and_resumes(tmp_path):
     lm, tc = _setup()
@@ -166,6 +198,7 @@ def test_resume_with_other_options_is_refused(tmp_path):
 
 def test_a_failing_prompt_is_reported_and_retried(tmp_path, monkeypatch):
     import circuits.batch as batch
+
     lm, tc = _setup()
     real = batch.attribute
 
@@ -175,11 +208,15 @@ def test_a_failing_prompt_is_reported_and_retried(tmp_path, monkeypatch):
         return real(lm, prompt, **kw)
 
     monkeypatch.setattr(batch, "attribute", flaky)
-    cfg = BatchConfig(prompts=["good one", "bad one", "good two"], out=str(tmp_path / "out"), progress=False)
+    cfg = BatchConfig(
+        prompts=["good one", "bad one", "good two"], out=str(tmp_path / "out"), progress=False
+    )
     result = trace_batch(cfg, lm=lm, transcoders=tc)
     assert (result.n_traced, result.n_failed) == (2, 1)
     assert [r["status"] for r in result.records] == ["ok", "failed", "ok"]
-    assert "out of memory" in result.records[1]["error"] and "failed: RuntimeError" in result.table()
+    assert (
+        "out of memory" in result.records[1]["error"] and "failed: RuntimeError" in result.table()
+    )
     monkeypatch.setattr(batch, "attribute", real)
     result = trace_batch(cfg, lm=lm, transcoders=tc)
     assert (result.n_traced, result.n_skipped, result.n_failed) == (1, 2, 0)
@@ -188,23 +225,59 @@ def test_a_failing_prompt_is_reported_and_retried(tmp_path, monkeypatch):
 def test_cli_options_mirror_circuits_trace(tmp_path):
     from circuits.cli import build_parser
     from circuits.commands import trace_config
-    args = build_parser().parse_args(["trace-batch", "p.jsonl", "--out", "d", "--max-feature-nodes", "7",
-                                      "--desired-logit-prob", "0.5", "--chat", "--dtype", "bfloat16", "--no-progress"])
+
+    args = build_parser().parse_args(
+        [
+            "trace-batch",
+            "p.jsonl",
+            "--out",
+            "d",
+            "--max-feature-nodes",
+            "7",
+            "--desired-logit-prob",
+            "0.5",
+            "--chat",
+            "--dtype",
+            "bfloat16",
+            "--no-progress",
+        ]
+    )
     cfg = trace_config(args)
-    assert (cfg.max_feature_nodes, cfg.desired_logit_prob, cfg.chat, cfg.dtype, cfg.progress) == (7, 0.5, True,
-                                                                                                 "bfloat16", False)
-    assert cfg.batch_size == AttributionConfig().batch_size and args.func.__name__ == "cmd_trace_batch"
+    assert (cfg.max_feature_nodes, cfg.desired_logit_prob, cfg.chat, cfg.dtype, cfg.progress) == (
+        7,
+        0.5,
+        True,
+        "bfloat16",
+        False,
+    )
+    assert (
+        cfg.batch_size == AttributionConfig().batch_size and args.func.__name__ == "cmd_trace_batch"
+    )
 
 
 def test_cli_refuses_a_global_target(tmp_path, capsys):
     from circuits.cli import run
+
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
-    assert run(["trace-batch", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"), "--target", " x"]) == 2
+    assert (
+        run(
+            [
+                "trace-batch",
+                str(tmp_path / "p.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+                "--target",
+                " x",
+            ]
+        )
+        == 2
+    )
     assert "per prompt" in capsys.readouterr().err
 
 
 def test_cli_reports_a_bad_prompts_file_in_one_line(tmp_path, capsys):
     from circuits.cli import run
+
     (tmp_path / "p.jsonl").write_text("{oops\n")
     assert run(["trace-batch", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "line 1 is not JSON" in capsys.readouterr().err
@@ -212,11 +285,21 @@ def test_cli_reports_a_bad_prompts_file_in_one_line(tmp_path, capsys):
 
 # -- two ranks (gloo) --------------------------------------------------------------------------------
 
+
 def test_two_ranks_under_torchrun_equal_single_traces(tmp_path):
     items = _write_prompts(tmp_path / "p.jsonl", 6)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           __file__, str(tmp_path / "p.jsonl"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        __file__,
+        str(tmp_path / "p.jsonl"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     specs = read_prompts(tmp_path / "p.jsonl")
@@ -237,15 +320,28 @@ def test_sigkill_halfway_then_resume_loses_and_duplicates_nothing(tmp_path):
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):  # the environment torchrun gives its workers
-        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path / "p.jsonl"), str(out), "--sleep", "0.4"],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        env = dict(
+            _env(),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, str(tmp_path / "p.jsonl"), str(out), "--sleep", "0.4"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
     deadline = time.time() + 240
     try:
         while len(_graph_files(out) if (out / "graphs").exists() else []) < 4:
-            assert time.time() < deadline and all(p.poll() is None for p in procs), \
-                b"".join(p.stderr.read() for p in procs if p.poll() is not None).decode()[-3000:]
+            assert time.time() < deadline and all(p.poll() is None for p in procs), b"".join(
+                p.stderr.read() for p in procs if p.poll() is not None
+            ).decode()[-3000:]
             time.sleep(0.05)
     finally:
         for p in procs:
@@ -258,13 +354,16 @@ def test_sigkill_halfway_then_resume_loses_and_duplicates_nothing(tmp_path):
 
     # resume on one process (another world size): only the missing prompts are traced
     lm, tc = _setup()
-    result = trace_batch(BatchConfig(prompts=str(tmp_path / "p.jsonl"), out=str(out), progress=False),
-                         lm=lm, transcoders=tc)
+    result = trace_batch(
+        BatchConfig(prompts=str(tmp_path / "p.jsonl"), out=str(out), progress=False),
+        lm=lm,
+        transcoders=tc,
+    )
     assert result.n_skipped >= len(before) and result.n_traced == n - result.n_skipped
     specs = read_prompts(tmp_path / "p.jsonl")
     _check_index(out, specs)
     assert len(_graph_files(out)) == n and not list((out / "graphs").glob(".*"))
-    for item, spec in list(zip(items, specs))[:: 5]:
+    for item, spec in list(zip(items, specs))[::5]:
         _assert_same_graph(load_graph(out / "graphs" / spec.filename), _single_trace(lm, tc, item))
 
 
@@ -273,39 +372,59 @@ def test_real_model_batch_of_the_shipped_prompts(tmp_path, real_model, default_t
     """Every prompt of tests/data/batch_prompts_20.jsonl passes the up-front checks on the real tokenizer; two
     of them trace to the same graphs as `circuits.attribute`."""
     from circuits.batch import check_prompts
+
     path = Path(__file__).parent / "data" / "batch_prompts_20.jsonl"
     specs = read_prompts(path)
     assert len(specs) == 20
     options = AttributionConfig(max_feature_nodes=32, progress=False)
     check_prompts(real_model, specs, options)
-    picked = [json.loads(line) for line in path.read_text().splitlines()][16:18]  # a target, a contrast
-    result = trace_batch(BatchConfig(prompts=picked, out=str(tmp_path / "out"), attribution=options,
-                                     progress=False), lm=real_model, transcoders=default_transcoders)
+    picked = [json.loads(line) for line in path.read_text().splitlines()][
+        16:18
+    ]  # a target, a contrast
+    result = trace_batch(
+        BatchConfig(prompts=picked, out=str(tmp_path / "out"), attribution=options, progress=False),
+        lm=real_model,
+        transcoders=default_transcoders,
+    )
     assert result.n_traced == 2 and [r["top_logit"] for r in result.records][0] == " mice"
     for item, record in zip(picked, result.records):
-        single = attribute(real_model, item["prompt"], transcoders=default_transcoders, config=AttributionConfig(
-            targets=[item["target"]], contrast=item.get("contrast"), max_feature_nodes=32, progress=False))
+        single = attribute(
+            real_model,
+            item["prompt"],
+            transcoders=default_transcoders,
+            config=AttributionConfig(
+                targets=[item["target"]],
+                contrast=item.get("contrast"),
+                max_feature_nodes=32,
+                progress=False,
+            ),
+        )
         _assert_same_graph(load_graph(tmp_path / "out" / record["file"]), single)
 
 
 def _driver(argv: list[str]) -> None:
     """One rank of a test job: trace PROMPTS into OUT with the tiny setup (optionally slowly, to be killed)."""
     import argparse
+
     p = argparse.ArgumentParser()
     p.add_argument("prompts")
     p.add_argument("out")
     p.add_argument("--sleep", type=float, default=0.0)
     args = p.parse_args(argv)
     import circuits.batch as batch
+
     if args.sleep:
         real = batch.attribute
 
         def slow(*a, **kw):
             time.sleep(args.sleep)
             return real(*a, **kw)
+
         batch.attribute = slow
     lm, tc = _setup()
-    trace_batch(BatchConfig(prompts=args.prompts, out=args.out, progress=False), lm=lm, transcoders=tc)
+    trace_batch(
+        BatchConfig(prompts=args.prompts, out=args.out, progress=False), lm=lm, transcoders=tc
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """circuit-tracer's transcoder layout: exact round trips, the files circuit-tracer expects, clear refusals, and
 (opt-in, when benchmarks/setup_circuit_tracer.sh has made .venv-ct) circuit-tracer itself reading our export."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from circuits.errors import UserError
 from transcoders import random_transcoders
-from transcoders.circuit_tracer_format import is_circuit_tracer_dir, load_circuit_tracer, save_circuit_tracer
+from transcoders.circuit_tracer_format import (
+    is_circuit_tracer_dir,
+    load_circuit_tracer,
+    save_circuit_tracer,
+)
 
 L, D, F = 3, 32, 64
 REPO = Path(__file__).resolve().parents[1]
@@ -36,10 +41,21 @@ def same_set(a, b, x):
     torch.testing.assert_close(a.reconstruct(x), b.reconstruct(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,activation", [("plt", "jumprelu"), ("skip", "jumprelu"), ("clt", "jumprelu"),
-                                             ("plt", "relu"), ("clt", "relu"), ("skip", "batchtopk")])
+@pytest.mark.parametrize(
+    "kind,activation",
+    [
+        ("plt", "jumprelu"),
+        ("skip", "jumprelu"),
+        ("clt", "jumprelu"),
+        ("plt", "relu"),
+        ("clt", "relu"),
+        ("skip", "batchtopk"),
+    ],
+)
 def test_round_trip_is_exact(tmp_path, kind, activation):
-    tc = random_transcoders(L, D, F, kind=kind, activation=activation, l0=5, seed=3, model_name="gemma-3-270m")
+    tc = random_transcoders(
+        L, D, F, kind=kind, activation=activation, l0=5, seed=3, model_name="gemma-3-270m"
+    )
     d = save_circuit_tracer(tc, tmp_path / "ct")
     assert is_circuit_tracer_dir(d)
     back = load_circuit_tracer(d)
@@ -53,8 +69,13 @@ def test_round_trip_is_exact(tmp_path, kind, activation):
 
 def test_training_metrics_survive_the_round_trip(tmp_path):
     import numpy as np
+
     tc = random_transcoders(L, D, F, kind="skip", seed=11)
-    tc.cfg.metrics = {"fvu": np.float32(0.25), "l0_per_layer": torch.tensor([3.5, 4.0, 5.0]), "steps": 100}
+    tc.cfg.metrics = {
+        "fvu": np.float32(0.25),
+        "l0_per_layer": torch.tensor([3.5, 4.0, 5.0]),
+        "steps": 100,
+    }
     back = load_circuit_tracer(save_circuit_tracer(tc, tmp_path / "ct"))
     assert back.cfg.metrics == {"fvu": 0.25, "l0_per_layer": [3.5, 4.0, 5.0], "steps": 100}
 
@@ -63,10 +84,15 @@ def test_files_are_circuit_tracers_layout(tmp_path):
     skip = random_transcoders(L, D, F, kind="skip", seed=1, model_name="gemma-3-270m")
     d = save_circuit_tracer(skip, tmp_path / "skip")
     config = yaml.safe_load((d / "config.yaml").read_text())
-    assert (config["model_kind"], config["feature_input_hook"], config["feature_output_hook"]) == \
-        ("transcoder_set", "mlp.hook_in", "hook_mlp_out")
+    assert (config["model_kind"], config["feature_input_hook"], config["feature_output_hook"]) == (
+        "transcoder_set",
+        "mlp.hook_in",
+        "hook_mlp_out",
+    )
     assert config["model_name"] == "google/gemma-3-270m"
-    assert sorted(p.name for p in d.glob("*.safetensors")) == [f"layer_{l}.safetensors" for l in range(L)]
+    assert sorted(p.name for p in d.glob("*.safetensors")) == [
+        f"layer_{l}.safetensors" for l in range(L)
+    ]
     t = load_file(str(d / "layer_1.safetensors"))
     assert set(t) == {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold", "W_skip"}
     x = torch.randn(5, D)
@@ -91,8 +117,12 @@ def test_loads_directories_circuit_tracer_wrote(tmp_path):
     del config["gemma_circuits"]
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     back = load_circuit_tracer(d)
-    assert (back.cfg.kind, back.cfg.activation, back.cfg.d_sae, back.cfg.model_name) == \
-        ("skip", "jumprelu", F, "gemma-3-270m")
+    assert (back.cfg.kind, back.cfg.activation, back.cfg.d_sae, back.cfg.model_name) == (
+        "skip",
+        "jumprelu",
+        F,
+        "gemma-3-270m",
+    )
     same_set(tc, back, inputs(1))
 
     clt = random_transcoders(L, D, F, kind="clt", activation="relu", seed=5)
@@ -128,7 +158,11 @@ def test_export_replaces_an_earlier_export(tmp_path):
     save_circuit_tracer(random_transcoders(4, D, F, kind="clt", seed=7), d)
     small = random_transcoders(2, D, F, kind="plt", seed=8)
     save_circuit_tracer(small, d)
-    assert sorted(p.name for p in d.iterdir()) == ["config.yaml", "layer_0.safetensors", "layer_1.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "config.yaml",
+        "layer_0.safetensors",
+        "layer_1.safetensors",
+    ]
     same_set(small, load_circuit_tracer(d), torch.randn(2, 4, D))
 
 
@@ -156,27 +190,47 @@ def test_refusals(tmp_path):
 
 def test_load_any_dispatches_here(tmp_path):
     from transcoders.formats import load_any
+
     tc = random_transcoders(L, D, F, kind="clt", seed=9)
     d = save_circuit_tracer(tc, tmp_path / "ct")
     same_set(tc, load_any(d), inputs(4))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CT_PYTHON.exists(), reason="no .venv-ct: run bash benchmarks/setup_circuit_tracer.sh")
-@pytest.mark.parametrize("kind,activation", [("skip", "jumprelu"), ("clt", "jumprelu"), ("plt", "relu"),
-                                             ("plt", "batchtopk")])
+@pytest.mark.skipif(
+    not CT_PYTHON.exists(), reason="no .venv-ct: run bash benchmarks/setup_circuit_tracer.sh"
+)
+@pytest.mark.parametrize(
+    "kind,activation",
+    [("skip", "jumprelu"), ("clt", "jumprelu"), ("plt", "relu"), ("plt", "batchtopk")],
+)
 def test_circuit_tracer_reads_our_export(tmp_path, kind, activation):
     """circuit-tracer's own loaders and encoders, in its venv, on our files: same activations and outputs."""
     tc = random_transcoders(L, D, F, kind=kind, activation=activation, l0=6, seed=10)
     d = save_circuit_tracer(tc, tmp_path / "ct")
     x = inputs(5)
     save_file({"mlp_in": x}, str(tmp_path / "in.safetensors"))
-    subprocess.run([str(CT_PYTHON), str(REPO / "benchmarks" / "ct_runner.py"), "encode", "--transcoders", str(d),
-                    "--inputs", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors")],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            str(CT_PYTHON),
+            str(REPO / "benchmarks" / "ct_runner.py"),
+            "encode",
+            "--transcoders",
+            str(d),
+            "--inputs",
+            str(tmp_path / "in.safetensors"),
+            "--out",
+            str(tmp_path / "out.safetensors"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     theirs = load_file(str(tmp_path / "out.safetensors"))
     ours = torch.stack([tc.encode(l, x[l]) for l in range(L)])
-    assert (ours > 0).any(-1).all()  # every position has active features (circuit-tracer's CLT decode needs it)
+    assert (
+        (ours > 0).any(-1).all()
+    )  # every position has active features (circuit-tracer's CLT decode needs it)
     assert torch.allclose(theirs["acts"], ours, atol=1e-5, rtol=0)
     assert torch.equal(theirs["acts"] != 0, ours != 0)
     assert torch.allclose(theirs["reconstruction"], tc.reconstruct(x), atol=1e-5, rtol=0)

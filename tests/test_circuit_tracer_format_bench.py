@@ -1,6 +1,7 @@
 """The pieces of benchmarks/vs_circuit_tracer.py that decide its numbers: node matching and agreement (against a
 graph laid out with circuit-tracer's conventions), finite differences of token edges, threshold calibration,
 the FLOP count, prompt cutting, and the run supervisor's limits. Tiny random models only."""
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,14 @@ def traced(tiny, tmp_path):
     s = tiny.sites
     tc = random_transcoders(s.n_layers, s.d_model, 96, kind="skip", l0=6, seed=0)
     # BOS features kept: the agreement must set them apart from what both tools compute
-    graph = circuits.attribute(tiny, "the cat sat", transcoders=tc, progress=False, max_feature_nodes=10_000,
-                               bos_features=True)
+    graph = circuits.attribute(
+        tiny,
+        "the cat sat",
+        transcoders=tc,
+        progress=False,
+        max_feature_nodes=10_000,
+        bos_features=True,
+    )
     path = graph.save(tmp_path / "ours.graph.npz")
     return tiny, tc, graph, path
 
@@ -32,23 +39,38 @@ def write_like_circuit_tracer(graph, path: Path, embed_scale: float, seed: int =
     """Our graph in circuit-tracer's conventions: no features at BOS, zero BOS errors, token edges with the
     unscaled embedding, features in another order; node order features, errors [layer, pos], tokens, logits."""
     import scipy.sparse as sp
+
     feats = np.flatnonzero((graph.kind == FEATURE) & (graph.pos > 0))
     active = np.stack([graph.layer[feats], graph.pos[feats], graph.feature[feats]], 1)
     order = np.random.default_rng(seed).permutation(len(feats))
     L, n = graph.n_layers, graph.n_pos
     err = {(int(graph.layer[i]), int(graph.pos[i])): i for i in graph.nodes_of(ERROR)}
     tok = {int(graph.pos[i]): i for i in graph.nodes_of(TOKEN)}
-    nodes = ([feats[j] for j in order] + [err[(l, p)] for l in range(L) for p in range(n)]
-             + [tok[p] for p in range(n)] + list(graph.logit_nodes))
+    nodes = (
+        [feats[j] for j in order]
+        + [err[(l, p)] for l in range(L) for p in range(n)]
+        + [tok[p] for p in range(n)]
+        + list(graph.logit_nodes)
+    )
     dense = graph.adjacency.toarray()[np.ix_(nodes, nodes)]
     n_sel = len(feats)
-    dense[:, n_sel:n_sel + L * n:n] = 0  # errors at position 0
-    dense[:, n_sel + L * n:n_sel + L * n + n] /= embed_scale
-    dense[n_sel:-len(graph.logit_nodes)] = 0  # error and token nodes have no rows
+    dense[:, n_sel : n_sel + L * n : n] = 0  # errors at position 0
+    dense[:, n_sel + L * n : n_sel + L * n + n] /= embed_scale
+    dense[n_sel : -len(graph.logit_nodes)] = 0  # error and token nodes have no rows
     adj = sp.csr_array(dense.astype(np.float32))
-    np.savez(path, adj_data=adj.data, adj_indices=adj.indices, adj_indptr=adj.indptr, shape=np.array(dense.shape),
-             active_features=active, selected_features=order, tokens=graph.tokens,
-             logit_ids=graph.logit_tokens, logit_probabilities=graph.logit_probabilities, n_layers=np.array(L))
+    np.savez(
+        path,
+        adj_data=adj.data,
+        adj_indices=adj.indices,
+        adj_indptr=adj.indptr,
+        shape=np.array(dense.shape),
+        active_features=active,
+        selected_features=order,
+        tokens=graph.tokens,
+        logit_ids=graph.logit_tokens,
+        logit_probabilities=graph.logit_probabilities,
+        n_layers=np.array(L),
+    )
 
 
 def test_agreement_matches_nodes_and_isolates_design_differences(traced, tmp_path):
@@ -63,7 +85,9 @@ def test_agreement_matches_nodes_and_isolates_design_differences(traced, tmp_pat
     assert a["tokens"]["median_ratio"] == pytest.approx(scale, rel=1e-5)
     assert a["tokens_rescaled"]["pearson"] > 1 - 1e-6
     assert a["ours_bos_features"] == int(((graph.kind == FEATURE) & (graph.pos == 0)).sum()) > 0
-    assert a["shared_targets"] == int(((graph.kind == FEATURE) & (graph.pos > 0)).sum()) + len(graph.logit_nodes)
+    assert a["shared_targets"] == int(((graph.kind == FEATURE) & (graph.pos > 0)).sum()) + len(
+        graph.logit_nodes
+    )
 
     # a disagreement shows
     z = dict(np.load(tmp_path / "ct.npz"))
@@ -89,6 +113,7 @@ def test_finite_differences_confirm_scaled_token_edges(traced, tmp_path):
 
 def test_calibrated_thresholds_give_the_asked_l0(tiny):
     from circuits.replacement import run_and_freeze
+
     s = tiny.sites
     tc = random_transcoders(s.n_layers, s.d_model, 256, kind="clt", l0=1, seed=1)
     mlp_in = run_and_freeze(tiny, tiny.tokenize(bench.CALIBRATION)).mlp_in
@@ -100,7 +125,10 @@ def test_calibrated_thresholds_give_the_asked_l0(tiny):
 
 def test_flop_count_scales_with_the_work():
     from types import SimpleNamespace
-    sites = SimpleNamespace(n_layers=4, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, vocab_size=100, d_mlp=64)
+
+    sites = SimpleNamespace(
+        n_layers=4, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, vocab_size=100, d_mlp=64
+    )
     one = bench.attribution_flops(sites, 8, "plt", False, 128, 50, [4, 2])
     two = bench.attribution_flops(sites, 8, "plt", False, 128, 50, [4, 2, 4, 2])
     assert two["forward"] == one["forward"]
@@ -114,6 +142,7 @@ def test_flop_count_scales_with_the_work():
 
 def test_op_profile_ranks_the_work_it_saw():
     import torch
+
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     with bench.op_profiler("cpu") as prof:
         for _ in range(3):
@@ -132,21 +161,44 @@ def test_prompts_are_cut_at_exact_lengths(tiny):
 
 def test_run_supervisor_reports_and_stops(tmp_path):
     cfg = bench.BenchConfig(timeout_s=2, max_rss_gb=0.5, threads=1)
-    ok = bench.run_measured([sys.executable, "-c", "print('noise'); print('{\"wall_s\": 1.5}')"], cfg,
-                            tmp_path / "a.log")
+    ok = bench.run_measured(
+        [sys.executable, "-c", "print('noise'); print('{\"wall_s\": 1.5}')"],
+        cfg,
+        tmp_path / "a.log",
+    )
     assert ok == {"wall_s": 1.5}
-    slow = bench.run_measured([sys.executable, "-c", "import time, sys; print('3/10 [00:01', file=sys.stderr, "
-                               "flush=True); time.sleep(30)"], cfg, tmp_path / "b.log")
+    slow = bench.run_measured(
+        [
+            sys.executable,
+            "-c",
+            "import time, sys; print('3/10 [00:01', file=sys.stderr, flush=True); time.sleep(30)",
+        ],
+        cfg,
+        tmp_path / "b.log",
+    )
     assert "time limit" in slow["failed"] and slow["where"].startswith("3/10")
-    big = bench.run_measured([sys.executable, "-c", "import time; x = bytearray(900 * 2**20); time.sleep(30)"],
-                             cfg, tmp_path / "c.log")
+    big = bench.run_measured(
+        [sys.executable, "-c", "import time; x = bytearray(900 * 2**20); time.sleep(30)"],
+        cfg,
+        tmp_path / "c.log",
+    )
     assert "memory limit" in big["failed"]
-    crash = bench.run_measured([sys.executable, "-c", "raise SystemExit('broken input')"], cfg, tmp_path / "d.log")
+    crash = bench.run_measured(
+        [sys.executable, "-c", "raise SystemExit('broken input')"], cfg, tmp_path / "d.log"
+    )
     assert "exit code 1" in crash["failed"] and "broken input" in crash["failed"]
 
 
 def test_config_drives_the_command_line():
     cfg = bench.parse_config(["--sets", "skip", "--lengths", "8,32", "--no-resume", "--l0", "12"])
     assert (cfg.sets, cfg.lengths, cfg.resume, cfg.l0) == (["skip"], [8, 32], False, 12.0)
-    assert bench._cli_args(cfg) == ["--sets", "skip", "--lengths", "8,32", "--l0", "12.0", "--no-resume"]
+    assert bench._cli_args(cfg) == [
+        "--sets",
+        "skip",
+        "--lengths",
+        "8,32",
+        "--l0",
+        "12.0",
+        "--no-resume",
+    ]
     assert cfg.batch_size(8) == 256 and cfg.batch_size(128) == 16

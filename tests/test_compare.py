@@ -1,17 +1,18 @@
 """Comparing two circuits (circuits/compare.py) and the comparison picture."""
+
 from __future__ import annotations
 
 import shutil
 
 import numpy as np
 import pytest
+from test_render import synthetic_graph
 
 import circuits
 from circuits.compare import CompareConfig, align_tokens, compare
 from circuits.export import graph_from_networkx, graph_to_networkx
-from circuits.graph import ERROR, FEATURE, TOKEN
+from circuits.graph import ERROR, FEATURE
 from circuits.prune import prune
-from test_render import synthetic_graph
 
 
 def shifted(g, at: int, new_tokens: list[str], replace: int = 0):
@@ -25,11 +26,26 @@ def shifted(g, at: int, new_tokens: list[str], replace: int = 0):
         elif d["pos"] >= at + replace:
             d["pos"] += shift
     for k, tok in enumerate(new_tokens):
-        nxg.add_node(f"new{k}", kind="token", layer=-1, pos=at + k, feature=-1, activation=1.0, has_row=False,
-                     influence=0.0, token=tok)
-    strings = g.token_strings[:at] + new_tokens + g.token_strings[at + replace:]
-    ids = list(g.tokens[:at]) + [1000 + k for k in range(len(new_tokens))] + list(g.tokens[at + replace:])
-    nxg.graph.update(token_strings=strings, token_ids=[int(i) for i in ids], prompt="".join(strings[1:]))
+        nxg.add_node(
+            f"new{k}",
+            kind="token",
+            layer=-1,
+            pos=at + k,
+            feature=-1,
+            activation=1.0,
+            has_row=False,
+            influence=0.0,
+            token=tok,
+        )
+    strings = g.token_strings[:at] + new_tokens + g.token_strings[at + replace :]
+    ids = (
+        list(g.tokens[:at])
+        + [1000 + k for k in range(len(new_tokens))]
+        + list(g.tokens[at + replace :])
+    )
+    nxg.graph.update(
+        token_strings=strings, token_ids=[int(i) for i in ids], prompt="".join(strings[1:])
+    )
     return graph_from_networkx(nxg)
 
 
@@ -68,7 +84,9 @@ def test_compare_subgraph_and_changes():
     assert set(c.only_a) == {a.node_id(int(i)) for i in drop} and not c.only_b
     n_inner = int(((a.kind == FEATURE) | (a.kind == ERROR)).sum())
     assert c.jaccard == pytest.approx((n_inner - len(drop)) / n_inner)
-    assert c.influence_changes[0]["id"] == b.node_id(bumped) and c.influence_changes[0]["delta"] == pytest.approx(5.0)
+    assert c.influence_changes[0]["id"] == b.node_id(bumped) and c.influence_changes[0][
+        "delta"
+    ] == pytest.approx(5.0)
     assert len(c.influence_changes) == 3
     # edges of dropped nodes vanish: the largest edge change is one of them, with b == 0
     top = c.edge_changes[0]
@@ -84,13 +102,18 @@ def test_compare_prompts_of_different_lengths():
     # nodes match wherever the prompts align; those at " Dallas" / " San" sit in different columns
     at_dallas = {i for i in range(a.n_nodes) if a.pos[i] == 7 and a.kind[i] in (FEATURE, ERROR)}
     assert at_dallas and len(c.only_a) == len(c.only_b) == len(at_dallas)
-    assert {m.split(":")[2] for m in c.only_a} == {"7"} and {m.split(":")[2] for m in c.only_b} == {"8"}
+    assert {m.split(":")[2] for m in c.only_a} == {"7"} and {m.split(":")[2] for m in c.only_b} == {
+        "8"
+    }
     n_inner = int(((a.kind == FEATURE) | (a.kind == ERROR)).sum())
     assert c.jaccard == pytest.approx((n_inner - len(at_dallas)) / (n_inner + len(at_dallas)))
     early = next(int(i) for i in a.nodes_of(FEATURE) if a.pos[i] < 7)
     assert c.node_status[a.node_id(early)] == "both"  # columns before the change equal positions
     assert "t:7:a" in c.node_status and c.node_status["t:7:a"] == "a"
-    assert [s for m, s in c.node_status.items() if m.startswith("t:") and m.endswith(":b")] == ["b", "b"]
+    assert [s for m, s in c.node_status.items() if m.startswith("t:") and m.endswith(":b")] == [
+        "b",
+        "b",
+    ]
     assert "San" in "".join(c.column_tokens()) and c.column_tokens()[0] == "<bos>"
     text = c.summary()
     assert "aligned positions: 8" in text and "Jaccard" in text
@@ -111,6 +134,7 @@ def test_compare_prunes_unpruned_graphs():
 @pytest.mark.skipif(shutil.which("neato") is None, reason="graphviz (neato) is not installed")
 def test_comparison_picture_across_prompts(tmp_path):
     from circuits.render import STATUS_COLORS
+
     a = prune(synthetic_graph(n_features=120, seed=6))
     b = shifted(a, 7, [" Houston"], replace=1)
     b = b.subgraph(np.setdiff1d(np.arange(b.n_nodes), b.nodes_of(FEATURE)[::3]))
@@ -119,5 +143,7 @@ def test_comparison_picture_across_prompts(tmp_path):
     for color in STATUS_COLORS.values():
         assert color in svg
     assert "Houston" in svg and "Dallas" in svg
-    assert 'id="t:7:a"' in svg and 'id="t:8:b"' in svg  # " Dallas" and " Houston" get their own columns
+    assert (
+        'id="t:7:a"' in svg and 'id="t:8:b"' in svg
+    )  # " Dallas" and " Houston" get their own columns
     assert svg.count('class="node"') > len(c.node_status)  # every node plus captions and the legend

@@ -1,4 +1,5 @@
 """Feature dashboards (transcoders/dashboards.py): exact top contexts in bounded memory, resumable."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ from circuits.errors import UserError
 from circuits.graph import FEATURE, load_graph
 from circuits.models import tiny_model
 from transcoders import random_transcoders
-from transcoders.dashboards import (TopContexts, attach_dashboards, auto_label, build_dashboards,
-                                    load_dashboards, output_tokens)
+from transcoders.dashboards import (
+    TopContexts,
+    attach_dashboards,
+    auto_label,
+    build_dashboards,
+    load_dashboards,
+    output_tokens,
+)
 
 WORDS = "the cat dog sat on mat ran far away big small red blue house tree river".split()
 
@@ -34,12 +41,23 @@ def setup(kind="plt"):
 
 
 def small(text_file, out, **kw):
-    opts = dict(text=f"file:{text_file}", out=str(out), k=4, context=24, before=3, after=2, max_tokens=2400,
-                batch=5, gen_samples=0, progress=False)
+    opts = dict(
+        text=f"file:{text_file}",
+        out=str(out),
+        k=4,
+        context=24,
+        before=3,
+        after=2,
+        max_tokens=2400,
+        batch=5,
+        gen_samples=0,
+        progress=False,
+    )
     return {**opts, **kw}
 
 
 # -- the store ------------------------------------------------------------------------------------------
+
 
 def test_planted_top_contexts_are_found_exactly():
     """Each feature fires strongly in a planted set of contexts, at a planted position, with planted values;
@@ -51,8 +69,10 @@ def test_planted_top_contexts_are_found_exactly():
     planted = {}
     for l in range(L):
         for f in range(Fe):
-            ctx = torch.randperm(N, generator=g)[:k + 2]  # more planted contexts than slots
-            vals = 1 + torch.randperm(100, generator=g)[:k + 2].float() / 10  # distinct, all above 0.5
+            ctx = torch.randperm(N, generator=g)[: k + 2]  # more planted contexts than slots
+            vals = (
+                1 + torch.randperm(100, generator=g)[: k + 2].float() / 10
+            )  # distinct, all above 0.5
             pos = torch.randint(0, T, (k + 2,), generator=g)
             acts[l, ctx, pos, f] = vals
             best = vals.argsort(descending=True)[:k]
@@ -72,7 +92,9 @@ def test_planted_top_contexts_are_found_exactly():
         for j in range(k):
             window = slice(int(pos[j]), int(pos[j]) + before + 1 + after)
             assert store.window_tokens[l, f, j].tolist() == padded[ctx[j], window].tolist()
-            assert float(store.window_acts[l, f, j, before]) == pytest.approx(float(vals[j]), rel=1e-3)
+            assert float(store.window_acts[l, f, j, before]) == pytest.approx(
+                float(vals[j]), rel=1e-3
+            )
     assert torch.equal(store.n_active, (acts > 0).sum((1, 2)))
     assert torch.equal(store.max_act, acts.amax((1, 2)))
 
@@ -86,7 +108,12 @@ def test_store_memory_does_not_grow_with_tokens_seen():
     for step in range(200):  # 200 x 4 contexts x 16 tokens
         ids = torch.arange(step * 4, step * 4 + 4)
         for l in range(L):
-            store.update(l, torch.rand(4, 16, Fe, generator=g), torch.randint(0, 50, (4, 16), generator=g), ids)
+            store.update(
+                l,
+                torch.rand(4, 16, Fe, generator=g),
+                torch.randint(0, 50, (4, 16), generator=g),
+                ids,
+            )
     assert store.nbytes == before
     assert {name: (t.shape, t.dtype) for name, t in store.state().items()} == sizes
     assert set(vars(store)) == {"k", "before", "after", *sizes}  # nothing else accumulates
@@ -94,11 +121,13 @@ def test_store_memory_does_not_grow_with_tokens_seen():
 
 # -- the pass on a model --------------------------------------------------------------------------------
 
+
 def brute_force(lm, tc, text_file, context, max_tokens):
     """All activations of every context at once `[L, N, T - 1, F]` and the context tokens `[N, T]`."""
     from transcoders.data import harvest, text_source, token_sequences
+
     paras = text_source(f"file:{text_file}", lm, "train", gen_samples=0)
-    seqs = list(token_sequences(lm, paras, context))[:max_tokens // context]
+    seqs = list(token_sequences(lm, paras, context))[: max_tokens // context]
     ids = torch.stack(seqs)
     x, _ = harvest(lm, ids, drop_bos=False)
     x = x.reshape(len(seqs), context, tc.n_layers, -1)
@@ -123,13 +152,13 @@ def test_dashboards_hold_the_true_top_contexts(tmp_path, text_file, kind):
             vals, order = torch.sort(peak[l, :, f], descending=True, stable=True)
             k = opts["k"]
             torch.testing.assert_close(d.t["top_acts"][l, f], vals[:k], rtol=1e-5, atol=1e-6)
-            gaps = (vals[:k] - vals[1:k + 1]).abs()
+            gaps = (vals[:k] - vals[1 : k + 1]).abs()
             for j in range(k):  # where the ranking is unambiguous, the very same contexts
                 if vals[j] > 0 and gaps[j] > 1e-4 and (j == 0 or (vals[j - 1] - vals[j]) > 1e-4):
                     assert int(d.t["top_context"][l, f, j]) == int(order[j])
                     p = int(acts[l, order[j], :, f].argmax())
                     lo = max(0, p - opts["before"])
-                    window = ids[order[j], 1:][lo:p + opts["after"] + 1].tolist()
+                    window = ids[order[j], 1:][lo : p + opts["after"] + 1].tolist()
                     stored = d.t["window_tokens"][l, f, j]
                     assert stored[stored >= 0].tolist() == window
                     checked += 1
@@ -146,13 +175,16 @@ def test_output_tokens_are_decoder_times_final_gain_times_unembedding():
         v = v - v.mean()
         assert pid[row].tolist() == v.argsort(descending=True)[:5].tolist()
         assert sid[row].tolist() == v.argsort()[:5].tolist()
-        torch.testing.assert_close(pval[row], v.sort(descending=True).values[:5], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            pval[row], v.sort(descending=True).values[:5], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, text_file, monkeypatch):
     lm, tc = setup("plt")
     whole = load_dashboards(build_dashboards(lm, tc, **small(text_file, tmp_path / "whole")))
     import transcoders.data as data
+
     real, calls = data.harvest, {"n": 0}
 
     def dying(*a, **kw):
@@ -160,6 +192,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, text_file, monkeypatch)
         if calls["n"] > 7:
             raise KeyboardInterrupt  # a kill in the middle of the pass
         return real(*a, **kw)
+
     monkeypatch.setattr(data, "harvest", dying)
     opts = small(text_file, tmp_path / "resumed", checkpoint_every=3)
     with pytest.raises(KeyboardInterrupt):
@@ -168,9 +201,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, text_file, monkeypatch)
     assert ckpt["batches_done"] == 6
     with pytest.raises(UserError, match="unfinished"):
         load_dashboards(tmp_path / "resumed")
-    calls["n"] = -10**9
+    calls["n"] = -(10**9)
     resumed = load_dashboards(build_dashboards(lm, tc, **opts))
-    assert calls["n"] == -10**9 + 20 - 6  # only the batches after the checkpoint were run again
+    assert calls["n"] == -(10**9) + 20 - 6  # only the batches after the checkpoint were run again
     for name, t in whole.t.items():
         assert torch.equal(t, resumed.t[name]), name
     assert not (tmp_path / "resumed" / "checkpoint.json").exists()
@@ -179,13 +212,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, text_file, monkeypatch)
 def test_other_settings_are_refused_and_restart_rebuilds(tmp_path, text_file):
     lm, tc = setup("plt")
     out = build_dashboards(lm, tc, **small(text_file, tmp_path / "d"))
-    assert build_dashboards(lm, tc, **small(text_file, tmp_path / "d")) == out  # complete: nothing to do
+    assert (
+        build_dashboards(lm, tc, **small(text_file, tmp_path / "d")) == out
+    )  # complete: nothing to do
     with pytest.raises(UserError, match="other settings"):
         build_dashboards(lm, tc, **small(text_file, tmp_path / "d", k=5))
     other = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 24, seed=99)
     with pytest.raises(UserError, match="other settings or transcoders"):
         build_dashboards(lm, other, **small(text_file, tmp_path / "d"))
-    d = load_dashboards(build_dashboards(lm, tc, **small(text_file, tmp_path / "d", k=5, restart=True)))
+    d = load_dashboards(
+        build_dashboards(lm, tc, **small(text_file, tmp_path / "d", k=5, restart=True))
+    )
     assert d.t["top_acts"].shape[-1] == 5
 
 
@@ -196,11 +233,22 @@ def test_attach_dashboards_to_a_graph_and_round_trip(tmp_path, text_file):
     assert attach_dashboards(g, d, n_contexts=3) == len(g.nodes_of(FEATURE))
     i = g.nodes_of(FEATURE)[0]
     entry = g.metadata["dashboards"][g.node_id(i)]
-    assert set(entry) >= {"density", "max_activation", "top_contexts", "top_promoted", "top_suppressed", "auto_label"}
+    assert set(entry) >= {
+        "density",
+        "max_activation",
+        "top_contexts",
+        "top_promoted",
+        "top_suppressed",
+        "auto_label",
+    }
     layer, f = int(g.layer[i]), int(g.feature[i])
     assert entry["density"] == pytest.approx(int(d.t["n_active"][layer, f]) / d.meta["tokens_seen"])
-    assert len(entry["top_contexts"]) <= 3 and all(len(c["tokens"]) == len(c["acts"]) for c in entry["top_contexts"])
-    assert entry["top_promoted"][0][1] >= entry["top_promoted"][-1][1] > entry["top_suppressed"][0][1]
+    assert len(entry["top_contexts"]) <= 3 and all(
+        len(c["tokens"]) == len(c["acts"]) for c in entry["top_contexts"]
+    )
+    assert (
+        entry["top_promoted"][0][1] >= entry["top_promoted"][-1][1] > entry["top_suppressed"][0][1]
+    )
     g.save(tmp_path / "g.npz")
     back = load_graph(tmp_path / "g.npz")
     assert back.metadata["dashboards"] == json.loads(json.dumps(g.metadata["dashboards"]))
@@ -213,8 +261,11 @@ def test_attach_dashboards_to_a_graph_and_round_trip(tmp_path, text_file):
 
 
 def test_auto_label_names_input_and_output_tokens():
-    contexts = [{"tokens": ["a", " cat", "!"], "acts": [0.0, 2.0, 1.0]},
-                {"tokens": [" cat", "s"], "acts": [3.0, 0.5]}, {"tokens": ["x", "y"], "acts": [0.1, 0.2]}]
+    contexts = [
+        {"tokens": ["a", " cat", "!"], "acts": [0.0, 2.0, 1.0]},
+        {"tokens": [" cat", "s"], "acts": [3.0, 0.5]},
+        {"tokens": ["x", "y"], "acts": [0.1, 0.2]},
+    ]
     outputs = [[" Paris", 2.0], [" France", 1.0], ["\n", 0.5], ["z", 0.1]]
     assert auto_label(contexts, outputs) == "cat → Paris/France/'\\n'"
     assert auto_label([], [[" dog", 1.0]]) == "→ dog"
@@ -223,14 +274,27 @@ def test_auto_label_names_input_and_output_tokens():
 
 def test_cli_builds_dashboards_next_to_native_transcoders(tmp_path, text_file, monkeypatch):
     from circuits import models
+    from circuits.cli import run
     from transcoders.cli import build_parser
     from transcoders.formats import save_native
-    from circuits.cli import run
+
     lm, tc = setup("plt")
     save_native(tc, tmp_path / "tc")
     monkeypatch.setattr(models, "load_model", lambda *a, **kw: lm)
-    argv = ["dashboards", "--transcoders", str(tmp_path / "tc"), "--text", f"file:{text_file}", "--k", "3",
-            "--context", "24", "--max-tokens", "960", "--no-progress"]
+    argv = [
+        "dashboards",
+        "--transcoders",
+        str(tmp_path / "tc"),
+        "--text",
+        f"file:{text_file}",
+        "--k",
+        "3",
+        "--context",
+        "24",
+        "--max-tokens",
+        "960",
+        "--no-progress",
+    ]
     assert run(argv, parser=build_parser()) == 0
     d = load_dashboards(tmp_path / "tc" / "dashboards")
     assert d.t["top_acts"].shape == (lm.sites.n_layers, 24, 3)
@@ -241,14 +305,19 @@ def test_cli_builds_dashboards_next_to_native_transcoders(tmp_path, text_file, m
 def test_real_model_dashboards_decode_real_tokens(real_model, tmp_path, text_file):
     lm = real_model
     tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 16, activation="topk", k=2, seed=2)
-    d = load_dashboards(build_dashboards(lm, tc, **small(text_file, tmp_path / "d", context=32, max_tokens=256,
-                                                          batch=4)))
+    d = load_dashboards(
+        build_dashboards(
+            lm, tc, **small(text_file, tmp_path / "d", context=32, max_tokens=256, batch=4)
+        )
+    )
     assert d.meta["tokens_seen"] == 8 * 31
     layer, f = map(int, torch.nonzero(d.t["n_active"])[0])
     entry = d.feature(layer, f)
     source = text_file.read_text()
     assert entry["top_contexts"]
-    for c in entry["top_contexts"]:  # windows are pieces of the text (paragraphs are packed in shuffled order)
+    for c in entry[
+        "top_contexts"
+    ]:  # windows are pieces of the text (paragraphs are packed in shuffled order)
         assert all(piece in source for piece in "".join(c["tokens"]).split("\n\n"))
     ids = d.t["promoted_ids"][layer, f].tolist()
     assert [s for s, _ in entry["top_promoted"]] == [lm.tokenizer.decode([i]) for i in ids]

@@ -1,5 +1,6 @@
 """Edge kernels (circuits.backend, csrc/): the compiled kernels against a float64 ground truth and the
 pure-PyTorch reference, over random shapes, layouts and dtypes."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,9 @@ from circuits import backend as be
 from circuits.errors import UserError
 
 HAS_EXT = be._ext is not None
-needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"compiled extension not built ({be._ext_error})")
+needs_ext = pytest.mark.skipif(
+    not HAS_EXT, reason=f"compiled extension not built ({be._ext_error})"
+)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -46,7 +49,7 @@ def magnitude(t: torch.Tensor) -> float:
 def make_grad(B, n_out, n_pos, D, dtype, layout, gen):
     """Gradients `[B, n_out, n_pos, D]` in one of the layouts callers pass."""
     if layout == "slice":  # a slice of the [B, L + 1, n_pos, D] buffer
-        return torch.randn(B, n_out + 2, n_pos, D, generator=gen).to(dtype)[:, 1:1 + n_out]
+        return torch.randn(B, n_out + 2, n_pos, D, generator=gen).to(dtype)[:, 1 : 1 + n_out]
     if layout == "permuted":  # built position-major, as the transposed pass produces it
         return torch.randn(n_pos, n_out, B, D, generator=gen).to(dtype).permute(2, 1, 0, 3)
     if layout == "strided_d":  # no unit stride along D
@@ -63,8 +66,19 @@ def make_decoder(F, n_out, D, dtype, layout, gen):
     return torch.randn(F, n_out, D, generator=gen).to(dtype)
 
 
-def make_case(B, n_out, n_pos, D, F, n, seed, gdtype=torch.float32, ddtype=torch.float32, glayout="slice",
-              dlayout="clt"):
+def make_case(
+    B,
+    n_out,
+    n_pos,
+    D,
+    F,
+    n,
+    seed,
+    gdtype=torch.float32,
+    ddtype=torch.float32,
+    glayout="slice",
+    dlayout="clt",
+):
     gen = torch.Generator().manual_seed(seed)
     grad = make_grad(B, n_out, n_pos, D, gdtype, glayout, gen)
     decoder = make_decoder(F, n_out, D, ddtype, dlayout, gen)
@@ -74,16 +88,25 @@ def make_case(B, n_out, n_pos, D, F, n, seed, gdtype=torch.float32, ddtype=torch
     return grad, pos, feat, act, decoder
 
 
-cases = st.fixed_dictionaries({
-    "B": st.integers(1, 20), "n_out": st.integers(1, 4), "n_pos": st.integers(1, 7), "D": st.integers(1, 70),
-    "F": st.integers(1, 40), "n": st.integers(0, 60), "seed": st.integers(0, 2**16),
-    "gdtype": st.sampled_from(DTYPES), "ddtype": st.sampled_from(DTYPES),
-    "glayout": st.sampled_from(["slice", "permuted", "strided_d"]),
-    "dlayout": st.sampled_from(["plt", "clt", "transposed"]),
-})
+cases = st.fixed_dictionaries(
+    {
+        "B": st.integers(1, 20),
+        "n_out": st.integers(1, 4),
+        "n_pos": st.integers(1, 7),
+        "D": st.integers(1, 70),
+        "F": st.integers(1, 40),
+        "n": st.integers(0, 60),
+        "seed": st.integers(0, 2**16),
+        "gdtype": st.sampled_from(DTYPES),
+        "ddtype": st.sampled_from(DTYPES),
+        "glayout": st.sampled_from(["slice", "permuted", "strided_d"]),
+        "dlayout": st.sampled_from(["plt", "clt", "transposed"]),
+    }
+)
 
 
 # -- the reference --------------------------------------------------------------------------------------
+
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases)
@@ -101,6 +124,7 @@ def test_reference_handles_no_features_and_one_position():
 
 # -- the compiled CPU kernel --------------------------------------------------------------------------
 
+
 @needs_ext
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases)
@@ -113,14 +137,24 @@ def test_cpp_matches_float64_and_reference(c):
 
 
 @needs_ext
-@pytest.mark.parametrize("B,n_out,n_pos,D,F,n", [
-    (3, 1, 4, 2500, 30, 20),    # D over the 1024-float K block, not a multiple of the vector width
-    (5, 2, 2, 64, 500, 700),    # several 128-feature chunks at one position
-    (300, 1, 3, 24, 50, 40),    # more batch rows than one work item takes
-    (1, 1, 1, 1, 1, 1),         # everything of size one
-    (7, 3, 5, 33, 9, 0),        # no active features
-    (0, 1, 2, 8, 4, 5),         # no targets
-])
+@pytest.mark.parametrize(
+    "B,n_out,n_pos,D,F,n",
+    [
+        (
+            3,
+            1,
+            4,
+            2500,
+            30,
+            20,
+        ),  # D over the 1024-float K block, not a multiple of the vector width
+        (5, 2, 2, 64, 500, 700),  # several 128-feature chunks at one position
+        (300, 1, 3, 24, 50, 40),  # more batch rows than one work item takes
+        (1, 1, 1, 1, 1, 1),  # everything of size one
+        (7, 3, 5, 33, 9, 0),  # no active features
+        (0, 1, 2, 8, 4, 5),  # no targets
+    ],
+)
 def test_cpp_edge_shapes(B, n_out, n_pos, D, F, n):
     args = make_case(B, n_out, n_pos, D, F, n, seed=B + n)
     out = be.feature_edges(*args, backend="cpp")
@@ -133,10 +167,15 @@ def test_cpp_invariants_permutation_scaling_threads():
     """Each entry is one float32 dot product whose order does not depend on the other features: permuting
     the features permutes the columns exactly, doubling the activations doubles the output exactly, and
     the thread count changes nothing."""
-    grad, pos, feat, act, decoder = make_case(37, 2, 6, 150, 300, 260, seed=3, ddtype=torch.bfloat16)
+    grad, pos, feat, act, decoder = make_case(
+        37, 2, 6, 150, 300, 260, seed=3, ddtype=torch.bfloat16
+    )
     out = be.feature_edges(grad, pos, feat, act, decoder, backend="cpp")
     perm = torch.randperm(len(feat), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(be.feature_edges(grad, pos[perm], feat[perm], act[perm], decoder, backend="cpp"), out[:, perm])
+    assert torch.equal(
+        be.feature_edges(grad, pos[perm], feat[perm], act[perm], decoder, backend="cpp"),
+        out[:, perm],
+    )
     assert torch.equal(be.feature_edges(grad, pos, feat, act * 2, decoder, backend="cpp"), out * 2)
     threads = torch.get_num_threads()
     try:
@@ -167,7 +206,9 @@ def test_every_simd_kernel(simd):
         print("ok")
     """) % os.path.dirname(__file__)
     env = dict(os.environ, GEMMA_CIRCUITS_SIMD=simd, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     chosen, status = res.stdout.split()[:2]
     if chosen != simd:
@@ -177,22 +218,33 @@ def test_every_simd_kernel(simd):
 
 # -- sparse output ------------------------------------------------------------------------------------
 
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases, st.sampled_from(["threshold", "top_k", "both"]), st.integers(0, 12), st.floats(0.0, 3.0),
-       st.sampled_from(["cpp", "torch"]))
+@given(
+    cases,
+    st.sampled_from(["threshold", "top_k", "both"]),
+    st.integers(0, 12),
+    st.floats(0.0, 3.0),
+    st.sampled_from(["cpp", "torch"]),
+)
 def test_sparse_output(c, mode, k, threshold, backend):
     if backend == "cpp" and not HAS_EXT:
         return
     args = make_case(**c)
     dense = be.feature_edges_torch(*args)
-    kw = {"threshold": threshold if mode != "top_k" else None, "top_k": k if mode != "threshold" else None}
-    got = be.feature_edges_sparse(*args, backend=backend, block_bytes=4 * 7 * max(1, c["n"]), **kw)  # 7-row blocks
+    kw = {
+        "threshold": threshold if mode != "top_k" else None,
+        "top_k": k if mode != "threshold" else None,
+    }
+    got = be.feature_edges_sparse(
+        *args, backend=backend, block_bytes=4 * 7 * max(1, c["n"]), **kw
+    )  # 7-row blocks
     B, n = dense.shape
     assert got.shape == (B, n) and got.indptr.shape == (B + 1,) and int(got.indptr[-1]) == got.nnz
     tol = 1e-4 * magnitude(dense)
     for b in range(B):
-        cols = got.indices[got.indptr[b]:got.indptr[b + 1]]
-        vals = got.values[got.indptr[b]:got.indptr[b + 1]]
+        cols = got.indices[got.indptr[b] : got.indptr[b + 1]]
+        vals = got.values[got.indptr[b] : got.indptr[b + 1]]
         assert bool((cols[1:] > cols[:-1]).all()), "columns must ascend within a row"
         torch.testing.assert_close(vals, dense[b, cols], rtol=0, atol=tol)
         mag = dense[b].abs()
@@ -200,10 +252,16 @@ def test_sparse_output(c, mode, k, threshold, backend):
             assert bool((vals.abs() >= threshold - tol).all())
         if kw["top_k"] is not None:
             assert len(cols) <= k
-            passing = mag >= threshold - tol if kw["threshold"] is not None else torch.ones_like(mag, dtype=torch.bool)
+            passing = (
+                mag >= threshold - tol
+                if kw["threshold"] is not None
+                else torch.ones_like(mag, dtype=torch.bool)
+            )
             want = min(k, int((mag >= threshold + tol).sum()) if kw["threshold"] is not None else n)
             assert len(cols) >= want
-            if len(cols):  # nothing outside the selection beats its weakest member by more than rounding
+            if len(
+                cols
+            ):  # nothing outside the selection beats its weakest member by more than rounding
                 outside = torch.ones(n, dtype=torch.bool)
                 outside[cols] = False
                 left = mag[outside & passing]
@@ -219,7 +277,9 @@ def test_sparsify_ties_nan_and_limits(backend):
     """Ties at the k-th magnitude keep exactly k entries, NaN is never kept, k = 0 keeps nothing."""
     if backend == "cpp" and not HAS_EXT:
         pytest.skip("compiled extension not built")
-    dense = torch.tensor([[1.0, -2.0, 2.0, 2.0, 0.5, -2.0], [3.0, float("nan"), -1.0, 0.0, 0.0, 4.0]])
+    dense = torch.tensor(
+        [[1.0, -2.0, 2.0, 2.0, 0.5, -2.0], [3.0, float("nan"), -1.0, 0.0, 0.0, 4.0]]
+    )
     top = be.sparsify(dense, top_k=3, backend=backend)
     assert top.indptr.tolist() == [0, 3, 6]
     assert bool((top.values[:3].abs() == 2).all())
@@ -238,9 +298,17 @@ def test_sparse_needs_a_rule():
 
 # -- error and token-embedding sources ----------------------------------------------------------------
 
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 9), st.integers(0, 12), st.integers(1, 50), st.sampled_from(DTYPES), st.sampled_from(DTYPES),
-       st.booleans(), st.integers(0, 1000))
+@given(
+    st.integers(0, 9),
+    st.integers(0, 12),
+    st.integers(1, 50),
+    st.sampled_from(DTYPES),
+    st.sampled_from(DTYPES),
+    st.booleans(),
+    st.integers(0, 1000),
+)
 def test_vector_edges(B, R, D, gdtype, vdtype, strided, seed):
     gen = torch.Generator().manual_seed(seed)
     big = torch.randn(B, 3, R, 2 * D if strided else D, generator=gen).to(gdtype)
@@ -248,7 +316,7 @@ def test_vector_edges(B, R, D, gdtype, vdtype, strided, seed):
     vectors = torch.randn(R, D, generator=gen).to(vdtype)
     value = torch.einsum("brd,rd->br", grad.double(), vectors.double())
     scale = torch.einsum("brd,rd->br", grad.double().abs(), vectors.double().abs())
-    for backend in (["cpp", "torch"] if HAS_EXT else ["torch"]):
+    for backend in ["cpp", "torch"] if HAS_EXT else ["torch"]:
         out = be.vector_edges(grad, vectors, backend=backend)
         assert out.shape == (B, R) and out.dtype == torch.float32
         assert bool(((out.double() - value).abs() <= 1e-4 * scale + 1e-6).all()), backend
@@ -263,6 +331,7 @@ def test_vector_edges_of_errors_all_layers_at_once():
 
 
 # -- argument checks and backend choice ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_bad_arguments(backend):
@@ -286,7 +355,9 @@ def test_backend_choice(monkeypatch):
     assert be.active_backend("cpu") == ("cpp" if HAS_EXT else "torch")
     monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "torch")
     assert be.active_backend("cpu") == "torch" and "forced" in be.backend_reason("cpu")
-    monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "cuda")  # not available for CPU tensors: falls back
+    monkeypatch.setenv(
+        "GEMMA_CIRCUITS_BACKEND", "cuda"
+    )  # not available for CPU tensors: falls back
     assert be.active_backend("cpu") == ("cpp" if HAS_EXT else "torch")
     assert "GEMMA_CIRCUITS_BACKEND=cuda" in be.backend_reason("cpu")
     monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "opencl")
@@ -296,7 +367,9 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(be, "_ext", None)
     monkeypatch.setattr(be, "_ext_error", "ImportError: no module named circuits._edges")
     assert be.active_backend("cpu") == "torch"
-    assert "not available" in be.backend_reason("cpu") and "no module named" in be.backend_reason("cpu")
+    assert "not available" in be.backend_reason("cpu") and "no module named" in be.backend_reason(
+        "cpu"
+    )
     args = make_case(3, 1, 2, 8, 4, 5, seed=0)
     assert_close(be.feature_edges(*args, backend="cpp"), *args)  # asks for cpp, gets the reference
 
@@ -305,12 +378,14 @@ def test_backend_choice(monkeypatch):
 def test_info_reports_the_backend(monkeypatch):
     monkeypatch.delenv("GEMMA_CIRCUITS_BACKEND", raising=False)
     from circuits.info import info_lines
+
     line = next(x for x in info_lines() if x.startswith("edge backend"))
     first = "cuda" if torch.cuda.is_available() and be._ext.has_cuda() else "cpp"
     assert line.startswith(f"edge backend: {first}") and be._ext.simd() in line
 
 
 # -- features prepared once per source layer (attribution's path) ----------------------------------------
+
 
 @needs_ext
 @settings(max_examples=40, deadline=None)
@@ -321,26 +396,44 @@ def test_tile_plan_covers_every_feature_once(positions):
     pos = torch.tensor(positions, dtype=torch.long)
     order, tiles = be._ext.feature_tiles(pos)
     assert torch.equal(order, torch.sort(pos, stable=True).indices)
-    covered = torch.cat([torch.arange(a, a + n) for a, n, _ in tiles.tolist()]) if len(tiles) else order[:0]
+    covered = (
+        torch.cat([torch.arange(a, a + n) for a, n, _ in tiles.tolist()])
+        if len(tiles)
+        else order[:0]
+    )
     assert torch.equal(covered, torch.arange(len(pos)))  # every sorted index once, in order
     assert all(1 <= n <= be._ext.TILE_FEATURES for n in tiles[:, 1].tolist())
     for a, n, p in tiles.tolist():
-        assert bool((pos[order[a:a + n]] == p).all())
+        assert bool((pos[order[a : a + n]] == p).all())
     assert bool((tiles[1:, 2] >= tiles[:-1, 2]).all())
     with pytest.raises(RuntimeError, match="negative"):
         be._ext.feature_tiles(torch.tensor([-1, 0]))
 
 
 @needs_ext
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()), reason="needs a CUDA build and device"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()),
+                reason="needs a CUDA build and device",
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("ddtype", [torch.float32, torch.bfloat16])
 def test_position_sorted_features_equal_feature_edges(device, ddtype):
     """Edges from the features before each position P equal feature_edges over those features: 130 rows,
     crowded positions (70 features at one position: three tiles), empty positions, 2 output layers."""
     gen = torch.Generator().manual_seed(3)
     pos = torch.sort(torch.tensor([0, 2, 2, 5] + [3] * 70 + [7] * 9)).values
-    feat, act = torch.randint(0, 50, (len(pos),), generator=gen), torch.rand(len(pos), generator=gen) + 0.5
+    feat, act = (
+        torch.randint(0, 50, (len(pos),), generator=gen),
+        torch.rand(len(pos), generator=gen) + 0.5,
+    )
     grad = make_grad(130, 2, 9, 40, torch.float32, "permuted", gen).to(device)
     decoder = make_decoder(50, 2, 40, ddtype, "clt", gen).to(device)
     features = be.PositionSortedFeatures(pos, feat, act, 50, device)
@@ -360,12 +453,19 @@ def test_position_sorted_features_equal_feature_edges(device, ddtype):
 
 @needs_ext
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 12), st.integers(1, 50), st.floats(0.0, 0.9), st.booleans(), st.integers(0, 2**16))
+@given(
+    st.integers(0, 12),
+    st.integers(1, 50),
+    st.floats(0.0, 0.9),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
 def test_abs_rmatvec_equals_scipy(rows, n, density, wide, seed):
     """The influence step out += |A|^T w: the compiled single pass against scipy, int32 and int64 indices,
     empty rows and zero weights; a column outside out is refused."""
     import numpy as np
     import scipy.sparse as sp
+
     rng = np.random.default_rng(seed)
     a = sp.random_array((rows, n), density=density, rng=rng, dtype=np.float32, format="csr")
     a.data = a.data * 2 - 1  # signed values
@@ -377,7 +477,9 @@ def test_abs_rmatvec_equals_scipy(rows, n, density, wide, seed):
     be.abs_rmatvec(a, w, fast)
     be.abs_rmatvec(a, w, ref, backend="torch")
     np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(fast, start + np.abs(a.toarray()).T.astype(np.float64) @ w, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        fast, start + np.abs(a.toarray()).T.astype(np.float64) @ w, rtol=1e-6, atol=1e-9
+    )
     if a.nnz:
         with pytest.raises(RuntimeError, match="outside"):
             be.abs_rmatvec(a, np.ones(rows), np.zeros(int(a.indices.max())))
@@ -388,12 +490,18 @@ def test_abs_rmatvec_split_among_threads():
     """Rows split among threads by edge count: long and empty rows on the boundaries, each row once."""
     import numpy as np
     import scipy.sparse as sp
+
     rng = np.random.default_rng(0)
     lengths = np.array([0, 0, 1_500_000, 0, 3, 700_000, 0, 0, 900_000, 1, 0])
     n = 2_000_000
     indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
-    indices = np.concatenate([np.sort(rng.choice(n, k, replace=False)) for k in lengths]).astype(np.int64)
-    a = sp.csr_array((rng.standard_normal(len(indices)).astype(np.float32), indices, indptr), shape=(len(lengths), n))
+    indices = np.concatenate([np.sort(rng.choice(n, k, replace=False)) for k in lengths]).astype(
+        np.int64
+    )
+    a = sp.csr_array(
+        (rng.standard_normal(len(indices)).astype(np.float32), indices, indptr),
+        shape=(len(lengths), n),
+    )
     w = rng.random(len(lengths))
     threads = torch.get_num_threads()
     try:
@@ -409,8 +517,10 @@ def test_abs_rmatvec_split_among_threads():
 
 # -- CUDA (skipped without a GPU and a CUDA build) -------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()),
-                                reason="needs a CUDA device and the extension built with CUDA")
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()),
+    reason="needs a CUDA device and the extension built with CUDA",
+)
 
 
 @needs_cuda
@@ -446,17 +556,33 @@ def test_cuda_many_rows_and_crowded_positions(variant, ddtype):
 def test_cuda_vector_edges_and_sparse():
     grad, pos, feat, act, decoder = [t.cuda() for t in make_case(40, 2, 5, 300, 50, 120, seed=5)]
     dense = be.feature_edges(grad, pos, feat, act, decoder)
-    torch.testing.assert_close(dense.cpu(), be.feature_edges_torch(*[t.cpu() for t in (grad, pos, feat, act, decoder)]),
-                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        dense.cpu(),
+        be.feature_edges_torch(*[t.cpu() for t in (grad, pos, feat, act, decoder)]),
+        rtol=1e-4,
+        atol=1e-3,
+    )
     top = be.feature_edges_sparse(grad, pos, feat, act, decoder, top_k=5)
     assert top.nnz == 40 * 5 and top.values.is_cuda
     vectors = torch.randn(5, 300, device="cuda")
-    torch.testing.assert_close(be.vector_edges(grad[:, 0], vectors),
-                               torch.einsum("brd,rd->br", grad[:, 0], vectors), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        be.vector_edges(grad[:, 0], vectors),
+        torch.einsum("brd,rd->br", grad[:, 0], vectors),
+        rtol=1e-4,
+        atol=1e-3,
+    )
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ),
+    ],
+)
 def test_to_device_copies_host_tensors(device):
     """`to_device` gives the values on the device, also while the GPU is still busy with earlier work and
     when the host tensor changes right after the call (the copy goes through a pinned block of its own)."""
@@ -464,7 +590,9 @@ def test_to_device_copies_host_tensors(device):
     if device == "cuda":
         busy = torch.randn(4096, 4096, device="cuda")
         for _ in range(8):
-            busy = busy @ busy / 64.0  # queued work the copy must not wait for, nor overtake wrongly
+            busy = (
+                busy @ busy / 64.0
+            )  # queued work the copy must not wait for, nor overtake wrongly
     out = be.to_device(host, device)
     if device == "cuda":
         host += 5  # the copy's source is a pinned block of its own

@@ -4,6 +4,7 @@ Gemma Scope 2 files are also written here by `write_released_*`, which follow th
 reference forward pass (docs/gemma_scope_2.md) with plain safetensors/json and share no code with the
 writer under test, so the reader is checked against the release's conventions, not only against itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,31 +17,57 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from circuits.errors import UserError
-from transcoders import random_transcoders
-from transcoders import formats, gemmascope
+from transcoders import formats, gemmascope, random_transcoders
 from transcoders.formats import convert, detect_layout, load_any, load_native, save_native
 from transcoders.gemmascope import save_gemmascope2
 from transcoders.mapped import column_chunks, matmul, read_columns, resident_fraction, row_chunks
 
 L, D, F = 3, 16, 40
-RELEASED_CONFIG_KEYS = {"hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
-                        "affine_connection", "type"}
+RELEASED_CONFIG_KEYS = {
+    "hf_hook_point_in",
+    "hf_hook_point_out",
+    "width",
+    "model_name",
+    "architecture",
+    "l0",
+    "affine_connection",
+    "type",
+}
 RELEASED_TENSORS = {"w_enc", "b_enc", "threshold", "w_dec", "b_dec"}
 
 try:
     from transcoders import circuit_tracer_format as ct
 except ModuleNotFoundError:
     ct = None
-needs_ct = pytest.mark.skipif(ct is None, reason="transcoders/circuit_tracer_format.py is not in this tree yet")
+needs_ct = pytest.mark.skipif(
+    ct is None, reason="transcoders/circuit_tracer_format.py is not in this tree yet"
+)
 
-KINDS = [("plt", "jumprelu", None), ("plt", "relu", None), ("plt", "topk", None), ("plt", "batchtopk", None),
-         ("skip", "jumprelu", None), ("clt", "jumprelu", False), ("clt", "jumprelu", True), ("clt", "relu", True),
-         ("clt", "topk", False)]
+KINDS = [
+    ("plt", "jumprelu", None),
+    ("plt", "relu", None),
+    ("plt", "topk", None),
+    ("plt", "batchtopk", None),
+    ("skip", "jumprelu", None),
+    ("clt", "jumprelu", False),
+    ("clt", "jumprelu", True),
+    ("clt", "relu", True),
+    ("clt", "topk", False),
+]
 
 
 def make_set(kind="plt", activation="jumprelu", skip=None, seed=0):
-    tc = random_transcoders(L, D, F, kind=kind, activation=activation, skip=skip, seed=seed, l0=6,
-                            model_name="tiny-gemma3-3l-16d")
+    tc = random_transcoders(
+        L,
+        D,
+        F,
+        kind=kind,
+        activation=activation,
+        skip=skip,
+        seed=seed,
+        l0=6,
+        model_name="tiny-gemma3-3l-16d",
+    )
     tc.cfg.matryoshka_prefixes = [10, 20, F]
     tc.cfg.metrics = {"fvu": 0.12, "l0": 6.4, "dead_fraction": 0.01}
     return tc
@@ -54,7 +81,9 @@ def assert_same_function(a, b, x):
     """The same weights bit for bit, the same active features, and activations and reconstructions equal to
     float rounding (a set loaded from circuit-tracer's layout multiplies by the transposed view of its stored
     `[F, D]` encoders, which rounds differently from a `[D, F]` one)."""
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if a.W_skip is not None else ()):
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (
+        ("W_skip",) if a.W_skip is not None else ()
+    ):
         for l, (wa, wb) in enumerate(zip(getattr(a, name), getattr(b, name))):
             assert torch.equal(wa, wb), f"{name}[{l}]"
     ea, eb = a.sparse_encode(x), b.sparse_encode(x)
@@ -70,7 +99,10 @@ def assert_same_function(a, b, x):
 def test_native_round_trip_is_exact(tmp_path, kind, activation, skip):
     tc = make_set(kind, activation, skip)
     save_native(tc, tmp_path / "set")
-    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["config.json", "weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
+        "config.json",
+        "weights.safetensors",
+    ]
     back = load_native(tmp_path / "set")
     assert back.cfg == tc.cfg
     assert_same_function(tc, back, inputs())
@@ -80,8 +112,16 @@ def test_native_round_trip_is_exact(tmp_path, kind, activation, skip):
 def test_native_config_is_readable_json_with_format_and_version(tmp_path):
     save_native(make_set("clt", skip=True), tmp_path / "set")
     raw = json.loads((tmp_path / "set" / "config.json").read_text())
-    assert raw["format"] == formats.NATIVE_FORMAT and raw["format_version"] == formats.NATIVE_VERSION
-    assert (raw["kind"], raw["n_layers"], raw["d_model"], raw["d_sae"], raw["skip"]) == ("clt", L, D, F, True)
+    assert (
+        raw["format"] == formats.NATIVE_FORMAT and raw["format_version"] == formats.NATIVE_VERSION
+    )
+    assert (raw["kind"], raw["n_layers"], raw["d_model"], raw["d_sae"], raw["skip"]) == (
+        "clt",
+        L,
+        D,
+        F,
+        True,
+    )
     assert raw["matryoshka_prefixes"] == [10, 20, F] and raw["metrics"]["fvu"] == 0.12
     assert (raw["input_site"], raw["output_site"]) == ("mlp_in", "mlp_out")
 
@@ -100,7 +140,9 @@ def test_native_keeps_fields_it_does_not_know(tmp_path):
     raw = json.loads(path.read_text())
     raw["normalisation"] = {"scale": 2.0}  # a field a newer writer might add
     path.write_text(json.dumps(raw))
-    assert load_native(tmp_path / "set").cfg.extra["unread_config"] == {"normalisation": {"scale": 2.0}}
+    assert load_native(tmp_path / "set").cfg.extra["unread_config"] == {
+        "normalisation": {"scale": 2.0}
+    }
 
 
 def test_save_is_atomic_and_a_failed_write_leaves_the_old_set(tmp_path, monkeypatch):
@@ -168,12 +210,23 @@ def _corrupt(path: Path, how: str):
         cfg.write_text(json.dumps(raw))
 
 
-@pytest.mark.parametrize("how,message", [
-    ("no config", r"config\.json is missing"), ("no weights", r"weights\.safetensors is missing"),
-    ("bad json", r"config\.json is not valid JSON"), ("truncated weights", r"weights\.safetensors is not a readable"),
-    ("wrong shape", r"W_enc\.0 has shape \[16, 40\] but the config needs \[16, 41\]"),
-    ("missing tensor", r"weights\.safetensors does not hold a plt set of 3 layers: missing W_dec\.2"),
-    ("nan", r"b_enc\.1 holds NaN"), ("newer version", "upgrade gemma-circuits"), ("bad kind", "unknown transcoder kind")])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("no config", r"config\.json is missing"),
+        ("no weights", r"weights\.safetensors is missing"),
+        ("bad json", r"config\.json is not valid JSON"),
+        ("truncated weights", r"weights\.safetensors is not a readable"),
+        ("wrong shape", r"W_enc\.0 has shape \[16, 40\] but the config needs \[16, 41\]"),
+        (
+            "missing tensor",
+            r"weights\.safetensors does not hold a plt set of 3 layers: missing W_dec\.2",
+        ),
+        ("nan", r"b_enc\.1 holds NaN"),
+        ("newer version", "upgrade gemma-circuits"),
+        ("bad kind", "unknown transcoder kind"),
+    ],
+)
 def test_native_bad_files_name_the_file_and_the_problem(tmp_path, how, message):
     save_native(make_set(), tmp_path / "set")
     _corrupt(tmp_path / "set", how)
@@ -187,13 +240,17 @@ def test_native_checks_the_model(tmp_path, tiny):
     with pytest.raises(UserError) as e:
         load_native(tmp_path / "other", model=tiny)
     assert "gemma-3-1b" in str(e.value) and tiny.name in str(e.value) and "5 layers" in str(e.value)
-    fits = random_transcoders(tiny.sites.n_layers, tiny.sites.d_model, 32, seed=0, model_name=tiny.name)
+    fits = random_transcoders(
+        tiny.sites.n_layers, tiny.sites.d_model, 32, seed=0, model_name=tiny.name
+    )
     save_native(fits, tmp_path / "fits")
     assert load_native(tmp_path / "fits", model=tiny).cfg.model_name == tiny.name
 
 
 # -- Gemma Scope 2: files written the way the release lays them out ----------------------------------
-def released_params(rng: torch.Generator, n_layers=L, clt=False, affine=False, negative_thresholds=True, d=D):
+def released_params(
+    rng: torch.Generator, n_layers=L, clt=False, affine=False, negative_thresholds=True, d=D
+):
     """Random params per layer under the release's names and shapes; a few thresholds below zero (the
     reference relu(pre) * (pre > threshold) zeroes negative pre-activations whatever the threshold)."""
     out = []
@@ -201,9 +258,15 @@ def released_params(rng: torch.Generator, n_layers=L, clt=False, affine=False, n
         thr = torch.rand(F, generator=rng) * 1.5 + 0.3
         if negative_thresholds:
             thr[:5] = -torch.rand(5, generator=rng)
-        p = {"w_enc": torch.randn(d, F, generator=rng) / d ** 0.5, "b_enc": torch.randn(F, generator=rng) * 0.2,
-             "threshold": thr, "b_dec": torch.randn(d, generator=rng) * 0.1,
-             "w_dec": torch.randn(F, n_layers, d, generator=rng) * 0.2 if clt else torch.randn(F, d, generator=rng) * 0.2}
+        p = {
+            "w_enc": torch.randn(d, F, generator=rng) / d**0.5,
+            "b_enc": torch.randn(F, generator=rng) * 0.2,
+            "threshold": thr,
+            "b_dec": torch.randn(d, generator=rng) * 0.1,
+            "w_dec": torch.randn(F, n_layers, d, generator=rng) * 0.2
+            if clt
+            else torch.randn(F, d, generator=rng) * 0.2,
+        }
         if clt:
             p["w_dec"][:, :l] = 0
         if affine:
@@ -212,33 +275,60 @@ def released_params(rng: torch.Generator, n_layers=L, clt=False, affine=False, n
     return out
 
 
-def write_released_plt(root: Path, params, site="transcoder_all", variant="width_16k_l0_small", layers=None,
-                       model="google/gemma-3-270m-pt", kind="transcoder"):
+def write_released_plt(
+    root: Path,
+    params,
+    site="transcoder_all",
+    variant="width_16k_l0_small",
+    layers=None,
+    model="google/gemma-3-270m-pt",
+    kind="transcoder",
+):
     affine = "affine_skip_connection" in params[0]
     variant += "_affine" if affine else ""
     for l, p in zip(layers if layers is not None else range(len(params)), params):
         folder = root / site / f"layer_{l}_{variant}"
         folder.mkdir(parents=True)
         save_file(p, str(folder / "params.safetensors"))
-        (folder / "config.json").write_text(json.dumps({
-            "hf_hook_point_in": f"model.layers.{l}.pre_feedforward_layernorm.output",
-            "hf_hook_point_out": f"model.layers.{l}.post_feedforward_layernorm.output",
-            "width": F, "model_name": model, "architecture": "jump_relu", "l0": 20, "affine_connection": affine,
-            "type": kind}))
+        (folder / "config.json").write_text(
+            json.dumps(
+                {
+                    "hf_hook_point_in": f"model.layers.{l}.pre_feedforward_layernorm.output",
+                    "hf_hook_point_out": f"model.layers.{l}.post_feedforward_layernorm.output",
+                    "width": F,
+                    "model_name": model,
+                    "architecture": "jump_relu",
+                    "l0": 20,
+                    "affine_connection": affine,
+                    "type": kind,
+                }
+            )
+        )
     return root / site / variant
 
 
-def write_released_clt(root: Path, params, variant="width_262k_l0_medium", model="google/gemma-3-270m-pt"):
+def write_released_clt(
+    root: Path, params, variant="width_262k_l0_medium", model="google/gemma-3-270m-pt"
+):
     affine = "affine_skip_connection" in params[0]
     folder = root / "clt" / (variant + ("_affine" if affine else ""))
     folder.mkdir(parents=True)
     for l, p in enumerate(params):
         save_file(p, str(folder / f"params_layer_{l}.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "hf_hook_point_in": "model.layers.{all}.pre_feedforward_layernorm.output",
-        "hf_hook_point_out": "model.layers.{all}.post_feedforward_layernorm.output",
-        "width": F * len(params), "model_name": model, "architecture": "jump_relu", "l0": 150,
-        "affine_connection": affine, "type": "clt"}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "hf_hook_point_in": "model.layers.{all}.pre_feedforward_layernorm.output",
+                "hf_hook_point_out": "model.layers.{all}.post_feedforward_layernorm.output",
+                "width": F * len(params),
+                "model_name": model,
+                "architecture": "jump_relu",
+                "l0": 150,
+                "affine_connection": affine,
+                "type": "clt",
+            }
+        )
+    )
     return folder
 
 
@@ -264,8 +354,11 @@ def test_gemmascope_reader_matches_the_released_forward_pass(tmp_path, clt, affi
     params = released_params(torch.Generator().manual_seed(3), clt=clt, affine=affine)
     where = (write_released_clt if clt else write_released_plt)(tmp_path / "repo", params)
     tc = load_any(where)
-    assert (tc.cfg.kind, tc.cfg.skip, tc.cfg.activation) == ("clt" if clt else "skip" if affine else "plt", affine,
-                                                              "jumprelu")
+    assert (tc.cfg.kind, tc.cfg.skip, tc.cfg.activation) == (
+        "clt" if clt else "skip" if affine else "plt",
+        affine,
+        "jumprelu",
+    )
     assert tc.cfg.model_name == "google/gemma-3-270m-pt" and tc.cfg.d_sae == F
     x = inputs(5)
     ref_acts, ref_out = reference_forward(params, x, clt)
@@ -282,23 +375,41 @@ def test_gemmascope_paths_a_researcher_would_pass(tmp_path):
     site = tmp_path / "repo" / "transcoder_all"
     x = inputs()
     ref = load_any(variant_path)
-    for path in (tmp_path / "repo", site, str(variant_path)):  # repo root, site folder, <site>/<variant>
+    for path in (
+        tmp_path / "repo",
+        site,
+        str(variant_path),
+    ):  # repo root, site folder, <site>/<variant>
         assert detect_layout(path) == "gemmascope2"
         assert_same_function(ref, load_any(path), x)
-    with pytest.raises(UserError, match=r"one layer of a Gemma Scope 2 transcoder set; pass .*width_16k_l0_small"):
+    with pytest.raises(
+        UserError, match=r"one layer of a Gemma Scope 2 transcoder set; pass .*width_16k_l0_small"
+    ):
         load_any(site / "layer_1_width_16k_l0_small")
-    write_released_plt(tmp_path / "repo", released_params(torch.Generator().manual_seed(1)), variant="width_65k_l0_big")
-    write_released_clt(tmp_path / "repo", released_params(torch.Generator().manual_seed(2), clt=True))
-    with pytest.raises(UserError, match="several Gemma Scope 2 variants; pass one of: .*width_16k.*width_65k"):
+    write_released_plt(
+        tmp_path / "repo",
+        released_params(torch.Generator().manual_seed(1)),
+        variant="width_65k_l0_big",
+    )
+    write_released_clt(
+        tmp_path / "repo", released_params(torch.Generator().manual_seed(2), clt=True)
+    )
+    with pytest.raises(
+        UserError, match="several Gemma Scope 2 variants; pass one of: .*width_16k.*width_65k"
+    ):
         load_any(site)
-    with pytest.raises(UserError, match="several Gemma Scope 2 transcoder sets; pass one of: .*clt/width_262k"):
+    with pytest.raises(
+        UserError, match="several Gemma Scope 2 transcoder sets; pass one of: .*clt/width_262k"
+    ):
         load_any(tmp_path / "repo")
     assert load_any(tmp_path / "repo" / "clt" / "width_262k_l0_medium").cfg.kind == "clt"
 
 
 def test_gemmascope_refusals_name_the_problem(tmp_path):
     g = torch.Generator().manual_seed(0)
-    partial = write_released_plt(tmp_path / "a", released_params(g, n_layers=2), site="transcoder", layers=[9, 17])
+    partial = write_released_plt(
+        tmp_path / "a", released_params(g, n_layers=2), site="transcoder", layers=[9, 17]
+    )
     with pytest.raises(UserError, match=r"layers \[9, 17\].*use `transcoder_all`"):
         load_any(partial)
     sae = write_released_plt(tmp_path / "b", released_params(g), site="resid_post_all", kind="sae")
@@ -311,31 +422,45 @@ def test_gemmascope_refusals_name_the_problem(tmp_path):
         load_any(wrong_hook)
     mixed = released_params(g, affine=True)
     del mixed[1]["affine_skip_connection"]
-    with pytest.raises(UserError, match="without a skip connection, but .*layer_0.* with: the layers are from different sets"):
+    with pytest.raises(
+        UserError,
+        match="without a skip connection, but .*layer_0.* with: the layers are from different sets",
+    ):
         load_any(write_released_plt(tmp_path / "d", mixed))
     broken = write_released_clt(tmp_path / "e", released_params(g, clt=True))
     (broken / "params_layer_1.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(UserError, match="params_layer_1.safetensors is not a readable safetensors file"):
+    with pytest.raises(
+        UserError, match="params_layer_1.safetensors is not a readable safetensors file"
+    ):
         load_any(broken)
     lying = write_released_clt(tmp_path / "f", released_params(g, clt=True))
     cfg = json.loads((lying / "config.json").read_text())
     (lying / "config.json").write_text(json.dumps({**cfg, "affine_connection": True}))
-    with pytest.raises(UserError, match="affine_connection=True, but the params file has no affine_skip_connection"):
+    with pytest.raises(
+        UserError, match="affine_connection=True, but the params file has no affine_skip_connection"
+    ):
         load_any(lying)
-    not_clt = write_released_clt(tmp_path / "g", [{**p, "w_dec": p["w_dec"][:, 0].contiguous()} for p in released_params(g, clt=True)])
+    not_clt = write_released_clt(
+        tmp_path / "g",
+        [{**p, "w_dec": p["w_dec"][:, 0].contiguous()} for p in released_params(g, clt=True)],
+    )
     with pytest.raises(UserError, match=r"w_dec has shape \[40, 16\]; expected \[40, 3, 16\]"):
         load_any(not_clt)
 
 
 def test_gemmascope_config_json_may_be_missing_only_in_transcoder_folders(tmp_path):
     params = released_params(torch.Generator().manual_seed(0))
-    for where in (write_released_plt(tmp_path / "repo", params), write_released_plt(tmp_path / "copy", params,
-                                                                                     site="my_download")):
+    for where in (
+        write_released_plt(tmp_path / "repo", params),
+        write_released_plt(tmp_path / "copy", params, site="my_download"),
+    ):
         for l in range(L):
             (where.parent / f"layer_{l}_{where.name}" / "config.json").unlink()
     tc = load_any(tmp_path / "repo" / "transcoder_all")
     assert (tc.cfg.kind, tc.cfg.model_name) == ("plt", "")
-    with pytest.raises(UserError, match=r"my_download/layer_0_width_16k_l0_small/config\.json is missing"):
+    with pytest.raises(
+        UserError, match=r"my_download/layer_0_width_16k_l0_small/config\.json is missing"
+    ):
         load_any(tmp_path / "copy" / "my_download")
 
 
@@ -343,10 +468,14 @@ def test_gemmascope_hooks_are_the_modules_our_sites_use(tiny):
     """The release's hook names resolve, in a Hugging Face Gemma 3, to the very modules our replacement
     model reads (mlp_in) and writes (mlp_out)."""
     for l, layer in enumerate(tiny.sites.layers):
-        assert tiny.model.get_submodule(gemmascope.HOOK_IN.format(l).removesuffix(".output")) is \
-            layer.pre_feedforward_layernorm
-        assert tiny.model.get_submodule(gemmascope.HOOK_OUT.format(l).removesuffix(".output")) is \
-            layer.post_feedforward_layernorm
+        assert (
+            tiny.model.get_submodule(gemmascope.HOOK_IN.format(l).removesuffix(".output"))
+            is layer.pre_feedforward_layernorm
+        )
+        assert (
+            tiny.model.get_submodule(gemmascope.HOOK_OUT.format(l).removesuffix(".output"))
+            is layer.post_feedforward_layernorm
+        )
 
 
 @pytest.mark.slow
@@ -354,13 +483,17 @@ def test_gemmascope_layout_fits_the_real_270m(tmp_path, real_model):
     """A set shaped like google/gemma-scope-2-270m-pt's, written in its layout, loads against the real model;
     its hook names are the real model's MLP input and output modules."""
     s = real_model.sites
-    tc = random_transcoders(s.n_layers, s.d_model, 64, kind="skip", seed=0, model_name="google/gemma-3-270m-pt")
+    tc = random_transcoders(
+        s.n_layers, s.d_model, 64, kind="skip", seed=0, model_name="google/gemma-3-270m-pt"
+    )
     where = save_gemmascope2(tc, tmp_path / "gs2")
     back = load_any(where, model=real_model)
     assert (back.cfg.n_layers, back.cfg.d_model) == (18, 640)
     for l in (0, 17):
-        assert real_model.model.get_submodule(gemmascope.HOOK_IN.format(l).removesuffix(".output")) is \
-            s.layers[l].pre_feedforward_layernorm
+        assert (
+            real_model.model.get_submodule(gemmascope.HOOK_IN.format(l).removesuffix(".output"))
+            is s.layers[l].pre_feedforward_layernorm
+        )
 
 
 def test_gemmascope_set_loads_against_a_model(tmp_path, tiny):
@@ -379,7 +512,9 @@ def test_gemmascope_round_trip_is_exact(tmp_path, kind, activation, skip):
     back = load_any(where)
     assert back.cfg == tc.cfg
     assert_same_function(tc, back, inputs())
-    assert_same_function(tc, load_any(tmp_path / "out"), inputs(1))  # the repo root finds its one set
+    assert_same_function(
+        tc, load_any(tmp_path / "out"), inputs(1)
+    )  # the repo root finds its one set
 
 
 @pytest.mark.parametrize("clt", [False, True])
@@ -394,7 +529,10 @@ def test_gemmascope_writer_produces_the_released_layout(tmp_path, clt):
         params = [where / f"params_layer_{l}.safetensors" for l in range(L)]
     else:
         assert where == tmp_path / "out" / "transcoder_all" / f"width_{F}_l0_small_affine"
-        folders = [tmp_path / "out" / "transcoder_all" / f"layer_{l}_width_{F}_l0_small_affine" for l in range(L)]
+        folders = [
+            tmp_path / "out" / "transcoder_all" / f"layer_{l}_width_{F}_l0_small_affine"
+            for l in range(L)
+        ]
         assert sorted(os.listdir(where.parent)) == sorted(f.name for f in folders)
         cfgs = [json.loads((f / "config.json").read_text()) for f in folders]
         params = [f / "params.safetensors" for f in folders]
@@ -404,7 +542,11 @@ def test_gemmascope_writer_produces_the_released_layout(tmp_path, clt):
         assert cfg["hf_hook_point_in"] == f"model.layers.{at}.pre_feedforward_layernorm.output"
         assert cfg["hf_hook_point_out"] == f"model.layers.{at}.post_feedforward_layernorm.output"
         assert (cfg["type"], cfg["architecture"], cfg["affine_connection"], cfg["l0"]) == (
-            "clt" if clt else "transcoder", "jump_relu", True, 6)
+            "clt" if clt else "transcoder",
+            "jump_relu",
+            True,
+            6,
+        )
         assert cfg["width"] == (L * F if clt else F)
     for l, path in enumerate(params):
         with safe_open(str(path), "pt") as f:
@@ -435,22 +577,41 @@ def test_gemmascope_written_files_follow_the_released_forward_pass(tmp_path):
 @pytest.mark.parametrize("clt", [False, True])
 def test_released_files_survive_native_and_back_unchanged(tmp_path, clt):
     """Released layout -> native -> Gemma Scope 2: same folder names, same config.json, same tensors."""
-    params = released_params(torch.Generator().manual_seed(4), clt=clt, affine=True, negative_thresholds=False)
+    params = released_params(
+        torch.Generator().manual_seed(4), clt=clt, affine=True, negative_thresholds=False
+    )
     # width labels as the release names them (<1000 features: the number itself)
-    src = (write_released_clt(tmp_path / "repo", params, variant=f"width_{L * F}_l0_medium") if clt else
-           write_released_plt(tmp_path / "repo", params, variant=f"width_{F}_l0_small"))
+    src = (
+        write_released_clt(tmp_path / "repo", params, variant=f"width_{L * F}_l0_medium")
+        if clt
+        else write_released_plt(tmp_path / "repo", params, variant=f"width_{F}_l0_small")
+    )
     convert(src, tmp_path / "native", "native", progress=False)
     out = convert(tmp_path / "native", tmp_path / "again", "gemmascope2", progress=False)
     assert out.relative_to(tmp_path / "again") == src.relative_to(tmp_path / "repo")
-    pairs = ([(src / "config.json", out / "config.json")] if clt else
-             [(src.parent / f"layer_{l}_{src.name}" / "config.json", out.parent / f"layer_{l}_{out.name}" / "config.json")
-              for l in range(L)])
+    pairs = (
+        [(src / "config.json", out / "config.json")]
+        if clt
+        else [
+            (
+                src.parent / f"layer_{l}_{src.name}" / "config.json",
+                out.parent / f"layer_{l}_{out.name}" / "config.json",
+            )
+            for l in range(L)
+        ]
+    )
     for a, b in pairs:
         assert json.loads(a.read_text()) == json.loads(b.read_text())
     for l, p in enumerate(params):
-        file = out / f"params_layer_{l}.safetensors" if clt else out.parent / f"layer_{l}_{out.name}" / "params.safetensors"
+        file = (
+            out / f"params_layer_{l}.safetensors"
+            if clt
+            else out.parent / f"layer_{l}_{out.name}" / "params.safetensors"
+        )
         with safe_open(str(file), "pt") as f:
-            assert set(f.keys()) == set(p) and all(torch.equal(f.get_tensor(k), v) for k, v in p.items())
+            assert set(f.keys()) == set(p) and all(
+                torch.equal(f.get_tensor(k), v) for k, v in p.items()
+            )
 
 
 def test_gemmascope_cannot_hold_topk_or_negative_thresholds(tmp_path):
@@ -473,8 +634,11 @@ def test_gemmascope_from_the_hub_offline_says_how_to_get_the_files(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     spec = "hf://google/gemma-scope-2-270m-pt/transcoder_all/width_16k_l0_small_affine"
     assert detect_layout(spec) == "gemmascope2"
-    with pytest.raises(UserError, match=r"could not download .*hf download google/gemma-scope-2-270m-pt --include "
-                                        r"'transcoder_all/layer_\*_width_16k_l0_small_affine/\*'"):
+    with pytest.raises(
+        UserError,
+        match=r"could not download .*hf download google/gemma-scope-2-270m-pt --include "
+        r"'transcoder_all/layer_\*_width_16k_l0_small_affine/\*'",
+    ):
         load_any(spec)
     with pytest.raises(UserError, match="name a set inside the repo"):
         load_any("hf://google/gemma-scope-2-270m-pt")
@@ -484,6 +648,7 @@ def test_gemmascope_from_the_hub_offline_says_how_to_get_the_files(monkeypatch):
 
 def test_gemmascope_from_the_hub_downloads_only_the_set(tmp_path, monkeypatch):
     import huggingface_hub
+
     params = released_params(torch.Generator().manual_seed(0), clt=True)
     write_released_clt(tmp_path / "snapshot", params)
     asked = {}
@@ -503,7 +668,10 @@ def test_gemmascope_from_the_hub_downloads_only_the_set(tmp_path, monkeypatch):
 def test_load_any_lists_what_it_accepts(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
-    with pytest.raises(UserError, match="holds no transcoder layout.*native directory.*Gemma Scope 2.*circuit-tracer"):
+    with pytest.raises(
+        UserError,
+        match="holds no transcoder layout.*native directory.*Gemma Scope 2.*circuit-tracer",
+    ):
         load_any(tmp_path / "notes")
     with pytest.raises(UserError, match="does not exist"):
         load_any(tmp_path / "missing")
@@ -526,25 +694,59 @@ def test_convert_chain_native_gemmascope_native(tmp_path):
 
 
 def test_convert_cli(tmp_path, capsys):
-    from transcoders.cli import build_parser
     from circuits.cli import run
+    from transcoders.cli import build_parser
+
     save_native(make_set("plt", "topk"), tmp_path / "topk")
     save_native(make_set("skip"), tmp_path / "skip")
-    assert run(["convert", str(tmp_path / "skip"), str(tmp_path / "gs"), "--to", "gemmascope2", "--l0-label", "big",
-                "--no-progress"], parser=build_parser()) == 0
+    assert (
+        run(
+            [
+                "convert",
+                str(tmp_path / "skip"),
+                str(tmp_path / "gs"),
+                "--to",
+                "gemmascope2",
+                "--l0-label",
+                "big",
+                "--no-progress",
+            ],
+            parser=build_parser(),
+        )
+        == 0
+    )
     assert "wrote gemmascope2 transcoders" in capsys.readouterr().out
-    assert (tmp_path / "gs" / "transcoder_all" / f"layer_0_width_{F}_l0_big_affine" / "params.safetensors").is_file()
-    assert run(["convert", str(tmp_path / "topk"), str(tmp_path / "gs2"), "--to", "gemmascope2"],
-               parser=build_parser()) == 2
+    assert (
+        tmp_path
+        / "gs"
+        / "transcoder_all"
+        / f"layer_0_width_{F}_l0_big_affine"
+        / "params.safetensors"
+    ).is_file()
+    assert (
+        run(
+            ["convert", str(tmp_path / "topk"), str(tmp_path / "gs2"), "--to", "gemmascope2"],
+            parser=build_parser(),
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: Gemma Scope 2 files hold JumpReLU") and "\n" not in err
     assert not (tmp_path / "gs2").exists()
 
 
 @needs_ct
-@pytest.mark.parametrize("kind,activation,skip", [("plt", "jumprelu", None), ("plt", "relu", None),
-                                                  ("skip", "jumprelu", None), ("plt", "batchtopk", None),
-                                                  ("clt", "jumprelu", False), ("clt", "relu", False)])
+@pytest.mark.parametrize(
+    "kind,activation,skip",
+    [
+        ("plt", "jumprelu", None),
+        ("plt", "relu", None),
+        ("skip", "jumprelu", None),
+        ("plt", "batchtopk", None),
+        ("clt", "jumprelu", False),
+        ("clt", "relu", False),
+    ],
+)
 def test_round_trips_through_circuit_tracer(tmp_path, kind, activation, skip):
     tc = make_set(kind, activation, skip)
     save_native(tc, tmp_path / "native")
@@ -582,9 +784,20 @@ def _mapped_ranges(files) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
-@pytest.mark.parametrize("layout,kind", [("native", "skip"), ("native", "clt"), ("circuit-tracer", "skip"),
-                                         ("circuit-tracer", "clt"), ("gemmascope2", "skip"), ("gemmascope2", "clt")])
+@pytest.mark.skipif(
+    not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)"
+)
+@pytest.mark.parametrize(
+    "layout,kind",
+    [
+        ("native", "skip"),
+        ("native", "clt"),
+        ("circuit-tracer", "skip"),
+        ("circuit-tracer", "clt"),
+        ("gemmascope2", "skip"),
+        ("gemmascope2", "clt"),
+    ],
+)
 def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
     """Loading checks every value but leaves the decoders (and the encoders stored as `[D, F]`) as views of the
     files with (almost) none of their pages present: attribution then reads only the active features' rows,
@@ -595,6 +808,7 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
         files = [tmp_path / "set" / formats.WEIGHTS_FILE]
     elif layout == "circuit-tracer":
         from transcoders.circuit_tracer_format import save_circuit_tracer
+
         save_circuit_tracer(big, tmp_path / "set")
         files = sorted((tmp_path / "set").glob("*.safetensors"))
     else:
@@ -603,17 +817,23 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
     tc = load_any(tmp_path / "set")
     ranges = _mapped_ranges(files)
     for w in tc.W_dec:
-        assert any(a <= w.data_ptr() < b for a, b in ranges), "a decoder is a copy, not a view of its file"
+        assert any(a <= w.data_ptr() < b for a, b in ranges), (
+            "a decoder is a copy, not a view of its file"
+        )
         assert resident_fraction(w) < 0.05, "loading read a decoder"
     # rows read for attribution come from the file, not through the mapping
     feats = torch.tensor([4000, 3, 8191, 77, 3])
     with torch.no_grad():
         for l in range(L):
-            torch.testing.assert_close(tc.decoder_rows(l, feats), big.decoder_rows(l, feats), rtol=0, atol=0)
+            torch.testing.assert_close(
+                tc.decoder_rows(l, feats), big.decoder_rows(l, feats), rtol=0, atol=0
+            )
             assert resident_fraction(tc.W_dec[l]) < 0.05, "decoder_rows read through the mapping"
         # a decoder changed in memory (a private copy of the page): rows come from memory, not the stale file
         tc.W_dec[1][77] += 1.0
-        torch.testing.assert_close(tc.decoder_rows(1, feats)[3], big.decoder_rows(1, feats)[3] + 1.0)
+        torch.testing.assert_close(
+            tc.decoder_rows(1, feats)[3], big.decoder_rows(1, feats)[3] + 1.0
+        )
         tc.W_dec[1][77] -= 1.0
     # encoders: attribution's one pass (sparse_encode) and the active features' vectors come from the file
     # where the layout stores them as we use them ([D, F]: native, Gemma Scope 2); circuit-tracer's [F, D]
@@ -625,13 +845,21 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
             assert torch.equal(a, b)
         torch.testing.assert_close(got[3], want[3], rtol=1e-6, atol=1e-6)
         for l in range(L):
-            torch.testing.assert_close(tc.encoder_rows(l, feats), big.W_enc[l][:, feats].T, rtol=0, atol=0)
+            torch.testing.assert_close(
+                tc.encoder_rows(l, feats), big.W_enc[l][:, feats].T, rtol=0, atol=0
+            )
     if layout != "circuit-tracer":
         for w in tc.W_enc:
-            assert any(a <= w.data_ptr() < b for a, b in ranges), "an encoder is a copy, not a view of its file"
-            assert resident_fraction(w) < 0.05, "sparse_encode or encoder_rows read an encoder through the mapping"
+            assert any(a <= w.data_ptr() < b for a, b in ranges), (
+                "an encoder is a copy, not a view of its file"
+            )
+            assert resident_fraction(w) < 0.05, (
+                "sparse_encode or encoder_rows read an encoder through the mapping"
+            )
     torch.testing.assert_close(tc.reconstruct(x), big.reconstruct(x))
-    assert all(resident_fraction(w) > 0.9 for w in tc.W_dec)  # the dense decode read them all: the probe works
+    assert all(
+        resident_fraction(w) > 0.9 for w in tc.W_dec
+    )  # the dense decode read them all: the probe works
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -646,7 +874,9 @@ def test_the_values_check_reads_every_float_dtype(tmp_path, dtype, bad):
         formats.read_safetensors(tmp_path / "w.safetensors")
 
 
-@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
+@pytest.mark.skipif(
+    not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)"
+)
 def test_decoder_rows_of_a_replaced_file_are_the_loaded_ones(tmp_path):
     """A set saved over the directory a loaded set maps (an atomic swap) does not leak into the loaded one."""
     old, new = random_transcoders(L, 64, 2048, seed=1), random_transcoders(L, 64, 2048, seed=2)
@@ -655,10 +885,14 @@ def test_decoder_rows_of_a_replaced_file_are_the_loaded_ones(tmp_path):
     save_native(new, tmp_path / "set")
     feats = torch.tensor([5, 2000, 17])
     with torch.no_grad():
-        torch.testing.assert_close(tc.decoder_rows(2, feats), old.decoder_rows(2, feats), rtol=0, atol=0)
+        torch.testing.assert_close(
+            tc.decoder_rows(2, feats), old.decoder_rows(2, feats), rtol=0, atol=0
+        )
 
 
-@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
+@pytest.mark.skipif(
+    not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)"
+)
 def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
     """`row_chunks` / `matmul(x, w.T)` over a memory-mapped matrix (contiguous, and the strided rows of a CLT-like
     `[n, 3, D]` tensor) give its values with (almost) none of its pages made present; a matrix edited in
@@ -689,8 +923,9 @@ def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
     torch.testing.assert_close(matmul(torch.ones(5), small.T), small.sum(1))
 
 
-
-@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)")
+@pytest.mark.skipif(
+    not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)"
+)
 @pytest.mark.parametrize("stored", ["[D, F]", "[F, D]"])
 def test_encoder_products_and_columns_read_the_file(tmp_path, stored):
     """`matmul` and `read_columns` over an encoder mapped from a file, stored `[D, F]` or as `[F, D]` (used
@@ -698,13 +933,18 @@ def test_encoder_products_and_columns_read_the_file(tmp_path, stored):
     whole columns; an encoder edited in memory is multiplied from memory, and its columns are left to the caller."""
     torch.manual_seed(1)
     ref = torch.randn(96, 7000)  # [D, F]
-    save_file({"w": ref if stored == "[D, F]" else ref.T.contiguous()}, str(tmp_path / "w.safetensors"))
+    save_file(
+        {"w": ref if stored == "[D, F]" else ref.T.contiguous()}, str(tmp_path / "w.safetensors")
+    )
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
         stored_tensor = f.get_tensor("w")
     w = stored_tensor if stored == "[D, F]" else stored_tensor.T
     x = torch.randn(5, 96)
     chunk = 96 * 4 * 1000  # 1000 columns a block
-    assert [(a, blk.shape[1]) for a, blk in column_chunks(w, chunk)][-2:] == [(5000, 1000), (6000, 1000)]
+    assert [(a, blk.shape[1]) for a, blk in column_chunks(w, chunk)][-2:] == [
+        (5000, 1000),
+        (6000, 1000),
+    ]
     torch.testing.assert_close(matmul(x, w, chunk), x @ ref)
     cols = torch.tensor([6999, 0, 1000, 999, 0, 4321])
     torch.testing.assert_close(read_columns(w, cols, chunk), ref[:, cols].T, rtol=0, atol=0)
@@ -715,6 +955,10 @@ def test_encoder_products_and_columns_read_the_file(tmp_path, stored):
     w[3, 4321] += 1.0
     edited = ref.clone()
     edited[3, 4321] += 1.0
-    assert read_columns(w, cols, chunk) is None  # the file no longer holds the values: the caller reads memory
+    assert (
+        read_columns(w, cols, chunk) is None
+    )  # the file no longer holds the values: the caller reads memory
     torch.testing.assert_close(matmul(x, w, chunk), x @ edited)  # through the views, edit included
-    assert read_columns(torch.randn(4, 6), torch.tensor([1])) is None  # not a mapping: the caller indexes memory
+    assert (
+        read_columns(torch.randn(4, 6), torch.tensor([1])) is None
+    )  # not a mapping: the caller indexes memory

@@ -1,4 +1,5 @@
 """`circuits prune | show | render | compare`, and one end-to-end run on the real gemma-3-270m."""
+
 from __future__ import annotations
 
 import json
@@ -6,12 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
+from test_render import synthetic_graph
 
 from circuits.cli import run
 from circuits.graph import FEATURE, load_graph
-from test_render import synthetic_graph
 
-needs_graphviz = pytest.mark.skipif(shutil.which("neato") is None, reason="graphviz (neato) is not installed")
+needs_graphviz = pytest.mark.skipif(
+    shutil.which("neato") is None, reason="graphviz (neato) is not installed"
+)
 
 
 @pytest.fixture
@@ -23,16 +26,35 @@ def graph_file(tmp_path):
 
 def test_prune_command(graph_file, tmp_path, capsys):
     out = tmp_path / "p.npz"
-    assert run(["prune", str(graph_file), "--out", str(out), "--node-threshold", "0.7", "--edge-threshold", "0.9"]) == 0
+    assert (
+        run(
+            [
+                "prune",
+                str(graph_file),
+                "--out",
+                str(out),
+                "--node-threshold",
+                "0.7",
+                "--edge-threshold",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    assert "replacement" in text and "completeness" in text and "full:" in text and "pruned:" in text
+    assert (
+        "replacement" in text and "completeness" in text and "full:" in text and "pruned:" in text
+    )
     p = load_graph(out)
     assert p.metadata["pruning"]["node_threshold"] == 0.7 and p.influence is not None
     assert p.n_nodes < load_graph(graph_file).n_nodes
 
 
 def test_prune_command_errors(graph_file, tmp_path, capsys):
-    assert run(["prune", str(graph_file), "--out", str(tmp_path / "p.npz"), "--node-threshold", "2"]) == 2
+    assert (
+        run(["prune", str(graph_file), "--out", str(tmp_path / "p.npz"), "--node-threshold", "2"])
+        == 2
+    )
     assert "node-threshold must be a number in [0, 1]" in capsys.readouterr().err
     assert run(["prune", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "p.npz")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -42,7 +64,10 @@ def test_show_command(graph_file, tmp_path, capsys):
     assert run(["show", str(graph_file), "--top", "4"]) == 0
     text = capsys.readouterr().out
     assert "top 4 nodes by influence" in text and "replacement" in text
-    assert len([line for line in text.splitlines() if "influence " in line and line.startswith("  ")]) == 4
+    assert (
+        len([line for line in text.splitlines() if "influence " in line and line.startswith("  ")])
+        == 4
+    )
     g = load_graph(graph_file)
     assert g.prompt in text
 
@@ -52,10 +77,29 @@ def test_render_command(graph_file, tmp_path, capsys):
     groups = tmp_path / "groups.json"
     g = load_graph(graph_file)
     members = [g.node_id(int(i)) for i in g.nodes_of(FEATURE)[-2:]]
-    groups.write_text(json.dumps({"format": "gemma-circuits-supernodes", "supernodes": {"Texas": members}}))
+    groups.write_text(
+        json.dumps({"format": "gemma-circuits-supernodes", "supernodes": {"Texas": members}})
+    )
     svg, html, js = tmp_path / "g.svg", tmp_path / "g.html", tmp_path / "g.json"
-    assert run(["render", str(graph_file), "--svg", str(svg), "--html", str(html), "--json", str(js),
-                "--max-nodes", "80", "--supernodes", str(groups)]) == 0
+    assert (
+        run(
+            [
+                "render",
+                str(graph_file),
+                "--svg",
+                str(svg),
+                "--html",
+                str(html),
+                "--json",
+                str(js),
+                "--max-nodes",
+                "80",
+                "--supernodes",
+                str(groups),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "not pruned" in captured.err
     assert svg.read_text().startswith("<?xml") and "Texas" in html.read_text()
@@ -74,7 +118,9 @@ def test_compare_command(tmp_path, capsys):
     synthetic_graph(n_features=120, seed=22).save(a)
     synthetic_graph(n_features=120, seed=23).save(b)
     svg, js = tmp_path / "d.svg", tmp_path / "d.json"
-    assert run(["compare", str(a), str(b), "--svg", str(svg), "--json", str(js), "--top-k", "3"]) == 0
+    assert (
+        run(["compare", str(a), str(b), "--svg", str(svg), "--json", str(js), "--top-k", "3"]) == 0
+    )
     text = capsys.readouterr().out
     assert "Jaccard" in text and "only in A" in text
     assert "#f59e0b" in svg.read_text()
@@ -86,24 +132,48 @@ def test_compare_command(tmp_path, capsys):
 @needs_graphviz
 def test_real_model_graph_end_to_end(real_model, tmp_path):
     """A real 270M graph (random skip transcoders, so it runs anywhere) through prune, scores and every picture."""
+    from test_export import NEURONPEDIA_GRAPH_SCHEMA, schema_errors
+    from test_prune import brute_force_influence
+
     import circuits
     from circuits.export import to_neuronpedia_json
     from circuits.prune import compute_influence
-    from test_export import NEURONPEDIA_GRAPH_SCHEMA, schema_errors
-    from test_prune import brute_force_influence
     from transcoders import random_transcoders
+
     s = real_model.sites
-    tc = random_transcoders(s.n_layers, s.d_model, 2048, kind="skip", l0=16, seed=0, model_name=real_model.name)
-    g = circuits.attribute(real_model, "The capital of France is", transcoders=tc, progress=False, max_feature_nodes=64)
-    np.testing.assert_allclose(compute_influence(g), brute_force_influence(g), rtol=1e-6, atol=1e-12)
+    tc = random_transcoders(
+        s.n_layers, s.d_model, 2048, kind="skip", l0=16, seed=0, model_name=real_model.name
+    )
+    g = circuits.attribute(
+        real_model, "The capital of France is", transcoders=tc, progress=False, max_feature_nodes=64
+    )
+    np.testing.assert_allclose(
+        compute_influence(g), brute_force_influence(g), rtol=1e-6, atol=1e-12
+    )
     p = circuits.prune(g, node_threshold=0.95)
     for scores in p.metadata["scores"].values():
         assert 0 <= scores["replacement"] <= 1 and 0 <= scores["completeness"] <= 1
     p.save(tmp_path / "p.npz")
-    assert run(["render", str(tmp_path / "p.npz"), "--svg", str(tmp_path / "p.svg"), "--html",
-                str(tmp_path / "p.html"), "--json", str(tmp_path / "p.json")]) == 0
+    assert (
+        run(
+            [
+                "render",
+                str(tmp_path / "p.npz"),
+                "--svg",
+                str(tmp_path / "p.svg"),
+                "--html",
+                str(tmp_path / "p.html"),
+                "--json",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "p.json").read_text())
-    assert schema_errors(doc, NEURONPEDIA_GRAPH_SCHEMA) == [] and doc["metadata"]["scan"] == "gemma-3-270m"
+    assert (
+        schema_errors(doc, NEURONPEDIA_GRAPH_SCHEMA) == []
+        and doc["metadata"]["scan"] == "gemma-3-270m"
+    )
     assert doc["metadata"]["prompt_tokens"][0] == "<bos>" and to_neuronpedia_json(p)["nodes"]
 
 

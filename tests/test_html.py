@@ -2,6 +2,7 @@
 protocol: load, screenshot, hover, click, threshold sliders, pan and zoom, supernodes and their storage.
 
 A minimal WebSocket client (RFC 6455, text frames only) talks to Chromium; no extra packages needed."""
+
 from __future__ import annotations
 
 import base64
@@ -21,15 +22,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_render import synthetic_graph
 
 from circuits.graph import FEATURE
 from circuits.prune import prune
 from circuits.render import html_data, render_html
-from test_render import synthetic_graph
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
-                 if shutil.which(n)), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium/chrome on PATH (Debian: apt-get install chromium)")
+CHROMIUM = next(
+    (
+        shutil.which(n)
+        for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
+        if shutil.which(n)
+    ),
+    None,
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium/chrome on PATH (Debian: apt-get install chromium)"
+)
 
 
 class WebSocket:
@@ -39,8 +48,12 @@ class WebSocket:
         host, port = hostport.split(":")
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.sock.sendall(
+            (
+                f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             head += self.sock.recv(1)
@@ -49,9 +62,13 @@ class WebSocket:
     def send(self, text: str) -> None:
         data = text.encode()
         n = len(data)
-        header = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else
-                                  bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else
-                                  bytes([0x80 | 127]) + struct.pack(">Q", n))
+        header = bytes([0x81]) + (
+            bytes([0x80 | n])
+            if n < 126
+            else bytes([0x80 | 126]) + struct.pack(">H", n)
+            if n < 65536
+            else bytes([0x80 | 127]) + struct.pack(">Q", n)
+        )
         mask = os.urandom(4)
         self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
 
@@ -86,10 +103,23 @@ class Browser:
     def __init__(self, profile: Path, width: int = 1400, height: int = 900):
         self.servers: dict[Path, http.server.ThreadingHTTPServer] = {}
         self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--remote-debugging-port=0", f"--window-size={width},{height}",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-port=0",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         port_file = profile / "DevToolsActivePort"
         deadline = time.time() + 60
         while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
@@ -98,7 +128,9 @@ class Browser:
                 raise RuntimeError("chromium did not start its DevTools endpoint")
             time.sleep(0.1)
         port = port_file.read_text().split()[0]
-        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        targets = json.load(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10)
+        )
         page = next(t for t in targets if t["type"] == "page")
         self.ws = WebSocket(page["webSocketDebuggerUrl"])
         self.next_id = 0
@@ -138,22 +170,30 @@ class Browser:
     def _serve(self, folder: Path) -> str:
         """The base URL of a static HTTP server for `folder` (one per folder, for the browser's lifetime)."""
         if folder not in self.servers:
+
             class Quiet(http.server.SimpleHTTPRequestHandler):
                 def log_message(self, *args) -> None:
                     pass
-            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+
+            server = http.server.ThreadingHTTPServer(
+                ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder))
+            )
             threading.Thread(target=server.serve_forever, daemon=True).start()
             self.servers[folder] = server
         return f"http://127.0.0.1:{self.servers[folder].server_address[1]}"
 
     def js(self, expression: str):
-        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        r = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in r:
             raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
         return r["result"].get("value")
 
     def mouse(self, kind: str, x: float, y: float, shift: bool = False, **extra) -> None:
-        self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, modifiers=8 if shift else 0, **extra)
+        self.call(
+            "Input.dispatchMouseEvent", type=kind, x=x, y=y, modifiers=8 if shift else 0, **extra
+        )
 
     def click(self, x: float, y: float, shift: bool = False) -> None:
         self.mouse("mouseMoved", x, y, shift)
@@ -161,12 +201,15 @@ class Browser:
         self.mouse("mouseReleased", x, y, shift, button="left", clickCount=1)
 
     def centre(self, selector: str) -> tuple[float, float]:
-        r = self.js(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
-                    f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()")
+        r = self.js(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+        )
         return r[0], r[1]
 
     def screenshot(self) -> np.ndarray:
         from PIL import Image
+
         data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
@@ -196,7 +239,9 @@ def browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     """A pruned realistic graph with dashboards, written as a page."""
-    g = prune(synthetic_graph(n_features=160, seed=11, dashboards=True, with_influence=False), 0.9, 0.98)
+    g = prune(
+        synthetic_graph(n_features=160, seed=11, dashboards=True, with_influence=False), 0.9, 0.98
+    )
     g.metadata.setdefault("dashboards", {})
     path = render_html(g, tmp_path_factory.mktemp("html") / "graph.html")
     return g, path
@@ -205,7 +250,15 @@ def page(tmp_path_factory):
 def test_page_is_self_contained(page):
     g, path = page
     text = path.read_text()
-    for needle in ("<script src", "<link ", "@import", "fetch(", "XMLHttpRequest", "url(http", "src=\"http"):
+    for needle in (
+        "<script src",
+        "<link ",
+        "@import",
+        "fetch(",
+        "XMLHttpRequest",
+        "url(http",
+        'src="http',
+    ):
         assert needle not in text
     assert "__DATA__" not in text and "__JS__" not in text and "__CSS__" not in text
     assert g.prompt in text and json.dumps(g.node_id(0)) in text
@@ -234,15 +287,22 @@ def test_page_renders_in_chromium(browser, page):
     assert browser.exceptions() == []
     n_drawn = browser.js("document.querySelectorAll('#layer-nodes .node').length")
     assert n_drawn == g.n_nodes
-    assert browser.js("document.querySelectorAll('#layer-edges path').length") == browser.js("viewer.linkCount()") > 0
+    assert (
+        browser.js("document.querySelectorAll('#layer-edges path').length")
+        == browser.js("viewer.linkCount()")
+        > 0
+    )
     img = browser.screenshot()
+
     # the fills of token (#fef3c7) and logit (#dcfce7) boxes, and the blue of feature boxes, are on screen
     def share(rgb, tol=6):
         return float((np.abs(img.astype(int) - np.array(rgb)).max(axis=2) <= tol).mean())
+
     assert share((254, 243, 199)) > 0.0005 and share((220, 252, 231)) > 0.0002
     blue = (img[..., 2] > 235) & (img[..., 0] < 225) & (img[..., 0] > 120)
     assert blue.mean() > 0.001
     from PIL import Image
+
     Image.fromarray(img).save(path.with_suffix(".png"))
 
 
@@ -255,7 +315,9 @@ def test_hover_click_and_dashboard(browser, page):
     x, y = browser.centre(f'.node[data-id="{target}"]')
     browser.mouse("mouseMoved", x, y)
     assert browser.js("!document.getElementById('tooltip').hidden")
-    assert f"L{target.split(':')[1]}/" in browser.js("document.getElementById('tooltip').textContent")
+    assert f"L{target.split(':')[1]}/" in browser.js(
+        "document.getElementById('tooltip').textContent"
+    )
     browser.click(x, y)
     assert browser.js("document.getElementById('graph').classList.contains('dimmed')")
     panel = browser.js("document.getElementById('panel-body').innerText")
@@ -264,14 +326,18 @@ def test_hover_click_and_dashboard(browser, page):
     assert dash["auto_label"] in panel and "Dallas" in panel
     # highlighted edges are exactly the focused node's drawn links, listed with their weights
     k = browser.js(f"viewer.visibleIds().indexOf({json.dumps(target)})")
-    links = browser.js(f"[...document.querySelectorAll('#layer-edges path')].filter(p => +p.dataset.from === {k} "
-                       f"|| +p.dataset.to === {k}).map(p => [p.classList.contains('hl'), +p.dataset.weight])")
+    links = browser.js(
+        f"[...document.querySelectorAll('#layer-edges path')].filter(p => +p.dataset.from === {k} "
+        f"|| +p.dataset.to === {k}).map(p => [p.classList.contains('hl'), +p.dataset.weight])"
+    )
     assert links and all(hl for hl, _ in links)
     assert browser.js("document.querySelectorAll('#layer-edges path.hl').length") == len(links)
     strongest = max(links, key=lambda e: abs(e[1]))[1]
     assert f"{abs(strongest):.3f}" in panel or f"{abs(strongest):.2e}" in panel
     # clicking an input row moves the focus there; clicking the background clears it
-    browser.js("document.querySelector('#panel-body tr.link').dispatchEvent(new MouseEvent('click', {bubbles: true}))")
+    browser.js(
+        "document.querySelector('#panel-body tr.link').dispatchEvent(new MouseEvent('click', {bubbles: true}))"
+    )
     assert browser.js("viewer.state.focus") != k
     browser.click(5, 200)
     assert browser.js("viewer.state.focus") is None
@@ -283,16 +349,24 @@ def test_threshold_sliders(browser, page):
     g, path = page
     browser.open(path)
     before = browser.js("viewer.linkCount()")
-    browser.js("(() => { const s = document.getElementById('edge-slider'); s.value = 95;"
-               " s.dispatchEvent(new Event('input')); })()")
+    browser.js(
+        "(() => { const s = document.getElementById('edge-slider'); s.value = 95;"
+        " s.dispatchEvent(new Event('input')); })()"
+    )
     after = browser.js("viewer.linkCount()")
     assert 0 < after < before
-    wmin = browser.js("Math.min(...[...document.querySelectorAll('#layer-edges path')].map(p => Math.abs(+p.dataset.weight)))")
+    wmin = browser.js(
+        "Math.min(...[...document.querySelectorAll('#layer-edges path')].map(p => Math.abs(+p.dataset.weight)))"
+    )
     assert wmin >= browser.js("viewer.state.edgeMin") > 0
-    browser.js("(() => { const s = document.getElementById('node-slider'); s.value = 60;"
-               " s.dispatchEvent(new Event('input')); })()")
+    browser.js(
+        "(() => { const s = document.getElementById('node-slider'); s.value = 60;"
+        " s.dispatchEvent(new Event('input')); })()"
+    )
     shown = browser.js("viewer.visibleIds()")
-    assert len(shown) < g.n_nodes and all(g.node_id(int(i)) in shown for i in np.flatnonzero(g.kind >= 2))
+    assert len(shown) < g.n_nodes and all(
+        g.node_id(int(i)) in shown for i in np.flatnonzero(g.kind >= 2)
+    )
     browser.js("viewer.setEdgeSlider(0); viewer.setNodeSlider(0)")
     assert browser.js("viewer.linkCount()") == g.adjacency.nnz
 
@@ -333,22 +407,31 @@ def test_supernodes_group_collapse_save_and_restore(browser, page):
     shown = browser.js("viewer.visibleIds()")
     assert "group:0" in shown and not set(feats) & set(shown)
     assert browser.js("viewer.focus('group:0')") and "supernode of 3 nodes" in browser.js(
-        "document.getElementById('panel-body').innerText")
+        "document.getElementById('panel-body').innerText"
+    )
     # the grouping is downloadable as JSON ...
     # (the viewer revokes the blob URL after a second; on a loaded machine the fetch below can be slower)
-    browser.js("window.__saved = null; URL.revokeObjectURL = () => {};"
-               " HTMLAnchorElement.prototype.click = function () {"
-               " window.__saved = fetch(this.href).then(r => r.text()).then(t => [this.download, t]); }")
+    browser.js(
+        "window.__saved = null; URL.revokeObjectURL = () => {};"
+        " HTMLAnchorElement.prototype.click = function () {"
+        " window.__saved = fetch(this.href).then(r => r.text()).then(t => [this.download, t]); }"
+    )
     browser.click(*browser.centre("#save"))
     name, text = browser.js("window.__saved")
     doc = json.loads(text)
-    assert name == "supernodes.json" and doc["supernodes"] == {"capital cities": feats} and doc["prompt"] == g.prompt
+    assert (
+        name == "supernodes.json"
+        and doc["supernodes"] == {"capital cities": feats}
+        and doc["prompt"] == g.prompt
+    )
     # ... kept in localStorage across reloads, and loadable from a file's contents
     browser.open(path)
     assert browser.js("viewer.state.groups") == groups
     browser.js(f"viewer.loadGrouping({json.dumps({'supernodes': {'x': feats[:2] + ['nope']}})})")
     assert browser.js("viewer.state.groups") == [{"name": "x", "members": feats[:2]}]
-    browser.js(f"viewer.loadGrouping({json.dumps([['np', feats[2]]])})")  # Neuronpedia's qParams form
+    browser.js(
+        f"viewer.loadGrouping({json.dumps([['np', feats[2]]])})"
+    )  # Neuronpedia's qParams form
     assert browser.js("viewer.state.groups") == [{"name": "np", "members": feats[2:]}]
     browser.js(f"viewer.makeGroup('np', {json.dumps(feats[:1])})")  # names stay unique
     assert [grp["name"] for grp in browser.js("viewer.state.groups")] == ["np", "np (2)"]

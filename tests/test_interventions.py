@@ -3,6 +3,7 @@
 The references here are written independently of the code under test: plain hooks on the real model that
 subtract a decoder vector, the graph's own edges, and Hugging Face's greedy `generate`.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,16 +40,19 @@ def real_logits(lm, tokens, hooks=()):
 
 def subtract_at(pos: int, vector: torch.Tensor):
     """A forward hook that subtracts `vector` from a module's output at position `pos`."""
+
     def hook(module, args, output):
         out = output.clone()
         out[0, pos] -= vector.to(out.dtype)
         return out
+
     return hook
 
 
 def active_feature(tc, lm, tokens, layer, pos):
     """(feature, activation) of the most active feature of `layer` at `pos` in the clean run."""
     from circuits.replacement import run_and_freeze
+
     acts = tc.encode(layer, run_and_freeze(lm, tokens).mlp_in[layer, pos])
     f = int(acts.argmax())
     assert acts[f] > 0, "the test needs an active feature here"
@@ -62,6 +66,7 @@ def demeaned(raw: torch.Tensor, ids) -> torch.Tensor:
 
 # -- no intervention --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["plt", "skip", "clt"])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_no_intervention_reproduces_clean_logits(kind, softcap):
@@ -70,7 +75,9 @@ def test_no_intervention_reproduces_clean_logits(kind, softcap):
     tokens = lm.tokenize(PROMPT)
     ref = real_logits(lm, tokens)
     full = intervene(lm, PROMPT, None, transcoders=tc, mode="full", progress=False)
-    assert torch.equal(full.logits, ref)  # bit for bit: the held errors add back exactly what was there
+    assert torch.equal(
+        full.logits, ref
+    )  # bit for bit: the held errors add back exactly what was there
     assert torch.equal(full.logits_clean, ref)
     frozen = intervene(lm, PROMPT, [], transcoders=tc, mode="frozen", progress=False)
     torch.testing.assert_close(frozen.logits, ref, atol=2e-4, rtol=1e-5)
@@ -80,15 +87,26 @@ def test_no_intervention_reproduces_clean_logits(kind, softcap):
 
 # -- full mode: zeroing a feature is removing its decoder vector --------------------------------------
 
+
 def test_full_zero_last_layer_feature_equals_model_with_decoder_removed():
     lm = tiny_model(seed=3)
     tc = tc_for(lm, "plt")
     tokens = lm.tokenize(PROMPT)
     L, p = lm.sites.n_layers, len(tokens) - 1
     f, a = active_feature(tc, lm, tokens, L - 1, p)
-    ref = real_logits(lm, tokens, [(lm.sites.layers[L - 1].post_feedforward_layernorm,
-                                    subtract_at(p, a * tc.W_dec[L - 1][f].detach()))])
-    r = intervene(lm, PROMPT, [("zero", f"f:{L - 1}:{p}:{f}")], transcoders=tc, mode="full", progress=False)
+    ref = real_logits(
+        lm,
+        tokens,
+        [
+            (
+                lm.sites.layers[L - 1].post_feedforward_layernorm,
+                subtract_at(p, a * tc.W_dec[L - 1][f].detach()),
+            )
+        ],
+    )
+    r = intervene(
+        lm, PROMPT, [("zero", f"f:{L - 1}:{p}:{f}")], transcoders=tc, mode="full", progress=False
+    )
     torch.testing.assert_close(r.logits, ref, atol=1e-5, rtol=1e-6)
     assert (r.logits - r.logits_clean).abs().max() > 1e-3  # the intervention did something
 
@@ -109,10 +127,17 @@ def test_full_zero_clt_feature_removes_its_decoder_from_every_layer_it_writes():
     tokens = lm.tokenize(PROMPT)
     p = 2
     f, a = active_feature(tc, lm, tokens, 0, p)
-    hooks = [(lm.sites.layers[l].post_feedforward_layernorm, subtract_at(p, a * tc.W_dec[0][f, l].detach()))
-             for l in range(L)]
+    hooks = [
+        (
+            lm.sites.layers[l].post_feedforward_layernorm,
+            subtract_at(p, a * tc.W_dec[0][f, l].detach()),
+        )
+        for l in range(L)
+    ]
     ref = real_logits(lm, tokens, hooks)
-    r = intervene(lm, tokens, [("zero", f"f:0:{p}:{f}")], transcoders=tc, mode="full", progress=False)
+    r = intervene(
+        lm, tokens, [("zero", f"f:0:{p}:{f}")], transcoders=tc, mode="full", progress=False
+    )
     torch.testing.assert_close(r.logits, ref, atol=1e-5, rtol=1e-6)
     assert (r.logits - r.logits_clean).abs().max() > 1e-3
 
@@ -123,14 +148,23 @@ def test_full_zero_error_node_removes_the_error_vector(kind):
     tc = tc_for(lm, kind)
     tokens = lm.tokenize(PROMPT)
     from circuits.replacement import run_and_freeze
+
     clean = run_and_freeze(lm, tokens)
     L, p = lm.sites.n_layers, len(tokens) - 1
     error = (clean.mlp_out - tc.reconstruct(clean.mlp_in))[L - 1, p].detach()
-    ref = real_logits(lm, tokens, [(lm.sites.layers[L - 1].post_feedforward_layernorm, subtract_at(p, error))])
-    r = intervene(lm, PROMPT, [("zero", f"e:{L - 1}:{p}")], transcoders=tc, mode="full", progress=False)
+    ref = real_logits(
+        lm, tokens, [(lm.sites.layers[L - 1].post_feedforward_layernorm, subtract_at(p, error))]
+    )
+    r = intervene(
+        lm, PROMPT, [("zero", f"e:{L - 1}:{p}")], transcoders=tc, mode="full", progress=False
+    )
     torch.testing.assert_close(r.logits, ref, atol=1e-5, rtol=1e-6)
-    half = intervene(lm, PROMPT, [("scale", f"e:{L - 1}:{p}", 0.5)], transcoders=tc, mode="full", progress=False)
-    ref_half = real_logits(lm, tokens, [(lm.sites.layers[L - 1].post_feedforward_layernorm, subtract_at(p, error / 2))])
+    half = intervene(
+        lm, PROMPT, [("scale", f"e:{L - 1}:{p}", 0.5)], transcoders=tc, mode="full", progress=False
+    )
+    ref_half = real_logits(
+        lm, tokens, [(lm.sites.layers[L - 1].post_feedforward_layernorm, subtract_at(p, error / 2))]
+    )
     torch.testing.assert_close(half.logits, ref_half, atol=1e-5, rtol=1e-6)
 
 
@@ -142,6 +176,7 @@ def test_full_mode_equals_hand_spliced_replacement_model(kind):
     tc = tc_for(lm, kind, d_sae=32)
     tokens = lm.tokenize(PROMPT)
     from circuits.replacement import run_and_freeze
+
     clean = run_and_freeze(lm, tokens)
     errors = clean.mlp_out - tc.reconstruct(clean.mlp_in)
     layer, p = 1, 3
@@ -152,6 +187,7 @@ def test_full_mode_equals_hand_spliced_replacement_model(kind):
         def hook(module, args, output):
             acts[l] = tc.encode(l, output[0])
             acts[("x", l)] = output[0]
+
         return hook
 
     def dec(l):
@@ -165,25 +201,34 @@ def test_full_mode_equals_hand_spliced_replacement_model(kind):
             if tc.W_skip is not None:
                 y = y + acts[("x", l)] @ tc.W_skip[l]
             return y[None].detach()
+
         return hook
+
     hooks = [(s.pre_feedforward_layernorm, enc(l)) for l, s in enumerate(lm.sites.layers)]
     hooks += [(s.post_feedforward_layernorm, dec(l)) for l, s in enumerate(lm.sites.layers)]
     ref = real_logits(lm, tokens, hooks)
-    r = intervene(lm, PROMPT, [("zero", f"f:{layer}:{p}:{f}")], transcoders=tc, mode="full", progress=False)
+    r = intervene(
+        lm, PROMPT, [("zero", f"f:{layer}:{p}:{f}")], transcoders=tc, mode="full", progress=False
+    )
     torch.testing.assert_close(r.logits, ref, atol=1e-4, rtol=1e-5)
     assert (r.logits - r.logits_clean).abs().max() > 1e-3
 
 
 # -- frozen mode: the graph's edges predict the change -------------------------------------------------
 
+
 @pytest.fixture(params=["plt", "clt"])
 def traced(request):
     lm = tiny_model(seed=6, softcap=8.0)
     tc = tc_for(lm, request.param, d_sae=32)
-    with torch.no_grad():  # decoders strong enough that paths through features stand out of float32 noise
+    with (
+        torch.no_grad()
+    ):  # decoders strong enough that paths through features stand out of float32 noise
         for w in tc.W_dec:
             w.mul_(20.0)
-    g = attribute(lm, PROMPT, transcoders=tc, max_n_logits=4, desired_logit_prob=1.0, progress=False)
+    g = attribute(
+        lm, PROMPT, transcoders=tc, max_n_logits=4, desired_logit_prob=1.0, progress=False
+    )
     assert g.has_row[g.kind == FEATURE].all()  # every feature row computed: the graph is complete
     return lm, tc, g
 
@@ -197,7 +242,14 @@ def test_frozen_held_features_change_logits_by_exactly_the_direct_edges(traced):
     strongest = feats[np.argsort(-np.abs(g.adjacency[logit_nodes][:, feats].toarray()).sum(0))[:5]]
     for i in strongest:
         eps = -1.0 if i == strongest[0] else 0.5  # zeroing is eps = -1
-        r = intervene(lm, g, [("scale", g.node_id(i), 1 + eps)], transcoders=tc, propagate=False, progress=False)
+        r = intervene(
+            lm,
+            g,
+            [("scale", g.node_id(i), 1 + eps)],
+            transcoders=tc,
+            propagate=False,
+            progress=False,
+        )
         got = demeaned(r.raw_logits, logit_ids) - demeaned(r.raw_logits_clean, logit_ids)
         want = eps * g.adjacency[logit_nodes][:, [i]].toarray().ravel()
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-3, atol=2e-5)
@@ -211,7 +263,9 @@ def test_frozen_zeroing_an_error_node_removes_its_edge(traced):
     i = errs[np.argmax(np.abs(g.adjacency[logit_nodes][:, errs].toarray()).sum(0))]
     r = intervene(lm, g, [("zero", g.node_id(i))], transcoders=tc, propagate=False, progress=False)
     got = demeaned(r.raw_logits, logit_ids) - demeaned(r.raw_logits_clean, logit_ids)
-    np.testing.assert_allclose(got.numpy(), -g.adjacency[logit_nodes][:, [i]].toarray().ravel(), rtol=1e-3, atol=2e-5)
+    np.testing.assert_allclose(
+        got.numpy(), -g.adjacency[logit_nodes][:, [i]].toarray().ravel(), rtol=1e-3, atol=2e-5
+    )
 
 
 def graph_path_prediction(g, source: int, eps: float) -> np.ndarray:
@@ -234,8 +288,12 @@ def test_frozen_small_perturbation_follows_the_graph_paths(traced):
     early = feats[g.layer[feats] == 0]
     source = early[np.argmax(np.abs(g.activation[early]))]
     eps = 0.5
-    for _ in range(8):  # small enough that no feature crosses its threshold: then the world is linear
-        r = intervene(lm, g, [("scale", g.node_id(source), 1 + eps)], transcoders=tc, progress=False)
+    for _ in range(
+        8
+    ):  # small enough that no feature crosses its threshold: then the world is linear
+        r = intervene(
+            lm, g, [("scale", g.node_id(source), 1 + eps)], transcoders=tc, progress=False
+        )
         if all(torch.equal(a > 0, c > 0) for a, c in zip(r.acts, r.clean_acts)):
             break
         eps /= 4
@@ -251,6 +309,7 @@ def test_frozen_small_perturbation_follows_the_graph_paths(traced):
 
 # -- targets, supernodes, graphs ----------------------------------------------------------------------
 
+
 def test_supernodes_and_star_positions_expand_to_their_members(tmp_path):
     lm = tiny_model(seed=7)
     tc = tc_for(lm, "plt")
@@ -264,7 +323,11 @@ def test_supernodes_and_star_positions_expand_to_their_members(tmp_path):
     b = intervene(lm, PROMPT, [("scale", m, 3.0) for m in members], **kw)
     c = intervene(lm, PROMPT, [Intervention("scale", "f:1:*:5", 3.0)], **kw)
     d = intervene(lm, PROMPT, [("scale", tuple(members), 3.0)], **kw)
-    assert torch.equal(a.logits, b.logits) and torch.equal(a.logits, c.logits) and torch.equal(a.logits, d.logits)
+    assert (
+        torch.equal(a.logits, b.logits)
+        and torch.equal(a.logits, c.logits)
+        and torch.equal(a.logits, d.logits)
+    )
     assert a.applied == ["scale supernode 'five' (%d nodes) x3" % n]
 
 
@@ -279,10 +342,19 @@ def test_set_value_and_dict_form():
     assert "set f:2:4:7 = 3.5" in r.table()
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("f:9:0:1", "layer 9"), ("f:0:99:1", "position 99"), ("f:0:0:999", "feature 999"),
-    ("t:3", "token node"), ("l:17", "logit node"), ("f:x:0:1", "integers"), ("nonsense", "unknown node"),
-    ("f:1:2", "cannot read node")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("f:9:0:1", "layer 9"),
+        ("f:0:99:1", "position 99"),
+        ("f:0:0:999", "feature 999"),
+        ("t:3", "token node"),
+        ("l:17", "logit node"),
+        ("f:x:0:1", "integers"),
+        ("nonsense", "unknown node"),
+        ("f:1:2", "cannot read node"),
+    ],
+)
 def test_bad_targets_are_user_errors(bad, message):
     lm = tiny_model(seed=7)
     with pytest.raises(UserError, match=message):
@@ -313,15 +385,21 @@ def test_graph_prompt_uses_graph_tokens_and_supernodes():
 
 # -- generation ---------------------------------------------------------------------------------------
 
+
 def test_clean_continuation_is_the_models_greedy_continuation():
     lm = tiny_model(seed=9)
     tc = tc_for(lm, "clt", d_sae=32)
     tokens = lm.tokenize(PROMPT)
     r = intervene(lm, PROMPT, None, transcoders=tc, mode="full", generate=6, progress=False)
     with torch.no_grad():
-        hf = lm.model.generate(tokens[None], attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
-                               max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(tokens):].tolist()
-    assert r.continuation_tokens_clean == hf[:len(r.continuation_tokens_clean)]
+        hf = lm.model.generate(
+            tokens[None],
+            attention_mask=torch.ones(1, len(tokens), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(tokens) :].tolist()
+    assert r.continuation_tokens_clean == hf[: len(r.continuation_tokens_clean)]
     assert r.continuation_tokens == r.continuation_tokens_clean
     assert r.continuation == lm.tokenizer.decode(r.continuation_tokens)
 
@@ -334,30 +412,69 @@ def test_intervention_is_held_at_its_positions_while_generating():
     tokens = lm.tokenize(PROMPT)
     L, p = lm.sites.n_layers, len(tokens) - 1
     f, _ = active_feature(tc, lm, tokens, L - 1, p)
-    r = intervene(lm, PROMPT, [("set", f"f:{L - 1}:{p}:{f}", 40.0)], transcoders=tc, mode="frozen",
-                  generate=4, progress=False)
+    r = intervene(
+        lm,
+        PROMPT,
+        [("set", f"f:{L - 1}:{p}:{f}", 40.0)],
+        transcoders=tc,
+        mode="frozen",
+        generate=4,
+        progress=False,
+    )
     first = r.continuation_tokens[0]
-    full = intervene(lm, PROMPT, [("set", f"f:{L - 1}:{p}:{f}", 40.0)], transcoders=tc, mode="full", progress=False)
+    full = intervene(
+        lm,
+        PROMPT,
+        [("set", f"f:{L - 1}:{p}:{f}", 40.0)],
+        transcoders=tc,
+        mode="full",
+        progress=False,
+    )
     assert first == int(full.logits.argmax())
-    rest = intervene(lm, torch.cat([tokens, torch.tensor([first])]), None, transcoders=tc, mode="full",
-                     generate=3, progress=False).continuation_tokens_clean
-    assert r.continuation_tokens[1:] == rest[:len(r.continuation_tokens) - 1]
+    rest = intervene(
+        lm,
+        torch.cat([tokens, torch.tensor([first])]),
+        None,
+        transcoders=tc,
+        mode="full",
+        generate=3,
+        progress=False,
+    ).continuation_tokens_clean
+    assert r.continuation_tokens[1:] == rest[: len(r.continuation_tokens) - 1]
 
 
 # -- the real model -----------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_real_model_full_mode_zero_matches_decoder_removal(real_model):
     lm = real_model
-    tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 256, activation="topk", k=8, seed=1)
+    tc = random_transcoders(
+        lm.sites.n_layers, lm.sites.d_model, 256, activation="topk", k=8, seed=1
+    )
     text = "The capital of France is"
     tokens = lm.tokenize(text)
     L, p = lm.sites.n_layers, len(tokens) - 1
     f, a = active_feature(tc, lm, tokens, L - 1, p)
-    ref = real_logits(lm, tokens, [(lm.sites.layers[L - 1].post_feedforward_layernorm,
-                                    subtract_at(p, a * tc.W_dec[L - 1][f].detach()))])
-    r = intervene(lm, text, [("zero", f"f:{L - 1}:{p}:{f}")], transcoders=tc, mode="full", generate=3,
-                  progress=False)
+    ref = real_logits(
+        lm,
+        tokens,
+        [
+            (
+                lm.sites.layers[L - 1].post_feedforward_layernorm,
+                subtract_at(p, a * tc.W_dec[L - 1][f].detach()),
+            )
+        ],
+    )
+    r = intervene(
+        lm,
+        text,
+        [("zero", f"f:{L - 1}:{p}:{f}")],
+        transcoders=tc,
+        mode="full",
+        generate=3,
+        progress=False,
+    )
     torch.testing.assert_close(r.logits, ref, atol=1e-4, rtol=1e-5)
     frozen = intervene(lm, text, None, transcoders=tc, progress=False)
     torch.testing.assert_close(frozen.logits, r.logits_clean, atol=2e-3, rtol=1e-4)
@@ -369,11 +486,19 @@ def test_scaling_an_inactive_feature_is_noted():
     lm = tiny_model(seed=7)
     tc = tc_for(lm, "plt")
     from circuits.replacement import run_and_freeze
+
     acts = tc.encode(1, run_and_freeze(lm, lm.tokenize(PROMPT)).mlp_in[1]).detach()  # [n, F]
     dead = int(torch.nonzero((acts == 0).all(0))[0])
     live = int(torch.nonzero(acts[2] > 0)[0])
-    r = intervene(lm, PROMPT, [("scale", f"f:1:*:{dead}", 5.0), ("zero", f"f:1:2:{live}"),
-                               ("set", f"f:1:0:{dead}", 1.0)], transcoders=tc, progress=False)
-    assert r.notes == [f"f:1:*:{dead} is inactive in the prompt (activation 0), so scale leaves it at 0 there; "
-                       f"use set to switch it on"]
+    r = intervene(
+        lm,
+        PROMPT,
+        [("scale", f"f:1:*:{dead}", 5.0), ("zero", f"f:1:2:{live}"), ("set", f"f:1:0:{dead}", 1.0)],
+        transcoders=tc,
+        progress=False,
+    )
+    assert r.notes == [
+        f"f:1:*:{dead} is inactive in the prompt (activation 0), so scale leaves it at 0 there; "
+        f"use set to switch it on"
+    ]
     assert r.notes[0] in r.table()

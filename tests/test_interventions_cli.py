@@ -1,4 +1,5 @@
 """`circuits intervene`, `circuits label`, `circuits attach-dashboards`, and the label helpers."""
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ def world(tmp_path, monkeypatch):
     tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 24, seed=4)
     save_native(tc, tmp_path / "tc")
     import circuits.commands_intervene as ci
+
     monkeypatch.setattr(ci, "load_model", lambda *a, **kw: lm)
     g = attribute(lm, PROMPT, transcoders=tc, progress=False)
     g.save(tmp_path / "g.npz")
@@ -36,14 +38,43 @@ def world(tmp_path, monkeypatch):
 def test_intervene_on_a_prompt_prints_the_table_and_writes_json(world, capsys):
     lm, tc, g, tmp = world
     node = g.node_id(g.nodes_of(FEATURE)[-1])
-    argv = ["intervene", PROMPT, "--transcoders", str(tmp / "tc"), "--zero", node, "--scale", f"{node}=2",
-            "--set", "f:0:1:3=4.5", "--mode", "full", "--generate", "3", "--top", "4", "--json", str(tmp / "r.json")]
+    argv = [
+        "intervene",
+        PROMPT,
+        "--transcoders",
+        str(tmp / "tc"),
+        "--zero",
+        node,
+        "--scale",
+        f"{node}=2",
+        "--set",
+        "f:0:1:3=4.5",
+        "--mode",
+        "full",
+        "--generate",
+        "3",
+        "--top",
+        "4",
+        "--json",
+        str(tmp / "r.json"),
+    ]
     assert run(argv) == 0
     out = capsys.readouterr().out
-    assert f"zero {node}; scale {node} x2; set f:0:1:3 = 4.5" in out and "continuation, intervened" in out
+    assert (
+        f"zero {node}; scale {node} x2; set f:0:1:3 = 4.5" in out
+        and "continuation, intervened" in out
+    )
     saved = json.loads((tmp / "r.json").read_text())
-    want = intervene(lm, PROMPT, [("zero", node), ("scale", node, 2.0), ("set", "f:0:1:3", 4.5)], transcoders=tc,
-                     mode="full", generate=3, top_k=4, progress=False)
+    want = intervene(
+        lm,
+        PROMPT,
+        [("zero", node), ("scale", node, 2.0), ("set", "f:0:1:3", 4.5)],
+        transcoders=tc,
+        mode="full",
+        generate=3,
+        top_k=4,
+        progress=False,
+    )
     assert saved["top"] == json.loads(json.dumps(want.top))
     assert saved["continuation"] == want.continuation and saved["mode"] == "full"
 
@@ -51,13 +82,32 @@ def test_intervene_on_a_prompt_prints_the_table_and_writes_json(world, capsys):
 def test_intervene_on_a_graph_with_groups_and_hold(world, capsys):
     lm, tc, g, tmp = world
     feats = g.nodes_of(FEATURE)[:3]
-    (tmp / "groups.json").write_text(json.dumps({"supernodes": {"early": [g.node_id(i) for i in feats]}}))
-    argv = ["intervene", str(tmp / "g.npz"), "--transcoders", str(tmp / "tc"), "--groups", str(tmp / "groups.json"),
-            "--scale", "early=-1", "--hold", "--json", str(tmp / "r.json")]
+    (tmp / "groups.json").write_text(
+        json.dumps({"supernodes": {"early": [g.node_id(i) for i in feats]}})
+    )
+    argv = [
+        "intervene",
+        str(tmp / "g.npz"),
+        "--transcoders",
+        str(tmp / "tc"),
+        "--groups",
+        str(tmp / "groups.json"),
+        "--scale",
+        "early=-1",
+        "--hold",
+        "--json",
+        str(tmp / "r.json"),
+    ]
     assert run(argv) == 0
     saved = json.loads((tmp / "r.json").read_text())
-    want = intervene(lm, g, [("scale", [g.node_id(i) for i in feats], -1.0)], transcoders=tc, propagate=False,
-                     progress=False)
+    want = intervene(
+        lm,
+        g,
+        [("scale", [g.node_id(i) for i in feats], -1.0)],
+        transcoders=tc,
+        propagate=False,
+        progress=False,
+    )
     assert saved["top"] == json.loads(json.dumps(want.top)) and saved["propagate"] is False
     assert saved["n_changed_features"] == 3
     assert "other features held" in capsys.readouterr().out
@@ -109,12 +159,39 @@ def test_label_command(world, capsys):
 def test_attach_dashboards_command(world, tmp_path, monkeypatch):
     lm, tc, g, tmp = world
     from transcoders.dashboards import build_dashboards
+
     text = tmp / "text.txt"
-    text.write_text("\n\n".join(f"the big red house number {i} stands by the river and the tree" for i in range(40)))
-    build_dashboards(lm, tc, text=f"file:{text}", out=str(tmp / "tc" / "dashboards"), k=3, context=24,
-                     max_tokens=960, gen_samples=0, progress=False)
-    assert run(["attach-dashboards", str(tmp / "g.npz"), "--dashboards", str(tmp / "tc" / "dashboards"),
-                "--contexts", "2", "--out", str(tmp / "with.npz")]) == 0
+    text.write_text(
+        "\n\n".join(
+            f"the big red house number {i} stands by the river and the tree" for i in range(40)
+        )
+    )
+    build_dashboards(
+        lm,
+        tc,
+        text=f"file:{text}",
+        out=str(tmp / "tc" / "dashboards"),
+        k=3,
+        context=24,
+        max_tokens=960,
+        gen_samples=0,
+        progress=False,
+    )
+    assert (
+        run(
+            [
+                "attach-dashboards",
+                str(tmp / "g.npz"),
+                "--dashboards",
+                str(tmp / "tc" / "dashboards"),
+                "--contexts",
+                "2",
+                "--out",
+                str(tmp / "with.npz"),
+            ]
+        )
+        == 0
+    )
     back = load_graph(tmp / "with.npz")
     assert len(back.metadata["dashboards"]) == len(g.nodes_of(FEATURE))
     assert all(len(v["top_contexts"]) <= 2 for v in back.metadata["dashboards"].values())

@@ -1,15 +1,25 @@
 """Influence maths, pruning thresholds and graph scores (circuits/prune.py)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from test_render import synthetic_graph
 
 from circuits.errors import UserError
 from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
-from circuits.prune import (PruneConfig, _keep_top, compute_influence, cumulative_influence, graph_scores,
-                            logit_weights, normalized_adjacency, prune, prune_masks)
-from test_render import synthetic_graph
+from circuits.prune import (
+    PruneConfig,
+    _keep_top,
+    compute_influence,
+    cumulative_influence,
+    graph_scores,
+    logit_weights,
+    normalized_adjacency,
+    prune,
+    prune_masks,
+)
 
 
 def brute_force_influence(graph: AttributionGraph) -> np.ndarray:
@@ -27,27 +37,44 @@ def brute_force_influence(graph: AttributionGraph) -> np.ndarray:
     return total
 
 
-def tiny_graph(edges: list[tuple[int, int, float]], kind: list[int], layer: list[int], probs: list[float]):
+def tiny_graph(
+    edges: list[tuple[int, int, float]], kind: list[int], layer: list[int], probs: list[float]
+):
     """A hand-made graph: edges as (source, target, weight)."""
     n = len(kind)
     s, t, w = zip(*edges) if edges else ((), (), ())
-    adj = sp.csr_array((np.asarray(w, np.float32), (np.asarray(t, int), np.asarray(s, int))), shape=(n, n))
+    adj = sp.csr_array(
+        (np.asarray(w, np.float32), (np.asarray(t, int), np.asarray(s, int))), shape=(n, n)
+    )
     kind = np.asarray(kind, np.int8)
     has_row = np.isin(kind, (FEATURE, LOGIT))
     node_input = np.where(has_row, adj.sum(axis=1), np.nan).astype(np.float32)
     n_pos = int((kind == TOKEN).sum())
     return AttributionGraph(
-        prompt="x" * n_pos, tokens=np.arange(n_pos), token_strings=[f"t{i}" for i in range(n_pos)], kind=kind,
-        layer=np.asarray(layer, np.int32), pos=np.zeros(n, np.int32), feature=np.arange(n, dtype=np.int64),
-        activation=np.ones(n, np.float32), node_input=node_input, row_constant=np.zeros(n, np.float32),
-        has_row=has_row, adjacency=adj, logit_probabilities=np.asarray(probs, np.float32), n_layers=2,
-        metadata={"logit_strings": [f"l{i}" for i in range(len(probs))]})
+        prompt="x" * n_pos,
+        tokens=np.arange(n_pos),
+        token_strings=[f"t{i}" for i in range(n_pos)],
+        kind=kind,
+        layer=np.asarray(layer, np.int32),
+        pos=np.zeros(n, np.int32),
+        feature=np.arange(n, dtype=np.int64),
+        activation=np.ones(n, np.float32),
+        node_input=node_input,
+        row_constant=np.zeros(n, np.float32),
+        has_row=has_row,
+        adjacency=adj,
+        logit_probabilities=np.asarray(probs, np.float32),
+        n_layers=2,
+        metadata={"logit_strings": [f"l{i}" for i in range(len(probs))]},
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_influence_matches_matrix_power_series(seed):
     g = synthetic_graph(n_features=30 + 20 * seed, n_layers=6, seed=seed, with_influence=False)
-    np.testing.assert_allclose(compute_influence(g), brute_force_influence(g), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        compute_influence(g), brute_force_influence(g), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_influence_equals_inverse_formula():
@@ -61,18 +88,27 @@ def test_influence_on_a_shuffled_dag_without_layer_order():
     """Layers that do not order the edges (e.g. a graph from networkx) fall back to path depths."""
     g = synthetic_graph(n_features=50, n_layers=6, seed=3, with_influence=False)
     g.layer = np.zeros_like(g.layer)  # useless as a topological key
-    np.testing.assert_allclose(compute_influence(g), brute_force_influence(g), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        compute_influence(g), brute_force_influence(g), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_cycle_is_a_user_error():
-    g = tiny_graph([(0, 1, 1.0), (1, 0, 1.0), (1, 2, 1.0)], [FEATURE, FEATURE, LOGIT], [0, 0, 0], [1.0])
+    g = tiny_graph(
+        [(0, 1, 1.0), (1, 0, 1.0), (1, 2, 1.0)], [FEATURE, FEATURE, LOGIT], [0, 0, 0], [1.0]
+    )
     with pytest.raises(UserError, match="cycle"):
         compute_influence(g)
 
 
 def test_hand_computed_influence_and_scores():
     # token(0) -3-> f(2) ; error(1) -1-> f(2) ; f(2) -(-2)-> logit(3)
-    g = tiny_graph([(0, 2, 3.0), (1, 2, 1.0), (2, 3, -2.0)], [TOKEN, ERROR, FEATURE, LOGIT], [-1, 0, 1, 2], [1.0])
+    g = tiny_graph(
+        [(0, 2, 3.0), (1, 2, 1.0), (2, 3, -2.0)],
+        [TOKEN, ERROR, FEATURE, LOGIT],
+        [-1, 0, 1, 2],
+        [1.0],
+    )
     np.testing.assert_allclose(compute_influence(g), [0.75, 0.25, 1.0, 0.0])
     s = graph_scores(g)
     assert s["replacement"] == pytest.approx(0.75)
@@ -84,7 +120,9 @@ def test_scores_are_in_unit_interval(seed):
     g = synthetic_graph(n_features=80, seed=seed, with_influence=False)
     for s in (graph_scores(g), prune(g).metadata["scores"]["pruned"]):
         assert 0.0 <= s["replacement"] <= 1.0 and 0.0 <= s["completeness"] <= 1.0
-    assert 0.0 < graph_scores(g)["replacement"] < 1.0  # both tokens and errors reach the logits here
+    assert (
+        0.0 < graph_scores(g)["replacement"] < 1.0
+    )  # both tokens and errors reach the logits here
 
 
 def test_all_zero_errors_score_one():
@@ -153,7 +191,9 @@ def test_pruned_graph_is_consistent():
     assert (in_deg[(p.kind == FEATURE) & p.has_row] > 0).all()
     # dropped input moved into the row constant: the attribution invariant still holds
     rows = p.has_row
-    np.testing.assert_allclose((adj.sum(axis=1) + p.row_constant)[rows], p.node_input[rows], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        (adj.sum(axis=1) + p.row_constant)[rows], p.node_input[rows], rtol=1e-4, atol=1e-4
+    )
     # node ids keep their meaning; influence comes from the full graph
     infl = compute_influence(g)
     for i in range(p.n_nodes):
@@ -173,8 +213,12 @@ def test_zero_threshold_keeps_tokens_and_logits():
 
 def test_features_without_rows_need_no_inputs():
     """A feature whose row was not computed (over the row budget) may still matter as a source."""
-    g = tiny_graph([(0, 1, 1.0), (0, 2, 1.0), (1, 3, 1.0), (2, 3, 5.0)], [TOKEN, FEATURE, FEATURE, LOGIT],
-                   [-1, 0, 0, 2], [1.0])
+    g = tiny_graph(
+        [(0, 1, 1.0), (0, 2, 1.0), (1, 3, 1.0), (2, 3, 5.0)],
+        [TOKEN, FEATURE, FEATURE, LOGIT],
+        [-1, 0, 0, 2],
+        [1.0],
+    )
     adj = g.adjacency.tolil()
     adj[2, 0] = 0.0  # row of feature 2 not computed
     g.adjacency = sp.csr_array(adj)
@@ -209,10 +253,13 @@ def test_prune_masks_node_selection_reaches_threshold():
 def test_attribute_then_prune_on_a_tiny_model(tiny):
     import circuits
     from transcoders import random_transcoders
+
     s = tiny.sites
     tc = random_transcoders(s.n_layers, s.d_model, 64, kind="skip", l0=6, seed=1)
     g = circuits.attribute(tiny, "the cat sat on the", transcoders=tc, progress=False)
-    np.testing.assert_allclose(compute_influence(g), brute_force_influence(g), rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(
+        compute_influence(g), brute_force_influence(g), rtol=1e-7, atol=1e-10
+    )
     p = circuits.prune(g)
     assert p.n_nodes < g.n_nodes and p.influence is not None
     for s_ in p.metadata["scores"].values():

@@ -4,6 +4,7 @@
 (features only read from earlier layers at the same or earlier positions), error nodes, token nodes with
 the strings of a real prompt, and logit nodes at the last position. Other render tests import it.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,13 +17,32 @@ import scipy.sparse as sp
 
 from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 
-PROMPT_TOKENS = ["<bos>", "The", " capital", " of", " the", " state", " containing", " Dallas", " is"]
-needs_graphviz = pytest.mark.skipif(shutil.which("neato") is None, reason="graphviz (neato) is not installed")
+PROMPT_TOKENS = [
+    "<bos>",
+    "The",
+    " capital",
+    " of",
+    " the",
+    " state",
+    " containing",
+    " Dallas",
+    " is",
+]
+needs_graphviz = pytest.mark.skipif(
+    shutil.which("neato") is None, reason="graphviz (neato) is not installed"
+)
 
 
-def synthetic_graph(n_features: int = 120, n_layers: int = 18, seed: int = 0, tokens=PROMPT_TOKENS,
-                    n_logits: int = 3, with_influence: bool = True, with_labels: bool = True,
-                    dashboards: bool = False) -> AttributionGraph:
+def synthetic_graph(
+    n_features: int = 120,
+    n_layers: int = 18,
+    seed: int = 0,
+    tokens=PROMPT_TOKENS,
+    n_logits: int = 3,
+    with_influence: bool = True,
+    with_labels: bool = True,
+    dashboards: bool = False,
+) -> AttributionGraph:
     rng = np.random.default_rng(seed)
     n_pos = len(tokens)
     # features: concentrated on later positions, spread over layers
@@ -32,18 +52,33 @@ def synthetic_graph(n_features: int = 120, n_layers: int = 18, seed: int = 0, to
     order = np.lexsort((f_feat, f_pos, f_layer))
     f_layer, f_pos, f_feat = f_layer[order], f_pos[order], f_feat[order]
     e_cells = sorted({(int(a), int(b)) for a, b in zip(f_layer, f_pos)})[: max(4, n_features // 8)]
-    kind = np.concatenate([np.full(n_features, FEATURE), np.full(len(e_cells), ERROR), np.full(n_pos, TOKEN),
-                           np.full(n_logits, LOGIT)]).astype(np.int8)
-    layer = np.concatenate([f_layer, [c[0] for c in e_cells], np.full(n_pos, -1), np.full(n_logits, n_layers)])
-    pos = np.concatenate([f_pos, [c[1] for c in e_cells], np.arange(n_pos), np.full(n_logits, n_pos - 1)])
-    feature = np.concatenate([f_feat, np.full(len(e_cells) + n_pos, -1), rng.integers(0, 262144, n_logits)])
+    kind = np.concatenate(
+        [
+            np.full(n_features, FEATURE),
+            np.full(len(e_cells), ERROR),
+            np.full(n_pos, TOKEN),
+            np.full(n_logits, LOGIT),
+        ]
+    ).astype(np.int8)
+    layer = np.concatenate(
+        [f_layer, [c[0] for c in e_cells], np.full(n_pos, -1), np.full(n_logits, n_layers)]
+    )
+    pos = np.concatenate(
+        [f_pos, [c[1] for c in e_cells], np.arange(n_pos), np.full(n_logits, n_pos - 1)]
+    )
+    feature = np.concatenate(
+        [f_feat, np.full(len(e_cells) + n_pos, -1), rng.integers(0, 262144, n_logits)]
+    )
     n = len(kind)
     activation = np.abs(rng.lognormal(0, 1, n)).astype(np.float32)
     rows, cols, vals = [], [], []
     for t in range(n):
         if kind[t] not in (FEATURE, LOGIT):
             continue
-        src = np.flatnonzero(((layer < layer[t]) & (pos <= pos[t]) & (kind != LOGIT)) | ((kind == TOKEN) & (pos <= pos[t])))
+        src = np.flatnonzero(
+            ((layer < layer[t]) & (pos <= pos[t]) & (kind != LOGIT))
+            | ((kind == TOKEN) & (pos <= pos[t]))
+        )
         if len(src) == 0:
             continue
         k = min(len(src), int(rng.integers(3, 14)))
@@ -52,31 +87,68 @@ def synthetic_graph(n_features: int = 120, n_layers: int = 18, seed: int = 0, to
         cols += list(pick)
         vals += list(rng.normal(0.4, 1.0, k) * rng.lognormal(0, 0.8, k))
     adj = sp.csr_array((np.asarray(vals, np.float32), (rows, cols)), shape=(n, n))
-    node_input = np.where(np.isin(kind, (FEATURE, LOGIT)), adj.sum(axis=1) + 0.1, np.nan).astype(np.float32)
+    node_input = np.where(np.isin(kind, (FEATURE, LOGIT)), adj.sum(axis=1) + 0.1, np.nan).astype(
+        np.float32
+    )
     probs = np.sort(rng.dirichlet(np.ones(n_logits) * 0.5))[::-1].astype(np.float32)
     g = AttributionGraph(
-        prompt="".join(t for t in tokens if t != "<bos>"), tokens=np.arange(n_pos) + 100, token_strings=list(tokens),
-        kind=kind, layer=layer.astype(np.int32), pos=pos.astype(np.int32), feature=feature.astype(np.int64),
-        activation=activation, node_input=node_input, row_constant=np.full(n, 0.1, np.float32),
-        has_row=np.isin(kind, (FEATURE, LOGIT)), adjacency=adj, logit_probabilities=probs, n_layers=n_layers,
-        metadata={"logit_strings": [" Austin", " Texas", " the"][:n_logits] + [f" tok{i}" for i in range(3, n_logits)],
-                  "model": "synthetic"})
+        prompt="".join(t for t in tokens if t != "<bos>"),
+        tokens=np.arange(n_pos) + 100,
+        token_strings=list(tokens),
+        kind=kind,
+        layer=layer.astype(np.int32),
+        pos=pos.astype(np.int32),
+        feature=feature.astype(np.int64),
+        activation=activation,
+        node_input=node_input,
+        row_constant=np.full(n, 0.1, np.float32),
+        has_row=np.isin(kind, (FEATURE, LOGIT)),
+        adjacency=adj,
+        logit_probabilities=probs,
+        n_layers=n_layers,
+        metadata={
+            "logit_strings": [" Austin", " Texas", " the"][:n_logits]
+            + [f" tok{i}" for i in range(3, n_logits)],
+            "model": "synthetic",
+        },
+    )
     if with_influence:
-        g.influence = (rng.pareto(1.5, n) * (kind == FEATURE) + 0.3 * (kind == ERROR)).astype(np.float32)
+        g.influence = (rng.pareto(1.5, n) * (kind == FEATURE) + 0.3 * (kind == ERROR)).astype(
+            np.float32
+        )
     if with_labels:
         feats = np.flatnonzero(kind == FEATURE)
-        for i, text in zip(feats[-6:], ["Texas", "say a capital", "state names", "Dallas", "capital cities",
-                                        "US geography & politics"]):
+        for i, text in zip(
+            feats[-6:],
+            [
+                "Texas",
+                "say a capital",
+                "state names",
+                "Dallas",
+                "capital cities",
+                "US geography & politics",
+            ],
+        ):
             g.labels[int(i)] = text
     if dashboards:  # the schema of docs/HELPERS.md
         g.metadata["dashboards"] = {
             g.node_id(int(i)): {
-                "density": 0.002 * (j + 1), "max_activation": 10.0 + j,
-                "top_contexts": [{"tokens": ["lives", " in", " Dallas", " near", f" {k}"],
-                                  "acts": [0.0, 0.5, 9.0 + j, 1.0, 0.0], "max_act": 9.0 + j} for k in range(3)],
-                "top_promoted": [[" Texas", 1.2], [" Austin", 0.9]], "top_suppressed": [[" Paris", -0.7]],
-                "auto_label": f"Dallas/Texas {j}"}
-            for j, i in enumerate(np.flatnonzero(kind == FEATURE)[-10:])}
+                "density": 0.002 * (j + 1),
+                "max_activation": 10.0 + j,
+                "top_contexts": [
+                    {
+                        "tokens": ["lives", " in", " Dallas", " near", f" {k}"],
+                        "acts": [0.0, 0.5, 9.0 + j, 1.0, 0.0],
+                        "max_act": 9.0 + j,
+                    }
+                    for k in range(3)
+                ],
+                "top_promoted": [[" Texas", 1.2], [" Austin", 0.9]],
+                "top_suppressed": [[" Paris", -0.7]],
+                "auto_label": f"Dallas/Texas {j}",
+            }
+            for j, i in enumerate(np.flatnonzero(kind == FEATURE)[-10:])
+        }
     return g
 
 
@@ -90,6 +162,7 @@ def test_synthetic_graph_is_causal():
 
 def test_layout_rows_and_columns():
     from circuits.render import _nodes_of, layout
+
     g = synthetic_graph()
     nodes = _nodes_of(g)
     width, height, rows, cols = layout(nodes, g.n_pos)
@@ -102,13 +175,14 @@ def test_layout_rows_and_columns():
     # no two nodes overlap
     boxes = [(n.x - n.w / 2, n.x + n.w / 2, n.y - n.h / 2, n.y + n.h / 2) for n in nodes]
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             assert a[1] <= b[0] or b[1] <= a[0] or a[3] <= b[2] or b[3] <= a[2]
     assert all(0 < n.x < width and 0 < n.y < height for n in nodes)
 
 
 def test_select_nodes_keeps_tokens_and_logits():
     from circuits.render import select_nodes
+
     g = synthetic_graph(n_features=250)
     s = select_nodes(g, 60)
     assert s.n_nodes == 60
@@ -122,6 +196,7 @@ def test_select_nodes_keeps_tokens_and_logits():
 @pytest.mark.parametrize("n_features,influence", [(40, True), (120, True), (260, False)])
 def test_render_svg(tmp_path, n_features, influence):
     from circuits.render import render_svg
+
     g = synthetic_graph(n_features=n_features, with_influence=influence, seed=n_features)
     out = render_svg(g, tmp_path / "g.svg", max_nodes=None)
     root = ET.parse(out).getroot()
@@ -134,7 +209,7 @@ def test_render_svg(tmp_path, n_features, influence):
     assert "#2563eb" in text and "#dc2626" in text  # both signs drawn
     assert "Austin" in text and "Dallas" in text and "L" in text
     assert "say a capital" in text  # human labels
-    assert 'stroke-dasharray' in text  # error nodes dashed
+    assert "stroke-dasharray" in text  # error nodes dashed
 
 
 @needs_graphviz
@@ -142,6 +217,7 @@ def test_render_png_and_max_nodes(tmp_path):
     from PIL import Image
 
     from circuits.render import render_svg
+
     g = synthetic_graph(n_features=280)
     png = render_svg(g, tmp_path / "g.png", max_nodes=80)
     im = np.asarray(Image.open(png).convert("L"))
@@ -156,6 +232,7 @@ def test_render_png_and_max_nodes(tmp_path):
 @needs_graphviz
 def test_render_comparison(tmp_path):
     from circuits.render import STATUS_COLORS, render_comparison_svg
+
     a = synthetic_graph(n_features=60, seed=1)
     b = a.subgraph(np.flatnonzero(np.arange(a.n_nodes) % 3 != 0))
     ids_a, ids_b = set(a.node_ids()), set(b.node_ids())
@@ -166,5 +243,6 @@ def test_render_comparison(tmp_path):
 
     class Comparison:
         node_status = status
+
     out2 = render_comparison_svg(Comparison(), a, b, tmp_path / "c2.svg")
     assert out2.read_text().count("<g id=") == text.count("<g id=")

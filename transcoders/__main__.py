@@ -1,4 +1,5 @@
 """`python -m transcoders ...` is the same as the `transcoders` command."""
+
 from .cli import main
 
 main()

@@ -4,6 +4,7 @@ Training allocates and frees tensors of tens of megabytes every step. glibc serv
 mmap and unmaps it on free, so every step faults in (and zeroes) the same pages again: on a 2-core CPU that
 was 40% of the training time, spent in the kernel. Inside `reuse_freed_memory()` large blocks come from the
 heap and stay there for the next step; on exit glibc's defaults come back and the surplus is returned."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,12 @@ import functools
 import sys
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
-_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_TOP_PAD: 0, M_MMAP_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+_DEFAULTS = {
+    M_TRIM_THRESHOLD: 128 * 1024,
+    M_TOP_PAD: 0,
+    M_MMAP_THRESHOLD: 128 * 1024,
+    M_MMAP_MAX: 65536,
+}
 
 
 @functools.cache  # find_library runs `ldconfig -p` in a subprocess: a fork of this (large) process per call
@@ -34,7 +40,7 @@ def reuse_freed_memory():
         yield
         return
     libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
     libc.mallopt(M_TOP_PAD, 256 << 20)
     try:
         yield

@@ -12,6 +12,7 @@ Inference rules live in `TranscoderSet.activate`; these are the differentiable t
              training the smallest kept activation is tracked (EMA) and becomes the inference threshold,
              so inference is `pre * (pre > threshold)` with no dependence on the batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -94,8 +95,14 @@ def batchtopk_per_layer(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return out, torch.where(torch.isinf(floor), torch.zeros_like(floor), floor)
 
 
-def train_activate(activation: str, pre: torch.Tensor, *, theta: torch.Tensor | None = None,
-                   k: int | None = None, bandwidth: float = 0.001):
+def train_activate(
+    activation: str,
+    pre: torch.Tensor,
+    *,
+    theta: torch.Tensor | None = None,
+    k: int | None = None,
+    bandwidth: float = 0.001,
+):
     """Training-mode activation. Returns (activations, extra) where extra is the BatchTopK floor or None."""
     if activation == "relu":
         return torch.relu(pre), None

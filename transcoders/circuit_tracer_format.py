@@ -20,6 +20,7 @@ We add one key circuit-tracer ignores, `gemma_circuits`, holding our `Transcoder
 restores the set exactly (kind, activation, training metrics); directories written by others load without it.
 `config.yaml` is written last, as circuit-tracer does: a directory without it is incomplete.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,6 +40,7 @@ OUTPUT_HOOKS = {"mlp_out": "hook_mlp_out"}
 
 def _user_error(msg: str) -> Exception:
     from circuits.errors import UserError
+
     return UserError(msg)
 
 
@@ -50,6 +52,7 @@ def _hub_model_name(name: str) -> str:
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write a safetensors file atomically (a temporary file beside it, then a rename)."""
     from safetensors.torch import save_file
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
@@ -73,8 +76,13 @@ def _plain(value):
 
 
 def _weight_files(path: Path) -> list[Path]:
-    return sorted([*path.glob("layer_*.safetensors"), *path.glob("W_enc_*.safetensors"),
-                   *path.glob("W_dec_*.safetensors")])
+    return sorted(
+        [
+            *path.glob("layer_*.safetensors"),
+            *path.glob("W_enc_*.safetensors"),
+            *path.glob("W_dec_*.safetensors"),
+        ]
+    )
 
 
 def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = None) -> Path:
@@ -83,21 +91,32 @@ def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = 
     circuit-tracer loads it with `circuit_tracer.utils.caching.load_transcoders_from_cache(path.name,
     cache_dir=path.parent)` (or through its cache directory, CIRCUIT_TRACER_CACHE_DIR)."""
     import yaml
+
     c = tc.cfg
     path = Path(path)
     if c.activation == "topk":
-        raise _user_error("circuit-tracer has no per-position TopK activation; export a JumpReLU, ReLU or "
-                          "BatchTopK set, or keep this one in the native format")
+        raise _user_error(
+            "circuit-tracer has no per-position TopK activation; export a JumpReLU, ReLU or "
+            "BatchTopK set, or keep this one in the native format"
+        )
     if c.kind == "clt" and tc.W_skip is not None:
-        raise _user_error("circuit-tracer 0.5.0 loads no skip term for cross-layer transcoders; export a CLT "
-                          "without skip, or keep this one in the native format")
+        raise _user_error(
+            "circuit-tracer 0.5.0 loads no skip term for cross-layer transcoders; export a CLT "
+            "without skip, or keep this one in the native format"
+        )
     if c.input_site not in INPUT_HOOKS or c.output_site not in OUTPUT_HOOKS:
-        raise _user_error(f"circuit-tracer has no hook for sites {c.input_site}->{c.output_site}; "
-                          f"it supports inputs {sorted(INPUT_HOOKS)} and outputs {sorted(OUTPUT_HOOKS)}")
+        raise _user_error(
+            f"circuit-tracer has no hook for sites {c.input_site}->{c.output_site}; "
+            f"it supports inputs {sorted(INPUT_HOOKS)} and outputs {sorted(OUTPUT_HOOKS)}"
+        )
     if path.exists() and not path.is_dir():
-        raise _user_error(f"{path} exists and is not a directory; pick a new directory for the export")
+        raise _user_error(
+            f"{path} exists and is not a directory; pick a new directory for the export"
+        )
     if path.is_dir() and any(path.iterdir()) and not is_circuit_tracer_dir(path):
-        raise _user_error(f"{path} is not empty and holds no circuit-tracer export; pick an empty directory")
+        raise _user_error(
+            f"{path} is not empty and holds no circuit-tracer export; pick an empty directory"
+        )
     path.mkdir(parents=True, exist_ok=True)
     # an earlier export here: mark it incomplete first, then drop its files (layer counts come from globs)
     (path / CONFIG).unlink(missing_ok=True)
@@ -107,13 +126,22 @@ def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = 
     jump = c.activation in ("jumprelu", "batchtopk")
     for l in range(c.n_layers):
         if c.kind == "clt":
-            enc = {f"W_enc_{l}": tc.W_enc[l].T, f"b_enc_{l}": tc.b_enc[l], f"b_dec_{l}": tc.b_dec[l]}
+            enc = {
+                f"W_enc_{l}": tc.W_enc[l].T,
+                f"b_enc_{l}": tc.b_enc[l],
+                f"b_dec_{l}": tc.b_dec[l],
+            }
             if jump:
                 enc[f"threshold_{l}"] = tc.threshold[l]
             _save_safetensors(path / f"W_enc_{l}.safetensors", enc)
             _save_safetensors(path / f"W_dec_{l}.safetensors", {f"W_dec_{l}": tc.W_dec[l]})
         else:
-            t = {"W_enc": tc.W_enc[l].T, "W_dec": tc.W_dec[l], "b_enc": tc.b_enc[l], "b_dec": tc.b_dec[l]}
+            t = {
+                "W_enc": tc.W_enc[l].T,
+                "W_dec": tc.W_dec[l],
+                "b_enc": tc.b_enc[l],
+                "b_dec": tc.b_dec[l],
+            }
             if jump:
                 t["activation_function.threshold"] = tc.threshold[l]
             if tc.W_skip is not None:
@@ -129,12 +157,14 @@ def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = 
         "gemma_circuits": _plain(c.to_dict()),
     }
     from circuits.graph import atomic_write_text
+
     atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 def _read_config(path: Path) -> dict | None:
     import yaml
+
     try:
         config = yaml.safe_load((path / CONFIG).read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
@@ -148,8 +178,10 @@ def _plt_paths(path: Path, config: dict) -> list[Path]:
         listed = [str(p) for p in config["transcoders"]]
         remote = [p for p in listed if p.startswith("hf://")]
         if remote:
-            raise _user_error(f"{path / CONFIG} lists Hub files ({remote[0]} ...); offline, only local files "
-                              f"load: download them, or export a local set with `transcoders convert`")
+            raise _user_error(
+                f"{path / CONFIG} lists Hub files ({remote[0]} ...); offline, only local files "
+                f"load: download them, or export a local set with `transcoders convert`"
+            )
         return [Path(p) if Path(p).is_absolute() else path / p for p in listed]
     n = len(list(path.glob("layer_*.safetensors")))
     return [path / f"layer_{l}.safetensors" for l in range(n)]
@@ -177,8 +209,10 @@ def _site(hooks: dict, hook: str, which: str, path: Path) -> str:
     for site, name in hooks.items():
         if name == hook:
             return site
-    raise _user_error(f"{path / CONFIG}: {which} hook {hook!r} is not a Gemma 3 MLP site we support "
-                      f"({', '.join(hooks.values())})")
+    raise _user_error(
+        f"{path / CONFIG}: {which} hook {hook!r} is not a Gemma 3 MLP site we support "
+        f"({', '.join(hooks.values())})"
+    )
 
 
 def load_circuit_tracer(path: str | Path) -> TranscoderSet:
@@ -187,10 +221,13 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
 
     from ._malloc import return_freed_memory
     from .formats import build_transcoder_set, read_safetensors, read_tensor_copy
+
     path = Path(path)
     if not is_circuit_tracer_dir(path):
-        raise _user_error(f"{path} is not a circuit-tracer transcoder directory (config.yaml with model_kind "
-                          f"{PLT_KIND} or {CLT_KIND}, and layer_0.safetensors or W_enc_0/W_dec_0.safetensors)")
+        raise _user_error(
+            f"{path} is not a circuit-tracer transcoder directory (config.yaml with model_kind "
+            f"{PLT_KIND} or {CLT_KIND}, and layer_0.safetensors or W_enc_0/W_dec_0.safetensors)"
+        )
     config = _read_config(path)
     clt = config["model_kind"] == CLT_KIND
     input_site = _site(INPUT_HOOKS, config.get("feature_input_hook", ""), "feature_input", path)
@@ -199,13 +236,23 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     def read(file: Path, strip: bool = False) -> dict[str, tuple[torch.Tensor, Path, str]]:
         """Our short name -> (memory-mapped tensor, file, stored name)."""
         if not file.is_file():
-            raise _user_error(f"{file} is missing; the circuit-tracer export at {path} is incomplete, write it again")
-        return {(k.rsplit("_", 1)[0] if strip else k): (v, file, k) for k, v in read_safetensors(file)[0].items()}
+            raise _user_error(
+                f"{file} is missing; the circuit-tracer export at {path} is incomplete, write it again"
+            )
+        return {
+            (k.rsplit("_", 1)[0] if strip else k): (v, file, k)
+            for k, v in read_safetensors(file)[0].items()
+        }
 
     if clt:
         n_layers = len(list(path.glob("W_enc_*.safetensors")))
-        files = [{**read(path / f"W_enc_{l}.safetensors", True), **read(path / f"W_dec_{l}.safetensors", True)}
-                 for l in range(n_layers)]
+        files = [
+            {
+                **read(path / f"W_enc_{l}.safetensors", True),
+                **read(path / f"W_dec_{l}.safetensors", True),
+            }
+            for l in range(n_layers)
+        ]
         threshold_key = "threshold"
     else:
         files = [read(p) for p in _plt_paths(path, config)]
@@ -214,23 +261,39 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     layers = [{k: v[0] for k, v in f.items()} for f in files]
     first = layers[0]
     if "W_enc" not in first:
-        raise _user_error(f"{path}: layer 0 has no W_enc tensor (keys {sorted(first)}); this is not circuit-tracer's "
-                          f"layout (Gemma Scope 2 files load with `transcoders convert` / load_any)")
+        raise _user_error(
+            f"{path}: layer 0 has no W_enc tensor (keys {sorted(first)}); this is not circuit-tracer's "
+            f"layout (Gemma Scope 2 files load with `transcoders convert` / load_any)"
+        )
     d_sae, d_model = first["W_enc"].shape
 
     saved = config.get("gemma_circuits")
     if isinstance(saved, dict):
         cfg = TranscoderConfig(**saved)
-        if (cfg.n_layers, cfg.d_model, cfg.d_sae, cfg.kind == "clt") != (n_layers, d_model, d_sae, clt):
-            raise _user_error(f"{path / CONFIG} describes {cfg.n_layers} layers x {cfg.d_sae} features of width "
-                              f"{cfg.d_model}, but the files hold {n_layers} x {d_sae} x {d_model}; export it again")
+        if (cfg.n_layers, cfg.d_model, cfg.d_sae, cfg.kind == "clt") != (
+            n_layers,
+            d_model,
+            d_sae,
+            clt,
+        ):
+            raise _user_error(
+                f"{path / CONFIG} describes {cfg.n_layers} layers x {cfg.d_sae} features of width "
+                f"{cfg.d_model}, but the files hold {n_layers} x {d_sae} x {d_model}; export it again"
+            )
     else:
         skip = "W_skip" in first
         cfg = TranscoderConfig(
-            kind="clt" if clt else ("skip" if skip else "plt"), n_layers=n_layers, d_model=d_model, d_sae=d_sae,
-            activation="jumprelu" if threshold_key in first else "relu", skip=skip,
-            model_name=str(config.get("model_name", "")).split("/")[-1], input_site=input_site,
-            output_site=output_site, extra={"scan": config.get("scan")})
+            kind="clt" if clt else ("skip" if skip else "plt"),
+            n_layers=n_layers,
+            d_model=d_model,
+            d_sae=d_sae,
+            activation="jumprelu" if threshold_key in first else "relu",
+            skip=skip,
+            model_name=str(config.get("model_name", "")).split("/")[-1],
+            input_site=input_site,
+            output_site=output_site,
+            extra={"scan": config.get("scan")},
+        )
     # Decoders and encoders stay memory-mapped views of the files (an encoder is the transposed view of the
     # stored [F, D], so products with it round as circuit-tracer's do): attribution reads the active features'
     # rows and passes over the encoders from the file, so neither becomes resident. Everything else is read
@@ -247,19 +310,34 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     for l, t in enumerate(layers):
         try:
             encoder = t["W_enc"].T
-            encoder.finite_checked = True  # read_safetensors checked the file; a view loses the mark
-            state.update({f"W_enc.{l}": encoder, f"b_enc.{l}": copy(l, "b_enc"),
-                          f"W_dec.{l}": t["W_dec"], f"b_dec.{l}": copy(l, "b_dec"),
-                          f"threshold.{l}": (copy(l, threshold_key).reshape(-1) if threshold_key in t
-                                             else torch.zeros(d_sae, dtype=dtype))})
+            encoder.finite_checked = (
+                True  # read_safetensors checked the file; a view loses the mark
+            )
+            state.update(
+                {
+                    f"W_enc.{l}": encoder,
+                    f"b_enc.{l}": copy(l, "b_enc"),
+                    f"W_dec.{l}": t["W_dec"],
+                    f"b_dec.{l}": copy(l, "b_dec"),
+                    f"threshold.{l}": (
+                        copy(l, threshold_key).reshape(-1)
+                        if threshold_key in t
+                        else torch.zeros(d_sae, dtype=dtype)
+                    ),
+                }
+            )
             if cfg.skip:
                 state[f"W_skip.{l}"] = copy(l, "W_skip").T.contiguous()
         except KeyError as e:
             raise _user_error(f"{path}: layer {l} lacks {e}; export it again") from None
     for k, v in state.items():
         if not v.is_floating_point():
-            raise _user_error(f"{path}: {k} has dtype {v.dtype}; transcoder weights are floating point")
-    state = {k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()}  # one dtype, as stored in W_enc
+            raise _user_error(
+                f"{path}: {k} has dtype {v.dtype}; transcoder weights are floating point"
+            )
+    state = {
+        k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()
+    }  # one dtype, as stored in W_enc
     del layers, files, first
     return_freed_memory()
     try:

@@ -1,18 +1,27 @@
 """The `transcoders` command. Each module in `COMMAND_MODULES` exposes `register(subparsers)`."""
+
 from __future__ import annotations
 
 import argparse
 
 from circuits.cli import run as _run
 
-COMMAND_MODULES = ["transcoders.formats", "transcoders.train", "transcoders.evaluate", "transcoders.dashboards",
-                   "transcoders.distributed"]
+COMMAND_MODULES = [
+    "transcoders.formats",
+    "transcoders.train",
+    "transcoders.evaluate",
+    "transcoders.dashboards",
+    "transcoders.distributed",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
-    parser = argparse.ArgumentParser(prog="transcoders", description="Train, evaluate and convert "
-                                     "transcoders for Gemma 3 (PLT, skip, CLT).")
+
+    parser = argparse.ArgumentParser(
+        prog="transcoders",
+        description="Train, evaluate and convert transcoders for Gemma 3 (PLT, skip, CLT).",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -28,4 +37,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     import sys
+
     sys.exit(_run(parser=build_parser()))

@@ -24,6 +24,7 @@ Files in DIR (default: `dashboards/` beside the transcoders, see `dashboards_dir
 While the pass runs, checkpoint.safetensors / checkpoint.json hold the state after the last finished chunk
 of batches; a killed run started again with the same settings resumes there.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -73,7 +74,9 @@ class DashboardConfig:
         if self.context < 2 or self.before < 0 or self.after < 0:
             raise UserError("--context must be >= 2 and --before/--after >= 0")
         if self.max_tokens < self.context:
-            raise UserError(f"--max-tokens ({self.max_tokens}) must hold at least one context ({self.context})")
+            raise UserError(
+                f"--max-tokens ({self.max_tokens}) must hold at least one context ({self.context})"
+            )
 
     @property
     def window(self) -> int:
@@ -81,11 +84,24 @@ class DashboardConfig:
 
     def run_key(self) -> dict:
         """The settings a resumed run must share with the one it continues."""
-        return {k: getattr(self, k) for k in ("model", "text", "k", "context", "before", "after", "max_tokens",
-                                              "batch", "gen_samples")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "model",
+                "text",
+                "k",
+                "context",
+                "before",
+                "after",
+                "max_tokens",
+                "batch",
+                "gen_samples",
+            )
+        }
 
 
 # -- the bounded store ----------------------------------------------------------------------------------
+
 
 class TopContexts:
     """For every feature of every layer, the k contexts with the largest maximum activation, held in
@@ -107,15 +123,19 @@ class TopContexts:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         for k in STATE_KEYS:
             if state[k].shape != getattr(self, k).shape:
-                raise UserError(f"stored {k} has shape {list(state[k].shape)}, expected "
-                                f"{list(getattr(self, k).shape)}; start again with --restart")
+                raise UserError(
+                    f"stored {k} has shape {list(state[k].shape)}, expected "
+                    f"{list(getattr(self, k).shape)}; start again with --restart"
+                )
             getattr(self, k).copy_(state[k])
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state().values())
 
-    def update(self, layer: int, acts: torch.Tensor, tokens: torch.Tensor, context_ids: torch.Tensor) -> None:
+    def update(
+        self, layer: int, acts: torch.Tensor, tokens: torch.Tensor, context_ids: torch.Tensor
+    ) -> None:
         """Merge one batch of `layer`'s activations `[B, T, F]` over tokens `[B, T]` (BOS already dropped)
         of contexts numbered `context_ids` `[B]` (increasing)."""
         B, T, Fe = acts.shape
@@ -132,22 +152,36 @@ class TopContexts:
         pos = where.T.gather(1, b)  # [F, k] position of the maximum
         span = pos[..., None] + torch.arange(W)  # [F, k, W] in padded coordinates
         feat = torch.arange(Fe)[:, None, None].expand(Fe, k, W)
-        tok_pad = F.pad(tokens.to(torch.int32), (self.before, self.after), value=-1)  # [B, T + W - 1]
+        tok_pad = F.pad(
+            tokens.to(torch.int32), (self.before, self.after), value=-1
+        )  # [B, T + W - 1]
         act_pad = F.pad(acts, (0, 0, self.before, self.after))  # [B, T + W - 1, F]
         win_tok = tok_pad[b[..., None].expand(Fe, k, W), span]
         win_act = act_pad[b[..., None].expand(Fe, k, W), span, feat].half()
         n3, kept3 = new[..., None], kept[..., None].expand(Fe, k, W)
-        self.window_tokens[layer] = torch.where(n3, win_tok, self.window_tokens[layer].gather(1, kept3))
+        self.window_tokens[layer] = torch.where(
+            n3, win_tok, self.window_tokens[layer].gather(1, kept3)
+        )
         self.window_acts[layer] = torch.where(n3, win_act, self.window_acts[layer].gather(1, kept3))
-        self.top_context[layer] = torch.where(new, context_ids[b], self.top_context[layer].gather(1, kept))
+        self.top_context[layer] = torch.where(
+            new, context_ids[b], self.top_context[layer].gather(1, kept)
+        )
         self.top_acts[layer] = candidates.gather(1, order)
 
 
 # -- output tokens --------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def output_tokens(tc, lm, layer: int, features: torch.Tensor, n: int, chunk: int = 128,
-                  u_mean: torch.Tensor | None = None):
+def output_tokens(
+    tc,
+    lm,
+    layer: int,
+    features: torch.Tensor,
+    n: int,
+    chunk: int = 128,
+    u_mean: torch.Tensor | None = None,
+):
     """Top promoted and suppressed tokens of `features` `[m]` of source layer `layer`: the summed decoder
     vector times the final norm's gain, dotted with the unembedding, minus its mean over the vocabulary.
     `u_mean`: the mean unembedding row `[D]`, if already known. Returns (promoted ids, values, suppressed
@@ -169,6 +203,7 @@ def output_tokens(tc, lm, layer: int, features: torch.Tensor, n: int, chunk: int
 
 # -- the pass ---------------------------------------------------------------------------------------------
 
+
 def dashboards_dir(transcoders_spec) -> Path:
     """Where dashboards of a transcoder set live by default: `dashboards/` inside its folder."""
     spec = str(transcoders_spec or "default")
@@ -176,7 +211,9 @@ def dashboards_dir(transcoders_spec) -> Path:
         try:
             from transcoders.default import default_transcoders_dir
         except ImportError:
-            raise UserError("the default transcoders are not available in this installation; pass --out DIR")
+            raise UserError(
+                "the default transcoders are not available in this installation; pass --out DIR"
+            )
         return default_transcoders_dir() / "dashboards"
     if "://" in spec:
         raise UserError(f"{spec} is not a local folder; pass --out DIR (or --dashboards DIR)")
@@ -187,13 +224,26 @@ def dashboards_dir(transcoders_spec) -> Path:
 def _identity(tc) -> dict:
     c = tc.cfg
     # a cheap fingerprint: the same shapes with other weights must not resume each other's checkpoint
-    fp = float(sum(tc.W_enc[l][:4].double().sum() + tc.W_dec[l][:4].double().sum() for l in range(tc.n_layers)))
-    return {"kind": c.kind, "n_layers": c.n_layers, "d_model": c.d_model, "d_sae": c.d_sae,
-            "activation": c.activation, "model_name": c.model_name, "fingerprint": round(fp, 6)}
+    fp = float(
+        sum(
+            tc.W_enc[l][:4].double().sum() + tc.W_dec[l][:4].double().sum()
+            for l in range(tc.n_layers)
+        )
+    )
+    return {
+        "kind": c.kind,
+        "n_layers": c.n_layers,
+        "d_model": c.d_model,
+        "d_sae": c.d_sae,
+        "activation": c.activation,
+        "model_name": c.model_name,
+        "fingerprint": round(fp, 6),
+    }
 
 
 def _write_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     from safetensors.torch import save
+
     blob = save({k: v.contiguous() for k, v in tensors.items()})
     atomic_write(path.with_suffix(".safetensors"), lambda f: f.write(blob))
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
@@ -209,12 +259,19 @@ def _read_json(path: Path) -> dict | None:
 def _contexts(lm, cfg: DashboardConfig):
     """The stream of contexts `[context]` (BOS first), at most max_tokens // context of them."""
     from .data import text_source, token_sequences
-    paragraphs = text_source(cfg.text, lm, "train", gen_samples=cfg.gen_samples, progress=cfg.progress)
-    return itertools.islice(token_sequences(lm, paragraphs, cfg.context), cfg.max_tokens // cfg.context)
+
+    paragraphs = text_source(
+        cfg.text, lm, "train", gen_samples=cfg.gen_samples, progress=cfg.progress
+    )
+    return itertools.islice(
+        token_sequences(lm, paragraphs, cfg.context), cfg.max_tokens // cfg.context
+    )
 
 
 @torch.no_grad()
-def build_dashboards(lm=None, transcoders=None, config: DashboardConfig | None = None, **overrides) -> Path:
+def build_dashboards(
+    lm=None, transcoders=None, config: DashboardConfig | None = None, **overrides
+) -> Path:
     """Run the streaming pass and write the dashboards (see the module docstring). Returns the folder.
 
     lm: a LoadedModel or None (load `config.model`); transcoders: a TranscoderSet, a path or "default"."""
@@ -223,6 +280,7 @@ def build_dashboards(lm=None, transcoders=None, config: DashboardConfig | None =
     from circuits.models import load_model
 
     from .data import harvest
+
     cfg = apply_overrides(config or DashboardConfig(), overrides)
     if lm is None or isinstance(lm, str):
         lm = load_model(lm or cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -232,25 +290,44 @@ def build_dashboards(lm=None, transcoders=None, config: DashboardConfig | None =
         raise UserError("pass out=DIR when giving a TranscoderSet object")
     out = Path(cfg.out) if cfg.out else dashboards_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "version": VERSION, "settings": cfg.run_key(), "transcoders": _identity(tc)}
-    if cfg.restart:  # remove the old files now, so that a killed restart resumes instead of clashing
-        for name in ("dashboards.json", "dashboards.safetensors", "checkpoint.json", "checkpoint.safetensors"):
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "settings": cfg.run_key(),
+        "transcoders": _identity(tc),
+    }
+    if (
+        cfg.restart
+    ):  # remove the old files now, so that a killed restart resumes instead of clashing
+        for name in (
+            "dashboards.json",
+            "dashboards.safetensors",
+            "checkpoint.json",
+            "checkpoint.safetensors",
+        ):
             (out / name).unlink(missing_ok=True)
     final, ckpt = _read_json(out / "dashboards.json"), _read_json(out / "checkpoint.json")
     same = lambda m: m is not None and all(m.get(k) == meta[k] for k in ("settings", "transcoders"))  # noqa: E731
     if final is not None:
         if same(final):
             if cfg.progress:
-                print(f"dashboards in {out} are complete for these settings; --restart to build them again")
+                print(
+                    f"dashboards in {out} are complete for these settings; --restart to build them again"
+                )
             return out
-        raise UserError(f"{out} holds dashboards of other settings or transcoders; use --restart or another --out")
+        raise UserError(
+            f"{out} holds dashboards of other settings or transcoders; use --restart or another --out"
+        )
     store = TopContexts(tc.n_layers, tc.d_sae, cfg.k, cfg.before, cfg.after)
     done, tokens_seen = 0, 0
     if ckpt is not None:
         if not same(ckpt):
-            raise UserError(f"{out} holds a checkpoint of other settings or transcoders; "
-                            f"use --restart or another --out")
+            raise UserError(
+                f"{out} holds a checkpoint of other settings or transcoders; "
+                f"use --restart or another --out"
+            )
         from safetensors.torch import load_file
+
         store.load_state(load_file(str(out / "checkpoint.safetensors")))
         done, tokens_seen = ckpt["batches_done"], ckpt["tokens_seen"]
 
@@ -259,8 +336,13 @@ def build_dashboards(lm=None, transcoders=None, config: DashboardConfig | None =
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_tokens // cfg.context * (cfg.context - 1), initial=tokens_seen,
-                   desc="dashboards", unit="tok")
+
+        bar = tqdm(
+            total=cfg.max_tokens // cfg.context * (cfg.context - 1),
+            initial=tokens_seen,
+            desc="dashboards",
+            unit="tok",
+        )
     t0 = time.perf_counter()
     for i, seqs in enumerate(batches):
         if i < done:  # resuming: the stream is deterministic, skip what the checkpoint holds
@@ -271,37 +353,63 @@ def build_dashboards(lm=None, transcoders=None, config: DashboardConfig | None =
         mlp_in = mlp_in.reshape(B, T, tc.n_layers, -1)
         first = torch.arange(i * cfg.batch, i * cfg.batch + B)
         for l in range(tc.n_layers):
-            store.update(l, tc.encode(l, mlp_in[:, 1:, l].to(tc.b_dec[l].device)).cpu(), ids[:, 1:], first)
+            store.update(
+                l, tc.encode(l, mlp_in[:, 1:, l].to(tc.b_dec[l].device)).cpu(), ids[:, 1:], first
+            )
         tokens_seen += B * (T - 1)
         done = i + 1
         if bar:
             bar.update(B * (T - 1))
         if done % cfg.checkpoint_every == 0:
-            _write_state(out / "checkpoint", store.state(), {**meta, "batches_done": done, "tokens_seen": tokens_seen})
+            _write_state(
+                out / "checkpoint",
+                store.state(),
+                {**meta, "batches_done": done, "tokens_seen": tokens_seen},
+            )
     if bar:
         bar.close()
     if tokens_seen == 0:
-        raise UserError(f"the text source {cfg.text!r} gave no context of {cfg.context} tokens; give more text")
-    _write_state(out / "checkpoint", store.state(), {**meta, "batches_done": done, "tokens_seen": tokens_seen})
+        raise UserError(
+            f"the text source {cfg.text!r} gave no context of {cfg.context} tokens; give more text"
+        )
+    _write_state(
+        out / "checkpoint",
+        store.state(),
+        {**meta, "batches_done": done, "tokens_seen": tokens_seen},
+    )
 
     n = min(cfg.n_tokens, lm.sites.vocab_size)
     L, Fe = tc.n_layers, tc.d_sae
-    lens = {name: torch.full((L, Fe, n), -1, dtype=torch.int32) if name.endswith("ids") else torch.zeros(L, Fe, n)
-            for name in ("promoted_ids", "promoted_values", "suppressed_ids", "suppressed_values")}
+    lens = {
+        name: torch.full((L, Fe, n), -1, dtype=torch.int32)
+        if name.endswith("ids")
+        else torch.zeros(L, Fe, n)
+        for name in ("promoted_ids", "promoted_values", "suppressed_ids", "suppressed_values")
+    }
     layers = range(L)
     if cfg.progress:
         from tqdm.auto import tqdm
+
         layers = tqdm(layers, desc="output tokens", unit="layer")
     u_mean = lm.sites.lm_head.weight.float().mean(0)
     for l in layers:  # only features that fired: dead ones need no dashboard
         alive = torch.nonzero(store.n_active[l]).flatten()
         for name, t in zip(lens, output_tokens(tc, lm, l, alive, n, u_mean=u_mean)):
             lens[name][l, alive] = t.to(lens[name].dtype)
-    used = torch.cat([store.window_tokens.flatten(), lens["promoted_ids"].flatten(), lens["suppressed_ids"].flatten()])
+    used = torch.cat(
+        [
+            store.window_tokens.flatten(),
+            lens["promoted_ids"].flatten(),
+            lens["suppressed_ids"].flatten(),
+        ]
+    )
     used = torch.unique(used[used >= 0]).tolist()
-    meta.update(tokens_seen=tokens_seen, n_contexts=tokens_seen // (cfg.context - 1),
-                seconds=round(time.perf_counter() - t0, 1),
-                token_strings={str(i): lm.tokenizer.decode([i]) for i in used})
+    meta.update(
+        tokens_seen=tokens_seen,
+        n_contexts=tokens_seen // (cfg.context - 1),
+        seconds=round(time.perf_counter() - t0, 1),
+        token_strings={str(i): lm.tokenizer.decode([i]) for i in used},
+    )
     _write_state(out / "dashboards", {**store.state(), **lens}, meta)
     for name in ("checkpoint.safetensors", "checkpoint.json"):
         (out / name).unlink(missing_ok=True)
@@ -310,6 +418,7 @@ def build_dashboards(lm=None, transcoders=None, config: DashboardConfig | None =
 
 # -- reading and attaching --------------------------------------------------------------------------------
 
+
 def _token_text(s: str) -> str:
     return s.strip() or repr(s)
 
@@ -317,9 +426,11 @@ def _token_text(s: str) -> str:
 def auto_label(top_contexts: list[dict], promoted: list, n: int = 3, width: int = 32) -> str:
     """A short label: the token the feature fires on most often in its top contexts -> its top outputs."""
     outputs = "/".join(_token_text(t) for t, _ in promoted[:n])
-    peaks = Counter(c["tokens"][c["acts"].index(max(c["acts"]))] for c in top_contexts if c["tokens"])
+    peaks = Counter(
+        c["tokens"][c["acts"].index(max(c["acts"]))] for c in top_contexts if c["tokens"]
+    )
     label = f"{_token_text(peaks.most_common(1)[0][0])} → {outputs}" if peaks else f"→ {outputs}"
-    return label if len(label) <= width else label[:width - 1] + "…"
+    return label if len(label) <= width else label[: width - 1] + "…"
 
 
 class Dashboards:
@@ -342,30 +453,52 @@ class Dashboards:
             if peak <= 0:
                 break
             keep = t["window_tokens"][layer, f, j] >= 0
-            contexts.append({"tokens": [self._s(i) for i in t["window_tokens"][layer, f, j][keep]],
-                             "acts": [round(float(a), 4) + 0.0 for a in t["window_acts"][layer, f, j][keep]],
-                             "max_act": round(peak, 4), "context": int(t["top_context"][layer, f, j])})
+            contexts.append(
+                {
+                    "tokens": [self._s(i) for i in t["window_tokens"][layer, f, j][keep]],
+                    "acts": [round(float(a), 4) + 0.0 for a in t["window_acts"][layer, f, j][keep]],
+                    "max_act": round(peak, 4),
+                    "context": int(t["top_context"][layer, f, j]),
+                }
+            )
 
         def tokens(kind):
-            ids, vals = t[f"{kind}_ids"][layer, f, :n_tokens], t[f"{kind}_values"][layer, f, :n_tokens]
+            ids, vals = (
+                t[f"{kind}_ids"][layer, f, :n_tokens],
+                t[f"{kind}_values"][layer, f, :n_tokens],
+            )
             return [[self._s(i), round(float(v), 4)] for i, v in zip(ids, vals) if i >= 0]
+
         promoted = tokens("promoted")
-        return {"density": float(t["n_active"][layer, f]) / max(1, self.meta["tokens_seen"]),
-                "max_activation": float(t["max_act"][layer, f]), "top_contexts": contexts,
-                "top_promoted": promoted, "top_suppressed": tokens("suppressed"),
-                "auto_label": auto_label(contexts, promoted)}
+        return {
+            "density": float(t["n_active"][layer, f]) / max(1, self.meta["tokens_seen"]),
+            "max_activation": float(t["max_act"][layer, f]),
+            "top_contexts": contexts,
+            "top_promoted": promoted,
+            "top_suppressed": tokens("suppressed"),
+            "auto_label": auto_label(contexts, promoted),
+        }
 
 
 def load_dashboards(path) -> Dashboards:
     """Read the dashboards in folder `path` (written by `build_dashboards` / `transcoders dashboards`)."""
     from safetensors.torch import load_file
+
     p = Path(path)
     meta = _read_json(p / "dashboards.json")
     if meta is None or meta.get("format") != FORMAT:
-        hint = " (a run is unfinished: start it again to resume)" if (p / "checkpoint.json").exists() else ""
-        raise UserError(f"no dashboards in {p}{hint}; build them with `transcoders dashboards --out {p}`")
+        hint = (
+            " (a run is unfinished: start it again to resume)"
+            if (p / "checkpoint.json").exists()
+            else ""
+        )
+        raise UserError(
+            f"no dashboards in {p}{hint}; build them with `transcoders dashboards --out {p}`"
+        )
     if meta.get("version", 0) > VERSION:
-        raise UserError(f"{p} holds dashboards of format version {meta['version']}; upgrade gemma-circuits")
+        raise UserError(
+            f"{p} holds dashboards of format version {meta['version']}; upgrade gemma-circuits"
+        )
     return Dashboards(load_file(str(p / "dashboards.safetensors")), meta, p)
 
 
@@ -375,9 +508,11 @@ def attach_dashboards(graph, dashboards: Dashboards | str | Path, n_contexts: in
     d = dashboards if isinstance(dashboards, Dashboards) else load_dashboards(dashboards)
     info = graph.metadata.get("transcoders") or {}
     if info.get("d_sae") not in (None, d.d_sae) or graph.n_layers != d.n_layers:
-        raise UserError(f"these dashboards describe {d.n_layers} layers x {d.d_sae} features, but the graph's "
-                        f"transcoders have {graph.n_layers} x {info.get('d_sae')}; "
-                        f"use the dashboards of its transcoders")
+        raise UserError(
+            f"these dashboards describe {d.n_layers} layers x {d.d_sae} features, but the graph's "
+            f"transcoders have {graph.n_layers} x {info.get('d_sae')}; "
+            f"use the dashboards of its transcoders"
+        )
     store = graph.metadata.setdefault("dashboards", {})
     cache: dict[tuple[int, int], dict] = {}
     nodes = graph.nodes_of(FEATURE)
@@ -391,34 +526,57 @@ def attach_dashboards(graph, dashboards: Dashboards | str | Path, n_contexts: in
 
 # -- command line -------------------------------------------------------------------------------------------
 
+
 def _cmd(args) -> int:
-    cfg = DashboardConfig(**{k: v for k, v in vars(args).items() if k in DashboardConfig.__dataclass_fields__})
+    cfg = DashboardConfig(
+        **{k: v for k, v in vars(args).items() if k in DashboardConfig.__dataclass_fields__}
+    )
     out = build_dashboards(config=cfg)
     d = load_dashboards(out)
     alive = int((d.t["n_active"] > 0).sum())
-    print(f"dashboards of {alive} live features (of {d.n_layers} x {d.d_sae}) from {d.meta['tokens_seen']} "
-          f"tokens in {out}")
+    print(
+        f"dashboards of {alive} live features (of {d.n_layers} x {d.d_sae}) from {d.meta['tokens_seen']} "
+        f"tokens in {out}"
+    )
     return 0
 
 
 def register(sub) -> None:
     d = DashboardConfig()
-    p = sub.add_parser("dashboards", help="top activating contexts, density and output tokens of every feature",
-                       description="A streaming pass over text that keeps each feature's top-k contexts in bounded "
-                       "memory; resumable (run the same command again after a kill).")
+    p = sub.add_parser(
+        "dashboards",
+        help="top activating contexts, density and output tokens of every feature",
+        description="A streaming pass over text that keeps each feature's top-k contexts in bounded "
+        "memory; resumable (run the same command again after a kill).",
+    )
     p.add_argument("--transcoders", default=d.transcoders, help="'default' or a transcoder folder")
     p.add_argument("--model", default=d.model)
-    p.add_argument("--text", default=d.text, help="builtin | english | python | generated | file:PATH | hf:DATASET")
-    p.add_argument("--out", default=None, help="output folder (default: dashboards/ beside the transcoders)")
+    p.add_argument(
+        "--text",
+        default=d.text,
+        help="builtin | english | python | generated | file:PATH | hf:DATASET",
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default: dashboards/ beside the transcoders)"
+    )
     p.add_argument("--k", type=int, default=d.k, help="top contexts kept per feature")
     p.add_argument("--context", type=int, default=d.context, help="tokens per context")
     p.add_argument("--before", type=int, default=d.before, help="window tokens before the maximum")
     p.add_argument("--after", type=int, default=d.after, help="window tokens after the maximum")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--batch", type=int, default=d.batch, help="contexts per forward pass")
-    p.add_argument("--n-tokens", type=int, default=d.n_tokens, help="promoted/suppressed tokens per feature")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="batches between checkpoints")
-    p.add_argument("--restart", action="store_true", help="discard what --out holds and start again")
+    p.add_argument(
+        "--n-tokens", type=int, default=d.n_tokens, help="promoted/suppressed tokens per feature"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="batches between checkpoints",
+    )
+    p.add_argument(
+        "--restart", action="store_true", help="discard what --out holds and start again"
+    )
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--no-progress", dest="progress", action="store_false")

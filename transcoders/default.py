@@ -6,6 +6,7 @@ on the offline builtin text (English speeches and Python documentation), a few m
 with a progress bar, resumable if killed (rerun and it continues from its last checkpoint). A lock file
 keeps two processes from training it at once.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,25 +28,46 @@ def default_transcoders_dir() -> Path:
 
 def default_recipe(out: str | Path | None = None, progress: bool = True) -> TrainConfig:
     """The training run behind the default set (see docs/transcoders.md for why these choices)."""
-    return TrainConfig(out=str(out or default_transcoders_dir()), model=DEFAULT_MODEL, kind="skip",
-                       activation="batchtopk", d_sae=1024, k=16, matryoshka=[128, 512],
-                       text="builtin", context=128, tokens=120 * 1024, batch_size=1024, buffer_tokens=16384,
-                       buffer_passes=2, harvest_dtype="bfloat16", lr=2e-3, checkpoint_every=20, seed=0,
-                       progress=progress)
+    return TrainConfig(
+        out=str(out or default_transcoders_dir()),
+        model=DEFAULT_MODEL,
+        kind="skip",
+        activation="batchtopk",
+        d_sae=1024,
+        k=16,
+        matryoshka=[128, 512],
+        text="builtin",
+        context=128,
+        tokens=120 * 1024,
+        batch_size=1024,
+        buffer_tokens=16384,
+        buffer_passes=2,
+        harvest_dtype="bfloat16",
+        lr=2e-3,
+        checkpoint_every=20,
+        seed=0,
+        progress=progress,
+    )
 
 
 def load_default_transcoders(lm, progress: bool = True):
     """The default transcoder set for the embedded gemma-3-270m `lm`, trained and cached on first use."""
     from .formats import load_native
+
     if lm.name != DEFAULT_MODEL:
-        raise UserError(f"the default transcoders belong to {DEFAULT_MODEL}, not {lm.name}; pass "
-                        f"--transcoders PATH (or train some with `transcoders train --model {lm.name}`)")
+        raise UserError(
+            f"the default transcoders belong to {DEFAULT_MODEL}, not {lm.name}; pass "
+            f"--transcoders PATH (or train some with `transcoders train --model {lm.name}`)"
+        )
     out = default_transcoders_dir()
     if not (out / "config.json").exists():
         with _lock(out.parent / f".{out.name}.lock"):
             if not (out / "config.json").exists():  # another process may have finished it meanwhile
-                print(f"gemma-circuits: training the default transcoders for {DEFAULT_MODEL} (first use only, "
-                      f"a few minutes; cached in {out})", file=sys.stderr)
+                print(
+                    f"gemma-circuits: training the default transcoders for {DEFAULT_MODEL} (first use only, "
+                    f"a few minutes; cached in {out})",
+                    file=sys.stderr,
+                )
                 train_transcoders(default_recipe(out, progress), loaded=lm)
     return load_native(out, model=lm)
 
@@ -58,6 +80,7 @@ class _lock:
 
     def __enter__(self):
         import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "a")
         fcntl.flock(self.f, fcntl.LOCK_EX)
@@ -65,5 +88,6 @@ class _lock:
 
     def __exit__(self, *exc):
         import fcntl
+
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()

@@ -22,12 +22,11 @@ Checkpoints hold the whole set: rank 0 gathers the shards and writes `<out>.trai
 in `transcoders.train`'s format; a run at any world size (1 included, and `transcoders train`) slices it
 anew. The finished set is written by rank 0 with `transcoders.train.save_transcoders`.
 """
+
 from __future__ import annotations
 
-import argparse
-import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,11 +37,23 @@ from circuits.errors import UserError
 from circuits.ranks import BACKENDS, Ranks
 
 from ._malloc import reuse_freed_memory
-from .activations import jumprelu, step as heaviside
+from .activations import jumprelu
+from .activations import step as heaviside
 from .model import TranscoderSet
-from .train import (TrainableTranscoders, TrainConfig, _autocast, _load_checkpoint, _remove_partials,
-                    _save_checkpoint, _summary, add_config_arguments, calibrate_batchtopk, config_from_args,
-                    lr_factor, save_transcoders)
+from .train import (
+    TrainableTranscoders,
+    TrainConfig,
+    _autocast,
+    _load_checkpoint,
+    _remove_partials,
+    _save_checkpoint,
+    _summary,
+    add_config_arguments,
+    calibrate_batchtopk,
+    config_from_args,
+    lr_factor,
+    save_transcoders,
+)
 
 SHARDINGS = ("auto", "data", "features")
 DATA_MODES = ("broadcast", "replicate")
@@ -52,12 +63,16 @@ DATA_MODES = ("broadcast", "replicate")
 class DistributedTrainConfig:
     """One distributed training run: `transcoders train-distributed` and `train_distributed`."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)  # the recipe, exactly as `transcoders train`
+    train: TrainConfig = field(
+        default_factory=TrainConfig
+    )  # the recipe, exactly as `transcoders train`
     shard: str = "auto"  # auto (features for CLTs, data otherwise) | data | features
     data: str = "broadcast"  # broadcast: rank 0 draws each batch and sends it | replicate: every rank draws it
     device: str = "cpu"  # cpu, or cuda (each rank uses cuda:LOCAL_RANK)
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU) | gloo | nccl
-    timeout_min: float = 120.0  # how long a rank waits for the others (rank 0 harvesting, checkpoints)
+    timeout_min: float = (
+        120.0  # how long a rank waits for the others (rank 0 harvesting, checkpoints)
+    )
 
     def check(self) -> None:
         if self.shard not in SHARDINGS:
@@ -65,10 +80,13 @@ class DistributedTrainConfig:
         if self.data not in DATA_MODES:
             raise UserError(f"unknown --data {self.data!r}; use one of {', '.join(DATA_MODES)}")
         if self.dist_backend not in BACKENDS:
-            raise UserError(f"unknown --dist-backend {self.dist_backend!r}; use one of {', '.join(BACKENDS)}")
+            raise UserError(
+                f"unknown --dist-backend {self.dist_backend!r}; use one of {', '.join(BACKENDS)}"
+            )
 
 
 # -- who holds what -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Layout:
@@ -81,14 +99,18 @@ class Layout:
     hi: int
 
     @classmethod
-    def make(cls, ranks: Ranks, cfg: TrainConfig, shard: str) -> "Layout":
+    def make(cls, ranks: Ranks, cfg: TrainConfig, shard: str) -> Layout:
         mode = shard if shard != "auto" else ("features" if cfg.kind == "clt" else "data")
         W, F = ranks.world_size, cfg.d_sae
         if mode == "features" and F % W:
-            raise UserError(f"d_sae {F} does not split evenly over {W} ranks; pick a d_sae divisible by {W}")
+            raise UserError(
+                f"d_sae {F} does not split evenly over {W} ranks; pick a d_sae divisible by {W}"
+            )
         if mode == "data" and cfg.batch_size % W:
-            raise UserError(f"batch_size {cfg.batch_size} does not split evenly over {W} ranks; pick a "
-                            f"multiple of {W}")
+            raise UserError(
+                f"batch_size {cfg.batch_size} does not split evenly over {W} ranks; pick a "
+                f"multiple of {W}"
+            )
         per = F // W if mode == "features" else F
         lo = ranks.rank * per if mode == "features" else 0
         return cls(ranks, mode, F, lo, lo + per)
@@ -121,6 +143,7 @@ def feature_dim(name: str, is_clt: bool) -> int | None:
 
 
 # -- collectives --------------------------------------------------------------------------------------
+
 
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     dist.all_reduce(t, op=op)
@@ -157,6 +180,7 @@ def _kth_largest(values: torch.Tensor, k: int, split: bool) -> torch.Tensor:
 
 # -- the local share of the set -----------------------------------------------------------------------
 
+
 def _set_tensor(net: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
     *path, last = name.split(".")
     owner = net
@@ -175,8 +199,11 @@ def shard_state(full: dict, layout: Layout, is_clt: bool) -> dict:
     out = {}
     for name, t in full.items():
         d = feature_dim(name, is_clt)
-        out[name] = t.narrow(d, layout.lo, layout.hi - layout.lo).clone() if d is not None and \
-            layout.mode == "features" else t.clone()
+        out[name] = (
+            t.narrow(d, layout.lo, layout.hi - layout.lo).clone()
+            if d is not None and layout.mode == "features"
+            else t.clone()
+        )
     return out
 
 
@@ -192,8 +219,9 @@ class ShardedTranscoders(TrainableTranscoders):
         return _forward(self, xn, self.layout, batch_total)
 
 
-def local_net(cfg: TrainConfig, n_layers: int, d_model: int, state: dict, layout: Layout,
-              device: str) -> ShardedTranscoders:
+def local_net(
+    cfg: TrainConfig, n_layers: int, d_model: int, state: dict, layout: Layout, device: str
+) -> ShardedTranscoders:
     """This rank's `ShardedTranscoders`, loaded from a whole-set state."""
     with torch.device("meta"):  # no whole-size allocation
         net = ShardedTranscoders(cfg, n_layers, d_model)
@@ -209,7 +237,11 @@ def _gather_features(t: torch.Tensor, d: int, layout: Layout) -> torch.Tensor | 
     """The whole tensor on rank 0 (None elsewhere) from every rank's slice along axis d."""
     if not layout.split_features:
         return t.detach().cpu().clone() if layout.ranks.is_main else None
-    parts = [torch.empty_like(t) for _ in range(layout.ranks.world_size)] if layout.ranks.is_main else None
+    parts = (
+        [torch.empty_like(t) for _ in range(layout.ranks.world_size)]
+        if layout.ranks.is_main
+        else None
+    )
     dist.gather(t.detach().contiguous(), parts, dst=0)
     return torch.cat(parts, dim=d).cpu() if parts is not None else None
 
@@ -219,28 +251,43 @@ def gather_state(net: TrainableTranscoders, opt: torch.optim.Optimizer, layout: 
     net_state = {}
     for name, t in net.state_dict().items():
         d = feature_dim(name, net.is_clt)
-        net_state[name] = _gather_features(t, d, layout) if d is not None else t.detach().cpu().clone()
+        net_state[name] = (
+            _gather_features(t, d, layout) if d is not None else t.detach().cpu().clone()
+        )
     # (replicated tensors are copied on every rank; cheap next to the sharded ones)
     opt_state = opt.state_dict()
     names = [n for n, _ in net.named_parameters()]
     whole = {"param_groups": opt_state["param_groups"], "state": {}}
     for i, per_param in opt_state["state"].items():
         d = feature_dim(names[i], net.is_clt)
-        whole["state"][i] = {k: _gather_features(v, d, layout) if d is not None and v.dim() > 0
-                             else v.detach().cpu().clone() for k, v in per_param.items()}
+        whole["state"][i] = {
+            k: _gather_features(v, d, layout)
+            if d is not None and v.dim() > 0
+            else v.detach().cpu().clone()
+            for k, v in per_param.items()
+        }
     if not layout.ranks.is_main:
         return None, None
     return net_state, whole
 
 
-def shard_optimizer_state(whole: dict, net: TrainableTranscoders, layout: Layout, device: str) -> dict:
+def shard_optimizer_state(
+    whole: dict, net: TrainableTranscoders, layout: Layout, device: str
+) -> dict:
     names = [n for n, _ in net.named_parameters()]
     state = {}
     for i, per_param in whole["state"].items():
         d = feature_dim(names[int(i)], net.is_clt)
-        state[int(i)] = {k: (v.narrow(d, layout.lo, layout.hi - layout.lo) if d is not None and v.dim() > 0
-                             and layout.mode == "features" else v).clone().to(device if v.dim() > 0 else "cpu")
-                         for k, v in per_param.items()}
+        state[int(i)] = {
+            k: (
+                v.narrow(d, layout.lo, layout.hi - layout.lo)
+                if d is not None and v.dim() > 0 and layout.mode == "features"
+                else v
+            )
+            .clone()
+            .to(device if v.dim() > 0 else "cpu")
+            for k, v in per_param.items()
+        }
     return {"param_groups": whole["param_groups"], "state": state}
 
 
@@ -256,6 +303,7 @@ class _WholeState:
 
 
 # -- one step -----------------------------------------------------------------------------------------
+
 
 def _activations(net: TrainableTranscoders, pre: torch.Tensor, layout: Layout, batch_total: int):
     """Training activations `[L, B, F_local]` and the BatchTopK floor `[L]` (or None), with every top-k
@@ -292,7 +340,10 @@ def _forward(net: TrainableTranscoders, xn: torch.Tensor, layout: Layout, batch_
         base = net.b_dec[:, None, :].expand_as(xn)
         if net.W_skip is not None:
             base = base + torch.bmm(xn, net.W_skip)
-        parts = [net._decode(acts[:, :, a:b], a, b).float() for a, b in (layout.local_chunk(*c) for c in chunks)]
+        parts = [
+            net._decode(acts[:, :, a:b], a, b).float()
+            for a, b in (layout.local_chunk(*c) for c in chunks)
+        ]
     parts = _sum_features(torch.stack(parts), layout)  # [P, L, B, D]
     return pre, acts, base.float() + parts.cumsum(0), floor
 
@@ -302,8 +353,11 @@ def _sync_gradients(net: TrainableTranscoders, layout: Layout) -> None:
     averaging keeps the replicas from drifting apart on hardware with non-deterministic kernels)."""
     if not layout.ranks.distributed:
         return
-    grads = [p.grad for name, p in net.named_parameters()
-             if p.grad is not None and (layout.mode == "data" or feature_dim(name, net.is_clt) is None)]
+    grads = [
+        p.grad
+        for name, p in net.named_parameters()
+        if p.grad is not None and (layout.mode == "data" or feature_dim(name, net.is_clt) is None)
+    ]
     if grads:  # one collective for all of them
         flat = _all_reduce(torch.cat([g.reshape(-1) for g in grads])).div_(layout.ranks.world_size)
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
@@ -333,8 +387,9 @@ def _clip_gradients(net: TrainableTranscoders, max_norm: float, layout: Layout) 
 
 
 @torch.enable_grad()  # callers may be inside no_grad (the first trace trains the default set)
-def distributed_train_step(net: ShardedTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor,
-                           y: torch.Tensor, step: int) -> dict:
+def distributed_train_step(
+    net: ShardedTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, step: int
+) -> dict:
     """`transcoders.train.train_step` on this rank's share of the set (features mode) or of the batch
     (data mode); x, y `[B_local, L, D]`. Returns the step's metrics for the whole set and batch."""
     cfg, layout = net.cfg, net.layout
@@ -342,7 +397,9 @@ def distributed_train_step(net: ShardedTranscoders, opt: torch.optim.Optimizer, 
     batch_total = x.shape[0] * (W if layout.split_batch else 1)
     xn, yn = net.normalise(x, y)
     pre, acts, recons, floor = net(xn)
-    mse = (recons - yn).pow(2).mean((1, 2, 3))  # [P]; data mode: this rank's rows (ranks are averaged)
+    mse = (
+        (recons - yn).pow(2).mean((1, 2, 3))
+    )  # [P]; data mode: this rank's rows (ranks are averaged)
     loss = mse.mean()
     full = recons[-1]
     active = acts > 0
@@ -352,9 +409,13 @@ def distributed_train_step(net: ShardedTranscoders, opt: torch.optim.Optimizer, 
         # a sum over features: features mode adds this rank's features' terms (the others' do not depend on
         # this rank's parameters)
         if cfg.activation == "jumprelu":
-            penalty = heaviside(pre, net.log_threshold.exp()[:, None, :], cfg.bandwidth).sum(-1).mean()
+            penalty = (
+                heaviside(pre, net.log_threshold.exp()[:, None, :], cfg.bandwidth).sum(-1).mean()
+            )
         else:
-            dec_norm = torch.stack([w.norm(dim=-1).reshape(net.F, -1).sum(-1) for w in net.own_norms()])
+            dec_norm = torch.stack(
+                [w.norm(dim=-1).reshape(net.F, -1).sum(-1) for w in net.own_norms()]
+            )
             penalty = (acts * dec_norm[:, None, :]).sum(-1).mean()
         loss = loss + warm * cfg.sparsity_coeff * penalty
     dead = net.silent_tokens >= cfg.dead_tokens  # [L, F_local]
@@ -390,15 +451,18 @@ def distributed_train_step(net: ShardedTranscoders, opt: torch.optim.Optimizer, 
         fired = active.any(1)
         if layout.split_batch:
             fired = _all_reduce(fired.to(torch.int32), dist.ReduceOp.MAX).bool()
-        net.silent_tokens.copy_(torch.where(fired, torch.zeros_like(net.silent_tokens),
-                                            net.silent_tokens + batch_total))
+        net.silent_tokens.copy_(
+            torch.where(fired, torch.zeros_like(net.silent_tokens), net.silent_tokens + batch_total)
+        )
         if floor is not None:
             t = net.bt_threshold
             net.bt_threshold.copy_(torch.where(torch.isnan(t), floor, 0.9 * t + 0.1 * floor))
         return _metrics(net, layout, yn, full, mse, penalty, aux, active, dead, warm, batch_total)
 
 
-def _metrics(net, layout: Layout, yn, full, mse, penalty, aux, active, dead, warm, batch_total) -> dict:
+def _metrics(
+    net, layout: Layout, yn, full, mse, penalty, aux, active, dead, warm, batch_total
+) -> dict:
     """The step's metrics as `train_step` reports them, for the whole set and the whole batch."""
     cfg = net.cfg
     W = layout.ranks.world_size
@@ -407,13 +471,15 @@ def _metrics(net, layout: Layout, yn, full, mse, penalty, aux, active, dead, war
     if layout.split_batch:
         y_sum, y_sq = yn.sum(1).double(), yn.double().pow(2).sum((1, 2))  # [L, D], [L]
         err_sq = (full - yn).double().pow(2).sum((1, 2))
-        vec = torch.cat([mse.double(), penalty.double().reshape(1), l0.double(), y_sum.flatten(), y_sq, err_sq])
+        vec = torch.cat(
+            [mse.double(), penalty.double().reshape(1), l0.double(), y_sum.flatten(), y_sq, err_sq]
+        )
         _all_reduce(vec)
         P, L = len(mse), len(l0)
         mse_all, penalty_all = vec[:P] / W, vec[P] / W
-        l0_all = vec[P + 1:P + 1 + L] / batch_total
-        y_sum = vec[P + 1 + L:P + 1 + L + y_sum.numel()].view_as(y_sum)
-        y_sq, err_sq = vec[-2 * L:-L], vec[-L:]
+        l0_all = vec[P + 1 : P + 1 + L] / batch_total
+        y_sum = vec[P + 1 + L : P + 1 + L + y_sum.numel()].view_as(y_sum)
+        y_sq, err_sq = vec[-2 * L : -L], vec[-L:]
         var = (y_sq - y_sum.pow(2).sum(-1) / batch_total).clamp_min(1e-12)
         fvu = err_sq / var
         dead_frac = n_dead / layout.n_features
@@ -423,15 +489,20 @@ def _metrics(net, layout: Layout, yn, full, mse, penalty, aux, active, dead, war
         mse_all, penalty_all = mse, penalty
         if layout.split_features:
             vec = _all_reduce(torch.cat([penalty.reshape(1).float(), l0, n_dead]))
-            penalty_all, l0, n_dead = vec[0], vec[1:1 + len(l0)], vec[1 + len(l0):]
+            penalty_all, l0, n_dead = vec[0], vec[1 : 1 + len(l0)], vec[1 + len(l0) :]
         l0_all = l0 / batch_total
         dead_frac = n_dead / layout.n_features
     aux_all = _whole_aux(aux, layout)
     loss = mse_all.mean() + cfg.aux_coeff * aux_all
     if cfg.activation in ("jumprelu", "relu") and cfg.sparsity_coeff:
         loss = loss + warm * cfg.sparsity_coeff * penalty_all
-    return {"loss": float(loss), "aux": float(aux_all), "fvu": fvu.float().tolist(),
-            "l0": l0_all.float().tolist(), "dead": dead_frac.float().tolist()}
+    return {
+        "loss": float(loss),
+        "aux": float(aux_all),
+        "fvu": fvu.float().tolist(),
+        "l0": l0_all.float().tolist(),
+        "dead": dead_frac.float().tolist(),
+    }
 
 
 def _whole_aux(aux: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -444,24 +515,36 @@ def _whole_aux(aux: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 # -- the run ------------------------------------------------------------------------------------------
 
+
 def _harvest_buffer(cfg: TrainConfig, loaded):
     """The activation buffer `train_transcoders` builds for `cfg` (the same text, order and batches)."""
     from .data import ActivationBuffer, ActivationSource, text_source
+
     if loaded is None:
         from circuits.models import load_model
+
         loaded = load_model(cfg.model)
     paragraphs = text_source(cfg.text, loaded, "train", seed=cfg.seed)
-    source = ActivationSource(loaded, paragraphs, context=cfg.context, seed=cfg.seed,
-                              harvest_dtype=cfg.harvest_dtype, cache_dir=cfg.activation_cache or None)
-    return loaded, ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, seed=cfg.seed,
-                                    passes=cfg.buffer_passes)
+    source = ActivationSource(
+        loaded,
+        paragraphs,
+        context=cfg.context,
+        seed=cfg.seed,
+        harvest_dtype=cfg.harvest_dtype,
+        cache_dir=cfg.activation_cache or None,
+    )
+    return loaded, ActivationBuffer(
+        source, cfg.buffer_tokens, cfg.batch_size, seed=cfg.seed, passes=cfg.buffer_passes
+    )
 
 
 def _initial_checkpoint(cfg: TrainConfig, buffer, path: Path) -> None:
     """Step 0 exactly as `train_transcoders` starts, written as its checkpoint for every rank to slice."""
     x0, _ = buffer.batch(0)
     net = TrainableTranscoders(cfg, x0.shape[1], x0.shape[2])
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True
+    )
     n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
     xs, ys = zip(*(buffer.batch(i) for i in range(n_init)))
     net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
@@ -474,7 +557,13 @@ class RankBatches:
     that `transcoders.train`'s helpers can read."""
 
     def __init__(self, buffer, shape: tuple, layout: Layout, data: str, device: str):
-        self.buffer, self.shape, self.layout, self.data, self.device = buffer, shape, layout, data, device
+        self.buffer, self.shape, self.layout, self.data, self.device = (
+            buffer,
+            shape,
+            layout,
+            data,
+            device,
+        )
 
     def batch(self, step: int):
         ranks = self.layout.ranks
@@ -482,7 +571,9 @@ class RankBatches:
             x, y = (t.to(self.device, torch.float32) for t in self.buffer.batch(step))
         else:
             if ranks.is_main:
-                x, y = (t.to(self.device, torch.float32).contiguous() for t in self.buffer.batch(step))
+                x, y = (
+                    t.to(self.device, torch.float32).contiguous() for t in self.buffer.batch(step)
+                )
             else:
                 x, y = (torch.empty(self.shape, device=self.device) for _ in range(2))
             dist.broadcast(x, src=0)
@@ -494,15 +585,22 @@ class RankBatches:
         return bool(getattr(self.buffer, "needs_fill", lambda s: False)(step))
 
 
-def train_distributed(config: DistributedTrainConfig, buffer=None, loaded=None, model_name: str | None = None,
-                      on_step=None) -> TranscoderSet | None:
+def train_distributed(
+    config: DistributedTrainConfig,
+    buffer=None,
+    loaded=None,
+    model_name: str | None = None,
+    on_step=None,
+) -> TranscoderSet | None:
     """Train (or resume) `config.train` across the ranks of this torchrun job (or on one process) and write
     the set to `config.train.out`. Every rank calls this; rank 0 returns the trained `TranscoderSet`, the
     others None. buffer: as in `train_transcoders` (any `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]`);
     only rank 0 draws from it unless `config.data == "replicate"`."""
     config.check()
     if not config.train.out:
-        raise UserError("distributed training needs --out DIR (checkpoints and the trained set go there)")
+        raise UserError(
+            "distributed training needs --out DIR (checkpoints and the trained set go there)"
+        )
     ranks = Ranks.start(config.dist_backend, config.device, config.timeout_min)
     try:
         with reuse_freed_memory():
@@ -541,19 +639,28 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
     state = _load_checkpoint(ckpt, cfg)
     n_layers, d_model = state["net"]["W_enc"].shape[:2]
     net = local_net(cfg, n_layers, d_model, state["net"], layout, device)
-    opt = torch.optim.AdamW(net.parameters(), fused=True)  # hyperparameters and moments: the checkpoint's
+    opt = torch.optim.AdamW(
+        net.parameters(), fused=True
+    )  # hyperparameters and moments: the checkpoint's
     opt.load_state_dict(shard_optimizer_state(state["opt"], net, layout, device))
     start, history = state["step"], state["history"]
     del state
-    batches = RankBatches(buffer if draws else None, (cfg.batch_size, n_layers, d_model), layout, config.data,
-                          device)
+    batches = RankBatches(
+        buffer if draws else None, (cfg.batch_size, n_layers, d_model), layout, config.data, device
+    )
 
     bar = None
     if cfg.progress and ranks.is_main:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"training {cfg.kind} transcoders on "
-                   f"{ranks.world_size} rank{'s' if ranks.distributed else ''} ({layout.mode})",
-                   unit="step", dynamic_ncols=True)
+
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=f"training {cfg.kind} transcoders on "
+            f"{ranks.world_size} rank{'s' if ranks.distributed else ''} ({layout.mode})",
+            unit="step",
+            dynamic_ncols=True,
+        )
     t_start = time.time()
     for step in range(start, cfg.steps):
         if bar is not None and batches.needs_fill(step):
@@ -565,12 +672,18 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
             on_step(step, m)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
-                            l0=f"{sum(m['l0']) / len(m['l0']):.1f}", dead=f"{sum(m['dead']) / len(m['dead']):.2f}")
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
+                l0=f"{sum(m['l0']) / len(m['l0']):.1f}",
+                dead=f"{sum(m['dead']) / len(m['dead']):.2f}",
+            )
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             net_state, opt_state = gather_state(net, opt, layout)
             if ranks.is_main:
-                _save_checkpoint(ckpt, _WholeState(net_state), _WholeState(opt_state), step + 1, cfg, history)
+                _save_checkpoint(
+                    ckpt, _WholeState(net_state), _WholeState(opt_state), step + 1, cfg, history
+                )
     if bar is not None:
         bar.close()
     if cfg.activation == "batchtopk":  # as train_transcoders: the threshold of the final weights
@@ -582,13 +695,23 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
         whole = TrainableTranscoders(cfg, n_layers, d_model)
         whole.load_state_dict(net_state)
         metrics = {"train_" + k: v for k, v in (_summary(history) if history else {}).items()}
-        metrics.update(steps=cfg.steps, tokens=cfg.steps * cfg.batch_size,
-                       seconds_last_session=round(time.time() - t_start, 1))
-        tc = whole.to_transcoder_set(model_name, metrics=metrics, extra={
-            "train_config": asdict(cfg), "distributed": {"world_size": ranks.world_size, "shard": layout.mode}})
+        metrics.update(
+            steps=cfg.steps,
+            tokens=cfg.steps * cfg.batch_size,
+            seconds_last_session=round(time.time() - t_start, 1),
+        )
+        tc = whole.to_transcoder_set(
+            model_name,
+            metrics=metrics,
+            extra={
+                "train_config": asdict(cfg),
+                "distributed": {"world_size": ranks.world_size, "shard": layout.mode},
+            },
+        )
         save_transcoders(tc, out)
         if not cfg.keep_checkpoint:
             import shutil
+
             shutil.rmtree(ckpt.parent, ignore_errors=True)
     ranks.barrier()  # nobody leaves (and, under torchrun, ends the job) before the set is written
     return tc
@@ -596,39 +719,66 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
 
 # -- command line -------------------------------------------------------------------------------------
 
+
 def _cmd_train_distributed(args) -> int:
     train = config_from_args(TrainConfig, args)
-    config = DistributedTrainConfig(train=train, shard=args.shard, data=args.data, device=args.device,
-                                    dist_backend=args.dist_backend, timeout_min=args.timeout_min)
+    config = DistributedTrainConfig(
+        train=train,
+        shard=args.shard,
+        data=args.data,
+        device=args.device,
+        dist_backend=args.dist_backend,
+        timeout_min=args.timeout_min,
+    )
     tc = train_distributed(config)
     if tc is not None:
         m = tc.cfg.metrics
         fvu, l0, dead = (sum(m[k]) / len(m[k]) for k in ("train_fvu", "train_l0", "train_dead"))
-        print(f"wrote {train.out}: {train.kind} {train.activation} x{tc.n_layers} layers, d_sae {tc.d_sae}, "
-              f"{tc.cfg.extra['distributed']['world_size']} ranks ({tc.cfg.extra['distributed']['shard']}); "
-              f"last steps: FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1%}")
+        print(
+            f"wrote {train.out}: {train.kind} {train.activation} x{tc.n_layers} layers, d_sae {tc.d_sae}, "
+            f"{tc.cfg.extra['distributed']['world_size']} ranks ({tc.cfg.extra['distributed']['shard']}); "
+            f"last steps: FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1%}"
+        )
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-distributed", help="train transcoders across torchrun ranks (data parallel, or "
-                       "feature-sharded CLTs)",
-                       description="`transcoders train` across the processes of a torchrun job: launch with "
-                       "`torchrun --nproc-per-node N -m transcoders train-distributed --out DIR ...`. PLT/skip "
-                       "sets train data parallel; CLTs are feature-sharded (each rank holds d_sae / N features "
-                       "of every layer). Checkpoints are whole sets: rerun with any number of ranks (or "
-                       "`transcoders train`) to resume.")
+    p = sub.add_parser(
+        "train-distributed",
+        help="train transcoders across torchrun ranks (data parallel, or feature-sharded CLTs)",
+        description="`transcoders train` across the processes of a torchrun job: launch with "
+        "`torchrun --nproc-per-node N -m transcoders train-distributed --out DIR ...`. PLT/skip "
+        "sets train data parallel; CLTs are feature-sharded (each rank holds d_sae / N features "
+        "of every layer). Checkpoints are whole sets: rerun with any number of ranks (or "
+        "`transcoders train`) to resume.",
+    )
     add_config_arguments(p, TrainConfig)
     d = DistributedTrainConfig()
-    p.add_argument("--shard", choices=SHARDINGS, default=d.shard,
-                   help="data: split each batch; features: split every layer's features (default: features "
-                        "for CLTs, data otherwise)")
-    p.add_argument("--data", choices=DATA_MODES, default=d.data,
-                   help="broadcast: rank 0 harvests each batch and sends it (default); replicate: every rank "
-                        "reads the same batch itself (a shared --activation-cache)")
+    p.add_argument(
+        "--shard",
+        choices=SHARDINGS,
+        default=d.shard,
+        help="data: split each batch; features: split every layer's features (default: features "
+        "for CLTs, data otherwise)",
+    )
+    p.add_argument(
+        "--data",
+        choices=DATA_MODES,
+        default=d.data,
+        help="broadcast: rank 0 harvests each batch and sends it (default); replicate: every rank "
+        "reads the same batch itself (a shared --activation-cache)",
+    )
     p.add_argument("--device", default=d.device, help="cpu or cuda (rank r uses cuda:LOCAL_RANK)")
-    p.add_argument("--dist-backend", choices=BACKENDS, default=d.dist_backend,
-                   help="torch.distributed backend (default: nccl on CUDA, gloo on the CPU)")
-    p.add_argument("--timeout-min", type=float, default=d.timeout_min,
-                   help="how long a rank waits for the others (minutes)")
+    p.add_argument(
+        "--dist-backend",
+        choices=BACKENDS,
+        default=d.dist_backend,
+        help="torch.distributed backend (default: nccl on CUDA, gloo on the CPU)",
+    )
+    p.add_argument(
+        "--timeout-min",
+        type=float,
+        default=d.timeout_min,
+        help="how long a rank waits for the others (minutes)",
+    )
     p.set_defaults(func=_cmd_train_distributed)

@@ -12,6 +12,7 @@ The BOS position keeps its true MLP output in both interventions and is left out
 transcoders are trained without it (Gemma's BOS activations are huge outliers), and in attribution graphs
 its error node absorbs it.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ import torch
 
 from circuits.errors import UserError
 
-from .data import MLPHooks, token_sequences, text_source
+from .data import MLPHooks, text_source, token_sequences
 from .train import add_config_arguments, config_from_args
 
 
@@ -37,7 +38,9 @@ class EvalConfig:
     tokens: int = 8192  # evaluation tokens (BOS positions not counted)
     context: int = 128  # tokens per evaluated sequence (BOS first)
     batch_seqs: int = 8  # sequences per forward pass
-    dense_threshold: float = 0.1  # features firing on more than this fraction of tokens count as dense
+    dense_threshold: float = (
+        0.1  # features firing on more than this fraction of tokens count as dense
+    )
     json: str = "transcoders_eval.json"  # where to write the results ("" to skip)
     seed: int = 0  # order of the held-out paragraphs
     progress: bool = True
@@ -59,6 +62,7 @@ def splice(lm, tc=None, keep_bos: bool = True):
             if tc is not None:
                 inputs[l] = output
                 acts[l] = tc.encode(l, output.float())
+
         return hook
 
     def write(l):
@@ -76,6 +80,7 @@ def splice(lm, tc=None, keep_bos: bool = True):
             if keep_bos:
                 new[:, :1] = output[:, :1]
             return new
+
         return hook
 
     try:
@@ -91,8 +96,9 @@ def splice(lm, tc=None, keep_bos: bool = True):
 def _next_token_ce(lm, ids: torch.Tensor) -> tuple[float, int]:
     """(summed next-token cross-entropy, number of predictions) of token ids `[b, n]`."""
     logits = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum")
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+    )
     return float(ce), ids[:, 1:].numel()
 
 
@@ -103,6 +109,7 @@ def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> 
     tc.check_compatible(lm.sites, lm.name)
     if tc.W_enc[0].dtype != torch.float32:
         import copy
+
         tc = copy.deepcopy(tc).float()
     L, F = tc.n_layers, tc.d_sae
     paragraphs = text_source(cfg.text, lm, "eval", seed=cfg.seed)
@@ -113,8 +120,10 @@ def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> 
         if len(seqs) == n_seqs:
             break
     if not seqs:
-        raise UserError(f"the held-out text of source {cfg.text!r} is too short for one sequence of "
-                        f"{cfg.context} tokens; give more text or a shorter --context")
+        raise UserError(
+            f"the held-out text of source {cfg.text!r} is too short for one sequence of "
+            f"{cfg.context} tokens; give more text or a shorter --context"
+        )
     ids_all = torch.stack(seqs).to(lm.device)
     sse = torch.zeros(L, dtype=torch.float64)
     y_sum = torch.zeros(L, tc.d_model, dtype=torch.float64)
@@ -127,14 +136,17 @@ def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> 
     batches = range(0, len(ids_all), cfg.batch_seqs)
     if cfg.progress:
         from tqdm import tqdm
+
         batches = tqdm(batches, desc="evaluating transcoders", unit="batch", dynamic_ncols=True)
     for b in batches:
-        ids = ids_all[b:b + cfg.batch_seqs]
+        ids = ids_all[b : b + cfg.batch_seqs]
         with MLPHooks(lm.sites) as h:
             total, n = _next_token_ce(lm, ids)
         ce["clean"] += total
         n_pred += n
-        x = torch.stack([t[:, 1:] for t in h.mlp_in]).float().reshape(L, -1, tc.d_model)  # [L, N, D]
+        x = (
+            torch.stack([t[:, 1:] for t in h.mlp_in]).float().reshape(L, -1, tc.d_model)
+        )  # [L, N, D]
         y = torch.stack([t[:, 1:] for t in h.mlp_out]).float().reshape(L, -1, tc.d_model)
         acts = [tc.encode(l, x[l]) for l in range(L)]
         recon = tc.decode(acts, x)
@@ -154,21 +166,41 @@ def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> 
     fvu = (sse / var.clamp_min(1e-30)).tolist()
     density = fires / n_tok
     ce = {k: v / n_pred for k, v in ce.items()}
-    layers = [{"layer": l, "fvu": fvu[l], "l0": float(l0_sum[l] / n_tok),
-               "dead_frac": float((fires[l] == 0).double().mean()),
-               "dense_frac": float((density[l] > cfg.dense_threshold).double().mean())} for l in range(L)]
+    layers = [
+        {
+            "layer": l,
+            "fvu": fvu[l],
+            "l0": float(l0_sum[l] / n_tok),
+            "dead_frac": float((fires[l] == 0).double().mean()),
+            "dense_frac": float((density[l] > cfg.dense_threshold).double().mean()),
+        }
+        for l in range(L)
+    ]
     gap = ce["zero"] - ce["clean"]
     return {
-        "model": lm.name, "transcoders": {"kind": tc.cfg.kind, "activation": tc.cfg.activation,
-                                          "d_sae": F, "k": tc.cfg.k, "skip": tc.cfg.skip},
-        "tokens": n_tok, "text": cfg.text, "context": cfg.context,
-        "ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablated": ce["zero"],
+        "model": lm.name,
+        "transcoders": {
+            "kind": tc.cfg.kind,
+            "activation": tc.cfg.activation,
+            "d_sae": F,
+            "k": tc.cfg.k,
+            "skip": tc.cfg.skip,
+        },
+        "tokens": n_tok,
+        "text": cfg.text,
+        "context": cfg.context,
+        "ce_clean": ce["clean"],
+        "ce_spliced": ce["spliced"],
+        "ce_zero_ablated": ce["zero"],
         "delta_ce": ce["spliced"] - ce["clean"],
         "ce_recovered": (ce["zero"] - ce["spliced"]) / gap if gap > 0 else float("nan"),
-        "mean_fvu": sum(fvu) / L, "mean_l0": sum(r["l0"] for r in layers) / L,
+        "mean_fvu": sum(fvu) / L,
+        "mean_l0": sum(r["l0"] for r in layers) / L,
         "mean_dead_frac": sum(r["dead_frac"] for r in layers) / L,
         "mean_dense_frac": sum(r["dense_frac"] for r in layers) / L,
-        "layers": layers, "seconds": round(time.time() - t0, 1), "config": asdict(cfg),
+        "layers": layers,
+        "seconds": round(time.time() - t0, 1),
+        "config": asdict(cfg),
     }
 
 
@@ -176,32 +208,43 @@ def results_table(res: dict) -> str:
     """The results as a markdown table (per layer, then the whole-model numbers)."""
     lines = ["| layer | FVU | L0 | dead | dense |", "| ---: | ---: | ---: | ---: | ---: |"]
     for r in res["layers"]:
-        lines.append(f"| {r['layer']} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead_frac']:.1%} | "
-                     f"{r['dense_frac']:.1%} |")
-    lines.append(f"| mean | {res['mean_fvu']:.3f} | {res['mean_l0']:.1f} | {res['mean_dead_frac']:.1%} | "
-                 f"{res['mean_dense_frac']:.1%} |")
-    lines += ["", f"Next-token CE on {res['tokens']} held-out tokens: clean {res['ce_clean']:.3f}, "
-                  f"spliced {res['ce_spliced']:.3f} (delta CE {res['delta_ce']:+.3f}), all MLPs zeroed "
-                  f"{res['ce_zero_ablated']:.3f}; CE recovered {res['ce_recovered']:.1%}."]
+        lines.append(
+            f"| {r['layer']} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['dead_frac']:.1%} | "
+            f"{r['dense_frac']:.1%} |"
+        )
+    lines.append(
+        f"| mean | {res['mean_fvu']:.3f} | {res['mean_l0']:.1f} | {res['mean_dead_frac']:.1%} | "
+        f"{res['mean_dense_frac']:.1%} |"
+    )
+    lines += [
+        "",
+        f"Next-token CE on {res['tokens']} held-out tokens: clean {res['ce_clean']:.3f}, "
+        f"spliced {res['ce_spliced']:.3f} (delta CE {res['delta_ce']:+.3f}), all MLPs zeroed "
+        f"{res['ce_zero_ablated']:.3f}; CE recovered {res['ce_recovered']:.1%}.",
+    ]
     return "\n".join(lines)
 
 
 def load_for_eval(spec: str, lm, progress: bool = True):
     if spec in ("", "default"):
         from .default import load_default_transcoders
+
         return load_default_transcoders(lm, progress=progress)
     from .formats import load_any
+
     return load_any(spec, model=lm)
 
 
 def run_eval(cfg: EvalConfig, lm=None) -> dict:
     from circuits.models import load_model
+
     lm = lm or load_model(cfg.model)
     tc = load_for_eval(cfg.transcoders, lm, cfg.progress)
     res = evaluate_transcoders(tc, lm, cfg)
     res["transcoders"]["source"] = cfg.transcoders
     if cfg.json:
         from circuits.graph import atomic_write_text
+
         atomic_write_text(Path(cfg.json), json.dumps(res, indent=2) + "\n")
     return res
 
@@ -216,11 +259,18 @@ def _cmd_eval(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="FVU, L0, dead features and spliced delta CE of a transcoder set",
-                       description="Evaluate a transcoder set on held-out text: per-layer FVU, L0, dead and "
-                                   "dense feature fractions, and the change in next-token cross-entropy when "
-                                   "every MLP is replaced by its transcoder.")
-    p.add_argument("transcoders", nargs="?", default="default",
-                   help="'default' (the embedded set, trained on first use) or a path in any supported layout")
+    p = sub.add_parser(
+        "eval",
+        help="FVU, L0, dead features and spliced delta CE of a transcoder set",
+        description="Evaluate a transcoder set on held-out text: per-layer FVU, L0, dead and "
+        "dense feature fractions, and the change in next-token cross-entropy when "
+        "every MLP is replaced by its transcoder.",
+    )
+    p.add_argument(
+        "transcoders",
+        nargs="?",
+        default="default",
+        help="'default' (the embedded set, trained on first use) or a path in any supported layout",
+    )
     add_config_arguments(p, EvalConfig, skip=("transcoders",))
     p.set_defaults(func=_cmd_eval)

@@ -24,6 +24,7 @@ Writing adds our TranscoderConfig to each params file's safetensors metadata (ke
 so activation (ReLU, BatchTopK), k, Matryoshka prefixes, metrics and model name survive a round trip while
 config.json and the tensor names stay exactly the released ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,14 @@ import torch
 
 from circuits.errors import UserError
 
-from .formats import (atomic_directory, build_transcoder_set, config_from_dict, config_json, nonfinite_tensors_in_file,
-                      read_json)
+from .formats import (
+    atomic_directory,
+    build_transcoder_set,
+    config_from_dict,
+    config_json,
+    nonfinite_tensors_in_file,
+    read_json,
+)
 from .model import TranscoderConfig, TranscoderSet
 
 PLT_SITES = ("transcoder_all", "transcoder")
@@ -58,6 +65,7 @@ class NotGemmaScope(UserError):
 @dataclass
 class GemmaScopeSet:
     """A located set: one params file per layer (PLT) or per source layer (CLT), in layer order."""
+
     kind: str  # "plt" (per-layer folders) or "clt"
     files: list[Path]
     configs: list[Path | None]  # config.json of each layer's folder (PLT) or [the CLT folder's]
@@ -86,8 +94,10 @@ def _clt_files(folder: Path) -> dict[int, Path]:
 def _contiguous(found: dict[int, Path], where: Path, hint: str) -> list[Path]:
     layers = sorted(found)
     if layers != list(range(len(layers))):
-        raise UserError(f"{where} has layers {layers}, but a transcoder set needs every layer from 0 to the last"
-                        f"{hint}")
+        raise UserError(
+            f"{where} has layers {layers}, but a transcoder set needs every layer from 0 to the last"
+            f"{hint}"
+        )
     return [found[l] for l in layers]
 
 
@@ -110,24 +120,32 @@ def locate(path) -> GemmaScopeSet:
         clt = _clt_files(p)
         if clt:
             config = p / "config.json"
-            return GemmaScopeSet("clt", _contiguous(clt, p, ""), [config if config.is_file() else None], p)
+            return GemmaScopeSet(
+                "clt", _contiguous(clt, p, ""), [config if config.is_file() else None], p
+            )
         if (p / PARAMS_FILE).is_file() and LAYER_FOLDER.match(p.name):
             m = LAYER_FOLDER.match(p.name)
-            raise UserError(f"{p} is one layer of a Gemma Scope 2 transcoder set; pass {p.parent / m.group(2)} "
-                            "to load every layer")
+            raise UserError(
+                f"{p} is one layer of a Gemma Scope 2 transcoder set; pass {p.parent / m.group(2)} "
+                "to load every layer"
+            )
         groups = _layer_variants(p)
         if len(groups) > 1:
-            raise UserError(f"{p} holds several Gemma Scope 2 variants; pass one of: "
-                            + ", ".join(str(p / v) for v in sorted(groups)))
+            raise UserError(
+                f"{p} holds several Gemma Scope 2 variants; pass one of: "
+                + ", ".join(str(p / v) for v in sorted(groups))
+            )
         if groups:
-            (variant, layers), = groups.items()
+            ((variant, layers),) = groups.items()
             return _plt_set(p / variant, layers)
         sets = _candidates(p)
         if len(sets) == 1:
             return locate(sets[0])
         if sets:
-            raise UserError(f"{p} holds several Gemma Scope 2 transcoder sets; pass one of: "
-                            + ", ".join(str(s) for s in sets))
+            raise UserError(
+                f"{p} holds several Gemma Scope 2 transcoder sets; pass one of: "
+                + ", ".join(str(s) for s in sets)
+            )
     elif not p.exists():
         groups = _layer_variants(p.parent)
         if p.name in groups:
@@ -136,12 +154,18 @@ def locate(path) -> GemmaScopeSet:
 
 
 def _plt_set(variant_path: Path, layers: dict[int, Path]) -> GemmaScopeSet:
-    hint = ("; the `transcoder` folders hold a few layers only: use `transcoder_all`"
-            if variant_path.parent.name == "transcoder" else "")
+    hint = (
+        "; the `transcoder` folders hold a few layers only: use `transcoder_all`"
+        if variant_path.parent.name == "transcoder"
+        else ""
+    )
     folders = _contiguous(layers, variant_path, hint)
-    return GemmaScopeSet("plt", [f / PARAMS_FILE for f in folders],
-                         [f / "config.json" if (f / "config.json").is_file() else None for f in folders],
-                         variant_path)
+    return GemmaScopeSet(
+        "plt",
+        [f / PARAMS_FILE for f in folders],
+        [f / "config.json" if (f / "config.json").is_file() else None for f in folders],
+        variant_path,
+    )
 
 
 def is_gemmascope2_dir(path) -> bool:
@@ -166,24 +190,31 @@ def _check_config(path: Path | None, layer: int | None, folder: Path) -> dict:
     write. Without one, only the release's transcoder folders say what the files are."""
     if path is None:
         if folder.parent.name not in PLT_SITES + (CLT_SITE,):
-            raise UserError(f"{folder / 'config.json'} is missing; Gemma Scope 2 ships one in every folder, and "
-                            "without it the files cannot be told apart from an SAE's")
+            raise UserError(
+                f"{folder / 'config.json'} is missing; Gemma Scope 2 ships one in every folder, and "
+                "without it the files cannot be told apart from an SAE's"
+            )
         return {}
     cfg = read_json(path)
     kind = cfg.get("type")
     if kind is not None and kind not in ("transcoder", "clt"):
-        raise UserError(f"{path} describes a Gemma Scope 2 {kind}, not a transcoder (it reads "
-                        f"{cfg.get('hf_hook_point_in')}); pass a transcoder_all/ or clt/ folder")
+        raise UserError(
+            f"{path} describes a Gemma Scope 2 {kind}, not a transcoder (it reads "
+            f"{cfg.get('hf_hook_point_in')}); pass a transcoder_all/ or clt/ folder"
+        )
     hook_in, hook_out = str(cfg.get("hf_hook_point_in", "")), str(cfg.get("hf_hook_point_out", ""))
     if layer is None:
         ok = hook_in.endswith(".pre_feedforward_layernorm.output") and hook_out.endswith(
-            ".post_feedforward_layernorm.output")
+            ".post_feedforward_layernorm.output"
+        )
     else:
         ok = _hook_layer(hook_in, "pre") == layer and _hook_layer(hook_out, "post") == layer
     if (hook_in or hook_out) and not ok:
-        raise UserError(f"{path}: reads {hook_in!r} and writes {hook_out!r}; gemma-circuits transcoders read "
-                        f"{HOOK_IN.format(layer if layer is not None else '<l>')} and write the "
-                        "post_feedforward_layernorm output of the same layer")
+        raise UserError(
+            f"{path}: reads {hook_in!r} and writes {hook_out!r}; gemma-circuits transcoders read "
+            f"{HOOK_IN.format(layer if layer is not None else '<l>')} and write the "
+            "post_feedforward_layernorm output of the same layer"
+        )
     return cfg
 
 
@@ -192,38 +223,57 @@ def _hook_layer(hook: str, which: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _read_layer(path: Path, layer: int, n_layers: int, clt: bool) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_layer(
+    path: Path, layer: int, n_layers: int, clt: bool
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors of one params file under our names (memory-mapped views of it), and its metadata. A CLT
     decoder is the view from layer `layer` on, so the entries for earlier layers are never read; decoders
     stay views (strided for CLTs) so that only the rows attribution reads become resident."""
     from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
-            missing = [k for k in ("w_enc", "b_enc", "threshold", "w_dec", "b_dec") if k not in keys]
+            missing = [
+                k for k in ("w_enc", "b_enc", "threshold", "w_dec", "b_dec") if k not in keys
+            ]
             if missing:
-                raise UserError(f"{path} lacks {', '.join(missing)}; it is not a Gemma Scope 2 transcoder "
-                                "params file")
+                raise UserError(
+                    f"{path} lacks {', '.join(missing)}; it is not a Gemma Scope 2 transcoder "
+                    "params file"
+                )
             w_enc = f.get_tensor("w_enc")
             if w_enc.dim() != 2:
-                raise UserError(f"{path}: w_enc has shape {list(w_enc.shape)}; expected [d_model, width]")
+                raise UserError(
+                    f"{path}: w_enc has shape {list(w_enc.shape)}; expected [d_model, width]"
+                )
             D, F = w_enc.shape
             dec_shape = f.get_slice("w_dec").get_shape()
             want = [F, n_layers, D] if clt else [F, D]
             if list(dec_shape) != want:
-                raise UserError(f"{path}: w_dec has shape {list(dec_shape)}; expected {want} "
-                                f"({'a CLT of ' + str(n_layers) + ' layers' if clt else 'a per-layer transcoder'})")
-            state = {"W_enc": w_enc, "b_enc": f.get_tensor("b_enc"), "b_dec": f.get_tensor("b_dec"),
-                     "threshold": f.get_tensor("threshold"),
-                     "W_dec": f.get_tensor("w_dec")[:, layer:, :] if clt else f.get_tensor("w_dec")}
+                raise UserError(
+                    f"{path}: w_dec has shape {list(dec_shape)}; expected {want} "
+                    f"({'a CLT of ' + str(n_layers) + ' layers' if clt else 'a per-layer transcoder'})"
+                )
+            state = {
+                "W_enc": w_enc,
+                "b_enc": f.get_tensor("b_enc"),
+                "b_dec": f.get_tensor("b_dec"),
+                "threshold": f.get_tensor("threshold"),
+                "W_dec": f.get_tensor("w_dec")[:, layer:, :] if clt else f.get_tensor("w_dec"),
+            }
             if "affine_skip_connection" in keys:
                 state["W_skip"] = f.get_tensor("affine_skip_connection")
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
-                        "download it again") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+            "download it again"
+        ) from None
     for name in nonfinite_tensors_in_file(path):  # read apart from the views, which stay unread
-        raise UserError(f"{path}: {name} holds NaN or infinite values; the file is corrupt: download it again")
+        raise UserError(
+            f"{path}: {name} holds NaN or infinite values; the file is corrupt: download it again"
+        )
     for t in state.values():
         t.finite_checked = True
     return state, meta
@@ -236,64 +286,113 @@ def _our_config(meta: dict, path: Path) -> dict:
     try:
         stored = json.loads(meta[META_KEY])
     except json.JSONDecodeError:
-        raise UserError(f"{path}: the {META_KEY} metadata is not valid JSON; the file is corrupt") from None
+        raise UserError(
+            f"{path}: the {META_KEY} metadata is not valid JSON; the file is corrupt"
+        ) from None
     return stored if isinstance(stored, dict) else {}
 
 
-def load_gemmascope2(path, dtype: torch.dtype | None = None, progress: bool = False) -> TranscoderSet:
+def load_gemmascope2(
+    path, dtype: torch.dtype | None = None, progress: bool = False
+) -> TranscoderSet:
     """A TranscoderSet from a Gemma Scope 2 folder (see `locate`), or from the Hub (`hf://<repo>/<subfolder>`
     or `google/gemma-scope-2-<size>-<pt|it>/<subfolder>`) when online."""
     from tqdm.auto import tqdm
+
     if not Path(path).exists() and is_hub_spec(str(path)):
         path = download(str(path))
     found = locate(path)
     clt = found.kind == "clt"
     n_layers = len(found.files)
-    configs = ([_check_config(found.configs[0], None, found.where)] if clt else
-               [_check_config(c, l, f.parent) for l, (c, f) in enumerate(zip(found.configs, found.files))])
+    configs = (
+        [_check_config(found.configs[0], None, found.where)]
+        if clt
+        else [
+            _check_config(c, l, f.parent)
+            for l, (c, f) in enumerate(zip(found.configs, found.files))
+        ]
+    )
     state, stored, first = {}, {}, None
-    for l, file in enumerate(tqdm(found.files, desc="reading Gemma Scope 2", unit="layer", disable=not progress)):
+    for l, file in enumerate(
+        tqdm(found.files, desc="reading Gemma Scope 2", unit="layer", disable=not progress)
+    ):
         tensors, meta = _read_layer(file, l, n_layers, clt)
         stored = stored or _our_config(meta, file)
         shapes = (tuple(tensors["W_enc"].shape), "W_skip" in tensors)
         if first is None:
             first = (shapes, file)
         elif shapes != first[0]:
-            raise UserError(f"{file} holds w_enc {list(shapes[0])}{' with' if shapes[1] else ' without'} a skip "
-                            f"connection, but {first[1]} holds {list(first[0][0])}"
-                            f"{' with' if first[0][1] else ' without'}: the layers are from different sets")
+            raise UserError(
+                f"{file} holds w_enc {list(shapes[0])}{' with' if shapes[1] else ' without'} a skip "
+                f"connection, but {first[1]} holds {list(first[0][0])}"
+                f"{' with' if first[0][1] else ' without'}: the layers are from different sets"
+            )
         for name, t in tensors.items():
             state[f"{name}.{l}"] = t if name == "W_dec" else t.contiguous()
     (D, F), skip = first[0]
     cfg = _set_config(found, configs, stored, n_layers, D, F, skip)
-    for l in range(n_layers):  # relu(pre) * (pre > t) == pre * (pre > max(t, 0)): see the module docstring
+    for l in range(
+        n_layers
+    ):  # relu(pre) * (pre > t) == pre * (pre > max(t, 0)): see the module docstring
         state[f"threshold.{l}"] = state[f"threshold.{l}"].clamp(min=0)
     return build_transcoder_set(cfg, state, found.where, dtype)
 
 
-def _set_config(found: GemmaScopeSet, configs: list[dict], stored: dict, n_layers: int, D: int, F: int,
-                skip: bool) -> TranscoderConfig:
+def _set_config(
+    found: GemmaScopeSet,
+    configs: list[dict],
+    stored: dict,
+    n_layers: int,
+    D: int,
+    F: int,
+    skip: bool,
+) -> TranscoderConfig:
     """Structure from the tensors; descriptive fields from our stored config when a gemma-circuits writer
     made the files, otherwise from config.json."""
     clt = found.kind == "clt"
     cfg = configs[0] if configs else {}
     for c, file in zip(configs, found.configs):
         if c.get("affine_connection") is not None and bool(c["affine_connection"]) != skip:
-            raise UserError(f"{file} says affine_connection={c['affine_connection']}, but the params file "
-                            f"{'has' if skip else 'has no'} affine_skip_connection")
+            raise UserError(
+                f"{file} says affine_connection={c['affine_connection']}, but the params file "
+                f"{'has' if skip else 'has no'} affine_skip_connection"
+            )
     kind = "clt" if clt else ("skip" if skip else "plt")
-    base = {"kind": kind, "n_layers": n_layers, "d_model": D, "d_sae": F, "activation": "jumprelu", "skip": skip,
-            "model_name": str(cfg.get("model_name", "")),
-            "extra": {"source": "gemma-scope-2", "gemma_scope_variant": found.where.name,
-                      **({"gemma_scope_config": cfg} if cfg else {})}}
+    base = {
+        "kind": kind,
+        "n_layers": n_layers,
+        "d_model": D,
+        "d_sae": F,
+        "activation": "jumprelu",
+        "skip": skip,
+        "model_name": str(cfg.get("model_name", "")),
+        "extra": {
+            "source": "gemma-scope-2",
+            "gemma_scope_variant": found.where.name,
+            **({"gemma_scope_config": cfg} if cfg else {}),
+        },
+    }
     if isinstance(cfg.get("l0"), (int, float)):
         base["metrics"] = {"l0_target": cfg["l0"]}
     if stored:
-        same_shape = (stored.get("n_layers"), stored.get("d_model"), stored.get("d_sae")) == (n_layers, D, F)
+        same_shape = (stored.get("n_layers"), stored.get("d_model"), stored.get("d_sae")) == (
+            n_layers,
+            D,
+            F,
+        )
         same_kind = (stored.get("kind") == "clt") == clt and bool(stored.get("skip")) == skip
         if same_shape and same_kind:
-            keep = ("kind", "activation", "k", "model_name", "input_site", "output_site",
-                    "matryoshka_prefixes", "metrics", "extra")
+            keep = (
+                "kind",
+                "activation",
+                "k",
+                "model_name",
+                "input_site",
+                "output_site",
+                "matryoshka_prefixes",
+                "metrics",
+                "extra",
+            )
             base.update({k: stored[k] for k in keep if k in stored})
             if "gemma_scope_variant" in (base.get("extra") or {}):  # the folder it now sits in
                 base["extra"] = {**base["extra"], "gemma_scope_variant": found.where.name}
@@ -311,7 +410,11 @@ def width_label(n: int) -> str:
 
 
 def _l0_of(tc: TranscoderSet) -> float | None:
-    l0 = tc.cfg.metrics.get("l0", tc.cfg.metrics.get("l0_target")) if isinstance(tc.cfg.metrics, dict) else None
+    l0 = (
+        tc.cfg.metrics.get("l0", tc.cfg.metrics.get("l0_target"))
+        if isinstance(tc.cfg.metrics, dict)
+        else None
+    )
     return float(l0) if isinstance(l0, (int, float)) else None
 
 
@@ -320,43 +423,68 @@ def _thresholds(tc: TranscoderSet, layer: int) -> torch.Tensor:
     layout cannot hold."""
     act = tc.cfg.activation
     if act == "topk":
-        raise UserError("Gemma Scope 2 files hold JumpReLU transcoders; a TopK set's activation depends on the "
-                        "other features of each position and cannot be written as a threshold: convert it to "
-                        "native or circuit-tracer instead")
+        raise UserError(
+            "Gemma Scope 2 files hold JumpReLU transcoders; a TopK set's activation depends on the "
+            "other features of each position and cannot be written as a threshold: convert it to "
+            "native or circuit-tracer instead"
+        )
     if act == "relu":
         return torch.zeros_like(tc.threshold[layer])
     t = tc.threshold[layer]
     if bool((t < 0).any()):
-        raise UserError(f"layer {layer} has {int((t < 0).sum())} negative thresholds; Gemma Scope 2's JumpReLU "
-                        "(relu(x) * [x > threshold]) cannot produce the negative activations they allow: "
-                        "convert to native or circuit-tracer instead")
+        raise UserError(
+            f"layer {layer} has {int((t < 0).sum())} negative thresholds; Gemma Scope 2's JumpReLU "
+            "(relu(x) * [x > threshold]) cannot produce the negative activations they allow: "
+            "convert to native or circuit-tracer instead"
+        )
     return t
 
 
-def save_gemmascope2(tc: TranscoderSet, dst, l0_label: str | None = None, progress: bool = False) -> Path:
+def save_gemmascope2(
+    tc: TranscoderSet, dst, l0_label: str | None = None, progress: bool = False
+) -> Path:
     """Write `tc` at `dst` as a Gemma Scope 2 repo would hold it (transcoder_all/... per-layer folders, or
     clt/<variant>/), atomically. Returns the set's path inside `dst`, which `load_any` reads."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
     c = tc.cfg
     L, D, F = c.n_layers, c.d_model, c.d_sae
     thresholds = [_thresholds(tc, l) for l in range(L)]  # refuse before writing anything
     clt, skip = tc.is_clt, tc.W_skip is not None
     l0 = _l0_of(tc)
     # a set read from Gemma Scope 2 keeps its folder names ('l0_small') unless told otherwise
-    released = re.search(r"_l0_([A-Za-z0-9]+)(?:_affine)?$", str((c.extra or {}).get("gemma_scope_variant", "")))
-    label = l0_label or (released.group(1) if released else str(round(l0)) if l0 is not None else "unknown")
+    released = re.search(
+        r"_l0_([A-Za-z0-9]+)(?:_affine)?$", str((c.extra or {}).get("gemma_scope_variant", ""))
+    )
+    label = l0_label or (
+        released.group(1) if released else str(round(l0)) if l0 is not None else "unknown"
+    )
     if not re.fullmatch(r"[A-Za-z0-9]+", label):
-        raise UserError(f"l0 label {label!r} must be letters and digits only (it becomes part of folder names)")
+        raise UserError(
+            f"l0 label {label!r} must be letters and digits only (it becomes part of folder names)"
+        )
     variant = f"width_{width_label(L * F if clt else F)}_l0_{label}{'_affine' if skip else ''}"
     meta = {"format": "pt", META_KEY: config_json(c)}
 
     def config(layer: int | None) -> str:
         at = "{all}" if layer is None else layer
-        return json.dumps({"hf_hook_point_in": HOOK_IN.format(at), "hf_hook_point_out": HOOK_OUT.format(at),
-                           "width": L * F if clt else F, "model_name": c.model_name, "architecture": "jump_relu",
-                           "l0": round(l0) if l0 is not None else None, "affine_connection": skip,
-                           "type": "clt" if clt else "transcoder"}, indent=2) + "\n"
+        return (
+            json.dumps(
+                {
+                    "hf_hook_point_in": HOOK_IN.format(at),
+                    "hf_hook_point_out": HOOK_OUT.format(at),
+                    "width": L * F if clt else F,
+                    "model_name": c.model_name,
+                    "architecture": "jump_relu",
+                    "l0": round(l0) if l0 is not None else None,
+                    "affine_connection": skip,
+                    "type": "clt" if clt else "transcoder",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     def params(layer: int) -> dict[str, torch.Tensor]:
         if clt:  # absolute output-layer index; the entries before `layer` stay zero
@@ -364,8 +492,13 @@ def save_gemmascope2(tc: TranscoderSet, dst, l0_label: str | None = None, progre
             w_dec[:, layer:] = tc.W_dec[layer].detach().cpu()
         else:
             w_dec = tc.W_dec[layer]
-        out = {"w_enc": tc.W_enc[layer], "b_enc": tc.b_enc[layer], "threshold": thresholds[layer],
-               "w_dec": w_dec, "b_dec": tc.b_dec[layer]}
+        out = {
+            "w_enc": tc.W_enc[layer],
+            "b_enc": tc.b_enc[layer],
+            "threshold": thresholds[layer],
+            "w_dec": w_dec,
+            "b_dec": tc.b_dec[layer],
+        }
         if skip:
             out["affine_skip_connection"] = tc.W_skip[layer]
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
@@ -378,7 +511,9 @@ def save_gemmascope2(tc: TranscoderSet, dst, l0_label: str | None = None, progre
             (site / variant / "config.json").write_text(config(None))
         for l in tqdm(range(L), desc="writing Gemma Scope 2", unit="layer", disable=not progress):
             if clt:
-                save_file(params(l), str(site / variant / f"params_layer_{l}.safetensors"), metadata=meta)
+                save_file(
+                    params(l), str(site / variant / f"params_layer_{l}.safetensors"), metadata=meta
+                )
             else:
                 folder = site / f"layer_{l}_{variant}"
                 folder.mkdir(parents=True)
@@ -393,27 +528,42 @@ def download(spec: str) -> Path:
     Offline (or without huggingface_hub) this is a UserError saying how to fetch the files by hand."""
     parts = spec.removeprefix("hf://").strip("/").split("/")
     if len(parts) < 3:
-        raise UserError(f"{spec!r}: name a set inside the repo, e.g. hf://google/gemma-scope-2-270m-pt/"
-                        "clt/width_262k_l0_medium_affine or .../transcoder_all/width_16k_l0_small_affine")
+        raise UserError(
+            f"{spec!r}: name a set inside the repo, e.g. hf://google/gemma-scope-2-270m-pt/"
+            "clt/width_262k_l0_medium_affine or .../transcoder_all/width_16k_l0_small_affine"
+        )
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
     parent, _, name = sub.rpartition("/")
     patterns = [f"{sub}/config.json", f"{sub}/params*.safetensors"]
     if parent:
-        patterns += [f"{parent}/layer_*_{name}/config.json", f"{parent}/layer_*_{name}/{PARAMS_FILE}"]
-    include = f"{parent}/layer_*_{name}/*" if parent and not parent.endswith(CLT_SITE) else f"{sub}/*"
-    by_hand = (f"download it where you have network (hf download {repo} --include '{include}' --exclude "
-               f"'*examples.safetensors' --local-dir DIR) and pass DIR/{sub}")
+        patterns += [
+            f"{parent}/layer_*_{name}/config.json",
+            f"{parent}/layer_*_{name}/{PARAMS_FILE}",
+        ]
+    include = (
+        f"{parent}/layer_*_{name}/*" if parent and not parent.endswith(CLT_SITE) else f"{sub}/*"
+    )
+    by_hand = (
+        f"download it where you have network (hf download {repo} --include '{include}' --exclude "
+        f"'*examples.safetensors' --local-dir DIR) and pass DIR/{sub}"
+    )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UserError(f"loading {spec} from the Hub needs huggingface_hub (pip install huggingface_hub); or "
-                        + by_hand) from None
+        raise UserError(
+            f"loading {spec} from the Hub needs huggingface_hub (pip install huggingface_hub); or "
+            + by_hand
+        ) from None
     try:
         local = Path(snapshot_download(repo_id=repo, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
-        raise UserError(f"could not download {repo}/{sub} from the Hugging Face Hub "
-                        f"({e.__class__.__name__}); {by_hand}") from None
+        raise UserError(
+            f"could not download {repo}/{sub} from the Hugging Face Hub "
+            f"({e.__class__.__name__}); {by_hand}"
+        ) from None
     if not is_gemmascope2_dir(local / sub):
-        raise UserError(f"{repo} has no Gemma Scope 2 transcoder set at {sub}; check the name on "
-                        f"https://huggingface.co/{repo}/tree/main")
+        raise UserError(
+            f"{repo} has no Gemma Scope 2 transcoder set at {sub}; check the name on "
+            f"https://huggingface.co/{repo}/tree/main"
+        )
     return local / sub

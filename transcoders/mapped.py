@@ -11,6 +11,7 @@ else it returns None and the caller reads through the mapping (`take_rows` does 
 `[D, F]`, or the transposed view of a `[F, D]` file tensor) the same way, a chunk at a time; `read_columns` /
 `take_columns` read an encoder's columns.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ import torch
 # in fresh processes, skip set, 8 tokens, 10 each: peak +107..257 MiB at 32 MiB, +110..136 at 8 MiB).
 CHUNK_BYTES = 8 << 20
 
-_PRESENT, _SWAPPED, _FILE = (np.uint64(1 << b) for b in (63, 62, 61))  # /proc/self/pagemap entry bits
+_PRESENT, _SWAPPED, _FILE = (
+    np.uint64(1 << b) for b in (63, 62, 61)
+)  # /proc/self/pagemap entry bits
 
 
 def _span_bytes(t: torch.Tensor) -> int:
@@ -86,7 +89,9 @@ def written_in_process(t: torch.Tensor) -> bool:
     """Whether any page under t holds data the file does not: written (copy-on-write, now anonymous) or
     swapped out. True where this cannot be told."""
     entries = _page_entries(t)
-    return entries is None or bool(((entries & _SWAPPED != 0) | ((entries & _PRESENT != 0) & (entries & _FILE == 0))).any())
+    return entries is None or bool(
+        ((entries & _SWAPPED != 0) | ((entries & _PRESENT != 0) & (entries & _FILE == 0))).any()
+    )
 
 
 def resident_fraction(t: torch.Tensor) -> float:
@@ -102,7 +107,7 @@ def _readable(w: torch.Tensor) -> tuple[str, int] | None:
     expected = [1]
     for n in reversed(inner[1:]):
         expected.insert(0, expected[0] * n)
-    if w.dim() < 1 or list(w.stride()[1:]) != expected[:len(inner)]:
+    if w.dim() < 1 or list(w.stride()[1:]) != expected[: len(inner)]:
         return None
     region = file_region(w)
     if region is None or written_in_process(w):
@@ -125,7 +130,9 @@ def read_rows(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
     return _read_rows(w, rows, _readable(w) if len(rows) else None)
 
 
-def _read_rows(w: torch.Tensor, rows: torch.Tensor, region: tuple[str, int] | None) -> torch.Tensor | None:
+def _read_rows(
+    w: torch.Tensor, rows: torch.Tensor, region: tuple[str, int] | None
+) -> torch.Tensor | None:
     """`read_rows` with w's region (`_readable(w)`) known."""
     if region is None:
         return None
@@ -139,7 +146,7 @@ def _read_rows(w: torch.Tensor, rows: torch.Tensor, region: tuple[str, int] | No
     fd = os.open(path, os.O_RDONLY)
     try:
         for i, r in enumerate(ids.tolist()):
-            if not _pread(fd, buffer[i * row_bytes:(i + 1) * row_bytes], base + r * stride_bytes):
+            if not _pread(fd, buffer[i * row_bytes : (i + 1) * row_bytes], base + r * stride_bytes):
                 return None
     finally:
         os.close(fd)
@@ -167,12 +174,13 @@ def row_chunks(w: torch.Tensor, chunk_rows: int = 16384) -> Iterator[tuple[int, 
     return _row_chunks(w, chunk_rows, _readable(w) if w.dim() >= 1 and w.shape[0] else None)
 
 
-def _row_chunks(w: torch.Tensor, chunk_rows: int,
-                region: tuple[str, int] | None) -> Iterator[tuple[int, torch.Tensor]]:
+def _row_chunks(
+    w: torch.Tensor, chunk_rows: int, region: tuple[str, int] | None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """`row_chunks` with w's region (`_readable(w)`) known."""
     if region is None:
         for a in range(0, w.shape[0], chunk_rows):
-            yield a, w[a:a + chunk_rows]
+            yield a, w[a : a + chunk_rows]
         return
     path, base = region
     row_bytes, stride_bytes = w[0].numel() * w.element_size(), w.stride(0) * w.element_size()
@@ -183,11 +191,13 @@ def _row_chunks(w: torch.Tensor, chunk_rows: int,
         for a in range(0, w.shape[0], chunk_rows):
             k = min(chunk_rows, w.shape[0] - a)
             if stride_bytes == row_bytes:  # contiguous rows: one read per chunk
-                if not _pread(fd, raw[:k * row_bytes], base + a * row_bytes):
+                if not _pread(fd, raw[: k * row_bytes], base + a * row_bytes):
                     raise _changed(path)
             else:
                 for i in range(k):
-                    if not _pread(fd, raw[i * row_bytes:(i + 1) * row_bytes], base + (a + i) * stride_bytes):
+                    if not _pread(
+                        fd, raw[i * row_bytes : (i + 1) * row_bytes], base + (a + i) * stride_bytes
+                    ):
                         raise _changed(path)
             yield a, buffer[:k]
     finally:
@@ -204,7 +214,9 @@ def _column_source(w: torch.Tensor) -> tuple[bool, tuple[str, int]] | None:
     return None if region is None else (False, region)
 
 
-def column_chunks(w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+def column_chunks(
+    w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(a, w[:, a:a + k]) for consecutive blocks of columns of w `[D, F]`, about `chunk_bytes` each. Where w
     (stored `[D, F]`) or w.T (w the transposed view of a `[F, D]` file tensor) can be read by row (`read_rows`'
     conditions), the blocks are read from the file into a reused buffer (each valid until the next is asked
@@ -212,14 +224,15 @@ def column_chunks(w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[t
     return _column_chunks(w, chunk_bytes, _column_source(w))
 
 
-def _column_chunks(w: torch.Tensor, chunk_bytes: int,
-                   source: tuple[bool, tuple[str, int]] | None) -> Iterator[tuple[int, torch.Tensor]]:
+def _column_chunks(
+    w: torch.Tensor, chunk_bytes: int, source: tuple[bool, tuple[str, int]] | None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """`column_chunks` with w's `_column_source` known."""
     D, F = w.shape
     per_chunk = max(1, chunk_bytes // max(1, D * w.element_size()))
     if source is None:
         for a in range(0, F, per_chunk):
-            yield a, w[:, a:a + per_chunk]
+            yield a, w[:, a : a + per_chunk]
         return
     transposed, region = source
     if transposed:
@@ -236,7 +249,7 @@ def _column_chunks(w: torch.Tensor, chunk_bytes: int,
             k = min(per_chunk, F - a)
             for d in range(D):  # rows of the block lie buffer.shape[1] elements apart
                 start = d * buffer.shape[1] * size
-                if not _pread(fd, raw[start:start + k * size], base + d * row_stride + a * size):
+                if not _pread(fd, raw[start : start + k * size], base + d * row_stride + a * size):
                     raise _changed(path)
             yield a, buffer[:, :k]
     finally:
@@ -252,11 +265,13 @@ def matmul(x: torch.Tensor, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> 
         return x @ w
     out = torch.empty(*x.shape[:-1], w.shape[1], dtype=w.dtype)
     for a, block in column_chunks(w, chunk_bytes):
-        out[..., a:a + block.shape[1]] = x @ block
+        out[..., a : a + block.shape[1]] = x @ block
     return out
 
 
-def read_columns(w: torch.Tensor, cols: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor | None:
+def read_columns(
+    w: torch.Tensor, cols: torch.Tensor, chunk_bytes: int = CHUNK_BYTES
+) -> torch.Tensor | None:
     """`w[:, cols].T` (`[k, D]`, a tensor of its own) of a memory-mapped w `[D, F]`, read from its file: the rows
     of w.T where w is the transposed view of a `[F, D]` file tensor, else one pass over `column_chunks`. None
     where w cannot be read from a file (see `read_rows`)."""
@@ -270,7 +285,9 @@ def read_columns(w: torch.Tensor, cols: torch.Tensor, chunk_bytes: int = CHUNK_B
         return None
     transposed, region = source
     if transposed:
-        return _read_rows(w.T, ids, region) if len(ids) else torch.empty(0, w.shape[0], dtype=w.dtype)
+        return (
+            _read_rows(w.T, ids, region) if len(ids) else torch.empty(0, w.shape[0], dtype=w.dtype)
+        )
     out = torch.empty(len(ids), w.shape[0], dtype=w.dtype)
     order = torch.argsort(ids)
     sorted_ids = ids[order]

@@ -13,6 +13,7 @@ The MLP output of layer l is reconstructed as
   sum_{s <= l} act_s @ W_dec[s][:, l - s] + b_dec[l] + mlp_in[l] @ W_skip[l]
 where only s == l contributes for PLT/skip sets.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -63,11 +64,21 @@ class TranscoderSet(nn.Module):
         L, D, F = cfg.n_layers, cfg.d_model, cfg.d_sae
         self.W_enc = nn.ParameterList([nn.Parameter(torch.zeros(D, F)) for _ in range(L)])
         self.b_enc = nn.ParameterList([nn.Parameter(torch.zeros(F)) for _ in range(L)])
-        self.W_dec = nn.ParameterList([
-            nn.Parameter(torch.zeros(F, L - l, D) if cfg.kind == "clt" else torch.zeros(F, D)) for l in range(L)])
+        self.W_dec = nn.ParameterList(
+            [
+                nn.Parameter(torch.zeros(F, L - l, D) if cfg.kind == "clt" else torch.zeros(F, D))
+                for l in range(L)
+            ]
+        )
         self.b_dec = nn.ParameterList([nn.Parameter(torch.zeros(D)) for _ in range(L)])
-        self.threshold = nn.ParameterList([nn.Parameter(torch.zeros(F), requires_grad=False) for _ in range(L)])
-        self.W_skip = nn.ParameterList([nn.Parameter(torch.zeros(D, D)) for _ in range(L)]) if cfg.skip else None
+        self.threshold = nn.ParameterList(
+            [nn.Parameter(torch.zeros(F), requires_grad=False) for _ in range(L)]
+        )
+        self.W_skip = (
+            nn.ParameterList([nn.Parameter(torch.zeros(D, D)) for _ in range(L)])
+            if cfg.skip
+            else None
+        )
 
     # -- shape facts --------------------------------------------------------------------------
     @property
@@ -120,6 +131,7 @@ class TranscoderSet(nn.Module):
 
         Returns (layer, pos, feature, activation), each `[n_active]`, sorted by layer, position, feature."""
         from .mapped import matmul
+
         out = []
         for l in range(self.n_layers):
             acts = self.activate(l, matmul(mlp_in[l], self.W_enc[l]) + self.b_enc[l])
@@ -131,6 +143,7 @@ class TranscoderSet(nn.Module):
         """Encoder vectors of a subset of features of layer `layer`: `[n, D]`, a tensor of its own, read from the
         file where the encoder is a memory-mapped view of one (see `sparse_encode`)."""
         from .mapped import take_columns
+
         return take_columns(self.W_enc[layer], features)
 
     # -- decoding -----------------------------------------------------------------------------
@@ -139,6 +152,7 @@ class TranscoderSet(nn.Module):
         a tensor of its own. Reads only those rows: from the file where the decoder is a memory-mapped view of
         one (`transcoders.mapped`), so the rest of the decoder stays off this process's memory."""
         from .mapped import take_rows
+
         rows = take_rows(self.W_dec[layer], features)
         return rows if self.is_clt else rows.unsqueeze(1)
 
@@ -178,6 +192,7 @@ class TranscoderSet(nn.Module):
     def check_compatible(self, sites, model_name: str = "") -> None:
         """Refuse a transcoder set that does not fit a model (layers, d_model, sites)."""
         from circuits.errors import UserError
+
         c = self.cfg
         problems = []
         if c.n_layers != sites.n_layers:
@@ -185,21 +200,41 @@ class TranscoderSet(nn.Module):
         if c.d_model != sites.d_model:
             problems.append(f"d_model {c.d_model} vs the model's {sites.d_model}")
         if (c.input_site, c.output_site) != (sites.transcoder_input, sites.transcoder_output):
-            problems.append(f"sites {c.input_site}->{c.output_site} vs {sites.transcoder_input}->{sites.transcoder_output}")
+            problems.append(
+                f"sites {c.input_site}->{c.output_site} vs {sites.transcoder_input}->{sites.transcoder_output}"
+            )
         if problems:
-            raise UserError(f"transcoders for {c.model_name or 'an unnamed model'} do not fit model "
-                            f"{model_name or 'given'}: " + "; ".join(problems))
+            raise UserError(
+                f"transcoders for {c.model_name or 'an unnamed model'} do not fit model "
+                f"{model_name or 'given'}: " + "; ".join(problems)
+            )
 
 
-def random_transcoders(n_layers: int, d_model: int, d_sae: int, kind: str = "plt", activation: str = "jumprelu",
-                       seed: int = 0, l0: float = 8.0, k: int | None = None, skip: bool | None = None,
-                       model_name: str = "") -> TranscoderSet:
+def random_transcoders(
+    n_layers: int,
+    d_model: int,
+    d_sae: int,
+    kind: str = "plt",
+    activation: str = "jumprelu",
+    seed: int = 0,
+    l0: float = 8.0,
+    k: int | None = None,
+    skip: bool | None = None,
+    model_name: str = "",
+) -> TranscoderSet:
     """Random transcoders with unit-norm encoders; thresholds set so that roughly `l0` features fire per
     position on inputs of norm ~sqrt(d_model). For tests and benchmarks."""
     g = torch.Generator().manual_seed(seed)
-    cfg = TranscoderConfig(kind=kind, n_layers=n_layers, d_model=d_model, d_sae=d_sae, activation=activation,
-                           k=k if k is not None else (int(l0) if activation in ("topk", "batchtopk") else None),
-                           skip=bool(skip) if skip is not None else kind == "skip", model_name=model_name)
+    cfg = TranscoderConfig(
+        kind=kind,
+        n_layers=n_layers,
+        d_model=d_model,
+        d_sae=d_sae,
+        activation=activation,
+        k=k if k is not None else (int(l0) if activation in ("topk", "batchtopk") else None),
+        skip=bool(skip) if skip is not None else kind == "skip",
+        model_name=model_name,
+    )
     tc = TranscoderSet(cfg)
     # P(N(0,1) > t) = l0 / d_sae
     frac = min(max(l0 / d_sae, 1e-6), 0.5)

@@ -23,6 +23,7 @@
   run exactly. The finished set is written atomically with `transcoders.formats.save_native`; its
   config.json carries the training config and final metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,25 @@ from torch import nn
 from circuits.errors import UserError
 
 from ._malloc import reuse_freed_memory
-from .activations import batchtopk_per_layer, jumprelu, step as heaviside, topk
+from .activations import batchtopk_per_layer, jumprelu, topk
+from .activations import step as heaviside
 from .model import ACTIVATIONS, KINDS, TranscoderConfig, TranscoderSet
 
 # Fields that do not change what is trained: a checkpoint made under other values still resumes.
-_RUN_ONLY = ("out", "checkpoint_every", "threads", "progress", "keep_checkpoint", "activation_cache")
+_RUN_ONLY = (
+    "out",
+    "checkpoint_every",
+    "threads",
+    "progress",
+    "keep_checkpoint",
+    "activation_cache",
+)
 
 
 @dataclass
 class TrainConfig:
     """One training run. Sizes: L layers, D = d_model, F = d_sae features per layer."""
+
     out: str = ""  # directory of the trained set (native layout); checkpoints go to <out>.train/
     model: str = "gemma-3-270m"  # model to harvest from (name or path, as `circuits.load_model`)
     kind: str = "skip"  # plt | skip | clt
@@ -55,16 +65,22 @@ class TrainConfig:
     d_sae: int = 1024  # features per layer
     k: int = 16  # active features per position (topk / batchtopk; JumpReLU starts its thresholds at this L0)
     skip: bool = False  # affine skip term for a CLT (always on for kind "skip")
-    matryoshka: list[int] = field(default_factory=list)  # prefix sizes < d_sae, ascending (empty: none)
+    matryoshka: list[int] = field(
+        default_factory=list
+    )  # prefix sizes < d_sae, ascending (empty: none)
     # data
     text: str = "builtin"  # text source spec (see transcoders.data.text_source)
     context: int = 128  # tokens per harvested sequence (BOS first, not trained on)
     tokens: int = 200_000  # training tokens; steps = tokens // batch_size
     batch_size: int = 1024
-    buffer_tokens: int = 16_384  # shuffled in-memory activation buffer (~46 kB a token for gemma-3-270m)
+    buffer_tokens: int = (
+        16_384  # shuffled in-memory activation buffer (~46 kB a token for gemma-3-270m)
+    )
     buffer_passes: int = 1  # passes over each buffer fill (more: less harvesting, less fresh data)
     harvest_dtype: str = "bfloat16"  # model dtype while harvesting (bfloat16: ~6x faster on CPU)
-    activation_cache: str = ""  # folder to keep harvested shards in for later runs (empty: memory only)
+    activation_cache: str = (
+        ""  # folder to keep harvested shards in for later runs (empty: memory only)
+    )
     # optimisation
     lr: float = 2e-3
     warmup_frac: float = 0.05
@@ -75,7 +91,9 @@ class TrainConfig:
     feature_init: str = "exemplar"  # exemplar (features start as sample tokens) | random
     init_tokens: int = 8192  # tokens for the normalisation scales and the least-squares skip
     # sparsity and dead features
-    sparsity_coeff: float = 2e-3  # JumpReLU: L0 penalty; ReLU: L1 penalty on act * |decoder row| (FVU units)
+    sparsity_coeff: float = (
+        2e-3  # JumpReLU: L0 penalty; ReLU: L1 penalty on act * |decoder row| (FVU units)
+    )
     bandwidth: float = 0.05  # JumpReLU straight-through kernel width (normalised units)
     sparsity_warmup_frac: float = 0.2
     dead_tokens: int = 20_000  # a feature silent this long counts as dead
@@ -92,22 +110,30 @@ class TrainConfig:
         if self.kind not in KINDS:
             raise UserError(f"unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
         if self.activation not in ACTIVATIONS:
-            raise UserError(f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
+            raise UserError(
+                f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}"
+            )
         if not 0 < self.k <= self.d_sae:
             raise UserError(f"k = {self.k} must be between 1 and d_sae = {self.d_sae}")
         prefixes = list(self.matryoshka or [])
         if prefixes != sorted(set(prefixes)) or any(not 0 < p < self.d_sae for p in prefixes):
-            raise UserError(f"matryoshka prefixes {prefixes} must be ascending, distinct and between 1 and "
-                            f"d_sae - 1 = {self.d_sae - 1}")
+            raise UserError(
+                f"matryoshka prefixes {prefixes} must be ascending, distinct and between 1 and "
+                f"d_sae - 1 = {self.d_sae - 1}"
+            )
         self.matryoshka = prefixes
         if self.tokens < self.batch_size or self.batch_size < 1:
-            raise UserError(f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})")
+            raise UserError(
+                f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})"
+            )
         if self.feature_init not in ("exemplar", "random"):
             raise UserError(f"unknown feature_init {self.feature_init!r}; use exemplar or random")
         if self.skip_init not in ("lstsq", "zeros"):
             raise UserError(f"unknown skip_init {self.skip_init!r}; use lstsq or zeros")
         if self.compute_dtype not in ("bfloat16", "float32"):
-            raise UserError(f"unknown compute_dtype {self.compute_dtype!r}; use bfloat16 or float32")
+            raise UserError(
+                f"unknown compute_dtype {self.compute_dtype!r}; use bfloat16 or float32"
+            )
         if self.checkpoint_every < 1:
             raise UserError("checkpoint_every must be at least 1 step")
 
@@ -128,6 +154,7 @@ class TrainConfig:
 
 # -- the trainable parameters -------------------------------------------------------------------------
 
+
 class TrainableTranscoders(nn.Module):
     """All layers' transcoders in stacked tensors (one batched matmul per step), on normalised activations.
 
@@ -144,12 +171,16 @@ class TrainableTranscoders(nn.Module):
         self.W_enc = nn.Parameter(torch.zeros(L, D, F))
         self.b_enc = nn.Parameter(torch.zeros(L, F))
         if self.is_clt:
-            self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(F, L - s, D)) for s in range(L)])
+            self.W_dec = nn.ParameterList(
+                [nn.Parameter(torch.zeros(F, L - s, D)) for s in range(L)]
+            )
         else:
             self.W_dec = nn.Parameter(torch.zeros(L, F, D))
         self.b_dec = nn.Parameter(torch.zeros(L, D))
         self.W_skip = nn.Parameter(torch.zeros(L, D, D)) if cfg.has_skip else None
-        self.log_threshold = nn.Parameter(torch.zeros(L, F)) if cfg.activation == "jumprelu" else None
+        self.log_threshold = (
+            nn.Parameter(torch.zeros(L, F)) if cfg.activation == "jumprelu" else None
+        )
         self.register_buffer("in_scale", torch.ones(L))
         self.register_buffer("out_scale", torch.ones(L))
         self.register_buffer("bt_threshold", torch.full((L,), float("nan")))
@@ -171,18 +202,28 @@ class TrainableTranscoders(nn.Module):
             xc, yc = xn - mx, yn - my
             # products in float32 (centred, normalised data: well conditioned), the solve in float64
             gram = (xc.transpose(1, 2) @ xc).double()  # [L, D, D]
-            ridge = 1e-3 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(D, dtype=gram.dtype)
+            ridge = (
+                1e-3
+                * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None]
+                * torch.eye(D, dtype=gram.dtype)
+            )
             rhs = (xc.transpose(1, 2) @ yc).double()
             # per layer, by Cholesky (the system is symmetric positive definite); batched LU in float64
             # trips an MKL pivoting bug at these sizes
-            w = torch.stack([torch.cholesky_solve(rhs[l], torch.linalg.cholesky(gram[l] + ridge[l]))
-                             for l in range(L)]).float()
+            w = torch.stack(
+                [
+                    torch.cholesky_solve(rhs[l], torch.linalg.cholesky(gram[l] + ridge[l]))
+                    for l in range(L)
+                ]
+            ).float()
             self.W_skip.copy_(w)
             self.b_dec.copy_((my - mx @ w).squeeze(1))
         else:
             self.b_dec.copy_(my.squeeze(1))
         if self.cfg.feature_init == "exemplar":
-            resid = yn - my if self.W_skip is None else yn - xn @ self.W_skip - self.b_dec[:, None, :]
+            resid = (
+                yn - my if self.W_skip is None else yn - xn @ self.W_skip - self.b_dec[:, None, :]
+            )
             self._exemplar_init(xn - mx, resid, generator)
         else:
             enc = torch.randn(L, D, F, generator=generator)
@@ -199,7 +240,9 @@ class TrainableTranscoders(nn.Module):
             q = torch.quantile(pre[:, :4096].float(), 1 - self.cfg.k / F, dim=1)
             self.log_threshold.copy_(q.clamp_min(1e-3).log())
 
-    def _exemplar_init(self, xc: torch.Tensor, resid: torch.Tensor, generator: torch.Generator) -> None:
+    def _exemplar_init(
+        self, xc: torch.Tensor, resid: torch.Tensor, generator: torch.Generator
+    ) -> None:
         """Each feature starts as one sample token: it reads that token's centred input direction and writes
         its residual target (what the skip and bias leave), scaled so that the k features a token selects add
         up to about the average of their residuals. The dictionary starts as a k-nearest-neighbour regressor
@@ -207,8 +250,11 @@ class TrainableTranscoders(nn.Module):
         L, n, D = xc.shape
         # distinct tokens where there are enough: a repeated exemplar is a duplicate feature, dead weight
         # that also ties with its twin in every top-k (so sharded and single-process runs could part ways)
-        pick = (torch.randperm(n, generator=generator)[:self.F] if n >= self.F
-                else torch.randint(0, n, (self.F,), generator=generator))
+        pick = (
+            torch.randperm(n, generator=generator)[: self.F]
+            if n >= self.F
+            else torch.randint(0, n, (self.F,), generator=generator)
+        )
         ex_in, ex_out = xc[:, pick], resid[:, pick]  # [L, F, D]
         norm = ex_in.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         self.W_enc.copy_((ex_in / norm).transpose(1, 2))
@@ -227,8 +273,10 @@ class TrainableTranscoders(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor, y: torch.Tensor):
         """Raw `[B, L, D]` batches to normalised `[L, B, D]`."""
-        return (x.transpose(0, 1) * self.in_scale[:, None, None],
-                y.transpose(0, 1) * self.out_scale[:, None, None])
+        return (
+            x.transpose(0, 1) * self.in_scale[:, None, None],
+            y.transpose(0, 1) * self.out_scale[:, None, None],
+        )
 
     def forward(self, xn: torch.Tensor):
         """Normalised inputs `[L, B, D]` -> (pre-activations `[L, B, F]`, activations `[L, B, F]`,
@@ -284,16 +332,24 @@ class TrainableTranscoders(nn.Module):
 
     # -- export -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def to_transcoder_set(self, model_name: str = "", metrics: dict | None = None,
-                          extra: dict | None = None) -> TranscoderSet:
+    def to_transcoder_set(
+        self, model_name: str = "", metrics: dict | None = None, extra: dict | None = None
+    ) -> TranscoderSet:
         """A `TranscoderSet` on raw activations: the normalisation scales folded into the weights."""
         cfg = self.cfg
-        tcfg = TranscoderConfig(kind=cfg.kind, n_layers=self.L, d_model=self.D, d_sae=self.F,
-                                activation=cfg.activation,
-                                k=cfg.k if cfg.activation in ("topk", "batchtopk") else None,
-                                skip=cfg.has_skip, model_name=model_name,
-                                matryoshka_prefixes=list(cfg.matryoshka) or None,
-                                metrics=dict(metrics or {}), extra=dict(extra or {}))
+        tcfg = TranscoderConfig(
+            kind=cfg.kind,
+            n_layers=self.L,
+            d_model=self.D,
+            d_sae=self.F,
+            activation=cfg.activation,
+            k=cfg.k if cfg.activation in ("topk", "batchtopk") else None,
+            skip=cfg.has_skip,
+            model_name=model_name,
+            matryoshka_prefixes=list(cfg.matryoshka) or None,
+            metrics=dict(metrics or {}),
+            extra=dict(extra or {}),
+        )
         tc = TranscoderSet(tcfg)
         a, c = self.in_scale, self.out_scale
         for l in range(self.L):
@@ -320,6 +376,7 @@ def _autocast(dtype: str):
 
 # -- one step -----------------------------------------------------------------------------------------
 
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, constant, then linear decay to zero over the last `decay_frac` of the steps."""
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
@@ -332,8 +389,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.enable_grad()  # callers may be inside no_grad (the first trace trains the default set)
-def train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               step: int) -> dict:
+def train_step(
+    net: TrainableTranscoders,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    step: int,
+) -> dict:
     """One optimiser step on a raw batch x, y `[B, L, D]`. Returns the step's metrics (per-layer lists)."""
     cfg = net.cfg
     xn, yn = net.normalise(x, y)
@@ -345,9 +407,13 @@ def train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer, x: torch.T
     if cfg.activation in ("jumprelu", "relu") and cfg.sparsity_coeff:
         warm = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup_frac * cfg.steps))
         if cfg.activation == "jumprelu":
-            penalty = heaviside(pre, net.log_threshold.exp()[:, None, :], cfg.bandwidth).sum(-1).mean()
+            penalty = (
+                heaviside(pre, net.log_threshold.exp()[:, None, :], cfg.bandwidth).sum(-1).mean()
+            )
         else:
-            dec_norm = torch.stack([w.norm(dim=-1).reshape(net.F, -1).sum(-1) for w in net.own_norms()])
+            dec_norm = torch.stack(
+                [w.norm(dim=-1).reshape(net.F, -1).sum(-1) for w in net.own_norms()]
+            )
             penalty = (acts * dec_norm[:, None, :]).sum(-1).mean()
         loss = loss + warm * cfg.sparsity_coeff * penalty
     dead = net.silent_tokens >= cfg.dead_tokens  # [L, F]
@@ -372,15 +438,21 @@ def train_step(net: TrainableTranscoders, opt: torch.optim.Optimizer, x: torch.T
     opt.step()
     with torch.no_grad():
         fired = active.any(1)
-        net.silent_tokens.copy_(torch.where(fired, torch.zeros_like(net.silent_tokens),
-                                            net.silent_tokens + x.shape[0]))
+        net.silent_tokens.copy_(
+            torch.where(fired, torch.zeros_like(net.silent_tokens), net.silent_tokens + x.shape[0])
+        )
         if floor is not None:
             t = net.bt_threshold
             net.bt_threshold.copy_(torch.where(torch.isnan(t), floor, 0.9 * t + 0.1 * floor))
         var = (yn - yn.mean(1, keepdim=True)).pow(2).sum((1, 2)).clamp_min(1e-12)
         fvu = (full - yn).pow(2).sum((1, 2)) / var
-    return {"loss": float(loss.detach()), "aux": float(aux.detach()), "fvu": fvu.tolist(),
-            "l0": active.sum(-1).float().mean(1).tolist(), "dead": dead.float().mean(1).tolist()}
+    return {
+        "loss": float(loss.detach()),
+        "aux": float(aux.detach()),
+        "fvu": fvu.tolist(),
+        "l0": active.sum(-1).float().mean(1).tolist(),
+        "dead": dead.float().mean(1).tolist(),
+    }
 
 
 @torch.no_grad()
@@ -397,16 +469,24 @@ def calibrate_batchtopk(net: TrainableTranscoders, buffer, steps) -> None:
 
 # -- the loop -----------------------------------------------------------------------------------------
 
+
 def _save_checkpoint(path: Path, net, opt, step: int, cfg: TrainConfig, history: list) -> None:
     from circuits.graph import atomic_write
-    state = {"step": step, "net": net.state_dict(), "opt": opt.state_dict(),
-             "config": cfg.training_fields(), "history": history}
+
+    state = {
+        "step": step,
+        "net": net.state_dict(),
+        "opt": opt.state_dict(),
+        "config": cfg.training_fields(),
+        "history": history,
+    }
     atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _remove_partials(folder: Path, stem: str) -> None:
     """Temporary files of atomic writes that a killed run left behind (never complete files)."""
     import shutil
+
     if folder.is_dir():
         for p in folder.glob(f".{stem}.*.partial"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -418,9 +498,15 @@ def _load_checkpoint(path: Path, cfg: TrainConfig):
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("config") != cfg.training_fields():
         old = state.get("config") or {}
-        diff = sorted(k for k in set(old) | set(cfg.training_fields()) if old.get(k) != cfg.training_fields().get(k))
-        raise UserError(f"{path} was made by a run with other settings ({', '.join(diff)}); rerun with the "
-                        f"same settings to resume, or delete {path.parent} to start over")
+        diff = sorted(
+            k
+            for k in set(old) | set(cfg.training_fields())
+            if old.get(k) != cfg.training_fields().get(k)
+        )
+        raise UserError(
+            f"{path} was made by a run with other settings ({', '.join(diff)}); rerun with the "
+            f"same settings to resume, or delete {path.parent} to start over"
+        )
     return state
 
 
@@ -434,8 +520,9 @@ def _summary(history: list[dict], last: int = 10) -> dict:
     return out
 
 
-def train_transcoders(cfg: TrainConfig, loaded=None, buffer=None, model_name: str | None = None,
-                      on_step=None) -> TranscoderSet:
+def train_transcoders(
+    cfg: TrainConfig, loaded=None, buffer=None, model_name: str | None = None, on_step=None
+) -> TranscoderSet:
     """Train (or resume) the run `cfg` and write it to `cfg.out` (native layout) when `cfg.out` is set.
 
     loaded: a LoadedModel (default: `circuits.load_model(cfg.model)`); buffer: any object with
@@ -445,8 +532,11 @@ def train_transcoders(cfg: TrainConfig, loaded=None, buffer=None, model_name: st
         return _train_transcoders(cfg, loaded, buffer, model_name, on_step)
 
 
-def _train_transcoders(cfg: TrainConfig, loaded, buffer, model_name: str | None, on_step) -> TranscoderSet:
+def _train_transcoders(
+    cfg: TrainConfig, loaded, buffer, model_name: str | None, on_step
+) -> TranscoderSet:
     from .data import ActivationBuffer, ActivationSource, text_source
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out).expanduser() if cfg.out else None
@@ -457,18 +547,33 @@ def _train_transcoders(cfg: TrainConfig, loaded, buffer, model_name: str | None,
     if buffer is None:
         if loaded is None:
             from circuits.models import load_model
+
             loaded = load_model(cfg.model)
         paragraphs = text_source(cfg.text, loaded, "train", seed=cfg.seed)
-        source = ActivationSource(loaded, paragraphs, context=cfg.context, seed=cfg.seed,
-                                  harvest_dtype=cfg.harvest_dtype, cache_dir=cfg.activation_cache or None)
-        buffer = ActivationBuffer(source, cfg.buffer_tokens, cfg.batch_size, seed=cfg.seed,
-                                  passes=cfg.buffer_passes, progress=cfg.progress)
+        source = ActivationSource(
+            loaded,
+            paragraphs,
+            context=cfg.context,
+            seed=cfg.seed,
+            harvest_dtype=cfg.harvest_dtype,
+            cache_dir=cfg.activation_cache or None,
+        )
+        buffer = ActivationBuffer(
+            source,
+            cfg.buffer_tokens,
+            cfg.batch_size,
+            seed=cfg.seed,
+            passes=cfg.buffer_passes,
+            progress=cfg.progress,
+        )
     if model_name is None:
         model_name = loaded.name if loaded is not None else ""
     x0, _ = buffer.batch(0)
     n_layers, d_model = x0.shape[1], x0.shape[2]
     net = TrainableTranscoders(cfg, n_layers, d_model)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True
+    )
     state = _load_checkpoint(ckpt, cfg) if ckpt else None
     if state:
         net.load_state_dict(state["net"])
@@ -482,8 +587,14 @@ def _train_transcoders(cfg: TrainConfig, loaded, buffer, model_name: str | None,
     bar = None
     if cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"training {cfg.kind} transcoders", unit="step",
-                   dynamic_ncols=True)
+
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=f"training {cfg.kind} transcoders",
+            unit="step",
+            dynamic_ncols=True,
+        )
     t_start = time.time()
     for step in range(start, cfg.steps):
         x, y = buffer.batch(step)
@@ -493,8 +604,12 @@ def _train_transcoders(cfg: TrainConfig, loaded, buffer, model_name: str | None,
             on_step(step, m)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
-                            l0=f"{sum(m['l0']) / len(m['l0']):.1f}", dead=f"{sum(m['dead']) / len(m['dead']):.2f}")
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
+                l0=f"{sum(m['l0']) / len(m['l0']):.1f}",
+                dead=f"{sum(m['dead']) / len(m['dead']):.2f}",
+            )
         if ckpt and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _save_checkpoint(ckpt, net, opt, step + 1, cfg, history)
     if bar is not None:
@@ -503,13 +618,17 @@ def _train_transcoders(cfg: TrainConfig, loaded, buffer, model_name: str | None,
         calibrate_batchtopk(net, buffer, range(max(0, cfg.steps - 4), cfg.steps))
     summary = _summary(history) if history else {}
     metrics = {"train_" + k: v for k, v in summary.items()}
-    metrics.update(steps=cfg.steps, tokens=cfg.steps * cfg.batch_size,
-                   seconds_last_session=round(time.time() - t_start, 1))
+    metrics.update(
+        steps=cfg.steps,
+        tokens=cfg.steps * cfg.batch_size,
+        seconds_last_session=round(time.time() - t_start, 1),
+    )
     tc = net.to_transcoder_set(model_name, metrics=metrics, extra={"train_config": asdict(cfg)})
     if out:
         save_transcoders(tc, out)
         if not cfg.keep_checkpoint:
             import shutil
+
             shutil.rmtree(ckpt.parent, ignore_errors=True)
     return tc
 
@@ -517,10 +636,12 @@ def _train_transcoders(cfg: TrainConfig, loaded, buffer, model_name: str | None,
 def save_transcoders(tc: TranscoderSet, out: Path) -> Path:
     """Write a trained set in the native layout (atomically)."""
     from .formats import save_native
+
     return save_native(tc, out)
 
 
 # -- command line -------------------------------------------------------------------------------------
+
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
     """One --option per dataclass field (lists as comma-separated values, booleans as --x / --no-x)."""
@@ -534,11 +655,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = ())
         hint = hints[f.name]
         text = f"{comments.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
         elif typing.get_origin(hint) is list:
             parser.add_argument(flag, type=_int_list, default=default, metavar="N,N,...", help=text)
         else:
-            base = next((t for t in (int, float, str) if hint is t or t in typing.get_args(hint)), str)
+            base = next(
+                (t for t in (int, float, str) if hint is t or t in typing.get_args(hint)), str
+            )
             parser.add_argument(flag, type=base, default=default, help=text)
 
 
@@ -546,6 +671,7 @@ def _field_comments(cls) -> dict[str, str]:
     """The `# comment` after each field of a dataclass's source: the fields' help texts."""
     import inspect
     import re
+
     out = {}
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
@@ -574,15 +700,20 @@ def _cmd_train(args) -> int:
     tc = train_transcoders(cfg)
     m = tc.cfg.metrics
     fvu, l0, dead = (sum(m[k]) / len(m[k]) for k in ("train_fvu", "train_l0", "train_dead"))
-    print(f"wrote {cfg.out}: {cfg.kind} {cfg.activation} x{tc.n_layers} layers, d_sae {tc.d_sae}; last steps: "
-          f"FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1%}. Evaluate with: transcoders eval {cfg.out}")
+    print(
+        f"wrote {cfg.out}: {cfg.kind} {cfg.activation} x{tc.n_layers} layers, d_sae {tc.d_sae}; last steps: "
+        f"FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1%}. Evaluate with: transcoders eval {cfg.out}"
+    )
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train transcoders (PLT, skip, CLT) on a model's MLPs",
-                       description="Train transcoders for every layer of a Gemma 3 model on harvested MLP "
-                                   "activations. Resumes from <out>.train/checkpoint.pt when rerun with the "
-                                   "same settings.")
+    p = sub.add_parser(
+        "train",
+        help="train transcoders (PLT, skip, CLT) on a model's MLPs",
+        description="Train transcoders for every layer of a Gemma 3 model on harvested MLP "
+        "activations. Resumes from <out>.train/checkpoint.pt when rerun with the "
+        "same settings.",
+    )
     add_config_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
