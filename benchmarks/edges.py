@@ -232,7 +232,7 @@ def run(cfg: EdgesBenchConfig) -> str:
     import torch
 
     from circuits import backend as be
-    from circuits.graph import atomic_write_text
+    from gemma_lm.files import atomic_write_text
 
     if be._ext is None:
         raise SystemExit(

@@ -9,11 +9,11 @@ varies between identical runs; this shows where the main thread was at each run'
 run, and the stack where a run rose above `--threshold-gb`.
 
 What it found (issue 9's notes): the large ones (+0.15-0.35 GB for a few milliseconds, in some processes and not
-in others) were glibc's heap growing during the pass over the memory-mapped encoders (`transcoders.mapped.matmul`):
+in others) were glibc's heap growing during the pass over the memory-mapped encoders (`gemma_lm.weights.matmul`):
 /proc/self/smaps showed [heap] regions growing and new, fully touched 64 MiB arena heaps. Not reference cycles
 (none), not transparent huge pages (madvise-only here), not removed by MALLOC_ARENA_MAX=1 or a fixed
 MALLOC_MMAP_THRESHOLD_. The read buffers were just under 32 MiB, which glibc serves from its heap once its mmap
-threshold has risen; at 8 MiB (`transcoders.mapped.CHUNK_BYTES`) the first attribution of fresh processes
+threshold has risen; at 8 MiB (`gemma_lm.weights.CHUNK_BYTES`) the first attribution of fresh processes
 (skip set, 8 tokens) peaks at +110..136 MiB instead of +107..257, and the side-by-side's skip-128 runs at
 1.03-1.05 GB instead of 1.04-1.29.
 """
@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = circuits.load_model()
-    from circuits.attribution import resolve_transcoders
+    from transcoders.default import resolve_transcoders
 
     tc = resolve_transcoders(args.transcoders, lm, progress=False)
     if args.touch:

@@ -22,8 +22,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph, atomic_write_text
-from circuits.prune import compute_influence, graph_scores, logit_weights, prune
+from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
+from circuits.pruning import compute_influence, graph_scores, logit_weights, prune
+from gemma_lm.files import atomic_write_text
 
 
 def random_attribution_graph(

@@ -91,7 +91,7 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     from circuits import load_model
-    from circuits.models import cache_dir
+    from gemma_lm.files import cache_dir
     from transcoders.default import (
         DEFAULT_NAME,
         default_recipe,

@@ -121,7 +121,7 @@ class BenchConfig:
 
 # Text-decoder shapes of the published Gemma 3 configs (1B: google/gemma-3-1b-pt; 4B: the text tower of
 # google/gemma-3-4b-pt), and a tiny one for smoke tests.
-SHAPES = {  # arguments of circuits.models.tiny_config
+SHAPES = {  # arguments of gemma_lm.models.tiny_config
     "tiny": dict(
         d_model=64,
         d_mlp=256,
@@ -165,7 +165,7 @@ def random_model_dir(name: str, work: Path, seed: int, device: str) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import Gemma3ForCausalLM, PreTrainedTokenizerFast
 
-    from circuits.models import tiny_config
+    from gemma_lm.testing import tiny_config
 
     shape = SHAPES.get(name.removeprefix("random-"))
     if shape is None:
@@ -263,10 +263,11 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
     """Export every transcoder set in circuit-tracer's layout (once) and fix the prompts. Returns the cases and
     notes on sets that were left out."""
     import circuits
-    from circuits.models import DEFAULT_MODEL, cache_dir
     from circuits.replacement import run_and_freeze
-    from transcoders import random_transcoders
+    from gemma_lm.files import cache_dir
+    from gemma_lm.models import DEFAULT_MODEL
     from transcoders.circuit_tracer_format import is_circuit_tracer_dir, save_circuit_tracer
+    from transcoders.testing import random_transcoders
 
     rand = cfg.model.startswith("random-")
     if rand:
@@ -894,8 +895,7 @@ def peak_flops(threads: int, size: int = 4096, reps: int = 5, device: str = "cpu
 
 
 def run(cfg: BenchConfig) -> str:
-    from circuits.graph import atomic_write_text
-    from circuits.models import cache_dir
+    from gemma_lm.files import atomic_write_text, cache_dir
 
     if "circuit-tracer" in cfg.tools and not Path(cfg.ct_python).exists():
         raise SystemExit(
@@ -972,7 +972,7 @@ def report_markdown(
     cfg: BenchConfig, cases: list[dict], results: dict, notes: list[str], peak: float
 ) -> str:
     import circuits
-    from circuits.models import DEFAULT_MODEL
+    from gemma_lm.models import DEFAULT_MODEL
 
     gb = 2**30
     on_gpu = str(cfg.device).startswith("cuda")
@@ -1238,7 +1238,7 @@ def report_markdown(
         "attribution itself. Peak anon is the anonymous part of the resident memory at its peak during the "
         "attribution call (sampled every 10 ms): RSS minus file-backed pages. Both tools' model weights "
         "are memory-mapped safetensors files (circuit-tracer through transformers, ours through "
-        "circuits.gemma3), so they count in RSS but not "
+        "gemma_lm.gemma3), so they count in RSS but not "
         "here: clean file pages, which the kernel can drop and read again when memory runs short; "
         "anonymous memory it cannot. "
         "GFLOP is the work the attribution must do (one forward pass, one transposed pass per row down from "

@@ -21,13 +21,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from transcoders._malloc import return_freed_memory
+from gemma_lm import __version__
+from gemma_lm.errors import UserError
+from gemma_lm.memory import return_freed_memory
+from gemma_lm.models import DEFAULT_MODEL, LoadedModel, load_model
+from transcoders.default import resolve_transcoders
 
-from . import __version__
 from .backend import PositionSortedFeatures, abs_rmatvec, active_backend, to_device
-from .errors import UserError
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
-from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .replacement import (
     FrozenWeights,
     PromptState,
@@ -83,28 +84,6 @@ class AttributionConfig:
 
 
 # -- transcoders and logit targets ------------------------------------------------------------------
-
-
-def resolve_transcoders(spec, lm: LoadedModel, progress: bool = True):
-    """A TranscoderSet from "default", a path, or an existing set; checked against the model."""
-    from transcoders import TranscoderSet
-
-    if isinstance(spec, TranscoderSet):
-        tc = spec
-    elif spec in (None, "default"):
-        if lm.name != DEFAULT_MODEL:
-            raise UserError(
-                f"there is no default transcoder set for {lm.name}; pass --transcoders PATH"
-            )
-        from transcoders.default import load_default_transcoders
-
-        tc = load_default_transcoders(lm, progress=progress)
-    else:
-        from transcoders.formats import load_any
-
-        tc = load_any(str(spec), model=lm)
-    tc.check_compatible(lm.sites, lm.name)
-    return tc
 
 
 def single_token(lm: LoadedModel, text: str) -> int:

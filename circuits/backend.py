@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from gemma_lm.errors import UserError
 
 BACKENDS = ("cuda", "cpp", "torch")
 

@@ -34,10 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .attribution import AttributionConfig, attribute, resolve_transcoders, single_token
-from .errors import UserError
-from .graph import FEATURE, AttributionGraph, atomic_write_text, load_graph
-from .ranks import Ranks
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write_text
+from gemma_lm.models import load_model
+from gemma_lm.ranks import Ranks
+from transcoders.default import resolve_transcoders
+
+from .attribution import AttributionConfig, attribute, single_token
+from .graph import FEATURE, AttributionGraph, load_graph
+from .pruning import graph_scores
 
 # options that change how a graph is computed but not what it is: a resumed run may change them
 _NON_RESULT_OPTIONS = {
@@ -60,7 +65,7 @@ class BatchConfig:
     out: str = "batch"  # output folder
     attribution: AttributionConfig = field(default_factory=AttributionConfig)  # as `circuits trace`
     scores: bool = (
-        True  # replacement / completeness scores (circuits.prune.graph_scores) in each graph
+        True  # replacement / completeness scores (circuits.pruning.graph_scores) in each graph
     )
     overwrite: bool = False  # retrace prompts whose graph exists already
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU), gloo, nccl
@@ -382,8 +387,6 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     # transcoders first (the default set is trained on first use: once, not once per rank), then the others
     _everywhere(ranks, lambda: prepare_folder(out, cfg), here=ranks.is_main)
     if lm is None:
-        from .models import load_model
-
         lm = _everywhere(
             ranks, lambda: load_model(acfg.model, device=acfg.device, dtype=acfg.dtype)
         )
@@ -491,9 +494,5 @@ def _everywhere(ranks: Ranks, fn, here: bool = True):
 
 
 def _scores(graph: AttributionGraph) -> dict | None:
-    """Replacement / completeness scores, when the graph stage that computes them is installed."""
-    try:
-        from .prune import graph_scores
-    except ImportError:
-        return None
+    """Replacement / completeness scores."""
     return graph_scores(graph)

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from gemma_lm import jobs
 
 COMMAND_MODULES = [
     "circuits.info",
@@ -36,25 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    parser = parser or build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+def run(argv: list[str] | None = None) -> int:
+    """`circuits ARGV...`; returns the exit status."""
+    return jobs.run(build_parser(), argv)
 
 
 def main() -> None:

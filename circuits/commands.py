@@ -15,8 +15,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from gemma_lm.errors import UserError
+
 from .attribution import AttributionConfig
-from .errors import UserError
 
 # AttributionConfig fields and their flags; --target is repeatable and fills `targets`
 _FLAGS = {"targets": "--target"}
@@ -136,8 +137,9 @@ def cmd_trace(args) -> int:
         for name in ("node_threshold", "edge_threshold"):
             if not 0.0 <= getattr(args, name) <= 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    from gemma_lm.models import load_model
+
     from .attribution import attribute
-    from .models import load_model
 
     t0 = time.perf_counter()
     if cfg.progress:
@@ -149,7 +151,7 @@ def cmd_trace(args) -> int:
     graph.save(out)
     print("\n".join(summary_lines(graph, out, time.perf_counter() - t0)))
     if args.prune or args.svg or args.html:
-        prune = _graph_stage("circuits.prune.prune")
+        prune = _graph_stage("circuits.pruning.prune")
         circuit = prune(
             graph, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold
         )
@@ -159,7 +161,7 @@ def cmd_trace(args) -> int:
             f"(node threshold {args.node_threshold}, edge threshold {args.edge_threshold})"
         )
         if circuit.metadata.get("scores"):
-            print(_graph_stage("circuits.prune.scores_table")(circuit))
+            print(_graph_stage("circuits.pruning.scores_table")(circuit))
         if args.prune:
             pruned_path = out.with_name(out.stem + ".pruned.npz")
             circuit.save(pruned_path)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from gemma_lm.errors import UserError
+from gemma_lm.ranks import BACKENDS
+
 from .batch import BatchConfig, trace_batch
 from .commands import add_trace_arguments, trace_config
-from .errors import UserError
-from .ranks import BACKENDS
 
 
 def cmd_trace_batch(args) -> int:

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .graph import ERROR, FEATURE, KIND_NAMES, AttributionGraph, atomic_write_text, load_graph
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write_text
+
+from .pruning import PruneConfig
+from .graph import ERROR, FEATURE, KIND_NAMES, AttributionGraph, load_graph
 
 
 def cmd_prune(args) -> int:
-    from .prune import PruneConfig, prune, scores_table
+    from .pruning import PruneConfig, prune, scores_table
 
     cfg = PruneConfig(node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
     cfg.check()
@@ -32,7 +35,7 @@ def cmd_prune(args) -> int:
 
 def top_nodes(graph: AttributionGraph, n: int) -> list[tuple[int, float]]:
     """The n feature and error nodes with the largest influence on the logits: [(index, influence)]."""
-    from .prune import compute_influence
+    from .pruning import compute_influence
 
     influence = graph.influence if graph.influence is not None else compute_influence(graph)
     inner = np.flatnonzero((graph.kind == FEATURE) | (graph.kind == ERROR))
@@ -41,8 +44,8 @@ def top_nodes(graph: AttributionGraph, n: int) -> list[tuple[int, float]]:
 
 
 def show_text(graph: AttributionGraph, n_top: int = 15) -> str:
-    from .export import display_label
-    from .prune import graph_scores, scores_table
+    from .graph import display_label
+    from .pruning import graph_scores, scores_table
 
     meta = graph.metadata or {}
     lines = [f"prompt: {graph.prompt!r}", f"tokens: {graph.token_strings}", graph.summary()]
@@ -85,8 +88,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import CompareConfig, compare
-    from .prune import PruneConfig
+    from .comparison import CompareConfig, compare
+    from .pruning import PruneConfig
 
     PruneConfig(args.node_threshold, args.edge_threshold).check()
     if args.top_k < 0:
@@ -97,7 +100,11 @@ def cmd_compare(args) -> int:
     result = compare(load_graph(args.a), load_graph(args.b), config=cfg)
     print(result.summary())
     if args.svg:
-        path = result.render_svg(args.svg, args.max_nodes)
+        from .render import DEFAULT_MAX_NODES, render_comparison_svg
+
+        path = render_comparison_svg(
+            result, None, None, args.svg, args.max_nodes or DEFAULT_MAX_NODES
+        )
         print(f"wrote {path}", file=sys.stderr)
     if args.json:
         atomic_write_text(
@@ -108,7 +115,6 @@ def cmd_compare(args) -> int:
 
 
 def register(sub) -> None:
-    from .prune import add_prune_arguments
 
     p = sub.add_parser(
         "prune",
@@ -142,3 +148,9 @@ def register(sub) -> None:
     )
     add_prune_arguments(p)
     p.set_defaults(func=cmd_compare)
+
+
+def add_prune_arguments(p) -> None:
+    d = PruneConfig()
+    p.add_argument("--node-threshold", type=float, default=d.node_threshold)
+    p.add_argument("--edge-threshold", type=float, default=d.edge_threshold)

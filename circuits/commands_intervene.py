@@ -7,8 +7,11 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import UserError
-from .graph import atomic_write_text, load_graph
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write_text
+from gemma_lm.models import load_model
+
+from .graph import load_graph
 from .interventions import (
     MODES,
     InterventionConfig,
@@ -16,7 +19,6 @@ from .interventions import (
     intervene,
     load_supernodes,
 )
-from .models import load_model
 
 
 class _Op(argparse.Action):
@@ -70,7 +72,7 @@ def cmd_intervene(args) -> int:
             raise UserError(
                 "--compare needs a graph file as GRAPH_OR_PROMPT (the circuit to compare)"
             )
-        from .compare import compare
+        from .comparison import compare
 
         supernodes.update(comparison_supernodes(compare(graph, load_graph(args.compare)), "a"))
     lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -104,7 +106,9 @@ def cmd_label(args) -> int:
 
 
 def cmd_attach(args) -> int:
-    from transcoders.dashboards import attach_dashboards, dashboards_dir, load_dashboards
+    from transcoders.dashboards import dashboards_dir, load_dashboards
+
+    from .labels import attach_dashboards
 
     graph = load_graph(args.graph)
     spec = args.dashboards or dashboards_dir(

@@ -6,13 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from gemma_lm.errors import UserError
+
 from .graph import load_graph
 
 
 def load_supernodes(path: str | Path) -> dict[str, list[str]]:
     """The grouping the HTML viewer's 'download grouping' button saves: {"supernodes": {name: [node ids]}}."""
-    from .export import supernode_groups
+    from .graph import supernode_groups
 
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -49,7 +50,7 @@ def cmd_render(args) -> int:
         from .export import write_neuronpedia_json
 
         if "pruning" not in graph.metadata:
-            from .prune import prune
+            from .pruning import prune
 
             print(
                 "the graph is not pruned; pruning with the default thresholds for the JSON "

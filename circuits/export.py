@@ -1,21 +1,30 @@
-"""Attribution graphs for other tools: networkx (both ways) and the graph JSON of circuit-tracer and
-Neuronpedia's attribution-graph viewer (`metadata`, `qParams`, `nodes`, `links`; see
-neuronpedia's `graph-schema.json`), so a graph opens there.
+"""Attribution graphs for other tools: the graph JSON of circuit-tracer and Neuronpedia's
+attribution-graph viewer (`metadata`, `qParams`, `nodes`, `links`; see neuronpedia's
+`graph-schema.json`), so a graph opens there. (networkx, both ways: `AttributionGraph.to_networkx`.)
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
-from . import __version__
-from .errors import UserError
-from .graph import ERROR, FEATURE, KIND_NAMES, LOGIT, TOKEN, AttributionGraph, atomic_write_text
+from gemma_lm import __version__
+from gemma_lm.files import atomic_write_text
+
+from .graph import (
+    ERROR,
+    FEATURE,
+    LOGIT,
+    TOKEN,
+    AttributionGraph,
+    display_label,
+    finite_or_none,
+    supernode_groups,
+)
+from .pruning import compute_influence
 
 NEURONPEDIA_FEATURE_TYPES = {
     FEATURE: "cross layer transcoder",
@@ -23,197 +32,6 @@ NEURONPEDIA_FEATURE_TYPES = {
     TOKEN: "embedding",
     LOGIT: "logit",
 }
-
-
-# -- labels -------------------------------------------------------------------------------------------
-
-
-def auto_label(graph: AttributionGraph, i: int) -> str | None:
-    """The feature dashboard's automatic label of node i (`metadata["dashboards"][id]["auto_label"]`)."""
-    dash = (graph.metadata or {}).get("dashboards") or {}
-    label = (dash.get(graph.node_id(i)) or {}).get("auto_label") if isinstance(dash, dict) else None
-    return str(label) if label else None
-
-
-def display_label(graph: AttributionGraph, i: int) -> tuple[str, str]:
-    """(label, source): the human label, else the dashboard's auto label, else the default short label."""
-    if i in graph.labels:
-        return graph.labels[i], "human"
-    auto = auto_label(graph, i)
-    if auto:
-        return auto, "auto"
-    return graph.node_label(i), "default"
-
-
-def supernode_groups(value) -> dict[str, list[str]]:
-    """Supernodes as {name: [node ids]}, the form graphs and the viewer's grouping file use
-    (`metadata["supernodes"]`, `{"supernodes": {...}}`). Also accepts a list of {"name", "members"} and
-    Neuronpedia's [[name, id, ...], ...]."""
-    inner = value.get("supernodes") if isinstance(value, dict) else None
-    if isinstance(inner, dict) or (
-        isinstance(inner, list) and all(isinstance(g, dict | list) for g in inner)
-    ):
-        value = inner  # the file wrapper, not a group named "supernodes"
-    out: dict[str, list[str]] = {}
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list) and all(
-        isinstance(g, dict) or (isinstance(g, list) and g) for g in value
-    ):
-        items = [
-            (g.get("name", ""), g.get("members", [])) if isinstance(g, dict) else (g[0], g[1:])
-            for g in value
-        ]
-    else:
-        raise UserError(
-            "supernodes must be {name: [node ids]} (the viewer's 'download grouping' file)"
-        )
-    for name, members in items:
-        if not isinstance(members, list):
-            raise UserError(f"supernode {name!r} must list node ids, got {type(members).__name__}")
-        out[str(name)] = [str(m) for m in members]
-    return out
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) or math.isinf(x) else x
-
-
-# -- networkx -----------------------------------------------------------------------------------------
-
-
-def graph_to_networkx(graph: AttributionGraph):
-    """A `networkx.DiGraph`: nodes keyed by `AttributionGraph.node_id`, edges source -> target.
-
-    Node attributes: kind ("feature"/"error"/"token"/"logit"), layer, pos, token (the prompt token at pos,
-    or the predicted token for logits), feature (feature id; vocabulary id for logits; -1 otherwise),
-    activation, influence (None before pruning), label and label_source ("human"/"auto"/"default"),
-    node_input, row_constant, has_row; logits also probability and rank. Edge attribute: weight (the direct effect).
-    Graph attributes: prompt, token_ids, token_strings, n_layers, metadata."""
-    import networkx as nx
-
-    g = nx.DiGraph(
-        prompt=graph.prompt,
-        token_ids=[int(t) for t in graph.tokens],
-        token_strings=list(graph.token_strings),
-        n_layers=int(graph.n_layers),
-        metadata=json.loads(json.dumps(graph.metadata, default=str)),
-    )
-    ids = graph.node_ids()
-    logit_rank = {int(n): j for j, n in enumerate(graph.logit_nodes)}
-    strings = graph.logit_strings
-    for i, nid in enumerate(ids):
-        k = int(graph.kind[i])
-        p = int(graph.pos[i])
-        label, source = display_label(graph, i)
-        attrs = dict(
-            kind=KIND_NAMES[k],
-            layer=int(graph.layer[i]),
-            pos=p,
-            feature=int(graph.feature[i]),
-            activation=float(graph.activation[i]),
-            node_input=_num(graph.node_input[i]),
-            row_constant=float(graph.row_constant[i]),
-            has_row=bool(graph.has_row[i]),
-            influence=None if graph.influence is None else float(graph.influence[i]),
-            label=label,
-            label_source=source,
-            token=graph.token_strings[p] if 0 <= p < len(graph.token_strings) else None,
-        )
-        if k == LOGIT:
-            j = logit_rank[i]
-            attrs["probability"] = float(graph.logit_probabilities[j])
-            attrs["rank"] = j  # order among the logit nodes
-            attrs["token"] = strings[j] if j < len(strings) else None
-        g.add_node(nid, **attrs)
-    coo = graph.adjacency.tocoo()
-    g.add_weighted_edges_from(
-        (ids[s], ids[t], float(w)) for t, s, w in zip(coo.row, coo.col, coo.data)
-    )
-    return g
-
-
-def graph_from_networkx(g) -> AttributionGraph:
-    """Back from `graph_to_networkx` (or any DiGraph with the same node attributes and edge `weight`)."""
-    need = ("kind", "layer", "pos", "feature")
-    kinds = {name: k for k, name in enumerate(KIND_NAMES)}
-    nodes = list(g.nodes(data=True))
-    for nid, d in nodes:
-        missing = [a for a in need if a not in d]
-        if missing:
-            raise UserError(
-                f"networkx node {nid!r} lacks attribute(s) {', '.join(missing)}; "
-                f"every node needs {', '.join(need)}"
-            )
-        if d["kind"] not in kinds:
-            raise UserError(
-                f"networkx node {nid!r} has kind {d['kind']!r}; use one of {', '.join(KIND_NAMES)}"
-            )
-    # canonical node order: features, errors, tokens by (layer, pos, feature); logits by rank
-    order = sorted(
-        range(len(nodes)),
-        key=lambda i: (
-            (kinds[nodes[i][1]["kind"]],)
-            + (
-                (nodes[i][1].get("rank", i), 0, 0)
-                if nodes[i][1]["kind"] == "logit"
-                else (nodes[i][1]["layer"], nodes[i][1]["pos"], nodes[i][1]["feature"])
-            )
-        ),
-    )
-    nodes = [nodes[i] for i in order]
-    index = {nid: i for i, (nid, _) in enumerate(nodes)}
-    n = len(nodes)
-    col = lambda key, default, dtype: np.array(
-        [d.get(key, default) if d.get(key) is not None else default for _, d in nodes], dtype=dtype
-    )
-    kind = np.array([kinds[d["kind"]] for _, d in nodes], dtype=np.int8)
-    rows, cols, vals = [], [], []
-    for s, t, d in g.edges(data=True):
-        rows.append(index[t])
-        cols.append(index[s])
-        vals.append(float(d.get("weight", 0.0)))
-    adj = sp.csr_array(
-        (np.asarray(vals, np.float32), (np.asarray(rows, np.int64), np.asarray(cols, np.int64))),
-        shape=(n, n),
-    )
-    has_row = np.array(
-        [d.get("has_row", d["kind"] in ("feature", "logit")) for _, d in nodes], dtype=bool
-    )
-    influence = None
-    if all(d.get("influence") is not None for _, d in nodes) and n:
-        influence = col("influence", 0.0, np.float32)
-    logit_idx = np.flatnonzero(kind == LOGIT)
-    meta = dict(g.graph.get("metadata") or {})
-    if "logit_strings" not in meta:
-        meta["logit_strings"] = [nodes[i][1].get("token") or "" for i in logit_idx]
-    token_strings = list(g.graph.get("token_strings") or [])
-    n_pos = len(token_strings) or int(max((d["pos"] for _, d in nodes), default=-1)) + 1
-    token_ids = g.graph.get("token_ids") or [-1] * n_pos
-    return AttributionGraph(
-        prompt=str(g.graph.get("prompt", "")),
-        tokens=np.asarray(token_ids, dtype=np.int64),
-        token_strings=token_strings or [""] * n_pos,
-        kind=kind,
-        layer=col("layer", -1, np.int32),
-        pos=col("pos", 0, np.int32),
-        feature=col("feature", -1, np.int64),
-        activation=col("activation", 0.0, np.float32),
-        node_input=col("node_input", np.nan, np.float32),
-        row_constant=col("row_constant", 0.0, np.float32),
-        has_row=has_row,
-        adjacency=adj,
-        logit_probabilities=np.array(
-            [nodes[i][1].get("probability", 0.0) for i in logit_idx], np.float32
-        ),
-        n_layers=int(g.graph.get("n_layers", int(max((d["layer"] for _, d in nodes), default=0)))),
-        metadata=meta,
-        influence=influence,
-        labels={
-            i: d["label"] for i, (_, d) in enumerate(nodes) if d.get("label_source") == "human"
-        },
-    )
 
 
 # -- circuit-tracer / Neuronpedia graph JSON ---------------------------------------------------------
@@ -258,8 +76,6 @@ def to_neuronpedia_json(
     `influence` is the viewer's pruning key: the cumulative share of influence of the node and every more
     influential one (nodes with influence <= the viewer's threshold stay), relative to the full graph when
     the graph was pruned by `circuits.prune`."""
-    from .prune import compute_influence
-
     meta = graph.metadata or {}
     influence = graph.influence if graph.influence is not None else compute_influence(graph)
     influence = np.nan_to_num(np.asarray(influence, dtype=np.float64))
@@ -295,7 +111,7 @@ def to_neuronpedia_json(
             "reverse_ctx_idx": 0,
             "jsNodeId": "",
             "clerp": "",
-            "influence": _num(cumulative[i]),
+            "influence": finite_or_none(cumulative[i]),
             "activation": None,
         }
         if k == FEATURE:

@@ -1,4 +1,5 @@
-"""`AttributionGraph`: the one graph type that every stage reads and writes.
+"""`AttributionGraph`: the one graph type that every stage reads and writes, its file, its labels and its
+networkx view.
 
 Nodes come in a fixed order: active features (sorted by layer, position, feature id), error nodes
 (layer, position), token-embedding nodes (position), logit nodes. `adjacency[t, s]` is the direct
@@ -10,8 +11,7 @@ For every computed row: `adjacency[t].sum() + row_constant[t] == node_input[t]`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import UserError
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write
 
 FEATURE, ERROR, TOKEN, LOGIT = 0, 1, 2, 3
 KIND_NAMES = ("feature", "error", "token", "logit")
@@ -184,14 +185,11 @@ class AttributionGraph:
 
     # -- views for other tools ------------------------------------------------------------------
     def to_networkx(self):
-        from .export import graph_to_networkx
-
+        """This graph as a `networkx.DiGraph` (see `graph_to_networkx`)."""
         return graph_to_networkx(self)
 
     @classmethod
     def from_networkx(cls, g) -> AttributionGraph:
-        from .export import graph_from_networkx
-
         return graph_from_networkx(g)
 
     def subgraph(self, keep: np.ndarray) -> AttributionGraph:
@@ -240,35 +238,197 @@ def _json_default(x):
     raise TypeError(f"metadata value of type {type(x).__name__} cannot be saved as JSON")
 
 
+# -- labels -------------------------------------------------------------------------------------------
+
+
+def auto_label(graph: AttributionGraph, i: int) -> str | None:
+    """The feature dashboard's automatic label of node i (`metadata["dashboards"][id]["auto_label"]`)."""
+    dash = (graph.metadata or {}).get("dashboards") or {}
+    label = (dash.get(graph.node_id(i)) or {}).get("auto_label") if isinstance(dash, dict) else None
+    return str(label) if label else None
+
+
+def display_label(graph: AttributionGraph, i: int) -> tuple[str, str]:
+    """(label, source): the human label, else the dashboard's auto label, else the default short label."""
+    if i in graph.labels:
+        return graph.labels[i], "human"
+    auto = auto_label(graph, i)
+    if auto:
+        return auto, "auto"
+    return graph.node_label(i), "default"
+
+
+def supernode_groups(value) -> dict[str, list[str]]:
+    """Supernodes as {name: [node ids]}, the form graphs and the viewer's grouping file use
+    (`metadata["supernodes"]`, `{"supernodes": {...}}`). Also accepts a list of {"name", "members"} and
+    Neuronpedia's [[name, id, ...], ...]."""
+    inner = value.get("supernodes") if isinstance(value, dict) else None
+    if isinstance(inner, dict) or (
+        isinstance(inner, list) and all(isinstance(g, dict | list) for g in inner)
+    ):
+        value = inner  # the file wrapper, not a group named "supernodes"
+    out: dict[str, list[str]] = {}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and all(
+        isinstance(g, dict) or (isinstance(g, list) and g) for g in value
+    ):
+        items = [
+            (g.get("name", ""), g.get("members", [])) if isinstance(g, dict) else (g[0], g[1:])
+            for g in value
+        ]
+    else:
+        raise UserError(
+            "supernodes must be {name: [node ids]} (the viewer's 'download grouping' file)"
+        )
+    for name, members in items:
+        if not isinstance(members, list):
+            raise UserError(f"supernode {name!r} must list node ids, got {type(members).__name__}")
+        out[str(name)] = [str(m) for m in members]
+    return out
+
+
+def finite_or_none(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+# -- networkx -----------------------------------------------------------------------------------------
+
+
+def graph_to_networkx(graph: AttributionGraph):
+    """A `networkx.DiGraph`: nodes keyed by `AttributionGraph.node_id`, edges source -> target.
+
+    Node attributes: kind ("feature"/"error"/"token"/"logit"), layer, pos, token (the prompt token at pos,
+    or the predicted token for logits), feature (feature id; vocabulary id for logits; -1 otherwise),
+    activation, influence (None before pruning), label and label_source ("human"/"auto"/"default"),
+    node_input, row_constant, has_row; logits also probability and rank. Edge attribute: weight (the direct effect).
+    Graph attributes: prompt, token_ids, token_strings, n_layers, metadata."""
+    import networkx as nx  # imported when used: it takes longer to import than the rest of circuits
+
+    g = nx.DiGraph(
+        prompt=graph.prompt,
+        token_ids=[int(t) for t in graph.tokens],
+        token_strings=list(graph.token_strings),
+        n_layers=int(graph.n_layers),
+        metadata=json.loads(json.dumps(graph.metadata, default=str)),
+    )
+    ids = graph.node_ids()
+    logit_rank = {int(n): j for j, n in enumerate(graph.logit_nodes)}
+    strings = graph.logit_strings
+    for i, nid in enumerate(ids):
+        k = int(graph.kind[i])
+        p = int(graph.pos[i])
+        label, source = display_label(graph, i)
+        attrs = dict(
+            kind=KIND_NAMES[k],
+            layer=int(graph.layer[i]),
+            pos=p,
+            feature=int(graph.feature[i]),
+            activation=float(graph.activation[i]),
+            node_input=finite_or_none(graph.node_input[i]),
+            row_constant=float(graph.row_constant[i]),
+            has_row=bool(graph.has_row[i]),
+            influence=None if graph.influence is None else float(graph.influence[i]),
+            label=label,
+            label_source=source,
+            token=graph.token_strings[p] if 0 <= p < len(graph.token_strings) else None,
+        )
+        if k == LOGIT:
+            j = logit_rank[i]
+            attrs["probability"] = float(graph.logit_probabilities[j])
+            attrs["rank"] = j  # order among the logit nodes
+            attrs["token"] = strings[j] if j < len(strings) else None
+        g.add_node(nid, **attrs)
+    coo = graph.adjacency.tocoo()
+    g.add_weighted_edges_from(
+        (ids[s], ids[t], float(w)) for t, s, w in zip(coo.row, coo.col, coo.data)
+    )
+    return g
+
+
+def graph_from_networkx(g) -> AttributionGraph:
+    """Back from `graph_to_networkx` (or any DiGraph with the same node attributes and edge `weight`)."""
+    need = ("kind", "layer", "pos", "feature")
+    kinds = {name: k for k, name in enumerate(KIND_NAMES)}
+    nodes = list(g.nodes(data=True))
+    for nid, d in nodes:
+        missing = [a for a in need if a not in d]
+        if missing:
+            raise UserError(
+                f"networkx node {nid!r} lacks attribute(s) {', '.join(missing)}; "
+                f"every node needs {', '.join(need)}"
+            )
+        if d["kind"] not in kinds:
+            raise UserError(
+                f"networkx node {nid!r} has kind {d['kind']!r}; use one of {', '.join(KIND_NAMES)}"
+            )
+    # canonical node order: features, errors, tokens by (layer, pos, feature); logits by rank
+    order = sorted(
+        range(len(nodes)),
+        key=lambda i: (
+            (kinds[nodes[i][1]["kind"]],)
+            + (
+                (nodes[i][1].get("rank", i), 0, 0)
+                if nodes[i][1]["kind"] == "logit"
+                else (nodes[i][1]["layer"], nodes[i][1]["pos"], nodes[i][1]["feature"])
+            )
+        ),
+    )
+    nodes = [nodes[i] for i in order]
+    index = {nid: i for i, (nid, _) in enumerate(nodes)}
+    n = len(nodes)
+    col = lambda key, default, dtype: np.array(
+        [d.get(key, default) if d.get(key) is not None else default for _, d in nodes], dtype=dtype
+    )
+    kind = np.array([kinds[d["kind"]] for _, d in nodes], dtype=np.int8)
+    rows, cols, vals = [], [], []
+    for s, t, d in g.edges(data=True):
+        rows.append(index[t])
+        cols.append(index[s])
+        vals.append(float(d.get("weight", 0.0)))
+    adj = sp.csr_array(
+        (np.asarray(vals, np.float32), (np.asarray(rows, np.int64), np.asarray(cols, np.int64))),
+        shape=(n, n),
+    )
+    has_row = np.array(
+        [d.get("has_row", d["kind"] in ("feature", "logit")) for _, d in nodes], dtype=bool
+    )
+    influence = None
+    if all(d.get("influence") is not None for _, d in nodes) and n:
+        influence = col("influence", 0.0, np.float32)
+    logit_idx = np.flatnonzero(kind == LOGIT)
+    meta = dict(g.graph.get("metadata") or {})
+    if "logit_strings" not in meta:
+        meta["logit_strings"] = [nodes[i][1].get("token") or "" for i in logit_idx]
+    token_strings = list(g.graph.get("token_strings") or [])
+    n_pos = len(token_strings) or int(max((d["pos"] for _, d in nodes), default=-1)) + 1
+    token_ids = g.graph.get("token_ids") or [-1] * n_pos
+    return AttributionGraph(
+        prompt=str(g.graph.get("prompt", "")),
+        tokens=np.asarray(token_ids, dtype=np.int64),
+        token_strings=token_strings or [""] * n_pos,
+        kind=kind,
+        layer=col("layer", -1, np.int32),
+        pos=col("pos", 0, np.int32),
+        feature=col("feature", -1, np.int64),
+        activation=col("activation", 0.0, np.float32),
+        node_input=col("node_input", np.nan, np.float32),
+        row_constant=col("row_constant", 0.0, np.float32),
+        has_row=has_row,
+        adjacency=adj,
+        logit_probabilities=np.array(
+            [nodes[i][1].get("probability", 0.0) for i in logit_idx], np.float32
+        ),
+        n_layers=int(g.graph.get("n_layers", int(max((d["layer"] for _, d in nodes), default=0)))),
+        metadata=meta,
+        influence=influence,
+        labels={
+            i: d["label"] for i, (_, d) in enumerate(nodes) if d.get("label_source") == "human"
+        },
+    )
+
+
 def load_graph(path: str | Path) -> AttributionGraph:
     """Load a graph written by `AttributionGraph.save` / `circuits trace`."""
     return AttributionGraph.load(path)
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call `write(fileobj)` on a temporary file beside `path`, then rename it into place: readers never see
-    a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))

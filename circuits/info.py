@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import platform
+from importlib.metadata import version
 
+import numpy
 import torch
+
+from gemma_lm import __version__
+from gemma_lm.files import cache_dir
+from gemma_lm.models import DEFAULT_MODEL
+from transcoders.default import default_transcoders_dir
+
+from .backend import active_backend, backend_reason
 
 
 def info_lines() -> list[str]:
-    import numpy
-    import transformers
-
-    from . import __version__
-    from .backend import active_backend, backend_reason
-    from .models import DEFAULT_MODEL, cache_dir
-
     cuda = torch.cuda.is_available()
     device = (
         f"cuda ({torch.cuda.get_device_name(0)})"
@@ -24,20 +26,15 @@ def info_lines() -> list[str]:
     dev = "cuda" if cuda else "cpu"
     root = cache_dir()
     model_cache = root / "models" / "gemma-3-270m-hf"
-    try:
-        from transcoders.default import default_transcoders_dir
-
-        tc_dir = default_transcoders_dir()
-        tc_state = (
-            "trained"
-            if (tc_dir / "config.json").exists()
-            else "not trained yet (the first trace trains it)"
-        )
-    except ImportError:
-        tc_dir, tc_state = root / "transcoders", "unavailable"
+    tc_dir = default_transcoders_dir()
+    tc_state = (
+        "trained"
+        if (tc_dir / "config.json").exists()
+        else "not trained yet (the first trace trains it)"
+    )
     return [
         f"gemma-circuits {__version__}",
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {version('transformers')}, "
         f"numpy {numpy.__version__}",
         f"device: {device}",
         f"edge backend: {active_backend(dev)} ({backend_reason(dev)})"

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from gemma_lm.errors import UserError
+from gemma_lm.jobs import with_overrides
+from gemma_lm.models import DEFAULT_MODEL, LoadedModel, load_model
+from transcoders.default import resolve_transcoders
+
 from .graph import AttributionGraph
-from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .replacement import (
     FrozenWeights,
     PromptState,
@@ -504,16 +507,6 @@ def greedy(
 # -- the job -------------------------------------------------------------------------------------------
 
 
-def apply_overrides(cfg, overrides: dict):
-    """Set keyword options on a job's config dataclass (unknown names are a TypeError), then check it."""
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"unknown option {k!r}; options: {', '.join(asdict(cfg))}")
-        setattr(cfg, k, v)
-    cfg.check()
-    return cfg
-
-
 def _top_rows(lm: LoadedModel, before: torch.Tensor, after: torch.Tensor, k: int) -> list[dict]:
     pb, pa = torch.softmax(before, -1), torch.softmax(after, -1)
     ids = dict.fromkeys(pb.topk(k).indices.tolist() + pa.topk(k).indices.tolist())
@@ -556,9 +549,7 @@ def intervene(
     TranscoderSet, a path or "default". Options as in `InterventionConfig` (mode, propagate, generate,
     top_k, chat, ...) as keyword overrides.
     """
-    from .attribution import resolve_transcoders
-
-    cfg = apply_overrides(config or InterventionConfig(), overrides)
+    cfg = with_overrides(config, InterventionConfig, overrides)
     graph = prompt if isinstance(prompt, AttributionGraph) else None
     if lm is None or isinstance(lm, str):
         lm = load_model(

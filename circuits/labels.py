@@ -1,12 +1,17 @@
-"""Human labels on graph nodes. They live in `graph.labels` (node index -> text), are saved with the graph,
-survive pruning, and win over automatic labels in the SVG and the viewer."""
+"""What a graph says about its nodes beyond the numbers: human labels and feature dashboards.
+
+Human labels live in `graph.labels` (node index -> text), are saved with the graph, survive pruning, and
+win over automatic labels in the SVG and the viewer. Dashboards (`transcoders.dashboards`) are copied into
+the graph's metadata for its feature nodes (`attach_dashboards`), so every later file carries them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
-from .graph import AttributionGraph, load_graph
+from gemma_lm.errors import UserError
+from transcoders.dashboards import Dashboards, load_dashboards
+
+from .graph import FEATURE, AttributionGraph, load_graph
 
 
 def node_index(graph: AttributionGraph, node: str | int) -> int:
@@ -48,3 +53,25 @@ def label_file(path: str | Path, node: str | int, text: str | None) -> Attributi
         set_label(graph, node, text)
     graph.save(path)
     return graph
+
+
+def attach_dashboards(graph, dashboards: Dashboards | str | Path, n_contexts: int = 5) -> int:
+    """Put the dashboard of every feature node of `graph` into `graph.metadata["dashboards"][node_id]`.
+    Returns how many nodes got one."""
+    d = dashboards if isinstance(dashboards, Dashboards) else load_dashboards(dashboards)
+    info = graph.metadata.get("transcoders") or {}
+    if info.get("d_sae") not in (None, d.d_sae) or graph.n_layers != d.n_layers:
+        raise UserError(
+            f"these dashboards describe {d.n_layers} layers x {d.d_sae} features, but the graph's "
+            f"transcoders have {graph.n_layers} x {info.get('d_sae')}; "
+            f"use the dashboards of its transcoders"
+        )
+    store = graph.metadata.setdefault("dashboards", {})
+    cache: dict[tuple[int, int], dict] = {}
+    nodes = graph.nodes_of(FEATURE)
+    for i in nodes:
+        key = (int(graph.layer[i]), int(graph.feature[i]))
+        if key not in cache:
+            cache[key] = d.feature(*key, n_contexts=n_contexts)
+        store[graph.node_id(int(i))] = cache[key]
+    return len(nodes)

@@ -20,8 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph, atomic_write, atomic_write_text
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write, atomic_write_text
+
+from .graph import (
+    ERROR,
+    FEATURE,
+    LOGIT,
+    TOKEN,
+    AttributionGraph,
+    display_label,
+    supernode_groups,
+)
+from .pruning import compute_influence
 
 POS_COLOR, NEG_COLOR = "#2563eb", "#dc2626"
 STATUS_COLORS = {"a": "#f59e0b", "b": "#8b5cf6", "both": "#d1d5db"}
@@ -60,8 +71,6 @@ def importance(graph: AttributionGraph) -> np.ndarray:
     if graph.influence is not None:
         raw = graph.influence
     else:
-        from .prune import compute_influence
-
         raw = compute_influence(graph)
     return np.nan_to_num(np.abs(np.asarray(raw, dtype=np.float64)))
 
@@ -100,8 +109,6 @@ def _token_text(s: str) -> str:
 
 
 def _nodes_of(graph: AttributionGraph, scores: np.ndarray | None = None) -> list[_Node]:
-    from .export import display_label
-
     scores = node_scores(graph) if scores is None else scores
     logit_nodes = graph.logit_nodes
     strings = graph.logit_strings
@@ -530,8 +537,6 @@ def html_data(
     graph: AttributionGraph, max_nodes: int | None = None, max_edges: int = 20000
 ) -> dict:
     """The JSON the HTML viewer draws: nodes with layout positions, edges with weights, dashboards."""
-    from .export import supernode_groups
-
     g = select_nodes(graph, max_nodes)
     nodes = _nodes_of(g)
     width, height, rows, cols = layout(nodes, g.n_pos)

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from transcoders.mapped import matmul, row_chunks, take_rows
+from gemma_lm.errors import UserError
+from gemma_lm.models import LoadedModel
+from gemma_lm.weights import StoredWeight
 
 from .backend import to_device
-from .errors import UserError
-from .models import LoadedModel
 
 
 @dataclass
@@ -206,16 +206,15 @@ class FrozenWeights:
         """Mean unembedding vector over the vocabulary `[D]`: logit nodes read logits minus their mean."""
         if self._unembed_mean is None:
             total = torch.zeros(self.W_U.shape[1], dtype=torch.float64, device=self.W_U.device)
-            for _, rows in row_chunks(
-                self.W_U
-            ):  # from the file where it is mapped (see `LoadedModel.unembed`)
+            # from the file where it is mapped (see `LoadedModel.unembed`)
+            for _, rows in StoredWeight(self.W_U).row_chunks():
                 total += rows.float().sum(0)
             self._unembed_mean = (total / self.W_U.shape[0]).float().to(self.device)
         return self._unembed_mean
 
     def unembedding_rows(self, token_ids: list[int]) -> torch.Tensor:
         """Rows `[k, D]` of the unembedding (float32, on the weights' device)."""
-        return take_rows(self.W_U, torch.as_tensor(token_ids, dtype=torch.long)).float()
+        return StoredWeight(self.W_U).rows(torch.as_tensor(token_ids, dtype=torch.long)).float()
 
     def logit_directions(self, token_ids: list[int], contrast: int | None = None) -> torch.Tensor:
         """Directions `[n, D]` in the final-norm output whose dot product is each logit node's input:
@@ -299,7 +298,7 @@ def frozen_forward(
         "final": final,
     }
     if logits:
-        out["logits"] = matmul(final, fw.W_U.T).float()
+        out["logits"] = StoredWeight(fw.W_U.T).left_matmul(final).float()
     return out
 
 

@@ -17,14 +17,14 @@ torch.set_num_threads(
 @pytest.fixture
 def tiny():
     """A tiny random Gemma 3 (3 layers, d_model 64, sliding + global layers, no soft-capping)."""
-    from circuits.models import tiny_model
+    from gemma_lm.testing import tiny_model
 
     return tiny_model(seed=0)
 
 
 @pytest.fixture
 def tiny_softcap():
-    from circuits.models import tiny_model
+    from gemma_lm.testing import tiny_model
 
     return tiny_model(seed=1, softcap=5.0)
 
@@ -43,3 +43,25 @@ def default_transcoders(real_model):
     from transcoders.default import load_default_transcoders
 
     return load_default_transcoders(real_model, progress=False)
+
+
+def serve_model(monkeypatch, lm_or_loader):
+    """Make every `load_model` of the library return a tiny model standing in for a real one (for the
+    command lines): the loader itself and every module that imported it by name. `lm_or_loader`: the
+    LoadedModel, or a function with `load_model`'s signature."""
+    import importlib
+    import sys
+
+    from circuits import cli as circuits_cli
+    from gemma_lm import models
+    from transcoders import cli as transcoders_cli
+
+    for command_module in circuits_cli.COMMAND_MODULES + transcoders_cli.COMMAND_MODULES:
+        importlib.import_module(command_module)  # each binds the loader it calls
+    real = models.load_model
+    load = lm_or_loader if callable(lm_or_loader) else (lambda *a, **kw: lm_or_loader)
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "")
+        if name.split(".")[0] in ("gemma_lm", "transcoders", "circuits"):
+            if getattr(module, "load_model", None) is real:
+                monkeypatch.setattr(module, "load_model", load)

@@ -103,8 +103,8 @@ def graph_digest(graph) -> dict:
 def case_digest(name: str) -> dict:
     """The digests of case `name`'s full graph and of its circuit at the default thresholds."""
     from circuits import attribute, prune
-    from circuits.models import tiny_model
-    from transcoders import random_transcoders
+    from gemma_lm.testing import tiny_model
+    from transcoders.testing import random_transcoders
 
     model_cfg, tc_cfg, options = CASES[name]
     model_cfg = dict(model_cfg)

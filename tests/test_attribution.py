@@ -10,11 +10,11 @@ import torch
 
 from circuits.attribution import AttributionConfig, RowStore, attribute
 from circuits.backend import _ext, feature_edges_torch
-from circuits.errors import UserError
 from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, load_graph
-from circuits.models import tiny_model
 from circuits.replacement import FrozenWeights, TransposedModel, frozen_forward, run_and_freeze
-from transcoders import random_transcoders
+from gemma_lm.errors import UserError
+from gemma_lm.testing import tiny_model
+from transcoders.testing import random_transcoders
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 

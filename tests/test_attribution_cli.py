@@ -7,13 +7,13 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
+from conftest import serve_model
 
-import circuits.models
 from circuits.attribution import AttributionConfig
 from circuits.cli import build_parser, run
 from circuits.graph import FEATURE, load_graph
-from circuits.models import tiny_model
-from transcoders import random_transcoders
+from gemma_lm.testing import tiny_model
+from transcoders.testing import random_transcoders
 
 PROMPT = "The cat sat on the"
 
@@ -32,7 +32,7 @@ def tiny_setup(tmp_path, monkeypatch):
         calls.append((name, device, dtype))
         return lm
 
-    monkeypatch.setattr(circuits.models, "load_model", fake_load)
+    serve_model(monkeypatch, fake_load)
     return tmp_path, calls
 
 

@@ -20,8 +20,8 @@ import pytest
 
 from circuits.attribution import AttributionConfig, attribute
 from circuits.batch import BatchConfig, read_prompts, trace_batch
-from circuits.errors import UserError
 from circuits.graph import load_graph
+from gemma_lm.errors import UserError
 
 PROMPTS = [
     "The cat sat on the mat",
@@ -37,8 +37,8 @@ PROMPTS = [
 
 def _setup():
     """The tiny model and transcoders every process of a test builds for itself (seeded, so identical)."""
-    from circuits.models import tiny_model
-    from transcoders import random_transcoders
+    from gemma_lm.testing import tiny_model
+    from transcoders.testing import random_transcoders
 
     return tiny_model(seed=0), random_transcoders(3, 64, 128, seed=0, l0=4.0)
 

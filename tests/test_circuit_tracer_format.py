@@ -11,13 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from circuits.errors import UserError
-from transcoders import random_transcoders
+from gemma_lm.errors import UserError
 from transcoders.circuit_tracer_format import (
     is_circuit_tracer_dir,
     load_circuit_tracer,
     save_circuit_tracer,
 )
+from transcoders.testing import random_transcoders
 
 L, D, F = 3, 32, 64
 REPO = Path(__file__).resolve().parents[1]

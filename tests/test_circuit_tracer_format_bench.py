@@ -12,7 +12,7 @@ import pytest
 
 import circuits
 from circuits.graph import ERROR, FEATURE, TOKEN
-from transcoders import random_transcoders
+from transcoders.testing import random_transcoders
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import vs_circuit_tracer as bench  # noqa: E402

@@ -1,4 +1,4 @@
-"""Comparing two circuits (circuits/compare.py) and the comparison picture."""
+"""Comparing two circuits (circuits/comparison.py) and the comparison picture."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import pytest
 from test_render import synthetic_graph
 
 import circuits
-from circuits.compare import CompareConfig, align_tokens, compare
-from circuits.export import graph_from_networkx, graph_to_networkx
-from circuits.graph import ERROR, FEATURE
-from circuits.prune import prune
+from circuits.comparison import CompareConfig, align_tokens, compare
+from circuits.graph import ERROR, FEATURE, graph_from_networkx, graph_to_networkx
+from circuits.pruning import prune
 
 
 def shifted(g, at: int, new_tokens: list[str], replace: int = 0):
@@ -133,13 +132,13 @@ def test_compare_prunes_unpruned_graphs():
 
 @pytest.mark.skipif(shutil.which("neato") is None, reason="graphviz (neato) is not installed")
 def test_comparison_picture_across_prompts(tmp_path):
-    from circuits.render import STATUS_COLORS
+    from circuits.render import STATUS_COLORS, render_comparison_svg
 
     a = prune(synthetic_graph(n_features=120, seed=6))
     b = shifted(a, 7, [" Houston"], replace=1)
     b = b.subgraph(np.setdiff1d(np.arange(b.n_nodes), b.nodes_of(FEATURE)[::3]))
     c = compare(a, b)
-    svg = c.render_svg(tmp_path / "diff.svg").read_text()
+    svg = render_comparison_svg(c, None, None, tmp_path / "diff.svg").read_text()
     for color in STATUS_COLORS.values():
         assert color in svg
     assert "Houston" in svg and "Dallas" in svg

@@ -7,20 +7,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import serve_model
 
 from circuits.attribution import attribute
-from circuits.errors import UserError
 from circuits.graph import FEATURE, load_graph
-from circuits.models import tiny_model
-from transcoders import random_transcoders
+from circuits.labels import attach_dashboards
+from gemma_lm.errors import UserError
+from gemma_lm.testing import tiny_model
 from transcoders.dashboards import (
     TopContexts,
-    attach_dashboards,
     auto_label,
     build_dashboards,
     load_dashboards,
     output_tokens,
 )
+from transcoders.testing import random_transcoders
 
 WORDS = "the cat dog sat on mat ran far away big small red blue house tree river".split()
 
@@ -183,9 +184,9 @@ def test_output_tokens_are_decoder_times_final_gain_times_unembedding():
 def test_killed_run_resumes_to_the_same_result(tmp_path, text_file, monkeypatch):
     lm, tc = setup("plt")
     whole = load_dashboards(build_dashboards(lm, tc, **small(text_file, tmp_path / "whole")))
-    import transcoders.data as data
+    import transcoders.dashboards as dashboards
 
-    real, calls = data.harvest, {"n": 0}
+    real, calls = dashboards.harvest, {"n": 0}
 
     def dying(*a, **kw):
         calls["n"] += 1
@@ -193,7 +194,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, text_file, monkeypatch)
             raise KeyboardInterrupt  # a kill in the middle of the pass
         return real(*a, **kw)
 
-    monkeypatch.setattr(data, "harvest", dying)
+    monkeypatch.setattr(dashboards, "harvest", dying)
     opts = small(text_file, tmp_path / "resumed", checkpoint_every=3)
     with pytest.raises(KeyboardInterrupt):
         build_dashboards(lm, tc, **opts)
@@ -273,14 +274,12 @@ def test_auto_label_names_input_and_output_tokens():
 
 
 def test_cli_builds_dashboards_next_to_native_transcoders(tmp_path, text_file, monkeypatch):
-    from circuits import models
-    from circuits.cli import run
-    from transcoders.cli import build_parser
+    from transcoders.cli import run
     from transcoders.formats import save_native
 
     lm, tc = setup("plt")
     save_native(tc, tmp_path / "tc")
-    monkeypatch.setattr(models, "load_model", lambda *a, **kw: lm)
+    serve_model(monkeypatch, lm)
     argv = [
         "dashboards",
         "--transcoders",
@@ -295,10 +294,10 @@ def test_cli_builds_dashboards_next_to_native_transcoders(tmp_path, text_file, m
         "960",
         "--no-progress",
     ]
-    assert run(argv, parser=build_parser()) == 0
+    assert run(argv) == 0
     d = load_dashboards(tmp_path / "tc" / "dashboards")
     assert d.t["top_acts"].shape == (lm.sites.n_layers, 24, 3)
-    assert run(argv[:-1] + ["--k", "0"], parser=build_parser()) == 2  # a UserError, one line
+    assert run(argv[:-1] + ["--k", "0"]) == 2  # a UserError, one line
 
 
 @pytest.mark.slow

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuits.errors import UserError
-from transcoders.data import PlantedBuffer, PlantedData
+from gemma_lm.errors import UserError
 from transcoders.distributed import DistributedTrainConfig, Layout, train_distributed
 from transcoders.formats import load_native
+from transcoders.testing import PlantedBuffer, PlantedData
 from transcoders.train import TrainConfig, train_transcoders
 
 STOP_AT = 7  # interrupted runs stop after this step; checkpoints every 5 steps
@@ -119,7 +119,7 @@ def test_one_rank_equals_train_transcoders(tmp_path, shard):
 
 
 def test_layout_refuses_uneven_splits():
-    from circuits.ranks import Ranks
+    from gemma_lm.ranks import Ranks
 
     two = Ranks(rank=1, world_size=2)
     assert (Layout.make(two, _cfg(), "features").lo, Layout.make(two, _cfg(), "features").hi) == (
@@ -222,7 +222,7 @@ def _driver(root: Path) -> None:
 
     import torch.distributed as dist
 
-    from circuits.ranks import end_process_group
+    from gemma_lm.ranks import end_process_group
 
     faulthandler.enable(all_threads=True)  # an abort in C++ (gloo) prints where Python was
     dist.init_process_group("gloo")  # one group for all runs; train_distributed joins it

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from circuits import backend as be
-from circuits.errors import UserError
+from gemma_lm.errors import UserError
 
 HAS_EXT = be._ext is not None
 needs_ext = pytest.mark.skipif(

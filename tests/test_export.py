@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 from test_render import synthetic_graph
 
-from circuits.errors import UserError
-from circuits.export import (
-    graph_from_networkx,
-    graph_to_networkx,
-    neuronpedia_node_ids,
-    to_neuronpedia_json,
-    write_neuronpedia_json,
-)
-from circuits.graph import ERROR, FEATURE, TOKEN
-from circuits.prune import prune
+from circuits.export import neuronpedia_node_ids, to_neuronpedia_json, write_neuronpedia_json
+from circuits.graph import ERROR, FEATURE, TOKEN, graph_from_networkx, graph_to_networkx
+from circuits.pruning import prune
+from gemma_lm.errors import UserError
 
 # The attribution-graph JSON schema of Neuronpedia's viewer (neuronpedia, apps/webapp/app/api/graph/
 # graph-schema.json, "Anthropic Attribution Graph" v1.0.0): its fields, types and required lists.
@@ -378,7 +372,7 @@ def test_neuronpedia_json_with_jsonschema():
 
 
 def test_supernode_groups_accepts_every_grouping_form():
-    from circuits.export import supernode_groups
+    from circuits.graph import supernode_groups
 
     want = {"Texas": ["f:1:2:3"], "say a capital": ["e:0:1", "f:5:6:7"]}
     assert supernode_groups(want) == want

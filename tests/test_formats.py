@@ -16,11 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from circuits.errors import UserError
-from transcoders import formats, gemmascope, random_transcoders
+from gemma_lm import weights
+from gemma_lm.errors import UserError
+from gemma_lm.weights import StoredWeight, resident_fraction
+from transcoders import gemmascope, native
 from transcoders.formats import convert, detect_layout, load_any, load_native, save_native
 from transcoders.gemmascope import save_gemmascope2
-from transcoders.mapped import column_chunks, matmul, read_columns, resident_fraction, row_chunks
+from transcoders.testing import random_transcoders
 
 L, D, F = 3, 16, 40
 RELEASED_CONFIG_KEYS = {
@@ -112,9 +114,7 @@ def test_native_round_trip_is_exact(tmp_path, kind, activation, skip):
 def test_native_config_is_readable_json_with_format_and_version(tmp_path):
     save_native(make_set("clt", skip=True), tmp_path / "set")
     raw = json.loads((tmp_path / "set" / "config.json").read_text())
-    assert (
-        raw["format"] == formats.NATIVE_FORMAT and raw["format_version"] == formats.NATIVE_VERSION
-    )
+    assert raw["format"] == native.NATIVE_FORMAT and raw["format_version"] == native.NATIVE_VERSION
     assert (raw["kind"], raw["n_layers"], raw["d_model"], raw["d_sae"], raw["skip"]) == (
         "clt",
         L,
@@ -155,7 +155,7 @@ def test_save_is_atomic_and_a_failed_write_leaves_the_old_set(tmp_path, monkeypa
         Path(path).write_bytes(b"half")  # a partial file, then the crash
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", broken_save_file)
+    monkeypatch.setattr("transcoders.native.save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_native(make_set(seed=2), tmp_path / "set")
     with pytest.raises(OSError, match="disk full"):
@@ -202,7 +202,7 @@ def _corrupt(path: Path, how: str):
         save_file(t, str(weights))
     elif how == "newer version":
         raw = json.loads(cfg.read_text())
-        raw["format_version"] = formats.NATIVE_VERSION + 1
+        raw["format_version"] = native.NATIVE_VERSION + 1
         cfg.write_text(json.dumps(raw))
     elif how == "bad kind":
         raw = json.loads(cfg.read_text())
@@ -694,8 +694,7 @@ def test_convert_chain_native_gemmascope_native(tmp_path):
 
 
 def test_convert_cli(tmp_path, capsys):
-    from circuits.cli import run
-    from transcoders.cli import build_parser
+    from transcoders.cli import run
 
     save_native(make_set("plt", "topk"), tmp_path / "topk")
     save_native(make_set("skip"), tmp_path / "skip")
@@ -710,8 +709,7 @@ def test_convert_cli(tmp_path, capsys):
                 "--l0-label",
                 "big",
                 "--no-progress",
-            ],
-            parser=build_parser(),
+            ]
         )
         == 0
     )
@@ -724,11 +722,7 @@ def test_convert_cli(tmp_path, capsys):
         / "params.safetensors"
     ).is_file()
     assert (
-        run(
-            ["convert", str(tmp_path / "topk"), str(tmp_path / "gs2"), "--to", "gemmascope2"],
-            parser=build_parser(),
-        )
-        == 2
+        run(["convert", str(tmp_path / "topk"), str(tmp_path / "gs2"), "--to", "gemmascope2"]) == 2
     )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: Gemma Scope 2 files hold JumpReLU") and "\n" not in err
@@ -805,7 +799,7 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
     big = random_transcoders(L, 256, 8192, kind=kind, seed=1)
     if layout == "native":
         save_native(big, tmp_path / "set")
-        files = [tmp_path / "set" / formats.WEIGHTS_FILE]
+        files = [tmp_path / "set" / native.WEIGHTS_FILE]
     elif layout == "circuit-tracer":
         from transcoders.circuit_tracer_format import save_circuit_tracer
 
@@ -869,9 +863,9 @@ def test_the_values_check_reads_every_float_dtype(tmp_path, dtype, bad):
     broken = good.clone()
     broken[777] = bad
     save_file({"a": good, "b": broken, "c": torch.arange(5)}, str(tmp_path / "w.safetensors"))
-    assert list(formats.nonfinite_tensors_in_file(tmp_path / "w.safetensors", piece=512)) == ["b"]
+    assert list(weights.nonfinite_tensors_in_file(tmp_path / "w.safetensors", piece=512)) == ["b"]
     with pytest.raises(UserError, match="b holds NaN or infinite"):
-        formats.read_safetensors(tmp_path / "w.safetensors")
+        weights.read_safetensors(tmp_path / "w.safetensors")
 
 
 @pytest.mark.skipif(
@@ -894,7 +888,7 @@ def test_decoder_rows_of_a_replaced_file_are_the_loaded_ones(tmp_path):
     not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)"
 )
 def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
-    """`row_chunks` / `matmul(x, w.T)` over a memory-mapped matrix (contiguous, and the strided rows of a CLT-like
+    """`StoredWeight.row_chunks` / `left_matmul` over a memory-mapped matrix (contiguous, and the strided rows of a CLT-like
     `[n, 3, D]` tensor) give its values with (almost) none of its pages made present; a matrix edited in
     memory is read from memory."""
     torch.manual_seed(0)
@@ -905,22 +899,24 @@ def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
     assert resident_fraction(mapped) < 0.05
     x = torch.randn(96)
     for w, ref in [(mapped.view(20000, 288), full.view(20000, 288)), (mapped[:, 1], full[:, 1])]:
-        seen = torch.cat([rows.clone() for _, rows in row_chunks(w, chunk_rows=3000)])
+        seen = torch.cat([rows.clone() for _, rows in StoredWeight(w).row_chunks(chunk_rows=3000)])
         torch.testing.assert_close(seen, ref, rtol=0, atol=0)
         xx = x if w.shape[1] == 96 else torch.randn(288)
-        torch.testing.assert_close(matmul(xx, w.T, chunk_bytes=4096 * w.shape[1] * 4), ref @ xx)
-        starts = [a for a, _ in row_chunks(w, chunk_rows=3000)]
+        torch.testing.assert_close(
+            StoredWeight(w.T, chunk_bytes=4096 * w.shape[1] * 4).left_matmul(xx), ref @ xx
+        )
+        starts = [a for a, _ in StoredWeight(w).row_chunks(chunk_rows=3000)]
         assert starts == list(range(0, 20000, 3000))
     assert resident_fraction(mapped) < 0.05, "a pass read through the mapping"
     mapped[123, 1, 5] += 1.0  # a private copy of that page: the file no longer holds the values
     edited = full[:, 1].clone()
     edited[123, 5] += 1.0
-    torch.testing.assert_close(matmul(x, mapped[:, 1].T), edited @ x)
+    torch.testing.assert_close(StoredWeight(mapped[:, 1].T).left_matmul(x), edited @ x)
     assert float(mapped.sum()) == pytest.approx(float(full.sum()) + 1.0, rel=1e-5)
     assert resident_fraction(mapped) > 0.9  # read through the mapping: the probe works
     small = torch.randn(7, 5)  # not a mapping: views of it
-    assert [a for a, _ in row_chunks(small, chunk_rows=3)] == [0, 3, 6]
-    torch.testing.assert_close(matmul(torch.ones(5), small.T), small.sum(1))
+    assert [a for a, _ in StoredWeight(small).row_chunks(chunk_rows=3)] == [0, 3, 6]
+    torch.testing.assert_close(StoredWeight(small.T).left_matmul(torch.ones(5)), small.sum(1))
 
 
 @pytest.mark.skipif(
@@ -928,7 +924,7 @@ def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
 )
 @pytest.mark.parametrize("stored", ["[D, F]", "[F, D]"])
 def test_encoder_products_and_columns_read_the_file(tmp_path, stored):
-    """`matmul` and `read_columns` over an encoder mapped from a file, stored `[D, F]` or as `[F, D]` (used
+    """`StoredWeight.left_matmul` and `file_columns` over an encoder mapped from a file, stored `[D, F]` or as `[F, D]` (used
     through its transposed view), give its values with (almost) none of its pages made present; blocks hold
     whole columns; an encoder edited in memory is multiplied from memory, and its columns are left to the caller."""
     torch.manual_seed(1)
@@ -941,24 +937,28 @@ def test_encoder_products_and_columns_read_the_file(tmp_path, stored):
     w = stored_tensor if stored == "[D, F]" else stored_tensor.T
     x = torch.randn(5, 96)
     chunk = 96 * 4 * 1000  # 1000 columns a block
-    assert [(a, blk.shape[1]) for a, blk in column_chunks(w, chunk)][-2:] == [
+    assert [(a, blk.shape[1]) for a, blk in StoredWeight(w, chunk).column_chunks()][-2:] == [
         (5000, 1000),
         (6000, 1000),
     ]
-    torch.testing.assert_close(matmul(x, w, chunk), x @ ref)
+    torch.testing.assert_close(StoredWeight(w, chunk).left_matmul(x), x @ ref)
     cols = torch.tensor([6999, 0, 1000, 999, 0, 4321])
-    torch.testing.assert_close(read_columns(w, cols, chunk), ref[:, cols].T, rtol=0, atol=0)
-    assert read_columns(w, torch.tensor([], dtype=torch.long)).shape == (0, 96)
+    torch.testing.assert_close(
+        StoredWeight(w, chunk).file_columns(cols), ref[:, cols].T, rtol=0, atol=0
+    )
+    assert StoredWeight(w).file_columns(torch.tensor([], dtype=torch.long)).shape == (0, 96)
     with pytest.raises(IndexError):
-        read_columns(w, torch.tensor([7000]))
+        StoredWeight(w).file_columns(torch.tensor([7000]))
     assert resident_fraction(stored_tensor) < 0.05, "a pass read through the mapping"
     w[3, 4321] += 1.0
     edited = ref.clone()
     edited[3, 4321] += 1.0
     assert (
-        read_columns(w, cols, chunk) is None
+        StoredWeight(w, chunk).file_columns(cols) is None
     )  # the file no longer holds the values: the caller reads memory
-    torch.testing.assert_close(matmul(x, w, chunk), x @ edited)  # through the views, edit included
+    torch.testing.assert_close(
+        StoredWeight(w, chunk).left_matmul(x), x @ edited
+    )  # through the views, edit included
     assert (
-        read_columns(torch.randn(4, 6), torch.tensor([1])) is None
+        StoredWeight(torch.randn(4, 6)).file_columns(torch.tensor([1])) is None
     )  # not a mapping: the caller indexes memory

@@ -1,4 +1,4 @@
-"""circuits.gemma3 (our Gemma 3 forward pass) against transformers' implementation on the same weights."""
+"""gemma_lm.gemma3 (our Gemma 3 forward pass) against transformers' implementation on the same weights."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import circuits
-from circuits.gemma3 import Gemma3CausalLM, Gemma3Config
-from circuits.models import load_model, tiny_model
 from circuits.replacement import run_and_freeze
+from gemma_lm.gemma3 import Gemma3CausalLM, Gemma3Config
+from gemma_lm.models import load_model
+from gemma_lm.testing import tiny_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_models import _word_tokenizer  # noqa: E402
@@ -56,7 +57,7 @@ def test_same_logits_as_transformers(tmp_path, case, dtype):
         load_model(str(path), dtype=dtype, implementation="transformers"),
     )
     assert (
-        isinstance(ours.model, Gemma3CausalLM) and ours.meta["implementation"] == "circuits.gemma3"
+        isinstance(ours.model, Gemma3CausalLM) and ours.meta["implementation"] == "gemma_lm.gemma3"
     )
     assert theirs.meta["implementation"] == "transformers"
     ids = torch.randint(4, 64, (2, 13))
@@ -81,7 +82,7 @@ def test_same_logits_as_transformers(tmp_path, case, dtype):
 
 
 def test_recorded_state_and_graph_are_the_same(tmp_path):
-    from transcoders import random_transcoders
+    from transcoders.testing import random_transcoders
 
     path = _save(tmp_path, n_heads=4, n_kv_heads=2, sliding_window=4)
     ours, theirs = load_model(str(path)), load_model(str(path), implementation="transformers")
@@ -106,7 +107,7 @@ def test_recorded_state_and_graph_are_the_same(tmp_path):
     g_theirs = circuits.attribute(
         theirs, " ".join(f"w{i}" for i in range(5, 17)), transcoders=tc, progress=False
     )
-    assert g_ours.metadata["model_implementation"] == "circuits.gemma3"
+    assert g_ours.metadata["model_implementation"] == "gemma_lm.gemma3"
     assert (g_ours.adjacency != g_theirs.adjacency).nnz == 0
     np.testing.assert_array_equal(g_ours.activation, g_theirs.activation)
 
@@ -150,7 +151,7 @@ def test_configs_of_both_transformers_layouts_and_what_is_not_covered(tmp_path):
     assert cfg.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
     with pytest.raises(circuits.UserError, match="yarn"):
         Gemma3Config.from_dict({**v4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    # a config outside what circuits.gemma3 covers loads on transformers instead
+    # a config outside what gemma_lm.gemma3 covers loads on transformers instead
     path = _save(tmp_path, sliding_window=4)
     raw = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**raw, "attention_bias": True}))
@@ -177,7 +178,7 @@ def test_incomplete_weights_are_a_clear_error(tmp_path):
 
 
 def test_loading_leaves_transformers_modelling_unimported(tmp_path):
-    """The point of circuits.gemma3: tracing a local Gemma 3 never imports transformers' modelling code."""
+    """The point of gemma_lm.gemma3: tracing a local Gemma 3 never imports transformers' modelling code."""
     path = _save(tmp_path, sliding_window=4)
     code = (
         "import sys, circuits; lm = circuits.load_model(sys.argv[1]);"

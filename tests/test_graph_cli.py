@@ -137,8 +137,8 @@ def test_real_model_graph_end_to_end(real_model, tmp_path):
 
     import circuits
     from circuits.export import to_neuronpedia_json
-    from circuits.prune import compute_influence
-    from transcoders import random_transcoders
+    from circuits.pruning import compute_influence
+    from transcoders.testing import random_transcoders
 
     s = real_model.sites
     tc = random_transcoders(

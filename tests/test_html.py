@@ -25,7 +25,7 @@ import pytest
 from test_render import synthetic_graph
 
 from circuits.graph import FEATURE
-from circuits.prune import prune
+from circuits.pruning import prune
 from circuits.render import html_data, render_html
 
 CHROMIUM = next(
@@ -240,7 +240,9 @@ def browser(tmp_path_factory):
 def page(tmp_path_factory):
     """A pruned realistic graph with dashboards, written as a page."""
     g = prune(
-        synthetic_graph(n_features=160, seed=11, dashboards=True, with_influence=False), 0.9, 0.98
+        synthetic_graph(n_features=160, seed=11, dashboards=True, with_influence=False),
+        node_threshold=0.9,
+        edge_threshold=0.98,
     )
     g.metadata.setdefault("dashboards", {})
     path = render_html(g, tmp_path_factory.mktemp("html") / "graph.html")

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from circuits.attribution import attribute
-from circuits.errors import UserError
 from circuits.graph import ERROR, FEATURE
 from circuits.interventions import Intervention, intervene, load_supernodes
-from circuits.models import tiny_model
-from transcoders import random_transcoders
+from gemma_lm.errors import UserError
+from gemma_lm.testing import tiny_model
+from transcoders.testing import random_transcoders
 
 PROMPT = "The cat sat on a mat"
 

@@ -7,16 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import serve_model
 
 from circuits.attribution import attribute
 from circuits.cli import run
-from circuits.errors import UserError
 from circuits.graph import FEATURE, load_graph
 from circuits.interventions import intervene
 from circuits.labels import label_file, labels_by_id, remove_label, set_label
-from circuits.models import tiny_model
-from transcoders import random_transcoders
+from gemma_lm.errors import UserError
+from gemma_lm.testing import tiny_model
 from transcoders.formats import save_native
+from transcoders.testing import random_transcoders
 
 PROMPT = "the big red house"
 
@@ -27,9 +28,8 @@ def world(tmp_path, monkeypatch):
     lm = tiny_model(seed=12)
     tc = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 24, seed=4)
     save_native(tc, tmp_path / "tc")
-    import circuits.commands_intervene as ci
 
-    monkeypatch.setattr(ci, "load_model", lambda *a, **kw: lm)
+    serve_model(monkeypatch, lm)
     g = attribute(lm, PROMPT, transcoders=tc, progress=False)
     g.save(tmp_path / "g.npz")
     return lm, tc, g, tmp_path

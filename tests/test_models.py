@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import circuits
-from circuits.models import load_model, model_sites, tiny_config, tiny_model
+from gemma_lm.models import load_model, model_sites
+from gemma_lm.testing import tiny_config, tiny_model
 
 
 def _word_tokenizer(vocab_size: int):
@@ -245,7 +246,7 @@ def test_the_vocabulary_matrix_stays_out_of_memory():
     building its logit directions read it from the file: it stays (almost) all off the process's pages, and
     the logits equal the model's own forward pass, which reads it through the mapping."""
     from circuits.replacement import FrozenWeights, run_and_freeze
-    from transcoders.mapped import resident_fraction
+    from gemma_lm.weights import resident_fraction
 
     lm = load_model()  # a fresh mapping of the cached weights
     W = lm.sites.embed.weight
@@ -272,7 +273,7 @@ def test_the_default_models_tokenizer_gives_autotokenizers_ids(real_model):
     GemmaTokenizer): the same ids, decodings and special tokens."""
     from transformers import AutoTokenizer
 
-    from circuits.models import cache_dir
+    from gemma_lm.files import cache_dir
 
     auto = AutoTokenizer.from_pretrained(str(cache_dir() / "models" / "gemma-3-270m-hf"))
     ours = real_model.tokenizer

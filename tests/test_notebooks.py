@@ -45,18 +45,24 @@ REAL_MODEL_IN_CI = {
 
 # modules a notebook may import from this project: the public API
 PUBLIC_MODULES = {
+    "gemma_lm",
+    "gemma_lm.files",
     "circuits",
     "circuits.graph",
-    "circuits.prune",
-    "circuits.compare",
+    "circuits.pruning",
+    "circuits.comparison",
     "circuits.render",
     "circuits.interventions",
+    "circuits.labels",
     "transcoders",
     "transcoders.dashboards",
     "transcoders.formats",
     "transcoders.train",
     "transcoders.evaluate",
     "transcoders.default",
+    # the stand-ins of the ci scale (a tiny random model and random transcoders): fixtures, not API
+    "gemma_lm.testing",
+    "transcoders.testing",
 }
 
 

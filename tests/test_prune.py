@@ -1,4 +1,4 @@
-"""Influence maths, pruning thresholds and graph scores (circuits/prune.py)."""
+"""Influence maths, pruning thresholds and graph scores (circuits/pruning.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import pytest
 import scipy.sparse as sp
 from test_render import synthetic_graph
 
-from circuits.errors import UserError
 from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
-from circuits.prune import (
+from circuits.pruning import (
     PruneConfig,
     _keep_top,
     compute_influence,
@@ -20,6 +19,7 @@ from circuits.prune import (
     prune,
     prune_masks,
 )
+from gemma_lm.errors import UserError
 
 
 def brute_force_influence(graph: AttributionGraph) -> np.ndarray:
@@ -169,19 +169,19 @@ def test_cumulative_influence_matches_thresholds():
 
 def test_thresholds_control_the_size():
     g = synthetic_graph(n_features=250, seed=5, with_influence=False)
-    sizes = [prune(g, t, 0.98).n_nodes for t in (0.3, 0.6, 0.8, 0.95)]
+    sizes = [prune(g, node_threshold=t, edge_threshold=0.98).n_nodes for t in (0.3, 0.6, 0.8, 0.95)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
-    edges = [prune(g, 0.8, t).adjacency.nnz for t in (0.5, 0.8, 0.98)]
+    edges = [prune(g, node_threshold=0.8, edge_threshold=t).adjacency.nnz for t in (0.5, 0.8, 0.98)]
     assert edges == sorted(edges) and edges[0] < edges[-1]
     # with both thresholds at 1 every node with influence stays
-    full = prune(g, 1.0, 1.0)
+    full = prune(g, node_threshold=1.0, edge_threshold=1.0)
     infl = compute_influence(g)
     assert set(full.node_ids()) >= {g.node_id(i) for i in np.flatnonzero(infl > 1e-9)}
 
 
 def test_pruned_graph_is_consistent():
     g = synthetic_graph(n_features=200, seed=6, with_influence=False, with_labels=True)
-    p = prune(g, 0.7, 0.9)
+    p = prune(g, node_threshold=0.7, edge_threshold=0.9)
     assert (p.kind == TOKEN).sum() == g.n_pos and (p.kind == LOGIT).sum() == len(g.logit_nodes)
     adj = p.adjacency.tocsr()
     out_deg = np.bincount(adj.indices, minlength=p.n_nodes)
@@ -206,7 +206,7 @@ def test_pruned_graph_is_consistent():
 
 def test_zero_threshold_keeps_tokens_and_logits():
     g = synthetic_graph(n_features=60, seed=8, with_influence=False)
-    p = prune(g, 0.0, 0.0)
+    p = prune(g, node_threshold=0.0, edge_threshold=0.0)
     assert (p.kind == TOKEN).sum() == g.n_pos and (p.kind == LOGIT).sum() == 3
     assert (p.kind == FEATURE).sum() <= 3
 
@@ -224,7 +224,7 @@ def test_features_without_rows_need_no_inputs():
     g.adjacency = sp.csr_array(adj)
     g.adjacency.eliminate_zeros()
     g.has_row[2] = False
-    p = prune(g, 0.8, 1.0)
+    p = prune(g, node_threshold=0.8, edge_threshold=1.0)
     assert "f:0:0:2" in p.node_ids()
     assert p.metadata["scores"]["full"]["unexplained_fraction"] == pytest.approx(5 / 6)
 
@@ -242,7 +242,7 @@ def test_prune_masks_node_selection_reaches_threshold():
     g = synthetic_graph(n_features=150, seed=9, with_influence=False)
     infl = compute_influence(g)
     inner = (g.kind == FEATURE) | (g.kind == ERROR)
-    mask, edges, _ = prune_masks(g, 0.8, 1.0)
+    mask, edges, _ = prune_masks(g, PruneConfig(node_threshold=0.8, edge_threshold=1.0))
     assert mask[~inner].all()
     assert edges.shape == g.adjacency.shape
     # nodes that survive cleanup are a subset of the selection, which held >= 80% of the influence
@@ -252,7 +252,7 @@ def test_prune_masks_node_selection_reaches_threshold():
 
 def test_attribute_then_prune_on_a_tiny_model(tiny):
     import circuits
-    from transcoders import random_transcoders
+    from transcoders.testing import random_transcoders
 
     s = tiny.sites
     tc = random_transcoders(s.n_layers, s.d_model, 64, kind="skip", l0=6, seed=1)

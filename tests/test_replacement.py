@@ -8,8 +8,6 @@ import math
 import pytest
 import torch
 
-from circuits.errors import UserError
-from circuits.models import tiny_model
 from circuits.replacement import (
     FrozenWeights,
     TransposedModel,
@@ -18,7 +16,9 @@ from circuits.replacement import (
     run_and_freeze,
     softcap,
 )
-from transcoders import random_transcoders
+from gemma_lm.errors import UserError
+from gemma_lm.testing import tiny_model
+from transcoders.testing import random_transcoders
 
 PROMPT = (
     "The cat sat on the mat, then it ran."  # 38 tokens: longer than the tiny sliding window (4)

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from circuits.errors import UserError
-from transcoders.data import PlantedBuffer, PlantedData
+from gemma_lm.errors import UserError
+from transcoders.testing import PlantedBuffer, PlantedData
 from transcoders.train import TrainableTranscoders, TrainConfig, train_transcoders
 
 
@@ -300,7 +300,7 @@ def test_training_inside_no_grad_is_the_same_run():
 _KILLABLE = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from transcoders.data import PlantedBuffer, PlantedData
+    from transcoders.testing import PlantedBuffer, PlantedData
     from transcoders.train import TrainConfig, train_transcoders
 
     class SlowBuffer(PlantedBuffer):
@@ -416,7 +416,7 @@ def test_reuse_freed_memory_restores_the_allocator():
     code = textwrap.dedent("""
         import ctypes, sys
         import torch
-        from transcoders import _malloc
+        from gemma_lm import memory as _malloc
         libc = _malloc._libc()
         mallinfo = getattr(libc, "mallinfo2", None) if libc is not None else None
         if mallinfo is None:

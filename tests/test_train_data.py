@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from circuits.errors import UserError
-from transcoders import random_transcoders
+from gemma_lm.errors import UserError
 from transcoders.data import (
     ActivationBuffer,
     ActivationSource,
@@ -20,6 +19,7 @@ from transcoders.data import (
     token_sequences,
 )
 from transcoders.evaluate import EvalConfig, evaluate_transcoders, splice
+from transcoders.testing import random_transcoders
 
 
 def test_builtin_text_is_offline_english_split_by_hash():

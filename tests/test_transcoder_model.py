@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuits.errors import UserError
-from transcoders import random_transcoders
+from gemma_lm.errors import UserError
 from transcoders.activations import batchtopk, batchtopk_per_layer, jumprelu, step
+from transcoders.testing import random_transcoders
 
 
 @pytest.mark.parametrize("kind", ["plt", "skip", "clt"])

@@ -1,5 +1,8 @@
-"""Sparse replacements for Gemma 3 MLPs: per-layer, skip and cross-layer transcoders."""
+"""Sparse replacements for Gemma 3 MLPs: per-layer, skip and cross-layer transcoders.
 
-from .model import ACTIVATIONS, KINDS, TranscoderConfig, TranscoderSet, random_transcoders
+Stands on `gemma_lm` (the model and its weight store); `circuits` stands on this package.
+"""
 
-__all__ = ["TranscoderConfig", "TranscoderSet", "random_transcoders", "KINDS", "ACTIVATIONS"]
+from .model import ACTIVATIONS, KINDS, TranscoderConfig, TranscoderSet
+
+__all__ = ["TranscoderConfig", "TranscoderSet", "KINDS", "ACTIVATIONS"]

@@ -28,20 +28,22 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors.torch import save_file
+
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write_text
+from gemma_lm.memory import return_freed_memory
+from gemma_lm.weights import read_safetensors, read_tensor_copy
 
 from .model import TranscoderConfig, TranscoderSet
+from .native import build_transcoder_set
 
 CONFIG = "config.yaml"
 PLT_KIND, CLT_KIND = "transcoder_set", "cross_layer_transcoder"
 # our site names <-> circuit-tracer's (TransformerLens) hook names
 INPUT_HOOKS = {"mlp_in": "mlp.hook_in", "resid_mid": "hook_resid_mid"}
 OUTPUT_HOOKS = {"mlp_out": "hook_mlp_out"}
-
-
-def _user_error(msg: str) -> Exception:
-    from circuits.errors import UserError
-
-    return UserError(msg)
 
 
 def _hub_model_name(name: str) -> str:
@@ -51,8 +53,6 @@ def _hub_model_name(name: str) -> str:
 
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write a safetensors file atomically (a temporary file beside it, then a rename)."""
-    from safetensors.torch import save_file
-
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
@@ -90,31 +90,29 @@ def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = 
 
     circuit-tracer loads it with `circuit_tracer.utils.caching.load_transcoders_from_cache(path.name,
     cache_dir=path.parent)` (or through its cache directory, CIRCUIT_TRACER_CACHE_DIR)."""
-    import yaml
-
     c = tc.cfg
     path = Path(path)
     if c.activation == "topk":
-        raise _user_error(
+        raise UserError(
             "circuit-tracer has no per-position TopK activation; export a JumpReLU, ReLU or "
             "BatchTopK set, or keep this one in the native format"
         )
     if c.kind == "clt" and tc.W_skip is not None:
-        raise _user_error(
+        raise UserError(
             "circuit-tracer 0.5.0 loads no skip term for cross-layer transcoders; export a CLT "
             "without skip, or keep this one in the native format"
         )
     if c.input_site not in INPUT_HOOKS or c.output_site not in OUTPUT_HOOKS:
-        raise _user_error(
+        raise UserError(
             f"circuit-tracer has no hook for sites {c.input_site}->{c.output_site}; "
             f"it supports inputs {sorted(INPUT_HOOKS)} and outputs {sorted(OUTPUT_HOOKS)}"
         )
     if path.exists() and not path.is_dir():
-        raise _user_error(
+        raise UserError(
             f"{path} exists and is not a directory; pick a new directory for the export"
         )
     if path.is_dir() and any(path.iterdir()) and not is_circuit_tracer_dir(path):
-        raise _user_error(
+        raise UserError(
             f"{path} is not empty and holds no circuit-tracer export; pick an empty directory"
         )
     path.mkdir(parents=True, exist_ok=True)
@@ -156,15 +154,11 @@ def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = 
         "model_name": _hub_model_name(c.model_name),
         "gemma_circuits": _plain(c.to_dict()),
     }
-    from circuits.graph import atomic_write_text
-
     atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
     return path
 
 
 def _read_config(path: Path) -> dict | None:
-    import yaml
-
     try:
         config = yaml.safe_load((path / CONFIG).read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
@@ -178,7 +172,7 @@ def _plt_paths(path: Path, config: dict) -> list[Path]:
         listed = [str(p) for p in config["transcoders"]]
         remote = [p for p in listed if p.startswith("hf://")]
         if remote:
-            raise _user_error(
+            raise UserError(
                 f"{path / CONFIG} lists Hub files ({remote[0]} ...); offline, only local files "
                 f"load: download them, or export a local set with `transcoders convert`"
             )
@@ -209,7 +203,7 @@ def _site(hooks: dict, hook: str, which: str, path: Path) -> str:
     for site, name in hooks.items():
         if name == hook:
             return site
-    raise _user_error(
+    raise UserError(
         f"{path / CONFIG}: {which} hook {hook!r} is not a Gemma 3 MLP site we support "
         f"({', '.join(hooks.values())})"
     )
@@ -217,14 +211,9 @@ def _site(hooks: dict, hook: str, which: str, path: Path) -> str:
 
 def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     """Load a directory in circuit-tracer's layout as a `TranscoderSet` (weights keep their stored dtype)."""
-    from circuits.errors import UserError
-
-    from ._malloc import return_freed_memory
-    from .formats import build_transcoder_set, read_safetensors, read_tensor_copy
-
     path = Path(path)
     if not is_circuit_tracer_dir(path):
-        raise _user_error(
+        raise UserError(
             f"{path} is not a circuit-tracer transcoder directory (config.yaml with model_kind "
             f"{PLT_KIND} or {CLT_KIND}, and layer_0.safetensors or W_enc_0/W_dec_0.safetensors)"
         )
@@ -236,7 +225,7 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     def read(file: Path, strip: bool = False) -> dict[str, tuple[torch.Tensor, Path, str]]:
         """Our short name -> (memory-mapped tensor, file, stored name)."""
         if not file.is_file():
-            raise _user_error(
+            raise UserError(
                 f"{file} is missing; the circuit-tracer export at {path} is incomplete, write it again"
             )
         return {
@@ -261,7 +250,7 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     layers = [{k: v[0] for k, v in f.items()} for f in files]
     first = layers[0]
     if "W_enc" not in first:
-        raise _user_error(
+        raise UserError(
             f"{path}: layer 0 has no W_enc tensor (keys {sorted(first)}); this is not circuit-tracer's "
             f"layout (Gemma Scope 2 files load with `transcoders convert` / load_any)"
         )
@@ -276,7 +265,7 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
             d_sae,
             clt,
         ):
-            raise _user_error(
+            raise UserError(
                 f"{path / CONFIG} describes {cfg.n_layers} layers x {cfg.d_sae} features of width "
                 f"{cfg.d_model}, but the files hold {n_layers} x {d_sae} x {d_model}; export it again"
             )
@@ -329,10 +318,10 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
             if cfg.skip:
                 state[f"W_skip.{l}"] = copy(l, "W_skip").T.contiguous()
         except KeyError as e:
-            raise _user_error(f"{path}: layer {l} lacks {e}; export it again") from None
+            raise UserError(f"{path}: layer {l} lacks {e}; export it again") from None
     for k, v in state.items():
         if not v.is_floating_point():
-            raise _user_error(
+            raise UserError(
                 f"{path}: {k} has dtype {v.dtype}; transcoder weights are floating point"
             )
     state = {
@@ -343,6 +332,6 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
     try:
         tc = build_transcoder_set(cfg, state, path)
     except UserError as e:
-        raise _user_error(f"{e}; layer shapes must match layer 0's: export it again") from None
+        raise UserError(f"{e}; layer shapes must match layer 0's: export it again") from None
     tc.source = str(path)
     return tc

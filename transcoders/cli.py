@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from circuits.cli import run as _run
+from gemma_lm import jobs
 
 COMMAND_MODULES = [
     "transcoders.formats",
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    import sys
+def run(argv: list[str] | None = None) -> int:
+    """`transcoders ARGV...`; returns the exit status."""
+    return jobs.run(build_parser(), argv)
 
-    sys.exit(_run(parser=build_parser()))
+
+def main() -> None:
+    sys.exit(run())

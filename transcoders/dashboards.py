@@ -36,10 +36,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 
-from circuits.errors import UserError
-from circuits.graph import FEATURE, atomic_write, atomic_write_text
-from circuits.models import DEFAULT_MODEL
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write, atomic_write_text
+from gemma_lm.jobs import with_overrides
+from gemma_lm.models import DEFAULT_MODEL, load_model
+
+from .data import harvest, text_source, token_sequences
+from .default import default_transcoders_dir, resolve_transcoders
 
 FORMAT = "gemma-circuits-dashboards"
 VERSION = 1
@@ -208,12 +213,6 @@ def dashboards_dir(transcoders_spec) -> Path:
     """Where dashboards of a transcoder set live by default: `dashboards/` inside its folder."""
     spec = str(transcoders_spec or "default")
     if spec == "default":
-        try:
-            from transcoders.default import default_transcoders_dir
-        except ImportError:
-            raise UserError(
-                "the default transcoders are not available in this installation; pass --out DIR"
-            )
         return default_transcoders_dir() / "dashboards"
     if "://" in spec:
         raise UserError(f"{spec} is not a local folder; pass --out DIR (or --dashboards DIR)")
@@ -242,8 +241,6 @@ def _identity(tc) -> dict:
 
 
 def _write_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    from safetensors.torch import save
-
     blob = save({k: v.contiguous() for k, v in tensors.items()})
     atomic_write(path.with_suffix(".safetensors"), lambda f: f.write(blob))
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
@@ -258,8 +255,6 @@ def _read_json(path: Path) -> dict | None:
 
 def _contexts(lm, cfg: DashboardConfig):
     """The stream of contexts `[context]` (BOS first), at most max_tokens // context of them."""
-    from .data import text_source, token_sequences
-
     paragraphs = text_source(
         cfg.text, lm, "train", gen_samples=cfg.gen_samples, progress=cfg.progress
     )
@@ -275,13 +270,7 @@ def build_dashboards(
     """Run the streaming pass and write the dashboards (see the module docstring). Returns the folder.
 
     lm: a LoadedModel or None (load `config.model`); transcoders: a TranscoderSet, a path or "default"."""
-    from circuits.attribution import resolve_transcoders
-    from circuits.interventions import apply_overrides
-    from circuits.models import load_model
-
-    from .data import harvest
-
-    cfg = apply_overrides(config or DashboardConfig(), overrides)
+    cfg = with_overrides(config, DashboardConfig, overrides)
     if lm is None or isinstance(lm, str):
         lm = load_model(lm or cfg.model, device=cfg.device, dtype=cfg.dtype)
     spec = transcoders if transcoders is not None else cfg.transcoders
@@ -326,8 +315,6 @@ def build_dashboards(
                 f"{out} holds a checkpoint of other settings or transcoders; "
                 f"use --restart or another --out"
             )
-        from safetensors.torch import load_file
-
         store.load_state(load_file(str(out / "checkpoint.safetensors")))
         done, tokens_seen = ckpt["batches_done"], ckpt["tokens_seen"]
 
@@ -482,8 +469,6 @@ class Dashboards:
 
 def load_dashboards(path) -> Dashboards:
     """Read the dashboards in folder `path` (written by `build_dashboards` / `transcoders dashboards`)."""
-    from safetensors.torch import load_file
-
     p = Path(path)
     meta = _read_json(p / "dashboards.json")
     if meta is None or meta.get("format") != FORMAT:
@@ -500,28 +485,6 @@ def load_dashboards(path) -> Dashboards:
             f"{p} holds dashboards of format version {meta['version']}; upgrade gemma-circuits"
         )
     return Dashboards(load_file(str(p / "dashboards.safetensors")), meta, p)
-
-
-def attach_dashboards(graph, dashboards: Dashboards | str | Path, n_contexts: int = 5) -> int:
-    """Put the dashboard of every feature node of `graph` into `graph.metadata["dashboards"][node_id]`.
-    Returns how many nodes got one."""
-    d = dashboards if isinstance(dashboards, Dashboards) else load_dashboards(dashboards)
-    info = graph.metadata.get("transcoders") or {}
-    if info.get("d_sae") not in (None, d.d_sae) or graph.n_layers != d.n_layers:
-        raise UserError(
-            f"these dashboards describe {d.n_layers} layers x {d.d_sae} features, but the graph's "
-            f"transcoders have {graph.n_layers} x {info.get('d_sae')}; "
-            f"use the dashboards of its transcoders"
-        )
-    store = graph.metadata.setdefault("dashboards", {})
-    cache: dict[tuple[int, int], dict] = {}
-    nodes = graph.nodes_of(FEATURE)
-    for i in nodes:
-        key = (int(graph.layer[i]), int(graph.feature[i]))
-        if key not in cache:
-            cache[key] = d.feature(*key, n_contexts=n_contexts)
-        store[graph.node_id(int(i))] = cache[key]
-    return len(nodes)
 
 
 # -- command line -------------------------------------------------------------------------------------------

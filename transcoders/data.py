@@ -38,8 +38,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
-from circuits.errors import UserError
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write, atomic_write_text, cache_dir
+from gemma_lm.models import model_sites
 
 # ---------------------------------------------------------------------------------------------
 # text
@@ -95,9 +98,6 @@ def python_paragraphs() -> list[str]:
     global _PYTHON
     if _PYTHON is None:
         import platform
-
-        from circuits.graph import atomic_write_text
-        from circuits.models import cache_dir
 
         path = cache_dir() / "text" / f"python-py{platform.python_version()}.json"
         try:
@@ -186,9 +186,6 @@ def generated_paragraphs(
     """Text sampled from the model itself (temperature 1 from BOS), cached as JSON under cache_dir()/text."""
     if n_samples <= 0:
         return []
-    from circuits.graph import atomic_write_text
-    from circuits.models import cache_dir
-
     path = (
         cache_dir()
         / "text"
@@ -387,8 +384,6 @@ def harvest_copy(loaded, dtype: str):
     attention (harvesting needs no attention patterns). float32 returns `loaded` itself."""
     import copy
 
-    from circuits.models import model_sites
-
     if _DT[dtype] == loaded.dtype:
         return loaded
     model = copy.deepcopy(loaded.model).to(_DT[dtype])
@@ -492,16 +487,10 @@ class ActivationSource:
         if i in self._mem:
             return self._mem[i]
         if self.cache_dir and self._path(i).exists():
-            from safetensors.torch import load_file
-
             d = load_file(str(self._path(i)))
             return d["mlp_in"], d["mlp_out"]
         x, y = self._compute(i)
         if self.cache_dir:
-            from safetensors.torch import save
-
-            from circuits.graph import atomic_write
-
             blob = save({"mlp_in": x.contiguous(), "mlp_out": y.contiguous()})
             atomic_write(self._path(i), lambda f: f.write(blob))
         elif self.max_shards:
@@ -576,69 +565,3 @@ class ActivationBuffer:
             self._pass_id = p
         idx = self._perm[i * self.batch_size : (i + 1) * self.batch_size]
         return self._x[idx].float(), self._y[idx].float()
-
-
-class PlantedData:
-    """Synthetic activations from a known sparse dictionary, for tests and demos.
-
-    Each layer l has `n_features` planted features with non-negative sparse codes s_l (about `l0` active per
-    position, magnitudes in [0.5, 1.5]). MLP input x_l = s_l @ A_l + noise; MLP output
-    y_l = sum_{s <= l} s_s @ B[s][:, l - s] (`mode="clt"`: features write to every later layer) or
-    y_l = s_l @ B[l][:, 0] (`mode="plt"`). A, B rows are random unit vectors. `batch(step)` is deterministic."""
-
-    def __init__(
-        self,
-        n_layers: int = 2,
-        d_model: int = 32,
-        n_features: int = 64,
-        l0: float = 3.0,
-        mode: str = "plt",
-        noise: float = 0.0,
-        seed: int = 0,
-    ):
-        g = torch.Generator().manual_seed(seed)
-        self.n_layers, self.d_model, self.n_features, self.l0 = n_layers, d_model, n_features, l0
-        self.mode, self.noise, self.seed = mode, noise, seed
-
-        def unit(*shape):
-            w = torch.randn(*shape, generator=g)
-            return w / w.norm(dim=-1, keepdim=True)
-
-        self.A = [unit(n_features, d_model) for _ in range(n_layers)]
-        self.B = [
-            unit(n_features, (n_layers - l) if mode == "clt" else 1, d_model)
-            for l in range(n_layers)
-        ]
-
-    def codes(self, n: int, g: torch.Generator) -> list[torch.Tensor]:
-        p = self.l0 / self.n_features
-        return [
-            (torch.rand(n, self.n_features, generator=g) < p).float()
-            * (0.5 + torch.rand(n, self.n_features, generator=g))
-            for _ in range(self.n_layers)
-        ]
-
-    def batch(self, step: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 7919 + step + 1)
-        s = self.codes(batch_size, g)
-        xs, ys = [], []
-        for l in range(self.n_layers):
-            x = s[l] @ self.A[l]
-            if self.noise:
-                x = x + self.noise * torch.randn(x.shape, generator=g)
-            xs.append(x)
-            if self.mode == "clt":
-                ys.append(sum(s[src] @ self.B[src][:, l - src] for src in range(l + 1)))
-            else:
-                ys.append(s[l] @ self.B[l][:, 0])
-        return torch.stack(xs, 1), torch.stack(ys, 1)
-
-
-class PlantedBuffer:
-    """`ActivationBuffer`-like view of `PlantedData`."""
-
-    def __init__(self, data: PlantedData, batch_size: int):
-        self.data, self.batch_size = data, batch_size
-
-    def batch(self, step: int):
-        return self.data.batch(step, self.batch_size)

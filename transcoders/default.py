@@ -1,20 +1,25 @@
 """The embedded default transcoder set for gemma-3-270m: trained on first use, then cached.
 
 `load_default_transcoders(lm)` returns the set from `default_transcoders_dir()` (under
-`circuits.models.cache_dir()/transcoders/`), training it there first if it is missing: `default_recipe()`
+`gemma_lm.files.cache_dir()/transcoders/`), training it there first if it is missing: `default_recipe()`
 on the offline builtin text (English speeches and Python documentation), a few minutes on a 2-core CPU,
 with a progress bar, resumable if killed (rerun and it continues from its last checkpoint). A lock file
-keeps two processes from training it at once.
+keeps two processes from training it at once. `resolve_transcoders(spec, lm)` turns what a user names
+("default", a path, or a set) into a set checked against the model.
 """
 
 from __future__ import annotations
 
+import fcntl
 import sys
 from pathlib import Path
 
-from circuits.errors import UserError
-from circuits.models import DEFAULT_MODEL, cache_dir
+from gemma_lm.errors import UserError
+from gemma_lm.files import cache_dir
+from gemma_lm.models import DEFAULT_MODEL, LoadedModel
 
+from .formats import load_any, load_native
+from .model import TranscoderSet
 from .train import TrainConfig, train_transcoders
 
 # The name is the cache key: change it whenever the recipe changes, so stale sets are not reused.
@@ -52,8 +57,6 @@ def default_recipe(out: str | Path | None = None, progress: bool = True) -> Trai
 
 def load_default_transcoders(lm, progress: bool = True):
     """The default transcoder set for the embedded gemma-3-270m `lm`, trained and cached on first use."""
-    from .formats import load_native
-
     if lm.name != DEFAULT_MODEL:
         raise UserError(
             f"the default transcoders belong to {DEFAULT_MODEL}, not {lm.name}; pass "
@@ -72,6 +75,23 @@ def load_default_transcoders(lm, progress: bool = True):
     return load_native(out, model=lm)
 
 
+def resolve_transcoders(spec, lm: LoadedModel, progress: bool = True) -> TranscoderSet:
+    """A TranscoderSet from "default" (or None, or ""), a path in any supported layout, or an existing
+    set; checked against the model."""
+    if isinstance(spec, TranscoderSet):
+        tc = spec
+    elif spec in (None, "", "default"):
+        if lm.name != DEFAULT_MODEL:
+            raise UserError(
+                f"there is no default transcoder set for {lm.name}; pass --transcoders PATH"
+            )
+        tc = load_default_transcoders(lm, progress=progress)
+    else:
+        tc = load_any(str(spec), model=lm)
+    tc.check_compatible(lm.sites, lm.name)
+    return tc
+
+
 class _lock:
     """An exclusive advisory lock on a file (released when the process dies, so never stale)."""
 
@@ -79,15 +99,11 @@ class _lock:
         self.path = path
 
     def __enter__(self):
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "a")
         fcntl.flock(self.f, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
-        import fcntl
-
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()

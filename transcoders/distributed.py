@@ -33,12 +33,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from circuits.errors import UserError
-from circuits.ranks import BACKENDS, Ranks
+from gemma_lm.errors import UserError
+from gemma_lm.memory import reuse_freed_memory
+from gemma_lm.models import load_model
+from gemma_lm.ranks import BACKENDS, Ranks
 
-from ._malloc import reuse_freed_memory
 from .activations import jumprelu
 from .activations import step as heaviside
+from .data import ActivationBuffer, ActivationSource, text_source
 from .model import TranscoderSet
 from .train import (
     TrainableTranscoders,
@@ -518,11 +520,7 @@ def _whole_aux(aux: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 def _harvest_buffer(cfg: TrainConfig, loaded):
     """The activation buffer `train_transcoders` builds for `cfg` (the same text, order and batches)."""
-    from .data import ActivationBuffer, ActivationSource, text_source
-
     if loaded is None:
-        from circuits.models import load_model
-
         loaded = load_model(cfg.model)
     paragraphs = text_source(cfg.text, loaded, "train", seed=cfg.seed)
     source = ActivationSource(

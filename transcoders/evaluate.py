@@ -24,16 +24,19 @@ from pathlib import Path
 
 import torch
 
-from circuits.errors import UserError
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write_text
+from gemma_lm.models import DEFAULT_MODEL, load_model
 
 from .data import MLPHooks, text_source, token_sequences
+from .default import resolve_transcoders
 from .train import add_config_arguments, config_from_args
 
 
 @dataclass
 class EvalConfig:
     transcoders: str = "default"  # "default" (the embedded set) or a path in any supported layout
-    model: str = "gemma-3-270m"
+    model: str = DEFAULT_MODEL
     text: str = "builtin"  # text source spec; its held-out split is used
     tokens: int = 8192  # evaluation tokens (BOS positions not counted)
     context: int = 128  # tokens per evaluated sequence (BOS first)
@@ -225,26 +228,12 @@ def results_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def load_for_eval(spec: str, lm, progress: bool = True):
-    if spec in ("", "default"):
-        from .default import load_default_transcoders
-
-        return load_default_transcoders(lm, progress=progress)
-    from .formats import load_any
-
-    return load_any(spec, model=lm)
-
-
 def run_eval(cfg: EvalConfig, lm=None) -> dict:
-    from circuits.models import load_model
-
     lm = lm or load_model(cfg.model)
-    tc = load_for_eval(cfg.transcoders, lm, cfg.progress)
+    tc = resolve_transcoders(cfg.transcoders, lm, cfg.progress)
     res = evaluate_transcoders(tc, lm, cfg)
     res["transcoders"]["source"] = cfg.transcoders
     if cfg.json:
-        from circuits.graph import atomic_write_text
-
         atomic_write_text(Path(cfg.json), json.dumps(res, indent=2) + "\n")
     return res
 

@@ -29,22 +29,20 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from circuits.errors import UserError
+from gemma_lm.errors import UserError
+from gemma_lm.weights import nonfinite_tensors_in_file
 
-from .formats import (
-    atomic_directory,
-    build_transcoder_set,
-    config_from_dict,
-    config_json,
-    nonfinite_tensors_in_file,
-    read_json,
-)
 from .model import TranscoderConfig, TranscoderSet
+from .native import atomic_directory, build_transcoder_set, config_from_dict, config_json, read_json
 
 PLT_SITES = ("transcoder_all", "transcoder")
 CLT_SITE = "clt"
@@ -229,8 +227,6 @@ def _read_layer(
     """The tensors of one params file under our names (memory-mapped views of it), and its metadata. A CLT
     decoder is the view from layer `layer` on, so the entries for earlier layers are never read; decoders
     stay views (strided for CLTs) so that only the rows attribution reads become resident."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
@@ -297,8 +293,6 @@ def load_gemmascope2(
 ) -> TranscoderSet:
     """A TranscoderSet from a Gemma Scope 2 folder (see `locate`), or from the Hub (`hf://<repo>/<subfolder>`
     or `google/gemma-scope-2-<size>-<pt|it>/<subfolder>`) when online."""
-    from tqdm.auto import tqdm
-
     if not Path(path).exists() and is_hub_spec(str(path)):
         path = download(str(path))
     found = locate(path)
@@ -441,13 +435,15 @@ def _thresholds(tc: TranscoderSet, layer: int) -> torch.Tensor:
 
 
 def save_gemmascope2(
-    tc: TranscoderSet, dst, l0_label: str | None = None, progress: bool = False
+    tc: TranscoderSet,
+    dst,
+    l0_label: str | None = None,
+    progress: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Write `tc` at `dst` as a Gemma Scope 2 repo would hold it (transcoder_all/... per-layer folders, or
-    clt/<variant>/), atomically. Returns the set's path inside `dst`, which `load_any` reads."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
+    clt/<variant>/), atomically, replacing a `dst` that `replaceable` accepts (by default: a Gemma Scope 2
+    set). Returns the set's path inside `dst`, which `load_any` reads."""
     c = tc.cfg
     L, D, F = c.n_layers, c.d_model, c.d_sae
     thresholds = [_thresholds(tc, l) for l in range(L)]  # refuse before writing anything
@@ -504,7 +500,7 @@ def save_gemmascope2(
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     dst = Path(dst)
-    with atomic_directory(dst) as build:
+    with atomic_directory(dst, replaceable or is_gemmascope2_dir) as build:
         site = build / (CLT_SITE if clt else PLT_SITES[0])
         if clt:
             (site / variant).mkdir(parents=True)

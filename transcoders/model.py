@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from gemma_lm.errors import UserError
+from gemma_lm.weights import StoredWeight
+
 KINDS = ("plt", "skip", "clt")
 ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
 
@@ -127,14 +130,14 @@ class TranscoderSet(nn.Module):
 
     def sparse_encode(self, mlp_in: torch.Tensor):
         """Active features of MLP inputs `[L, n_pos, D]`. A memory-mapped encoder is read from its file a chunk
-        at a time (`transcoders.mapped`), so this one pass over every encoder leaves them off the process's memory.
+        at a time (`gemma_lm.weights`), so this one pass over every encoder leaves them off the process's memory.
 
         Returns (layer, pos, feature, activation), each `[n_active]`, sorted by layer, position, feature."""
-        from .mapped import matmul
-
         out = []
         for l in range(self.n_layers):
-            acts = self.activate(l, matmul(mlp_in[l], self.W_enc[l]) + self.b_enc[l])
+            acts = self.activate(
+                l, StoredWeight(self.W_enc[l]).left_matmul(mlp_in[l]) + self.b_enc[l]
+            )
             pos, feat = acts.nonzero(as_tuple=True)
             out.append((torch.full_like(pos, l), pos, feat, acts[pos, feat]))
         return tuple(torch.cat(t) for t in zip(*out))
@@ -142,18 +145,14 @@ class TranscoderSet(nn.Module):
     def encoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """Encoder vectors of a subset of features of layer `layer`: `[n, D]`, a tensor of its own, read from the
         file where the encoder is a memory-mapped view of one (see `sparse_encode`)."""
-        from .mapped import take_columns
-
-        return take_columns(self.W_enc[layer], features)
+        return StoredWeight(self.W_enc[layer]).columns(features)
 
     # -- decoding -----------------------------------------------------------------------------
     def decoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """Decoder vectors of a subset of features of source layer `layer`: `[n, n_out, D]` (n_out = 1 for PLTs),
         a tensor of its own. Reads only those rows: from the file where the decoder is a memory-mapped view of
-        one (`transcoders.mapped`), so the rest of the decoder stays off this process's memory."""
-        from .mapped import take_rows
-
-        rows = take_rows(self.W_dec[layer], features)
+        one (`gemma_lm.weights`), so the rest of the decoder stays off this process's memory."""
+        rows = StoredWeight(self.W_dec[layer]).rows(features)
         return rows if self.is_clt else rows.unsqueeze(1)
 
     def decoder_weight(self, layer: int) -> torch.Tensor:
@@ -191,8 +190,6 @@ class TranscoderSet(nn.Module):
     # -- compatibility ------------------------------------------------------------------------
     def check_compatible(self, sites, model_name: str = "") -> None:
         """Refuse a transcoder set that does not fit a model (layers, d_model, sites)."""
-        from circuits.errors import UserError
-
         c = self.cfg
         problems = []
         if c.n_layers != sites.n_layers:
@@ -208,46 +205,3 @@ class TranscoderSet(nn.Module):
                 f"transcoders for {c.model_name or 'an unnamed model'} do not fit model "
                 f"{model_name or 'given'}: " + "; ".join(problems)
             )
-
-
-def random_transcoders(
-    n_layers: int,
-    d_model: int,
-    d_sae: int,
-    kind: str = "plt",
-    activation: str = "jumprelu",
-    seed: int = 0,
-    l0: float = 8.0,
-    k: int | None = None,
-    skip: bool | None = None,
-    model_name: str = "",
-) -> TranscoderSet:
-    """Random transcoders with unit-norm encoders; thresholds set so that roughly `l0` features fire per
-    position on inputs of norm ~sqrt(d_model). For tests and benchmarks."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = TranscoderConfig(
-        kind=kind,
-        n_layers=n_layers,
-        d_model=d_model,
-        d_sae=d_sae,
-        activation=activation,
-        k=k if k is not None else (int(l0) if activation in ("topk", "batchtopk") else None),
-        skip=bool(skip) if skip is not None else kind == "skip",
-        model_name=model_name,
-    )
-    tc = TranscoderSet(cfg)
-    # P(N(0,1) > t) = l0 / d_sae
-    frac = min(max(l0 / d_sae, 1e-6), 0.5)
-    t = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - frac)))
-    with torch.no_grad():
-        for l in range(n_layers):
-            w = torch.randn(d_model, d_sae, generator=g)
-            tc.W_enc[l].copy_(w / w.norm(dim=0, keepdim=True))
-            tc.b_enc[l].copy_(0.1 * torch.randn(d_sae, generator=g))
-            dec = torch.randn(tc.W_dec[l].shape, generator=g)
-            tc.W_dec[l].copy_(dec / dec.norm(dim=-1, keepdim=True) * 0.2)
-            tc.b_dec[l].copy_(0.05 * torch.randn(d_model, generator=g))
-            tc.threshold[l].fill_(t)
-            if tc.W_skip is not None:
-                tc.W_skip[l].copy_(torch.randn(d_model, d_model, generator=g) / d_model)
-    return tc

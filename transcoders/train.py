@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -36,12 +37,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from circuits.errors import UserError
+from gemma_lm.errors import UserError
+from gemma_lm.files import atomic_write
+from gemma_lm.memory import reuse_freed_memory
+from gemma_lm.models import DEFAULT_MODEL, load_model
 
-from ._malloc import reuse_freed_memory
 from .activations import batchtopk_per_layer, jumprelu, topk
 from .activations import step as heaviside
+from .data import ActivationBuffer, ActivationSource, text_source
 from .model import ACTIVATIONS, KINDS, TranscoderConfig, TranscoderSet
+from .native import save_native
 
 # Fields that do not change what is trained: a checkpoint made under other values still resumes.
 _RUN_ONLY = (
@@ -59,7 +64,7 @@ class TrainConfig:
     """One training run. Sizes: L layers, D = d_model, F = d_sae features per layer."""
 
     out: str = ""  # directory of the trained set (native layout); checkpoints go to <out>.train/
-    model: str = "gemma-3-270m"  # model to harvest from (name or path, as `circuits.load_model`)
+    model: str = DEFAULT_MODEL  # model to harvest from (name or path, as `circuits.load_model`)
     kind: str = "skip"  # plt | skip | clt
     activation: str = "batchtopk"  # relu | jumprelu | topk | batchtopk
     d_sae: int = 1024  # features per layer
@@ -471,8 +476,6 @@ def calibrate_batchtopk(net: TrainableTranscoders, buffer, steps) -> None:
 
 
 def _save_checkpoint(path: Path, net, opt, step: int, cfg: TrainConfig, history: list) -> None:
-    from circuits.graph import atomic_write
-
     state = {
         "step": step,
         "net": net.state_dict(),
@@ -485,8 +488,6 @@ def _save_checkpoint(path: Path, net, opt, step: int, cfg: TrainConfig, history:
 
 def _remove_partials(folder: Path, stem: str) -> None:
     """Temporary files of atomic writes that a killed run left behind (never complete files)."""
-    import shutil
-
     if folder.is_dir():
         for p in folder.glob(f".{stem}.*.partial"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -535,8 +536,6 @@ def train_transcoders(
 def _train_transcoders(
     cfg: TrainConfig, loaded, buffer, model_name: str | None, on_step
 ) -> TranscoderSet:
-    from .data import ActivationBuffer, ActivationSource, text_source
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out).expanduser() if cfg.out else None
@@ -546,8 +545,6 @@ def _train_transcoders(
         _remove_partials(ckpt.parent, ckpt.name)
     if buffer is None:
         if loaded is None:
-            from circuits.models import load_model
-
             loaded = load_model(cfg.model)
         paragraphs = text_source(cfg.text, loaded, "train", seed=cfg.seed)
         source = ActivationSource(
@@ -627,16 +624,12 @@ def _train_transcoders(
     if out:
         save_transcoders(tc, out)
         if not cfg.keep_checkpoint:
-            import shutil
-
             shutil.rmtree(ckpt.parent, ignore_errors=True)
     return tc
 
 
 def save_transcoders(tc: TranscoderSet, out: Path) -> Path:
     """Write a trained set in the native layout (atomically)."""
-    from .formats import save_native
-
     return save_native(tc, out)
 
 

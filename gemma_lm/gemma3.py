@@ -1,14 +1,14 @@
 """Gemma 3 text models in plain PyTorch: the forward pass tracing needs, read from a Hugging Face directory.
 
-transformers' own Gemma 3 modelling code is exact but heavy to import: it brings torch.distributed.tensor and
-sympy, torch._dynamo, accelerate with boto3 and scipy.optimize: ~0.1 GB of memory held for the process's life
-(measured: 89 MiB less anonymous memory after loading the default model) and ~1 s, a tenth of what tracing
-270M needs in all. This module is the same model with the same
-module tree, names and parameters as `transformers.Gemma3ForCausalLM` (so `ModelSites`, the hooks of
-`circuits.replacement` and the checkpoint's tensor names apply unchanged), eager attention that returns its
-weights, and weights memory-mapped from the safetensors files. It runs the forward pass only; `generate` (used
-to sample training text) hands over to transformers with the same weights. `tests/test_gemma3.py` holds it to
-transformers' implementation: the same logits, the same recorded activations.
+transformers' own Gemma 3 modelling code is exact but heavy to import: it brings torch.distributed.tensor
+and sympy, torch._dynamo, accelerate with boto3 and scipy.optimize, memory held for the process's life and
+time at every start (benchmarks/vs_circuit_tracer.py compares the loaders). This module is the same model
+with the same module tree, names and parameters as `transformers.Gemma3ForCausalLM` (so `ModelSites`, the
+hooks of `circuits.replacement` and the checkpoint's tensor names apply unchanged), eager attention that
+returns its weights, and weights memory-mapped from the safetensors files. It runs the forward pass only;
+`generate` (used to sample training text) hands over to transformers with the same weights.
+`tests/test_gemma3.py` holds it to transformers' implementation: the same logits, the same recorded
+activations.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .weights import read_safetensors
 
 
 @dataclass
@@ -361,8 +362,6 @@ def load_gemma3(
     stored in `dtype` stay memory-mapped views of their files; others are converted. A config this module
     does not cover raises UserError (`load_model` then uses transformers). `cfg`: its config.json, where the
     caller has read it already."""
-    from transcoders.formats import read_safetensors
-
     path = Path(path)
     cfg = cfg or Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
     index = path / "model.safetensors.index.json"

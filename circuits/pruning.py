@@ -14,13 +14,14 @@ graph keeps the invariant `adjacency[t].sum() + row_constant[t] == node_input[t]
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import UserError
+from gemma_lm.errors import UserError
+from gemma_lm.jobs import with_overrides
+
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 
 
@@ -186,19 +187,16 @@ def graph_scores(graph: AttributionGraph, influence: np.ndarray | None = None) -
 
 
 def prune_masks(
-    graph: AttributionGraph,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    influence: np.ndarray | None = None,
+    graph: AttributionGraph, config: PruneConfig, influence: np.ndarray | None = None
 ) -> tuple[np.ndarray, sp.csr_array, np.ndarray]:
     """(node mask `[n_nodes]`, kept edges as a 0/1 CSR mask `[n_nodes, n_nodes]`, influence `[n_nodes]`)."""
-    PruneConfig(node_threshold, edge_threshold).check()
+    config.check()
     always = (graph.kind == TOKEN) | (graph.kind == LOGIT)
     if influence is None:
         influence = compute_influence(graph)
     w = logit_weights(graph)
     node_mask = always.copy()
-    node_mask[~always] = _keep_top(influence[~always], node_threshold)
+    node_mask[~always] = _keep_top(influence[~always], config.node_threshold)
 
     # edge influence inside the graph of kept nodes, with its own normalisation
     a = sp.csr_array(graph.adjacency, copy=True)
@@ -209,7 +207,7 @@ def prune_masks(
     an = normalized_adjacency(a)
     infl_kept = _solve_influence(an, w, topological_levels(an, _layer_key(graph)))
     edge_score = an.data * (infl_kept + w)[_edge_rows(an)]
-    keep_edge = _keep_top(edge_score, edge_threshold)
+    keep_edge = _keep_top(edge_score, config.edge_threshold)
     edges = sp.csr_array(
         (keep_edge.astype(np.int8), an.indices.copy(), an.indptr.copy()), shape=an.shape
     )
@@ -236,25 +234,22 @@ def prune_masks(
 
 
 def prune(
-    graph: AttributionGraph,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    config: PruneConfig | None = None,
+    graph: AttributionGraph, config: PruneConfig | None = None, **overrides
 ) -> AttributionGraph:
     """The circuit: the nodes and edges that carry most of the influence on the logits.
 
-    Returns a new graph (node order kept) whose `influence` holds each node's influence in the full graph
-    and whose `metadata["scores"]` holds replacement/completeness scores of the full and the pruned graph;
-    `metadata["pruning"]` records the thresholds and sizes."""
-    cfg = config or PruneConfig(node_threshold, edge_threshold)
-    cfg.check()
+    Options as in `PruneConfig` (`node_threshold`, `edge_threshold`), given as `config` and/or keyword
+    overrides of it. Returns a new graph (node order kept) whose `influence` holds each node's influence
+    in the full graph and whose `metadata["scores"]` holds replacement/completeness scores of the full
+    and the pruned graph; `metadata["pruning"]` records the thresholds and sizes."""
+    cfg = with_overrides(config, PruneConfig, overrides)
     if graph.adjacency.shape != (graph.n_nodes, graph.n_nodes):
         raise UserError(
             f"graph adjacency has shape {graph.adjacency.shape}, expected {(graph.n_nodes,) * 2}"
         )
     influence = compute_influence(graph)
     full_scores = graph_scores(graph, influence)
-    node_mask, edges, _ = prune_masks(graph, cfg.node_threshold, cfg.edge_threshold, influence)
+    node_mask, edges, _ = prune_masks(graph, cfg, influence)
 
     kept_adj = sp.csr_array(graph.adjacency.multiply(edges), dtype=graph.adjacency.dtype)
     kept_adj.eliminate_zeros()
@@ -301,19 +296,3 @@ def scores_table(graph: AttributionGraph) -> str:
             )
         )
     return "\n".join(lines)
-
-
-def add_prune_arguments(p: argparse.ArgumentParser) -> None:
-    d = PruneConfig()
-    p.add_argument(
-        "--node-threshold",
-        type=float,
-        default=d.node_threshold,
-        help=f"keep nodes carrying this fraction of the influence on the logits (default {d.node_threshold})",
-    )
-    p.add_argument(
-        "--edge-threshold",
-        type=float,
-        default=d.edge_threshold,
-        help=f"keep edges carrying this fraction of the edge influence (default {d.edge_threshold})",
-    )

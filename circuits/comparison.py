@@ -11,21 +11,31 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from .export import display_label
-from .graph import ERROR, FEATURE, TOKEN, AttributionGraph
+from gemma_lm.errors import UserError
+from gemma_lm.jobs import with_overrides
+
+from .graph import ERROR, FEATURE, TOKEN, AttributionGraph, display_label
+from .pruning import PruneConfig, compute_influence, prune
 
 
 @dataclass
 class CompareConfig:
     """One comparison job: drives both `circuits compare` and `circuits.compare`."""
 
-    node_threshold: float = 0.8  # used to prune graphs that are not pruned yet
-    edge_threshold: float = 0.98
-    top_k: int = 10  # largest changes reported
+    node_threshold: float = PruneConfig.node_threshold
+    """prune graphs that are not pruned yet with this node threshold"""
+    edge_threshold: float = PruneConfig.edge_threshold
+    """and this edge threshold"""
+    top_k: int = 10
+    """largest changes to list"""
+
+    def check(self) -> None:
+        PruneConfig(self.node_threshold, self.edge_threshold).check()
+        if self.top_k < 0:
+            raise UserError("--top-k must be >= 0")
 
 
 @dataclass
@@ -120,11 +130,6 @@ class Comparison:
             "edge_changes": self.edge_changes,
         }
 
-    def render_svg(self, path: str | Path, max_nodes: int | None = None) -> Path:
-        from .render import DEFAULT_MAX_NODES, render_comparison_svg
-
-        return render_comparison_svg(self, self.a, self.b, path, max_nodes or DEFAULT_MAX_NODES)
-
 
 def align_tokens(tokens_a: list[str], tokens_b: list[str]) -> list[tuple[int | None, int | None]]:
     """Columns of a shared frame, in order: (i, j) for aligned positions, (i, None) / (None, j) for the
@@ -165,8 +170,6 @@ def _merged_ids(
 def _influence(g: AttributionGraph) -> np.ndarray:
     if g.influence is not None:
         return np.asarray(g.influence, dtype=np.float64)
-    from .prune import compute_influence
-
     return compute_influence(g)
 
 
@@ -175,15 +178,10 @@ def compare(
 ) -> Comparison:
     """Compare two circuits. Unpruned graphs (no `metadata["pruning"]`) are pruned with the config's
     thresholds first; options as in `CompareConfig`."""
-    from .prune import prune
-
-    cfg = config or CompareConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"unknown option {k!r}")
-        setattr(cfg, k, v)
-    a = a if "pruning" in a.metadata else prune(a, cfg.node_threshold, cfg.edge_threshold)
-    b = b if "pruning" in b.metadata else prune(b, cfg.node_threshold, cfg.edge_threshold)
+    cfg = with_overrides(config, CompareConfig, overrides)
+    thresholds = {"node_threshold": cfg.node_threshold, "edge_threshold": cfg.edge_threshold}
+    a = a if "pruning" in a.metadata else prune(a, **thresholds)
+    b = b if "pruning" in b.metadata else prune(b, **thresholds)
     columns = align_tokens(list(a.token_strings), list(b.token_strings))
     col_a = {pa: c for c, (pa, _) in enumerate(columns) if pa is not None}
     col_b = {pb: c for c, (_, pb) in enumerate(columns) if pb is not None}
