@@ -1,17 +1,19 @@
-"""Edge kernels against the pure-PyTorch reference at the shapes of Gemma 3 270M and 4B (random weights).
+"""Edge kernels against the pure-PyTorch reference at the shapes of Gemma 3 270M and 4B (random
+weights).
 
     python benchmarks/edges.py                      # every case, 1 thread and all threads
     python benchmarks/edges.py --cases 270m-plt-64 --threads 1
     python benchmarks/edges.py --quick              # small shapes, a smoke run
 
-One call computes the edges from the active features of one source layer to a batch of B = 256 targets
-(attribution calls it once per source layer and batch: 18 times for 270M, 34 for 4B). Active features:
-L0 features per position (transcoders on Gemma 3 fire ~20-60 per layer per token), random ids among
-d_sae = 16384; the gradients are a slice of a `[B, L + 1, n_pos, D]`-style buffer, as attribution passes
-them. Methods: `cpp` (the compiled kernel), `torch` (`feature_edges_torch`, the reference and the
-fallback), and `v0`, the first reference (gather each feature's gradient rows, then einsum), kept here to
-show what it cost. Each (case, method, threads) runs in a fresh process so that its peak memory (max RSS
-above the inputs) is its own. Prints a markdown table and writes it to benchmarks/results/edges.md.
+One call computes the edges from the active features of one source layer to a batch of B = 256
+targets (attribution calls it once per source layer and batch: 18 times for 270M, 34 for 4B). Active
+features: L0 features per position (transcoders on Gemma 3 fire ~20-60 per layer per token), random
+ids among d_sae = 16384; the gradients are a slice of a `[B, L + 1, n_pos, D]`-style buffer, as
+attribution passes them. Methods: `cpp` (the compiled kernel), `torch` (`feature_edges_torch`, the
+reference and the fallback), and `v0`, the first reference (gather each feature's gradient rows,
+then einsum), kept here to show what it cost. Each (case, method, threads) runs in a fresh process
+so that its peak memory (max RSS above the inputs) is its own. Prints a markdown table and writes it
+to benchmarks/results/edges.md.
 """
 
 from __future__ import annotations
@@ -25,59 +27,41 @@ from dataclasses import dataclass, field
 from datetime import date
 
 CASES = {
-    # name: (description, kind, shape)
+    # name: (description, shape)
     "270m-plt-16": (
         "270M PLT, 16 tokens, L0 40",
-        "features",
         dict(D=640, F=16384, n_pos=16, l0=40, n_out=1, B=256),
     ),
     "270m-plt-64": (
         "270M PLT, 64 tokens, L0 40",
-        "features",
         dict(D=640, F=16384, n_pos=64, l0=40, n_out=1, B=256),
     ),
     "270m-plt-128": (
         "270M PLT, 128 tokens, L0 20",
-        "features",
         dict(D=640, F=16384, n_pos=128, l0=20, n_out=1, B=256),
     ),
     "270m-plt-64-bf16": (
         "270M PLT bf16 decoder, 64 tokens, L0 40",
-        "features",
         dict(D=640, F=16384, n_pos=64, l0=40, n_out=1, B=256, dec_dtype="bfloat16"),
     ),
     "270m-clt-64": (
         "270M CLT layer 9 (writes 9 layers), 64 tokens, L0 40",
-        "features",
         dict(D=640, F=16384, n_pos=64, l0=40, n_out=9, B=256),
     ),
     "4b-plt-64": (
         "4B PLT, 64 tokens, L0 60",
-        "features",
         dict(D=2560, F=16384, n_pos=64, l0=60, n_out=1, B=256),
     ),
     "4b-plt-64-bf16": (
         "4B PLT bf16 decoder, 64 tokens, L0 60",
-        "features",
         dict(D=2560, F=16384, n_pos=64, l0=60, n_out=1, B=256, dec_dtype="bfloat16"),
-    ),
-    "270m-errors-32": (
-        "270M error nodes, all 18 layers, 32 tokens",
-        "vectors",
-        dict(D=640, L=18, n_pos=32, B=256),
-    ),
-    "4b-errors-32": (
-        "4B error nodes, all 34 layers, 32 tokens",
-        "vectors",
-        dict(D=2560, L=34, n_pos=32, B=64),
     ),
 }
 QUICK = {
     "270m-plt-16": dict(D=640, F=4096, n_pos=8, l0=20, n_out=1, B=64),
     "270m-clt-64": dict(D=640, F=4096, n_pos=8, l0=20, n_out=4, B=64),
-    "270m-errors-32": dict(D=640, L=18, n_pos=8, B=64),
 }
-GPU_METHODS = ("cuda", "cuda-rowwise", "cuda+top64", "torch@cuda")
+GPU_METHODS = ("cuda", "cuda-rowwise", "torch@cuda")
 # v0 gathers [B, n_out, n_active, D]: run it only where that fits comfortably in memory
 V0_MAX_BYTES = 1 << 30
 
@@ -117,19 +101,12 @@ def _peak_rss_bytes(reset: bool = False) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
-def _inputs(kind: str, shape: dict, device: str = "cpu"):
+def _inputs(shape: dict, device: str = "cpu"):
     """Random inputs `(args, number of output entries)` on `device`."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     B, D = shape["B"], shape["D"]
-    if kind == "vectors":
-        L, n = shape["L"], shape["n_pos"]
-        buffer = torch.randn(B, L + 1, n, D, generator=g).to(device)
-        return (
-            buffer[:, 1:].flatten(1, 2),
-            torch.randn(L * n, D, generator=g).to(device),
-        ), B * L * n
     n_out, n, l0, F = shape["n_out"], shape["n_pos"], shape["l0"], shape["F"]
     buffer = torch.randn(B, n_out + 1, n, D, generator=g).to(device)
     dec_dtype = getattr(torch, shape.get("dec_dtype", "float32"))
@@ -140,9 +117,9 @@ def _inputs(kind: str, shape: dict, device: str = "cpu"):
     return (buffer[:, 1:], pos.to(device), feat.to(device), act.to(device), decoder), B * n * l0
 
 
-def _measure(kind: str, shape: dict, method: str, threads: int, min_seconds: float, conn) -> None:
-    """Child process: time one method on one case; send back (wall seconds, CPU seconds of all threads,
-    peak extra bytes, output bytes)."""
+def _measure(shape: dict, method: str, threads: int, min_seconds: float, conn) -> None:
+    """Child process: time one method on one case; send back (wall seconds, CPU seconds of all
+    threads, peak extra bytes, output bytes)."""
     try:
         import torch
 
@@ -150,27 +127,16 @@ def _measure(kind: str, shape: dict, method: str, threads: int, min_seconds: flo
         from circuits import backend as be
 
         gpu = method in GPU_METHODS
-        args, n_out_entries = _inputs(kind, shape, "cuda" if gpu else "cpu")
+        args, n_out_entries = _inputs(shape, "cuda" if gpu else "cpu")
         sync = torch.cuda.synchronize if gpu else (lambda: None)
         fn = {
-            ("features", "cpp"): lambda: be.feature_edges(*args, backend="cpp"),
-            ("features", "torch"): lambda: be.feature_edges_torch(*args),
-            ("features", "cuda"): lambda: be.feature_edges(*args, backend="cuda"),
-            ("features", "cuda-rowwise"): lambda: be._ext.feature_edges(*args, variant="rowwise"),
-            ("features", "cuda+top64"): lambda: be.feature_edges_sparse(
-                *args, top_k=64, backend="cuda"
-            ),
-            ("features", "torch@cuda"): lambda: be.feature_edges_torch(*args),
-            ("vectors", "cuda"): lambda: be.vector_edges(*args, backend="cuda"),
-            ("vectors", "torch@cuda"): lambda: be.vector_edges_torch(*args),
-            ("features", "v0"): lambda: v0_feature_edges(*args),
-            ("features", "cpp+top64"): lambda: be.feature_edges_sparse(
-                *args, top_k=64, backend="cpp"
-            ),
-            ("vectors", "cpp"): lambda: be.vector_edges(*args, backend="cpp"),
-            ("vectors", "torch"): lambda: be.vector_edges_torch(*args),
-            ("vectors", "einsum"): lambda: torch.einsum("brd,rd->br", *args),
-        }[(kind, method)]
+            "cpp": lambda: be.feature_edges(*args, backend="cpp"),
+            "torch": lambda: be.feature_edges_torch(*args),
+            "cuda": lambda: be.feature_edges(*args, backend="cuda"),
+            "cuda-rowwise": lambda: be._ext.feature_edges(*args, variant="rowwise"),
+            "torch@cuda": lambda: be.feature_edges_torch(*args),
+            "v0": lambda: v0_feature_edges(*args),
+        }[method]
         if gpu:
             sync()
             torch.cuda.reset_peak_memory_stats()
@@ -195,10 +161,10 @@ def _measure(kind: str, shape: dict, method: str, threads: int, min_seconds: flo
         conn.send(f"{e.__class__.__name__}: {e}")
 
 
-def measure(kind, shape, method, threads, min_seconds):
+def measure(shape, method, threads, min_seconds):
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    p = ctx.Process(target=_measure, args=(kind, shape, method, threads, min_seconds, child))
+    p = ctx.Process(target=_measure, args=(shape, method, threads, min_seconds, child))
     p.start()
     result = parent.recv()
     p.join()
@@ -207,24 +173,18 @@ def measure(kind, shape, method, threads, min_seconds):
     return result
 
 
-def methods_for(kind: str, shape: dict) -> list[str]:
+def methods_for(shape: dict) -> list[str]:
     import torch
 
     from circuits import backend as be
 
     gpu = ["torch@cuda"] if torch.cuda.is_available() else []
     if gpu and be._ext.has_cuda():
-        gpu[:0] = ["cuda"] if kind == "vectors" else ["cuda", "cuda-rowwise"]
-        if kind == "features" and shape["n_out"] == 1 and "dec_dtype" not in shape:
-            gpu.append("cuda+top64")
-    if kind == "vectors":
-        return ["cpp", "torch", "einsum", *gpu]
+        gpu[:0] = ["cuda", "cuda-rowwise"]
     names = ["cpp", "torch", *gpu]
     gather = 4 * shape["B"] * shape["n_out"] * shape["n_pos"] * shape["l0"] * shape["D"]
     if 2 * gather <= V0_MAX_BYTES:
         names.append("v0")
-    if shape["n_out"] == 1 and "dec_dtype" not in shape:
-        names.append("cpp+top64")
     return names
 
 
@@ -245,17 +205,20 @@ def run(cfg: EdgesBenchConfig) -> str:
         + (f"on the GPU ({torch.cuda.get_device_name()}) " if gpu_only else "")
         + "(benchmarks/edges.py)",
         "",
-        f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''} --threads {' '.join(map(str, cfg.threads))}"
+        f"`python benchmarks/edges.py{' --quick' if cfg.quick else ''} "
+        f"--threads {' '.join(map(str, cfg.threads))}"
         f"{' --methods ' + ' '.join(cfg.methods) if cfg.methods else ''}` "
         f"on {date.today()}: "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"micro-kernel {be._ext.simd()}, load average {os.getloadavg()[0]:.1f} at the start. One call = the "
-        f"edges of one source layer's active features to B targets (attribution makes one per source layer "
-        f"and batch). Wall and CPU (all threads): best of >= 3 runs; on a busy machine the CPU time of a "
-        f"1-thread run is the steadier measure. Speed-ups: against `torch`, the pure-PyTorch reference "
-        f"(per-position matmuls). `v0` is the first reference (per-feature gather + einsum), run only where "
-        f"its gather fits in 1 GiB. Peak: max RSS above the inputs in a fresh process (the output included); "
-        f"on the GPU (`cuda`, and `torch@cuda`, the reference on the GPU, which GPU rows are compared with): "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, "
+        f"micro-kernel {be._ext.simd()}, load average {os.getloadavg()[0]:.1f} at the start. "
+        f"One call = the edges of one source layer's active features to B targets (attribution "
+        f"makes one per source layer and batch). Wall and CPU (all threads): best of >= 3 runs; "
+        f"on a busy machine the CPU time of a 1-thread run is the steadier measure. Speed-ups: "
+        f"against `torch`, the pure-PyTorch reference (per-position matmuls). `v0` is the first "
+        f"reference (per-feature gather + einsum), run only where its gather fits in 1 GiB. "
+        f"Peak: max RSS above the inputs in a fresh process (the output included); on the GPU "
+        f"(`cuda`, and `torch@cuda`, the reference on the GPU, which GPU rows are compared with): "
         f"peak allocated CUDA memory above the inputs. "
         + (
             ""
@@ -263,20 +226,20 @@ def run(cfg: EdgesBenchConfig) -> str:
             else "No GPU on this machine: the CUDA kernels were not run."
         ),
         "",
-        "| case | shape | threads | method | wall (ms) | CPU (ms) | vs torch (wall) | vs torch (CPU) "
-        "| peak extra (MB) | output (MB) |",
+        "| case | shape | threads | method | wall (ms) | CPU (ms) | vs torch (wall) "
+        "| vs torch (CPU) | peak extra (MB) | output (MB) |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in cfg.cases:
-        desc, kind, shape = CASES[name]
+        desc, shape = CASES[name]
         shape = dict(shape, **QUICK.get(name, {})) if cfg.quick else shape
         if cfg.quick and name not in QUICK:
             continue
         desc = f"(quick) {desc}" if cfg.quick else desc
         dims = ", ".join(f"{k}={v}" for k, v in shape.items())
         for threads in cfg.threads:
-            methods = [m for m in methods_for(kind, shape) if not cfg.methods or m in cfg.methods]
-            results = {m: measure(kind, shape, m, threads, cfg.min_seconds) for m in methods}
+            methods = [m for m in methods_for(shape) if not cfg.methods or m in cfg.methods]
+            results = {m: measure(shape, m, threads, cfg.min_seconds) for m in methods}
             for m, (wall, cpu, peak, out_bytes) in results.items():
                 ref = results.get("torch@cuda" if m in GPU_METHODS else "torch")
                 ratio = (
@@ -285,7 +248,8 @@ def run(cfg: EdgesBenchConfig) -> str:
                 ref_wall, ref_cpu = ref[:2] if ref else (0.0, 0.0)
                 row = (
                     f"| {desc} | {dims} | {threads} | {m} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "
-                    f"{ratio(ref_wall, wall)} | {ratio(ref_cpu, cpu)} | {peak / 2**20:.0f} | {out_bytes / 2**20:.1f} |"
+                    f"{ratio(ref_wall, wall)} | {ratio(ref_cpu, cpu)} | {peak / 2**20:.0f} | "
+                    f"{out_bytes / 2**20:.1f} |"
                 )
                 lines.append(row)
                 print(row, flush=True)
@@ -306,7 +270,8 @@ def main(argv=None) -> None:
         "--methods",
         nargs="+",
         default=d.methods,
-        help="only these methods, e.g. cuda cuda-rowwise torch@cuda (default: all that can run here)",
+        help="only these methods, e.g. cuda cuda-rowwise torch@cuda "
+        "(default: all that can run here)",
     )
     p.add_argument("--out", default=d.out, help="markdown file to write ('' for none)")
     a = p.parse_args(argv)

@@ -61,8 +61,8 @@ fi
 if [[ $STAGES == *,edges,* ]]; then
 stage edges
 timeout 200 "$PY" benchmarks/edges.py --threads 16 --min-seconds 0.3 \
-  --methods cuda cuda-rowwise cuda+top64 torch@cuda \
-  --cases 270m-plt-64 270m-plt-128 270m-plt-64-bf16 270m-clt-64 4b-plt-64 4b-plt-64-bf16 270m-errors-32 4b-errors-32 \
+  --methods cuda cuda-rowwise torch@cuda \
+  --cases 270m-plt-64 270m-plt-128 270m-plt-64-bf16 270m-clt-64 4b-plt-64 4b-plt-64-bf16 \
   --out /tmp/edges_gpu.md > "$OUTDIR/edges.log" 2>&1
 echo "edges rc $?"
 fi

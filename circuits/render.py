@@ -425,14 +425,6 @@ def render_svg(
     return _write_picture(graph_dot(graph, max_nodes), path)
 
 
-def render_png(
-    graph: AttributionGraph, path: str | Path, max_nodes: int | None = DEFAULT_MAX_NODES
-) -> Path:
-    path = Path(path)
-    atomic_write(path, lambda f: f.write(_run_graphviz(graph_dot(graph, max_nodes), "png")))
-    return path
-
-
 # -- comparison --------------------------------------------------------------------------------------
 
 

@@ -5,8 +5,6 @@
 //   grad    [B, n_out, n_pos, D]  any strides, float32 / bfloat16 / float16 (read in place)
 //   decoder [F, n_out, D]         any strides, float32 / bfloat16 / float16 (read in place)
 //   pos, feat [n] int64; act [n] float32; out [B, n] float32
-// vector_edges: one vector per source row (error nodes, token embeddings)
-//     out[b, r] = grad[b, r, :] . vectors[r, :]      grad [B, R, D], vectors [R, D]
 //
 // Why it is fast: features active at the same position share their gradient rows, so one position's
 // edges are a small matrix product [B, D] x [D, k]. Work items are (chunk of <= 128 features at one
@@ -26,7 +24,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -377,59 +374,6 @@ at::Tensor feature_edges(const at::Tensor& grad, const at::Tensor& pos_in, const
   return out;
 }
 
-// -- vector_edges: one vector per row and no reuse, so a streaming dot product -----------------------
-template <typename TG, typename TV>
-void vector_edges_t(const TG* G, int64_t gs0, int64_t gs1, int64_t gs2, const TV* Vv, int64_t vs0, int64_t vs1,
-                    int64_t B, int64_t R, int64_t D, float* O, int threads) {
-  // items: (chunk of rows whose vectors, as float32, fit in L2) x (block of targets). Within a chunk, a
-  // target's gradient rows are usually adjacent in memory, so the reads stream.
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>((32 << 10) / std::max<int64_t>(1, D),
-                                                               (R + 2 * threads - 1) / (2 * threads)));
-  const int64_t n_chunks = (R + chunk - 1) / chunk, rows = 64, n_blocks = (B + rows - 1) / rows;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> vec(chunk * D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < n_chunks * n_blocks; ++item) {
-      const int64_t c = item / n_blocks, b0 = (item % n_blocks) * rows;
-      const int64_t r0 = c * chunk, r1 = std::min(R, r0 + chunk);
-      for (int64_t r = r0; r < r1; ++r) convert_row_t(Vv + r * vs0, vs1, (int)D, vec.data() + (r - r0) * D);
-      for (int64_t b = b0; b < std::min(B, b0 + rows); ++b) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const TG* g = G + b * gs0 + r * gs1;
-          const float* v = vec.data() + (r - r0) * D;
-          float s = 0.f;
-          if (gs2 == 1) {
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < D; ++d) s += static_cast<float>(g[d]) * v[d];
-          } else {
-            for (int64_t d = 0; d < D; ++d) s += static_cast<float>(g[d * gs2]) * v[d];
-          }
-          O[b * R + r] = s;
-        }
-      }
-    }
-  }
-}
-
-at::Tensor vector_edges(const at::Tensor& grad, const at::Tensor& vectors) {
-  TORCH_CHECK(grad.device().is_cpu() && vectors.device().is_cpu(), "vector_edges (cpp): CPU tensors only");
-  TORCH_CHECK(grad.dim() == 3 && vectors.dim() == 2 && grad.size(1) == vectors.size(0) &&
-                  grad.size(2) == vectors.size(1),
-              "vector_edges needs grad [B, R, D] and vectors [R, D], got ", grad.sizes(), " and ", vectors.sizes());
-  check_float_type(grad, "grad");
-  check_float_type(vectors, "vectors");
-  const int64_t B = grad.size(0), R = grad.size(1), D = grad.size(2);
-  auto out = at::zeros({B, R}, grad.options().dtype(at::kFloat));
-  if (out.numel() == 0 || D == 0) return out;
-  float* O = out.data_ptr<float>();
-  const int threads = num_threads();
-  EDGES_DISPATCH(grad, TG, EDGES_DISPATCH(vectors, TV,
-      vector_edges_t(grad.const_data_ptr<TG>(), grad.stride(0), grad.stride(1), grad.stride(2),
-                     vectors.const_data_ptr<TV>(), vectors.stride(0), vectors.stride(1), B, R, D, O, threads)));
-  return out;
-}
-
 // -- influence: one transposed pass over CSR rows ---------------------------------------------------
 // out[indices[k]] += |data[k]| * row_weight[r] for every entry k of row r, accumulated in float64: the step
 // of attribution's influence estimate, in one pass over the edges without a copy of |data| (scipy needs an
@@ -496,71 +440,6 @@ void abs_rmatvec(const at::Tensor& indptr, const at::Tensor& indices, const at::
                   row_weight.const_data_ptr<double>(), rows, out.data_ptr<double>(), out.numel());
 }
 
-// -- sparse selection: CSR of the entries with |value| >= threshold and/or the top_k |values| per row ----
-// Per row, the k-th largest magnitude is found with nth_element on a copy; a second scan keeps the entries
-// above it (and enough of those equal to it), so the columns come out in ascending order.
-std::vector<at::Tensor> sparsify(const at::Tensor& dense_in, double threshold, int64_t top_k) {
-  TORCH_CHECK(dense_in.device().is_cpu() && dense_in.dim() == 2, "sparsify needs a 2-d CPU tensor");
-  const at::Tensor dense = dense_in.to(at::kFloat).contiguous();
-  const int64_t B = dense.size(0), n = dense.size(1);
-  const float* X = dense.const_data_ptr<float>();
-  const float thr = threshold >= 0 ? static_cast<float>(threshold) : 0.f;
-  const bool use_threshold = threshold >= 0;
-  // a row keeps x with |x| passing the threshold and (|x| > cut, or |x| == cut for the first `ties` of them)
-  std::vector<float> cut(B, -1.f);
-  std::vector<int64_t> ties(B, 0), count(B, 0);
-  auto passes = [&](float x) { const float m = std::fabs(x); return (!use_threshold || m >= thr) && m == m; };
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<float> mags;
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t b = 0; b < B; ++b) {
-      const float* x = X + b * n;
-      mags.clear();
-      for (int64_t j = 0; j < n; ++j)
-        if (passes(x[j])) mags.push_back(std::fabs(x[j]));
-      const int64_t m = (int64_t)mags.size();
-      if (top_k < 0 || m <= top_k) {
-        count[b] = m;
-        continue;
-      }
-      count[b] = top_k;
-      if (top_k == 0) {
-        cut[b] = INFINITY;
-        continue;
-      }
-      std::nth_element(mags.begin(), mags.begin() + (top_k - 1), mags.end(), std::greater<float>());
-      cut[b] = mags[top_k - 1];
-      int64_t above = 0;
-      for (int64_t j = 0; j < top_k - 1; ++j) above += mags[j] > cut[b];
-      ties[b] = top_k - above;
-    }
-  }
-  auto indptr = at::empty({B + 1}, dense.options().dtype(at::kLong));
-  int64_t* ip = indptr.data_ptr<int64_t>();
-  ip[0] = 0;
-  for (int64_t b = 0; b < B; ++b) ip[b + 1] = ip[b] + count[b];
-  auto indices = at::empty({ip[B]}, dense.options().dtype(at::kLong));
-  auto values = at::empty({ip[B]}, dense.options());
-  int64_t* ix = indices.data_ptr<int64_t>();
-  float* vx = values.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads())
-  for (int64_t b = 0; b < B; ++b) {
-    const float* x = X + b * n;
-    int64_t k = ip[b], equal_left = ties[b];
-    const float c = cut[b];
-    for (int64_t j = 0; j < n && k < ip[b + 1]; ++j) {
-      if (!passes(x[j])) continue;
-      const float m = std::fabs(x[j]);
-      if (m > c || (m == c && equal_left-- > 0)) {
-        ix[k] = j;
-        vx[k++] = x[j];
-      }
-    }
-  }
-  return {indptr, indices, values};
-}
-
 bool openmp_enabled() {
 #ifdef _OPENMP
   return true;
@@ -600,7 +479,6 @@ at::Tensor feature_edges_cuda(const at::Tensor& grad, const at::Tensor& pos, con
 at::Tensor feature_edges_tiled_cuda(const at::Tensor& grad, const at::Tensor& decoder, const at::Tensor& tiles,
                                    int64_t n_tiles, const at::Tensor& order, const at::Tensor& feat,
                                    const at::Tensor& act, int64_t n_cols);
-at::Tensor vector_edges_cuda(const at::Tensor& grad, const at::Tensor& vectors);
 #endif
 
 namespace {
@@ -611,13 +489,6 @@ at::Tensor feature_edges_any(const at::Tensor& grad, const at::Tensor& pos, cons
   if (grad.is_cuda()) return feature_edges_cuda(grad, pos, feat, act, decoder, variant);
 #endif
   return feature_edges(grad, pos, feat, act, decoder);
-}
-
-at::Tensor vector_edges_any(const at::Tensor& grad, const at::Tensor& vectors) {
-#ifdef WITH_CUDA
-  if (grad.is_cuda()) return vector_edges_cuda(grad, vectors);
-#endif
-  return vector_edges(grad, vectors);
 }
 
 bool has_cuda() {
@@ -635,10 +506,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("feature_edges", &feature_edges_any, "out[b,i] = act[i] * sum_o decoder[feat[i],o,:] . grad[b,o,pos[i],:]",
         py::arg("grad"), py::arg("pos"), py::arg("feat"), py::arg("act"), py::arg("decoder"),
         py::arg("variant") = "tiled", py::call_guard<py::gil_scoped_release>());
-  m.def("vector_edges", &vector_edges_any, "out[b,r] = grad[b,r,:] . vectors[r,:]", py::arg("grad"),
-        py::arg("vectors"), py::call_guard<py::gil_scoped_release>());
-  m.def("sparsify", &sparsify, "CSR (indptr, indices, values) of |x| >= threshold (if >= 0) and the top_k (if >= 0)",
-        py::arg("dense"), py::arg("threshold"), py::arg("top_k"), py::call_guard<py::gil_scoped_release>());
   m.def("feature_tiles", &feature_tiles, "(order, tiles [n_tiles, 3]: first sorted index, length, position) "
         "of the tiled CUDA kernel for features at positions pos (CPU)", py::arg("pos"));
   m.attr("TILE_FEATURES") = kTileFeatures;

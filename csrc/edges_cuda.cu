@@ -4,15 +4,13 @@
 //   accumulation and output in float32.
 //
 // Two kernels:
-// - tiled (the default for features): features sorted by position and cut into tiles of at most FT features
+// - tiled (the default): features sorted by position and cut into tiles of at most FT features
 //   that share one position, so a tile's edges are a small matrix product [BT rows x D] . [D x FT]. A block
 //   stages a BT x DK slab of the gradient and an FT x DK slab of gathered decoder rows in shared memory
 //   (consecutive threads read consecutive d: coalesced), and each thread accumulates a 4 x 2 patch of the
 //   output. Each gradient row is read once per tile instead of once per feature.
-// - rowwise (vector edges, and `variant="rowwise"`): one block per (source, tile of ROWS batch rows); the
-//   block stages the source's vector in shared memory and each warp folds its rows with a shuffle reduction.
-//   Sources that share nothing (error nodes, token embeddings: one vector per position) gain nothing from
-//   tiling.
+// - rowwise (`variant="rowwise"`): one block per (feature, tile of ROWS batch rows); the block stages the
+//   feature's decoder row in shared memory and each warp folds its rows with a shuffle reduction.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -227,14 +225,4 @@ at::Tensor feature_edges_tiled_cuda(const at::Tensor& grad, const at::Tensor& de
           act.const_data_ptr<float>(), out.data_ptr<float>(), B, n_cols, n_out, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK()));
   return out;
-}
-
-// Sources with one vector each are features with feature id = position = row and activation 1.
-at::Tensor vector_edges_cuda(const at::Tensor& grad, const at::Tensor& vectors) {
-  TORCH_CHECK(grad.dim() == 3 && vectors.dim() == 2 && grad.size(1) == vectors.size(0) &&
-                  grad.size(2) == vectors.size(1),
-              "vector_edges needs grad [B, R, D] and vectors [R, D], got ", grad.sizes(), " and ", vectors.sizes());
-  const auto rows = at::arange(grad.size(1), grad.options().dtype(at::kLong));
-  const auto ones = at::ones({grad.size(1)}, grad.options().dtype(at::kFloat));
-  return feature_edges_cuda(grad.unsqueeze(1), rows, rows, ones, vectors.unsqueeze(1), "rowwise");
 }

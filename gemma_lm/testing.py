@@ -1,5 +1,5 @@
-"""Tiny random Gemma 3 models for tests and benchmarks: they build in milliseconds and run on the same
-code paths as the real models. Not part of the public API (`gemma_lm` does not export them)."""
+"""Tiny random Gemma 3 models for tests and benchmarks: they build in milliseconds and run on the
+same code paths as the real models. Not part of the public API (`gemma_lm` does not export them)."""
 
 from __future__ import annotations
 
@@ -57,9 +57,6 @@ class TinyTokenizer:
             for i in ids
         )
 
-    def convert_ids_to_tokens(self, ids):
-        return [self.decode([i]) for i in ids]
-
 
 def tiny_config(
     n_layers: int = 3,
@@ -74,8 +71,9 @@ def tiny_config(
     global_every: int = 3,
     max_positions: int = 256,
 ):
-    """A small Gemma 3 text config with both sliding and global layers (every `global_every`-th layer global;
-    the released models: 6). Any size: benchmarks build 1B- and 4B-shaped configs with it."""
+    """A small Gemma 3 text config with both sliding and global layers (every `global_every`-th
+    layer global; the released models: 6). Any size: benchmarks build 1B- and 4B-shaped configs with
+    it."""
     from transformers import Gemma3TextConfig
 
     layer_types = [

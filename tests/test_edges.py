@@ -1,5 +1,5 @@
-"""Edge kernels (circuits.backend, csrc/): the compiled kernels against a float64 ground truth and the
-pure-PyTorch reference, over random shapes, layouts and dtypes."""
+"""Edge kernels (circuits.backend, csrc/): the compiled kernels against a float64 ground truth and
+the pure-PyTorch reference, over random shapes, layouts and dtypes."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def exact(grad, pos, feat, act, decoder):
-    """Ground truth in float64 from the (already rounded) inputs, and the sum of |terms| per entry."""
+    """Ground truth in float64 from the (already rounded) inputs, and the sum of |terms| per
+    entry."""
     rows = decoder.double()[feat]  # [n, n_out, D]
     g = grad.double()[:, :, pos]  # [B, n_out, n, D]
     value = torch.einsum("iod,boid->bi", rows, g) * act.double()
@@ -33,7 +34,8 @@ def exact(grad, pos, feat, act, decoder):
 
 
 def assert_close(out, grad, pos, feat, act, decoder):
-    """float32 accumulation of exactly representable inputs: error well below 1e-4 of the |terms|."""
+    """float32 accumulation of exactly representable inputs: error well below 1e-4 of the
+    |terms|."""
     assert out.dtype == torch.float32 and out.shape == (grad.shape[0], len(feat))
     value, scale = exact(grad, pos, feat, act, decoder)
     err = (out.double() - value).abs()
@@ -58,7 +60,8 @@ def make_grad(B, n_out, n_pos, D, dtype, layout, gen):
 
 
 def make_decoder(F, n_out, D, dtype, layout, gen):
-    """Decoders `[F, n_out, D]`: a PLT `[F, D]` viewed as `[F, 1, D]`, a CLT `[F, n_out, D]`, or transposed storage."""
+    """Decoders `[F, n_out, D]`: a PLT `[F, D]` viewed as `[F, 1, D]`, a CLT `[F, n_out, D]`, or
+    transposed storage."""
     if layout == "plt" and n_out == 1:
         return torch.randn(F, D, generator=gen).to(dtype).unsqueeze(1)
     if layout == "transposed":
@@ -105,7 +108,7 @@ cases = st.fixed_dictionaries(
 )
 
 
-# -- the reference --------------------------------------------------------------------------------------
+# -- the reference ---------------------------------------------------------------------------------
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -122,7 +125,7 @@ def test_reference_handles_no_features_and_one_position():
     assert_close(be.feature_edges_torch(*args), *args)
 
 
-# -- the compiled CPU kernel --------------------------------------------------------------------------
+# -- the compiled CPU kernel -----------------------------------------------------------------------
 
 
 @needs_ext
@@ -164,9 +167,9 @@ def test_cpp_edge_shapes(B, n_out, n_pos, D, F, n):
 
 @needs_ext
 def test_cpp_invariants_permutation_scaling_threads():
-    """Each entry is one float32 dot product whose order does not depend on the other features: permuting
-    the features permutes the columns exactly, doubling the activations doubles the output exactly, and
-    the thread count changes nothing."""
+    """Each entry is one float32 dot product whose order does not depend on the other features:
+    permuting the features permutes the columns exactly, doubling the activations doubles the output
+    exactly, and the thread count changes nothing."""
     grad, pos, feat, act, decoder = make_case(
         37, 2, 6, 150, 300, 260, seed=3, ddtype=torch.bfloat16
     )
@@ -198,10 +201,11 @@ def test_every_simd_kernel(simd):
         import test_edges as t
         from circuits import _edges
         print(_edges.simd())
-        for i, (B, n_out, n_pos, D, F, n) in enumerate([(13, 1, 5, 40, 30, 70), (6, 3, 2, 1100, 20, 33),
-                                                         (40, 2, 3, 17, 9, 300)]):
+        shapes = [(13, 1, 5, 40, 30, 70), (6, 3, 2, 1100, 20, 33), (40, 2, 3, 17, 9, 300)]
+        for i, (B, n_out, n_pos, D, F, n) in enumerate(shapes):
             for gd, dd in [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)]:
-                args = t.make_case(B, n_out, n_pos, D, F, n, seed=i, gdtype=gd, ddtype=dd, glayout="permuted")
+                args = t.make_case(B, n_out, n_pos, D, F, n, seed=i, gdtype=gd, ddtype=dd,
+                                   glayout="permuted")
                 t.assert_close(_edges.feature_edges(*args), *args)
         print("ok")
     """) % os.path.dirname(__file__)
@@ -216,121 +220,7 @@ def test_every_simd_kernel(simd):
     assert status == "ok"
 
 
-# -- sparse output ------------------------------------------------------------------------------------
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    cases,
-    st.sampled_from(["threshold", "top_k", "both"]),
-    st.integers(0, 12),
-    st.floats(0.0, 3.0),
-    st.sampled_from(["cpp", "torch"]),
-)
-def test_sparse_output(c, mode, k, threshold, backend):
-    if backend == "cpp" and not HAS_EXT:
-        return
-    args = make_case(**c)
-    dense = be.feature_edges_torch(*args)
-    kw = {
-        "threshold": threshold if mode != "top_k" else None,
-        "top_k": k if mode != "threshold" else None,
-    }
-    got = be.feature_edges_sparse(
-        *args, backend=backend, block_bytes=4 * 7 * max(1, c["n"]), **kw
-    )  # 7-row blocks
-    B, n = dense.shape
-    assert got.shape == (B, n) and got.indptr.shape == (B + 1,) and int(got.indptr[-1]) == got.nnz
-    tol = 1e-4 * magnitude(dense)
-    for b in range(B):
-        cols = got.indices[got.indptr[b] : got.indptr[b + 1]]
-        vals = got.values[got.indptr[b] : got.indptr[b + 1]]
-        assert bool((cols[1:] > cols[:-1]).all()), "columns must ascend within a row"
-        torch.testing.assert_close(vals, dense[b, cols], rtol=0, atol=tol)
-        mag = dense[b].abs()
-        if kw["threshold"] is not None:
-            assert bool((vals.abs() >= threshold - tol).all())
-        if kw["top_k"] is not None:
-            assert len(cols) <= k
-            passing = (
-                mag >= threshold - tol
-                if kw["threshold"] is not None
-                else torch.ones_like(mag, dtype=torch.bool)
-            )
-            want = min(k, int((mag >= threshold + tol).sum()) if kw["threshold"] is not None else n)
-            assert len(cols) >= want
-            if len(
-                cols
-            ):  # nothing outside the selection beats its weakest member by more than rounding
-                outside = torch.ones(n, dtype=torch.bool)
-                outside[cols] = False
-                left = mag[outside & passing]
-                if len(left):
-                    assert float(left.max()) <= float(vals.abs().min()) + tol
-        else:
-            assert len(cols) >= int((mag >= threshold + tol).sum())
-    torch.testing.assert_close(got.to_dense(), torch.as_tensor(got.to_scipy().toarray()))
-
-
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_sparsify_ties_nan_and_limits(backend):
-    """Ties at the k-th magnitude keep exactly k entries, NaN is never kept, k = 0 keeps nothing."""
-    if backend == "cpp" and not HAS_EXT:
-        pytest.skip("compiled extension not built")
-    dense = torch.tensor(
-        [[1.0, -2.0, 2.0, 2.0, 0.5, -2.0], [3.0, float("nan"), -1.0, 0.0, 0.0, 4.0]]
-    )
-    top = be.sparsify(dense, top_k=3, backend=backend)
-    assert top.indptr.tolist() == [0, 3, 6]
-    assert bool((top.values[:3].abs() == 2).all())
-    assert top.indices[3:].tolist() == [0, 2, 5]
-    assert be.sparsify(dense, top_k=0, backend=backend).nnz == 0
-    both = be.sparsify(dense, threshold=1.0, top_k=10, backend=backend)
-    assert both.indices.tolist() == [0, 1, 2, 3, 5, 0, 2, 5]
-    assert be.sparsify(dense, threshold=2.5, backend=backend).indices.tolist() == [0, 5]
-
-
-def test_sparse_needs_a_rule():
-    args = make_case(2, 1, 2, 8, 4, 3, seed=0)
-    with pytest.raises(ValueError, match="threshold, a top_k"):
-        be.feature_edges_sparse(*args)
-
-
-# -- error and token-embedding sources ----------------------------------------------------------------
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.integers(0, 9),
-    st.integers(0, 12),
-    st.integers(1, 50),
-    st.sampled_from(DTYPES),
-    st.sampled_from(DTYPES),
-    st.booleans(),
-    st.integers(0, 1000),
-)
-def test_vector_edges(B, R, D, gdtype, vdtype, strided, seed):
-    gen = torch.Generator().manual_seed(seed)
-    big = torch.randn(B, 3, R, 2 * D if strided else D, generator=gen).to(gdtype)
-    grad = big[:, 1, :, ::2] if strided else big[:, 1]  # [B, R, D], non-contiguous
-    vectors = torch.randn(R, D, generator=gen).to(vdtype)
-    value = torch.einsum("brd,rd->br", grad.double(), vectors.double())
-    scale = torch.einsum("brd,rd->br", grad.double().abs(), vectors.double().abs())
-    for backend in ["cpp", "torch"] if HAS_EXT else ["torch"]:
-        out = be.vector_edges(grad, vectors, backend=backend)
-        assert out.shape == (B, R) and out.dtype == torch.float32
-        assert bool(((out.double() - value).abs() <= 1e-4 * scale + 1e-6).all()), backend
-
-
-def test_vector_edges_of_errors_all_layers_at_once():
-    """The layout attribution uses: error nodes of every layer from a [B, L + 1, n_pos, D] buffer."""
-    gen = torch.Generator().manual_seed(0)
-    G, errors = torch.randn(4, 4, 5, 32, generator=gen), torch.randn(3, 5, 32, generator=gen)
-    out = be.vector_edges(G[:, 1:].flatten(1, 2), errors.flatten(0, 1))
-    torch.testing.assert_close(out, torch.einsum("blnd,lnd->bln", G[:, 1:], errors).flatten(1))
-
-
-# -- argument checks and backend choice ----------------------------------------------------------------
+# -- argument checks and backend choice ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
@@ -344,8 +234,6 @@ def test_bad_arguments(backend):
         be.feature_edges(grad, pos - 4, feat, act, decoder, backend=backend)
     with pytest.raises(ValueError, match="one length"):
         be.feature_edges(grad, pos, feat, act[:2], decoder, backend=backend)
-    with pytest.raises(ValueError, match=r"vectors \[R, D\]"):
-        be.vector_edges(grad[:, 0], decoder[:2, 0], backend=backend)
     with pytest.raises(ValueError, match="unknown edge backend"):
         be.feature_edges(grad, pos, feat, act, decoder, backend="fortran")
 
@@ -384,15 +272,15 @@ def test_info_reports_the_backend(monkeypatch):
     assert line.startswith(f"edge backend: {first}") and be._ext.simd() in line
 
 
-# -- features prepared once per source layer (attribution's path) ----------------------------------------
+# -- features prepared once per source layer (attribution's path) ----------------------------------
 
 
 @needs_ext
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 6), max_size=150))
 def test_tile_plan_covers_every_feature_once(positions):
-    """The tiled CUDA kernel's plan, made on the host: a stable sort by position, cut into runs of one
-    position of at most TILE_FEATURES features, in order of position."""
+    """The tiled CUDA kernel's plan, made on the host: a stable sort by position, cut into runs of
+    one position of at most TILE_FEATURES features, in order of position."""
     pos = torch.tensor(positions, dtype=torch.long)
     order, tiles = be._ext.feature_tiles(pos)
     assert torch.equal(order, torch.sort(pos, stable=True).indices)
@@ -426,8 +314,9 @@ def test_tile_plan_covers_every_feature_once(positions):
 )
 @pytest.mark.parametrize("ddtype", [torch.float32, torch.bfloat16])
 def test_position_sorted_features_equal_feature_edges(device, ddtype):
-    """Edges from the features before each position P equal feature_edges over those features: 130 rows,
-    crowded positions (70 features at one position: three tiles), empty positions, 2 output layers."""
+    """Edges from the features before each position P equal feature_edges over those features: 130
+    rows, crowded positions (70 features at one position: three tiles), empty positions, 2 output
+    layers."""
     gen = torch.Generator().manual_seed(3)
     pos = torch.sort(torch.tensor([0, 2, 2, 5] + [3] * 70 + [7] * 9)).values
     feat, act = (
@@ -461,8 +350,8 @@ def test_position_sorted_features_equal_feature_edges(device, ddtype):
     st.integers(0, 2**16),
 )
 def test_abs_rmatvec_equals_scipy(rows, n, density, wide, seed):
-    """The influence step out += |A|^T w: the compiled single pass against scipy, int32 and int64 indices,
-    empty rows and zero weights; a column outside out is refused."""
+    """The influence step out += |A|^T w: the compiled single pass against scipy, int32 and int64
+    indices, empty rows and zero weights; a column outside out is refused."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -487,7 +376,8 @@ def test_abs_rmatvec_equals_scipy(rows, n, density, wide, seed):
 
 @needs_ext
 def test_abs_rmatvec_split_among_threads():
-    """Rows split among threads by edge count: long and empty rows on the boundaries, each row once."""
+    """Rows split among threads by edge count: long and empty rows on the boundaries, each row
+    once."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -515,7 +405,7 @@ def test_abs_rmatvec_split_among_threads():
         torch.set_num_threads(threads)
 
 
-# -- CUDA (skipped without a GPU and a CUDA build) -------------------------------------------------------
+# -- CUDA (skipped without a GPU and a CUDA build) -------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and HAS_EXT and be._ext.has_cuda()),
@@ -539,8 +429,9 @@ def test_cuda_matches_float64(c):
 @pytest.mark.parametrize("variant", ["tiled", "rowwise"])
 @pytest.mark.parametrize("ddtype", DTYPES)
 def test_cuda_many_rows_and_crowded_positions(variant, ddtype):
-    """Past one tile in every direction: 130 batch rows (tiles of 64), 200 features on 3 positions (tiles of
-    at most 32 features of one position), D = 70 (slabs of 32), 3 output layers, unsorted positions."""
+    """Past one tile in every direction: 130 batch rows (tiles of 64), 200 features on 3 positions
+    (tiles of at most 32 features of one position), D = 70 (slabs of 32), 3 output layers, unsorted
+    positions."""
     grad, _, _, _, decoder = make_case(130, 3, 5, 70, 90, 0, seed=11, ddtype=ddtype)
     gen = torch.Generator().manual_seed(12)
     pos = torch.tensor([0, 3, 4])[torch.randint(0, 3, (200,), generator=gen)]
@@ -553,21 +444,13 @@ def test_cuda_many_rows_and_crowded_positions(variant, ddtype):
 
 
 @needs_cuda
-def test_cuda_vector_edges_and_sparse():
+def test_cuda_matches_the_reference():
+    """The default CUDA path (`feature_edges` on CUDA tensors) against the reference on the CPU."""
     grad, pos, feat, act, decoder = [t.cuda() for t in make_case(40, 2, 5, 300, 50, 120, seed=5)]
     dense = be.feature_edges(grad, pos, feat, act, decoder)
     torch.testing.assert_close(
         dense.cpu(),
         be.feature_edges_torch(*[t.cpu() for t in (grad, pos, feat, act, decoder)]),
-        rtol=1e-4,
-        atol=1e-3,
-    )
-    top = be.feature_edges_sparse(grad, pos, feat, act, decoder, top_k=5)
-    assert top.nnz == 40 * 5 and top.values.is_cuda
-    vectors = torch.randn(5, 300, device="cuda")
-    torch.testing.assert_close(
-        be.vector_edges(grad[:, 0], vectors),
-        torch.einsum("brd,rd->br", grad[:, 0], vectors),
         rtol=1e-4,
         atol=1e-3,
     )
@@ -584,8 +467,9 @@ def test_cuda_vector_edges_and_sparse():
     ],
 )
 def test_to_device_copies_host_tensors(device):
-    """`to_device` gives the values on the device, also while the GPU is still busy with earlier work and
-    when the host tensor changes right after the call (the copy goes through a pinned block of its own)."""
+    """`to_device` gives the values on the device, also while the GPU is still busy with earlier
+    work and when the host tensor changes right after the call (the copy goes through a pinned block
+    of its own)."""
     host = torch.arange(1000, dtype=torch.long)
     if device == "cuda":
         busy = torch.randn(4096, 4096, device="cuda")

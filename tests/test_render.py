@@ -1,8 +1,9 @@
 """Static pictures: SVG/PNG via graphviz, the comparison picture, and `circuits render`.
 
-`synthetic_graph` builds a realistic AttributionGraph without a model: a layered, position-causal DAG
-(features only read from earlier layers at the same or earlier positions), error nodes, token nodes with
-the strings of a real prompt, and logit nodes at the last position. Other render tests import it.
+`synthetic_graph` builds a realistic AttributionGraph without a model: a layered, position-causal
+DAG (features only read from earlier layers at the same or earlier positions), error nodes, token
+nodes with the strings of a real prompt, and logit nodes at the last position. Other render tests
+import it.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def test_render_svg(tmp_path, n_features, influence):
 
 
 @needs_graphviz
-def test_render_png_and_max_nodes(tmp_path):
+def test_render_svg_writes_png_and_max_nodes(tmp_path):
     from PIL import Image
 
     from circuits.render import render_svg

@@ -3,14 +3,16 @@
 Inference rules live in `TranscoderSet.activate`; these are the differentiable training versions:
 
   relu       relu(pre)
-  jumprelu   pre * H(pre - theta); the threshold gets a straight-through gradient through a rectangle
-             kernel of width `bandwidth` (Rajamanoharan et al. 2024, "Jumping ahead"):
+  jumprelu   pre * H(pre - theta); the threshold gets a straight-through gradient through a
+             rectangle kernel of width `bandwidth` (Rajamanoharan et al. 2024, "Jumping ahead"):
                d/dtheta JumpReLU = -(theta / eps) * K((pre - theta) / eps),  K = 1 on (-1/2, 1/2)
-             and `step(pre, theta)` = H(pre - theta) (the L0 penalty) has d/dtheta = -(1/eps) K(...).
+             and `step(pre, theta)` = H(pre - theta) (the L0 penalty) has
+             d/dtheta = -(1/eps) K(...).
   topk       the k largest relu(pre) per position
-  batchtopk  the k * batch largest relu(pre) across the whole batch (Bussmann et al. 2024); during
-             training the smallest kept activation is tracked (EMA) and becomes the inference threshold,
-             so inference is `pre * (pre > threshold)` with no dependence on the batch.
+  batchtopk  the k * batch largest relu(pre) across the whole batch (Bussmann et al. 2024);
+             during training the smallest kept activation is tracked (EMA) and becomes the
+             inference threshold, so inference is `pre * (pre > threshold)` with no dependence on
+             the batch.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ class _Step(torch.autograd.Function):
 
 
 def jumprelu(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float = 0.001) -> torch.Tensor:
-    """JumpReLU with a straight-through threshold gradient (theta broadcastable to pre, e.g. `[F]` or
-    `[L, 1, F]` for pre `[L, n, F]`)."""
+    """JumpReLU with a straight-through threshold gradient (theta broadcastable to pre, e.g. `[F]`
+    or `[L, 1, F]` for pre `[L, n, F]`)."""
     return _JumpReLU.apply(pre, theta, bandwidth)
 
 
@@ -73,7 +75,8 @@ def topk(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 def batchtopk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k * n_positions largest relu(pre) over the whole batch `[n, F]`.
-    Returns (activations, smallest kept positive value) — the latter feeds the inference threshold."""
+    Returns (activations, smallest kept positive value) — the latter feeds the inference
+    threshold."""
     flat = torch.relu(pre).reshape(-1)
     n_keep = min(k * pre.reshape(-1, pre.shape[-1]).shape[0], flat.numel())
     vals, idx = flat.topk(n_keep)
@@ -84,8 +87,8 @@ def batchtopk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def batchtopk_per_layer(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchTopK for every layer at once: pre `[L, n, F]` keeps the k * n largest relu(pre) of each layer.
-    Returns (activations `[L, n, F]`, smallest kept positive value per layer `[L]`)."""
+    """BatchTopK for every layer at once: pre `[L, n, F]` keeps the k * n largest relu(pre) of each
+    layer. Returns (activations `[L, n, F]`, smallest kept positive value per layer `[L]`)."""
     L, n, F = pre.shape
     flat = torch.relu(pre).reshape(L, n * F)
     vals, idx = flat.topk(min(k * n, n * F), dim=-1)
@@ -93,23 +96,3 @@ def batchtopk_per_layer(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     kept = vals.detach()
     floor = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).amin(-1)
     return out, torch.where(torch.isinf(floor), torch.zeros_like(floor), floor)
-
-
-def train_activate(
-    activation: str,
-    pre: torch.Tensor,
-    *,
-    theta: torch.Tensor | None = None,
-    k: int | None = None,
-    bandwidth: float = 0.001,
-):
-    """Training-mode activation. Returns (activations, extra) where extra is the BatchTopK floor or None."""
-    if activation == "relu":
-        return torch.relu(pre), None
-    if activation == "jumprelu":
-        return jumprelu(pre, theta, bandwidth), None
-    if activation == "topk":
-        return topk(pre, k), None
-    if activation == "batchtopk":
-        return batchtopk(pre, k)
-    raise ValueError(f"unknown activation {activation!r}")

@@ -446,12 +446,6 @@ class ActivationSource:
             self._sequences = torch.stack(seqs)
         return self._sequences
 
-    @property
-    def n_shards(self) -> int:
-        """Distinct shards before the data repeats."""
-        n = max(1, len(self.sequences) // self.seqs_per_shard)
-        return min(n, self.max_shards) if self.max_shards else n
-
     def _path(self, i: int) -> Path:
         return self.cache_dir / f"shard_{i:05d}.safetensors"
 
