@@ -31,11 +31,13 @@ import traceback
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write_text
+from gemma_lm.jobs import option, with_overrides
 from gemma_lm.models import load_model
 from gemma_lm.ranks import Ranks
 from transcoders.default import resolve_transcoders
@@ -59,20 +61,37 @@ _ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 @dataclass
 class BatchConfig:
-    """One batch job: drives both `circuits trace-batch` and `circuits.batch.trace_batch`."""
+    """Trace one attribution graph per prompt of PROMPTS.jsonl into DIR/graphs, with an index
+    (DIR/index.jsonl) and a summary table. Launch with `torchrun --nproc-per-node N -m circuits
+    trace-batch ...` to split the prompts across N processes (gloo on the CPU, nccl with --device
+    cuda). Rerun the same command to resume. (`circuits.batch.trace_batch` takes these options as
+    keywords.)"""
 
-    prompts: str | list = ""  # a JSONL file; from Python also a list of dicts or strings
-    out: str = "batch"  # output folder
-    attribution: AttributionConfig = field(default_factory=AttributionConfig)  # as `circuits trace`
-    scores: bool = (
-        True  # replacement / completeness scores (circuits.pruning.graph_scores) in each graph
-    )
-    overwrite: bool = False  # retrace prompts whose graph exists already
-    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU), gloo, nccl
-    timeout_min: float = (
-        120.0  # how long a rank waits for the others (model loading, the final merge)
-    )
-    progress: bool = True
+    prompts: str | list = option(default="", positional=True, metavar="PROMPTS.jsonl")
+    """one JSON object a line: {"prompt": ..., "target": ..., "contrast": ..., "id": ...} (only
+    prompt is required); from Python also a list of such dicts or of prompt strings"""
+    out: str = option(default="batch", metavar="DIR")
+    """output folder (created; reused to resume)"""
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    scores: bool = True
+    """store replacement / completeness scores in each graph"""
+    overwrite: bool = False
+    """retrace prompts whose graph exists already"""
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on the CPU)"""
+    timeout_min: float = 120.0
+    """how long a rank waits for the others (model loading, the final merge), in minutes"""
+
+    def check(self) -> None:
+        if isinstance(self.prompts, str) and not self.prompts:
+            raise UserError(
+                "no prompts: give a prompts file (PROMPTS.jsonl), one JSON object a line"
+            )
+        if self.attribution.targets or self.attribution.contrast:
+            raise UserError(
+                '--target / --contrast are per prompt in a batch: put "target" / "contrast" on '
+                "the prompt's line of the prompts file"
+            )
 
 
 @dataclass
@@ -369,7 +388,7 @@ def trace_batch(
 
     Under torchrun, every rank calls this and traces its share; every rank returns the full index.
     `lm` / `transcoders`: an already loaded model / TranscoderSet (else loaded from the config)."""
-    cfg = replace(config or BatchConfig(), **overrides)
+    cfg = with_overrides(config, BatchConfig, overrides)
     ranks = Ranks.start(cfg.dist_backend, cfg.attribution.device, cfg.timeout_min)
     try:
         return _run(cfg, ranks, lm, transcoders)
@@ -377,14 +396,12 @@ def trace_batch(
         ranks.finish()
 
 
-def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
-    t0 = time.perf_counter()
-    acfg = replace(cfg.attribution, progress=False, device=ranks.device_for(cfg.attribution.device))
-    specs = read_prompts(cfg.prompts)
-    out = Path(cfg.out).expanduser()
-
-    # rank 0 checks the folder before anyone works; every rank loads the model at once; rank 0 resolves the
-    # transcoders first (the default set is trained on first use: once, not once per rank), then the others
+def _model_and_transcoders(
+    cfg: BatchConfig, ranks: Ranks, acfg: AttributionConfig, specs, out: Path, lm, transcoders
+):
+    """(lm, tc) on every rank. Rank 0 checks the folder before anyone works; every rank loads the
+    model at once; rank 0 resolves the transcoders first (the default set is trained on first use:
+    once, not once per rank), then the others."""
     _everywhere(ranks, lambda: prepare_folder(out, cfg), here=ranks.is_main)
     if lm is None:
         lm = _everywhere(
@@ -393,7 +410,7 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     tc_spec = transcoders if transcoders is not None else acfg.transcoders
 
     def first():
-        tc = resolve_transcoders(tc_spec, lm, cfg.progress)
+        tc = resolve_transcoders(tc_spec, lm, cfg.attribution.progress)
         check_prompts(lm, specs, acfg)
         return tc
 
@@ -401,9 +418,21 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     later = _everywhere(
         ranks, lambda: resolve_transcoders(tc_spec, lm, False), here=not ranks.is_main
     )
-    tc = tc if ranks.is_main else later
+    return lm, tc if ranks.is_main else later
 
-    # what is done already: each rank checks a share of the graph files
+
+@dataclass
+class _Work:
+    """The prompts an earlier run finished (`done`, ids), those left (`todo`, on all ranks) and this
+    rank's share of them (`mine`)."""
+
+    done: set[str]
+    todo: list[PromptSpec]
+    mine: list[PromptSpec]
+
+
+def _share_work(cfg: BatchConfig, ranks: Ranks, specs: list[PromptSpec], out: Path) -> _Work:
+    # each rank checks a share of the graph files
     share = specs[ranks.rank :: ranks.world_size]
     done_here = (
         []
@@ -412,18 +441,56 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     )
     done = {i for ids in ranks.all_gather_object(done_here) for i in ids}
     todo = [s for s in specs if s.id not in done]
-    mine = todo[ranks.rank :: ranks.world_size]
-    if ranks.is_main and cfg.progress:
+    work = _Work(done, todo, todo[ranks.rank :: ranks.world_size])
+    if ranks.is_main and cfg.attribution.progress:
         print(
-            f"{len(specs)} prompts: {len(done)} done already, {len(todo)} to trace on {ranks.world_size} "
-            f"rank{'s' if ranks.world_size > 1 else ''}",
+            f"{len(specs)} prompts: {len(done)} done already, {len(todo)} to trace on "
+            f"{ranks.world_size} rank{'s' if ranks.world_size > 1 else ''}",
             file=sys.stderr,
             flush=True,
         )
+    return work
 
+
+def _trace_one(
+    spec: PromptSpec, lm, tc, acfg: AttributionConfig, with_scores: bool, out: Path, rank: int
+) -> dict:
+    """Trace one prompt into graphs/ID.npz; its index record, or the record of its failure."""
+    t = time.perf_counter()
+    try:
+        graph = attribute(
+            lm,
+            spec.prompt,
+            transcoders=tc,
+            config=replace(acfg, targets=list(spec.targets), contrast=spec.contrast),
+        )
+        if with_scores:
+            scores = _scores(graph)
+            if scores is not None:
+                graph.metadata["scores"] = {"full": scores}
+        record = graph_record(spec, graph, time.perf_counter() - t, rank)
+        graph.metadata["batch"] = record
+        graph.save(out / "graphs" / spec.filename)
+        return record
+    except Exception as e:  # one bad prompt must not end a job of thousands; reported, retried
+        if not isinstance(e, UserError):
+            traceback.print_exc()
+        return {
+            **spec.as_record(),
+            "status": "failed",
+            "error": f"{e.__class__.__name__}: {e}",
+            "rank": rank,
+        }
+
+
+def _trace_share(
+    cfg: BatchConfig, ranks: Ranks, mine: list[PromptSpec], lm, tc, acfg: AttributionConfig, out
+) -> int:
+    """Trace this rank's prompts, each record appended to progress/rank-R.jsonl as it comes.
+    Returns how many failed."""
     log = out / "progress" / f"rank-{ranks.rank}.jsonl"
     bar = None
-    if cfg.progress:
+    if cfg.attribution.progress:
         from tqdm.auto import tqdm
 
         desc = f"rank {ranks.rank}" if ranks.distributed else "trace-batch"
@@ -432,38 +499,25 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
         )
     n_failed = 0
     for spec in mine:
-        t = time.perf_counter()
-        try:
-            graph = attribute(
-                lm,
-                spec.prompt,
-                transcoders=tc,
-                config=replace(acfg, targets=list(spec.targets), contrast=spec.contrast),
-            )
-            if cfg.scores:
-                scores = _scores(graph)
-                if scores is not None:
-                    graph.metadata["scores"] = {"full": scores}
-            record = graph_record(spec, graph, time.perf_counter() - t, ranks.rank)
-            graph.metadata["batch"] = record
-            graph.save(out / "graphs" / spec.filename)
-        except (
-            Exception
-        ) as e:  # one bad prompt must not end a job of thousands; it is reported and retried
+        record = _trace_one(spec, lm, tc, acfg, cfg.scores, out, ranks.rank)
+        if record["status"] == "failed":
             n_failed += 1
-            if not isinstance(e, UserError):
-                traceback.print_exc()
-            record = {
-                **spec.as_record(),
-                "status": "failed",
-                "error": f"{e.__class__.__name__}: {e}",
-                "rank": ranks.rank,
-            }
         _append_line(log, record)
         if bar:
             bar.update(1)
     if bar:
         bar.close()
+    return n_failed
+
+
+def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
+    t0 = time.perf_counter()
+    acfg = replace(cfg.attribution, progress=False, device=ranks.device_for(cfg.attribution.device))
+    specs = read_prompts(cfg.prompts)
+    out = Path(cfg.out).expanduser()
+    lm, tc = _model_and_transcoders(cfg, ranks, acfg, specs, out, lm, transcoders)
+    work = _share_work(cfg, ranks, specs, out)
+    n_failed = _trace_share(cfg, ranks, work.mine, lm, tc, acfg, out)
 
     ranks.barrier()
     records = build_index(out, specs) if ranks.is_main else None
@@ -472,8 +526,8 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     return BatchResult(
         records,
         out / "index.jsonl",
-        n_traced=len(todo) - n_failed,
-        n_skipped=len(done),
+        n_traced=len(work.todo) - n_failed,
+        n_skipped=len(work.done),
         n_failed=n_failed,
         seconds=time.perf_counter() - t0,
         rank=ranks.rank,

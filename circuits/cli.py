@@ -1,39 +1,28 @@
-"""The `circuits` command. Subcommands live beside the stage they drive; each module listed in
-`COMMAND_MODULES` exposes `register(subparsers)` and sets `func` on its parser."""
+"""The `circuits` command. Each subcommand is a job dataclass beside the stage it drives, listed in its
+module's `COMMANDS` (see `gemma_lm.jobs`)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from gemma_lm import jobs
 
-COMMAND_MODULES = [
-    "circuits.info",
-    "circuits.commands",
-    "circuits.commands_graph",
-    "circuits.commands_render",
-    "circuits.commands_intervene",
-    "circuits.commands_batch",
+from . import commands, commands_batch, commands_graph, commands_intervene, commands_render, info
+
+COMMANDS = [
+    *info.COMMANDS,
+    *commands.COMMANDS,
+    *commands_graph.COMMANDS,
+    *commands_render.COMMANDS,
+    *commands_intervene.COMMANDS,
+    *commands_batch.COMMANDS,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="circuits",
-        description="Trace, prune, render and compare attribution graphs of Gemma 3 models.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        module.register(sub)
-    return parser
+    description = "Trace, prune, render and compare attribution graphs of Gemma 3 models."
+    return jobs.build_parser("circuits", description, COMMANDS)
 
 
 def run(argv: list[str] | None = None) -> int:

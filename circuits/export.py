@@ -68,15 +68,9 @@ def neuronpedia_node_ids(graph: AttributionGraph) -> list[str]:
     return out
 
 
-def to_neuronpedia_json(
-    graph: AttributionGraph, slug: str | None = None, scan: str | None = None
-) -> dict:
-    """The graph as the viewer's JSON document (every node and edge of `graph`: prune it first).
-
-    `influence` is the viewer's pruning key: the cumulative share of influence of the node and every more
-    influential one (nodes with influence <= the viewer's threshold stay), relative to the full graph when
-    the graph was pruned by `circuits.prune`."""
-    meta = graph.metadata or {}
+def _cumulative_influence(graph: AttributionGraph, meta: dict) -> np.ndarray:
+    """`[n_nodes]`: for each feature and error node, the share of the total influence held by it
+    and every more influential one; NaN for tokens and logits."""
     influence = graph.influence if graph.influence is not None else compute_influence(graph)
     influence = np.nan_to_num(np.asarray(influence, dtype=np.float64))
     inner = (graph.kind == FEATURE) | (graph.kind == ERROR)
@@ -88,95 +82,141 @@ def to_neuronpedia_json(
     order = idx[np.argsort(-influence[idx], kind="stable")]
     if total > 0:
         cumulative[order] = np.minimum(np.cumsum(np.clip(influence[order], 0, None)) / total, 1.0)
-    ids = neuronpedia_node_ids(graph)
-    logit_rank = {int(n): j for j, n in enumerate(graph.logit_nodes)}
-    strings = graph.logit_strings
-    nodes = []
-    for i in range(graph.n_nodes):
-        k, L, p, f = (
-            int(graph.kind[i]),
-            int(graph.layer[i]),
-            int(graph.pos[i]),
-            int(graph.feature[i]),
+    return cumulative
+
+
+def _node(
+    graph: AttributionGraph,
+    i: int,
+    ids: list[str],
+    influence: float,
+    logit_rank: dict[int, int],
+    strings: list[str],
+) -> dict:
+    """Node `i` as the viewer's node record. `logit_rank`: a logit node's place among the logits;
+    `strings`: the logits' token strings, in that order."""
+    k, L, p, f = (
+        int(graph.kind[i]),
+        int(graph.layer[i]),
+        int(graph.pos[i]),
+        int(graph.feature[i]),
+    )
+    node = {
+        "node_id": ids[i],
+        "feature": None,
+        "layer": str(L),
+        "ctx_idx": p,
+        "feature_type": NEURONPEDIA_FEATURE_TYPES[k],
+        "token_prob": 0.0,
+        "is_target_logit": False,
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "jsNodeId": "",
+        "clerp": "",
+        "influence": finite_or_none(influence),
+        "activation": None,
+    }
+    if k == FEATURE:
+        label, source = display_label(graph, i)
+        node.update(
+            feature=_cantor(L, f),
+            jsNodeId=f"{L}_{f}-0",
+            activation=float(graph.activation[i]),
+            clerp=label if source != "default" else "",
         )
-        node = {
-            "node_id": ids[i],
-            "feature": None,
-            "layer": str(L),
-            "ctx_idx": p,
-            "feature_type": NEURONPEDIA_FEATURE_TYPES[k],
-            "token_prob": 0.0,
-            "is_target_logit": False,
-            "run_idx": 0,
-            "reverse_ctx_idx": 0,
-            "jsNodeId": "",
-            "clerp": "",
-            "influence": finite_or_none(cumulative[i]),
-            "activation": None,
-        }
-        if k == FEATURE:
-            label, source = display_label(graph, i)
-            node.update(
-                feature=_cantor(L, f),
-                jsNodeId=f"{L}_{f}-0",
-                activation=float(graph.activation[i]),
-                clerp=label if source != "default" else "",
-            )
-        elif k == ERROR:
-            node.update(feature=-1, jsNodeId=f"{L}_-1-{p}")
-        elif k == TOKEN:
-            node.update(feature=p, layer="E", jsNodeId=f"E_{int(graph.tokens[p])}-{p}")
-        else:
-            j = logit_rank[i]
-            prob = float(graph.logit_probabilities[j])
-            tok = strings[j] if j < len(strings) else str(f)
-            node.update(
-                feature=f,
-                layer=str(graph.n_layers + 1),
-                token_prob=prob,
-                is_target_logit=j == 0,
-                jsNodeId=f"L_{f}-{p}",
-                clerp=f'Output "{_js_token(tok)}" (p={prob:.3f})',
-            )
-        nodes.append(node)
-    coo = graph.adjacency.tocoo()
-    links = [
+    elif k == ERROR:
+        node.update(feature=-1, jsNodeId=f"{L}_-1-{p}")
+    elif k == TOKEN:
+        node.update(feature=p, layer="E", jsNodeId=f"E_{int(graph.tokens[p])}-{p}")
+    else:
+        j = logit_rank[i]
+        prob = float(graph.logit_probabilities[j])
+        tok = strings[j] if j < len(strings) else str(f)
+        node.update(
+            feature=f,
+            layer=str(graph.n_layers + 1),
+            token_prob=prob,
+            is_target_logit=j == 0,
+            jsNodeId=f"L_{f}-{p}",
+            clerp=f'Output "{_js_token(tok)}" (p={prob:.3f})',
+        )
+    return node
+
+
+def _links(graph: AttributionGraph, ids: list[str]) -> list[dict]:
+    """Every nonzero edge but self-loops, source -> target."""
+    coo = graph.adjacency.tocoo()  # rows are targets
+    return [
         {"source": ids[s], "target": ids[t], "weight": float(w)}
         for t, s, w in zip(coo.row, coo.col, coo.data)
         if w != 0 and s != t
     ]
-    settings = meta.get("settings") or {}
-    pruning = meta.get("pruning") or {}
+
+
+def _supernodes(graph: AttributionGraph, meta: dict, ids: list[str]) -> list[list[str]]:
+    """`[name, *member node ids]` of each supernode, in the viewer's ids (members not in the graph
+    left out)."""
     ours = {nid: ids[i] for i, nid in enumerate(graph.node_ids())}
-    supernodes = [
+    return [
         [name, *[ours[m] for m in members if m in ours]]
         for name, members in supernode_groups(meta.get("supernodes") or {}).items()
     ]
-    document = {
-        "metadata": {
-            "slug": slug or _slug(graph.prompt),
-            "scan": scan or str(meta.get("model") or "gemma-3-270m"),
-            "transcoder_list": [],
-            "prompt_tokens": [_js_token(t) for t in graph.token_strings],
-            "prompt": graph.prompt,
-            "schema_version": 1,
-            "info": {
-                "description": f"{graph.summary()}",
-                "generator": {"name": "gemma-circuits", "version": __version__},
-                "create_time_ms": int(time.time() * 1000),
-            },
-            "generation_settings": {
-                k: settings[k]
-                for k in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
-                if k in settings
-            },
-            "pruning_settings": {
-                k: pruning[k] for k in ("node_threshold", "edge_threshold") if k in pruning
-            },
+
+
+def _document_metadata(
+    graph: AttributionGraph, meta: dict, slug: str | None, scan: str | None
+) -> dict:
+    settings = meta.get("settings") or {}
+    pruning = meta.get("pruning") or {}
+    out = {
+        "slug": slug or _slug(graph.prompt),
+        "scan": scan or str(meta.get("model") or "gemma-3-270m"),
+        "transcoder_list": [],
+        "prompt_tokens": [_js_token(t) for t in graph.token_strings],
+        "prompt": graph.prompt,
+        "schema_version": 1,
+        "info": {
+            "description": f"{graph.summary()}",
+            "generator": {"name": "gemma-circuits", "version": __version__},
+            "create_time_ms": int(time.time() * 1000),
         },
+        "generation_settings": {
+            k: settings[k]
+            for k in ("max_n_logits", "desired_logit_prob", "batch_size", "max_feature_nodes")
+            if k in settings
+        },
+        "pruning_settings": {
+            k: pruning[k] for k in ("node_threshold", "edge_threshold") if k in pruning
+        },
+    }
+    if "node_threshold" in pruning:
+        out["node_threshold"] = float(pruning["node_threshold"])
+    transcoders = meta.get("transcoders") or {}
+    if transcoders.get("source"):
+        out["info"]["source_urls"] = [str(transcoders["source"])]
+    return out
+
+
+def to_neuronpedia_json(
+    graph: AttributionGraph, slug: str | None = None, scan: str | None = None
+) -> dict:
+    """The graph as the viewer's JSON document (every node and edge of `graph`: prune it first).
+
+    `influence` is the viewer's pruning key: the cumulative share of influence of the node and
+    every more influential one (nodes with influence <= the viewer's threshold stay), relative to
+    the full graph when the graph was pruned by `circuits.prune`."""
+    meta = graph.metadata or {}
+    cumulative = _cumulative_influence(graph, meta)
+    ids = neuronpedia_node_ids(graph)
+    logit_rank = {int(n): j for j, n in enumerate(graph.logit_nodes)}
+    strings = graph.logit_strings
+    nodes = [_node(graph, i, ids, cumulative[i], logit_rank, strings) for i in range(graph.n_nodes)]
+    links = _links(graph, ids)
+    return {
+        "metadata": _document_metadata(graph, meta, slug, scan),
         "qParams": {
             "pinnedIds": [],
-            "supernodes": supernodes,
+            "supernodes": _supernodes(graph, meta, ids),
             "linkType": "both",
             "clickedId": "",
             "sg_pos": "",
@@ -184,12 +224,6 @@ def to_neuronpedia_json(
         "nodes": nodes,
         "links": links,
     }
-    if "node_threshold" in pruning:
-        document["metadata"]["node_threshold"] = float(pruning["node_threshold"])
-    transcoders = meta.get("transcoders") or {}
-    if transcoders.get("source"):
-        document["metadata"]["info"]["source_urls"] = [str(transcoders["source"])]
-    return document
 
 
 def _slug(prompt: str) -> str:

@@ -288,6 +288,27 @@ def supernode_groups(value) -> dict[str, list[str]]:
     return out
 
 
+def load_supernodes(path: str | Path) -> dict[str, list[str]]:
+    """The supernodes of a grouping file: the JSON the HTML viewer's 'download grouping' button saves,
+    {"supernodes": {name: [node ids]}}, or any form `supernode_groups` reads."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"grouping file {p} does not exist")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot read supernodes file {p} ({e}); pass the JSON the viewer's "
+            f"'download grouping' button saves"
+        ) from None
+    try:
+        return supernode_groups(doc)
+    except (UserError, AttributeError, TypeError, IndexError):
+        raise UserError(
+            f'{p} holds no supernodes; expected {{"supernodes": {{"name": [node ids]}}}}'
+        ) from None
+
+
 def finite_or_none(x) -> float | None:
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy
@@ -10,6 +11,7 @@ import torch
 
 from gemma_lm import __version__
 from gemma_lm.files import cache_dir
+from gemma_lm.jobs import Command
 from gemma_lm.models import DEFAULT_MODEL
 from transcoders.default import default_transcoders_dir
 
@@ -46,11 +48,14 @@ def info_lines() -> list[str]:
     ]
 
 
-def cmd_info(args) -> int:
+@dataclass
+class InfoJob:
+    """Print what is installed, which edge backend is active and why, and where the caches are."""
+
+
+def run_info(job: InfoJob) -> int:
     print("\n".join(info_lines()))
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("info", help="versions, device, edge backend and caches")
-    p.set_defaults(func=cmd_info)
+COMMANDS = [Command("info", InfoJob, run_info, "versions, device, edge backend and caches")]

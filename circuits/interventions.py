@@ -23,14 +23,13 @@ one: the real MLP output there plus the change of the transcoder output that the
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
 
 import torch
 
 from gemma_lm.errors import UserError
-from gemma_lm.jobs import with_overrides
+from gemma_lm.jobs import option, with_overrides
 from gemma_lm.models import DEFAULT_MODEL, LoadedModel, load_model
 from transcoders.default import resolve_transcoders
 
@@ -50,22 +49,30 @@ MODES = ("frozen", "full")
 
 @dataclass
 class InterventionConfig:
-    """One intervention job: drives both `circuits intervene` and `circuits.intervene`."""
+    """Intervention: which model and transcoders, and how the patched run goes (`circuits.intervene`
+    takes these as keywords)."""
 
-    model: str = DEFAULT_MODEL
-    transcoders: str = (
-        "default"  # "default", or a path (native, Gemma Scope 2 or circuit-tracer layout)
-    )
-    mode: str = (
-        "frozen"  # "frozen" (attention and norms of the clean run) or "full" (real model re-run)
-    )
-    propagate: bool = True  # False: features not intervened on keep their clean activations
-    generate: int = 0  # greedy continuation tokens (clean and intervened)
-    top_k: int = 10  # rows of the before/after table
-    chat: bool = False  # wrap a text prompt in the model's chat template
+    model: str | None = None
+    """model name or path (default: the graph's model, else gemma-3-270m)"""
+    transcoders: str | None = None
+    """'default' or a transcoder directory (default: the graph's transcoders, else 'default')"""
+    mode: Literal["frozen", "full"] = "frozen"
+    """frozen: attention and norms of the clean run (the graph's world); full: re-run the model"""
+    propagate: bool = option(default=True, off_flag="--hold")
+    """let every other feature respond to the intervention (--hold keeps them at their clean
+    activations: direct effects only)"""
+    generate: int = option(default=0, metavar="N")
+    """greedy continuation tokens (clean and intervened)"""
+    top_k: int = option(default=10, flag="--top", metavar="K")
+    """rows of the before/after table"""
+    chat: bool = False
+    """wrap a text prompt in the model's chat template"""
     device: str = "cpu"
-    dtype: str = "float32"
+    """cpu, cuda or cuda:N"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """the model's dtype"""
     progress: bool = True
+    """show progress bars"""
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -272,22 +279,6 @@ def resolve(
             + {"set": f" = {iv.value:g}", "scale": f" x{iv.value:g}"}.get(iv.op, "")
         )
     return ops, described
-
-
-def load_supernodes(path) -> dict[str, list[str]]:
-    """The grouping JSON the HTML viewer saves: {"supernodes": {name: [node ids]}} (a bare {name: [ids]}
-    is accepted too)."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"grouping file {p} does not exist")
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON ({e}); save the grouping again from the viewer")
-    groups = data.get("supernodes", data) if isinstance(data, dict) else None
-    if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
-        raise UserError(f'{p} must hold {{"supernodes": {{"name": [node ids, ...]}}}}')
-    return {str(k): [str(x) for x in v] for k, v in groups.items()}
 
 
 def comparison_supernodes(comparison, side: str = "a") -> dict[str, list[str]]:
@@ -526,9 +517,80 @@ def _top_rows(lm: LoadedModel, before: torch.Tensor, after: torch.Tensor, k: int
     return sorted(rows, key=lambda r: -max(r["prob_before"], r["prob_after"]))
 
 
-def _graph_transcoders(graph: AttributionGraph) -> str:
-    spec = (graph.metadata.get("settings") or {}).get("transcoders") or "default"
-    return spec if isinstance(spec, str) else "default"
+def _graph_transcoders(graph: AttributionGraph | None) -> str:
+    spec = (graph.metadata.get("settings") or {}).get("transcoders") if graph else None
+    return spec if isinstance(spec, str) and spec else "default"
+
+
+def _prompt_tokens(
+    lm: LoadedModel, prompt, graph: AttributionGraph | None, supernodes: dict | None, chat: bool
+) -> tuple[torch.Tensor, str, dict | None]:
+    """The prompt's tokens `[n_pos]` and text, and the supernodes targets may name (a graph's own,
+    overridden by `supernodes`)."""
+    if graph is not None:
+        if graph.metadata.get("model") not in (None, lm.name):
+            raise UserError(
+                f"the graph was traced on {graph.metadata['model']}, not {lm.name}; load that model"
+            )
+        tokens = torch.as_tensor(graph.tokens, dtype=torch.long)
+        return (
+            tokens,
+            graph.prompt,
+            {**(graph.metadata.get("supernodes") or {}), **(supernodes or {})},
+        )
+    if isinstance(prompt, torch.Tensor):
+        return prompt.long().flatten(), lm.tokenizer.decode(prompt.tolist()), supernodes
+    if isinstance(prompt, str):
+        return lm.tokenize(prompt, chat=chat), prompt, supernodes
+    raise UserError("the prompt must be text, a token tensor or an AttributionGraph")
+
+
+@dataclass
+class _Runs:
+    """The clean and the intervened run: per layer `[n_pos, F]` feature activations at the prompt
+    positions, and the logits `[vocab]` at the last one (`raw_*`: before soft-capping, frozen mode
+    only)."""
+
+    clean_acts: list[torch.Tensor]
+    acts: list[torch.Tensor]
+    logits_clean: torch.Tensor
+    logits: torch.Tensor
+    raw_clean: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+
+
+def _frozen_runs(lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate: bool) -> _Runs:
+    fw = FrozenWeights(lm)
+    clean_acts, acts, raw_clean, raw = _frozen(state, fw, tc, ops, propagate)
+    logits_clean, logits = softcap(raw_clean, fw.softcap), softcap(raw, fw.softcap)
+    return _Runs(clean_acts, acts, logits_clean, logits, raw_clean, raw)
+
+
+def _full_runs(lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate: bool) -> _Runs:
+    dev = tc.b_dec[0].device
+    clean_acts = [tc.encode(l, state.mlp_in[l].to(dev)).float() for l in range(lm.sites.n_layers)]
+    splice = Splice(lm, tc, state, clean_acts, ops, propagate)
+    with splice:
+        logits = _last_logits(lm, tokens)
+    # the same forward call without hooks (not state.logits): clean and intervened logits then come
+    # from one code path, and "no intervention" reproduces them bit for bit
+    logits_clean = _last_logits(lm, tokens)
+    return _Runs(clean_acts, splice.first_acts, logits_clean, logits)
+
+
+def _add_continuations(
+    result: InterventionResult, lm: LoadedModel, splice: Splice, cfg: InterventionConfig
+) -> None:
+    """Greedy continuations of the prompt, clean and under `splice`, into `result`."""
+    show = cfg.progress or None
+    result.continuation_tokens_clean = greedy(
+        lm, result.tokens, cfg.generate, desc=show and "clean continuation"
+    )
+    result.continuation_tokens = greedy(
+        lm, result.tokens, cfg.generate, splice, desc=show and "intervened continuation"
+    )
+    result.continuation_clean = lm.tokenizer.decode(result.continuation_tokens_clean)
+    result.continuation = lm.tokenizer.decode(result.continuation_tokens)
 
 
 @torch.no_grad()
@@ -543,59 +605,30 @@ def intervene(
 ) -> InterventionResult:
     """Run `prompt` with `interventions` under constrained patching; see the module docstring.
 
-    lm: a LoadedModel or a model name/path. prompt: text, a token tensor `[n]`, or an AttributionGraph
-    (its exact tokens, chat template included, and its metadata["supernodes"] are used). interventions:
-    {target: value} to set, or a list of `Intervention` / (op, target[, value]) tuples. transcoders: a
-    TranscoderSet, a path or "default". Options as in `InterventionConfig` (mode, propagate, generate,
-    top_k, chat, ...) as keyword overrides.
+    lm: a LoadedModel or a model name/path. prompt: text, a token tensor `[n]`, or an
+    AttributionGraph (its exact tokens, chat template included, and its metadata["supernodes"] are
+    used). interventions: {target: value} to set, or a list of `Intervention` / (op, target[,
+    value]) tuples. transcoders: a TranscoderSet, a path or "default". Options as in
+    `InterventionConfig` (mode, propagate, generate, top_k, chat, ...) as keyword overrides.
     """
     cfg = with_overrides(config, InterventionConfig, overrides)
     graph = prompt if isinstance(prompt, AttributionGraph) else None
     if lm is None or isinstance(lm, str):
         lm = load_model(
-            lm or (graph.metadata.get("model") if graph else None) or cfg.model,
+            lm or cfg.model or (graph.metadata.get("model") if graph else None) or DEFAULT_MODEL,
             device=cfg.device,
             dtype=cfg.dtype,
         )
-    if graph is not None:
-        if graph.metadata.get("model") not in (None, lm.name):
-            raise UserError(
-                f"the graph was traced on {graph.metadata['model']}, not {lm.name}; load that model"
-            )
-        tokens = torch.as_tensor(graph.tokens, dtype=torch.long)
-        text = graph.prompt
-        supernodes = {**(graph.metadata.get("supernodes") or {}), **(supernodes or {})}
-        if transcoders is None:
-            transcoders = _graph_transcoders(graph)
-    elif isinstance(prompt, torch.Tensor):
-        tokens, text = prompt.long().flatten(), lm.tokenizer.decode(prompt.tolist())
-    elif isinstance(prompt, str):
-        tokens, text = lm.tokenize(prompt, chat=cfg.chat), prompt
-    else:
-        raise UserError("the prompt must be text, a token tensor or an AttributionGraph")
+    tokens, text, supernodes = _prompt_tokens(lm, prompt, graph, supernodes, cfg.chat)
     check_prompt(lm, tokens)
-    tc = resolve_transcoders(
-        transcoders if transcoders is not None else cfg.transcoders, lm, cfg.progress
-    )
+    if transcoders is None:
+        transcoders = cfg.transcoders or _graph_transcoders(graph)
+    tc = resolve_transcoders(transcoders, lm, cfg.progress)
     ops, applied = resolve(interventions, supernodes, lm.sites.n_layers, len(tokens), tc.d_sae)
 
     state = run_and_freeze(lm, tokens)
-    raw_clean = raw = None
-    if cfg.mode == "frozen":
-        fw = FrozenWeights(lm)
-        clean_acts, acts, raw_clean, raw = _frozen(state, fw, tc, ops, cfg.propagate)
-        logits_clean, logits = softcap(raw_clean, fw.softcap), softcap(raw, fw.softcap)
-    else:
-        dev = tc.b_dec[0].device
-        clean_acts = [
-            tc.encode(l, state.mlp_in[l].to(dev)).float() for l in range(lm.sites.n_layers)
-        ]
-        splice = Splice(lm, tc, state, clean_acts, ops, cfg.propagate)
-        with splice:
-            logits = _last_logits(lm, tokens)
-        # the same forward call without hooks (not state.logits): clean and intervened logits then come
-        # from one code path, and "no intervention" reproduces them bit for bit
-        logits_clean, acts = _last_logits(lm, tokens), splice.first_acts
+    run = _frozen_runs if cfg.mode == "frozen" else _full_runs
+    runs = run(lm, tokens, state, tc, ops, cfg.propagate)
     result = InterventionResult(
         prompt=text,
         tokens=tokens,
@@ -603,27 +636,16 @@ def intervene(
         mode=cfg.mode,
         propagate=cfg.propagate,
         applied=applied,
-        logits_clean=logits_clean,
-        logits=logits,
-        top=_top_rows(lm, logits_clean, logits, cfg.top_k),
-        clean_acts=[a.cpu() for a in clean_acts],
-        acts=[a.cpu() for a in acts],
-        raw_logits_clean=raw_clean,
-        raw_logits=raw,
-        notes=inert_notes(ops, clean_acts),
+        logits_clean=runs.logits_clean,
+        logits=runs.logits,
+        top=_top_rows(lm, runs.logits_clean, runs.logits, cfg.top_k),
+        clean_acts=[a.cpu() for a in runs.clean_acts],
+        acts=[a.cpu() for a in runs.acts],
+        raw_logits_clean=runs.raw_clean,
+        raw_logits=runs.raw,
+        notes=inert_notes(ops, runs.clean_acts),
     )
     if cfg.generate:
-        show = cfg.progress or None
-        result.continuation_tokens_clean = greedy(
-            lm, tokens, cfg.generate, desc=show and "clean continuation"
-        )
-        result.continuation_tokens = greedy(
-            lm,
-            tokens,
-            cfg.generate,
-            Splice(lm, tc, state, clean_acts, ops, cfg.propagate),
-            desc=show and "intervened continuation",
-        )
-        result.continuation_clean = lm.tokenizer.decode(result.continuation_tokens_clean)
-        result.continuation = lm.tokenizer.decode(result.continuation_tokens)
+        splice = Splice(lm, tc, state, runs.clean_acts, ops, cfg.propagate)
+        _add_continuations(result, lm, splice, cfg)
     return result

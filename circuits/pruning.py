@@ -27,16 +27,20 @@ from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 
 @dataclass
 class PruneConfig:
-    """One pruning job: drives both `circuits prune` and `circuits.prune`."""
+    """Pruning: how much of the influence the circuit keeps (`circuits.prune` takes these as
+    keywords)."""
 
-    node_threshold: float = 0.8  # keep nodes carrying this fraction of the influence on the logits
-    edge_threshold: float = 0.98  # then keep edges carrying this fraction of the edge influence
+    node_threshold: float = 0.8
+    """keep the nodes carrying this fraction of the influence on the logits"""
+    edge_threshold: float = 0.98
+    """then keep the edges carrying this fraction of the edge influence"""
 
     def check(self) -> None:
         for name in ("node_threshold", "edge_threshold"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
-                raise UserError(f"{name.replace('_', '-')} must be a number in [0, 1], got {v!r}")
+                flag = name.replace("_", "-")
+                raise UserError(f"--{flag} must be a number in [0, 1], got {v!r}")
 
 
 # -- influence ---------------------------------------------------------------------------------------

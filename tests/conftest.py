@@ -49,15 +49,12 @@ def serve_model(monkeypatch, lm_or_loader):
     """Make every `load_model` of the library return a tiny model standing in for a real one (for the
     command lines): the loader itself and every module that imported it by name. `lm_or_loader`: the
     LoadedModel, or a function with `load_model`'s signature."""
-    import importlib
     import sys
 
-    from circuits import cli as circuits_cli
+    import circuits.cli  # noqa: F401  (the command modules, each binding the loader it calls)
+    import transcoders.cli  # noqa: F401
     from gemma_lm import models
-    from transcoders import cli as transcoders_cli
 
-    for command_module in circuits_cli.COMMAND_MODULES + transcoders_cli.COMMAND_MODULES:
-        importlib.import_module(command_module)  # each binds the loader it calls
     real = models.load_model
     load = lm_or_loader if callable(lm_or_loader) else (lambda *a, **kw: lm_or_loader)
     for module in list(sys.modules.values()):

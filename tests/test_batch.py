@@ -23,6 +23,11 @@ from circuits.batch import BatchConfig, read_prompts, trace_batch
 from circuits.graph import load_graph
 from gemma_lm.errors import UserError
 
+
+def _quiet() -> AttributionConfig:
+    return AttributionConfig(progress=False)  # no progress bars in the tests
+
+
 PROMPTS = [
     "The cat sat on the mat",
     "Hello there, world",
@@ -146,7 +151,7 @@ def test_bad_target_refused_before_tracing(tmp_path):
             BatchConfig(
                 prompts=["ok", {"prompt": "a", "target": "two tokens"}],
                 out=str(tmp_path / "o"),
-                progress=False,
+                attribution=_quiet(),
             ),
             lm=lm,
             transcoders=tc,
@@ -160,7 +165,9 @@ def test_bad_target_refused_before_tracing(tmp_path):
 def test_one_process_equals_single_traces_and_resumes(tmp_path):
     lm, tc = _setup()
     items = _write_prompts(tmp_path / "p.jsonl", 4)
-    cfg = BatchConfig(prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "out"), progress=False)
+    cfg = BatchConfig(
+        prompts=str(tmp_path / "p.jsonl"), out=str(tmp_path / "out"), attribution=_quiet()
+    )
     result = trace_batch(cfg, lm=lm, transcoders=tc)
     specs = read_prompts(cfg.prompts)
     assert (result.n_traced, result.n_skipped, result.n_failed) == (4, 0, 0)
@@ -186,7 +193,7 @@ def test_one_process_equals_single_traces_and_resumes(tmp_path):
 
 def test_resume_with_other_options_is_refused(tmp_path):
     lm, tc = _setup()
-    cfg = BatchConfig(prompts=["a b c"], out=str(tmp_path / "out"), progress=False)
+    cfg = BatchConfig(prompts=["a b c"], out=str(tmp_path / "out"), attribution=_quiet())
     trace_batch(cfg, lm=lm, transcoders=tc)
     cfg.attribution.max_feature_nodes = 5
     with pytest.raises(UserError, match="max_feature_nodes 8192 -> 5"):
@@ -209,7 +216,7 @@ def test_a_failing_prompt_is_reported_and_retried(tmp_path, monkeypatch):
 
     monkeypatch.setattr(batch, "attribute", flaky)
     cfg = BatchConfig(
-        prompts=["good one", "bad one", "good two"], out=str(tmp_path / "out"), progress=False
+        prompts=["good one", "bad one", "good two"], out=str(tmp_path / "out"), attribution=_quiet()
     )
     result = trace_batch(cfg, lm=lm, transcoders=tc)
     assert (result.n_traced, result.n_failed) == (2, 1)
@@ -224,35 +231,17 @@ def test_a_failing_prompt_is_reported_and_retried(tmp_path, monkeypatch):
 
 def test_cli_options_mirror_circuits_trace(tmp_path):
     from circuits.cli import build_parser
-    from circuits.commands import trace_config
+    from gemma_lm.jobs import from_args
 
-    args = build_parser().parse_args(
-        [
-            "trace-batch",
-            "p.jsonl",
-            "--out",
-            "d",
-            "--max-feature-nodes",
-            "7",
-            "--desired-logit-prob",
-            "0.5",
-            "--chat",
-            "--dtype",
-            "bfloat16",
-            "--no-progress",
-        ]
+    argv = ["trace-batch", "p.jsonl", "--out", "d", "--max-feature-nodes", "7", "--chat"]
+    argv += ["--desired-logit-prob", "0.5", "--dtype", "bfloat16", "--no-progress"]
+    args = build_parser().parse_args(argv)
+    job = from_args(args._command.job, args)
+    expected = AttributionConfig(
+        max_feature_nodes=7, desired_logit_prob=0.5, chat=True, dtype="bfloat16", progress=False
     )
-    cfg = trace_config(args)
-    assert (cfg.max_feature_nodes, cfg.desired_logit_prob, cfg.chat, cfg.dtype, cfg.progress) == (
-        7,
-        0.5,
-        True,
-        "bfloat16",
-        False,
-    )
-    assert (
-        cfg.batch_size == AttributionConfig().batch_size and args.func.__name__ == "cmd_trace_batch"
-    )
+    assert isinstance(job, BatchConfig) and job.attribution == expected
+    assert (job.prompts, job.out) == ("p.jsonl", "d")
 
 
 def test_cli_refuses_a_global_target(tmp_path, capsys):
@@ -355,7 +344,7 @@ def test_sigkill_halfway_then_resume_loses_and_duplicates_nothing(tmp_path):
     # resume on one process (another world size): only the missing prompts are traced
     lm, tc = _setup()
     result = trace_batch(
-        BatchConfig(prompts=str(tmp_path / "p.jsonl"), out=str(out), progress=False),
+        BatchConfig(prompts=str(tmp_path / "p.jsonl"), out=str(out), attribution=_quiet()),
         lm=lm,
         transcoders=tc,
     )
@@ -382,7 +371,7 @@ def test_real_model_batch_of_the_shipped_prompts(tmp_path, real_model, default_t
         16:18
     ]  # a target, a contrast
     result = trace_batch(
-        BatchConfig(prompts=picked, out=str(tmp_path / "out"), attribution=options, progress=False),
+        BatchConfig(prompts=picked, out=str(tmp_path / "out"), attribution=options),
         lm=real_model,
         transcoders=default_transcoders,
     )
@@ -423,7 +412,7 @@ def _driver(argv: list[str]) -> None:
         batch.attribute = slow
     lm, tc = _setup()
     trace_batch(
-        BatchConfig(prompts=args.prompts, out=args.out, progress=False), lm=lm, transcoders=tc
+        BatchConfig(prompts=args.prompts, out=args.out, attribution=_quiet()), lm=lm, transcoders=tc
     )
 
 

@@ -172,7 +172,7 @@ def test_cli_parses_train_config_and_distributed_options():
         "features",
         "replicate",
     )
-    assert args.func.__name__ == "_cmd_train_distributed"
+    assert args._command.job is DistributedTrainConfig
 
 
 # -- two ranks -----------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 
 from circuits.attribution import attribute
 from circuits.graph import ERROR, FEATURE
-from circuits.interventions import Intervention, intervene, load_supernodes
+from circuits.graph import load_supernodes
+from circuits.interventions import Intervention, intervene
 from gemma_lm.errors import UserError
 from gemma_lm.testing import tiny_model
 from transcoders.testing import random_transcoders

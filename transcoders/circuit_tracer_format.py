@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -209,53 +210,58 @@ def _site(hooks: dict, hook: str, which: str, path: Path) -> str:
     )
 
 
-def load_circuit_tracer(path: str | Path) -> TranscoderSet:
-    """Load a directory in circuit-tracer's layout as a `TranscoderSet` (weights keep their stored dtype)."""
-    path = Path(path)
-    if not is_circuit_tracer_dir(path):
+@dataclass
+class _StoredSet:
+    """An export's tensors, layer by layer, as memory-mapped views of its files."""
+
+    # our short name -> (memory-mapped tensor, its file, its stored name), per source layer
+    files: list[dict[str, tuple[torch.Tensor, Path, str]]]
+    threshold_key: str  # the threshold's short name, which the two layouts spell differently
+
+    def views(self, l: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.files[l].items()}
+
+    def copy(self, l: int, key: str) -> torch.Tensor:
+        """Layer `l`'s tensor `key` read into memory of its own."""
+        _, file, stored = self.files[l][key]
+        return read_tensor_copy(file, stored)
+
+
+def _read_layer_file(
+    file: Path, path: Path, strip: bool = False
+) -> dict[str, tuple[torch.Tensor, Path, str]]:
+    """One file of the export at `path` (`strip`: drop the `_{l}` ending of CLT names)."""
+    if not file.is_file():
         raise UserError(
-            f"{path} is not a circuit-tracer transcoder directory (config.yaml with model_kind "
-            f"{PLT_KIND} or {CLT_KIND}, and layer_0.safetensors or W_enc_0/W_dec_0.safetensors)"
+            f"{file} is missing; the circuit-tracer export at {path} is incomplete, write it again"
         )
-    config = _read_config(path)
-    clt = config["model_kind"] == CLT_KIND
-    input_site = _site(INPUT_HOOKS, config.get("feature_input_hook", ""), "feature_input", path)
-    output_site = _site(OUTPUT_HOOKS, config.get("feature_output_hook", ""), "feature_output", path)
+    return {
+        (k.rsplit("_", 1)[0] if strip else k): (v, file, k)
+        for k, v in read_safetensors(file)[0].items()
+    }
 
-    def read(file: Path, strip: bool = False) -> dict[str, tuple[torch.Tensor, Path, str]]:
-        """Our short name -> (memory-mapped tensor, file, stored name)."""
-        if not file.is_file():
-            raise UserError(
-                f"{file} is missing; the circuit-tracer export at {path} is incomplete, write it again"
-            )
-        return {
-            (k.rsplit("_", 1)[0] if strip else k): (v, file, k)
-            for k, v in read_safetensors(file)[0].items()
-        }
 
+def _open_export(path: Path, config: dict, clt: bool) -> _StoredSet:
     if clt:
         n_layers = len(list(path.glob("W_enc_*.safetensors")))
         files = [
             {
-                **read(path / f"W_enc_{l}.safetensors", True),
-                **read(path / f"W_dec_{l}.safetensors", True),
+                **_read_layer_file(path / f"W_enc_{l}.safetensors", path, True),
+                **_read_layer_file(path / f"W_dec_{l}.safetensors", path, True),
             }
             for l in range(n_layers)
         ]
-        threshold_key = "threshold"
-    else:
-        files = [read(p) for p in _plt_paths(path, config)]
-        n_layers = len(files)
-        threshold_key = "activation_function.threshold"
-    layers = [{k: v[0] for k, v in f.items()} for f in files]
-    first = layers[0]
-    if "W_enc" not in first:
-        raise UserError(
-            f"{path}: layer 0 has no W_enc tensor (keys {sorted(first)}); this is not circuit-tracer's "
-            f"layout (Gemma Scope 2 files load with `transcoders convert` / load_any)"
-        )
-    d_sae, d_model = first["W_enc"].shape
+        return _StoredSet(files, "threshold")
+    files = [_read_layer_file(p, path) for p in _plt_paths(path, config)]
+    return _StoredSet(files, "activation_function.threshold")
 
+
+def _transcoder_config(
+    path: Path, config: dict, stored: _StoredSet, clt: bool, sites: tuple[str, str]
+) -> TranscoderConfig:
+    """Our config as saved in config.yaml (checked against the files), or one read off the files."""
+    first, n_layers = stored.views(0), len(stored.files)
+    d_sae, d_model = first["W_enc"].shape
     saved = config.get("gemma_circuits")
     if isinstance(saved, dict):
         cfg = TranscoderConfig(**saved)
@@ -267,56 +273,71 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
         ):
             raise UserError(
                 f"{path / CONFIG} describes {cfg.n_layers} layers x {cfg.d_sae} features of width "
-                f"{cfg.d_model}, but the files hold {n_layers} x {d_sae} x {d_model}; export it again"
+                f"{cfg.d_model}, but the files hold {n_layers} x {d_sae} x {d_model}; "
+                "export it again"
             )
-    else:
-        skip = "W_skip" in first
-        cfg = TranscoderConfig(
-            kind="clt" if clt else ("skip" if skip else "plt"),
-            n_layers=n_layers,
-            d_model=d_model,
-            d_sae=d_sae,
-            activation="jumprelu" if threshold_key in first else "relu",
-            skip=skip,
-            model_name=str(config.get("model_name", "")).split("/")[-1],
-            input_site=input_site,
-            output_site=output_site,
-            extra={"scan": config.get("scan")},
+        return cfg
+    skip = "W_skip" in first
+    return TranscoderConfig(
+        kind="clt" if clt else ("skip" if skip else "plt"),
+        n_layers=n_layers,
+        d_model=d_model,
+        d_sae=d_sae,
+        activation="jumprelu" if stored.threshold_key in first else "relu",
+        skip=skip,
+        model_name=str(config.get("model_name", "")).split("/")[-1],
+        input_site=sites[0],
+        output_site=sites[1],
+        extra={"scan": config.get("scan")},
+    )
+
+
+def _layer_state(
+    stored: _StoredSet, l: int, cfg: TranscoderConfig, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Layer `l`'s entries of our state dict. Decoders and encoders stay memory-mapped views of the
+    files (an encoder is the transposed view of the stored `[F, D]`, so products with it round as
+    circuit-tracer's do): attribution reads the active features' rows and passes over the encoders
+    from the file, so neither becomes resident. Everything else is read into memory of its own
+    (skip matrices are stored transposed to our layout; copied through the mapping, they would
+    stay resident twice, and small tensors would keep their file's mapping, touched pages
+    included, alive)."""
+    t, key = stored.views(l), stored.threshold_key
+    encoder = t["W_enc"].T
+    encoder.finite_checked = True  # read_safetensors checked the file; a view loses the mark
+    state = {
+        f"W_enc.{l}": encoder,
+        f"b_enc.{l}": stored.copy(l, "b_enc"),
+        f"W_dec.{l}": t["W_dec"],
+        f"b_dec.{l}": stored.copy(l, "b_dec"),
+        f"threshold.{l}": (
+            stored.copy(l, key).reshape(-1) if key in t else torch.zeros(cfg.d_sae, dtype=dtype)
+        ),
+    }
+    if cfg.skip:
+        state[f"W_skip.{l}"] = stored.copy(l, "W_skip").T.contiguous()
+    return state
+
+
+def _read_weights(
+    path: Path, config: dict, clt: bool, sites: tuple[str, str]
+) -> tuple[TranscoderConfig, dict[str, torch.Tensor]]:
+    """The set's config and state dict, in the dtype of its W_enc. The small tensors' file mappings
+    close when this returns."""
+    stored = _open_export(path, config, clt)
+    first = stored.views(0)
+    if "W_enc" not in first:
+        raise UserError(
+            f"{path}: layer 0 has no W_enc tensor (keys {sorted(first)}); this is not "
+            "circuit-tracer's layout (Gemma Scope 2 files load with `transcoders convert` / "
+            "load_any)"
         )
-    # Decoders and encoders stay memory-mapped views of the files (an encoder is the transposed view of the
-    # stored [F, D], so products with it round as circuit-tracer's do): attribution reads the active features'
-    # rows and passes over the encoders from the file, so neither becomes resident. Everything else is read
-    # into memory of its own (skip matrices are stored transposed to our layout; copied through the mapping,
-    # they would stay resident twice, and small tensors would keep their file's mapping, touched pages
-    # included, alive).
+    cfg = _transcoder_config(path, config, stored, clt, sites)
     dtype = first["W_enc"].dtype
-
-    def copy(l: int, key: str) -> torch.Tensor:
-        _, file, stored = files[l][key]
-        return read_tensor_copy(file, stored)
-
     state = {}
-    for l, t in enumerate(layers):
+    for l in range(len(stored.files)):
         try:
-            encoder = t["W_enc"].T
-            encoder.finite_checked = (
-                True  # read_safetensors checked the file; a view loses the mark
-            )
-            state.update(
-                {
-                    f"W_enc.{l}": encoder,
-                    f"b_enc.{l}": copy(l, "b_enc"),
-                    f"W_dec.{l}": t["W_dec"],
-                    f"b_dec.{l}": copy(l, "b_dec"),
-                    f"threshold.{l}": (
-                        copy(l, threshold_key).reshape(-1)
-                        if threshold_key in t
-                        else torch.zeros(d_sae, dtype=dtype)
-                    ),
-                }
-            )
-            if cfg.skip:
-                state[f"W_skip.{l}"] = copy(l, "W_skip").T.contiguous()
+            state.update(_layer_state(stored, l, cfg, dtype))
         except KeyError as e:
             raise UserError(f"{path}: layer {l} lacks {e}; export it again") from None
     for k, v in state.items():
@@ -324,10 +345,23 @@ def load_circuit_tracer(path: str | Path) -> TranscoderSet:
             raise UserError(
                 f"{path}: {k} has dtype {v.dtype}; transcoder weights are floating point"
             )
-    state = {
-        k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()
-    }  # one dtype, as stored in W_enc
-    del layers, files, first
+    return cfg, {k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()}
+
+
+def load_circuit_tracer(path: str | Path) -> TranscoderSet:
+    """Load a directory in circuit-tracer's layout as a `TranscoderSet` (weights keep their stored
+    dtype)."""
+    path = Path(path)
+    if not is_circuit_tracer_dir(path):
+        raise UserError(
+            f"{path} is not a circuit-tracer transcoder directory (config.yaml with model_kind "
+            f"{PLT_KIND} or {CLT_KIND}, and layer_0.safetensors or W_enc_0/W_dec_0.safetensors)"
+        )
+    config = _read_config(path)
+    clt = config["model_kind"] == CLT_KIND
+    input_site = _site(INPUT_HOOKS, config.get("feature_input_hook", ""), "feature_input", path)
+    output_site = _site(OUTPUT_HOOKS, config.get("feature_output_hook", ""), "feature_output", path)
+    cfg, state = _read_weights(path, config, clt, (input_site, output_site))
     return_freed_memory()
     try:
         tc = build_transcoder_set(cfg, state, path)

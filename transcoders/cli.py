@@ -1,4 +1,5 @@
-"""The `transcoders` command. Each module in `COMMAND_MODULES` exposes `register(subparsers)`."""
+"""The `transcoders` command. Each subcommand is a job dataclass beside the stage it drives, listed
+in its module's `COMMANDS` (see `gemma_lm.jobs`)."""
 
 from __future__ import annotations
 
@@ -7,33 +8,20 @@ import sys
 
 from gemma_lm import jobs
 
-COMMAND_MODULES = [
-    "transcoders.formats",
-    "transcoders.train",
-    "transcoders.evaluate",
-    "transcoders.dashboards",
-    "transcoders.distributed",
+from . import dashboards, distributed, evaluate, formats, train
+
+COMMANDS = [
+    *formats.COMMANDS,
+    *train.COMMANDS,
+    *evaluate.COMMANDS,
+    *dashboards.COMMANDS,
+    *distributed.COMMANDS,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    parser = argparse.ArgumentParser(
-        prog="transcoders",
-        description="Train, evaluate and convert transcoders for Gemma 3 (PLT, skip, CLT).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        if hasattr(module, "register"):
-            module.register(sub)
-    return parser
+    description = "Train, evaluate and convert transcoders for Gemma 3 (PLT, skip, CLT)."
+    return jobs.build_parser("transcoders", description, COMMANDS)
 
 
 def run(argv: list[str] | None = None) -> int:

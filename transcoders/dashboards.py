@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from safetensors.torch import load_file, save
 
 from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write, atomic_write_text
-from gemma_lm.jobs import with_overrides
+from gemma_lm.jobs import Command, with_overrides
 from gemma_lm.models import DEFAULT_MODEL, load_model
 
 from .data import harvest, text_source, token_sequences
@@ -53,25 +54,44 @@ STATE_KEYS = ("top_acts", "top_context", "window_tokens", "window_acts", "n_acti
 
 @dataclass
 class DashboardConfig:
-    """One dashboard job: drives both `transcoders dashboards` and `build_dashboards`."""
+    """Feature dashboards: a streaming pass over text that keeps each feature's top-k contexts in
+    bounded memory, then its output tokens; resumable (run the same command again after a kill).
+    `build_dashboards` takes these options as keywords."""
 
-    transcoders: str = "default"  # "default" or a path
+    transcoders: str = "default"
+    """'default' or a transcoder folder"""
     model: str = DEFAULT_MODEL
-    text: str = "builtin"  # builtin | english | python | generated | file:PATH | hf:DATASET (see transcoders.data)
-    out: str | None = None  # default: dashboards_dir(transcoders)
-    k: int = 12  # top contexts kept per feature
-    context: int = 64  # tokens per context, BOS included
-    before: int = 10  # window tokens kept before a context's maximum
-    after: int = 3  # and after it
-    max_tokens: int = 131072  # stop after this many tokens of text
-    batch: int = 8  # contexts per forward pass
-    n_tokens: int = 10  # promoted / suppressed tokens kept per feature
-    checkpoint_every: int = 32  # batches between checkpoints
-    restart: bool = False  # discard a checkpoint or finished dashboards in `out`
-    gen_samples: int = 32  # model samples mixed into the builtin text (as transcoder training does)
+    """the model the transcoders belong to (name or path)"""
+    text: str = "builtin"
+    """builtin | english | python | generated | file:PATH | hf:DATASET (see transcoders.data)"""
+    out: str | None = None
+    """output folder (default: dashboards/ beside the transcoders)"""
+    k: int = 12
+    """top contexts kept per feature"""
+    context: int = 64
+    """tokens per context, BOS included"""
+    before: int = 10
+    """window tokens kept before a context's maximum"""
+    after: int = 3
+    """window tokens kept after it"""
+    max_tokens: int = 131072
+    """stop after this many tokens of text"""
+    batch: int = 8
+    """contexts per forward pass"""
+    n_tokens: int = 10
+    """promoted / suppressed tokens kept per feature"""
+    checkpoint_every: int = 32
+    """batches between checkpoints"""
+    restart: bool = False
+    """discard a checkpoint or finished dashboards in --out and start again"""
+    gen_samples: int = 32
+    """model samples mixed into the builtin text (as transcoder training does)"""
     device: str = "cpu"
-    dtype: str = "float32"
+    """cpu, cuda or cuda:N"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """the model's dtype"""
     progress: bool = True
+    """show progress bars"""
 
     def check(self) -> None:
         if min(self.k, self.batch, self.n_tokens, self.checkpoint_every) < 1:
@@ -263,108 +283,134 @@ def _contexts(lm, cfg: DashboardConfig):
     )
 
 
-@torch.no_grad()
-def build_dashboards(
-    lm=None, transcoders=None, config: DashboardConfig | None = None, **overrides
-) -> Path:
-    """Run the streaming pass and write the dashboards (see the module docstring). Returns the folder.
+@dataclass
+class _Pass:
+    """Where a streaming pass stands: the store, the batches finished and the tokens seen (all three
+    read back from a checkpoint when resuming). `meta` is what every checkpoint and the final
+    dashboards.json start from."""
 
-    lm: a LoadedModel or None (load `config.model`); transcoders: a TranscoderSet, a path or "default"."""
-    cfg = with_overrides(config, DashboardConfig, overrides)
-    if lm is None or isinstance(lm, str):
-        lm = load_model(lm or cfg.model, device=cfg.device, dtype=cfg.dtype)
-    spec = transcoders if transcoders is not None else cfg.transcoders
-    tc = resolve_transcoders(spec, lm, cfg.progress)
+    out: Path
+    meta: dict
+    store: TopContexts
+    done: int = 0
+    tokens_seen: int = 0
+
+    def checkpoint(self) -> None:
+        _write_state(
+            self.out / "checkpoint",
+            self.store.state(),
+            {**self.meta, "batches_done": self.done, "tokens_seen": self.tokens_seen},
+        )
+
+
+def _output_dir(cfg: DashboardConfig, spec) -> Path:
     if cfg.out is None and not isinstance(spec, str):
         raise UserError("pass out=DIR when giving a TranscoderSet object")
     out = Path(cfg.out) if cfg.out else dashboards_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "settings": cfg.run_key(),
-        "transcoders": _identity(tc),
-    }
-    if (
-        cfg.restart
-    ):  # remove the old files now, so that a killed restart resumes instead of clashing
-        for name in (
-            "dashboards.json",
-            "dashboards.safetensors",
-            "checkpoint.json",
-            "checkpoint.safetensors",
-        ):
-            (out / name).unlink(missing_ok=True)
-    final, ckpt = _read_json(out / "dashboards.json"), _read_json(out / "checkpoint.json")
-    same = lambda m: m is not None and all(m.get(k) == meta[k] for k in ("settings", "transcoders"))  # noqa: E731
-    if final is not None:
-        if same(final):
-            if cfg.progress:
-                print(
-                    f"dashboards in {out} are complete for these settings; --restart to build them again"
-                )
-            return out
-        raise UserError(
-            f"{out} holds dashboards of other settings or transcoders; use --restart or another --out"
-        )
-    store = TopContexts(tc.n_layers, tc.d_sae, cfg.k, cfg.before, cfg.after)
-    done, tokens_seen = 0, 0
+    return out
+
+
+def _remove_old_files(out: Path) -> None:
+    # removed before the pass starts, so that a killed restart resumes instead of clashing
+    for name in (
+        "dashboards.json",
+        "dashboards.safetensors",
+        "checkpoint.json",
+        "checkpoint.safetensors",
+    ):
+        (out / name).unlink(missing_ok=True)
+
+
+def _same_run(stored: dict | None, meta: dict) -> bool:
+    return stored is not None and all(stored.get(k) == meta[k] for k in ("settings", "transcoders"))
+
+
+def _already_built(out: Path, meta: dict, progress: bool) -> bool:
+    """True if `out` holds finished dashboards of these settings; an error if of others."""
+    final = _read_json(out / "dashboards.json")
+    if final is None:
+        return False
+    if _same_run(final, meta):
+        if progress:
+            print(
+                f"dashboards in {out} are complete for these settings; "
+                "--restart to build them again"
+            )
+        return True
+    raise UserError(
+        f"{out} holds dashboards of other settings or transcoders; use --restart or another --out"
+    )
+
+
+def _start_or_resume(out: Path, meta: dict, tc, cfg: DashboardConfig) -> _Pass:
+    run = _Pass(out, meta, TopContexts(tc.n_layers, tc.d_sae, cfg.k, cfg.before, cfg.after))
+    ckpt = _read_json(out / "checkpoint.json")
     if ckpt is not None:
-        if not same(ckpt):
+        if not _same_run(ckpt, meta):
             raise UserError(
                 f"{out} holds a checkpoint of other settings or transcoders; "
                 f"use --restart or another --out"
             )
-        store.load_state(load_file(str(out / "checkpoint.safetensors")))
-        done, tokens_seen = ckpt["batches_done"], ckpt["tokens_seen"]
+        run.store.load_state(load_file(str(out / "checkpoint.safetensors")))
+        run.done, run.tokens_seen = ckpt["batches_done"], ckpt["tokens_seen"]
+    return run
 
-    contexts = _contexts(lm, cfg)
-    batches = iter(lambda: list(itertools.islice(contexts, cfg.batch)), [])
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=cfg.max_tokens // cfg.context * (cfg.context - 1),
-            initial=tokens_seen,
-            desc="dashboards",
-            unit="tok",
+def _progress_bar(cfg: DashboardConfig, tokens_seen: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=cfg.max_tokens // cfg.context * (cfg.context - 1),
+        initial=tokens_seen,
+        desc="dashboards",
+        unit="tok",
+    )
+
+
+def _add_batch(lm, tc, store: TopContexts, ids: torch.Tensor, first_context: int) -> None:
+    """Merge the transcoder activations on contexts `ids` `[B, T]` (numbered from `first_context`)
+    into `store`, every layer; the BOS position is left out."""
+    B, T = ids.shape
+    mlp_in, _ = harvest(lm, ids, drop_bos=False)
+    mlp_in = mlp_in.reshape(B, T, tc.n_layers, -1)  # [B, T, n_layers, d_model]
+    context_ids = torch.arange(first_context, first_context + B)
+    for l in range(tc.n_layers):
+        store.update(
+            l, tc.encode(l, mlp_in[:, 1:, l].to(tc.b_dec[l].device)).cpu(), ids[:, 1:], context_ids
         )
-    t0 = time.perf_counter()
+
+
+def _stream(contexts, lm, tc, cfg: DashboardConfig, run: _Pass, bar) -> None:
+    """Every batch of `contexts` into `run.store`, with a checkpoint every `checkpoint_every`
+    batches and one at the end."""
+    batches = iter(lambda: list(itertools.islice(contexts, cfg.batch)), [])
     for i, seqs in enumerate(batches):
-        if i < done:  # resuming: the stream is deterministic, skip what the checkpoint holds
+        if i < run.done:  # resuming: the stream is deterministic, skip what the checkpoint holds
             continue
         ids = torch.stack(seqs)  # [B, T]
         B, T = ids.shape
-        mlp_in, _ = harvest(lm, ids, drop_bos=False)
-        mlp_in = mlp_in.reshape(B, T, tc.n_layers, -1)
-        first = torch.arange(i * cfg.batch, i * cfg.batch + B)
-        for l in range(tc.n_layers):
-            store.update(
-                l, tc.encode(l, mlp_in[:, 1:, l].to(tc.b_dec[l].device)).cpu(), ids[:, 1:], first
-            )
-        tokens_seen += B * (T - 1)
-        done = i + 1
+        _add_batch(lm, tc, run.store, ids, first_context=i * cfg.batch)
+        run.tokens_seen += B * (T - 1)
+        run.done = i + 1
         if bar:
             bar.update(B * (T - 1))
-        if done % cfg.checkpoint_every == 0:
-            _write_state(
-                out / "checkpoint",
-                store.state(),
-                {**meta, "batches_done": done, "tokens_seen": tokens_seen},
-            )
+        if run.done % cfg.checkpoint_every == 0:
+            run.checkpoint()
     if bar:
         bar.close()
-    if tokens_seen == 0:
+    if run.tokens_seen == 0:
         raise UserError(
             f"the text source {cfg.text!r} gave no context of {cfg.context} tokens; give more text"
         )
-    _write_state(
-        out / "checkpoint",
-        store.state(),
-        {**meta, "batches_done": done, "tokens_seen": tokens_seen},
-    )
+    run.checkpoint()
 
+
+def _output_token_tensors(lm, tc, store: TopContexts, cfg: DashboardConfig) -> dict:
+    """promoted_ids / suppressed_ids `[L, F, n]` (-1 where none) and their values, for every feature
+    that fired: dead ones need no dashboard."""
     n = min(cfg.n_tokens, lm.sites.vocab_size)
     L, Fe = tc.n_layers, tc.d_sae
     lens = {
@@ -379,10 +425,16 @@ def build_dashboards(
 
         layers = tqdm(layers, desc="output tokens", unit="layer")
     u_mean = lm.sites.lm_head.weight.float().mean(0)
-    for l in layers:  # only features that fired: dead ones need no dashboard
+    for l in layers:
         alive = torch.nonzero(store.n_active[l]).flatten()
         for name, t in zip(lens, output_tokens(tc, lm, l, alive, n, u_mean=u_mean)):
             lens[name][l, alive] = t.to(lens[name].dtype)
+    return lens
+
+
+def _token_strings(lm, store: TopContexts, lens: dict) -> dict[str, str]:
+    """The string of every token id the dashboards mention, so that reading them needs no
+    tokenizer."""
     used = torch.cat(
         [
             store.window_tokens.flatten(),
@@ -391,15 +443,55 @@ def build_dashboards(
         ]
     )
     used = torch.unique(used[used >= 0]).tolist()
-    meta.update(
-        tokens_seen=tokens_seen,
-        n_contexts=tokens_seen // (cfg.context - 1),
-        seconds=round(time.perf_counter() - t0, 1),
-        token_strings={str(i): lm.tokenizer.decode([i]) for i in used},
-    )
-    _write_state(out / "dashboards", {**store.state(), **lens}, meta)
+    return {str(i): lm.tokenizer.decode([i]) for i in used}
+
+
+def _write_dashboards(run: _Pass, lens: dict) -> None:
+    """dashboards.safetensors / .json, then the checkpoint they replace is removed."""
+    _write_state(run.out / "dashboards", {**run.store.state(), **lens}, run.meta)
     for name in ("checkpoint.safetensors", "checkpoint.json"):
-        (out / name).unlink(missing_ok=True)
+        (run.out / name).unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def build_dashboards(
+    lm=None, transcoders=None, config: DashboardConfig | None = None, **overrides
+) -> Path:
+    """Run the streaming pass and write the dashboards (see the module docstring). Returns the
+    folder.
+
+    lm: a LoadedModel or None (load `config.model`); transcoders: a TranscoderSet, a path or
+    "default"."""
+    cfg = with_overrides(config, DashboardConfig, overrides)
+    if lm is None or isinstance(lm, str):
+        lm = load_model(lm or cfg.model, device=cfg.device, dtype=cfg.dtype)
+    spec = transcoders if transcoders is not None else cfg.transcoders
+    tc = resolve_transcoders(spec, lm, cfg.progress)
+    out = _output_dir(cfg, spec)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "settings": cfg.run_key(),
+        "transcoders": _identity(tc),
+    }
+    if cfg.restart:
+        _remove_old_files(out)
+    if _already_built(out, meta, cfg.progress):
+        return out
+    run = _start_or_resume(out, meta, tc, cfg)
+
+    contexts = _contexts(lm, cfg)  # any model samples are generated here, before the pass's clock
+    bar = _progress_bar(cfg, run.tokens_seen)
+    t0 = time.perf_counter()
+    _stream(contexts, lm, tc, cfg, run, bar)
+    lens = _output_token_tensors(lm, tc, run.store, cfg)
+    run.meta.update(
+        tokens_seen=run.tokens_seen,
+        n_contexts=run.tokens_seen // (cfg.context - 1),
+        seconds=round(time.perf_counter() - t0, 1),
+        token_strings=_token_strings(lm, run.store, lens),
+    )
+    _write_dashboards(run, lens)
     return out
 
 
@@ -490,57 +582,22 @@ def load_dashboards(path) -> Dashboards:
 # -- command line -------------------------------------------------------------------------------------------
 
 
-def _cmd(args) -> int:
-    cfg = DashboardConfig(
-        **{k: v for k, v in vars(args).items() if k in DashboardConfig.__dataclass_fields__}
-    )
+def run_dashboards(cfg: DashboardConfig) -> int:
     out = build_dashboards(config=cfg)
     d = load_dashboards(out)
     alive = int((d.t["n_active"] > 0).sum())
     print(
-        f"dashboards of {alive} live features (of {d.n_layers} x {d.d_sae}) from {d.meta['tokens_seen']} "
-        f"tokens in {out}"
+        f"dashboards of {alive} live features (of {d.n_layers} x {d.d_sae}) from "
+        f"{d.meta['tokens_seen']} tokens in {out}"
     )
     return 0
 
 
-def register(sub) -> None:
-    d = DashboardConfig()
-    p = sub.add_parser(
+COMMANDS = [
+    Command(
         "dashboards",
-        help="top activating contexts, density and output tokens of every feature",
-        description="A streaming pass over text that keeps each feature's top-k contexts in bounded "
-        "memory; resumable (run the same command again after a kill).",
+        DashboardConfig,
+        run_dashboards,
+        "top activating contexts, density and output tokens of every feature",
     )
-    p.add_argument("--transcoders", default=d.transcoders, help="'default' or a transcoder folder")
-    p.add_argument("--model", default=d.model)
-    p.add_argument(
-        "--text",
-        default=d.text,
-        help="builtin | english | python | generated | file:PATH | hf:DATASET",
-    )
-    p.add_argument(
-        "--out", default=None, help="output folder (default: dashboards/ beside the transcoders)"
-    )
-    p.add_argument("--k", type=int, default=d.k, help="top contexts kept per feature")
-    p.add_argument("--context", type=int, default=d.context, help="tokens per context")
-    p.add_argument("--before", type=int, default=d.before, help="window tokens before the maximum")
-    p.add_argument("--after", type=int, default=d.after, help="window tokens after the maximum")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--batch", type=int, default=d.batch, help="contexts per forward pass")
-    p.add_argument(
-        "--n-tokens", type=int, default=d.n_tokens, help="promoted/suppressed tokens per feature"
-    )
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="batches between checkpoints",
-    )
-    p.add_argument(
-        "--restart", action="store_true", help="discard what --out holds and start again"
-    )
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=_cmd)
+]

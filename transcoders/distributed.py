@@ -28,12 +28,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from gemma_lm.errors import UserError
+from gemma_lm.jobs import Command
 from gemma_lm.memory import reuse_freed_memory
 from gemma_lm.models import load_model
 from gemma_lm.ranks import BACKENDS, Ranks
@@ -46,13 +48,14 @@ from .train import (
     TrainableTranscoders,
     TrainConfig,
     _autocast,
+    _final_metrics,
     _load_checkpoint,
+    _progress_bar,
     _remove_partials,
+    _Run,
     _save_checkpoint,
-    _summary,
-    add_config_arguments,
+    _show_step,
     calibrate_batchtopk,
-    config_from_args,
     lr_factor,
     save_transcoders,
 )
@@ -63,18 +66,24 @@ DATA_MODES = ("broadcast", "replicate")
 
 @dataclass
 class DistributedTrainConfig:
-    """One distributed training run: `transcoders train-distributed` and `train_distributed`."""
+    """`transcoders train` across the processes of a torchrun job: launch with `torchrun
+    --nproc-per-node N -m transcoders train-distributed --out DIR ...`. PLT/skip sets train data
+    parallel; CLTs are feature-sharded (each rank holds d_sae / N features of every layer).
+    Checkpoints are whole sets: rerun with any number of ranks (or `transcoders train`) to resume."""
 
-    train: TrainConfig = field(
-        default_factory=TrainConfig
-    )  # the recipe, exactly as `transcoders train`
-    shard: str = "auto"  # auto (features for CLTs, data otherwise) | data | features
-    data: str = "broadcast"  # broadcast: rank 0 draws each batch and sends it | replicate: every rank draws it
-    device: str = "cpu"  # cpu, or cuda (each rank uses cuda:LOCAL_RANK)
-    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU) | gloo | nccl
-    timeout_min: float = (
-        120.0  # how long a rank waits for the others (rank 0 harvesting, checkpoints)
-    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+    shard: Literal["auto", "data", "features"] = "auto"
+    """data: split each batch; features: split every layer's features (auto: features for CLTs,
+    data otherwise)"""
+    data: Literal["broadcast", "replicate"] = "broadcast"
+    """broadcast: rank 0 harvests each batch and sends it; replicate: every rank reads the same
+    batch itself (a shared --activation-cache)"""
+    device: str = "cpu"
+    """cpu, or cuda (rank r uses cuda:LOCAL_RANK)"""
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend (auto: nccl on CUDA, gloo on the CPU)"""
+    timeout_min: float = 120.0
+    """how long a rank waits for the others (rank 0 harvesting, checkpoints), in minutes"""
 
     def check(self) -> None:
         if self.shard not in SHARDINGS:
@@ -607,16 +616,10 @@ def train_distributed(
         ranks.finish()
 
 
-def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_name, on_step):
-    cfg = config.train
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = ranks.device_for(config.device)
-    layout = Layout.make(ranks, cfg, config.shard)
-    out, ckpt = Path(cfg.out).expanduser(), cfg.checkpoint_path()
-    draws = ranks.is_main or (config.data == "replicate")
-
-    # rank 0 prepares step 0 (or checks the checkpoint) while the others wait
+def _prepare_step_zero(cfg: TrainConfig, ranks: Ranks, buffer, loaded, out: Path, ckpt: Path):
+    """Rank 0, while the others wait: clears the temporary files of a killed run, then checks the
+    checkpoint or writes step 0's. A UserError there is raised on every rank. Returns (loaded,
+    buffer), harvested on rank 0 if it had to."""
     error = None
     if ranks.is_main:
         try:
@@ -629,83 +632,98 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
         except UserError as e:
             error = str(e)
     ranks.agree(error)
-    if draws and buffer is None:
-        loaded, buffer = _harvest_buffer(cfg, loaded)
-    if model_name is None:
-        model_name = loaded.name if loaded is not None else ""
+    return loaded, buffer
 
+
+def _load_share(cfg: TrainConfig, ckpt: Path, layout: Layout, device: str) -> _Run:
+    """This rank's share of the checkpoint: its net and optimiser, the step and the history."""
     state = _load_checkpoint(ckpt, cfg)
     n_layers, d_model = state["net"]["W_enc"].shape[:2]
     net = local_net(cfg, n_layers, d_model, state["net"], layout, device)
     opt = torch.optim.AdamW(
         net.parameters(), fused=True
-    )  # hyperparameters and moments: the checkpoint's
+    )  # hyperparameters, moments: the checkpoint's
     opt.load_state_dict(shard_optimizer_state(state["opt"], net, layout, device))
-    start, history = state["step"], state["history"]
-    del state
-    batches = RankBatches(
-        buffer if draws else None, (cfg.batch_size, n_layers, d_model), layout, config.data, device
-    )
+    return _Run(net, opt, state["step"], state["history"])
 
-    bar = None
-    if cfg.progress and ranks.is_main:
-        from tqdm import tqdm
 
-        bar = tqdm(
-            total=cfg.steps,
-            initial=start,
-            desc=f"training {cfg.kind} transcoders on "
-            f"{ranks.world_size} rank{'s' if ranks.distributed else ''} ({layout.mode})",
-            unit="step",
-            dynamic_ncols=True,
-        )
-    t_start = time.time()
-    for step in range(start, cfg.steps):
+def _train_loop(
+    cfg: TrainConfig, run: _Run, batches: RankBatches, layout: Layout, ckpt: Path, on_step, bar
+) -> None:
+    """Steps `run.start` to the end; every `checkpoint_every` steps but after the last, the ranks
+    gather the whole set and rank 0 writes it as `transcoders.train`'s checkpoint."""
+    for step in range(run.start, cfg.steps):
         if bar is not None and batches.needs_fill(step):
             bar.set_postfix_str("harvesting activations...")
         x, y = batches.batch(step)
-        m = distributed_train_step(net, opt, x, y, step)
-        history.append(m)
+        m = distributed_train_step(run.net, run.opt, x, y, step)
+        run.history.append(m)
         if on_step is not None:
             on_step(step, m)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{m['loss']:.3f}",
-                fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
-                l0=f"{sum(m['l0']) / len(m['l0']):.1f}",
-                dead=f"{sum(m['dead']) / len(m['dead']):.2f}",
-            )
+            _show_step(bar, m)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            net_state, opt_state = gather_state(net, opt, layout)
-            if ranks.is_main:
-                _save_checkpoint(
-                    ckpt, _WholeState(net_state), _WholeState(opt_state), step + 1, cfg, history
-                )
+            net_state, opt_state = gather_state(run.net, run.opt, layout)
+            if layout.ranks.is_main:
+                whole_net, whole_opt = _WholeState(net_state), _WholeState(opt_state)
+                _save_checkpoint(ckpt, whole_net, whole_opt, step + 1, cfg, run.history)
     if bar is not None:
         bar.close()
-    if cfg.activation == "batchtopk":  # as train_transcoders: the threshold of the final weights
-        calibrate_batchtopk(net, batches, range(max(0, cfg.steps - 4), cfg.steps))
 
-    net_state, _ = gather_state(net, opt, layout)
-    tc = None
-    if ranks.is_main:
-        whole = TrainableTranscoders(cfg, n_layers, d_model)
-        whole.load_state_dict(net_state)
-        metrics = {"train_" + k: v for k, v in (_summary(history) if history else {}).items()}
-        metrics.update(
-            steps=cfg.steps,
-            tokens=cfg.steps * cfg.batch_size,
-            seconds_last_session=round(time.time() - t_start, 1),
-        )
-        tc = whole.to_transcoder_set(
-            model_name,
-            metrics=metrics,
-            extra={
-                "train_config": asdict(cfg),
-                "distributed": {"world_size": ranks.world_size, "shard": layout.mode},
-            },
-        )
+
+def _whole_set(
+    cfg: TrainConfig, run: _Run, layout: Layout, model_name: str, t_start: float
+) -> TranscoderSet | None:
+    """The trained set gathered from every rank's share: on rank 0, None on the others."""
+    net_state, _ = gather_state(run.net, run.opt, layout)
+    if not layout.ranks.is_main:
+        return None
+    whole = TrainableTranscoders(cfg, run.net.L, run.net.D)
+    whole.load_state_dict(net_state)
+    return whole.to_transcoder_set(
+        model_name,
+        metrics=_final_metrics(cfg, run.history, t_start),
+        extra={
+            "train_config": asdict(cfg),
+            "distributed": {"world_size": layout.ranks.world_size, "shard": layout.mode},
+        },
+    )
+
+
+def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_name, on_step):
+    cfg = config.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = ranks.device_for(config.device)
+    layout = Layout.make(ranks, cfg, config.shard)
+    out, ckpt = Path(cfg.out).expanduser(), cfg.checkpoint_path()
+    draws = ranks.is_main or (config.data == "replicate")
+    loaded, buffer = _prepare_step_zero(cfg, ranks, buffer, loaded, out, ckpt)
+    if draws and buffer is None:
+        loaded, buffer = _harvest_buffer(cfg, loaded)
+    if model_name is None:
+        model_name = loaded.name if loaded is not None else ""
+    run = _load_share(cfg, ckpt, layout, device)
+    batches = RankBatches(
+        buffer if draws else None,
+        (cfg.batch_size, run.net.L, run.net.D),
+        layout,
+        config.data,
+        device,
+    )
+
+    desc = (
+        f"training {cfg.kind} transcoders on "
+        f"{ranks.world_size} rank{'s' if ranks.distributed else ''} ({layout.mode})"
+    )
+    bar = _progress_bar(cfg, run.start, desc) if ranks.is_main else None
+    t_start = time.time()
+    _train_loop(cfg, run, batches, layout, ckpt, on_step, bar)
+    if cfg.activation == "batchtopk":  # as train_transcoders: the threshold of the final weights
+        calibrate_batchtopk(run.net, batches, range(max(0, cfg.steps - 4), cfg.steps))
+
+    tc = _whole_set(cfg, run, layout, model_name, t_start)
+    if tc is not None:
         save_transcoders(tc, out)
         if not cfg.keep_checkpoint:
             import shutil
@@ -718,65 +736,24 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
 # -- command line -------------------------------------------------------------------------------------
 
 
-def _cmd_train_distributed(args) -> int:
-    train = config_from_args(TrainConfig, args)
-    config = DistributedTrainConfig(
-        train=train,
-        shard=args.shard,
-        data=args.data,
-        device=args.device,
-        dist_backend=args.dist_backend,
-        timeout_min=args.timeout_min,
-    )
+def run_train_distributed(config: DistributedTrainConfig) -> int:
     tc = train_distributed(config)
     if tc is not None:
-        m = tc.cfg.metrics
+        m, train, distributed = tc.cfg.metrics, config.train, tc.cfg.extra["distributed"]
         fvu, l0, dead = (sum(m[k]) / len(m[k]) for k in ("train_fvu", "train_l0", "train_dead"))
         print(
-            f"wrote {train.out}: {train.kind} {train.activation} x{tc.n_layers} layers, d_sae {tc.d_sae}, "
-            f"{tc.cfg.extra['distributed']['world_size']} ranks ({tc.cfg.extra['distributed']['shard']}); "
+            f"wrote {train.out}: {train.kind} {train.activation} x{tc.n_layers} layers, "
+            f"d_sae {tc.d_sae}, {distributed['world_size']} ranks ({distributed['shard']}); "
             f"last steps: FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1%}"
         )
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
+COMMANDS = [
+    Command(
         "train-distributed",
-        help="train transcoders across torchrun ranks (data parallel, or feature-sharded CLTs)",
-        description="`transcoders train` across the processes of a torchrun job: launch with "
-        "`torchrun --nproc-per-node N -m transcoders train-distributed --out DIR ...`. PLT/skip "
-        "sets train data parallel; CLTs are feature-sharded (each rank holds d_sae / N features "
-        "of every layer). Checkpoints are whole sets: rerun with any number of ranks (or "
-        "`transcoders train`) to resume.",
+        DistributedTrainConfig,
+        run_train_distributed,
+        "train transcoders across torchrun ranks (data parallel, or feature-sharded CLTs)",
     )
-    add_config_arguments(p, TrainConfig)
-    d = DistributedTrainConfig()
-    p.add_argument(
-        "--shard",
-        choices=SHARDINGS,
-        default=d.shard,
-        help="data: split each batch; features: split every layer's features (default: features "
-        "for CLTs, data otherwise)",
-    )
-    p.add_argument(
-        "--data",
-        choices=DATA_MODES,
-        default=d.data,
-        help="broadcast: rank 0 harvests each batch and sends it (default); replicate: every rank "
-        "reads the same batch itself (a shared --activation-cache)",
-    )
-    p.add_argument("--device", default=d.device, help="cpu or cuda (rank r uses cuda:LOCAL_RANK)")
-    p.add_argument(
-        "--dist-backend",
-        choices=BACKENDS,
-        default=d.dist_backend,
-        help="torch.distributed backend (default: nccl on CUDA, gloo on the CPU)",
-    )
-    p.add_argument(
-        "--timeout-min",
-        type=float,
-        default=d.timeout_min,
-        help="how long a rank waits for the others (minutes)",
-    )
-    p.set_defaults(func=_cmd_train_distributed)
+]

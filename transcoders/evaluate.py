@@ -26,27 +26,39 @@ import torch
 
 from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write_text
+from gemma_lm.jobs import Command, option
 from gemma_lm.models import DEFAULT_MODEL, load_model
 
 from .data import MLPHooks, text_source, token_sequences
 from .default import resolve_transcoders
-from .train import add_config_arguments, config_from_args
 
 
 @dataclass
 class EvalConfig:
-    transcoders: str = "default"  # "default" (the embedded set) or a path in any supported layout
+    """Evaluate a transcoder set on held-out text: per-layer FVU, L0, dead and dense feature
+    fractions, and the change in next-token cross-entropy when every MLP is replaced by its
+    transcoder."""
+
+    transcoders: str = option(default="default", positional=True)
+    """'default' (the embedded set, trained on first use) or a path in any supported layout"""
     model: str = DEFAULT_MODEL
-    text: str = "builtin"  # text source spec; its held-out split is used
-    tokens: int = 8192  # evaluation tokens (BOS positions not counted)
-    context: int = 128  # tokens per evaluated sequence (BOS first)
-    batch_seqs: int = 8  # sequences per forward pass
-    dense_threshold: float = (
-        0.1  # features firing on more than this fraction of tokens count as dense
-    )
-    json: str = "transcoders_eval.json"  # where to write the results ("" to skip)
-    seed: int = 0  # order of the held-out paragraphs
+    """the model the set belongs to (name or path)"""
+    text: str = "builtin"
+    """text source spec; its held-out split is used"""
+    tokens: int = 8192
+    """evaluation tokens (BOS positions not counted)"""
+    context: int = 128
+    """tokens per evaluated sequence (BOS first)"""
+    batch_seqs: int = 8
+    """sequences per forward pass"""
+    dense_threshold: float = 0.1
+    """features firing on more than this fraction of tokens count as dense"""
+    json: str = "transcoders_eval.json"
+    """where to write the results ("" to skip)"""
+    seed: int = 0
+    """order of the held-out paragraphs"""
     progress: bool = True
+    """show a progress bar"""
 
 
 @contextmanager
@@ -105,16 +117,34 @@ def _next_token_ce(lm, ids: torch.Tensor) -> tuple[float, int]:
     return float(ce), ids[:, 1:].numel()
 
 
-@torch.no_grad()
-def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> dict:
-    """Evaluate `tc` on `lm` over held-out text. Returns the results dict (see the module docstring)."""
-    cfg = cfg or EvalConfig(**overrides)
-    tc.check_compatible(lm.sites, lm.name)
-    if tc.W_enc[0].dtype != torch.float32:
-        import copy
+@dataclass
+class _Sums:
+    """What the batches add up, per layer, over the evaluation tokens (BOS positions left out)."""
 
-        tc = copy.deepcopy(tc).float()
-    L, F = tc.n_layers, tc.d_sae
+    sse: torch.Tensor  # [L] squared error of the reconstructed MLP outputs
+    y_sum: torch.Tensor  # [L, d_model] the true MLP outputs
+    y_sq: torch.Tensor  # [L] their squares
+    l0_sum: torch.Tensor  # [L] active features
+    fires: torch.Tensor  # [L, d_sae] tokens each feature fires on
+    ce: dict  # summed next-token cross-entropy of the clean, spliced and zeroed models
+    n_tok: int = 0
+    n_pred: int = 0
+
+    @classmethod
+    def zeros(cls, n_layers: int, d_sae: int, d_model: int) -> _Sums:
+        L, F = n_layers, d_sae
+        return cls(
+            sse=torch.zeros(L, dtype=torch.float64),
+            y_sum=torch.zeros(L, d_model, dtype=torch.float64),
+            y_sq=torch.zeros(L, dtype=torch.float64),
+            l0_sum=torch.zeros(L, dtype=torch.float64),
+            fires=torch.zeros(L, F, dtype=torch.float64),
+            ce={"clean": 0.0, "spliced": 0.0, "zero": 0.0},
+        )
+
+
+def _eval_sequences(lm, cfg: EvalConfig) -> torch.Tensor:
+    """Enough held-out sequences `[n_seqs, context]` (BOS first) for `cfg.tokens` tokens."""
     paragraphs = text_source(cfg.text, lm, "eval", seed=cfg.seed)
     n_seqs = max(1, math.ceil(cfg.tokens / (cfg.context - 1)))
     seqs = []
@@ -127,69 +157,66 @@ def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> 
             f"the held-out text of source {cfg.text!r} is too short for one sequence of "
             f"{cfg.context} tokens; give more text or a shorter --context"
         )
-    ids_all = torch.stack(seqs).to(lm.device)
-    sse = torch.zeros(L, dtype=torch.float64)
-    y_sum = torch.zeros(L, tc.d_model, dtype=torch.float64)
-    y_sq = torch.zeros(L, dtype=torch.float64)
-    l0_sum = torch.zeros(L, dtype=torch.float64)
-    fires = torch.zeros(L, F, dtype=torch.float64)
-    ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    n_tok = n_pred = 0
-    t0 = time.time()
-    batches = range(0, len(ids_all), cfg.batch_seqs)
-    if cfg.progress:
-        from tqdm import tqdm
+    return torch.stack(seqs).to(lm.device)
 
-        batches = tqdm(batches, desc="evaluating transcoders", unit="batch", dynamic_ncols=True)
-    for b in batches:
-        ids = ids_all[b : b + cfg.batch_seqs]
-        with MLPHooks(lm.sites) as h:
-            total, n = _next_token_ce(lm, ids)
-        ce["clean"] += total
-        n_pred += n
-        x = (
-            torch.stack([t[:, 1:] for t in h.mlp_in]).float().reshape(L, -1, tc.d_model)
-        )  # [L, N, D]
-        y = torch.stack([t[:, 1:] for t in h.mlp_out]).float().reshape(L, -1, tc.d_model)
-        acts = [tc.encode(l, x[l]) for l in range(L)]
-        recon = tc.decode(acts, x)
-        sse += (recon - y).double().pow(2).sum((1, 2))
-        y_sum += y.double().sum(1)
-        y_sq += y.double().pow(2).sum((1, 2))
-        for l in range(L):
-            active = acts[l] > 0
-            l0_sum[l] += active.sum()
-            fires[l] += active.sum(0)
-        n_tok += x.shape[1]
-        with splice(lm, tc):
-            ce["spliced"] += _next_token_ce(lm, ids)[0]
-        with splice(lm, None):
-            ce["zero"] += _next_token_ce(lm, ids)[0]
-    var = y_sq - y_sum.pow(2).sum(-1) / n_tok
-    fvu = (sse / var.clamp_min(1e-30)).tolist()
-    density = fires / n_tok
-    ce = {k: v / n_pred for k, v in ce.items()}
-    layers = [
+
+def _add_batch(lm, tc, ids: torch.Tensor, sums: _Sums) -> None:
+    """Add one batch of sequences `[b, n]`: the clean run (its MLP inputs and outputs feed the
+    per-layer numbers), then the spliced and the zeroed runs."""
+    L = tc.n_layers
+    with MLPHooks(lm.sites) as h:
+        total, n = _next_token_ce(lm, ids)
+    sums.ce["clean"] += total
+    sums.n_pred += n
+    x = torch.stack([t[:, 1:] for t in h.mlp_in]).float().reshape(L, -1, tc.d_model)  # [L, N, D]
+    y = torch.stack([t[:, 1:] for t in h.mlp_out]).float().reshape(L, -1, tc.d_model)
+    acts = [tc.encode(l, x[l]) for l in range(L)]
+    recon = tc.decode(acts, x)
+    sums.sse += (recon - y).double().pow(2).sum((1, 2))
+    sums.y_sum += y.double().sum(1)
+    sums.y_sq += y.double().pow(2).sum((1, 2))
+    for l in range(L):
+        active = acts[l] > 0
+        sums.l0_sum[l] += active.sum()
+        sums.fires[l] += active.sum(0)
+    sums.n_tok += x.shape[1]
+    with splice(lm, tc):
+        sums.ce["spliced"] += _next_token_ce(lm, ids)[0]
+    with splice(lm, None):
+        sums.ce["zero"] += _next_token_ce(lm, ids)[0]
+
+
+def _per_layer(sums: _Sums, dense_threshold: float) -> list[dict]:
+    var = sums.y_sq - sums.y_sum.pow(2).sum(-1) / sums.n_tok
+    fvu = (sums.sse / var.clamp_min(1e-30)).tolist()
+    density = sums.fires / sums.n_tok
+    return [
         {
             "layer": l,
             "fvu": fvu[l],
-            "l0": float(l0_sum[l] / n_tok),
-            "dead_frac": float((fires[l] == 0).double().mean()),
-            "dense_frac": float((density[l] > cfg.dense_threshold).double().mean()),
+            "l0": float(sums.l0_sum[l] / sums.n_tok),
+            "dead_frac": float((sums.fires[l] == 0).double().mean()),
+            "dense_frac": float((density[l] > dense_threshold).double().mean()),
         }
-        for l in range(L)
+        for l in range(len(fvu))
     ]
+
+
+def _results(tc, lm, cfg: EvalConfig, sums: _Sums, t0: float) -> dict:
+    L = tc.n_layers
+    layers = _per_layer(sums, cfg.dense_threshold)
+    ce = {k: v / sums.n_pred for k, v in sums.ce.items()}
     gap = ce["zero"] - ce["clean"]
     return {
         "model": lm.name,
         "transcoders": {
             "kind": tc.cfg.kind,
             "activation": tc.cfg.activation,
-            "d_sae": F,
+            "d_sae": tc.d_sae,
             "k": tc.cfg.k,
             "skip": tc.cfg.skip,
         },
-        "tokens": n_tok,
+        "tokens": sums.n_tok,
         "text": cfg.text,
         "context": cfg.context,
         "ce_clean": ce["clean"],
@@ -197,7 +224,7 @@ def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> 
         "ce_zero_ablated": ce["zero"],
         "delta_ce": ce["spliced"] - ce["clean"],
         "ce_recovered": (ce["zero"] - ce["spliced"]) / gap if gap > 0 else float("nan"),
-        "mean_fvu": sum(fvu) / L,
+        "mean_fvu": sum(r["fvu"] for r in layers) / L,
         "mean_l0": sum(r["l0"] for r in layers) / L,
         "mean_dead_frac": sum(r["dead_frac"] for r in layers) / L,
         "mean_dense_frac": sum(r["dense_frac"] for r in layers) / L,
@@ -205,6 +232,29 @@ def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> 
         "seconds": round(time.time() - t0, 1),
         "config": asdict(cfg),
     }
+
+
+@torch.no_grad()
+def evaluate_transcoders(tc, lm, cfg: EvalConfig | None = None, **overrides) -> dict:
+    """Evaluate `tc` on `lm` over held-out text. Returns the results dict (see the module
+    docstring)."""
+    cfg = cfg or EvalConfig(**overrides)
+    tc.check_compatible(lm.sites, lm.name)
+    if tc.W_enc[0].dtype != torch.float32:
+        import copy
+
+        tc = copy.deepcopy(tc).float()
+    ids_all = _eval_sequences(lm, cfg)  # [n_seqs, context]
+    sums = _Sums.zeros(tc.n_layers, tc.d_sae, tc.d_model)
+    t0 = time.time()
+    batches = range(0, len(ids_all), cfg.batch_seqs)
+    if cfg.progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="evaluating transcoders", unit="batch", dynamic_ncols=True)
+    for b in batches:
+        _add_batch(lm, tc, ids_all[b : b + cfg.batch_seqs], sums)
+    return _results(tc, lm, cfg, sums, t0)
 
 
 def results_table(res: dict) -> str:
@@ -238,8 +288,7 @@ def run_eval(cfg: EvalConfig, lm=None) -> dict:
     return res
 
 
-def _cmd_eval(args) -> int:
-    cfg = config_from_args(EvalConfig, args)
+def run_eval_command(cfg: EvalConfig) -> int:
     res = run_eval(cfg)
     print(results_table(res))
     if cfg.json:
@@ -247,19 +296,11 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
+COMMANDS = [
+    Command(
         "eval",
-        help="FVU, L0, dead features and spliced delta CE of a transcoder set",
-        description="Evaluate a transcoder set on held-out text: per-layer FVU, L0, dead and "
-        "dense feature fractions, and the change in next-token cross-entropy when "
-        "every MLP is replaced by its transcoder.",
+        EvalConfig,
+        run_eval_command,
+        "FVU, L0, dead features and spliced delta CE of a transcoder set",
     )
-    p.add_argument(
-        "transcoders",
-        nargs="?",
-        default="default",
-        help="'default' (the embedded set, trained on first use) or a path in any supported layout",
-    )
-    add_config_arguments(p, EvalConfig, skip=("transcoders",))
-    p.set_defaults(func=_cmd_eval)
+]

@@ -7,18 +7,22 @@ Layouts: native (`transcoders.native`), Gemma Scope 2 (`transcoders.gemmascope`)
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from gemma_lm.errors import UserError
+from gemma_lm.jobs import Command, option
 from gemma_lm.models import load_model
 
 from . import circuit_tracer_format as ct
 from . import gemmascope
 from .model import TranscoderSet
-from .native import DTYPES, atomic_directory, is_native_dir, load_native, resolve_dtype, save_native
+from .native import atomic_directory, is_native_dir, load_native, resolve_dtype, save_native
 
-FORMATS = ("native", "gemmascope2", "circuit-tracer")
+Layout = Literal["native", "gemmascope2", "circuit-tracer"]
+FORMATS = typing.get_args(Layout)
 ACCEPTED = (
     "a native directory (config.json + weights.safetensors), a Gemma Scope 2 folder "
     "(transcoder_all/layer_<l>_width_<w>_l0_<s>[_affine] folders, or clt/width_<w>_l0_<s>[_affine]), "
@@ -71,17 +75,24 @@ def load_any(path, model=None, dtype=None, progress: bool = False) -> Transcoder
 # -- convert ------------------------------------------------------------------------------------------
 @dataclass
 class ConvertConfig:
-    """`transcoders convert SRC DST --to FORMAT`: read any layout, write one."""
+    """Read a transcoder set in any supported layout and write it in another. The result is
+    written atomically and reproduces encodings and reconstructions exactly."""
 
-    src: str
-    dst: str
-    to: str
-    dtype: str | None = None  # cast the weights (float32, bfloat16, ...); default: keep them
-    model: str | None = None  # check the set fits this model (name or path) before writing
-    l0_label: str | None = (
-        None  # Gemma Scope 2 folder names: the l0_<label> part (default: the measured L0)
-    )
+    src: str = option(positional=True)
+    """native dir, Gemma Scope 2 folder, circuit-tracer dir, or hf://REPO/SUBFOLDER"""
+    dst: str = option(positional=True)
+    """directory to write (replaced atomically if it already holds transcoders)"""
+    to: Layout
+    """layout to write"""
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = None
+    """cast the weights (default: keep them)"""
+    model: str | None = None
+    """check the set fits this model first (e.g. gemma-3-270m)"""
+    l0_label: str | None = None
+    """Gemma Scope 2 output: the l0_<label> part of folder names (default: the measured L0, or
+    'unknown')"""
     progress: bool = True
+    """show a progress bar"""
 
 
 def save_as(
@@ -127,43 +138,18 @@ def describe(tc: TranscoderSet) -> str:
     )
 
 
-def _cmd_convert(args) -> int:
-    cfg = ConvertConfig(
-        src=args.src,
-        dst=args.dst,
-        to=args.to,
-        dtype=args.dtype,
-        model=args.model,
-        l0_label=args.l0_label,
-        progress=not args.no_progress,
-    )
+def run_convert_command(cfg: ConvertConfig) -> int:
     out, tc = run_convert(cfg)
     print(f"wrote {cfg.to} transcoders ({describe(tc)}) to {out}")
     print(f"load with: transcoders.formats.load_any({str(out)!r})")
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
+COMMANDS = [
+    Command(
         "convert",
-        help="convert transcoders between layouts (native, Gemma Scope 2, circuit-tracer)",
-        description="Read a transcoder set in any supported layout and write it in another. "
-        "The result is written atomically and reproduces encodings and "
-        "reconstructions exactly.",
+        ConvertConfig,
+        run_convert_command,
+        "convert transcoders between layouts (native, Gemma Scope 2, circuit-tracer)",
     )
-    p.add_argument(
-        "src", help="native dir, Gemma Scope 2 folder, circuit-tracer dir, or hf://REPO/SUBFOLDER"
-    )
-    p.add_argument(
-        "dst", help="directory to write (replaced atomically if it already holds transcoders)"
-    )
-    p.add_argument("--to", required=True, choices=FORMATS, help="layout to write")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep them)")
-    p.add_argument("--model", help="check the set fits this model first (e.g. gemma-3-270m)")
-    p.add_argument(
-        "--l0-label",
-        help="Gemma Scope 2 output: the l0_<label> part of folder names "
-        "(default: the measured L0, or 'unknown')",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_convert)
+]

@@ -434,24 +434,11 @@ def _thresholds(tc: TranscoderSet, layer: int) -> torch.Tensor:
     return t
 
 
-def save_gemmascope2(
-    tc: TranscoderSet,
-    dst,
-    l0_label: str | None = None,
-    progress: bool = False,
-    replaceable: Callable[[Path], bool] | None = None,
-) -> Path:
-    """Write `tc` at `dst` as a Gemma Scope 2 repo would hold it (transcoder_all/... per-layer folders, or
-    clt/<variant>/), atomically, replacing a `dst` that `replaceable` accepts (by default: a Gemma Scope 2
-    set). Returns the set's path inside `dst`, which `load_any` reads."""
-    c = tc.cfg
-    L, D, F = c.n_layers, c.d_model, c.d_sae
-    thresholds = [_thresholds(tc, l) for l in range(L)]  # refuse before writing anything
-    clt, skip = tc.is_clt, tc.W_skip is not None
-    l0 = _l0_of(tc)
-    # a set read from Gemma Scope 2 keeps its folder names ('l0_small') unless told otherwise
+def _l0_label(tc: TranscoderSet, l0_label: str | None, l0: float | None) -> str:
+    """The `l0_<label>` part of the folder names: `l0_label`, else the released one of a set read
+    from Gemma Scope 2 ('l0_small'), else the set's L0."""
     released = re.search(
-        r"_l0_([A-Za-z0-9]+)(?:_affine)?$", str((c.extra or {}).get("gemma_scope_variant", ""))
+        r"_l0_([A-Za-z0-9]+)(?:_affine)?$", str((tc.cfg.extra or {}).get("gemma_scope_variant", ""))
     )
     label = l0_label or (
         released.group(1) if released else str(round(l0)) if l0 is not None else "unknown"
@@ -460,62 +447,99 @@ def save_gemmascope2(
         raise UserError(
             f"l0 label {label!r} must be letters and digits only (it becomes part of folder names)"
         )
-    variant = f"width_{width_label(L * F if clt else F)}_l0_{label}{'_affine' if skip else ''}"
-    meta = {"format": "pt", META_KEY: config_json(c)}
+    return label
 
-    def config(layer: int | None) -> str:
-        at = "{all}" if layer is None else layer
-        return (
-            json.dumps(
-                {
-                    "hf_hook_point_in": HOOK_IN.format(at),
-                    "hf_hook_point_out": HOOK_OUT.format(at),
-                    "width": L * F if clt else F,
-                    "model_name": c.model_name,
-                    "architecture": "jump_relu",
-                    "l0": round(l0) if l0 is not None else None,
-                    "affine_connection": skip,
-                    "type": "clt" if clt else "transcoder",
-                },
-                indent=2,
-            )
-            + "\n"
+
+def _release_config(tc: TranscoderSet, layer: int | None, l0: float | None) -> str:
+    """config.json of one layer's folder, or (layer=None) of a CLT's folder."""
+    c = tc.cfg
+    at = "{all}" if layer is None else layer
+    return (
+        json.dumps(
+            {
+                "hf_hook_point_in": HOOK_IN.format(at),
+                "hf_hook_point_out": HOOK_OUT.format(at),
+                "width": c.n_layers * c.d_sae if tc.is_clt else c.d_sae,
+                "model_name": c.model_name,
+                "architecture": "jump_relu",
+                "l0": round(l0) if l0 is not None else None,
+                "affine_connection": tc.W_skip is not None,
+                "type": "clt" if tc.is_clt else "transcoder",
+            },
+            indent=2,
         )
+        + "\n"
+    )
 
-    def params(layer: int) -> dict[str, torch.Tensor]:
-        if clt:  # absolute output-layer index; the entries before `layer` stay zero
-            w_dec = torch.zeros(F, L, D, dtype=tc.W_dec[layer].dtype)
-            w_dec[:, layer:] = tc.W_dec[layer].detach().cpu()
+
+def _params(tc: TranscoderSet, layer: int, threshold: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One layer's tensors under the release's names, on the CPU; a CLT's w_dec is `[F, L, D]`."""
+    c = tc.cfg
+    if tc.is_clt:  # absolute output-layer index; the entries before `layer` stay zero
+        w_dec = torch.zeros(c.d_sae, c.n_layers, c.d_model, dtype=tc.W_dec[layer].dtype)
+        w_dec[:, layer:] = tc.W_dec[layer].detach().cpu()
+    else:
+        w_dec = tc.W_dec[layer]
+    out = {
+        "w_enc": tc.W_enc[layer],
+        "b_enc": tc.b_enc[layer],
+        "threshold": threshold,
+        "w_dec": w_dec,
+        "b_dec": tc.b_dec[layer],
+    }
+    if tc.W_skip is not None:
+        out["affine_skip_connection"] = tc.W_skip[layer]
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def _write_layers(
+    site: Path,
+    tc: TranscoderSet,
+    variant: str,
+    thresholds: list[torch.Tensor],
+    l0: float | None,
+    meta: dict[str, str],
+    progress: bool,
+) -> None:
+    """Every layer's files under `site` (transcoder_all/ or clt/), `meta` in each params file."""
+    if tc.is_clt:
+        (site / variant).mkdir(parents=True)
+        (site / variant / "config.json").write_text(_release_config(tc, None, l0))
+    for l in tqdm(
+        range(tc.n_layers), desc="writing Gemma Scope 2", unit="layer", disable=not progress
+    ):
+        params = _params(tc, l, thresholds[l])
+        if tc.is_clt:
+            save_file(params, str(site / variant / f"params_layer_{l}.safetensors"), metadata=meta)
         else:
-            w_dec = tc.W_dec[layer]
-        out = {
-            "w_enc": tc.W_enc[layer],
-            "b_enc": tc.b_enc[layer],
-            "threshold": thresholds[layer],
-            "w_dec": w_dec,
-            "b_dec": tc.b_dec[layer],
-        }
-        if skip:
-            out["affine_skip_connection"] = tc.W_skip[layer]
-        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+            folder = site / f"layer_{l}_{variant}"
+            folder.mkdir(parents=True)
+            (folder / "config.json").write_text(_release_config(tc, l, l0))
+            save_file(params, str(folder / PARAMS_FILE), metadata=meta)
 
+
+def save_gemmascope2(
+    tc: TranscoderSet,
+    dst,
+    l0_label: str | None = None,
+    progress: bool = False,
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Write `tc` at `dst` as a Gemma Scope 2 repo would hold it (transcoder_all/... per-layer
+    folders, or clt/<variant>/), atomically, replacing a `dst` that `replaceable` accepts (by
+    default: a Gemma Scope 2 set). Returns the set's path inside `dst`, which `load_any` reads."""
+    c = tc.cfg
+    thresholds = [_thresholds(tc, l) for l in range(c.n_layers)]  # refuse before writing anything
+    l0 = _l0_of(tc)
+    label = _l0_label(tc, l0_label, l0)
+    width = c.n_layers * c.d_sae if tc.is_clt else c.d_sae
+    variant = f"width_{width_label(width)}_l0_{label}{'_affine' if tc.W_skip is not None else ''}"
+    meta = {"format": "pt", META_KEY: config_json(c)}
+    site = CLT_SITE if tc.is_clt else PLT_SITES[0]
     dst = Path(dst)
     with atomic_directory(dst, replaceable or is_gemmascope2_dir) as build:
-        site = build / (CLT_SITE if clt else PLT_SITES[0])
-        if clt:
-            (site / variant).mkdir(parents=True)
-            (site / variant / "config.json").write_text(config(None))
-        for l in tqdm(range(L), desc="writing Gemma Scope 2", unit="layer", disable=not progress):
-            if clt:
-                save_file(
-                    params(l), str(site / variant / f"params_layer_{l}.safetensors"), metadata=meta
-                )
-            else:
-                folder = site / f"layer_{l}_{variant}"
-                folder.mkdir(parents=True)
-                (folder / "config.json").write_text(config(l))
-                save_file(params(l), str(folder / PARAMS_FILE), metadata=meta)
-    return dst / (CLT_SITE if clt else PLT_SITES[0]) / variant
+        _write_layers(build / site, tc, variant, thresholds, l0, meta, progress)
+    return dst / site / variant
 
 
 # -- the Hub ----------------------------------------------------------------------------------------

@@ -26,19 +26,19 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import time
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write
+from gemma_lm.jobs import Command
 from gemma_lm.memory import reuse_freed_memory
 from gemma_lm.models import DEFAULT_MODEL, load_model
 
@@ -61,55 +61,81 @@ _RUN_ONLY = (
 
 @dataclass
 class TrainConfig:
-    """One training run. Sizes: L layers, D = d_model, F = d_sae features per layer."""
+    """Train transcoders for every layer of a Gemma 3 model on harvested MLP activations. Resumes
+    from <out>.train/ when rerun with the same settings. Sizes: L layers, D = d_model, F = d_sae
+    features per layer."""
 
-    out: str = ""  # directory of the trained set (native layout); checkpoints go to <out>.train/
-    model: str = DEFAULT_MODEL  # model to harvest from (name or path, as `circuits.load_model`)
-    kind: str = "skip"  # plt | skip | clt
-    activation: str = "batchtopk"  # relu | jumprelu | topk | batchtopk
-    d_sae: int = 1024  # features per layer
-    k: int = 16  # active features per position (topk / batchtopk; JumpReLU starts its thresholds at this L0)
-    skip: bool = False  # affine skip term for a CLT (always on for kind "skip")
-    matryoshka: list[int] = field(
-        default_factory=list
-    )  # prefix sizes < d_sae, ascending (empty: none)
-    # data
-    text: str = "builtin"  # text source spec (see transcoders.data.text_source)
-    context: int = 128  # tokens per harvested sequence (BOS first, not trained on)
-    tokens: int = 200_000  # training tokens; steps = tokens // batch_size
+    out: str = ""
+    """directory of the trained set (native layout); checkpoints go to <out>.train/"""
+    model: str = DEFAULT_MODEL
+    """model to harvest from (name or path, as `gemma_lm.load_model`)"""
+    kind: Literal["plt", "skip", "clt"] = "skip"
+    """per-layer (plt), per-layer with an affine skip term (skip), or cross-layer (clt)"""
+    activation: Literal["relu", "jumprelu", "topk", "batchtopk"] = "batchtopk"
+    """the features' activation function"""
+    d_sae: int = 1024
+    """features per layer"""
+    k: int = 16
+    """active features per position (topk / batchtopk; JumpReLU starts its thresholds at this L0)"""
+    skip: bool = False
+    """affine skip term for a CLT (always on for kind skip)"""
+    matryoshka: list[int] = field(default_factory=list)
+    """Matryoshka prefix sizes < d_sae, ascending (empty: none)"""
+    text: str = "builtin"
+    """text source spec (see transcoders.data.text_source)"""
+    context: int = 128
+    """tokens per harvested sequence (BOS first, not trained on)"""
+    tokens: int = 200_000
+    """training tokens; steps = tokens // batch_size"""
     batch_size: int = 1024
-    buffer_tokens: int = (
-        16_384  # shuffled in-memory activation buffer (~46 kB a token for gemma-3-270m)
-    )
-    buffer_passes: int = 1  # passes over each buffer fill (more: less harvesting, less fresh data)
-    harvest_dtype: str = "bfloat16"  # model dtype while harvesting (bfloat16: ~6x faster on CPU)
-    activation_cache: str = (
-        ""  # folder to keep harvested shards in for later runs (empty: memory only)
-    )
-    # optimisation
+    """tokens per step"""
+    buffer_tokens: int = 16_384
+    """tokens in the shuffled in-memory activation buffer (each holds every layer's MLP input and
+    output)"""
+    buffer_passes: int = 1
+    """passes over each buffer fill (more: less harvesting, less fresh data)"""
+    harvest_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """model dtype while harvesting (bfloat16 is much faster on CPUs; benchmarks/transcoders_default.py)"""
+    activation_cache: str = ""
+    """folder to keep harvested shards in for later runs (empty: memory only)"""
     lr: float = 2e-3
+    """peak learning rate (AdamW)"""
     warmup_frac: float = 0.05
+    """fraction of the steps warming the learning rate up"""
     decay_frac: float = 0.3
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    compute_dtype: str = "bfloat16"  # autocast dtype of the matmuls; float32 for exact arithmetic
-    skip_init: str = "lstsq"  # lstsq | zeros
-    feature_init: str = "exemplar"  # exemplar (features start as sample tokens) | random
-    init_tokens: int = 8192  # tokens for the normalisation scales and the least-squares skip
-    # sparsity and dead features
-    sparsity_coeff: float = (
-        2e-3  # JumpReLU: L0 penalty; ReLU: L1 penalty on act * |decoder row| (FVU units)
-    )
-    bandwidth: float = 0.05  # JumpReLU straight-through kernel width (normalised units)
+    """fraction of the steps decaying it to zero at the end"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 disables clipping)"""
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """autocast dtype of the matmuls; float32 for exact arithmetic"""
+    skip_init: Literal["lstsq", "zeros"] = "lstsq"
+    """how W_skip starts: the least-squares map from MLP input to output, or zeros"""
+    feature_init: Literal["exemplar", "random"] = "exemplar"
+    """how features start: as sample tokens (exemplar), or random"""
+    init_tokens: int = 8192
+    """tokens for the normalisation scales and the least-squares skip"""
+    sparsity_coeff: float = 2e-3
+    """JumpReLU: L0 penalty; ReLU: L1 penalty on act * |decoder row| (FVU units)"""
+    bandwidth: float = 0.05
+    """JumpReLU straight-through kernel width (normalised units)"""
     sparsity_warmup_frac: float = 0.2
-    dead_tokens: int = 20_000  # a feature silent this long counts as dead
-    aux_coeff: float = 1 / 32  # AuxK loss weight (0 disables)
-    aux_k: int = 64  # dead features each position may use in the AuxK loss
-    # bookkeeping
-    checkpoint_every: int = 25  # steps
-    keep_checkpoint: bool = False  # keep <out>.train/ after a finished run
+    """fraction of the steps over which the sparsity penalty warms up"""
+    dead_tokens: int = 20_000
+    """a feature silent this many tokens counts as dead"""
+    aux_coeff: float = 1 / 32
+    """AuxK loss weight (0 disables)"""
+    aux_k: int = 64
+    """dead features each position may use in the AuxK loss"""
+    checkpoint_every: int = 25
+    """steps between checkpoints"""
+    keep_checkpoint: bool = False
+    """keep <out>.train/ after a finished run"""
     seed: int = 0
-    threads: int = 0  # torch threads (0: leave as is)
+    """random seed (initialisation, data order)"""
+    threads: int = 0
+    """torch threads (0: leave as is)"""
     progress: bool = True
+    """show a progress bar"""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -533,41 +559,53 @@ def train_transcoders(
         return _train_transcoders(cfg, loaded, buffer, model_name, on_step)
 
 
-def _train_transcoders(
-    cfg: TrainConfig, loaded, buffer, model_name: str | None, on_step
-) -> TranscoderSet:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+@dataclass
+class _Run:
+    """What training carries from step to step, and what a checkpoint restores."""
+
+    net: TrainableTranscoders
+    opt: torch.optim.Optimizer
+    start: int  # the first step of this session
+    history: list[dict]  # every step's metrics, those of earlier sessions included
+
+
+def _output_paths(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
+    """The trained set's folder and the checkpoint file (both None without `cfg.out`), cleared of
+    the temporary files a killed run left."""
     out = Path(cfg.out).expanduser() if cfg.out else None
     ckpt = cfg.checkpoint_path() if out else None
     if out:
         _remove_partials(out.parent, out.name)
         _remove_partials(ckpt.parent, ckpt.name)
-    if buffer is None:
-        if loaded is None:
-            loaded = load_model(cfg.model)
-        paragraphs = text_source(cfg.text, loaded, "train", seed=cfg.seed)
-        source = ActivationSource(
-            loaded,
-            paragraphs,
-            context=cfg.context,
-            seed=cfg.seed,
-            harvest_dtype=cfg.harvest_dtype,
-            cache_dir=cfg.activation_cache or None,
-        )
-        buffer = ActivationBuffer(
-            source,
-            cfg.buffer_tokens,
-            cfg.batch_size,
-            seed=cfg.seed,
-            passes=cfg.buffer_passes,
-            progress=cfg.progress,
-        )
-    if model_name is None:
-        model_name = loaded.name if loaded is not None else ""
-    x0, _ = buffer.batch(0)
-    n_layers, d_model = x0.shape[1], x0.shape[2]
-    net = TrainableTranscoders(cfg, n_layers, d_model)
+    return out, ckpt
+
+
+def _activation_buffer(cfg: TrainConfig, loaded) -> ActivationBuffer:
+    """Batches of MLP activations harvested from `loaded` over `cfg.text`."""
+    paragraphs = text_source(cfg.text, loaded, "train", seed=cfg.seed)
+    source = ActivationSource(
+        loaded,
+        paragraphs,
+        context=cfg.context,
+        seed=cfg.seed,
+        harvest_dtype=cfg.harvest_dtype,
+        cache_dir=cfg.activation_cache or None,
+    )
+    return ActivationBuffer(
+        source,
+        cfg.buffer_tokens,
+        cfg.batch_size,
+        seed=cfg.seed,
+        passes=cfg.buffer_passes,
+        progress=cfg.progress,
+    )
+
+
+def _start_or_resume(cfg: TrainConfig, buffer, ckpt: Path | None) -> _Run:
+    """The net and optimiser from the checkpoint at `ckpt`, or initialised from the first
+    `init_tokens` tokens of `buffer`."""
+    x0, _ = buffer.batch(0)  # [B, L, D]
+    net = TrainableTranscoders(cfg, x0.shape[1], x0.shape[2])
     opt = torch.optim.AdamW(
         net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True
     )
@@ -575,44 +613,52 @@ def _train_transcoders(
     if state:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
-        start, history = state["step"], state["history"]
-    else:
-        n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
-        xs, ys = zip(*(buffer.batch(i) for i in range(n_init)))
-        net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
-        start, history = 0, []
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
+        return _Run(net, opt, state["step"], state["history"])
+    n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
+    xs, ys = zip(*(buffer.batch(i) for i in range(n_init)))
+    net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
+    return _Run(net, opt, 0, [])
 
-        bar = tqdm(
-            total=cfg.steps,
-            initial=start,
-            desc=f"training {cfg.kind} transcoders",
-            unit="step",
-            dynamic_ncols=True,
-        )
-    t_start = time.time()
-    for step in range(start, cfg.steps):
+
+def _progress_bar(cfg: TrainConfig, start: int, desc: str):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def _show_step(bar, m: dict) -> None:
+    """One more step on `bar`, with its loss and its layer means of FVU, L0 and dead fraction."""
+    bar.update(1)
+    bar.set_postfix(
+        loss=f"{m['loss']:.3f}",
+        fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
+        l0=f"{sum(m['l0']) / len(m['l0']):.1f}",
+        dead=f"{sum(m['dead']) / len(m['dead']):.2f}",
+    )
+
+
+def _train_loop(cfg: TrainConfig, run: _Run, buffer, ckpt: Path | None, on_step, bar) -> None:
+    """Steps `run.start` to the end, with a checkpoint every `checkpoint_every` steps but after the
+    last (the finished set follows)."""
+    for step in range(run.start, cfg.steps):
         x, y = buffer.batch(step)
-        m = train_step(net, opt, x, y, step)
-        history.append(m)
+        m = train_step(run.net, run.opt, x, y, step)
+        run.history.append(m)
         if on_step is not None:
             on_step(step, m)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{m['loss']:.3f}",
-                fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
-                l0=f"{sum(m['l0']) / len(m['l0']):.1f}",
-                dead=f"{sum(m['dead']) / len(m['dead']):.2f}",
-            )
+            _show_step(bar, m)
         if ckpt and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, net, opt, step + 1, cfg, history)
+            _save_checkpoint(ckpt, run.net, run.opt, step + 1, cfg, run.history)
     if bar is not None:
         bar.close()
-    if cfg.activation == "batchtopk":
-        calibrate_batchtopk(net, buffer, range(max(0, cfg.steps - 4), cfg.steps))
+
+
+def _final_metrics(cfg: TrainConfig, history: list[dict], t_start: float) -> dict:
+    """The metrics a trained set carries: the means of the last steps' metrics, the run's length,
+    and this session's time."""
     summary = _summary(history) if history else {}
     metrics = {"train_" + k: v for k, v in summary.items()}
     metrics.update(
@@ -620,7 +666,31 @@ def _train_transcoders(
         tokens=cfg.steps * cfg.batch_size,
         seconds_last_session=round(time.time() - t_start, 1),
     )
-    tc = net.to_transcoder_set(model_name, metrics=metrics, extra={"train_config": asdict(cfg)})
+    return metrics
+
+
+def _train_transcoders(
+    cfg: TrainConfig, loaded, buffer, model_name: str | None, on_step
+) -> TranscoderSet:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out, ckpt = _output_paths(cfg)
+    if buffer is None:
+        if loaded is None:
+            loaded = load_model(cfg.model)
+        buffer = _activation_buffer(cfg, loaded)
+    if model_name is None:
+        model_name = loaded.name if loaded is not None else ""
+    run = _start_or_resume(cfg, buffer, ckpt)
+
+    bar = _progress_bar(cfg, run.start, f"training {cfg.kind} transcoders")
+    t_start = time.time()
+    _train_loop(cfg, run, buffer, ckpt, on_step, bar)
+    if cfg.activation == "batchtopk":
+        calibrate_batchtopk(run.net, buffer, range(max(0, cfg.steps - 4), cfg.steps))
+
+    metrics = _final_metrics(cfg, run.history, t_start)
+    tc = run.net.to_transcoder_set(model_name, metrics=metrics, extra={"train_config": asdict(cfg)})
     if out:
         save_transcoders(tc, out)
         if not cfg.keep_checkpoint:
@@ -636,77 +706,20 @@ def save_transcoders(tc: TranscoderSet, out: Path) -> Path:
 # -- command line -------------------------------------------------------------------------------------
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
-    """One --option per dataclass field (lists as comma-separated values, booleans as --x / --no-x)."""
-    hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()
-        hint = hints[f.name]
-        text = f"{comments.get(f.name, '')} (default: {default})".strip().replace("%", "%%")
-        if hint is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=text
-            )
-        elif typing.get_origin(hint) is list:
-            parser.add_argument(flag, type=_int_list, default=default, metavar="N,N,...", help=text)
-        else:
-            base = next(
-                (t for t in (int, float, str) if hint is t or t in typing.get_args(hint)), str
-            )
-            parser.add_argument(flag, type=base, default=default, help=text)
-
-
-def _field_comments(cls) -> dict[str, str]:
-    """The `# comment` after each field of a dataclass's source: the fields' help texts."""
-    import inspect
-    import re
-
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-
-
-def config_from_args(cls, args, **overrides):
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    values.update(overrides)
-    return cls(**values)
-
-
-def _cmd_train(args) -> int:
-    cfg = config_from_args(TrainConfig, args)
+def run_train(cfg: TrainConfig) -> int:
     if not cfg.out:
         raise UserError("transcoders train needs --out DIR (where the trained set is written)")
     tc = train_transcoders(cfg)
     m = tc.cfg.metrics
     fvu, l0, dead = (sum(m[k]) / len(m[k]) for k in ("train_fvu", "train_l0", "train_dead"))
     print(
-        f"wrote {cfg.out}: {cfg.kind} {cfg.activation} x{tc.n_layers} layers, d_sae {tc.d_sae}; last steps: "
-        f"FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1%}. Evaluate with: transcoders eval {cfg.out}"
+        f"wrote {cfg.out}: {cfg.kind} {cfg.activation} x{tc.n_layers} layers, d_sae {tc.d_sae}; "
+        f"last steps: FVU {fvu:.3f}, L0 {l0:.1f}, dead {dead:.1%}. "
+        f"Evaluate with: transcoders eval {cfg.out}"
     )
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train transcoders (PLT, skip, CLT) on a model's MLPs",
-        description="Train transcoders for every layer of a Gemma 3 model on harvested MLP "
-        "activations. Resumes from <out>.train/checkpoint.pt when rerun with the "
-        "same settings.",
-    )
-    add_config_arguments(p, TrainConfig)
-    p.set_defaults(func=_cmd_train)
+COMMANDS = [
+    Command("train", TrainConfig, run_train, "train transcoders (PLT, skip, CLT) on a model's MLPs")
+]
