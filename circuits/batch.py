@@ -10,7 +10,7 @@ other keys are kept in the index as they are.
 The output folder:
   batch.json                the job's options; a resumed run must use the same ones (or --overwrite)
   graphs/ID.npz             one graph per prompt (`AttributionGraph.save`, written atomically); its
-                            metadata["batch"] holds the index record and metadata["scores"] the scores
+                            metadata["batch"] holds the index record and `scores` the scores
   progress/rank-R.jsonl     this run's records, one log per rank (live progress, failures)
   index.jsonl               one record per prompt in file order, written atomically by rank 0 at the end
                             and rebuilt from the graph files themselves: every prompt appears exactly once,
@@ -292,7 +292,7 @@ def graph_is_done(path: Path, spec: PromptSpec) -> bool:
         g = load_graph(path)
     except UserError:
         return False
-    settings = g.metadata.get("settings", {})
+    settings = g.settings
     return (
         g.prompt == spec.prompt
         and list(settings.get("targets") or []) == spec.targets
@@ -309,7 +309,7 @@ def read_header(path: Path) -> dict:
 def graph_record(
     spec: PromptSpec, graph: AttributionGraph, seconds: float | None, rank: int | None
 ) -> dict:
-    scores = (graph.metadata.get("scores") or {}).get("full") or {}
+    scores = graph.scores.get("full") or {}
     strings = graph.logit_strings
     return {
         **spec.as_record(),
@@ -467,7 +467,7 @@ def _trace_one(
         if with_scores:
             scores = _scores(graph)
             if scores is not None:
-                graph.metadata["scores"] = {"full": scores}
+                graph.scores = {"full": scores}
         record = graph_record(spec, graph, time.perf_counter() - t, rank)
         graph.metadata["batch"] = record
         graph.save(out / "graphs" / spec.filename)

@@ -101,13 +101,13 @@ def run_trace(job: TraceJob) -> int:
 def write_circuit(graph: AttributionGraph, job: TraceJob) -> None:
     """Prune the traced graph and write what the job asks for: the circuit, its SVG, its page."""
     circuit = prune(graph, job.pruning)
-    p = circuit.metadata.get("pruning", {})
+    p = circuit.pruning or {}
     print(
         f"circuit: {p.get('n_nodes_after', circuit.n_nodes)} nodes, {circuit.adjacency.nnz} edges "
         f"(node threshold {job.pruning.node_threshold}, "
         f"edge threshold {job.pruning.edge_threshold})"
     )
-    if circuit.metadata.get("scores"):
+    if circuit.scores:
         print(scores_table(circuit))
     if job.prune:
         out = Path(job.out)

@@ -33,7 +33,7 @@ class PruneJob:
 def run_prune(job: PruneJob) -> int:
     pruned = prune(load_graph(job.graph), job.pruning)
     pruned.save(job.out)
-    m = pruned.metadata["pruning"]
+    m = pruned.pruning
     print(
         f"pruned {job.graph}: {m['n_nodes_before']} -> {m['n_nodes_after']} nodes "
         f"({m['n_features_after']} features, {m['n_errors_after']} error nodes), "
@@ -71,22 +71,16 @@ def show_text(graph: AttributionGraph, n_top: int = 15) -> str:
             f"model: {meta['model']}; transcoders: {tc.get('kind', '?')} "
             f"({tc.get('d_sae', '?')} features per layer) {tc.get('source', '')}".rstrip()
         )
-    if "pruning" in meta:
-        p = meta["pruning"]
+    if graph.is_pruned:
+        p = graph.pruning
         lines.append(
             f"pruned with node threshold {p['node_threshold']}, "
             f"edge threshold {p['edge_threshold']}: "
             f"{p['n_nodes_before']} -> {p['n_nodes_after']} nodes"
         )
-    if not meta.get("scores"):
-        meta = {**meta, "scores": {"graph": graph_scores(graph)}}
+    scores = graph.scores or {"graph": graph_scores(graph)}
     lines.append("scores:")
-    lines += [
-        "  " + line
-        for line in scores_table(
-            AttributionGraph(**{**graph.__dict__, "metadata": meta})
-        ).splitlines()
-    ]
+    lines += ["  " + line for line in scores_table(scores).splitlines()]
     lines.append(f"top {n_top} nodes by influence on the logits:")
     for i, infl in top_nodes(graph, n_top):
         label, source = display_label(graph, i)

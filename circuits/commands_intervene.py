@@ -132,8 +132,7 @@ class AttachJob:
 
 def run_attach(job: AttachJob) -> int:
     graph = load_graph(job.graph)
-    settings = graph.metadata.get("settings") or {}
-    spec = job.dashboards or dashboards_dir(settings.get("transcoders") or "default")
+    spec = job.dashboards or dashboards_dir(graph.settings.get("transcoders") or "default")
     n = attach_dashboards(graph, load_dashboards(spec), n_contexts=job.contexts)
     out = job.out or job.graph
     graph.save(out)

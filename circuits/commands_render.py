@@ -50,13 +50,13 @@ class RenderJob:
 def run_render(job: RenderJob) -> int:
     graph = load_graph(job.graph)
     if job.supernodes:
-        graph.metadata["supernodes"] = load_supernodes(job.supernodes)
+        graph.supernodes = load_supernodes(job.supernodes)
     if job.svg:
         print(f"wrote {render_svg(graph, job.svg, job.max_nodes or DEFAULT_MAX_NODES)}")
     if job.html:
         print(f"wrote {render_html(graph, job.html, job.max_nodes)}")
     if job.json:
-        if "pruning" not in graph.metadata:
+        if not graph.is_pruned:
             print(
                 "the graph is not pruned; pruning with the default thresholds for the JSON "
                 "(run `circuits prune` to choose them)",

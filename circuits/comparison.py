@@ -176,12 +176,12 @@ def _influence(g: AttributionGraph) -> np.ndarray:
 def compare(
     a: AttributionGraph, b: AttributionGraph, config: CompareConfig | None = None, **overrides
 ) -> Comparison:
-    """Compare two circuits. Unpruned graphs (no `metadata["pruning"]`) are pruned with the config's
+    """Compare two circuits. Unpruned graphs (no `graph.pruning`) are pruned with the config's
     thresholds first; options as in `CompareConfig`."""
     cfg = with_overrides(config, CompareConfig, overrides)
     thresholds = {"node_threshold": cfg.node_threshold, "edge_threshold": cfg.edge_threshold}
-    a = a if "pruning" in a.metadata else prune(a, **thresholds)
-    b = b if "pruning" in b.metadata else prune(b, **thresholds)
+    a = a if a.is_pruned else prune(a, **thresholds)
+    b = b if b.is_pruned else prune(b, **thresholds)
     columns = align_tokens(list(a.token_strings), list(b.token_strings))
     col_a = {pa: c for c, (pa, _) in enumerate(columns) if pa is not None}
     col_b = {pb: c for c, (_, pb) in enumerate(columns) if pb is not None}

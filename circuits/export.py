@@ -22,7 +22,6 @@ from .graph import (
     AttributionGraph,
     display_label,
     finite_or_none,
-    supernode_groups,
 )
 from .pruning import compute_influence
 
@@ -68,13 +67,13 @@ def neuronpedia_node_ids(graph: AttributionGraph) -> list[str]:
     return out
 
 
-def _cumulative_influence(graph: AttributionGraph, meta: dict) -> np.ndarray:
+def _cumulative_influence(graph: AttributionGraph) -> np.ndarray:
     """`[n_nodes]`: for each feature and error node, the share of the total influence held by it
     and every more influential one; NaN for tokens and logits."""
     influence = graph.influence if graph.influence is not None else compute_influence(graph)
     influence = np.nan_to_num(np.asarray(influence, dtype=np.float64))
     inner = (graph.kind == FEATURE) | (graph.kind == ERROR)
-    total = (meta.get("pruning") or {}).get("total_influence") or float(
+    total = (graph.pruning or {}).get("total_influence") or float(
         np.clip(influence[inner], 0, None).sum()
     )
     cumulative = np.full(graph.n_nodes, np.nan)
@@ -153,21 +152,18 @@ def _links(graph: AttributionGraph, ids: list[str]) -> list[dict]:
     ]
 
 
-def _supernodes(graph: AttributionGraph, meta: dict, ids: list[str]) -> list[list[str]]:
+def _supernodes(graph: AttributionGraph, ids: list[str]) -> list[list[str]]:
     """`[name, *member node ids]` of each supernode, in the viewer's ids (members not in the graph
     left out)."""
     ours = {nid: ids[i] for i, nid in enumerate(graph.node_ids())}
     return [
         [name, *[ours[m] for m in members if m in ours]]
-        for name, members in supernode_groups(meta.get("supernodes") or {}).items()
+        for name, members in graph.supernodes.items()
     ]
 
 
-def _document_metadata(
-    graph: AttributionGraph, meta: dict, slug: str | None, scan: str | None
-) -> dict:
-    settings = meta.get("settings") or {}
-    pruning = meta.get("pruning") or {}
+def _document_metadata(graph: AttributionGraph, slug: str | None, scan: str | None) -> dict:
+    meta, settings, pruning = graph.metadata, graph.settings, graph.pruning or {}
     out = {
         "slug": slug or _slug(graph.prompt),
         "scan": scan or str(meta.get("model") or "gemma-3-270m"),
@@ -205,18 +201,17 @@ def to_neuronpedia_json(
     `influence` is the viewer's pruning key: the cumulative share of influence of the node and
     every more influential one (nodes with influence <= the viewer's threshold stay), relative to
     the full graph when the graph was pruned by `circuits.prune`."""
-    meta = graph.metadata or {}
-    cumulative = _cumulative_influence(graph, meta)
+    cumulative = _cumulative_influence(graph)
     ids = neuronpedia_node_ids(graph)
     logit_rank = {int(n): j for j, n in enumerate(graph.logit_nodes)}
     strings = graph.logit_strings
     nodes = [_node(graph, i, ids, cumulative[i], logit_rank, strings) for i in range(graph.n_nodes)]
     links = _links(graph, ids)
     return {
-        "metadata": _document_metadata(graph, meta, slug, scan),
+        "metadata": _document_metadata(graph, slug, scan),
         "qParams": {
             "pinnedIds": [],
-            "supernodes": _supernodes(graph, meta, ids),
+            "supernodes": _supernodes(graph, ids),
             "linkType": "both",
             "clickedId": "",
             "sg_pos": "",

@@ -49,7 +49,9 @@ class AttributionGraph:
     adjacency: sp.csr_array  # [n_nodes, n_nodes] targets x sources
     logit_probabilities: np.ndarray  # [n_logits]
     n_layers: int
-    metadata: dict = field(default_factory=dict)  # model, transcoders, settings, versions, scores
+    # model, transcoders, settings, versions, scores, ...: the keys other stages rely on are read and
+    # written through the accessors below (`settings`, `scores`, `pruning`, `supernodes`, `dashboards`)
+    metadata: dict = field(default_factory=dict)
     influence: np.ndarray | None = None  # [n_nodes] set by pruning
     labels: dict[int, str] = field(default_factory=dict)  # node index -> human label
 
@@ -117,6 +119,58 @@ class AttributionGraph:
         """(source indices, weights) of node i's incoming edges."""
         row = self.adjacency[[i]]
         return row.indices.copy(), row.data.copy()
+
+    # -- what the stages record in `metadata` (kept there, so the file layout stays one JSON header) --
+    @property
+    def settings(self) -> dict:
+        """The options the graph was traced with (`AttributionConfig` as a dict, written by
+        `circuits.attribute`); {} for a graph made elsewhere."""
+        return dict(self.metadata.get("settings") or {})
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """Replacement / completeness scores by the graph they describe: "full" and "pruned" (set by
+        `circuits.prune`; `trace-batch` stores "full" only), each {"replacement", "completeness",
+        "unexplained_fraction"}; {} when not computed."""
+        return self.metadata.get("scores") or {}
+
+    @scores.setter
+    def scores(self, value: dict[str, dict[str, float]]) -> None:
+        self.metadata["scores"] = value
+
+    @property
+    def pruning(self) -> dict | None:
+        """What pruning recorded: its thresholds, the node and edge counts before and after, and the
+        full graph's total feature + error influence; None for a graph that was not pruned."""
+        return self.metadata.get("pruning")
+
+    @pruning.setter
+    def pruning(self, value: dict) -> None:
+        self.metadata["pruning"] = value
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.pruning is not None
+
+    @property
+    def supernodes(self) -> dict[str, list[str]]:
+        """Named groups of node ids ({name: [node ids]}, the viewer's grouping); {} when none."""
+        return supernode_groups(self.metadata.get("supernodes") or {})
+
+    @supernodes.setter
+    def supernodes(self, value) -> None:
+        self.metadata["supernodes"] = supernode_groups(value)
+
+    @property
+    def dashboards(self) -> dict[str, dict]:
+        """Feature dashboards by node id (`circuits.labels.attach_dashboards`; the schema is in
+        docs/development.md); {} when none are attached."""
+        found = self.metadata.get("dashboards")
+        return found if isinstance(found, dict) else {}
+
+    @dashboards.setter
+    def dashboards(self, value: dict[str, dict]) -> None:
+        self.metadata["dashboards"] = value
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -242,9 +296,8 @@ def _json_default(x):
 
 
 def auto_label(graph: AttributionGraph, i: int) -> str | None:
-    """The feature dashboard's automatic label of node i (`metadata["dashboards"][id]["auto_label"]`)."""
-    dash = (graph.metadata or {}).get("dashboards") or {}
-    label = (dash.get(graph.node_id(i)) or {}).get("auto_label") if isinstance(dash, dict) else None
+    """The automatic label of node i's feature dashboard, if it has one."""
+    label = (graph.dashboards.get(graph.node_id(i)) or {}).get("auto_label")
     return str(label) if label else None
 
 

@@ -518,7 +518,7 @@ def _top_rows(lm: LoadedModel, before: torch.Tensor, after: torch.Tensor, k: int
 
 
 def _graph_transcoders(graph: AttributionGraph | None) -> str:
-    spec = (graph.metadata.get("settings") or {}).get("transcoders") if graph else None
+    spec = graph.settings.get("transcoders") if graph else None
     return spec if isinstance(spec, str) and spec else "default"
 
 
@@ -536,7 +536,7 @@ def _prompt_tokens(
         return (
             tokens,
             graph.prompt,
-            {**(graph.metadata.get("supernodes") or {}), **(supernodes or {})},
+            {**graph.supernodes, **(supernodes or {})},
         )
     if isinstance(prompt, torch.Tensor):
         return prompt.long().flatten(), lm.tokenizer.decode(prompt.tolist()), supernodes
@@ -606,7 +606,7 @@ def intervene(
     """Run `prompt` with `interventions` under constrained patching; see the module docstring.
 
     lm: a LoadedModel or a model name/path. prompt: text, a token tensor `[n]`, or an
-    AttributionGraph (its exact tokens, chat template included, and its metadata["supernodes"] are
+    AttributionGraph (its exact tokens, chat template included, and its supernodes are
     used). interventions: {target: value} to set, or a list of `Intervention` / (op, target[,
     value]) tuples. transcoders: a TranscoderSet, a path or "default". Options as in
     `InterventionConfig` (mode, propagate, generate, top_k, chat, ...) as keyword overrides.

@@ -56,7 +56,7 @@ def label_file(path: str | Path, node: str | int, text: str | None) -> Attributi
 
 
 def attach_dashboards(graph, dashboards: Dashboards | str | Path, n_contexts: int = 5) -> int:
-    """Put the dashboard of every feature node of `graph` into `graph.metadata["dashboards"][node_id]`.
+    """Put the dashboard of every feature node of `graph` into `graph.dashboards[node_id]`.
     Returns how many nodes got one."""
     d = dashboards if isinstance(dashboards, Dashboards) else load_dashboards(dashboards)
     info = graph.metadata.get("transcoders") or {}
@@ -66,7 +66,7 @@ def attach_dashboards(graph, dashboards: Dashboards | str | Path, n_contexts: in
             f"transcoders have {graph.n_layers} x {info.get('d_sae')}; "
             f"use the dashboards of its transcoders"
         )
-    store = graph.metadata.setdefault("dashboards", {})
+    store = graph.dashboards
     cache: dict[tuple[int, int], dict] = {}
     nodes = graph.nodes_of(FEATURE)
     for i in nodes:
@@ -74,4 +74,5 @@ def attach_dashboards(graph, dashboards: Dashboards | str | Path, n_contexts: in
         if key not in cache:
             cache[key] = d.feature(*key, n_contexts=n_contexts)
         store[graph.node_id(int(i))] = cache[key]
+    graph.dashboards = store
     return len(nodes)

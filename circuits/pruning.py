@@ -244,8 +244,8 @@ def prune(
 
     Options as in `PruneConfig` (`node_threshold`, `edge_threshold`), given as `config` and/or keyword
     overrides of it. Returns a new graph (node order kept) whose `influence` holds each node's influence
-    in the full graph and whose `metadata["scores"]` holds replacement/completeness scores of the full
-    and the pruned graph; `metadata["pruning"]` records the thresholds and sizes."""
+    in the full graph and whose `scores` holds replacement/completeness scores of the full
+    and the pruned graph; `pruning` records the thresholds and sizes."""
     cfg = with_overrides(config, PruneConfig, overrides)
     if graph.adjacency.shape != (graph.n_nodes, graph.n_nodes):
         raise UserError(
@@ -269,8 +269,8 @@ def prune(
         }
     )
     pruned = full.subgraph(node_mask)
-    pruned.metadata["scores"] = {"full": full_scores, "pruned": graph_scores(pruned)}
-    pruned.metadata["pruning"] = {
+    pruned.scores = {"full": full_scores, "pruned": graph_scores(pruned)}
+    pruned.pruning = {
         **asdict(cfg),
         "n_nodes_before": int(graph.n_nodes),
         "n_nodes_after": int(pruned.n_nodes),
@@ -286,9 +286,12 @@ def prune(
     return pruned
 
 
-def scores_table(graph: AttributionGraph) -> str:
-    """The scores in `metadata["scores"]` as aligned text lines (empty when there are none)."""
-    scores = graph.metadata.get("scores") or {}
+def scores_table(graph_or_scores: AttributionGraph | dict) -> str:
+    """A graph's `scores` (or such a dict itself) as aligned text lines (empty when there are
+    none)."""
+    scores = (
+        graph_or_scores.scores if isinstance(graph_or_scores, AttributionGraph) else graph_or_scores
+    )
     lines = []
     for which, s in scores.items():
         lines.append(

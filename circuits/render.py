@@ -30,7 +30,6 @@ from .graph import (
     TOKEN,
     AttributionGraph,
     display_label,
-    supernode_groups,
 )
 from .pruning import compute_influence
 
@@ -538,7 +537,7 @@ def html_data(
     if len(w) > max_edges:
         top = np.argsort(-np.abs(w), kind="stable")[:max_edges]
         t, s, w = t[top], s[top], w[top]
-    dashboards = (g.metadata or {}).get("dashboards", {}) or {}
+    dashboards = g.dashboards
     ids = {n.id for n in nodes}
     return {
         "prompt": g.prompt,
@@ -567,11 +566,9 @@ def html_data(
         "dashboards": {k: v for k, v in dashboards.items() if k in ids},
         "supernodes": [
             {"name": name, "members": [m for m in members if m in ids]}
-            for name, members in supernode_groups(
-                (g.metadata or {}).get("supernodes") or {}
-            ).items()
+            for name, members in g.supernodes.items()
         ],
-        "scores": (g.metadata or {}).get("scores") or None,
+        "scores": g.scores or None,
         "model": (g.metadata or {}).get("model", ""),
     }
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from test_render import synthetic_graph
 
-from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
+from circuits.graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph, load_graph
 from circuits.pruning import (
     PruneConfig,
     _keep_top,
@@ -264,3 +264,28 @@ def test_attribute_then_prune_on_a_tiny_model(tiny):
     assert p.n_nodes < g.n_nodes and p.influence is not None
     for s_ in p.metadata["scores"].values():
         assert 0.0 <= s_["replacement"] <= 1.0 and 0.0 <= s_["completeness"] <= 1.0
+
+
+def test_graph_accessors_of_what_the_stages_record(tmp_path):
+    """Pruning writes `scores` and `pruning`; supernodes and dashboards go through their
+    accessors too; all of it is stored in the file's header and read back the same way."""
+    g = synthetic_graph(n_features=40, seed=3)
+    assert (g.scores, g.pruning, g.is_pruned, g.supernodes, g.dashboards) == (
+        {},
+        None,
+        False,
+        {},
+        {},
+    )
+    p = prune(g, node_threshold=0.8)
+    assert (
+        p.is_pruned and p.pruning["node_threshold"] == 0.8 and set(p.scores) == {"full", "pruned"}
+    )
+    fid = p.node_id(int(p.nodes_of(FEATURE)[0]))
+    p.supernodes = {"supernodes": {"group": [fid]}}  # the viewer's file wrapper is unwrapped
+    p.dashboards = {fid: {"auto_label": "x"}}
+    p.save(tmp_path / "p.npz")
+    q = load_graph(tmp_path / "p.npz")
+    assert (q.scores, q.pruning) == (p.scores, p.pruning)
+    assert q.supernodes == {"group": [fid]} and q.dashboards == {fid: {"auto_label": "x"}}
+    assert q.metadata["supernodes"] == {"group": [fid]}  # the file layout is as before
