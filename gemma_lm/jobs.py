@@ -198,6 +198,38 @@ def from_args(cls, args: argparse.Namespace):
     return config
 
 
+def to_argv(config) -> list[str]:
+    """The command-line arguments that give back `config` (a job dataclass): `from_args` of them,
+    parsed, equals it. Fields at their defaults are left out. For running a job as a command of its
+    own (`python -m transcoders train ...` in a process of its own)."""
+    argv = []
+    for f, tp in _fields(type(config)):
+        value = getattr(config, f.name)
+        if _is_job(tp):
+            argv += to_argv(value)
+            continue
+        cli = f.metadata.get(CLI_KEY, {})
+        if cli.get("positional"):
+            argv += [] if value is None else [str(value)]
+        elif value != _default(f) and value is not None:
+            argv += _flag_and_value(f, tp, value)
+    return argv
+
+
+def _flag_and_value(f: dataclasses.Field, tp, value) -> list[str]:
+    cli = f.metadata.get(CLI_KEY, {})
+    if cli.get("flags"):
+        raise ValueError(f"{f.name}: a field of several flags has no single command-line form")
+    flag = cli.get("flag") or "--" + f.name.replace("_", "-")
+    if tp is bool:
+        return [flag] if value else [cli.get("off_flag") or flag.replace("--", "--no-", 1)]
+    if isinstance(value, list):
+        if typing.get_args(_base_type(tp)) == (int,):
+            return [flag, ",".join(str(v) for v in value)]
+        return [part for item in value for part in (flag, str(item))]
+    return [flag, str(value)]
+
+
 def with_overrides(config, cls, overrides: dict):
     """A new config: `config` (an instance of dataclass `cls`, or None for its defaults) with the
     keyword `overrides` applied, checked (`check()` where the class has one). The caller's config is

@@ -1,6 +1,7 @@
-"""Transcoder training: planted dictionaries are recovered by every kind, Matryoshka prefixes reconstruct on
-their own, BatchTopK's inference threshold gives ~k features, normalisation folds exactly into the saved
-weights, and a run killed with SIGKILL resumes where its last checkpoint left it."""
+"""Transcoder training: planted dictionaries are recovered by every kind, Matryoshka prefixes
+reconstruct on their own, BatchTopK's inference threshold gives ~k features, normalisation folds
+exactly into the saved weights, and a run killed with SIGKILL resumes where its last checkpoint left
+it."""
 
 from __future__ import annotations
 
@@ -47,14 +48,16 @@ def _fvu(tc, data: PlantedData) -> torch.Tensor:
 
 
 def _decoder_matches(tc, data: PlantedData, layer: int) -> float:
-    """Fraction of planted output directions (all their output layers at once) matched by some decoder."""
+    """Fraction of planted output directions (all their output layers at once) matched by some
+    decoder."""
     planted = F.normalize(data.B[layer].flatten(1), dim=-1)
     learned = F.normalize(tc.decoder_weight(layer).detach().flatten(1), dim=-1)
     return float(((planted @ learned.T).max(1).values > 0.9).float().mean())
 
 
 def _code_matches(tc, data: PlantedData, layer: int) -> float:
-    """Fraction of planted features whose code some learned feature's activation tracks (correlation > 0.9)."""
+    """Fraction of planted features whose code some learned feature's activation tracks (correlation
+    > 0.9)."""
     s = data.codes(4096, torch.Generator().manual_seed(123))[layer]
     with torch.no_grad():
         acts = tc.encode(layer, s @ data.A[layer])
@@ -85,8 +88,9 @@ def test_planted_dictionary_is_recovered(kind, activation):
     fvu = _fvu(tc, data)
     assert fvu.max() < 0.06, f"FVU per layer {fvu.tolist()}"
     for layer in range(2):
-        # a skip transcoder's W_skip carries the linear part of the planted map, so its decoders hold only
-        # the nonlinear rest; what it must recover is which planted feature is active (its codes)
+        # a skip transcoder's W_skip carries the linear part of the planted map, so its decoders
+        # hold only the nonlinear rest; what it must recover is which planted feature is active (its
+        # codes)
         matched = (
             _code_matches(tc, data, layer) if kind == "skip" else _decoder_matches(tc, data, layer)
         )
@@ -137,7 +141,8 @@ def test_matryoshka_prefix_reconstructs_on_its_own():
     codes = torch.cat([s[:, :32], torch.ones(len(s), 1)], 1)
     fit = codes @ torch.linalg.lstsq(codes, target).solution
     best = float((fit - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum())
-    # the first 32 of 128 features: a nested dictionary's are about that good on their own; a plain one's are not
+    # the first 32 of 128 features: a nested dictionary's are about that good on their own; a plain
+    # one's are not
     assert prefix_fvu(nested, 32) < best + 0.05
     assert prefix_fvu(plain, 32) > prefix_fvu(nested, 32) + 0.05
     assert prefix_fvu(nested, 128) < 0.1  # and the full dictionary still works
@@ -241,7 +246,8 @@ def test_config_errors_are_user_errors():
 
 
 def test_train_on_a_tiny_model_end_to_end(tiny, tmp_path):
-    """Harvest from a tiny Gemma 3 over a text file, train, save natively, reload, resume is a no-op."""
+    """Harvest from a tiny Gemma 3 over a text file, train, save natively, reload, resume is a
+    no-op."""
     from transcoders.formats import load_native
 
     text = tmp_path / "corpus.txt"
@@ -283,7 +289,8 @@ def test_train_on_a_tiny_model_end_to_end(tiny, tmp_path):
 
 
 def test_training_inside_no_grad_is_the_same_run():
-    """The first trace trains the default set from inside attribution's no_grad: that must not matter."""
+    """The first trace trains the default set from inside attribution's no_grad: that must not
+    matter."""
     data = PlantedData(n_layers=2, d_model=32, n_features=48, l0=2, seed=0)
     cfg = _planted_cfg(d_sae=64, k=3, tokens=64 * 8, batch_size=64, init_tokens=64)
     plain = train_transcoders(cfg, buffer=PlantedBuffer(data, 64))
@@ -309,16 +316,17 @@ _KILLABLE = textwrap.dedent("""
             return super().batch(step)
 
     data = PlantedData(n_layers=2, d_model=32, n_features=48, l0=2, seed=0)
-    cfg = TrainConfig(out=sys.argv[1], kind="plt", activation="topk", d_sae=64, k=3, tokens=64 * 60, batch_size=64,
-                      compute_dtype="float32", init_tokens=64, checkpoint_every=5, progress=False, lr=5e-3)
+    cfg = TrainConfig(out=sys.argv[1], kind="plt", activation="topk", d_sae=64, k=3,
+                      tokens=64 * 60, batch_size=64, compute_dtype="float32", init_tokens=64,
+                      checkpoint_every=5, progress=False, lr=5e-3)
     train_transcoders(cfg, buffer=SlowBuffer(data, 64))
     print("done", flush=True)
 """)
 
 
 def _run_until(script: Path, out: Path, kill_at_step: int | None) -> list[int]:
-    """Run the training script; with kill_at_step, SIGKILL it once it asks for that step. Returns the steps
-    it asked for (after initialisation)."""
+    """Run the training script; with kill_at_step, SIGKILL it once it asks for that step. Returns
+    the steps it asked for (after initialisation)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env
@@ -391,7 +399,8 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
 
 @pytest.mark.slow
 def test_default_set_is_sparse_and_replaces_the_mlps(real_model, default_transcoders):
-    """The embedded default (trained once per machine): a useful graph size and a faithful replacement."""
+    """The embedded default (trained once per machine): a useful graph size and a faithful
+    replacement."""
     from transcoders.default import default_transcoders_dir
     from transcoders.evaluate import EvalConfig, evaluate_transcoders
 
@@ -402,49 +411,78 @@ def test_default_set_is_sparse_and_replaces_the_mlps(real_model, default_transco
     for row in res["layers"]:
         assert 1 <= row["l0"] <= 64, row  # tens of features per position per layer at most
         assert row["fvu"] < 0.9, row
-        assert row["dense_frac"] < 0.05, (
-            row
-        )  # features that fire on everything would clutter every graph
+        # features that fire on everything would clutter every graph
+        assert row["dense_frac"] < 0.05, row
     # splicing every MLP hurts far less than removing them
     assert res["ce_spliced"] < res["ce_zero_ablated"] and res["ce_recovered"] > 0.5, res
 
 
-def test_reuse_freed_memory_restores_the_allocator():
-    """Inside the context large blocks come from the heap (no mmap per tensor); outside, glibc's defaults.
-    In a fresh process: after other tests the heap may hold a free block large enough for the probe, which
-    glibc then serves from the heap whatever the settings."""
-    code = textwrap.dedent("""
-        import ctypes, sys
-        import torch
-        from gemma_lm import memory as _malloc
-        libc = _malloc._libc()
-        mallinfo = getattr(libc, "mallinfo2", None) if libc is not None else None
-        if mallinfo is None:
-            sys.exit(3)  # not glibc, or one without mallinfo2
+_ALLOCATOR_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    import torch
+    from gemma_lm import memory
+    libc = memory._libc()
+    mallinfo = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if mallinfo is None:
+        sys.exit(3)  # not glibc, or one without mallinfo2
 
-        class Info(ctypes.Structure):
-            _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-        mallinfo.restype = Info
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+    mallinfo.restype = Info
 
-        def mmapped_while_holding(n_bytes):
-            t = torch.empty(n_bytes // 4)
-            held = mallinfo().hblkhd
-            del t
-            return held
+    def mmapped(n_bytes=64 << 20):
+        \"\"\"Whether a block of n_bytes, while held, is a mapping of its own.\"\"\"
+        before = mallinfo().hblkhd
+        t = torch.empty(n_bytes // 4)
+        held = mallinfo().hblkhd - before
+        del t
+        return held >= n_bytes
 
-        before = mmapped_while_holding(0)
-        with _malloc.reuse_freed_memory():
-            assert mmapped_while_holding(64 << 20) - before < 1 << 20
-        assert mmapped_while_holding(64 << 20) - before >= 64 << 20
-    """)
+    if sys.argv[1] == "owned":
+        memory.own_process()
+    found = mmapped()
+    with memory.reuse_freed_memory():
+        inside = mmapped()
+    print(found, inside, mmapped())
+""")
+
+
+@pytest.mark.parametrize(
+    "case,env,expected",
+    [
+        # glibc's dynamic mode, which no call can bring back: the context leaves it alone
+        ("dynamic", {}, "True True True"),
+        # a process that ends with its work: tuned inside, glibc's defaults after
+        ("owned", {}, "True False True"),
+        # settings from the environment: tuned inside, the environment's settings after
+        ("environment", {"MALLOC_MMAP_THRESHOLD_": str(256 << 20)}, "False False False"),
+        ("environment", {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}, "False False False"),
+    ],
+)
+def test_reuse_freed_memory_restores_the_allocator_it_found(case, env, expected):
+    """Inside the context large blocks come from the heap (no mmap per tensor) where the context may
+    tune the allocator; on exit the settings it found come back. Each case in a fresh process: after
+    other tests the heap may hold a free block large enough for the probe."""
     r = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", _ALLOCATOR_PROBE, case],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, **env},
     )
     if r.returncode == 3:
         pytest.skip("not glibc, or glibc without mallinfo2")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0 and r.stdout.split("\n")[0] == expected, r.stdout + r.stderr[-2000:]
+
+
+def test_startup_settings_read_from_the_environment():
+    from gemma_lm.memory import M_MMAP_MAX, M_MMAP_THRESHOLD, M_TOP_PAD, startup_settings
+
+    assert startup_settings({}) is None and startup_settings({"MALLOC_ARENA_MAX": "2"}) is None
+    found = startup_settings(
+        {"MALLOC_MMAP_THRESHOLD_": "1048576", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=7"}
+    )
+    assert (found[M_MMAP_THRESHOLD], found[M_MMAP_MAX], found[M_TOP_PAD]) == (1 << 20, 7, 128 << 10)

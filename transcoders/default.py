@@ -1,26 +1,29 @@
 """The embedded default transcoder set for gemma-3-270m: trained on first use, then cached.
 
 `load_default_transcoders(lm)` returns the set from `default_transcoders_dir()` (under
-`gemma_lm.files.cache_dir()/transcoders/`), training it there first if it is missing: `default_recipe()`
-on the offline builtin text (English speeches and Python documentation), a few minutes on a 2-core CPU,
-with a progress bar, resumable if killed (rerun and it continues from its last checkpoint). A lock file
-keeps two processes from training it at once. `resolve_transcoders(spec, lm)` turns what a user names
-("default", a path, or a set) into a set checked against the model.
+`gemma_lm.files.cache_dir()/transcoders/`), training it there first if it is missing:
+`default_recipe()` on the offline builtin text (English speeches and Python documentation), with a
+progress bar (benchmarks/transcoders_default.py times the training), resumable if killed (rerun and
+it continues from its last checkpoint). A lock file keeps two processes from training it at once.
+`resolve_transcoders(spec, lm)` turns what a user names ("default", a path, or a set) into a set
+checked against the model.
 """
 
 from __future__ import annotations
 
 import fcntl
+import subprocess
 import sys
 from pathlib import Path
 
 from gemma_lm.errors import UserError
 from gemma_lm.files import cache_dir
+from gemma_lm.jobs import to_argv
 from gemma_lm.models import DEFAULT_MODEL, LoadedModel
 
 from .formats import load_any, load_native
 from .model import TranscoderSet
-from .train import TrainConfig, train_transcoders
+from .train import TrainConfig
 
 # The name is the cache key: change it whenever the recipe changes, so stale sets are not reused.
 DEFAULT_NAME = "gemma-3-270m-skip-batchtopk1024-v4"
@@ -56,7 +59,8 @@ def default_recipe(out: str | Path | None = None, progress: bool = True) -> Trai
 
 
 def load_default_transcoders(lm, progress: bool = True):
-    """The default transcoder set for the embedded gemma-3-270m `lm`, trained and cached on first use."""
+    """The default transcoder set for the embedded gemma-3-270m `lm`, trained and cached on first
+    use."""
     if lm.name != DEFAULT_MODEL:
         raise UserError(
             f"the default transcoders belong to {DEFAULT_MODEL}, not {lm.name}; pass "
@@ -67,17 +71,31 @@ def load_default_transcoders(lm, progress: bool = True):
         with _lock(out.parent / f".{out.name}.lock"):
             if not (out / "config.json").exists():  # another process may have finished it meanwhile
                 print(
-                    f"gemma-circuits: training the default transcoders for {DEFAULT_MODEL} (first use only, "
-                    f"a few minutes; cached in {out})",
+                    f"gemma-circuits: training the default transcoders for {DEFAULT_MODEL} (first "
+                    f"use only, a few minutes; cached in {out})",
                     file=sys.stderr,
                 )
-                train_transcoders(default_recipe(out, progress), loaded=lm)
+                _train_in_a_process_of_its_own(default_recipe(out, progress))
     return load_native(out, model=lm)
 
 
+def _train_in_a_process_of_its_own(recipe: TrainConfig) -> None:
+    """Run `recipe` as `transcoders train`, in a process of its own: there it may tune the allocator
+    for training (`gemma_lm.memory`), and all it held goes back to the system when it ends, before
+    the caller goes on to trace. Its progress and messages go to this process's terminal; killed, it
+    resumes from its checkpoint the next time."""
+    argv = [sys.executable, "-m", "transcoders", "train", *to_argv(recipe)]
+    status = subprocess.run(argv).returncode
+    if status != 0:
+        raise UserError(
+            f"training the default transcoders stopped (exit status {status}); the messages above "
+            f"say why. Run again to resume from its checkpoint in {recipe.out}.train"
+        )
+
+
 def resolve_transcoders(spec, lm: LoadedModel, progress: bool = True) -> TranscoderSet:
-    """A TranscoderSet from "default" (or None, or ""), a path in any supported layout, or an existing
-    set; checked against the model."""
+    """A TranscoderSet from "default" (or None, or ""), a path in any supported layout, or an
+    existing set; checked against the model."""
     if isinstance(spec, TranscoderSet):
         tc = spec
     elif spec in (None, "", "default"):

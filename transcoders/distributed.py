@@ -1,32 +1,36 @@
-"""Transcoder training across the ranks of a torchrun job: data parallel, or feature-sharded for CLTs.
+"""Transcoder training across the ranks of a torchrun job: data parallel, or feature-sharded for
+CLTs.
 
-    torchrun --nproc-per-node 8 -m transcoders train-distributed --out DIR --kind clt --device cuda ...
+    torchrun --nproc-per-node 8 -m transcoders train-distributed --out DIR --kind clt \
+        --device cuda ...
 
 The recipe is `transcoders.train`'s, step for step: the same `TrainConfig`, parameters
-(`TrainableTranscoders`), initialisation, objective, learning-rate schedule and checkpoint file, so a
-distributed run gives the single-process result up to float rounding, and either can resume the other's
-checkpoint. Two ways to split the work (`shard`):
+(`TrainableTranscoders`), initialisation, objective, learning-rate schedule and checkpoint file, so
+a distributed run gives the single-process result up to float rounding, and either can resume the
+other's checkpoint. Two ways to split the work (`shard`):
 
-- "data" (default for PLT / skip sets): every rank holds the whole set and trains on batch_size / W rows of
-  each batch; gradients are averaged across ranks, which equals the gradient of the whole batch's loss.
-- "features" (default for CLTs, whose decoders outgrow one device): rank r holds features
-  [r F/W, (r+1) F/W) of every layer (their encoder columns, thresholds and decoder rows) and sees the whole
-  batch; the reconstruction is the all-reduced sum of the ranks' partial decodes (its gradient passes back
-  unchanged to every rank), TopK / BatchTopK / AuxK keep the global top k found from each rank's local top k,
-  and the shared terms (b_dec, W_skip) are replicated.
+- "data" (default for PLT / skip sets): every rank holds the whole set and trains on batch_size / W
+  rows of each batch; gradients are averaged across ranks, which equals the gradient of the whole
+  batch's loss.
+- "features" (default for CLTs, whose decoders outgrow one device): rank r holds features [r F/W,
+  (r+1) F/W) of every layer (their encoder columns, thresholds and decoder rows) and sees the whole
+  batch; the reconstruction is the all-reduced sum of the ranks' partial decodes (its gradient
+  passes back unchanged to every rank), TopK / BatchTopK / AuxK keep the global top k found from
+  each rank's local top k, and the shared terms (b_dec, W_skip) are replicated.
 
 Each batch is produced once per step: rank 0 draws it (harvesting the model when the buffer needs
 refilling) and broadcasts it (`data="broadcast"`), or, for deterministic sources every rank can read
-cheaply (PlantedData, a shared activation cache), each rank draws the same batch itself (`"replicate"`).
-Checkpoints hold the whole set: rank 0 gathers the shards and writes `<out>.train/checkpoint.pt` atomically
-in `transcoders.train`'s format; a run at any world size (1 included, and `transcoders train`) slices it
-anew. The finished set is written by rank 0 with `transcoders.train.save_transcoders`.
+cheaply (PlantedData, a shared activation cache), each rank draws the same batch itself
+(`"replicate"`). Checkpoints hold the whole set: rank 0 gathers the shards and writes
+`<out>.train/checkpoint.pt` atomically in `transcoders.train`'s format; a run at any world size (1
+included, and `transcoders train`) slices it anew. The finished set is written by rank 0 with
+`transcoders.train.save_transcoders`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -36,17 +40,17 @@ from torch import nn
 
 from gemma_lm.errors import UserError
 from gemma_lm.jobs import Command
-from gemma_lm.memory import reuse_freed_memory
+from gemma_lm.memory import own_process, reuse_freed_memory
 from gemma_lm.models import load_model
 from gemma_lm.ranks import BACKENDS, Ranks
 
 from .activations import jumprelu
 from .activations import step as heaviside
-from .data import ActivationBuffer, ActivationSource, text_source
 from .model import TranscoderSet
 from .train import (
     TrainableTranscoders,
     TrainConfig,
+    _activation_buffer,
     _autocast,
     _final_metrics,
     _load_checkpoint,
@@ -66,10 +70,11 @@ DATA_MODES = ("broadcast", "replicate")
 
 @dataclass
 class DistributedTrainConfig:
-    """`transcoders train` across the processes of a torchrun job: launch with `torchrun
-    --nproc-per-node N -m transcoders train-distributed --out DIR ...`. PLT/skip sets train data
-    parallel; CLTs are feature-sharded (each rank holds d_sae / N features of every layer).
-    Checkpoints are whole sets: rerun with any number of ranks (or `transcoders train`) to resume."""
+    """`transcoders train` across the processes of a torchrun job: launch with
+    `torchrun --nproc-per-node N -m transcoders train-distributed --out DIR ...`. PLT/skip sets
+    train data parallel; CLTs are feature-sharded (each rank holds d_sae / N features of every
+    layer). Checkpoints are whole sets: rerun with any number of ranks (or `transcoders train`) to
+    resume."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     shard: Literal["auto", "data", "features"] = "auto"
@@ -96,12 +101,13 @@ class DistributedTrainConfig:
             )
 
 
-# -- who holds what -----------------------------------------------------------------------------------
+# -- who holds what --------------------------------------------------------------------------------
 
 
 @dataclass
 class Layout:
-    """How the work is split. Features mode: this rank's features are [lo, hi) of every layer's F."""
+    """How the work is split. Features mode: this rank's features are [lo, hi) of every layer's
+    F."""
 
     ranks: Ranks
     mode: str  # data | features
@@ -153,7 +159,7 @@ def feature_dim(name: str, is_clt: bool) -> int | None:
     return {"W_enc": 2, "b_enc": 1, "log_threshold": 1, "silent_tokens": 1}.get(name)
 
 
-# -- collectives --------------------------------------------------------------------------------------
+# -- collectives -----------------------------------------------------------------------------------
 
 
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -162,8 +168,8 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 class _SumOverRanks(torch.autograd.Function):
-    """Sum of every rank's tensor. Each rank's loss is the same function of the sum, so the gradient of a
-    rank's own summand is the gradient of the sum, unchanged."""
+    """Sum of every rank's tensor. Each rank's loss is the same function of the sum, so the gradient
+    of a rank's own summand is the gradient of the sum, unchanged."""
 
     @staticmethod
     def forward(ctx, t):
@@ -179,8 +185,9 @@ def _sum_features(t: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def _kth_largest(values: torch.Tensor, k: int, split: bool) -> torch.Tensor:
-    """The k-th largest entry along the last axis of `values` `[..., n]`, that axis being split across the
-    ranks when `split` (the global top k lies within the union of every rank's local top k)."""
+    """The k-th largest entry along the last axis of `values` `[..., n]`, that axis being split
+    across the ranks when `split` (the global top k lies within the union of every rank's local top
+    k)."""
     local = values.topk(min(k, values.shape[-1]), dim=-1).values
     if split:
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
@@ -189,7 +196,7 @@ def _kth_largest(values: torch.Tensor, k: int, split: bool) -> torch.Tensor:
     return local.topk(k, dim=-1).values[..., -1]
 
 
-# -- the local share of the set -----------------------------------------------------------------------
+# -- the local share of the set --------------------------------------------------------------------
 
 
 def _set_tensor(net: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
@@ -219,9 +226,10 @@ def shard_state(full: dict, layout: Layout, is_clt: bool) -> dict:
 
 
 class ShardedTranscoders(TrainableTranscoders):
-    """`TrainableTranscoders` holding this rank's share: features [lo, hi) of every layer (features mode) or
-    all of them (data mode). `forward` gives what the whole set gives on the whole batch: reconstructions
-    summed over the ranks, every top-k global, the BatchTopK floor of the whole batch."""
+    """`TrainableTranscoders` holding this rank's share: features [lo, hi) of every layer (features
+    mode) or all of them (data mode). `forward` gives what the whole set gives on the whole batch:
+    reconstructions summed over the ranks, every top-k global, the BatchTopK floor of the whole
+    batch."""
 
     layout: Layout
 
@@ -303,8 +311,8 @@ def shard_optimizer_state(
 
 
 class _WholeState:
-    """Stands in for a module / optimiser whose whole `state_dict` rank 0 has gathered, so the checkpoint
-    is written by `transcoders.train`'s own writer, in its own format."""
+    """Stands in for a module / optimiser whose whole `state_dict` rank 0 has gathered, so the
+    checkpoint is written by `transcoders.train`'s own writer, in its own format."""
 
     def __init__(self, state: dict):
         self._state = state
@@ -313,12 +321,12 @@ class _WholeState:
         return self._state
 
 
-# -- one step -----------------------------------------------------------------------------------------
+# -- one step --------------------------------------------------------------------------------------
 
 
 def _activations(net: TrainableTranscoders, pre: torch.Tensor, layout: Layout, batch_total: int):
-    """Training activations `[L, B, F_local]` and the BatchTopK floor `[L]` (or None), with every top-k
-    taken over the whole set and the whole batch."""
+    """Training activations `[L, B, F_local]` and the BatchTopK floor `[L]` (or None), with every
+    top-k taken over the whole set and the whole batch."""
     cfg = net.cfg
     if cfg.activation == "relu":
         return torch.relu(pre), None
@@ -340,8 +348,8 @@ def _activations(net: TrainableTranscoders, pre: torch.Tensor, layout: Layout, b
 
 
 def _forward(net: TrainableTranscoders, xn: torch.Tensor, layout: Layout, batch_total: int):
-    """`TrainableTranscoders.forward` on this rank's share: (pre `[L, B, F_local]`, acts, reconstructions
-    `[P, L, B, D]` of the whole set, BatchTopK floor)."""
+    """`TrainableTranscoders.forward` on this rank's share: (pre `[L, B, F_local]`, acts,
+    reconstructions `[P, L, B, D]` of the whole set, BatchTopK floor)."""
     cfg = net.cfg
     with _autocast(cfg.compute_dtype):
         pre = torch.baddbmm(net.b_enc[:, None, :], xn, net.W_enc).float()
@@ -360,8 +368,9 @@ def _forward(net: TrainableTranscoders, xn: torch.Tensor, layout: Layout, batch_
 
 
 def _sync_gradients(net: TrainableTranscoders, layout: Layout) -> None:
-    """Data mode: average every gradient. Features mode: average the replicated terms' (equal already, but
-    averaging keeps the replicas from drifting apart on hardware with non-deterministic kernels)."""
+    """Data mode: average every gradient. Features mode: average the replicated terms' (equal
+    already, but averaging keeps the replicas from drifting apart on hardware with non-deterministic
+    kernels)."""
     if not layout.ranks.distributed:
         return
     grads = [
@@ -401,24 +410,24 @@ def _clip_gradients(net: TrainableTranscoders, max_norm: float, layout: Layout) 
 def distributed_train_step(
     net: ShardedTranscoders, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, step: int
 ) -> dict:
-    """`transcoders.train.train_step` on this rank's share of the set (features mode) or of the batch
-    (data mode); x, y `[B_local, L, D]`. Returns the step's metrics for the whole set and batch."""
+    """`transcoders.train.train_step` on this rank's share of the set (features mode) or of the
+    batch (data mode); x, y `[B_local, L, D]`. Returns the step's metrics for the whole set and
+    batch."""
     cfg, layout = net.cfg, net.layout
     W = layout.ranks.world_size
     batch_total = x.shape[0] * (W if layout.split_batch else 1)
     xn, yn = net.normalise(x, y)
     pre, acts, recons, floor = net(xn)
-    mse = (
-        (recons - yn).pow(2).mean((1, 2, 3))
-    )  # [P]; data mode: this rank's rows (ranks are averaged)
+    # [P]; data mode: this rank's rows (ranks are averaged)
+    mse = (recons - yn).pow(2).mean((1, 2, 3))
     loss = mse.mean()
     full = recons[-1]
     active = acts > 0
     penalty = torch.zeros((), device=x.device)
     warm = min(1.0, (step + 1) / max(1, cfg.sparsity_warmup_frac * cfg.steps))
     if cfg.activation in ("jumprelu", "relu") and cfg.sparsity_coeff:
-        # a sum over features: features mode adds this rank's features' terms (the others' do not depend on
-        # this rank's parameters)
+        # a sum over features: features mode adds this rank's features' terms (the others' do not
+        # depend on this rank's parameters)
         if cfg.activation == "jumprelu":
             penalty = (
                 heaviside(pre, net.log_threshold.exp()[:, None, :], cfg.bandwidth).sum(-1).mean()
@@ -517,36 +526,28 @@ def _metrics(
 
 
 def _whole_aux(aux: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Data mode's per-rank AuxK term is W x this rank's share of the whole batch's; their mean is the whole."""
+    """Data mode's per-rank AuxK term is W x this rank's share of the whole batch's; their mean is
+    the whole."""
     aux = aux.detach().reshape(1).double()
     if layout.split_batch:
         _all_reduce(aux).div_(layout.ranks.world_size)
     return aux[0]
 
 
-# -- the run ------------------------------------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------------
 
 
 def _harvest_buffer(cfg: TrainConfig, loaded):
-    """The activation buffer `train_transcoders` builds for `cfg` (the same text, order and batches)."""
-    if loaded is None:
-        loaded = load_model(cfg.model)
-    paragraphs = text_source(cfg.text, loaded, "train", seed=cfg.seed)
-    source = ActivationSource(
-        loaded,
-        paragraphs,
-        context=cfg.context,
-        seed=cfg.seed,
-        harvest_dtype=cfg.harvest_dtype,
-        cache_dir=cfg.activation_cache or None,
-    )
-    return loaded, ActivationBuffer(
-        source, cfg.buffer_tokens, cfg.batch_size, seed=cfg.seed, passes=cfg.buffer_passes
-    )
+    """(the model, the activation buffer `train_transcoders` builds for `cfg`: the same text, order
+    and batches)."""
+    loaded = loaded if loaded is not None else load_model(cfg.model)
+    # no harvesting bar: with --data replicate every rank harvests, and rank 0 shows the step bar
+    return loaded, _activation_buffer(replace(cfg, progress=False), loaded)
 
 
 def _initial_checkpoint(cfg: TrainConfig, buffer, path: Path) -> None:
-    """Step 0 exactly as `train_transcoders` starts, written as its checkpoint for every rank to slice."""
+    """Step 0 exactly as `train_transcoders` starts, written as its checkpoint for every rank to
+    slice."""
     x0, _ = buffer.batch(0)
     net = TrainableTranscoders(cfg, x0.shape[1], x0.shape[2])
     opt = torch.optim.AdamW(
@@ -559,9 +560,9 @@ def _initial_checkpoint(cfg: TrainConfig, buffer, path: Path) -> None:
 
 
 class RankBatches:
-    """This rank's rows of each batch `[B_local, L, D]`, drawn once per step: by rank 0, then broadcast
-    (`data="broadcast"`), or by every rank from its own buffer (`"replicate"`). A buffer (`.batch(step)`)
-    that `transcoders.train`'s helpers can read."""
+    """This rank's rows of each batch `[B_local, L, D]`, drawn once per step: by rank 0, then
+    broadcast (`data="broadcast"`), or by every rank from its own buffer (`"replicate"`). A buffer
+    (`.batch(step)`) that `transcoders.train`'s helpers can read."""
 
     def __init__(self, buffer, shape: tuple, layout: Layout, data: str, device: str):
         self.buffer, self.shape, self.layout, self.data, self.device = (
@@ -599,10 +600,11 @@ def train_distributed(
     model_name: str | None = None,
     on_step=None,
 ) -> TranscoderSet | None:
-    """Train (or resume) `config.train` across the ranks of this torchrun job (or on one process) and write
-    the set to `config.train.out`. Every rank calls this; rank 0 returns the trained `TranscoderSet`, the
-    others None. buffer: as in `train_transcoders` (any `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]`);
-    only rank 0 draws from it unless `config.data == "replicate"`."""
+    """Train (or resume) `config.train` across the ranks of this torchrun job (or on one process)
+    and write the set to `config.train.out`. Every rank calls this; rank 0 returns the trained
+    `TranscoderSet`, the others None. buffer: as in `train_transcoders` (any
+    `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]`); only rank 0 draws from it unless
+    `config.data == "replicate"`."""
     config.check()
     if not config.train.out:
         raise UserError(
@@ -640,9 +642,8 @@ def _load_share(cfg: TrainConfig, ckpt: Path, layout: Layout, device: str) -> _R
     state = _load_checkpoint(ckpt, cfg)
     n_layers, d_model = state["net"]["W_enc"].shape[:2]
     net = local_net(cfg, n_layers, d_model, state["net"], layout, device)
-    opt = torch.optim.AdamW(
-        net.parameters(), fused=True
-    )  # hyperparameters, moments: the checkpoint's
+    # hyperparameters, moments: the checkpoint's
+    opt = torch.optim.AdamW(net.parameters(), fused=True)
     opt.load_state_dict(shard_optimizer_state(state["opt"], net, layout, device))
     return _Run(net, opt, state["step"], state["history"])
 
@@ -733,10 +734,11 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
     return tc
 
 
-# -- command line -------------------------------------------------------------------------------------
+# -- command line ----------------------------------------------------------------------------------
 
 
 def run_train_distributed(config: DistributedTrainConfig) -> int:
+    own_process()  # the command ends with the training: the allocator may be tuned for it
     tc = train_distributed(config)
     if tc is not None:
         m, train, distributed = tc.cfg.metrics, config.train, tc.cfg.extra["distributed"]

@@ -2,26 +2,27 @@
 
 `transcoders train --out DIR ...` and `train_transcoders(TrainConfig(...))` run the same recipe:
 
-- Data: MLP inputs/outputs harvested from the model over a text source (`transcoders.data`), served by an
-  `ActivationBuffer` whose batch at step s is a pure function of s; tests pass any object with
+- Data: MLP inputs/outputs harvested from the model over a text source (`transcoders.data`), served
+  by an `ActivationBuffer` whose batch at step s is a pure function of s; tests pass any object with
   `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]` instead (e.g. `PlantedBuffer`).
-- Normalisation: per layer, inputs are scaled to norm sqrt(D) and outputs to unit variance per dimension, so
-  the loss reads as a fraction of variance unexplained (FVU) and one learning rate suits every layer. The
-  scales are folded into the saved weights (pre-activations are unchanged, so thresholds carry over), and
-  the saved set works on raw activations.
-- Skip term (kind "skip", or a CLT with skip=True): W_skip starts at the closed-form least-squares map from
-  MLP input to output (ridge-regularised, on `init_tokens` tokens); features then learn what is left.
-- Objective: mean squared error of the normalised outputs, averaged over the Matryoshka prefixes (each prefix
-  of the dictionary reconstructs on its own; no prefixes = one full dictionary) + for JumpReLU an L0 penalty
-  (straight-through threshold gradients, warmed up) + an AuxK loss that makes dead features (silent for
-  `dead_tokens` tokens) reconstruct the residual error (Gao et al. 2024). BatchTopK tracks the smallest
-  kept activation (EMA) as its inference threshold.
-- AdamW with linear warm-up and a linear decay to zero over the last `decay_frac` of the steps; matmuls in
-  bfloat16 autocast (float32 master weights) unless `compute_dtype="float32"`.
+- Normalisation: per layer, inputs are scaled to norm sqrt(D) and outputs to unit variance per
+  dimension, so the loss reads as a fraction of variance unexplained (FVU) and one learning rate
+  suits every layer. The scales are folded into the saved weights (pre-activations are unchanged, so
+  thresholds carry over), and the saved set works on raw activations.
+- Skip term (kind "skip", or a CLT with skip=True): W_skip starts at the closed-form least-squares
+  map from MLP input to output (ridge-regularised, on `init_tokens` tokens); features then learn
+  what is left.
+- Objective: mean squared error of the normalised outputs, averaged over the Matryoshka prefixes
+  (each prefix of the dictionary reconstructs on its own; no prefixes = one full dictionary) + for
+  JumpReLU an L0 penalty (straight-through threshold gradients, warmed up) + an AuxK loss that makes
+  dead features (silent for `dead_tokens` tokens) reconstruct the residual error (Gao et al. 2024).
+  BatchTopK tracks the smallest kept activation (EMA) as its inference threshold.
+- AdamW with linear warm-up and a linear decay to zero over the last `decay_frac` of the steps;
+  matmuls in bfloat16 autocast (float32 master weights) unless `compute_dtype="float32"`.
 - Checkpoints (weights, optimiser, step) every `checkpoint_every` steps, written atomically to
-  `<out>.train/checkpoint.pt`; a rerun with the same config resumes there and reproduces the uninterrupted
-  run exactly. The finished set is written atomically with `transcoders.formats.save_native`; its
-  config.json carries the training config and final metrics.
+  `<out>.train/checkpoint.pt`; a rerun with the same config resumes there and reproduces the
+  uninterrupted run exactly. The finished set is written atomically with
+  `transcoders.formats.save_native`; its config.json carries the training config and final metrics.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import nn
 from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write
 from gemma_lm.jobs import Command
-from gemma_lm.memory import reuse_freed_memory
+from gemma_lm.memory import own_process, reuse_freed_memory
 from gemma_lm.models import DEFAULT_MODEL, load_model
 
 from .activations import batchtopk_per_layer, jumprelu, topk
@@ -95,7 +96,8 @@ class TrainConfig:
     buffer_passes: int = 1
     """passes over each buffer fill (more: less harvesting, less fresh data)"""
     harvest_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """model dtype while harvesting (bfloat16 is much faster on CPUs; benchmarks/transcoders_default.py)"""
+    """model dtype while harvesting (bfloat16 is much faster on CPUs;
+    benchmarks/transcoders_default.py)"""
     activation_cache: str = ""
     """folder to keep harvested shards in for later runs (empty: memory only)"""
     lr: float = 2e-3
@@ -183,15 +185,17 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
 
 
-# -- the trainable parameters -------------------------------------------------------------------------
+# -- the trainable parameters ----------------------------------------------------------------------
 
 
 class TrainableTranscoders(nn.Module):
-    """All layers' transcoders in stacked tensors (one batched matmul per step), on normalised activations.
+    """All layers' transcoders in stacked tensors (one batched matmul per step), on normalised
+    activations.
 
-    W_enc [L, D, F], b_enc [L, F], W_dec PLT/skip [L, F, D] or CLT list of [F, L - s, D], b_dec [L, D],
-    W_skip [L, D, D], log_threshold [L, F] (JumpReLU). Buffers: in_scale / out_scale [L] (normalisation),
-    bt_threshold [L] (BatchTopK inference threshold), silent_tokens [L, F] (tokens since each feature fired)."""
+    W_enc [L, D, F], b_enc [L, F], W_dec PLT/skip [L, F, D] or CLT list of [F, L - s, D], b_dec
+    [L, D], W_skip [L, D, D], log_threshold [L, F] (JumpReLU). Buffers: in_scale / out_scale [L]
+    (normalisation), bt_threshold [L] (BatchTopK inference threshold), silent_tokens [L, F] (tokens
+    since each feature fired)."""
 
     def __init__(self, cfg: TrainConfig, n_layers: int, d_model: int):
         super().__init__()
@@ -221,7 +225,8 @@ class TrainableTranscoders(nn.Module):
     # -- initialisation ---------------------------------------------------------------------------
     @torch.no_grad()
     def initialise(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
-        """Scales, skip, biases and dictionaries from a sample of raw activations x, y `[n, L, D]`."""
+        """Scales, skip, biases and dictionaries from a sample of raw activations x, y
+        `[n, L, D]`."""
         L, D, F = self.L, self.D, self.F
         x, y = x.transpose(0, 1).float(), y.transpose(0, 1).float()  # [L, n, D]
         self.in_scale.copy_(math.sqrt(D) / x.norm(dim=-1).mean(1).clamp_min(1e-12))
@@ -239,8 +244,8 @@ class TrainableTranscoders(nn.Module):
                 * torch.eye(D, dtype=gram.dtype)
             )
             rhs = (xc.transpose(1, 2) @ yc).double()
-            # per layer, by Cholesky (the system is symmetric positive definite); batched LU in float64
-            # trips an MKL pivoting bug at these sizes
+            # per layer, by Cholesky (the system is symmetric positive definite); batched LU in
+            # float64 trips an MKL pivoting bug at these sizes
             w = torch.stack(
                 [
                     torch.cholesky_solve(rhs[l], torch.linalg.cholesky(gram[l] + ridge[l]))
@@ -262,11 +267,13 @@ class TrainableTranscoders(nn.Module):
             for w in self._decoders():
                 d = torch.randn(w.shape, generator=generator)
                 w.copy_(0.1 * d / d.norm(dim=-1, keepdim=True))
-        # centre the encoder on the data so features split the inputs instead of all firing on their mean
+        # centre the encoder on the data so features split the inputs instead of all firing on their
+        # mean
         self.b_enc.copy_(-(mx @ self.W_enc).squeeze(1))
         if self.log_threshold is not None:
-            # start every feature at firing rate k / F, so training begins at the target L0 instead of
-            # spending its (short) budget walking thresholds there; the L0 penalty takes over from here
+            # start every feature at firing rate k / F, so training begins at the target L0 instead
+            # of spending its (short) budget walking thresholds there; the L0 penalty takes over
+            # from here
             pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc)  # [L, n, F]
             q = torch.quantile(pre[:, :4096].float(), 1 - self.cfg.k / F, dim=1)
             self.log_threshold.copy_(q.clamp_min(1e-3).log())
@@ -274,13 +281,15 @@ class TrainableTranscoders(nn.Module):
     def _exemplar_init(
         self, xc: torch.Tensor, resid: torch.Tensor, generator: torch.Generator
     ) -> None:
-        """Each feature starts as one sample token: it reads that token's centred input direction and writes
-        its residual target (what the skip and bias leave), scaled so that the k features a token selects add
-        up to about the average of their residuals. The dictionary starts as a k-nearest-neighbour regressor
-        instead of noise, every feature fires from step 0, and a short run spends its steps refining."""
+        """Each feature starts as one sample token: it reads that token's centred input direction
+        and writes its residual target (what the skip and bias leave), scaled so that the k features
+        a token selects add up to about the average of their residuals. The dictionary starts as a
+        k-nearest-neighbour regressor instead of noise, every feature fires from step 0, and a short
+        run spends its steps refining."""
         L, n, D = xc.shape
-        # distinct tokens where there are enough: a repeated exemplar is a duplicate feature, dead weight
-        # that also ties with its twin in every top-k (so sharded and single-process runs could part ways)
+        # distinct tokens where there are enough: a repeated exemplar is a duplicate feature, dead
+        # weight that also ties with its twin in every top-k (so sharded and single-process runs
+        # could part ways)
         pick = (
             torch.randperm(n, generator=generator)[: self.F]
             if n >= self.F
@@ -315,7 +324,8 @@ class TrainableTranscoders(nn.Module):
         BatchTopK floor `[L]` or None)."""
         cfg = self.cfg
         with _autocast(cfg.compute_dtype):
-            # pre-activations stay in the compute dtype: the [L, B, F] tensors dominate memory traffic
+            # pre-activations stay in the compute dtype: the [L, B, F] tensors dominate memory
+            # traffic
             pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc)
         floor = None
         if cfg.activation == "relu":
@@ -340,7 +350,8 @@ class TrainableTranscoders(nn.Module):
         return pre, acts, torch.stack(recons), floor
 
     def _decode(self, acts: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """Output contribution `[L, B, D]` of features a:b given their activations `[L, B, b - a]`."""
+        """Output contribution `[L, B, D]` of features a:b given their activations
+        `[L, B, b - a]`."""
         if not self.is_clt:
             return torch.bmm(acts, self.W_dec[:, a:b])
         L, B, D = acts.shape[0], acts.shape[1], self.D
@@ -353,8 +364,9 @@ class TrainableTranscoders(nn.Module):
         return torch.stack([torch.stack(parts).sum(0) for parts in into])
 
     def own_norms(self) -> list[torch.Tensor]:
-        """Per source layer, the decoder `[F, n_out, D]` (norms over D summed over outputs give a feature's
-        total write size, the scale an L1 penalty must see so that shrinking acts cannot cheat it)."""
+        """Per source layer, the decoder `[F, n_out, D]` (norms over D summed over outputs give a
+        feature's total write size, the scale an L1 penalty must see so that shrinking acts cannot
+        cheat it)."""
         return list(self.W_dec) if self.is_clt else [w[:, None] for w in self.W_dec]
 
     def own_decoder(self) -> torch.Tensor:
@@ -366,7 +378,8 @@ class TrainableTranscoders(nn.Module):
     def to_transcoder_set(
         self, model_name: str = "", metrics: dict | None = None, extra: dict | None = None
     ) -> TranscoderSet:
-        """A `TranscoderSet` on raw activations: the normalisation scales folded into the weights."""
+        """A `TranscoderSet` on raw activations: the normalisation scales folded into the
+        weights."""
         cfg = self.cfg
         tcfg = TranscoderConfig(
             kind=cfg.kind,
@@ -405,11 +418,12 @@ def _autocast(dtype: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
-# -- one step -----------------------------------------------------------------------------------------
+# -- one step --------------------------------------------------------------------------------------
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, constant, then linear decay to zero over the last `decay_frac` of the steps."""
+    """Linear warm-up, constant, then linear decay to zero over the last `decay_frac` of the
+    steps."""
     warm = max(1, int(cfg.warmup_frac * cfg.steps))
     decay_start = cfg.steps - int(cfg.decay_frac * cfg.steps)
     if step < warm:
@@ -427,7 +441,8 @@ def train_step(
     y: torch.Tensor,
     step: int,
 ) -> dict:
-    """One optimiser step on a raw batch x, y `[B, L, D]`. Returns the step's metrics (per-layer lists)."""
+    """One optimiser step on a raw batch x, y `[B, L, D]`. Returns the step's metrics (per-layer
+    lists)."""
     cfg = net.cfg
     xn, yn = net.normalise(x, y)
     pre, acts, recons, floor = net(xn)
@@ -488,8 +503,9 @@ def train_step(
 
 @torch.no_grad()
 def calibrate_batchtopk(net: TrainableTranscoders, buffer, steps) -> None:
-    """Set the BatchTopK inference threshold from the final weights: the mean over the batches of `steps` of
-    the smallest activation BatchTopK keeps (the running estimate lags behind the weights)."""
+    """Set the BatchTopK inference threshold from the final weights: the mean over the batches of
+    `steps` of the smallest activation BatchTopK keeps (the running estimate lags behind the
+    weights)."""
     floors = []
     for step in steps:
         x, y = buffer.batch(step)
@@ -498,7 +514,7 @@ def calibrate_batchtopk(net: TrainableTranscoders, buffer, steps) -> None:
         net.bt_threshold.copy_(torch.stack(floors).mean(0))
 
 
-# -- the loop -----------------------------------------------------------------------------------------
+# -- the loop --------------------------------------------------------------------------------------
 
 
 def _save_checkpoint(path: Path, net, opt, step: int, cfg: TrainConfig, history: list) -> None:
@@ -550,11 +566,13 @@ def _summary(history: list[dict], last: int = 10) -> dict:
 def train_transcoders(
     cfg: TrainConfig, loaded=None, buffer=None, model_name: str | None = None, on_step=None
 ) -> TranscoderSet:
-    """Train (or resume) the run `cfg` and write it to `cfg.out` (native layout) when `cfg.out` is set.
+    """Train (or resume) the run `cfg` and write it to `cfg.out` (native layout) when `cfg.out` is
+    set.
 
     loaded: a LoadedModel (default: `circuits.load_model(cfg.model)`); buffer: any object with
-    `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]` raw activations (default: harvested from `loaded`).
-    on_step(step, metrics) is called after every step. Returns the trained `TranscoderSet`."""
+    `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]` raw activations (default: harvested from
+    `loaded`). on_step(step, metrics) is called after every step. Returns the trained
+    `TranscoderSet`."""
     with reuse_freed_memory():
         return _train_transcoders(cfg, loaded, buffer, model_name, on_step)
 
@@ -703,12 +721,13 @@ def save_transcoders(tc: TranscoderSet, out: Path) -> Path:
     return save_native(tc, out)
 
 
-# -- command line -------------------------------------------------------------------------------------
+# -- command line ----------------------------------------------------------------------------------
 
 
 def run_train(cfg: TrainConfig) -> int:
     if not cfg.out:
         raise UserError("transcoders train needs --out DIR (where the trained set is written)")
+    own_process()  # the command ends with the training: the allocator may be tuned for it
     tc = train_transcoders(cfg)
     m = tc.cfg.metrics
     fvu, l0, dead = (sum(m[k]) / len(m[k]) for k in ("train_fvu", "train_l0", "train_dead"))
