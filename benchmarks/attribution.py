@@ -1,13 +1,14 @@
 """Attribution speed and memory on the real gemma-3-270m: 10-, 32- and 128-token prompts.
 
-    python benchmarks/attribution.py                 # all lengths, writes benchmarks/results/attribution.md
+    python benchmarks/attribution.py   # all lengths, writes benchmarks/results/attribution.md
     python benchmarks/attribution.py --lengths 10 --threads 1
 
-Transcoders: the embedded default set when it has been trained (cached), and random skip transcoders with
-d_sae 16384 whose thresholds are calibrated (on a text other than the prompts) to ~40 active features per
-position per layer; one table each. Under heavy load use --threads 1 (two threads fighting other
-processes for two cores run several times slower); the GEMM rate in the header is the yardstick. Each prompt length runs in its own process, so its peak RSS is
-its own (model + transcoders + attribution). The 10-token run is also profiled: where the time goes.
+Transcoders: the embedded default set when it has been trained (cached), and random skip transcoders
+with d_sae 16384 whose thresholds are calibrated (on a text other than the prompts) to ~40 active
+features per position per layer; one table each. Under heavy load use --threads 1 (two threads
+fighting other processes for two cores run several times slower); the GEMM rate in the header is the
+yardstick. Each prompt length runs in its own process, so its peak RSS is its own (model +
+transcoders + attribution). The 10-token run is also profiled: where the time goes.
 """
 
 from __future__ import annotations
@@ -29,19 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ct_runner import peak_rss_bytes  # noqa: E402  (VmHWM: ru_maxrss would include the parent's)
 
 TEXT = (
-    "Fact: Michael Jordan plays the sport of basketball, and many people consider him the greatest player in "
-    "the history of the game. He grew up in Wilmington, North Carolina, played college basketball for the Tar "
-    "Heels, and was drafted by the Chicago Bulls in 1984. With the Bulls he won six championships in the "
-    "nineties, earning the finals award each time, and his duels with Magic Johnson, Larry Bird and the "
-    "Detroit Pistons made the league famous around the world. Between two of those title runs he left to play "
-    "minor league baseball for a season, which still surprises people today. After retiring for good he "
-    "became an owner of the team in Charlotte, and his shoes, first sold in 1985, remain among the most "
-    "popular sneakers ever made. Fans still argue about whether anyone will match what he did on the court, "
-    "and every new star is measured against him sooner or later."
+    "Fact: Michael Jordan plays the sport of basketball, and many people consider him the "
+    "greatest player in the history of the game. He grew up in Wilmington, North Carolina, played "
+    "college basketball for the Tar Heels, and was drafted by the Chicago Bulls in 1984. With the "
+    "Bulls he won six championships in the nineties, earning the finals award each time, and his "
+    "duels with Magic Johnson, Larry Bird and the Detroit Pistons made the league famous around "
+    "the world. Between two of those title runs he left to play minor league baseball for a "
+    "season, which still surprises people today. After retiring for good he became an owner of "
+    "the team in Charlotte, and his shoes, first sold in 1985, remain among the most popular "
+    "sneakers ever made. Fans still argue about whether anyone will match what he did on the "
+    "court, and every new star is measured against him sooner or later."
 )
 CALIBRATION = (
-    "The committee met on Tuesday to discuss the budget for the coming year. Several members raised "
-    "concerns about rising costs, while others argued that the new library would pay for itself."
+    "The committee met on Tuesday to discuss the budget for the coming year. Several members "
+    "raised concerns about rising costs, while others argued that the new library would pay for "
+    "itself."
 )
 RESULTS = Path(__file__).parent / "results" / "attribution.md"
 D_SAE, L0 = 16384, 40
@@ -59,7 +62,8 @@ def prompt_of_length(lm, n_tokens: int) -> str:
 
 
 def random_skip_transcoders(lm, path: Path) -> None:
-    """Random skip transcoders, thresholds calibrated to ~L0 active features per position per layer."""
+    """Random skip transcoders, thresholds calibrated to ~L0 active features per position per
+    layer."""
     import torch
 
     from circuits.replacement import run_and_freeze
@@ -87,7 +91,8 @@ def default_available() -> bool:
 
 
 def _profile_table(stats: pstats.Stats, total: float) -> list[tuple[str, float]]:
-    """Seconds in the stages of one attribution, from cumulative times of the functions that make them."""
+    """Seconds in the stages of one attribution, from cumulative times of the functions that make
+    them."""
     cum = {}
     for (file, _, name), (_, _, _, ct, _) in stats.stats.items():
         key = f"{Path(file).name}:{name}"
@@ -165,8 +170,8 @@ def run_one(n_tokens: int, transcoders: str, profile: bool) -> dict:
 
 
 def gemm_gflops(threads: int | None) -> float:
-    """The float32 matrix-product rate this machine gives right now (the backward pass is matrix products):
-    a yardstick for comparing runs taken under different load."""
+    """The float32 matrix-product rate this machine gives right now (the backward pass is matrix
+    products): a yardstick for comparing runs taken under different load."""
     import torch
 
     if threads:
@@ -205,21 +210,22 @@ def markdown(results: list[dict], which: str, command: str, gflops: float) -> st
         f"Edge kernel: {results[0]['edge_backend']}; float32; default options "
         f"(max 8192 feature rows, batch 256)",
         "",
-        "| tokens | load s | forward s | attribution s | active features | L0/pos/layer | feature rows "
-        "(order) | edges | peak RSS GB |",
+        "| tokens | load s | forward s | attribution s | active features | L0/pos/layer | feature "
+        "rows (order) | edges | peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['n_tokens']} | {r['load_s']:.1f} | {r['forward_s']:.2f} | {r['attribution_s']:.1f} | "
-            f"{r['n_active']} | {r['l0']:.0f} | {r['n_rows']} ({r['row_order']}) | {r['nnz']:,} | "
-            f"{r['peak_rss_gb']:.2f} |"
+            f"| {r['n_tokens']} | {r['load_s']:.1f} | {r['forward_s']:.2f} | "
+            f"{r['attribution_s']:.1f} | {r['n_active']} | {r['l0']:.0f} | {r['n_rows']} "
+            f"({r['row_order']}) | {r['nnz']:,} | {r['peak_rss_gb']:.2f} |"
         )
     prof = next((r for r in results if "profile" in r), None)
     if prof:
         lines += [
             "",
-            f"Where the time goes ({prof['n_tokens']} tokens, {prof['total_s']:.1f} s from prompt to graph):",
+            f"Where the time goes ({prof['n_tokens']} tokens, {prof['total_s']:.1f} s from prompt "
+            "to graph):",
             "",
             "| stage | s | share |",
             "|---|---|---|",

@@ -1,13 +1,14 @@
-"""Two-process batch trace of 20 prompts on the real gemma-3-270m, killed halfway (SIGKILL), then resumed.
+"""Two-process batch trace of 20 prompts on the real gemma-3-270m, killed halfway (SIGKILL), then
+resumed.
 
-    python benchmarks/batch_resume.py                          # default transcoders (trained on first use)
-    python benchmarks/batch_resume.py --transcoders DIR        # any transcoder set
-    python benchmarks/batch_resume.py --random-transcoders     # random skip transcoders (no training)
+    python benchmarks/batch_resume.py                       # the default set (trained on first use)
+    python benchmarks/batch_resume.py --transcoders DIR     # any transcoder set
+    python benchmarks/batch_resume.py --random-transcoders  # random skip transcoders (no training)
 
-Runs `torchrun --nproc-per-node 2 -m circuits trace-batch tests/data/batch_prompts_20.jsonl`, kills torchrun
-and both workers once half the graphs exist, resumes with the same command, then checks that every prompt
-has exactly one graph and one index line, that the graphs written before the kill were kept untouched, and
-prints a markdown table of the times.
+Runs `torchrun --nproc-per-node 2 -m circuits trace-batch tests/data/batch_prompts_20.jsonl`, kills
+torchrun and both workers once half the graphs exist, resumes with the same command, then checks
+that every prompt has exactly one graph and one index line, that the graphs written before the kill
+were kept untouched, and prints a markdown table of the times.
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ def main() -> None:
 
     print(f"## batch trace kill/resume ({n} prompts, 2 ranks, gloo)\n")
     print(
-        f"command: `python benchmarks/batch_resume.py{' --random-transcoders' if args.random_transcoders else ''}`"
-        f" (transcoders {args.transcoders if not args.random_transcoders else 'random skip'}, "
+        "command: `python benchmarks/batch_resume.py"
+        f"{' --random-transcoders' if args.random_transcoders else ''}` "
+        f"(transcoders {args.transcoders if not args.random_transcoders else 'random skip'}, "
         f"max_feature_nodes {args.max_feature_nodes}, OMP_NUM_THREADS={args.threads})  "
     )
     print(
@@ -156,14 +158,15 @@ def main() -> None:
     print(f"| resumed run (same command) | {t_resume:.1f} | {len(after)} |")
     print(f"\nresumed run: `{traced_line.strip()}`  ")
     print(
-        f"index lines {len(index)}, unique ids {len(set(ids))}, graphs lost {lost}, duplicated {duplicated}, "
-        f"graphs from before the kill untouched: {kept}; overall {'OK' if ok else 'FAILED'}\n"
+        f"index lines {len(index)}, unique ids {len(set(ids))}, graphs lost {lost}, duplicated "
+        f"{duplicated}, graphs from before the kill untouched: {kept}; overall "
+        f"{'OK' if ok else 'FAILED'}\n"
     )
     seconds = sorted(r["seconds"] for r in index if r.get("seconds") is not None)
     if seconds:
         print(
-            f"per-prompt attribution: median {seconds[len(seconds) // 2]:.1f} s, max {seconds[-1]:.1f} s; "
-            f"outputs in {work}"
+            f"per-prompt attribution: median {seconds[len(seconds) // 2]:.1f} s, max "
+            f"{seconds[-1]:.1f} s; outputs in {work}"
         )
     sys.exit(0 if ok else 1)
 

@@ -2,8 +2,9 @@
 
     python benchmarks/collect.py
 
-Each benchmark is rerunnable on its own (its command heads its section); this only gathers their latest
-results, in a fixed order, under one index, so BENCHMARKS.md never holds a number no benchmark printed."""
+Each benchmark is rerunnable on its own (its command heads its section); this only gathers their
+latest results, in a fixed order, under one index, so BENCHMARKS.md never holds a number no
+benchmark printed."""
 
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ def main() -> int:
     lines = [
         "# Benchmarks",
         "",
-        "Every section below was written by the benchmark named in its command, on the machine and date it",
-        "states; `python benchmarks/collect.py` gathers them from `benchmarks/results/`. Speed targets are",
+        "Every section below was written by the benchmark named in its command, on the machine "
+        "and date it",
+        "states; `python benchmarks/collect.py` gathers them from `benchmarks/results/`. Speed "
+        "targets are",
         "measured here, never by timed assertions in the tests.",
         "",
     ]

@@ -1,15 +1,19 @@
 """The circuit-tracer side of the side-by-side benchmark. Runs inside the venv that
-benchmarks/setup_circuit_tracer.sh makes (circuit-tracer 0.5.0, transformers 4.x); imports nothing of ours.
+benchmarks/setup_circuit_tracer.sh makes (circuit-tracer 0.5.0, transformers 4.x); imports nothing
+of ours.
 
-    .venv-ct/bin/python benchmarks/ct_runner.py attribute --model DIR --transcoders DIR --tokens 2,818,...
-        --out run.npz [--max-n-logits 10 --desired-logit-prob 0.95 --max-feature-nodes 8192 --batch-size 256]
-    .venv-ct/bin/python benchmarks/ct_runner.py encode --transcoders DIR --inputs mlp_in.safetensors --out out.safetensors
+    .venv-ct/bin/python benchmarks/ct_runner.py attribute --model DIR --transcoders DIR \
+        --tokens 2,818,... --out run.npz \
+        [--max-n-logits 10 --desired-logit-prob 0.95 --max-feature-nodes 8192 --batch-size 256]
+    .venv-ct/bin/python benchmarks/ct_runner.py encode --transcoders DIR \
+        --inputs mlp_in.safetensors --out out.safetensors
 
-`attribute` loads the model (nnsight backend, eager attention) and the transcoders from a directory in
-circuit-tracer's layout, times `circuit_tracer.attribute` on the given token ids, and writes the graph as an
-.npz: node table in circuit-tracer's order (selected features, errors [layer, pos], tokens, logits), the
-adjacency as CSR (targets x sources), logit ids and probabilities, wall time and resident memory.
-`encode` writes circuit-tracer's own feature activations and reconstructions of given MLP inputs `[L, n, D]`.
+`attribute` loads the model (nnsight backend, eager attention) and the transcoders from a directory
+in circuit-tracer's layout, times `circuit_tracer.attribute` on the given token ids, and writes the
+graph as an .npz: node table in circuit-tracer's order (selected features, errors [layer, pos],
+tokens, logits), the adjacency as CSR (targets x sources), logit ids and probabilities, wall time
+and resident memory. `encode` writes circuit-tracer's own feature activations and reconstructions of
+given MLP inputs `[L, n, D]`.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ import threading
 import time
 from pathlib import Path
 
-WARMUP_TOKENS = (
-    8  # --warmup: the prompt's first tokens (BOS included), traced once before the timed call
-)
+# --warmup: the prompt's first tokens (BOS included), traced once before the timed call
+WARMUP_TOKENS = 8
 
 
 def _patch_hub():
-    # circuit-tracer 0.5.0 imports HF_HUB_ENABLE_HF_TRANSFER, which huggingface_hub >= 1.0 no longer defines
+    # circuit-tracer 0.5.0 imports HF_HUB_ENABLE_HF_TRANSFER, which huggingface_hub >= 1.0 no longer
+    # defines
     import huggingface_hub.constants as c
 
     if not hasattr(c, "HF_HUB_ENABLE_HF_TRANSFER"):
@@ -41,17 +45,18 @@ def rss_bytes() -> int:
 
 
 def anon_bytes() -> int:
-    """Resident anonymous memory (RssAnon: resident minus file-backed and shared pages). Clean file-backed
-    pages (memory-mapped weights) count in RSS but the kernel can drop them whenever it needs the memory;
-    anonymous pages it cannot."""
+    """Resident anonymous memory (RssAnon: resident minus file-backed and shared pages). Clean
+    file-backed pages (memory-mapped weights) count in RSS but the kernel can drop them whenever it
+    needs the memory; anonymous pages it cannot."""
     with open("/proc/self/statm") as f:
         _, resident, shared = (int(v) for v in f.read().split()[:3])
     return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_rss_bytes() -> int:
-    """This process's own peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across fork and exec,
-    so a child would report its parent's resident size at the fork whenever that was larger."""
+    """This process's own peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across
+    fork and exec, so a child would report its parent's resident size at the fork whenever that was
+    larger."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -60,8 +65,8 @@ def peak_rss_bytes() -> int:
 
 
 class PeakRSS:
-    """Samples resident memory every 10 ms in a thread: the peak within a block (`peak_rss_bytes` covers the
-    process), and the peak of its anonymous part (`anon_bytes`)."""
+    """Samples resident memory every 10 ms in a thread: the peak within a block (`peak_rss_bytes`
+    covers the process), and the peak of its anonymous part (`anon_bytes`)."""
 
     def __enter__(self):
         self.peak, self.peak_anon = rss_bytes(), anon_bytes()
@@ -84,7 +89,8 @@ class PeakRSS:
 
 
 class GPUMemory:
-    """CUDA memory of a block on a GPU run: allocated before it and the peak within it (nothing on the CPU)."""
+    """CUDA memory of a block on a GPU run: allocated before it and the peak within it (nothing on
+    the CPU)."""
 
     def __init__(self, device: str):
         import torch
@@ -112,9 +118,10 @@ class GPUMemory:
 
 
 def touch(*parameter_groups) -> None:
-    """Read every weight once so that memory-mapped weights are resident before timing: both tools then start
-    attribution with what they keep in memory loaded, and ΔRSS measures attribution alone. (Decoders that
-    circuit-tracer reads from disk on demand are not parameters and stay on disk, as it intends.)"""
+    """Read every weight once so that memory-mapped weights are resident before timing: both tools
+    then start attribution with what they keep in memory loaded, and ΔRSS measures attribution
+    alone. (Decoders that circuit-tracer reads from disk on demand are not parameters and stay on
+    disk, as it intends.)"""
     import torch
 
     with torch.no_grad():
@@ -127,7 +134,8 @@ def touch(*parameter_groups) -> None:
 def load_transcoders(path: Path, dtype, device: str = "cpu"):
     from circuit_tracer.utils.caching import load_transcoders_from_cache
 
-    # a directory in circuit-tracer's cache layout: config.yaml + layer_{l} / W_enc_{l}, W_dec_{l} files
+    # a directory in circuit-tracer's cache layout: config.yaml + layer_{l} / W_enc_{l}, W_dec_{l}
+    # files
     transcoders, config = load_transcoders_from_cache(
         path.name, cache_dir=path.parent, dtype=dtype, device=__import__("torch").device(device)
     )

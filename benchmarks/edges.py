@@ -72,9 +72,8 @@ class EdgesBenchConfig:
     threads: list[int] = field(default_factory=lambda: sorted({1, os.cpu_count() or 1}))
     min_seconds: float = 1.0  # repeat each measurement at least this long (and at least 3 times)
     quick: bool = False
-    methods: list[str] = field(
-        default_factory=list
-    )  # only these (default: every method that can run here)
+    # only these (default: every method that can run here)
+    methods: list[str] = field(default_factory=list)
     out: str = "benchmarks/results/edges.md"
 
 
@@ -242,9 +241,8 @@ def run(cfg: EdgesBenchConfig) -> str:
             results = {m: measure(shape, m, threads, cfg.min_seconds) for m in methods}
             for m, (wall, cpu, peak, out_bytes) in results.items():
                 ref = results.get("torch@cuda" if m in GPU_METHODS else "torch")
-                ratio = (
-                    (lambda r, t: f"{r / t:.2f}x") if ref else (lambda r, t: "-")
-                )  # no reference: --methods
+                # no reference: --methods
+                ratio = (lambda r, t: f"{r / t:.2f}x") if ref else (lambda r, t: "-")
                 ref_wall, ref_cpu = ref[:2] if ref else (0.0, 0.0)
                 row = (
                     f"| {desc} | {dims} | {threads} | {m} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | "

@@ -1,21 +1,22 @@
 """Transient spikes of anonymous memory during attribution, and where they happen.
 
-    python benchmarks/memory_spikes.py                                   # the README prompt, default set, 8 runs
+    python benchmarks/memory_spikes.py  # the README prompt, default set, 8 runs
     python benchmarks/memory_spikes.py --transcoders DIR --tokens 8 --runs 10
 
-Traces the same prompt `--runs` times in one process. A thread samples the process's anonymous resident memory
-(RssAnon) every millisecond and keeps the main thread's Python stack at the highest sample of each run. Our peak
-varies between identical runs; this shows where the main thread was at each run's peak. Prints one line per
-run, and the stack where a run rose above `--threshold-gb`.
+Traces the same prompt `--runs` times in one process. A thread samples the process's anonymous
+resident memory (RssAnon) every millisecond and keeps the main thread's Python stack at the highest
+sample of each run. Our peak varies between identical runs; this shows where the main thread was at
+each run's peak. Prints one line per run, and the stack where a run rose above `--threshold-gb`.
 
-What it found (issue 9's notes): the large ones (+0.15-0.35 GB for a few milliseconds, in some processes and not
-in others) were glibc's heap growing during the pass over the memory-mapped encoders (`gemma_lm.weights.matmul`):
-/proc/self/smaps showed [heap] regions growing and new, fully touched 64 MiB arena heaps. Not reference cycles
-(none), not transparent huge pages (madvise-only here), not removed by MALLOC_ARENA_MAX=1 or a fixed
-MALLOC_MMAP_THRESHOLD_. The read buffers were just under 32 MiB, which glibc serves from its heap once its mmap
-threshold has risen; at 8 MiB (`gemma_lm.weights.CHUNK_BYTES`) the first attribution of fresh processes
-(skip set, 8 tokens) peaks at +110..136 MiB instead of +107..257, and the side-by-side's skip-128 runs at
-1.03-1.05 GB instead of 1.04-1.29.
+What it found (issue 9's notes): the large ones (+0.15-0.35 GB for a few milliseconds, in some
+processes and not in others) were glibc's heap growing during the pass over the memory-mapped
+encoders (`gemma_lm.weights.matmul`): /proc/self/smaps showed [heap] regions growing and new, fully
+touched 64 MiB arena heaps. Not reference cycles (none), not transparent huge pages (madvise-only
+here), not removed by MALLOC_ARENA_MAX=1 or a fixed MALLOC_MMAP_THRESHOLD_. The read buffers were
+just under 32 MiB, which glibc serves from its heap once its mmap threshold has risen; at 8 MiB
+(`gemma_lm.weights.CHUNK_BYTES`) the first attribution of fresh processes (skip set, 8 tokens) peaks
+at +110..136 MiB instead of +107..257, and the side-by-side's skip-128 runs at 1.03-1.05 GB instead
+of 1.04-1.29.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def main() -> None:
     ap.add_argument(
         "--touch",
         action="store_true",
-        help="read the model's and the transcoders' resident weights first, as vs_circuit_tracer.py does",
+        help="read the model's and the transcoders' resident weights first, as "
+        "vs_circuit_tracer.py does",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,9 +86,9 @@ def main() -> None:
     n_pos = len(lm.tokenize(prompt))
     main_thread = threading.get_ident()
     for run in range(args.runs):
-        base, peak, where, done = anon_bytes(), [0, ""], [], threading.Event()
+        base, peak, done = anon_bytes(), [0, ""], threading.Event()
 
-        def sample():
+        def sample(base=base, peak=peak, done=done):
             while not done.is_set():
                 rise = anon_bytes() - base
                 if rise > peak[0]:
@@ -106,8 +108,8 @@ def main() -> None:
         done.set()
         thread.join()
         print(
-            f"run {run}: {time.perf_counter() - t:.1f} s, anonymous memory peak +{peak[0] / 2**30:.3f} GB over "
-            f"the start",
+            f"run {run}: {time.perf_counter() - t:.1f} s, anonymous memory peak "
+            f"+{peak[0] / 2**30:.3f} GB over the start",
             flush=True,
         )
         if peak[1]:

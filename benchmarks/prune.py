@@ -3,10 +3,11 @@
     python benchmarks/prune.py                 # sizes 2000 5000 10000, 3 repeats
     python benchmarks/prune.py --sizes 10000 --repeats 5
 
-Graphs are random but shaped like real ones (features spread over 18 layers and the prompt's positions,
-one error node per layer and position, dense rows: every feature and logit reads from a few hundred to a
-few thousand earlier nodes). Baseline: the dense power series w A + w A^2 + ... (the peer tool's way),
-run in torch on the same machine. Prints a markdown table and writes it to benchmarks/results/prune.md.
+Graphs are random but shaped like real ones (features spread over 18 layers and the prompt's
+positions, one error node per layer and position, dense rows: every feature and logit reads from a
+few hundred to a few thousand earlier nodes). Baseline: the dense power series w A + w A^2 + ...
+(the peer tool's way), run in torch on the same machine. Prints a markdown table and writes it to
+benchmarks/results/prune.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import platform
 import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +129,10 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         g = random_attribution_graph(n, seed=n)
-        t_infl, infl = best_of(lambda: compute_influence(g), args.repeats)
-        t_scores, _ = best_of(lambda: graph_scores(g, infl), args.repeats)
-        t_prune, p = best_of(lambda: prune(g), args.repeats)
-        t_dense, dense = best_of(lambda: dense_power_series(g), args.repeats)
+        t_infl, infl = best_of(partial(compute_influence, g), args.repeats)
+        t_scores, _ = best_of(partial(graph_scores, g, infl), args.repeats)
+        t_prune, p = best_of(partial(prune, g), args.repeats)
+        t_dense, dense = best_of(partial(dense_power_series, g), args.repeats)
         err = float(np.abs(dense - infl).max() / max(np.abs(infl).max(), 1e-30))
         rows.append(
             (
@@ -146,12 +148,13 @@ def main() -> None:
             )
         )
         print(
-            f"{n} nodes: influence {t_infl:.3f}s, prune {t_prune:.3f}s, dense baseline {t_dense:.3f}s",
+            f"{n} nodes: influence {t_infl:.3f}s, prune {t_prune:.3f}s, dense baseline "
+            f"{t_dense:.3f}s",
             flush=True,
         )
     table = [
-        "| nodes | edges | influence (s) | scores (s) | prune, end to end (s) | dense power series (s) "
-        "| max rel. diff vs dense | pruned nodes | pruned edges |",
+        "| nodes | edges | influence (s) | scores (s) | prune, end to end (s) | dense power "
+        "series (s) | max rel. diff vs dense | pruned nodes | pruned edges |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     table += [
@@ -162,11 +165,14 @@ def main() -> None:
         [
             "## Pruning (benchmarks/prune.py)",
             "",
-            f"Command: `python benchmarks/prune.py --sizes {' '.join(map(str, args.sizes))} --repeats {args.repeats}`  ",
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-            f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {date.today()}  ",
-            "Best of the repeats. `prune` includes influence, scores of the full and pruned graph, edge influence "
-            "and building the pruned graph. Random layered graphs with dense rows (200-2,000 inputs per row).",
+            f"Command: `python benchmarks/prune.py --sizes {' '.join(map(str, args.sizes))} "
+            f"--repeats {args.repeats}`  ",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"threads {torch.get_num_threads()}, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {date.today()}  ",
+            "Best of the repeats. `prune` includes influence, scores of the full and pruned "
+            "graph, edge influence and building the pruned graph. Random layered graphs with "
+            "dense rows (200-2,000 inputs per row).",
             "",
             *table,
             "",

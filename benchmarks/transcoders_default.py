@@ -1,12 +1,13 @@
-"""Benchmark of the embedded default transcoder set: train the default recipe from scratch (timed), then
-`transcoders eval` it on held-out text, and write benchmarks/results/transcoders_default.md.
+"""Benchmark of the embedded default transcoder set: train the default recipe from scratch (timed),
+then `transcoders eval` it on held-out text, and write benchmarks/results/transcoders_default.md.
 
-    python benchmarks/transcoders_default.py                 # train from scratch + evaluate (~10 min)
-    python benchmarks/transcoders_default.py --reuse         # evaluate the cached default set only
-    python benchmarks/transcoders_default.py --compare-clt   # also a CLT trained for the same steps
+    python benchmarks/transcoders_default.py                # train from scratch + eval (~10 min)
+    python benchmarks/transcoders_default.py --reuse        # evaluate the cached default set only
+    python benchmarks/transcoders_default.py --compare-clt  # also a CLT trained for the same steps
 
-The from-scratch run trains into a temporary directory; if the user's cache holds no default set yet, the
-result is moved there (so the benchmark also warms the cache). Threads: OMP_NUM_THREADS (default 2).
+The from-scratch run trains into a temporary directory; if the user's cache holds no default set
+yet, the result is moved there (so the benchmark also warms the cache). Threads: OMP_NUM_THREADS
+(default 2).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}"
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads), Python {platform.python_version()}"
     )
 
 
@@ -53,8 +54,9 @@ PROMPTS = ROOT / "tests" / "data" / "batch_prompts_20.jsonl"
 
 
 def prompt_l0(tc, lm) -> float:
-    """Active features per position per layer on the short English prompts of PROMPTS (BOS left out): what
-    sets a graph's size, and far above the held-out L0 when the training text is off-domain."""
+    """Active features per position per layer on the short English prompts of PROMPTS (BOS left
+    out): what sets a graph's size, and far above the held-out L0 when the training text is
+    off-domain."""
     from transcoders.data import harvest
 
     fired = positions = 0
@@ -162,8 +164,9 @@ def main() -> int:
         ]
         for label, res, seconds in results:
             lines.append(
-                f"| {label} | {seconds / 60:.1f} min | {res['mean_fvu']:.3f} | {res['mean_l0']:.1f} | "
-                f"{res['mean_dead_frac']:.1%} | {res['mean_dense_frac']:.1%} | {res['delta_ce']:+.3f} | "
+                f"| {label} | {seconds / 60:.1f} min | {res['mean_fvu']:.3f} | "
+                f"{res['mean_l0']:.1f} | {res['mean_dead_frac']:.1%} | "
+                f"{res['mean_dense_frac']:.1%} | {res['delta_ce']:+.3f} | "
                 f"{res['ce_recovered']:.1%} |"
             )
         lines.append("")
@@ -177,14 +180,14 @@ def main() -> int:
         lines.append(f"Training the default recipe from scratch{reused}: {seconds / 60:.1f} min.")
     lines += [
         "",
-        f"On the {len(PROMPTS.read_text().splitlines())} English prompts of `tests/data/{PROMPTS.name}` "
-        f"({label}): {res['prompt_l0']:.1f} active features per position per layer (BOS left out), "
-        f"against {res['mean_l0']:.1f} on the held-out text.",
+        f"On the {len(PROMPTS.read_text().splitlines())} English prompts of "
+        f"`tests/data/{PROMPTS.name}` ({label}): {res['prompt_l0']:.1f} active features per "
+        f"position per layer (BOS left out), against {res['mean_l0']:.1f} on the held-out text.",
     ]
     lines += [
         "",
-        f"Per layer ({label}; {res['tokens']} held-out tokens of the builtin text; dead = never fired on "
-        f"them, dense = fired on more than 10% of them):",
+        f"Per layer ({label}; {res['tokens']} held-out tokens of the builtin text; dead = never "
+        "fired on them, dense = fired on more than 10% of them):",
         "",
         results_table(res),
         "",

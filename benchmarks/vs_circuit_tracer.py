@@ -1,29 +1,35 @@
-"""Side by side with circuit-tracer 0.5.0: attribution time, memory and agreement on the same weights.
+"""Side by side with circuit-tracer 0.5.0: attribution time, memory and agreement on the same
+weights.
 
-    bash benchmarks/setup_circuit_tracer.sh            # once: the peer's venv (.venv-ct)
-    python benchmarks/vs_circuit_tracer.py             # everything; writes benchmarks/results/vs_circuit_tracer.md
-    python benchmarks/vs_circuit_tracer.py --sets skip --lengths 8 --repeats 1     # a quick look
+    bash benchmarks/setup_circuit_tracer.sh  # once: the peer's venv (.venv-ct)
+    python benchmarks/vs_circuit_tracer.py   # everything -> benchmarks/results/vs_circuit_tracer.md
+    python benchmarks/vs_circuit_tracer.py --sets skip --lengths 8 --repeats 1  # a quick look
 
-Both tools get the same model (the embedded gemma-3-270m; circuit-tracer reads its dequantised Hugging Face
-copy), the same transcoders (written once in circuit-tracer's layout; we load the same files), the same token
-ids and the same settings (max_n_logits, desired_logit_prob, max_feature_nodes, batch size, float32). Each run
-is a fresh subprocess, the two tools alternate, and each reports its attribution wall time, the peak resident
-memory of its process and within attribution, and its graph. Agreement is measured on the adjacency restricted
-to the nodes both graphs kept. Two differences are by design and measured apart (see `agreement`): circuit-tracer
-drops every feature and error at position 0 (BOS), and its token-embedding edges use the unscaled embedding
-matrix, while Gemma 3 feeds the residual stream embed * sqrt(d_model); finite differences in our frozen
-replacement model (`circuits.replacement.frozen_forward`) decide which token edges are right.
+Both tools get the same model (the embedded gemma-3-270m; circuit-tracer reads its dequantised
+Hugging Face copy), the same transcoders (written once in circuit-tracer's layout; we load the same
+files), the same token ids and the same settings (max_n_logits, desired_logit_prob,
+max_feature_nodes, batch size, float32). Each run is a fresh subprocess, the two tools alternate,
+and each reports its attribution wall time, the peak resident memory of its process and within
+attribution, and its graph. Agreement is measured on the adjacency restricted to the nodes both
+graphs kept. Two differences are by design and measured apart (see `agreement`): circuit-tracer
+drops every feature and error at position 0 (BOS), and its token-embedding edges use the unscaled
+embedding matrix, while Gemma 3 feeds the residual stream embed * sqrt(d_model); finite differences
+in our frozen replacement model (`circuits.replacement.frozen_forward`) decide which token edges are
+right.
 
-Transcoders: random sets at a realistic L0 (thresholds calibrated on other text), a 16k-wide skip PLT and a
-4k-per-layer CLT; the default trained set too where it has been trained (`--sets default`).
+Transcoders: random sets at a realistic L0 (thresholds calibrated on other text), a 16k-wide skip
+PLT and a 4k-per-layer CLT; the default trained set too where it has been trained
+(`--sets default`).
 
-Larger models on a GPU: `--model random-1b` or `random-4b` builds a Gemma 3 1B- or 4B-shaped model with random
-weights (layers, widths, heads, vocabulary and the 5:1 sliding/global pattern of the published configs; plain
-RoPE on every layer, since the two transformers majors the tools run on read RoPE scaling differently) and a
-word-level tokenizer over its vocabulary, saved once as a Hugging Face directory that both tools load:
+Larger models on a GPU: `--model random-1b` or `random-4b` builds a Gemma 3 1B- or 4B-shaped model
+with random weights (layers, widths, heads, vocabulary and the 5:1 sliding/global pattern of the
+published configs; plain RoPE on every layer, since the two transformers majors the tools run on
+read RoPE scaling differently) and a word-level tokenizer over its vocabulary, saved once as a
+Hugging Face directory that both tools load:
 
-    python benchmarks/vs_circuit_tracer.py --model random-1b --device cuda --sets skip --lengths 32,128 \
-        --threads 16 --batch-tokens 8192 --out benchmarks/results/vs_circuit_tracer_gpu.md
+    python benchmarks/vs_circuit_tracer.py --model random-1b --device cuda --sets skip \
+        --lengths 32,128 --threads 16 --batch-tokens 8192 \
+        --out benchmarks/results/vs_circuit_tracer_gpu.md
 """
 
 from __future__ import annotations
@@ -48,22 +54,25 @@ from ct_runner import WARMUP_TOKENS  # noqa: E402  (the peer's runner: both tool
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "vs_circuit_tracer.md"
 
-# Prompt text for the measured cases (cut to 8, 32, 128 tokens) and, apart, text to calibrate thresholds on.
+# Prompt text for the measured cases (cut to 8, 32, 128 tokens) and, apart, text to calibrate
+# thresholds on.
 PASSAGE = (
-    "Fact: the capital of the state containing Dallas is Austin. The city grew around the Colorado River, "
-    "where early settlers built mills and a small wooden bridge. By the end of the century it had a university, "
-    "a railway station and a domed capitol made of red granite, taller than the one in Washington. Visitors "
-    "today walk along the river trails, listen to live music on Sixth Street and watch a million bats leave "
-    "the Congress Avenue bridge at dusk every summer evening. Local historians like to point out that the "
-    "city was briefly renamed during the republic years, and that the archives were once hidden in a wagon "
-    "to keep them from being moved to Houston. The story of that night is still told in schools, and a "
-    "bronze statue of the woman who fired the cannon stands downtown near the old land office building."
+    "Fact: the capital of the state containing Dallas is Austin. The city grew around the "
+    "Colorado River, where early settlers built mills and a small wooden bridge. By the end of "
+    "the century it had a university, a railway station and a domed capitol made of red granite, "
+    "taller than the one in Washington. Visitors today walk along the river trails, listen to "
+    "live music on Sixth Street and watch a million bats leave the Congress Avenue bridge at dusk "
+    "every summer evening. Local historians like to point out that the city was briefly renamed "
+    "during the republic years, and that the archives were once hidden in a wagon to keep them "
+    "from being moved to Houston. The story of that night is still told in schools, and a bronze "
+    "statue of the woman who fired the cannon stands downtown near the old land office building."
 )
 CALIBRATION = (
-    "The recipe calls for two cups of flour, a pinch of salt and three eggs beaten until pale. In 1969 the "
-    "first crewed landing on the Moon was watched by hundreds of millions of people. def mean(xs): return "
-    "sum(xs) / len(xs)  # average of a list. Photosynthesis turns light, water and carbon dioxide into sugar "
-    'and oxygen. She said: "I will be there at eight, unless the train is late again."'
+    "The recipe calls for two cups of flour, a pinch of salt and three eggs beaten until pale. "
+    "In 1969 the first crewed landing on the Moon was watched by hundreds of millions of people. "
+    "def mean(xs): return sum(xs) / len(xs)  # average of a list. Photosynthesis turns light, "
+    'water and carbon dioxide into sugar and oxygen. She said: "I will be there at eight, unless '
+    'the train is late again."'
 )
 
 
@@ -71,13 +80,11 @@ CALIBRATION = (
 class BenchConfig:
     """One benchmark run; every field is also a command-line option."""
 
-    model: str = (
-        "gemma-3-270m"  # or random-1b | random-4b | random-tiny: random weights at a Gemma 3 shape
-    )
+    # or random-1b | random-4b | random-tiny: random weights at a Gemma 3 shape
+    model: str = "gemma-3-270m"
     device: str = "cpu"
-    sets: list[str] = field(
-        default_factory=lambda: ["skip", "clt", "default"]
-    )  # skip | clt | default
+    # skip | clt | default
+    sets: list[str] = field(default_factory=lambda: ["skip", "clt", "default"])
     lengths: list[int] = field(default_factory=lambda: [8, 32, 128])  # prompt tokens, BOS included
     repeats: int = 2  # measured runs per tool and case, alternating tools
     l0: float = 20.0  # active features per position and layer of the random sets
@@ -87,27 +94,23 @@ class BenchConfig:
     max_n_logits: int = 10
     desired_logit_prob: float = 0.95
     max_feature_nodes: int = 2048
-    batch_tokens: int = (
-        2048  # batch size = batch_tokens // n_pos (in [16, 256]): circuit-tracer's forward pass
-    )
-    # runs batch-size copies of the prompt with full logits, so a fixed batch of 256 needs ~35 GB at 128 tokens
+    # batch size = batch_tokens // n_pos (in [16, 256]): circuit-tracer's forward pass runs
+    # batch-size copies of the prompt with full logits, so a fixed batch of 256 needs ~35 GB at 128
+    # tokens
+    batch_tokens: int = 2048
     threads: int = 2
     timeout_s: int = 1800  # a run still going after this is stopped and reported as such
-    max_rss_gb: float = (
-        14.0  # a run whose resident memory passes this is stopped (the machine is shared)
-    )
+    # a run whose resident memory passes this is stopped (the machine is shared)
+    max_rss_gb: float = 14.0
     fd_max_tokens: int = 32  # finite-difference check of token edges on prompts up to this length
-    profile: bool = (
-        False  # one more run of ours per case under cProfile (our time by stage) and torch.profiler
-    )
-    # (on a GPU: its kernels' own time, so whether the GPU or the host is the limit)
-    warmup: bool = (
-        False  # each process traces a short prompt once before the timed call, so that one-time
-    )
-    # costs (on a GPU: CUDA context, cuBLAS handles, kernels loaded on first use) stay out of the timed call
-    workdir: str = (
-        ""  # exported transcoders and raw results (default: <cache>/bench/vs_circuit_tracer)
-    )
+    # one more run of ours per case under cProfile (our time by stage) and torch.profiler (on a
+    # GPU: its kernels' own time, so whether the GPU or the host is the limit)
+    profile: bool = False
+    # each process traces a short prompt once before the timed call, so that one-time costs (on a
+    # GPU: CUDA context, cuBLAS handles, kernels loaded on first use) stay out of the timed call
+    warmup: bool = False
+    # exported transcoders and raw results (default: <cache>/bench/vs_circuit_tracer)
+    workdir: str = ""
     ct_python: str = str(REPO / ".venv-ct" / "bin" / "python")
     out: str = str(RESULTS)
     resume: bool = True  # reuse finished runs found in workdir
@@ -117,10 +120,10 @@ class BenchConfig:
         return int(min(256, max(16, self.batch_tokens // n_pos)))
 
 
-# -- preparing models, transcoders and prompts ------------------------------------------------------------
+# -- preparing models, transcoders and prompts -----------------------------------------------------
 
-# Text-decoder shapes of the published Gemma 3 configs (1B: google/gemma-3-1b-pt; 4B: the text tower of
-# google/gemma-3-4b-pt), and a tiny one for smoke tests.
+# Text-decoder shapes of the published Gemma 3 configs (1B: google/gemma-3-1b-pt; 4B: the text tower
+# of google/gemma-3-4b-pt), and a tiny one for smoke tests.
 SHAPES = {  # arguments of gemma_lm.models.tiny_config
     "tiny": dict(
         d_model=64,
@@ -156,9 +159,10 @@ SHAPES = {  # arguments of gemma_lm.models.tiny_config
 
 
 def random_model_dir(name: str, work: Path, seed: int, device: str) -> Path:
-    """A Gemma 3-shaped model with random weights (`name` = random-<shape>) and a word-level tokenizer ("w<id>"
-    is token id), saved once as a Hugging Face directory (bfloat16 on disk; both tools load it as float32).
-    Weights scaled so that activations keep their size through the layers, norm gains random around 1."""
+    """A Gemma 3-shaped model with random weights (`name` = random-<shape>) and a word-level
+    tokenizer ("w<id>" is token id), saved once as a Hugging Face directory (bfloat16 on disk; both
+    tools load it as float32). Weights scaled so that activations keep their size through the
+    layers, norm gains random around 1."""
     import shutil
 
     import torch
@@ -209,9 +213,8 @@ def random_model_dir(name: str, work: Path, seed: int, device: str) -> Path:
         pad_token="<pad>",
         unk_token="<unk>",
     ).save_pretrained(tmp)
-    tc_file = (
-        tmp / "tokenizer_config.json"
-    )  # transformers 5 names its own class; 4.x (circuit-tracer) needs this one
+    # transformers 5 names its own class; 4.x (circuit-tracer) needs this one
+    tc_file = tmp / "tokenizer_config.json"
     tc_json = json.loads(tc_file.read_text())
     tc_file.write_text(
         json.dumps({**tc_json, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
@@ -229,8 +232,8 @@ def random_words(n: int, vocab_size: int, seed: int) -> str:
 
 
 def calibrate_thresholds(tc, mlp_in, l0: float) -> None:
-    """Set every layer's JumpReLU threshold so that about `l0` features fire per position on `mlp_in`
-    `[L, n, D]` (BOS left out: its inputs are an outlier)."""
+    """Set every layer's JumpReLU threshold so that about `l0` features fire per position on
+    `mlp_in` `[L, n, D]` (BOS left out: its inputs are an outlier)."""
     import torch
 
     with torch.no_grad():
@@ -241,8 +244,8 @@ def calibrate_thresholds(tc, mlp_in, l0: float) -> None:
 
 
 def exact_prompt(lm, n_pos: int, random_vocab: int = 0) -> tuple[str, list[int]]:
-    """Text whose tokenization (BOS first) is exactly `n_pos` tokens: a prefix of PASSAGE, or on a random
-    model (`random_vocab` > 0) random words of its vocabulary."""
+    """Text whose tokenization (BOS first) is exactly `n_pos` tokens: a prefix of PASSAGE, or on a
+    random model (`random_vocab` > 0) random words of its vocabulary."""
     if random_vocab:
         text = random_words(n_pos - 1, random_vocab, seed=n_pos)
         return text, lm.tokenize(text).tolist()
@@ -260,8 +263,8 @@ def exact_prompt(lm, n_pos: int, random_vocab: int = 0) -> tuple[str, list[int]]
 
 
 def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
-    """Export every transcoder set in circuit-tracer's layout (once) and fix the prompts. Returns the cases and
-    notes on sets that were left out."""
+    """Export every transcoder set in circuit-tracer's layout (once) and fix the prompts. Returns
+    the cases and notes on sets that were left out."""
     import circuits
     from circuits.replacement import run_and_freeze
     from gemma_lm.files import cache_dir
@@ -297,9 +300,8 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
             src = _default_dir(notes)
             if src is None:
                 continue
-            d = (
-                work / "transcoders" / f"default-{int(src.stat().st_mtime)}"
-            )  # a retrained set is exported anew
+            # a retrained set is exported anew
+            d = work / "transcoders" / f"default-{int(src.stat().st_mtime)}"
         else:
             d = (
                 work
@@ -363,7 +365,8 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
 
 
 def _default_dir(notes: list[str]) -> Path | None:
-    """Where the default trained set is, if it has been trained already (this benchmark never starts training)."""
+    """Where the default trained set is, if it has been trained already (this benchmark never starts
+    training)."""
     try:
         from transcoders.default import default_transcoders_dir
     except ImportError as e:
@@ -378,7 +381,7 @@ def _default_dir(notes: list[str]) -> Path | None:
     return d
 
 
-# -- one measured run in a fresh process ----------------------------------------------------------------------
+# -- one measured run in a fresh process -----------------------------------------------------------
 
 
 def _proc_status(pid: int, key: str) -> int:
@@ -393,8 +396,8 @@ def _proc_status(pid: int, key: str) -> int:
 
 
 def run_measured(cmd: list[str], cfg: BenchConfig, log: Path) -> dict:
-    """Run `cmd` with `cfg.threads` threads; its last stdout line is a JSON report. Stops it at the time or
-    memory limit and says where it was (the last progress line it printed)."""
+    """Run `cmd` with `cfg.threads` threads; its last stdout line is a JSON report. Stops it at the
+    time or memory limit and says where it was (the last progress line it printed)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(cfg.threads),
@@ -414,7 +417,10 @@ def run_measured(cmd: list[str], cfg: BenchConfig, log: Path) -> dict:
             if elapsed > cfg.timeout_s:
                 stopped = f"stopped after {elapsed:.0f} s (time limit)"
             elif peak > cfg.max_rss_gb * 2**30:
-                stopped = f"stopped at {peak / 2**30:.1f} GB resident after {elapsed:.0f} s (memory limit)"
+                stopped = (
+                    f"stopped at {peak / 2**30:.1f} GB resident after {elapsed:.0f} s "
+                    "(memory limit)"
+                )
             if stopped:
                 proc.kill()
                 break
@@ -434,7 +440,8 @@ def run_measured(cmd: list[str], cfg: BenchConfig, log: Path) -> dict:
 
 
 def code_fingerprint(tool: str) -> str:
-    """A hash of the code a tool's run depends on here, so that `resume` never reuses a run of older code."""
+    """A hash of the code a tool's run depends on here, so that `resume` never reuses a run of older
+    code."""
     import hashlib
 
     files = (
@@ -456,7 +463,8 @@ def code_fingerprint(tool: str) -> str:
 
 
 def ct_phases(log: str) -> dict:
-    """circuit-tracer's own phase timings from its verbose log ("Forward pass completed in 11.70s")."""
+    """circuit-tracer's own phase timings from its verbose log ("Forward pass completed in
+    11.70s")."""
     names = {
         "Precomputation": "precompute",
         "Forward pass": "forward",
@@ -557,9 +565,10 @@ def child_ours(args) -> int:
     if lm.tokenize(args.text).tolist() != tokens:
         raise SystemExit("the prompt text does not tokenize to the case's token ids")
     s = json.loads(args.settings)
-    # encoders, decoders and the (un)embedding stay memory-mapped on disk (attribution reads the active
-    # features' rows, the prompt's embedding rows, and passes over the encoders and the unembedding from the
-    # file), as circuit-tracer keeps its CLT decoders on disk: neither tool's on-demand weights are read ahead
+    # encoders, decoders and the (un)embedding stay memory-mapped on disk (attribution reads the
+    # active features' rows, the prompt's embedding rows, and passes over the encoders and the
+    # unembedding from the file), as circuit-tracer keeps its CLT decoders on disk: neither tool's
+    # on-demand weights are read ahead
     vocab = lm.sites.embed.weight.data_ptr()
     touch(
         [p for p in lm.model.parameters() if p.data_ptr() != vocab],
@@ -577,8 +586,8 @@ def child_ours(args) -> int:
     rss_before, anon_before = rss_bytes(), anon_bytes()
     gpu = GPUMemory(args.device)
     prof = __import__("cProfile").Profile() if args.profile else None
-    # kernels' own time, on a GPU only: on the CPU the report does not show it, and recording every operator
-    # would slow the cProfile'd stages the report does show
+    # kernels' own time, on a GPU only: on the CPU the report does not show it, and recording every
+    # operator would slow the cProfile'd stages the report does show
     on_gpu = str(args.device).startswith("cuda")
     ops = op_profiler(args.device) if args.profile and on_gpu else contextlib.nullcontext()
     with PeakRSS() as peak, ops:
@@ -616,8 +625,9 @@ def child_ours(args) -> int:
         info["profile"] = _profile_table(pstats.Stats(prof), wall)
         if on_gpu:
             info["ops"] = op_table(ops, args.device)
-        # the matrix products the attribution ran (their shapes, as executed: truncated passes counted as run),
-        # in one more call with no profiler watching; the compiled edge kernels are not counted (few FLOPs)
+        # the matrix products the attribution ran (their shapes, as executed: truncated passes
+        # counted as run), in one more call with no profiler watching; the compiled edge kernels are
+        # not counted (few FLOPs)
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as flops:
@@ -631,10 +641,11 @@ def child_ours(args) -> int:
 
 
 def op_profiler(device: str):
-    """torch.profiler over the profiled run: on a GPU its kernels (what the device itself spends), on the CPU
-    PyTorch's operators. cProfile's stages are host time, which on a GPU says little: kernels run
-    asynchronously, so the device's own time shows whether the GPU is busy or waits for the host. (The
-    benchmark uses it on GPU runs only: on the CPU the compiled edge kernels, not being operators, are missed.)"""
+    """torch.profiler over the profiled run: on a GPU its kernels (what the device itself spends),
+    on the CPU PyTorch's operators. cProfile's stages are host time, which on a GPU says little:
+    kernels run asynchronously, so the device's own time shows whether the GPU is busy or waits for
+    the host. (The benchmark uses it on GPU runs only: on the CPU the compiled edge kernels, not
+    being operators, are missed.)"""
     from torch.profiler import ProfilerActivity, profile
 
     gpu = str(device).startswith("cuda")
@@ -642,9 +653,9 @@ def op_profiler(device: str):
 
 
 def op_table(prof, device: str, top: int = 8) -> dict:
-    """{"busy_s": the device's total time in its own operations (kernels and copies on a GPU; PyTorch
-    operators' self time on the CPU, where the compiled edge kernels, not being operators, are left out),
-    "top": [(name, calls, seconds)] the largest, by that time}."""
+    """{"busy_s": the device's total time in its own operations (kernels and copies on a GPU;
+    PyTorch operators' self time on the CPU, where the compiled edge kernels, not being operators,
+    are left out), "top": [(name, calls, seconds)] the largest, by that time}."""
     from torch.autograd import DeviceType
 
     gpu = str(device).startswith("cuda")
@@ -661,15 +672,16 @@ def op_table(prof, device: str, top: int = 8) -> dict:
     return {"busy_s": sum(r[2] for r in rows), "top": rows[:top]}
 
 
-# -- finite differences of token edges -------------------------------------------------------------------------
+# -- finite differences of token edges -------------------------------------------------------------
 
 
 def token_edges_by_finite_differences(lm, tc, graph, n_features: int = 8) -> dict:
-    """Token edges measured directly: in the frozen replacement model (feature activations and errors held
-    fixed, so every node input is affine in the embeddings) add the embedding of position p once more, x_0[p]
-    -> 2 x_0[p], and read the change of each target's input. For an affine map that change is exactly the
-    direct effect of token node p. Targets: every logit node and the `n_features` most active feature rows
-    after BOS. Returns {"targets": [node id], "values": [targets x n_pos]}."""
+    """Token edges measured directly: in the frozen replacement model (feature activations and
+    errors held fixed, so every node input is affine in the embeddings) add the embedding of
+    position p once more, x_0[p] -> 2 x_0[p], and read the change of each target's input. For an
+    affine map that change is exactly the direct effect of token node p. Targets: every logit node
+    and the `n_features` most active feature rows after BOS. Returns {"targets": [node id],
+    "values": [targets x n_pos]}."""
     import torch
 
     from circuits.graph import FEATURE
@@ -702,7 +714,7 @@ def token_edges_by_finite_differences(lm, tc, graph, n_features: int = 8) -> dic
     return {"targets": ids, "values": np.stack(cols, 1).tolist()}
 
 
-# -- agreement ------------------------------------------------------------------------------------------------
+# -- agreement -------------------------------------------------------------------------------------
 
 
 def ct_graph(path: Path) -> dict:
@@ -740,10 +752,11 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def agreement(ours_path: Path, ct_path: Path, embed_scale: float) -> dict:
-    """Compare the two graphs on the nodes both kept: rows of targets both computed, columns of sources both
-    have. Edges (entries nonzero in either graph) are split into: features and errors after BOS (expected to
-    agree to float rounding), errors at position 0 (circuit-tracer zeroes them by design), token edges
-    (circuit-tracer's are smaller by sqrt(d_model) by its choice of embedding vector)."""
+    """Compare the two graphs on the nodes both kept: rows of targets both computed, columns of
+    sources both have. Edges (entries nonzero in either graph) are split into: features and errors
+    after BOS (expected to agree to float rounding), errors at position 0 (circuit-tracer zeroes
+    them by design), token edges (circuit-tracer's are smaller by sqrt(d_model) by its choice of
+    embedding vector)."""
     from circuits.graph import FEATURE, load_graph
 
     ours, ct = load_graph(ours_path), ct_graph(ct_path)
@@ -804,7 +817,8 @@ def agreement(ours_path: Path, ct_path: Path, embed_scale: float) -> dict:
 
 
 def fd_agreement(fd: dict, ours_path: Path, ct_path: Path) -> dict:
-    """Relative error of each tool's token edges against the finite differences (over targets both kept)."""
+    """Relative error of each tool's token edges against the finite differences (over targets both
+    kept)."""
     from circuits.graph import load_graph
 
     ours, ct = load_graph(ours_path), ct_graph(ct_path)
@@ -830,18 +844,21 @@ def fd_agreement(fd: dict, ours_path: Path, ct_path: Path) -> dict:
     }
 
 
-# -- work and the machine's peak ------------------------------------------------------------------------------
+# -- work and the machine's peak -------------------------------------------------------------------
 
 
 def attribution_flops(
     sites, n: int, kind: str, skip: bool, d_sae: int, n_active: int, row_layers
 ) -> dict:
-    """Floating-point operations the attribution must do (multiply-add = 2), counted from the model's shapes:
-    forward: one pass over the prompt (attention causal, logits at the last position only), plus encoding
-             every transcoder feature at every position, the skip term and decoding the active features;
-    backward: for each computed row, one transposed pass through the frozen linear model from the target's
-             layer down (value and output projections, frozen patterns, skip term);
-    edges: each row's gradient dotted with every source's output vector (features, errors, tokens)."""
+    """Floating-point operations the attribution must do (multiply-add = 2), counted from the
+    model's shapes:
+    forward: one pass over the prompt (attention causal, logits at the last position only), plus
+             encoding every transcoder feature at every position, the skip term and decoding the
+             active features;
+    backward: for each computed row, one transposed pass through the frozen linear model from the
+             target's layer down (value and output projections, frozen patterns, skip term);
+    edges: each row's gradient dotted with every source's output vector (features, errors,
+           tokens)."""
     L, D, H, KV, hd, V, M = (
         sites.n_layers,
         sites.d_model,
@@ -872,16 +889,19 @@ def attribution_flops(
 
 
 def peak_flops(threads: int, size: int = 4096, reps: int = 5, device: str = "cpu") -> float:
-    """This machine's float32 matmul rate (best of `reps`), measured in a fresh process: the CPU with `threads`
-    threads, or the GPU (TF32 off, as both tools run it)."""
+    """This machine's float32 matmul rate (best of `reps`), measured in a fresh process: the CPU
+    with `threads` threads, or the GPU (TF32 off, as both tools run it)."""
     if str(device).startswith("cuda"):
         size, sync = 8192, "torch.cuda.synchronize()"
     else:
         sync = "0"
     code = (
-        f"import torch,time;torch.set_num_threads({threads});a=torch.randn({size},{size},device='{device}');"
-        f"b=torch.randn({size},{size},device='{device}');a@b;{sync};best=1e9\nfor _ in range({reps}):\n "
-        f"t=time.perf_counter();a@b;{sync};best=min(best,time.perf_counter()-t)\nprint(2*{size}**3/best)"
+        f"import torch,time;torch.set_num_threads({threads});"
+        f"a=torch.randn({size},{size},device='{device}');"
+        f"b=torch.randn({size},{size},device='{device}');a@b;{sync};best=1e9\n"
+        f"for _ in range({reps}):\n "
+        f"t=time.perf_counter();a@b;{sync};best=min(best,time.perf_counter()-t)\n"
+        f"print(2*{size}**3/best)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return float(
@@ -891,7 +911,7 @@ def peak_flops(threads: int, size: int = 4096, reps: int = 5, device: str = "cpu
     )
 
 
-# -- the whole benchmark --------------------------------------------------------------------------------------
+# -- the whole benchmark ---------------------------------------------------------------------------
 
 
 def run(cfg: BenchConfig) -> str:
@@ -905,16 +925,18 @@ def run(cfg: BenchConfig) -> str:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     cases, notes = prepare(cfg, work)
     print(
-        f"[vs_circuit_tracer] {len(cases)} cases x {cfg.repeats} repeats x {len(cfg.tools)} tools; work in {work}",
+        f"[vs_circuit_tracer] {len(cases)} cases x {cfg.repeats} repeats x {len(cfg.tools)} tools; "
+        f"work in {work}",
         flush=True,
     )
     results: dict[str, dict] = {}
+    # alternate which tool goes first
     runs = [
         (r, case, tool)
         for r in range(cfg.repeats)
         for case in cases
         for tool in (cfg.tools if r % 2 == 0 else cfg.tools[::-1])
-    ]  # alternate which tool goes first
+    ]
     if (
         cfg.profile and "ours" in cfg.tools
     ):  # apart from the timed runs: the profiler slows what it watches
@@ -981,11 +1003,12 @@ def report_markdown(
         f"{gpu_name} (peak float32 matmul {peak / 1e12:.1f} TFLOP/s, TF32 off); host {_cpu()}, "
         f"{os.cpu_count()} cores, {cfg.threads} threads per run"
         if on_gpu
-        else f"{_cpu()}, {os.cpu_count()} cores, {cfg.threads} threads per run; peak float32 matmul "
-        f"{peak / 1e9:.0f} GFLOP/s ({cfg.threads} threads)"
+        else f"{_cpu()}, {os.cpu_count()} cores, {cfg.threads} threads per run; peak float32 "
+        f"matmul {peak / 1e9:.0f} GFLOP/s ({cfg.threads} threads)"
     )
     model = (
-        f"{cfg.model} (random weights at the Gemma 3 {cfg.model.removeprefix('random-').upper()} shape)"
+        f"{cfg.model} (random weights at the Gemma 3 {cfg.model.removeprefix('random-').upper()} "
+        "shape)"
         if cfg.model.startswith("random-")
         else DEFAULT_MODEL
     )
@@ -999,11 +1022,11 @@ def report_markdown(
         + "  ",
         f"Machine: {where}; {time.strftime('%Y-%m-%d')}  ",
         f"Model: {model} (float32, {'GPU' if on_gpu else 'CPU'}). Settings for both: max_n_logits "
-        f"{cfg.max_n_logits}, "
-        f"desired_logit_prob {cfg.desired_logit_prob}, max_feature_nodes {cfg.max_feature_nodes}, batch size "
-        f"{cfg.batch_tokens} tokens / n_pos (16..256). Random sets calibrated to L0 {cfg.l0:g}: skip PLT "
-        f"{cfg.d_sae_skip} wide, CLT {cfg.d_sae_clt} per layer. {cfg.repeats} runs per tool, alternating, each a "
-        f"fresh process; times are medians.",
+        f"{cfg.max_n_logits}, desired_logit_prob {cfg.desired_logit_prob}, max_feature_nodes "
+        f"{cfg.max_feature_nodes}, batch size {cfg.batch_tokens} tokens / n_pos (16..256). Random "
+        f"sets calibrated to L0 {cfg.l0:g}: skip PLT {cfg.d_sae_skip} wide, CLT {cfg.d_sae_clt} "
+        f"per layer. {cfg.repeats} runs per tool, alternating, each a fresh process; times are "
+        "medians.",
         "",
     ]
     versions = next(
@@ -1017,8 +1040,8 @@ def report_markdown(
         ]
     anon_col = "" if on_gpu else " peak anon GB |"
     lines += [
-        f"| case | tool | tokens | batch | active features | rows | wall s | peak {mem} GB | attribution "
-        f"Δ{mem} GB |{anon_col} GFLOP | % of peak |",
+        f"| case | tool | tokens | batch | active features | rows | wall s | peak {mem} GB | "
+        f"attribution Δ{mem} GB |{anon_col} GFLOP | % of peak |",
         "|---|---|---|---|---|---|---|---|---|" + ("" if on_gpu else "---|") + "---|---|",
     ]
     summary, phases = [], []
@@ -1037,8 +1060,8 @@ def report_markdown(
                 )
                 continue
             wall = _median([x["wall_s"] for x in ok])
-            # the process's peak (on a GPU: its GPU memory, the model and transcoders included), and its rise in
-            # attribution
+            # the process's peak (on a GPU: its GPU memory, the model and transcoders included), and
+            # its rise in attribution
             peaks = [x["gpu_peak" if on_gpu else "peak_rss"] for x in ok]
             rss = max(peaks)
             during = max(
@@ -1076,8 +1099,9 @@ def report_markdown(
             anon_cell = "" if on_gpu else f" {'–' if anon is None else f'{anon / gb:.2f}'} |"
             lines.append(
                 f"| {case['name']} | {tool} | {case['n_pos']} | {case['batch_size']} | "
-                f"{ok[0]['n_active_features']} | {rows} | {wall:.2f} ({min(x['wall_s'] for x in ok):.2f}-"
-                f"{max(x['wall_s'] for x in ok):.2f}) | {rss / gb:.2f}{spread} | {during / gb:.2f} |{anon_cell} "
+                f"{ok[0]['n_active_features']} | {rows} | {wall:.2f} "
+                f"({min(x['wall_s'] for x in ok):.2f}-{max(x['wall_s'] for x in ok):.2f}) | "
+                f"{rss / gb:.2f}{spread} | {during / gb:.2f} |{anon_cell} "
                 f"{work['total'] / 1e9:.1f} | {100 * work['total'] / wall / peak:.1f} |"
             )
         if len(per_tool) == 2:
@@ -1097,8 +1121,9 @@ def report_markdown(
     if summary:
         lines += [
             "",
-            "Speed and memory, ours relative to circuit-tracer (time: how many times faster; memory: our "
-            "peak as a fraction of theirs, the highest of each tool's runs, and the ratio of the medians):",
+            "Speed and memory, ours relative to circuit-tracer (time: how many times faster; "
+            "memory: our peak as a fraction of theirs, the highest of each tool's runs, and the "
+            "ratio of the medians):",
             "",
             f"| case | speed-up | peak {mem} ratio | of medians | attribution Δ{mem} "
             "ratio |" + ("" if on_gpu else " peak anon ratio |"),
@@ -1124,7 +1149,8 @@ def report_markdown(
         stages = [name for name, _ in profiled[0][1]["profile"]]
         lines += [
             "",
-            "Our time by stage (seconds; one more run per case under cProfile, apart from the timed runs"
+            "Our time by stage (seconds; one more run per case under cProfile, apart from the "
+            "timed runs"
             + (
                 "; on a GPU a stage includes the waits for GPU work queued before it"
                 if on_gpu
@@ -1154,14 +1180,14 @@ def report_markdown(
                 + " | ".join(f"{res['matmul_gflop'] * 1e9 / peak:.3f}" for _, res in profiled)
                 + " |"
             )
-    with_ops = [
-        (name, res["ops"]) for name, res in profiled if "ops" in res
-    ]  # GPU runs record them
+    # GPU runs record them
+    with_ops = [(name, res["ops"]) for name, res in profiled if "ops" in res]
     if with_ops:
         lines += [
             "",
-            "What the GPU itself does in the profiled run (torch.profiler: kernels and copies); busy is "
-            "their total, against the timed run's wall time (far below it: the GPU waits for the host):",
+            "What the GPU itself does in the profiled run (torch.profiler: kernels and copies); "
+            "busy is their total, against the timed run's wall time (far below it: the GPU waits "
+            "for the host):",
             "",
             "| case | busy s | timed wall s | largest (calls, s) |",
             "|---|---|---|---|",
@@ -1174,14 +1200,14 @@ def report_markdown(
         "",
         "### Agreement",
         "",
-        "On the nodes both graphs kept (rows both computed x sources both have); r and max |diff| over edges "
-        "nonzero in either graph. Features and errors after BOS should agree to float rounding. circuit-tracer "
-        "zeroes every feature and error at position 0 (BOS) by design; its token edges use the unscaled "
-        "embedding row (see below).",
+        "On the nodes both graphs kept (rows both computed x sources both have); r and max |diff| "
+        "over edges nonzero in either graph. Features and errors after BOS should agree to float "
+        "rounding. circuit-tracer zeroes every feature and error at position 0 (BOS) by design; "
+        "its token edges use the unscaled embedding row (see below).",
         "",
-        "| case | shared nodes | shared rows | edges | Pearson r | max abs diff (max abs) | same logits | "
-        "max logit p diff | BOS error edges (ours, share of weight) | token edges: ours / theirs | "
-        "token r after x sqrt(d) |",
+        "| case | shared nodes | shared rows | edges | Pearson r | max abs diff (max abs) | same "
+        "logits | max logit p diff | BOS error edges (ours, share of weight) | token edges: ours "
+        "/ theirs | token r after x sqrt(d) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fd_lines, embed_scale = [], _sites(cases[0]["model_dir"]).embed_scale if cases else float("nan")
@@ -1204,7 +1230,8 @@ def report_markdown(
             f"| {case['name']} | {a['shared_nodes']} | {a['shared_targets']} | {fe['edges']} | "
             f"{fe['pearson']:.6f} | {fe['max_abs_diff']:.2g} ({fe['max_abs']:.2g}) | "
             f"{'yes' if a['same_logits'] else 'NO'} | {a['max_logit_prob_diff']:.1e} | "
-            f"{bos['edges']}, {100 * share:.1f}% | {tok['median_ratio']:.4f} | {tok2['pearson']:.6f} |"
+            f"{bos['edges']}, {100 * share:.1f}% | {tok['median_ratio']:.4f} | "
+            f"{tok2['pearson']:.6f} |"
         )
         if "fd" in o:
             f = fd_agreement(o["fd"], Path(o["out"]), Path(c["out"]))
@@ -1215,10 +1242,11 @@ def report_markdown(
     if fd_lines:
         lines += [
             "",
-            f"Token edges against finite differences in the frozen replacement model (x_0[p] -> 2 x_0[p] "
-            f"with features and errors held fixed; exact for this affine map). Gemma 3 scales embeddings by "
-            f"sqrt(d_model) = {embed_scale:.4f}; circuit-tracer multiplies the gradient at the scaled "
-            f"embedding by the unscaled row, so its token edges are too small by that factor.",
+            "Token edges against finite differences in the frozen replacement model (x_0[p] -> 2 "
+            "x_0[p] with features and errors held fixed; exact for this affine map). Gemma 3 "
+            f"scales embeddings by sqrt(d_model) = {embed_scale:.4f}; circuit-tracer multiplies "
+            "the gradient at the scaled embedding by the unscaled row, so its token edges are too "
+            "small by that factor.",
             "",
             "| case | targets | max rel. error, ours | max rel. error, circuit-tracer |",
             "|---|---|---|---|",
@@ -1226,37 +1254,39 @@ def report_markdown(
         ]
     lines += [
         "",
-        "How to read: wall time is the attribution call alone, after loading, with every weight each tool "
-        "keeps in memory already read once (memory-mapped weights made resident). Weights either tool reads "
-        "from disk on demand stay there: circuit-tracer's CLT decoders, and all our decoders (memory-mapped "
-        "views of the files, of which attribution reads the active features' rows), our encoders (views of "
-        "the files too; attribution's one pass over them and the active features' vectors are read from the "
-        "file) and our model's embedding matrix (tied to the unembedding; attribution reads the prompt's "
-        "rows and passes over the vocabulary from the file, `LoadedModel.embed` / `unembed`). Peak RSS is "
-        "the whole "
-        "process, so ΔRSS (peak during attribution minus the resident size before it) isolates the "
-        "attribution itself. Peak anon is the anonymous part of the resident memory at its peak during the "
-        "attribution call (sampled every 10 ms): RSS minus file-backed pages. Both tools' model weights "
-        "are memory-mapped safetensors files (circuit-tracer through transformers, ours through "
-        "gemma_lm.gemma3), so they count in RSS but not "
-        "here: clean file pages, which the kernel can drop and read again when memory runs short; "
-        "anonymous memory it cannot. "
-        "GFLOP is the work the attribution must do (one forward pass, one transposed pass per row down from "
-        "its layer, the edge dot products), the same formula for both tools; % of peak divides it by the "
-        "wall time and the matmul rate above. The count takes every transposed pass over the whole prompt; "
-        "ours stops each batch at the last position its rows can reach (causal attention), so it does less "
-        "than the count and can pass 100%. Both tools' rows differ when max_feature_nodes is below the "
-        "active count: they rank features by influence at different moments, and circuit-tracer never "
+        "How to read: wall time is the attribution call alone, after loading, with every weight "
+        "each tool keeps in memory already read once (memory-mapped weights made resident). "
+        "Weights either tool reads from disk on demand stay there: circuit-tracer's CLT decoders, "
+        "and all our decoders (memory-mapped views of the files, of which attribution reads the "
+        "active features' rows), our encoders (views of the files too; attribution's one pass "
+        "over them and the active features' vectors are read from the file) and our model's "
+        "embedding matrix (tied to the unembedding; attribution reads the prompt's rows and "
+        "passes over the vocabulary from the file, `LoadedModel.embed` / `unembed`). Peak RSS is "
+        "the whole process, so ΔRSS (peak during attribution minus the resident size before it) "
+        "isolates the attribution itself. Peak anon is the anonymous part of the resident memory "
+        "at its peak during the attribution call (sampled every 10 ms): RSS minus file-backed "
+        "pages. Both tools' model weights are memory-mapped safetensors files (circuit-tracer "
+        "through transformers, ours through gemma_lm.gemma3), so they count in RSS but not here: "
+        "clean file pages, which the kernel can drop and read again when memory runs short; "
+        "anonymous memory it cannot. GFLOP is the work the attribution must do (one forward pass, "
+        "one transposed pass per row down from its layer, the edge dot products), the same "
+        "formula for both tools; % of peak divides it by the wall time and the matmul rate above. "
+        "The count takes every transposed pass over the whole prompt; ours stops each batch at "
+        "the last position its rows can reach (causal attention), so it does less than the count "
+        "and can pass 100%. Both tools' rows differ when max_feature_nodes is below the active "
+        "count: they rank features by influence at different moments, and circuit-tracer never "
         "selects BOS features."
         + (
-            f" With --warmup, each process first traced the prompt's first {WARMUP_TOKENS} tokens with the same "
-            "settings (the warm-up call, not in the wall time), so that one-time costs of a process (on a GPU: "
-            "CUDA context, cuBLAS handles, kernels loaded on first use) stay out of the timed call."
+            f" With --warmup, each process first traced the prompt's first {WARMUP_TOKENS} tokens "
+            "with the same settings (the warm-up call, not in the wall time), so that one-time "
+            "costs of a process (on a GPU: CUDA context, cuBLAS handles, kernels loaded on first "
+            "use) stay out of the timed call."
             if cfg.warmup
             else ""
         )
         + (
-            " On the GPU, memory is CUDA memory allocated by each process (PyTorch's peak), not resident memory."
+            " On the GPU, memory is CUDA memory allocated by each process (PyTorch's peak), not "
+            "resident memory."
             if on_gpu
             else " The Gemma 3 1B/4B-shaped GPU cases (`--model random-1b --device cuda`) are in "
             "their own table."
@@ -1268,14 +1298,14 @@ def report_markdown(
 
 
 def _short_op(name: str, width: int = 60) -> str:
-    """A kernel's or operator's name for a table cell: no `void `, no `|`, cut to `width` (a GPU kernel's
-    template arguments say which matmul variant it is, so they stay as far as they fit)."""
+    """A kernel's or operator's name for a table cell: no `void `, no `|`, cut to `width` (a GPU
+    kernel's template arguments say which matmul variant it is, so they stay as far as they fit)."""
     return " ".join(name.removeprefix("void ").split()).replace("|", "/")[:width]
 
 
 def _work(case: dict, res: dict, tool: str, sites) -> dict:
-    """FLOPs of the run, from the rows it computed and its active features. A feature row of layer l passes
-    back through the attention of layers l..0; a logit row through all layers."""
+    """FLOPs of the run, from the rows it computed and its active features. A feature row of layer l
+    passes back through the attention of layers l..0; a logit row through all layers."""
     import yaml
 
     cfg = yaml.safe_load((Path(case["dir"]) / "config.yaml").read_text())

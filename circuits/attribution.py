@@ -587,9 +587,10 @@ def errors_and_node_inputs(
     transcoders' (features, decoder bias, skip term): what makes the replacement model exact."""
     tc, state, L = frozen.transcoders, frozen.state, frozen.n_layers
     f = features
+    # [L, n, D]
     feature_out = decode_sparse(
         tc, f.layer, f.pos, f.feature, f.activation, frozen.n_pos, f.decoders
-    )  # [L, n, D]
+    )
     skip = (
         torch.stack([tc.skip_term(l, state.mlp_in[l]).float() for l in range(L)])
         if tc.W_skip is not None

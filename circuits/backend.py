@@ -26,9 +26,8 @@ _ext = None
 _ext_error = None
 try:
     from . import _edges as _ext  # type: ignore[attr-defined]
-except (
-    Exception
-) as e:  # not built: no compiler at install time, a source checkout, or built for another torch
+except Exception as e:
+    # not built: no compiler at install time, a source checkout, or built for another torch
     _ext_error = f"{e.__class__.__name__}: {e}"
 
 # working memory of the pure-PyTorch paths, per step (bytes)
@@ -285,9 +284,8 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
-    return t.pin_memory().to(
-        device, non_blocking=True
-    )  # the pinned block is reused only after the copy
+    # the pinned block is reused only after the copy
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def abs_rmatvec(block, row_weight, out, backend: str | None = None) -> None:

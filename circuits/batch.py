@@ -1,23 +1,25 @@
-"""Batch tracing: one attribution graph per prompt of a JSONL file, split across the ranks of a torchrun job.
+"""Batch tracing: one attribution graph per prompt of a JSONL file, split across the ranks of a
+torchrun job. In one process, or in four:
 
-    torchrun --nproc-per-node 4 -m circuits trace-batch prompts.jsonl --out runs/study   # 4 processes
-    circuits trace-batch prompts.jsonl --out runs/study                                  # one process
+    circuits trace-batch prompts.jsonl --out runs/study
+    torchrun --nproc-per-node 4 -m circuits trace-batch prompts.jsonl --out runs/study
 
-The prompts file holds one JSON object a line: {"prompt": ..., "target": " Paris" (optional; a string or a
-list of strings), "contrast": " London" (optional), "id": "paris" (optional; default: the line number)};
-other keys are kept in the index as they are.
+The prompts file holds one JSON object a line: {"prompt": ..., "target": " Paris" (optional; a
+string or a list of strings), "contrast": " London" (optional), "id": "paris" (optional; default:
+the line number)}; other keys are kept in the index as they are.
 
 The output folder:
-  batch.json                the job's options; a resumed run must use the same ones (or --overwrite)
-  graphs/ID.npz             one graph per prompt (`AttributionGraph.save`, written atomically); its
-                            metadata["batch"] holds the index record and `scores` the scores
-  progress/rank-R.jsonl     this run's records, one log per rank (live progress, failures)
-  index.jsonl               one record per prompt in file order, written atomically by rank 0 at the end
-                            and rebuilt from the graph files themselves: every prompt appears exactly once,
-                            whatever was killed when
+  batch.json              the job's options; a resumed run must use the same ones (or --overwrite)
+  graphs/ID.npz           one graph per prompt (`AttributionGraph.save`, written atomically); its
+                          metadata["batch"] holds the index record and `scores` the scores
+  progress/rank-R.jsonl   this run's records, one log per rank (live progress, failures)
+  index.jsonl             one record per prompt in file order, written atomically by rank 0 at the
+                          end and rebuilt from the graph files themselves: every prompt appears
+                          exactly once, whatever was killed when
 
-Resuming: a prompt is skipped when its graph exists, loads, and was traced for the same prompt, targets and
-contrast; the rest are dealt round-robin across the ranks, so a resumed job may use another number of ranks.
+Resuming: a prompt is skipped when its graph exists, loads, and was traced for the same prompt,
+targets and contrast; the rest are dealt round-robin across the ranks, so a resumed job may use
+another number of ranks.
 """
 
 from __future__ import annotations
@@ -165,12 +167,12 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-# -- prompts ------------------------------------------------------------------------------------------
+# -- prompts ---------------------------------------------------------------------------------------
 
 
 def read_prompts(source: str | Path | list) -> list[PromptSpec]:
-    """Prompt specs from a JSONL file (or a list of dicts / strings), checked: every line an object with a
-    "prompt" string, ids unique and usable as file names."""
+    """Prompt specs from a JSONL file (or a list of dicts / strings), checked: every line an object
+    with a "prompt" string, ids unique and usable as file names."""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not str(source) or not path.is_file():
@@ -187,7 +189,7 @@ def read_prompts(source: str | Path | list) -> list[PromptSpec]:
             except json.JSONDecodeError as e:
                 raise UserError(
                     f"{path} line {n} is not JSON ({e.msg}); write one JSON object a line"
-                )
+                ) from None
         where = str(path)
     else:
         items, where = [(n, item) for n, item in enumerate(source, start=1)], "prompt list"
@@ -201,7 +203,8 @@ def read_prompts(source: str | Path | list) -> list[PromptSpec]:
             or not item["prompt"]
         ):
             raise UserError(
-                f'{where} line {n}: expected an object with a non-empty "prompt" string, got {item!r:.80}'
+                f'{where} line {n}: expected an object with a non-empty "prompt" string, '
+                f"got {item!r:.80}"
             )
         target = item.get("target")
         targets = (
@@ -217,11 +220,13 @@ def read_prompts(source: str | Path | list) -> list[PromptSpec]:
         pid = str(item["id"]) if item.get("id") is not None else f"{n:05d}"
         if not _ID_PATTERN.match(pid):
             raise UserError(
-                f'{where} line {n}: id {pid!r} cannot name a file; use letters, digits, ".", "_", "-"'
+                f"{where} line {n}: id {pid!r} cannot name a file; "
+                'use letters, digits, ".", "_", "-"'
             )
         if pid in seen:
             raise UserError(
-                f"{where} line {n}: id {pid!r} is used already on line {seen[pid]}; ids must be unique"
+                f"{where} line {n}: id {pid!r} is used already on line {seen[pid]}; "
+                "ids must be unique"
             )
         seen[pid] = n
         extra = {k: v for k, v in item.items() if k not in ("prompt", "target", "contrast", "id")}
@@ -232,8 +237,8 @@ def read_prompts(source: str | Path | list) -> list[PromptSpec]:
 
 
 def check_prompts(lm, specs: list[PromptSpec], cfg: AttributionConfig) -> None:
-    """Refuse the whole job up front when a prompt is too long or a target is not one token, rather than
-    hours into it."""
+    """Refuse the whole job up front when a prompt is too long or a target is not one token, rather
+    than hours into it."""
     for s in specs:
         try:
             n_tokens = len(lm.tokenize(s.prompt, chat=cfg.chat))
@@ -244,10 +249,10 @@ def check_prompts(lm, specs: list[PromptSpec], cfg: AttributionConfig) -> None:
             for t in s.targets + ([s.contrast] if s.contrast else []):
                 single_token(lm, t)
         except UserError as e:
-            raise UserError(f"prompt {s.id!r} (line {s.line}): {e}")
+            raise UserError(f"prompt {s.id!r} (line {s.line}): {e}") from None
 
 
-# -- the output folder --------------------------------------------------------------------------------
+# -- the output folder -----------------------------------------------------------------------------
 
 
 def _job_options(cfg: AttributionConfig) -> dict:
@@ -255,7 +260,8 @@ def _job_options(cfg: AttributionConfig) -> dict:
 
 
 def prepare_folder(out: Path, cfg: BatchConfig) -> None:
-    """(Rank 0, before any rank writes.) Check or record the job's options; drop what a killed run left."""
+    """(Rank 0, before any rank writes.) Check or record the job's options; drop what a killed run
+    left."""
     options = _job_options(cfg.attribution)
     job = out / "batch.json"
     if job.exists() and not cfg.overwrite:
@@ -274,9 +280,8 @@ def prepare_folder(out: Path, cfg: BatchConfig) -> None:
         job, json.dumps({"format": "gemma-circuits-batch", "attribution": options}, indent=1)
     )
     (out / "graphs").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "graphs").glob(
-        ".*.partial"
-    ):  # temporary files of writes that a kill interrupted
+    # temporary files of writes that a kill interrupted
+    for stale in (out / "graphs").glob(".*.partial"):
         stale.unlink(missing_ok=True)
     progress = out / "progress"
     progress.mkdir(exist_ok=True)
@@ -349,8 +354,8 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def build_index(out: Path, specs: list[PromptSpec]) -> list[dict]:
-    """(Rank 0, after every rank finished.) One record per prompt from the graph files, failures from the
-    rank logs; written atomically to index.jsonl."""
+    """(Rank 0, after every rank finished.) One record per prompt from the graph files, failures
+    from the rank logs; written atomically to index.jsonl."""
     failures = {}
     for log in sorted((out / "progress").glob("rank-*.jsonl")):
         for r in _read_log(log):
@@ -365,9 +370,8 @@ def build_index(out: Path, specs: list[PromptSpec]) -> list[dict]:
                 record = read_header(path)["metadata"].get("batch")
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                 record = None
-            if record is None and graph_is_done(
-                path, s
-            ):  # a graph this job did not write, but the right one
+            # a graph this job did not write, but the right one
+            if record is None and graph_is_done(path, s):
                 record = graph_record(s, load_graph(path), None, None)
         if record is None or any(
             record.get(k) != s.as_record()[k] for k in ("prompt", "target", "contrast")
@@ -378,7 +382,7 @@ def build_index(out: Path, specs: list[PromptSpec]) -> list[dict]:
     return records
 
 
-# -- the job ------------------------------------------------------------------------------------------
+# -- the job ---------------------------------------------------------------------------------------
 
 
 def trace_batch(
@@ -535,8 +539,8 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
 
 
 def _everywhere(ranks: Ranks, fn, here: bool = True):
-    """fn() on this rank when `here`; a UserError raised on any rank is raised on every rank, so none is
-    left waiting in a collective for a rank that gave up."""
+    """fn() on this rank when `here`; a UserError raised on any rank is raised on every rank, so
+    none is left waiting in a collective for a rank that gave up."""
     result, error = None, None
     if here:
         try:

@@ -1,5 +1,5 @@
-"""The `circuits` command. Each subcommand is a job dataclass beside the stage it drives, listed in its
-module's `COMMANDS` (see `gemma_lm.jobs`)."""
+"""The `circuits` command. Each subcommand is a job dataclass beside the stage it drives, listed in
+its module's `COMMANDS` (see `gemma_lm.jobs`)."""
 
 from __future__ import annotations
 

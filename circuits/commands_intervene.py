@@ -61,7 +61,8 @@ class InterveneJob:
     groups: str | None = option(default=None, metavar="JSON")
     """supernodes: {"supernodes": {"name": [node ids]}} (the viewer saves it)"""
     compare: str | None = option(default=None, metavar="OTHER_GRAPH")
-    """adds supernodes 'only-here' (features of GRAPH's circuit missing from OTHER's) and 'shared'"""
+    """adds supernodes 'only-here' (features of GRAPH's circuit missing from OTHER's) and
+    'shared'"""
     json: str | None = option(default=None, metavar="OUT")
     """also write the result as JSON"""
     intervention: InterventionConfig = field(default_factory=InterventionConfig)

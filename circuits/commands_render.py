@@ -1,4 +1,5 @@
-"""`circuits render`: SVG/PNG (graphviz), the interactive HTML page and the Neuronpedia graph JSON."""
+"""`circuits render`: SVG/PNG (graphviz), the interactive HTML page and the Neuronpedia graph
+JSON."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """Comparing the circuits of two prompts (e.g. a refusal prompt and its jailbreak).
 
-Prompts are aligned token by token (difflib on the token strings; the last positions, where both predict,
-always align). The aligned positions form a shared frame of columns; a node's merged id is its id with
-the position replaced by its column (`f:L:C:F`, `e:L:C`, `t:C`, `l:TOKEN`). Features match when layer,
-feature id and column agree, error nodes when layer and column agree, tokens when the column and the
-token agree, logits by vocabulary id. Graphs that were not pruned yet are pruned first.
+Prompts are aligned token by token (difflib on the token strings; the last positions, where both
+predict, always align). The aligned positions form a shared frame of columns; a node's merged id is
+its id with the position replaced by its column (`f:L:C:F`, `e:L:C`, `t:C`, `l:TOKEN`). Features
+match when layer, feature id and column agree, error nodes when layer and column agree, tokens when
+the column and the token agree, logits by vocabulary id. Graphs that were not pruned yet are pruned
+first.
 """
 
 from __future__ import annotations
@@ -42,17 +43,15 @@ class CompareConfig:
 class Comparison:
     a: AttributionGraph  # the pruned graphs compared
     b: AttributionGraph
-    columns: list[
-        tuple[int | None, int | None]
-    ]  # shared frame: (position in A, position in B) per column
+    # shared frame: (position in A, position in B) per column
+    columns: list[tuple[int | None, int | None]]
     a_to_merged: dict[str, str]  # A's node id -> merged id
     b_to_merged: dict[str, str]
     node_status: dict[str, str]  # merged id -> "a" (only in A), "b" (only in B), "both"
     jaccard: float  # |shared| / |union| of feature and error nodes (merged ids)
     feature_jaccard_any_position: float  # the same over (layer, feature id), positions ignored
-    influence_changes: list[dict] = field(
-        default_factory=list
-    )  # largest |influence B - influence A|
+    # largest |influence B - influence A|
+    influence_changes: list[dict] = field(default_factory=list)
     edge_changes: list[dict] = field(default_factory=list)  # largest |weight B - weight A|
 
     def ids_with(self, status: str, kinds: tuple[str, ...] = ("f", "e")) -> list[str]:
@@ -94,9 +93,12 @@ class Comparison:
             f"A: {self.a.prompt!r} ({self.a.n_pos} tokens)",
             f"B: {self.b.prompt!r} ({self.b.n_pos} tokens)",
             f"aligned positions: {aligned}",
-            f"features: {counts['both']['f']} shared, {counts['a']['f']} only in A, {counts['b']['f']} only in B",
-            f"error nodes: {counts['both']['e']} shared, {counts['a']['e']} only in A, {counts['b']['e']} only in B",
-            f"logits: {counts['both']['l']} shared, {counts['a']['l']} only in A, {counts['b']['l']} only in B",
+            f"features: {counts['both']['f']} shared, {counts['a']['f']} only in A, "
+            f"{counts['b']['f']} only in B",
+            f"error nodes: {counts['both']['e']} shared, {counts['a']['e']} only in A, "
+            f"{counts['b']['e']} only in B",
+            f"logits: {counts['both']['l']} shared, {counts['a']['l']} only in A, "
+            f"{counts['b']['l']} only in B",
             f"Jaccard of pruned feature+error nodes: {self.jaccard:.3f}; "
             f"of (layer, feature) at any position: {self.feature_jaccard_any_position:.3f}",
         ]
@@ -109,7 +111,8 @@ class Comparison:
         if self.edge_changes:
             lines.append("largest edge weight changes (B - A):")
             lines += [
-                f"  {c['source']} -> {c['target']}: {c['a']:+.4g} -> {c['b']:+.4g} ({c['delta']:+.4g})"
+                f"  {c['source']} -> {c['target']}: "
+                f"{c['a']:+.4g} -> {c['b']:+.4g} ({c['delta']:+.4g})"
                 for c in self.edge_changes
             ]
         return "\n".join(lines)
@@ -132,8 +135,8 @@ class Comparison:
 
 
 def align_tokens(tokens_a: list[str], tokens_b: list[str]) -> list[tuple[int | None, int | None]]:
-    """Columns of a shared frame, in order: (i, j) for aligned positions, (i, None) / (None, j) for the
-    rest. Equal runs found by difflib align; the final positions always align."""
+    """Columns of a shared frame, in order: (i, j) for aligned positions, (i, None) / (None, j) for
+    the rest. Equal runs found by difflib align; the final positions always align."""
     sm = difflib.SequenceMatcher(a=tokens_a, b=tokens_b, autojunk=False)
     pairs = [(blk.a + k, blk.b + k) for blk in sm.get_matching_blocks() for k in range(blk.size)]
     la, lb = len(tokens_a), len(tokens_b)
@@ -193,7 +196,9 @@ def compare(
     status = {m: "both" if m in sb else "a" for m in ma}
     status.update({m: "b" for m in mb if m not in sa})
 
-    inner = lambda ids: {m for m in ids if m[0] in "fe"}
+    def inner(ids):
+        return {m for m in ids if m[0] in "fe"}
+
     ia, ib = inner(sa), inner(sb)
     jaccard = len(ia & ib) / len(ia | ib) if ia | ib else 1.0
     fa = {(int(a.layer[i]), int(a.feature[i])) for i in a.nodes_of(FEATURE)}

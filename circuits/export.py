@@ -33,7 +33,7 @@ NEURONPEDIA_FEATURE_TYPES = {
 }
 
 
-# -- circuit-tracer / Neuronpedia graph JSON ---------------------------------------------------------
+# -- circuit-tracer / Neuronpedia graph JSON -------------------------------------------------------
 
 
 def _cantor(x: int, y: int) -> int:
@@ -46,8 +46,8 @@ def _js_token(s: str) -> str:
 
 
 def neuronpedia_node_ids(graph: AttributionGraph) -> list[str]:
-    """The viewer's node ids: `L_F_P` features, `L_-1_P` errors, `E_TOKEN_P` embeddings, `(n_layers+1)_V_P`
-    logits."""
+    """The viewer's node ids: `L_F_P` features, `L_-1_P` errors, `E_TOKEN_P` embeddings,
+    `(n_layers+1)_V_P` logits."""
     out = []
     for i in range(graph.n_nodes):
         k, L, p, f = (

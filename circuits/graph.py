@@ -1,5 +1,5 @@
-"""`AttributionGraph`: the one graph type that every stage reads and writes, its file, its labels and its
-networkx view.
+"""`AttributionGraph`: the one graph type that every stage reads and writes, its file, its labels
+and its networkx view.
 
 Nodes come in a fixed order: active features (sorted by layer, position, feature id), error nodes
 (layer, position), token-embedding nodes (position), logit nodes. `adjacency[t, s]` is the direct
@@ -36,26 +36,24 @@ class AttributionGraph:
     layer: np.ndarray  # [n_nodes] int32: source layer; -1 for tokens; n_layers for logits
     pos: np.ndarray  # [n_nodes] int32
     feature: np.ndarray  # [n_nodes] int64: feature id; vocabulary id for logits; -1 otherwise
-    activation: (
-        np.ndarray
-    )  # [n_nodes] float32: feature activation; |error|; |embedding|; logit value
-    node_input: (
-        np.ndarray
-    )  # [n_nodes] float32: encoder pre-activation / logit input; NaN for sources only
-    row_constant: (
-        np.ndarray
-    )  # [n_nodes] float32: input not explained by edges (biases, frozen terms)
+    # [n_nodes] float32: feature activation; |error|; |embedding|; logit value
+    activation: np.ndarray
+    # [n_nodes] float32: encoder pre-activation / logit input; NaN for sources only
+    node_input: np.ndarray
+    # [n_nodes] float32: input not explained by edges (biases, frozen terms)
+    row_constant: np.ndarray
     has_row: np.ndarray  # [n_nodes] bool: whether the node's incoming edges were computed
     adjacency: sp.csr_array  # [n_nodes, n_nodes] targets x sources
     logit_probabilities: np.ndarray  # [n_logits]
     n_layers: int
-    # model, transcoders, settings, versions, scores, ...: the keys other stages rely on are read and
-    # written through the accessors below (`settings`, `scores`, `pruning`, `supernodes`, `dashboards`)
+    # model, transcoders, settings, versions, scores, ...: the keys other stages rely on are read
+    # and written through the accessors below (`settings`, `scores`, `pruning`, `supernodes`,
+    # `dashboards`)
     metadata: dict = field(default_factory=dict)
     influence: np.ndarray | None = None  # [n_nodes] set by pruning
     labels: dict[int, str] = field(default_factory=dict)  # node index -> human label
 
-    # -- node views -----------------------------------------------------------------------------
+    # -- node views --------------------------------------------------------------------------------
     @property
     def n_nodes(self) -> int:
         return len(self.kind)
@@ -98,7 +96,7 @@ class AttributionGraph:
         try:
             return ids.index(node_id)
         except ValueError:
-            raise UserError(f"node {node_id!r} is not in this graph")
+            raise UserError(f"node {node_id!r} is not in this graph") from None
 
     def node_label(self, i: int) -> str:
         """A short human-readable label."""
@@ -120,7 +118,8 @@ class AttributionGraph:
         row = self.adjacency[[i]]
         return row.indices.copy(), row.data.copy()
 
-    # -- what the stages record in `metadata` (kept there, so the file layout stays one JSON header) --
+    # -- what the stages record in `metadata` ------------------------------------------------------
+    # (kept there, so that the file layout stays one JSON header)
     @property
     def settings(self) -> dict:
         """The options the graph was traced with (`AttributionConfig` as a dict, written by
@@ -172,7 +171,7 @@ class AttributionGraph:
     def dashboards(self, value: dict[str, dict]) -> None:
         self.metadata["dashboards"] = value
 
-    # -- persistence ----------------------------------------------------------------------------
+    # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the graph as one .npz file (atomically: a temporary file, then a rename)."""
         path = Path(path)
@@ -219,7 +218,9 @@ class AttributionGraph:
                 a = {k: z[k] for k in z.files}
             header = json.loads(a.pop("header").tobytes().decode())
         except (zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
-            raise UserError(f"{path} is not a gemma-circuits graph file or is corrupt ({e})")
+            raise UserError(
+                f"{path} is not a gemma-circuits graph file or is corrupt ({e})"
+            ) from None
         if header.get("format") != "gemma-circuits-graph":
             raise UserError(f"{path} is not a gemma-circuits graph file")
         adj = sp.csr_array(
@@ -237,7 +238,7 @@ class AttributionGraph:
             **a,
         )
 
-    # -- views for other tools ------------------------------------------------------------------
+    # -- views for other tools ---------------------------------------------------------------------
     def to_networkx(self):
         """This graph as a `networkx.DiGraph` (see `graph_to_networkx`)."""
         return graph_to_networkx(self)
@@ -247,7 +248,8 @@ class AttributionGraph:
         return graph_from_networkx(g)
 
     def subgraph(self, keep: np.ndarray) -> AttributionGraph:
-        """The graph restricted to the nodes in `keep` (indices or boolean mask), in their original order."""
+        """The graph restricted to the nodes in `keep` (indices or boolean mask), in their original
+        order."""
         keep = np.asarray(keep)
         idx = np.flatnonzero(keep) if keep.dtype == bool else np.sort(keep)
         adj = self.adjacency[idx][:, idx]
@@ -278,8 +280,8 @@ class AttributionGraph:
             f"{s!r} {p:.3f}" for s, p in zip(self.logit_strings, self.logit_probabilities)
         )
         return (
-            f"{n['feature']} features, {n['error']} error nodes, {n['token']} tokens, {n['logit']} logits "
-            f"({top}); {self.adjacency.nnz} edges"
+            f"{n['feature']} features, {n['error']} error nodes, {n['token']} tokens, "
+            f"{n['logit']} logits ({top}); {self.adjacency.nnz} edges"
         )
 
 
@@ -292,7 +294,7 @@ def _json_default(x):
     raise TypeError(f"metadata value of type {type(x).__name__} cannot be saved as JSON")
 
 
-# -- labels -------------------------------------------------------------------------------------------
+# -- labels ----------------------------------------------------------------------------------------
 
 
 def auto_label(graph: AttributionGraph, i: int) -> str | None:
@@ -302,7 +304,8 @@ def auto_label(graph: AttributionGraph, i: int) -> str | None:
 
 
 def display_label(graph: AttributionGraph, i: int) -> tuple[str, str]:
-    """(label, source): the human label, else the dashboard's auto label, else the default short label."""
+    """(label, source): the human label, else the dashboard's auto label, else the default short
+    label."""
     if i in graph.labels:
         return graph.labels[i], "human"
     auto = auto_label(graph, i)
@@ -313,8 +316,8 @@ def display_label(graph: AttributionGraph, i: int) -> tuple[str, str]:
 
 def supernode_groups(value) -> dict[str, list[str]]:
     """Supernodes as {name: [node ids]}, the form graphs and the viewer's grouping file use
-    (`metadata["supernodes"]`, `{"supernodes": {...}}`). Also accepts a list of {"name", "members"} and
-    Neuronpedia's [[name, id, ...], ...]."""
+    (`metadata["supernodes"]`, `{"supernodes": {...}}`). Also accepts a list of {"name", "members"}
+    and Neuronpedia's [[name, id, ...], ...]."""
     inner = value.get("supernodes") if isinstance(value, dict) else None
     if isinstance(inner, dict) or (
         isinstance(inner, list) and all(isinstance(g, dict | list) for g in inner)
@@ -342,8 +345,8 @@ def supernode_groups(value) -> dict[str, list[str]]:
 
 
 def load_supernodes(path: str | Path) -> dict[str, list[str]]:
-    """The supernodes of a grouping file: the JSON the HTML viewer's 'download grouping' button saves,
-    {"supernodes": {name: [node ids]}}, or any form `supernode_groups` reads."""
+    """The supernodes of a grouping file: the JSON the HTML viewer's 'download grouping' button
+    saves, {"supernodes": {name: [node ids]}}, or any form `supernode_groups` reads."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"grouping file {p} does not exist")
@@ -367,16 +370,17 @@ def finite_or_none(x) -> float | None:
     return None if math.isnan(x) or math.isinf(x) else x
 
 
-# -- networkx -----------------------------------------------------------------------------------------
+# -- networkx --------------------------------------------------------------------------------------
 
 
 def graph_to_networkx(graph: AttributionGraph):
     """A `networkx.DiGraph`: nodes keyed by `AttributionGraph.node_id`, edges source -> target.
 
-    Node attributes: kind ("feature"/"error"/"token"/"logit"), layer, pos, token (the prompt token at pos,
-    or the predicted token for logits), feature (feature id; vocabulary id for logits; -1 otherwise),
-    activation, influence (None before pruning), label and label_source ("human"/"auto"/"default"),
-    node_input, row_constant, has_row; logits also probability and rank. Edge attribute: weight (the direct effect).
+    Node attributes: kind ("feature"/"error"/"token"/"logit"), layer, pos, token (the prompt token
+    at pos, or the predicted token for logits), feature (feature id; vocabulary id for logits; -1
+    otherwise), activation, influence (None before pruning), label and label_source
+    ("human"/"auto"/"default"), node_input, row_constant, has_row; logits also probability and rank.
+    Edge attribute: weight (the direct effect).
     Graph attributes: prompt, token_ids, token_strings, n_layers, metadata."""
     import networkx as nx  # imported when used: it takes longer to import than the rest of circuits
 
@@ -421,8 +425,17 @@ def graph_to_networkx(graph: AttributionGraph):
     return g
 
 
+def _column(nodes: list, key: str, default, dtype) -> np.ndarray:
+    """Attribute `key` of every node of a list of networkx `(id, attributes)` pairs, as an array;
+    `default` where it is missing or None."""
+    return np.array(
+        [d.get(key, default) if d.get(key) is not None else default for _, d in nodes], dtype=dtype
+    )
+
+
 def graph_from_networkx(g) -> AttributionGraph:
-    """Back from `graph_to_networkx` (or any DiGraph with the same node attributes and edge `weight`)."""
+    """Back from `graph_to_networkx` (or any DiGraph with the same node attributes and edge
+    `weight`)."""
     need = ("kind", "layer", "pos", "feature")
     kinds = {name: k for k, name in enumerate(KIND_NAMES)}
     nodes = list(g.nodes(data=True))
@@ -452,9 +465,6 @@ def graph_from_networkx(g) -> AttributionGraph:
     nodes = [nodes[i] for i in order]
     index = {nid: i for i, (nid, _) in enumerate(nodes)}
     n = len(nodes)
-    col = lambda key, default, dtype: np.array(
-        [d.get(key, default) if d.get(key) is not None else default for _, d in nodes], dtype=dtype
-    )
     kind = np.array([kinds[d["kind"]] for _, d in nodes], dtype=np.int8)
     rows, cols, vals = [], [], []
     for s, t, d in g.edges(data=True):
@@ -470,7 +480,7 @@ def graph_from_networkx(g) -> AttributionGraph:
     )
     influence = None
     if all(d.get("influence") is not None for _, d in nodes) and n:
-        influence = col("influence", 0.0, np.float32)
+        influence = _column(nodes, "influence", 0.0, np.float32)
     logit_idx = np.flatnonzero(kind == LOGIT)
     meta = dict(g.graph.get("metadata") or {})
     if "logit_strings" not in meta:
@@ -483,12 +493,12 @@ def graph_from_networkx(g) -> AttributionGraph:
         tokens=np.asarray(token_ids, dtype=np.int64),
         token_strings=token_strings or [""] * n_pos,
         kind=kind,
-        layer=col("layer", -1, np.int32),
-        pos=col("pos", 0, np.int32),
-        feature=col("feature", -1, np.int64),
-        activation=col("activation", 0.0, np.float32),
-        node_input=col("node_input", np.nan, np.float32),
-        row_constant=col("row_constant", 0.0, np.float32),
+        layer=_column(nodes, "layer", -1, np.int32),
+        pos=_column(nodes, "pos", 0, np.int32),
+        feature=_column(nodes, "feature", -1, np.int64),
+        activation=_column(nodes, "activation", 0.0, np.float32),
+        node_input=_column(nodes, "node_input", np.nan, np.float32),
+        row_constant=_column(nodes, "row_constant", 0.0, np.float32),
         has_row=has_row,
         adjacency=adj,
         logit_probabilities=np.array(

@@ -36,8 +36,8 @@ def info_lines() -> list[str]:
     )
     return [
         f"gemma-circuits {__version__}",
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {version('transformers')}, "
-        f"numpy {numpy.__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {version('transformers')}, numpy {numpy.__version__}",
         f"device: {device}",
         f"edge backend: {active_backend(dev)} ({backend_reason(dev)})"
         + (f"; for CPU tensors: {active_backend('cpu')} ({backend_reason('cpu')})" if cuda else ""),

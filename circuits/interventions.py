@@ -1,23 +1,26 @@
 """Interventions: set, scale or zero features (or error terms) and see how the logits move.
 
-Constrained patching: the transcoders are spliced in at every layer and the error term of every (layer,
-position) is held at its clean value, so an intervention changes only what flows through features.
+Constrained patching: the transcoders are spliced in at every layer and the error term of every
+(layer, position) is held at its clean value, so an intervention changes only what flows through
+features.
 
-mode "frozen": the attribution graph's own world. Attention patterns and norm scales stay as in the clean
-    run (`replacement.frozen_forward`); a change reaches later features through their pre-activations and
-    activation functions. With `propagate=False` every other feature keeps its clean activation, which is
-    exactly the world the graph's direct-effect edges describe.
-mode "full": the real model re-run with hooks at every layer's MLP output (the `ModelSites`): the output
-    becomes the transcoder output of the live MLP input (intervention applied) plus the clean error term;
-    attention and norms are recomputed.
+mode "frozen": the attribution graph's own world. Attention patterns and norm scales stay as in the
+    clean run (`replacement.frozen_forward`); a change reaches later features through their
+    pre-activations and activation functions. With `propagate=False` every other feature keeps its
+    clean activation, which is exactly the world the graph's direct-effect edges describe.
+mode "full": the real model re-run with hooks at every layer's MLP output (the `ModelSites`): the
+    output becomes the transcoder output of the live MLP input (intervention applied) plus the clean
+    error term; attention and norms are recomputed.
 
-Targets are node ids as `AttributionGraph.node_id` writes them: `f:LAYER:POS:FEATURE` and `e:LAYER:POS`;
-POS may be `*` (every position, generated ones included). A supernode is a name mapped to a list of node
-ids (the HTML viewer saves `{"supernodes": {name: [ids]}}`); an operation on it applies to every member.
+Targets are node ids as `AttributionGraph.node_id` writes them: `f:LAYER:POS:FEATURE` and
+`e:LAYER:POS`; POS may be `*` (every position, generated ones included). A supernode is a name
+mapped to a list of node ids (the HTML viewer saves `{"supernodes": {name: [ids]}}`); an operation
+on it applies to every member.
 
-Generation is greedy and always runs the full model (frozen patterns exist only for the prompt), with the
-intervention held at its positions. Generated positions have no clean run, so their error term is the live
-one: the real MLP output there plus the change of the transcoder output that the intervention causes.
+Generation is greedy and always runs the full model (frozen patterns exist only for the prompt),
+with the intervention held at its positions. Generated positions have no clean run, so their error
+term is the live one: the real MLP output there plus the change of the transcoder output that the
+intervention causes.
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ class InterventionConfig:
 
 @dataclass
 class Intervention:
-    """One operation: op "set" (activation := value), "scale" (activation *= value) or "zero", on a node id,
-    a supernode name, or a list of node ids."""
+    """One operation: op "set" (activation := value), "scale" (activation *= value) or "zero", on a
+    node id, a supernode name, or a list of node ids."""
 
     op: str
     target: str | tuple[str, ...]
@@ -93,7 +96,8 @@ class Intervention:
 
 @dataclass(frozen=True)
 class Site:
-    """A resolved target: a feature (kind "f") or an error term (kind "e"); pos None means every position."""
+    """A resolved target: a feature (kind "f") or an error term (kind "e"); pos None means every
+    position."""
 
     kind: str
     layer: int
@@ -105,9 +109,9 @@ class Site:
 class InterventionResult:
     """Logits at the last prompt position before and after, and optional continuations.
 
-    Logits are `[vocab]` as the model outputs them (after soft-capping); `raw_*` are before soft-capping
-    (frozen mode only). `clean_acts` / `acts`: per layer `[n_pos, F]` feature activations at the prompt
-    positions (the first forward pass of full mode)."""
+    Logits are `[vocab]` as the model outputs them (after soft-capping); `raw_*` are before
+    soft-capping (frozen mode only). `clean_acts` / `acts`: per layer `[n_pos, F]` feature
+    activations at the prompt positions (the first forward pass of full mode)."""
 
     prompt: str
     tokens: torch.Tensor = field(repr=False)  # [n_pos]
@@ -117,9 +121,8 @@ class InterventionResult:
     applied: list[str]
     logits_clean: torch.Tensor = field(repr=False)
     logits: torch.Tensor = field(repr=False)
-    top: list[dict] = field(
-        repr=False
-    )  # the before/after table: union of the top-k tokens before and after
+    # the before/after table: union of the top-k tokens before and after
+    top: list[dict] = field(repr=False)
     clean_acts: list[torch.Tensor] = field(repr=False, default_factory=list)
     acts: list[torch.Tensor] = field(repr=False, default_factory=list)
     raw_logits_clean: torch.Tensor | None = field(repr=False, default=None)
@@ -140,7 +143,8 @@ class InterventionResult:
 
     @property
     def n_changed_features(self) -> int:
-        """How many (layer, position, feature) activations differ from the clean run (intervened ones too)."""
+        """How many (layer, position, feature) activations differ from the clean run (intervened
+        ones too)."""
         return int(
             sum(
                 ((a - c).abs() > 1e-6 * (1 + c.abs())).sum()
@@ -187,11 +191,12 @@ class InterventionResult:
         return "\n".join(lines)
 
 
-# -- targets ------------------------------------------------------------------------------------------
+# -- targets ---------------------------------------------------------------------------------------
 
 
 def normalize(interventions) -> list[Intervention]:
-    """Interventions from a dict {target: value} (set), a list of `Intervention`, or tuples (op, target[, value])."""
+    """Interventions from a dict {target: value} (set), a list of `Intervention`, or tuples
+    (op, target[, value])."""
     if interventions is None:
         return []
     if isinstance(interventions, dict):
@@ -213,7 +218,8 @@ def normalize(interventions) -> list[Intervention]:
 
 
 def parse_node(node_id: str, n_layers: int, n_pos: int, d_sae: int) -> Site:
-    """A `Site` from `f:LAYER:POS:FEATURE` or `e:LAYER:POS` (POS may be `*`), checked against the sizes."""
+    """A `Site` from `f:LAYER:POS:FEATURE` or `e:LAYER:POS` (POS may be `*`), checked against the
+    sizes."""
     parts = node_id.strip().split(":")
     kind = parts[0]
     if kind in ("t", "l"):
@@ -233,7 +239,7 @@ def parse_node(node_id: str, n_layers: int, n_pos: int, d_sae: int) -> Site:
     except ValueError:
         raise UserError(
             f"cannot read node {node_id!r}: LAYER, POS and FEATURE must be integers (POS may be *)"
-        )
+        ) from None
     if not 0 <= layer < n_layers:
         raise UserError(f"node {node_id}: layer {layer} is outside 0..{n_layers - 1}")
     if pos is not None and not 0 <= pos < n_pos:
@@ -282,8 +288,9 @@ def resolve(
 
 
 def comparison_supernodes(comparison, side: str = "a") -> dict[str, list[str]]:
-    """Supernodes, in the node ids of graph `side` ("a" or "b") of a `circuits.compare` result: "only-here"
-    (features of this circuit that the other lacks) and "shared" (features in both circuits)."""
+    """Supernodes, in the node ids of graph `side` ("a" or "b") of a `circuits.compare` result:
+    "only-here" (features of this circuit that the other lacks) and "shared" (features in both
+    circuits)."""
     to_merged = comparison.a_to_merged if side == "a" else comparison.b_to_merged
     groups: dict[str, list[str]] = {"only-here": [], "shared": []}
     for node, merged in to_merged.items():
@@ -294,7 +301,8 @@ def comparison_supernodes(comparison, side: str = "a") -> dict[str, list[str]]:
 
 
 def _apply_feature_ops(acts: torch.Tensor, layer: int, ops) -> None:
-    """Apply the feature operations of `layer` to activations `[T, F]` in place (in the order given)."""
+    """Apply the feature operations of `layer` to activations `[T, F]` in place (in the order
+    given)."""
     for op, value, s in ops:
         if s.kind != "f" or s.layer != layer:
             continue
@@ -333,7 +341,7 @@ def _error_factors(ops, layer: int, n: int, device=None) -> torch.Tensor | None:
     return f
 
 
-# -- frozen mode ---------------------------------------------------------------------------------------
+# -- frozen mode -----------------------------------------------------------------------------------
 
 
 def _frozen(state: PromptState, fw: FrozenWeights, tc, ops, propagate: bool):
@@ -353,9 +361,10 @@ def _frozen(state: PromptState, fw: FrozenWeights, tc, ops, propagate: bool):
     first = min(s.layer for _, _, s in ops)
     for l in range(first, L):
         if propagate and l > first:
-            # x_l depends on features of layers < l only, which are final by now. The change is taken
-            # against the frozen clean pass, so nothing moves where nothing upstream moved (the frozen and
-            # the real forward pass differ by rounding); a feature that switches off is exactly 0.
+            # x_l depends on features of layers < l only, which are final by now. The change is
+            # taken against the frozen clean pass, so nothing moves where nothing upstream moved
+            # (the frozen and the real forward pass differ by rounding); a feature that switches off
+            # is exactly 0.
             new = tc.activate(
                 l, frozen_forward(state, fw, tc, acts, errs, logits=False)["preacts"][l]
             ).float()
@@ -368,17 +377,19 @@ def _frozen(state: PromptState, fw: FrozenWeights, tc, ops, propagate: bool):
     return clean_acts, acts, ref["logits"].cpu(), out["logits"].cpu()
 
 
-# -- full mode -----------------------------------------------------------------------------------------
+# -- full mode -------------------------------------------------------------------------------------
 
 
 class Splice:
     """Hooks that splice the transcoders into the real model with the clean error terms held fixed.
 
-    At the MLP input of layer l the features are encoded (intervention applied); the MLP output becomes
-        base + sum_s (acts_s - ref_s) @ W_dec[s -> l] + skip(x_l) - skip(x_ref) + (factor - 1) * error
-    where, at prompt positions, base/ref/x_ref are the clean MLP output, clean features and clean MLP input
-    (so base + change = transcoder output + clean error), and at generated positions the live ones.
-    With no intervention the change is exactly zero and the model's own outputs come back bit for bit."""
+    At layer l's MLP input the features are encoded (intervention applied); the MLP output becomes
+        base + sum_s (acts_s - ref_s) @ W_dec[s -> l] + skip(x_l) - skip(x_ref)
+             + (factor - 1) * error
+    where, at prompt positions, base/ref/x_ref are the clean MLP output, clean features and clean
+    MLP input (so base + change = transcoder output + clean error), and at generated positions the
+    live ones. With no intervention the change is exactly zero and the model's own outputs come back
+    bit for bit."""
 
     def __init__(self, lm: LoadedModel, tc, state: PromptState, clean_acts, ops, propagate: bool):
         self.lm, self.tc, self.clean_acts = lm, tc, clean_acts
@@ -388,9 +399,8 @@ class Splice:
         self.clean_in, self.clean_out = state.mlp_in.to(self.dev), state.mlp_out.to(self.dev)
         L = lm.sites.n_layers
         self.acts, self.ref, self.x, self.x_ref = [None] * L, [None] * L, [None] * L, [None] * L
-        self.first_acts: list[torch.Tensor] | None = (
-            None  # acts at prompt positions of the first pass
-        )
+        # acts at prompt positions of the first pass
+        self.first_acts: list[torch.Tensor] | None = None
         self.handles = []
 
     def __enter__(self):
@@ -472,8 +482,9 @@ def _last_logits(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
 def greedy(
     lm: LoadedModel, tokens: torch.Tensor, n_new: int, hooks=None, desc: str | None = None
 ) -> list[int]:
-    """Greedy continuation of `tokens` `[n]` (stops at end of sequence), each step a full re-run inside the
-    `hooks` context (a `Splice`, or None for the plain model). `desc`: show a progress bar with this name."""
+    """Greedy continuation of `tokens` `[n]` (stops at end of sequence), each step a full re-run
+    inside the `hooks` context (a `Splice`, or None for the plain model). `desc`: show a progress
+    bar with this name."""
     ids, out, eos = tokens.clone(), [], _eos_ids(lm)
     steps = range(n_new)
     if desc:
@@ -482,8 +493,8 @@ def greedy(
         steps = tqdm(steps, desc=desc, unit="tok", leave=False)
     for _ in steps:
         with hooks if hooks is not None else contextlib.nullcontext():
-            # the model's own head, not `lm.last_logits`: a pass over the vocabulary from the file each step
-            # made 10 steps 1.8 s instead of 1.0 (270M, 2 cores); generation keeps it resident instead
+            # the model's own head, not `lm.last_logits`: that reads the vocabulary from the file on
+            # every call, a pass that would slow down every step; generation keeps the head resident
             logits = lm.model(ids[None].to(lm.device), use_cache=False, logits_to_keep=1).logits[
                 0, -1
             ]
@@ -495,7 +506,7 @@ def greedy(
     return out
 
 
-# -- the job -------------------------------------------------------------------------------------------
+# -- the job ---------------------------------------------------------------------------------------
 
 
 def _top_rows(lm: LoadedModel, before: torch.Tensor, after: torch.Tensor, k: int) -> list[dict]:

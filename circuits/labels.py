@@ -1,8 +1,9 @@
 """What a graph says about its nodes beyond the numbers: human labels and feature dashboards.
 
-Human labels live in `graph.labels` (node index -> text), are saved with the graph, survive pruning, and
-win over automatic labels in the SVG and the viewer. Dashboards (`transcoders.dashboards`) are copied into
-the graph's metadata for its feature nodes (`attach_dashboards`), so every later file carries them."""
+Human labels live in `graph.labels` (node index -> text), are saved with the graph, survive pruning,
+and win over automatic labels in the SVG and the viewer. Dashboards (`transcoders.dashboards`) are
+copied into the graph's metadata for its feature nodes (`attach_dashboards`), so every later file
+carries them."""
 
 from __future__ import annotations
 

@@ -1,15 +1,16 @@
 """Influence, pruning and graph scores (Ameisen et al., 2025, "Circuit Tracing", methods section).
 
 Influence: with A the |adjacency| normalised so each target's incoming edges sum to 1, the indirect
-influence of every path length is B = A + A^2 + ... = (I - A)^-1 - I. A node's influence on the output is
-w^T B, w the logit probabilities. The graph is a DAG, so instead of inverting we solve
-(I - A)^T x = w by back-substitution over topological levels (logits first, tokens last); each level is
-one sparse matrix-vector product, and every edge is read once.
+influence of every path length is B = A + A^2 + ... = (I - A)^-1 - I. A node's influence on the
+output is w^T B, w the logit probabilities. The graph is a DAG, so instead of inverting we solve
+(I - A)^T x = w by back-substitution over topological levels (logits first, tokens last); each
+level is one sparse matrix-vector product, and every edge is read once.
 
-Pruning keeps the feature and error nodes that account for `node_threshold` of the total influence, then
-the edges that account for `edge_threshold` of the edge influence in the remaining graph; tokens and
-logits always stay. Input carried by a dropped edge moves into the target's `row_constant`, so a pruned
-graph keeps the invariant `adjacency[t].sum() + row_constant[t] == node_input[t]`.
+Pruning keeps the feature and error nodes that account for `node_threshold` of the total influence,
+then the edges that account for `edge_threshold` of the edge influence in the remaining graph;
+tokens and logits always stay. Input carried by a dropped edge moves into the target's
+`row_constant`, so a pruned graph keeps the invariant
+`adjacency[t].sum() + row_constant[t] == node_input[t]`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class PruneConfig:
                 raise UserError(f"--{flag} must be a number in [0, 1], got {v!r}")
 
 
-# -- influence ---------------------------------------------------------------------------------------
+# -- influence -------------------------------------------------------------------------------------
 
 
 def normalized_adjacency(adjacency: sp.sparray) -> sp.csr_array:
@@ -69,7 +70,7 @@ def _edge_rows(a: sp.csr_array) -> np.ndarray:
 
 
 def topological_levels(a: sp.csr_array, key: np.ndarray | None = None) -> np.ndarray:
-    """A level per node such that every edge goes from a lower level (source) to a higher one (target).
+    """A level per node: every edge goes from a lower level (source) to a higher one (target).
 
     `key` (e.g. layers) is used when it already has that property, which is the case for every graph
     `circuits.attribute` builds; otherwise levels are longest-path depths from the sources."""
@@ -118,9 +119,9 @@ def compute_influence(graph: AttributionGraph, adjacency: sp.sparray | None = No
 
 
 def cumulative_influence(influence: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """For each candidate node, the fraction of the candidates' total influence carried by it and every
-    more influential candidate (0 < c <= 1; the strongest node has the smallest value). NaN elsewhere.
-    Keeping nodes with c <= t keeps those that account for t of the influence."""
+    """For each candidate node, the fraction of the candidates' total influence carried by it and
+    every more influential candidate (0 < c <= 1; the strongest node has the smallest value). NaN
+    elsewhere. Keeping nodes with c <= t keeps those that account for t of the influence."""
     out = np.full(len(influence), np.nan)
     idx = np.flatnonzero(candidates)
     if len(idx) == 0:
@@ -134,8 +135,8 @@ def cumulative_influence(influence: np.ndarray, candidates: np.ndarray) -> np.nd
 
 
 def _keep_top(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Mask of the smallest set of largest scores whose sum reaches `threshold` of the total (ties at the
-    cut are kept together; threshold 1 keeps everything, a zero total keeps nothing)."""
+    """Mask of the smallest set of largest scores whose sum reaches `threshold` of the total (ties
+    at the cut are kept together; threshold 1 keeps everything, a zero total keeps nothing)."""
     scores = np.clip(scores, 0.0, None)
     total = scores.sum()
     if total <= 0 or len(scores) == 0:
@@ -147,22 +148,22 @@ def _keep_top(scores: np.ndarray, threshold: float) -> np.ndarray:
     return scores >= order[min(cut, len(order) - 1)]
 
 
-# -- scores ------------------------------------------------------------------------------------------
+# -- scores ----------------------------------------------------------------------------------------
 
 
 def graph_scores(graph: AttributionGraph, influence: np.ndarray | None = None) -> dict:
     """Replacement and completeness scores (Ameisen et al., 2025), both in [0, 1]; 1 means the graph
     explains the output through features alone.
 
-    replacement: of the influence on the logits that starts at the graph's inputs (token embeddings and
-      error nodes), the fraction that starts at tokens -- i.e. strength-weighted token -> logit paths that
-      run through features only, over all end-to-end paths.
+    replacement: of the influence on the logits that starts at the graph's inputs (token embeddings
+      and error nodes), the fraction that starts at tokens -- i.e. strength-weighted token -> logit
+      paths that run through features only, over all end-to-end paths.
     completeness: for every node with incoming edges (features and logits), the fraction of its
       normalised input that does not come from error nodes, averaged with weights influence + logit
-      probability. Unlike circuit-tracer's implementation, source-only nodes (tokens, errors) are not
-      counted as complete, so the score is not inflated by the error nodes themselves.
-    Features whose rows were not computed (beyond `max_feature_nodes`) end paths without a verdict; their
-    share is reported as `unexplained_fraction`."""
+      probability. Unlike circuit-tracer's implementation, source-only nodes (tokens, errors) are
+      not counted as complete, so the score is not inflated by the error nodes themselves.
+    Features whose rows were not computed (beyond `max_feature_nodes`) end paths without a verdict;
+    their share is reported as `unexplained_fraction`."""
     a = normalized_adjacency(graph.adjacency)
     w = logit_weights(graph)
     if influence is None:
@@ -187,13 +188,14 @@ def graph_scores(graph: AttributionGraph, influence: np.ndarray | None = None) -
     }
 
 
-# -- pruning -----------------------------------------------------------------------------------------
+# -- pruning ---------------------------------------------------------------------------------------
 
 
 def prune_masks(
     graph: AttributionGraph, config: PruneConfig, influence: np.ndarray | None = None
 ) -> tuple[np.ndarray, sp.csr_array, np.ndarray]:
-    """(node mask `[n_nodes]`, kept edges as a 0/1 CSR mask `[n_nodes, n_nodes]`, influence `[n_nodes]`)."""
+    """(node mask `[n_nodes]`, kept edges as a 0/1 CSR mask `[n_nodes, n_nodes]`, influence
+    `[n_nodes]`)."""
     config.check()
     always = (graph.kind == TOKEN) | (graph.kind == LOGIT)
     if influence is None:
@@ -217,8 +219,9 @@ def prune_masks(
     )
     edges.eliminate_zeros()
 
-    # a feature or error node needs an outgoing edge; a feature whose row was computed needs an incoming
-    # one. Dropping one node can strand another, so repeat until nothing changes (at most depth rounds).
+    # a feature or error node needs an outgoing edge; a feature whose row was computed needs an
+    # incoming one. Dropping one node can strand another, so repeat until nothing changes (at most
+    # depth rounds).
     inner = (graph.kind == FEATURE) | (graph.kind == ERROR)
     needs_in = (graph.kind == FEATURE) & graph.has_row.astype(bool)
     while True:
@@ -242,10 +245,10 @@ def prune(
 ) -> AttributionGraph:
     """The circuit: the nodes and edges that carry most of the influence on the logits.
 
-    Options as in `PruneConfig` (`node_threshold`, `edge_threshold`), given as `config` and/or keyword
-    overrides of it. Returns a new graph (node order kept) whose `influence` holds each node's influence
-    in the full graph and whose `scores` holds replacement/completeness scores of the full
-    and the pruned graph; `pruning` records the thresholds and sizes."""
+    Options as in `PruneConfig` (`node_threshold`, `edge_threshold`), given as `config` and/or
+    keyword overrides of it. Returns a new graph (node order kept) whose `influence` holds each
+    node's influence in the full graph and whose `scores` holds replacement/completeness scores of
+    the full and the pruned graph; `pruning` records the thresholds and sizes."""
     cfg = with_overrides(config, PruneConfig, overrides)
     if graph.adjacency.shape != (graph.n_nodes, graph.n_nodes):
         raise UserError(
@@ -277,7 +280,7 @@ def prune(
         "n_edges_before": int(graph.adjacency.nnz),
         "n_edges_after": int(pruned.adjacency.nnz),
         "n_features_after": int((pruned.kind == FEATURE).sum()),
-        # the full graph's feature + error influence: cumulative shares in exports stay relative to it
+        # the full graph's feature + error influence: exports keep cumulative shares relative to it
         "total_influence": float(
             np.clip(influence[(graph.kind == FEATURE) | (graph.kind == ERROR)], 0, None).sum()
         ),

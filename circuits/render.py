@@ -1,10 +1,11 @@
-"""Pictures of attribution graphs: a static SVG/PNG (graphviz), one self-contained interactive HTML file,
-and a two-graph comparison SVG.
+"""Pictures of attribution graphs: a static SVG/PNG (graphviz), one self-contained interactive HTML
+file, and a two-graph comparison SVG.
 
-Layout (shared by every picture): layers are rows (token embeddings at the bottom, logits at the top;
-layers with no nodes are left out), token positions are columns. Nodes of one (layer, position) cell sit
-side by side, strongest first. Positions are computed here and handed to graphviz `neato -n2`, which only
-draws, so pictures are deterministic and the columns line up with the prompt.
+Layout (shared by every picture): layers are rows (token embeddings at the bottom, logits at the
+top; layers with no nodes are left out), token positions are columns. Nodes of one (layer, position)
+cell sit side by side, strongest first. Positions are computed here and handed to graphviz
+`neato -n2`, which only draws, so pictures are deterministic and the columns line up with the
+prompt.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class _Node:
     fill: str | None = None
 
 
-# -- node scores and selection -------------------------------------------------------------------------
+# -- node scores and selection ---------------------------------------------------------------------
 
 
 def importance(graph: AttributionGraph) -> np.ndarray:
@@ -75,8 +76,8 @@ def importance(graph: AttributionGraph) -> np.ndarray:
 
 
 def node_scores(graph: AttributionGraph) -> np.ndarray:
-    """Drawn size of each node in [0, 1]: sqrt of its influence over the largest influence of a feature or
-    error node (tokens and logits get 1)."""
+    """Drawn size of each node in [0, 1]: sqrt of its influence over the largest influence of a
+    feature or error node (tokens and logits get 1)."""
     raw = importance(graph)
     inner = (graph.kind == FEATURE) | (graph.kind == ERROR)
     top = raw[inner].max() if inner.any() else 0.0
@@ -86,8 +87,8 @@ def node_scores(graph: AttributionGraph) -> np.ndarray:
 
 
 def select_nodes(graph: AttributionGraph, max_nodes: int | None) -> AttributionGraph:
-    """The graph itself, or (when it has more than max_nodes nodes) the subgraph of its token and logit
-    nodes plus its most influential feature and error nodes."""
+    """The graph itself, or (when it has more than max_nodes nodes) the subgraph of its token and
+    logit nodes plus its most influential feature and error nodes."""
     if max_nodes is None or graph.n_nodes <= max_nodes:
         return graph
     always = (graph.kind == TOKEN) | (graph.kind == LOGIT)
@@ -150,7 +151,7 @@ def _nodes_of(graph: AttributionGraph, scores: np.ndarray | None = None) -> list
     return out
 
 
-# -- layout ------------------------------------------------------------------------------------------
+# -- layout ----------------------------------------------------------------------------------------
 
 _LOGIT_ROW = 10**6
 
@@ -162,7 +163,8 @@ def _row_key(n: _Node) -> int:
 def layout(
     nodes: list[_Node], n_pos: int
 ) -> tuple[float, float, list[tuple[str, float]], list[float]]:
-    """Set x, y, w, h of every node. Returns (width, height, row labels [(text, y)], column centres)."""
+    """Set x, y, w, h of every node. Returns (width, height, row labels [(text, y)], column
+    centres)."""
     for n in nodes:
         if n.kind == TOKEN:
             n.w, n.h = TOKEN_W - 8, 22.0
@@ -181,9 +183,8 @@ def layout(
     col_w = [TOKEN_W] * n_cols
     lines: dict[tuple[int, int], list[list[_Node]]] = {}
     for (r, p), cell in cells.items():
-        if (
-            r == _LOGIT_ROW
-        ):  # most probable first; the row spreads left over the empty top of the picture
+        if r == _LOGIT_ROW:
+            # most probable first; the row spreads left over the empty top of the picture
             cell.sort(key=lambda n: n.index)
             lines[(r, p)] = [cell]
             continue
@@ -236,7 +237,7 @@ def layout(
     return width, height, labels, centres
 
 
-# -- edges -------------------------------------------------------------------------------------------
+# -- edges -----------------------------------------------------------------------------------------
 
 
 def select_edges(
@@ -245,8 +246,9 @@ def select_edges(
     max_edges: int | None = None,
     min_frac: float = 0.05,
 ) -> list[tuple[int, int, float]]:
-    """The strongest incoming edges of each node (at most per_target each, and at least min_frac of that
-    node's strongest input), then the max_edges strongest overall. Returns [(source, target, weight)]."""
+    """The strongest incoming edges of each node (at most per_target each, and at least min_frac of
+    that node's strongest input), then the max_edges strongest overall. Returns
+    [(source, target, weight)]."""
     adj = graph.adjacency.tocsr()
     if adj.nnz == 0:
         return []
@@ -275,7 +277,7 @@ def _edge_style(w: float, wmax: float) -> tuple[str, float]:
     return _hex_alpha(POS_COLOR if w >= 0 else NEG_COLOR, 0.12 + 0.78 * r), 0.3 + 3.4 * r
 
 
-# -- DOT and graphviz --------------------------------------------------------------------------------
+# -- DOT and graphviz ------------------------------------------------------------------------------
 
 
 def _q(s: str) -> str:
@@ -346,8 +348,8 @@ def _dot(
     ]
     for text, y in row_labels:
         out.append(
-            f'  {_q("row:" + text)} [shape=plaintext, label={_q(text)}, fontsize="9", fontcolor="#6b7280", '
-            f'pos="22,{height - y:.1f}!", width="0.4", height="0.2"];'
+            f'  {_q("row:" + text)} [shape=plaintext, label={_q(text)}, fontsize="9", '
+            f'fontcolor="#6b7280", pos="22,{height - y:.1f}!", width="0.4", height="0.2"];'
         )
     for p, x in enumerate(col_centres):
         if p < len(token_strings):
@@ -364,14 +366,16 @@ def _dot(
     for s, t, w in sorted(edges, key=lambda e: abs(e[2])):
         color, pw = _edge_style(w, wmax)
         out.append(
-            f'  {_q(s)} -> {_q(t)} [color="{color}", penwidth="{pw:.2f}", tooltip={_q(f"{w:+.4g}")}];'
+            f'  {_q(s)} -> {_q(t)} [color="{color}", penwidth="{pw:.2f}", '
+            f"tooltip={_q(f'{w:+.4g}')}];"
         )
     if legend:
         x = 60.0
         for i, (text, color) in enumerate(legend):
             out.append(
-                f'  {_q(f"legend:{i}")} [shape=box, style="filled", fillcolor="{color}", label={_q(text)}, '
-                f'fontsize="8", width="0.9", height="0.22", fixedsize="true", pos="{x:.0f},{height + 22:.0f}!"];'
+                f'  {_q(f"legend:{i}")} [shape=box, style="filled", fillcolor="{color}", '
+                f'label={_q(text)}, fontsize="8", width="0.9", height="0.22", fixedsize="true", '
+                f'pos="{x:.0f},{height + 22:.0f}!"];'
             )
             x += 74
     out.append("}")
@@ -420,20 +424,23 @@ def graph_dot(graph: AttributionGraph, max_nodes: int | None = DEFAULT_MAX_NODES
 def render_svg(
     graph: AttributionGraph, path: str | Path, max_nodes: int | None = DEFAULT_MAX_NODES
 ) -> Path:
-    """Draw the graph with graphviz. The format follows the suffix: .svg (default), .png, .pdf, .dot."""
+    """Draw the graph with graphviz. The format follows the suffix: .svg (default), .png, .pdf,
+    .dot."""
     return _write_picture(graph_dot(graph, max_nodes), path)
 
 
-# -- comparison --------------------------------------------------------------------------------------
+# -- comparison ------------------------------------------------------------------------------------
 
 
 def _comparison_frame(comparison, graph_a: AttributionGraph, graph_b: AttributionGraph):
-    """(node status by merged id, A id -> merged id, B id -> merged id, A pos -> column, B pos -> column,
-    column tokens). A plain dict node id -> status means both graphs share one prompt."""
+    """(node status by merged id, A id -> merged id, B id -> merged id, A pos -> column,
+    B pos -> column, column tokens). A plain dict node id -> status means both graphs share one
+    prompt."""
     status = getattr(comparison, "node_status", comparison)
     if not isinstance(status, dict):
         raise UserError(
-            "render_comparison_svg needs a Comparison (from circuits.compare) or a dict node id -> a/b/both"
+            "render_comparison_svg needs a Comparison (from circuits.compare) or a dict "
+            "node id -> a/b/both"
         )
     status = {str(k): str(v) for k, v in status.items()}
     columns = getattr(comparison, "columns", None)
@@ -467,10 +474,8 @@ def comparison_dot(
     ga, gb = select_nodes(graph_a, max_nodes), select_nodes(graph_b, max_nodes)
     merged: dict[str, _Node] = {}
     edges: dict[tuple[str, str], float] = {}
-    for g, to, col in (
-        (gb, to_b, col_b),
-        (ga, to_a, col_a),
-    ):  # A's description wins for shared nodes
+    # A's description wins for shared nodes
+    for g, to, col in ((gb, to_b, col_b), (ga, to_a, col_a)):
         nodes = _nodes_of(g)
         ids = [to.get(n.id, n.id) for n in nodes]
         for n, m in zip(nodes, ids):
@@ -517,7 +522,7 @@ def render_comparison_svg(
     return _write_picture(comparison_dot(comparison, graph_a, graph_b, max_nodes), path)
 
 
-# -- interactive HTML --------------------------------------------------------------------------------
+# -- interactive HTML ------------------------------------------------------------------------------
 
 
 def _frontend(name: str) -> str:
@@ -527,7 +532,8 @@ def _frontend(name: str) -> str:
 def html_data(
     graph: AttributionGraph, max_nodes: int | None = None, max_edges: int = 20000
 ) -> dict:
-    """The JSON the HTML viewer draws: nodes with layout positions, edges with weights, dashboards."""
+    """The JSON the HTML viewer draws: nodes with layout positions, edges with weights,
+    dashboards."""
     g = select_nodes(graph, max_nodes)
     nodes = _nodes_of(g)
     width, height, rows, cols = layout(nodes, g.n_pos)
@@ -575,15 +581,14 @@ def html_data(
 
 def render_html(graph: AttributionGraph, path: str | Path, max_nodes: int | None = None) -> Path:
     """Write one self-contained HTML file (inline JS and CSS; works offline from file://)."""
-    data = json.dumps(
-        html_data(graph, max_nodes), separators=(",", ":"), default=str
-    )  # NaN is a JS literal
+    # NaN is a JS literal
+    data = json.dumps(html_data(graph, max_nodes), separators=(",", ":"), default=str)
     parts = {
         "__TITLE__": html_lib.escape(_short(graph.prompt, 80)),
         "/*__CSS__*/": _frontend("viewer.css"),
         "/*__JS__*/": _frontend("viewer.js"),
-        "/*__DATA__*/null": data.replace("</", "<\\/"),
-    }  # never close the <script> early
+        "/*__DATA__*/null": data.replace("</", "<\\/"),  # never close the <script> early
+    }
     # one pass, so nothing substituted (a prompt, the data) is itself searched for markers
     page = re.sub(
         "|".join(re.escape(k) for k in parts), lambda m: parts[m.group(0)], _frontend("viewer.html")

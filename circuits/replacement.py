@@ -1,25 +1,26 @@
 """The local replacement model of one prompt.
 
-One forward pass of the real Hugging Face model records, for this prompt, every attention pattern and
-every RMSNorm scale (input, post-attention, pre-feedforward and final norms; the q/k norms, the rotary
-embedding, the query scaling, sliding windows and attention soft-capping only shape the patterns, which are
-frozen whole). With those frozen, and the MLPs replaced by transcoders plus an error term (true MLP output
-minus reconstruction) at every (layer, position), the map from any residual-stream direction to any later
-node is linear:
+One forward pass of the real Hugging Face model records, for this prompt, every attention pattern
+and every RMSNorm scale (input, post-attention, pre-feedforward and final norms; the q/k norms, the
+rotary embedding, the query scaling, sliding windows and attention soft-capping only shape the
+patterns, which are frozen whole). With those frozen, and the MLPs replaced by transcoders plus an
+error term (true MLP output minus reconstruction) at every (layer, position), the map from any
+residual-stream direction to any later node is linear:
 
-    x_0      = embed(tokens) * sqrt(d_model)   (HF's embed_tokens applies the scale: x_0 is the token node)
+    x_0      = embed(tokens) * sqrt(d_model)   (the token node; HF's embed_tokens applies the scale)
     m_l      = x_l + s_pa * (1 + w_pa) * o_proj(P_l @ v_proj(s_in * (1 + w_in) * x_l))
     mlp_in_l = s_ff * (1 + w_ff) * m_l
     x_{l+1}  = m_l + sum_{features} act * W_dec + b_dec_l + mlp_in_l @ W_skip_l + error_l
     logits   = W_U (s_f * (1 + w_f) * x_L)      (soft-capped afterwards where the config says so)
 
-where s_* are the frozen 1/rms scales per position. The post-feedforward norm is not frozen separately:
-the transcoders replace the MLP together with it (they read `mlp_in` and write `mlp_out`, the output of
-post_feedforward_layernorm), and the error term absorbs whatever they miss.
+where s_* are the frozen 1/rms scales per position. The post-feedforward norm is not frozen
+separately: the transcoders replace the MLP together with it (they read `mlp_in` and write
+`mlp_out`, the output of post_feedforward_layernorm), and the error term absorbs whatever they miss.
 
-`PromptState` holds the frozen quantities; `frozen_forward` runs the linear model forwards (plainly, as the
-reference that tests and frozen-mode interventions use); `TransposedModel` runs its transpose for a batch of
-targets at once, which is what attribution needs: one forward pass serves every batch.
+`PromptState` holds the frozen quantities; `frozen_forward` runs the linear model forwards (plainly,
+as the reference that tests and frozen-mode interventions use); `TransposedModel` runs its transpose
+for a batch of targets at once, which is what attribution needs: one forward pass serves every
+batch.
 """
 
 from __future__ import annotations
@@ -38,26 +39,23 @@ from .backend import to_device
 
 @dataclass
 class PromptState:
-    """Everything frozen for one prompt. L layers, n positions, D = d_model, H heads. float32, on the
-    model's device."""
+    """Everything frozen for one prompt. L layers, n positions, D = d_model, H heads. float32, on
+    the model's device."""
 
     tokens: torch.Tensor  # [n] token ids
     resid: torch.Tensor  # [L+1, n, D] residual stream before each layer, and after the last
-    patterns: (
-        torch.Tensor | None
-    )  # [L, H, n, n] attention probabilities (query, key); see drop_activations
+    # [L, H, n, n] attention probabilities (query, key); see drop_activations
+    patterns: torch.Tensor | None
     s_in: torch.Tensor  # [L, n] 1/rms of the input of input_layernorm
-    s_pa: (
-        torch.Tensor
-    )  # [L, n] 1/rms of the input of post_attention_layernorm (the attention output)
+    # [L, n] 1/rms of the input of post_attention_layernorm (the attention output)
+    s_pa: torch.Tensor
     s_ff: torch.Tensor  # [L, n] 1/rms of the input of pre_feedforward_layernorm
     s_final: torch.Tensor  # [n] 1/rms of the input of the final norm
     mlp_in: torch.Tensor | None  # [L, n, D]
     mlp_out: torch.Tensor | None  # [L, n, D]
     logits: torch.Tensor  # [vocab] model logits at the last position (after soft-capping)
-    causal: bool = (
-        True  # every pattern is lower-triangular: position p never reads a later position
-    )
+    # every pattern is lower-triangular: position p never reads a later position
+    causal: bool = True
 
     @property
     def n_pos(self) -> int:
@@ -65,15 +63,18 @@ class PromptState:
 
     @property
     def embeddings(self) -> torch.Tensor:
-        """The token-embedding nodes `[n, D]`: embed(tokens) * sqrt(d_model), as the first layer reads them."""
+        """The token-embedding nodes `[n, D]`: embed(tokens) * sqrt(d_model), as the first layer
+        reads them."""
         return self.resid[0]
 
     def drop_activations(self) -> None:
-        """Free what only the forward side reads (the residuals after the embeddings, the MLP inputs and
-        outputs, `[L, n, D]` each, and the patterns, `[L, H, n, n]`), keeping what the transposed pass reads:
-        embeddings, norm scales, logits. For attribution once errors, node inputs and a `TransposedModel` (which
-        holds its own scaled patterns) exist; `frozen_forward` cannot run on the state afterwards. At long
-        prompts this is gigabytes (4B, 4,096 tokens: 1.4 GB per `[L, n, D]`, 18 GB of patterns)."""
+        """Free what only the forward side reads (the residuals after the embeddings, the MLP inputs
+        and outputs, `[L, n, D]` each, and the patterns, `[L, H, n, n]`), keeping what the
+        transposed pass reads: embeddings, norm scales, logits. For attribution once errors, node
+        inputs and a `TransposedModel` (which holds its own scaled patterns) exist; `frozen_forward`
+        cannot run on the state afterwards. At long prompts on the larger models this is gigabytes:
+        the activations grow with the prompt and the patterns with its square (attribution's peak
+        memory: `benchmarks/attribution.py`, `benchmarks/vs_circuit_tracer.py`)."""
         self.resid = self.resid[:1].clone()
         self.mlp_in = self.mlp_out = self.patterns = None
 
@@ -159,9 +160,10 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
 
 
 class FrozenWeights:
-    """The model weights the linear (frozen) model needs, in float32 on the model's device: per layer
-    W_v `[KV*hd, D]`, W_o `[D, H*hd]`, norm gains (1 + w) `[L, D]`; the final norm gain `[D]`; the
-    unembedding `[vocab, D]` (kept in the model's dtype: it is only read for the chosen logit rows)."""
+    """The model weights the linear (frozen) model needs, in float32 on the model's device: per
+    layer W_v `[KV*hd, D]`, W_o `[D, H*hd]`, norm gains (1 + w) `[L, D]`; the final norm gain `[D]`;
+    the unembedding `[vocab, D]` (kept in the model's dtype: it is only read for the chosen logit
+    rows)."""
 
     def __init__(self, lm: LoadedModel):
         s = lm.sites
@@ -174,7 +176,10 @@ class FrozenWeights:
                 "this model has attention biases; the replacement model supports Gemma 3 "
                 "attention without biases only (attention_bias=False, as Gemma 3 ships)"
             )
-        f = lambda t: t.detach().float()  # noqa: E731
+
+        def f(t):
+            return t.detach().float()
+
         self.W_v = [f(l.self_attn.v_proj.weight) for l in s.layers]
         self.W_o = [f(l.self_attn.o_proj.weight) for l in s.layers]
         self.g_in = torch.stack([1 + f(l.input_layernorm.weight) for l in s.layers])
@@ -190,8 +195,8 @@ class FrozenWeights:
 
     @classmethod
     def of(cls, lm: LoadedModel) -> FrozenWeights:
-        """The frozen weights of `lm`, built once per loaded model (the vocabulary mean costs a pass over
-        the unembedding) and kept in `lm.meta`."""
+        """The frozen weights of `lm`, built once per loaded model (the vocabulary mean costs a pass
+        over the unembedding) and kept in `lm.meta`."""
         fw = lm.meta.get("frozen_weights")
         if fw is None or fw.W_U is not lm.sites.lm_head.weight or fw.device != lm.device:
             fw = lm.meta["frozen_weights"] = cls(lm)
@@ -203,7 +208,8 @@ class FrozenWeights:
 
     @property
     def unembed_mean(self) -> torch.Tensor:
-        """Mean unembedding vector over the vocabulary `[D]`: logit nodes read logits minus their mean."""
+        """Mean unembedding vector over the vocabulary `[D]`: logit nodes read logits minus their
+        mean."""
         if self._unembed_mean is None:
             total = torch.zeros(self.W_U.shape[1], dtype=torch.float64, device=self.W_U.device)
             # from the file where it is mapped (see `LoadedModel.unembed`)
@@ -217,8 +223,9 @@ class FrozenWeights:
         return StoredWeight(self.W_U).rows(torch.as_tensor(token_ids, dtype=torch.long)).float()
 
     def logit_directions(self, token_ids: list[int], contrast: int | None = None) -> torch.Tensor:
-        """Directions `[n, D]` in the final-norm output whose dot product is each logit node's input:
-        the demeaned unembedding of each token, or the difference of two unembeddings for a contrast."""
+        """Directions `[n, D]` in the final-norm output whose dot product is each logit node's
+        input: the demeaned unembedding of each token, or the difference of two unembeddings for a
+        contrast."""
         rows = self.unembedding_rows(list(token_ids) + ([] if contrast is None else [contrast]))
         if contrast is not None:
             return rows[:-1] - rows[-1:]
@@ -231,9 +238,8 @@ def attention_apply(
     """The attention of layer l with a frozen pattern `[H, n, n]` on normalised input `[..., n, D]`,
     before the post-attention norm. Returns `[..., n, D]`."""
     v = x_in @ fw.W_v[l].T  # [..., n, KV*hd]
-    v = v.unflatten(-1, (fw.n_kv, fw.head_dim)).repeat_interleave(
-        fw.n_heads // fw.n_kv, dim=-2
-    )  # [..., n, H, hd]
+    # [..., n, H, hd]
+    v = v.unflatten(-1, (fw.n_kv, fw.head_dim)).repeat_interleave(fw.n_heads // fw.n_kv, dim=-2)
     o = torch.einsum("hqk,...khd->...qhd", pattern, v)
     return o.flatten(-2) @ fw.W_o[l].T
 
@@ -252,13 +258,13 @@ def frozen_forward(
 ) -> dict:
     """Run the linear frozen replacement model forwards.
 
-    feature_acts[l]: dense activations `[n, F]` of layer l's features (held fixed: direct effects only), or
-    feature_out `[L, n, D]`: what the features and decoder biases write to each layer's MLP output, decoded
-    already (see `decode_sparse`). errors: `[L, n, D]` error terms. embeddings: `[n, D]` (default: the
-    prompt's). resid_delta: optional additions to x_l. Returns the pre-activations `[L][n, F]` of every
-    feature (unless preacts=False), MLP inputs and outputs `[L, n, D]`, residuals `[L+1, n, D]`, the final
-    norm's output at the last position `[D]` and (with `logits`) the last position's pre-cap logits over the
-    vocabulary.
+    feature_acts[l]: dense activations `[n, F]` of layer l's features (held fixed: direct effects
+    only), or feature_out `[L, n, D]`: what the features and decoder biases write to each layer's
+    MLP output, decoded already (see `decode_sparse`). errors: `[L, n, D]` error terms. embeddings:
+    `[n, D]` (default: the prompt's). resid_delta: optional additions to x_l. Returns the
+    pre-activations `[L][n, F]` of every feature (unless preacts=False), MLP inputs and outputs
+    `[L, n, D]`, residuals `[L+1, n, D]`, the final norm's output at the last position `[D]` and
+    (with `logits`) the last position's pre-cap logits over the vocabulary.
     """
     x = state.embeddings if embeddings is None else embeddings
     L = fw.n_layers
@@ -306,9 +312,9 @@ def frozen_forward(
 def active_decoder_rows(
     transcoders, layer: torch.Tensor, feat: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per source layer s: (the decoder rows of its active features `[n_unique, n_out, D]`, on the transcoders'
-    device; for each of layer s's entries of `feat`, in order, its row there). Each row is read once, even for
-    a feature active at several positions."""
+    """Per source layer s: (the decoder rows of its active features `[n_unique, n_out, D]`, on the
+    transcoders' device; for each of layer s's entries of `feat`, in order, its row there). Each row
+    is read once, even for a feature active at several positions."""
     return _rows_of_active(transcoders.decoder_rows, transcoders.n_layers, layer, feat)
 
 
@@ -316,7 +322,8 @@ def active_decoder_rows(
 def active_encoder_rows(
     transcoders, layer: torch.Tensor, feat: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """As `active_decoder_rows`, for the encoder vectors `[n_unique, D]` (`TranscoderSet.encoder_rows`)."""
+    """As `active_decoder_rows`, for the encoder vectors `[n_unique, D]`
+    (`TranscoderSet.encoder_rows`)."""
     return _rows_of_active(transcoders.encoder_rows, transcoders.n_layers, layer, feat)
 
 
@@ -338,9 +345,10 @@ def decode_sparse(
     n_pos: int,
     decoders: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """What active features (`[k]` each, as `sparse_encode` returns them) and the decoder biases write to
-    every layer's MLP output: `[L, n_pos, D]` float32, without the skip term. Reads only active rows (or
-    takes them from `decoders`, as `active_decoder_rows` returns them for these features)."""
+    """What active features (`[k]` each, as `sparse_encode` returns them) and the decoder biases
+    write to every layer's MLP output: `[L, n_pos, D]` float32, without the skip term. Reads only
+    active rows (or takes them from `decoders`, as `active_decoder_rows` returns them for these
+    features)."""
     tc = transcoders
     dev = tc.b_dec[0].device
     decoders = decoders if decoders is not None else active_decoder_rows(tc, layer, feat)
@@ -352,9 +360,8 @@ def decode_sparse(
             continue
         rows, which = decoders[s]
         which, a, p = which.to(dev), act[here][:, None], pos[here]
-        for o, l in enumerate(
-            tc.output_layers(s)
-        ):  # one output layer at a time: [k, D], not [k, n_out, D]
+        # one output layer at a time: [k, D], not [k, n_out, D]
+        for o, l in enumerate(tc.output_layers(s)):
             out[l].index_add_(0, p, rows[:, o].float()[which] * a)
     return out
 
@@ -370,17 +377,17 @@ Visitor = Callable[[int, torch.Tensor, int, int], None]
 class TransposedModel:
     """The transpose of the frozen linear model, for batches of targets.
 
-    A target reads either the MLP input of layer l at position p along a vector (a feature's encoder
-    vector: its pre-activation) or, with l == n_layers, the final norm's output at p along a vector (a
-    logit direction). Gradients are laid out `[P, k, D]` (positions first) so that every step is a few
-    large matrix products. The model's weights are used as they are (views, no copies: folding the norm gains
-    into them would hold a second copy of W_o and W_v, 59 MB for 270M, and of W_skip); the gains scale the
-    gradients instead. What is constant per prompt is folded once, here:
-      - the per-position scales of the input and post-attention norms into the transposed patterns:
-        A[l, key, h, query] = s_in[key] * P[h, query, key] * s_pa[query], so that the heads sharing a
-        KV head mix positions in one product `[P, rep*P] @ [rep*P, k*hd]`.
-    Work is truncated to what can be non-zero: a target of layer l is only live from layer l down, and, when
-    the patterns are causal, a target at position p only reaches positions <= p.
+    A target reads either the MLP input of layer l at position p along a vector (a feature's
+    encoder vector: its pre-activation) or, with l == n_layers, the final norm's output at p along a
+    vector (a logit direction). Gradients are laid out `[P, k, D]` (positions first) so that every
+    step is a few large matrix products. The model's weights are used as they are (views, no copies:
+    folding the norm gains into them would hold a second copy of W_o and W_v, and of W_skip); the
+    gains scale the gradients instead. What is constant per prompt is folded once, here:
+      - the per-position scales of the input and post-attention norms into the transposed
+        patterns: A[l, key, h, query] = s_in[key] * P[h, query, key] * s_pa[query], so that the
+        heads sharing a KV head mix positions in one product `[P, rep*P] @ [rep*P, k*hd]`.
+    Work is truncated to what can be non-zero: a target of layer l is only live from layer l down,
+    and, when the patterns are causal, a target at position p only reaches positions <= p.
     """
 
     def __init__(self, state: PromptState, fw: FrozenWeights, transcoders):
@@ -392,14 +399,14 @@ class TransposedModel:
         self.W_v = [w.view(self.KV, hd, D) for w in fw.W_v]  # [KV, hd, D] views
         self.W_skip = None
         if transcoders.W_skip is not None:
-            self.W_skip = [
-                w.detach().float().to(fw.device).T for w in transcoders.W_skip
-            ]  # [D, D] (D_out, D_in)
+            # [D, D] (D_out, D_in)
+            self.W_skip = [w.detach().float().to(fw.device).T for w in transcoders.W_skip]
+        # [L, key, H, query]
         self.mix = (
             state.s_in[:, :, None, None]
             * state.patterns.permute(0, 3, 1, 2)
             * state.s_pa[:, None, None, :]
-        ).contiguous()  # [L, key, H, query]
+        ).contiguous()
 
     def _extent(self, pos: torch.Tensor, k: int) -> int:
         """Positions the first k rows can reach."""
@@ -408,8 +415,8 @@ class TransposedModel:
         return int(pos[:k].max()) + 1 if k else 0
 
     def _attention(self, l: int, gm: torch.Tensor) -> torch.Tensor:
-        """Gradient `[P, k, D]` with respect to x_l through the frozen attention, from the gradient with
-        respect to m_l `[P, k, D]` (without the residual path)."""
+        """Gradient `[P, k, D]` with respect to x_l through the frozen attention, from the gradient
+        with respect to m_l `[P, k, D]` (without the residual path)."""
         P, k, D = gm.shape
         KV, rep, hd = self.KV, self.H // self.KV, self.hd
         go = torch.matmul((gm * self.fw.g_pa[l]).view(1, P * k, D), self.W_o[l])  # [H, P*k, hd]
@@ -430,9 +437,9 @@ class TransposedModel:
 
         layer `[B]` (sorted descending; n_layers for logit targets), pos `[B]`, vectors `[B, D]`.
         visit(l, g, k, P) is called for l = L-1 .. 0 with g `[P, k, D]`, the gradient of the first k
-        targets (the live ones) with respect to x_{l+1} at positions < P (where layer l's MLP output, so
-        its features, error and decoder bias, are written; other rows and positions are zero), then
-        with l = -1 and the gradient with respect to x_0 (the token embeddings).
+        targets (the live ones) with respect to x_{l+1} at positions < P (where layer l's MLP
+        output, so its features, error and decoder bias, are written; other rows and positions are
+        zero), then with l = -1 and the gradient with respect to x_0 (the token embeddings).
         """
         st, L, D, dev = self.state, self.L, self.D, self.fw.device
         layer, pos = layer.cpu(), pos.cpu()
@@ -440,9 +447,8 @@ class TransposedModel:
             raise ValueError("targets must be sorted by layer, descending")
         vectors = vectors.float().to(dev)
         dev_pos = to_device(pos, dev)
-        live = [
-            int((layer >= l).sum()) for l in range(L + 1)
-        ]  # live[l]: rows live at and below layer l
+        # live[l]: rows live at and below layer l
+        live = [int((layer >= l).sum()) for l in range(L + 1)]
         k = live[L]
         P = self._extent(pos, k)
         g = torch.zeros(P, k, D, device=dev)
@@ -467,9 +473,9 @@ class TransposedModel:
                 u = torch.zeros_like(g) if u is None else u
                 u[dev_pos[k:k_new], torch.arange(k, k_new, device=dev)] += vectors[k:k_new]
             k = k_new
-            # then through pre_feedforward_layernorm (its gain and each position's 1/rms, `[P, 1, D]`) into
-            # the residual: g becomes the gradient at m_l. In place, so that only one [P, k, D] gradient is
-            # held while the attention's temporaries are
+            # then through pre_feedforward_layernorm (its gain and each position's 1/rms,
+            # `[P, 1, D]`) into the residual: g becomes the gradient at m_l. In place, so that only
+            # one [P, k, D] gradient is held while the attention's temporaries are
             if u is not None:
                 g = u.mul_(st.s_ff[l, :P, None, None] * self.fw.g_ff[l]).add_(g)
                 del u
@@ -480,8 +486,8 @@ class TransposedModel:
     def full_gradients(
         self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor
     ) -> torch.Tensor:
-        """Every target's gradient with respect to x_0 .. x_L: `[B, L+1, n, D]` (any target order; for
-        tests and small batches: the dense result is B x (L+1) x n x D)."""
+        """Every target's gradient with respect to x_0 .. x_L: `[B, L+1, n, D]` (any target order;
+        for tests and small batches: the dense result is B x (L+1) x n x D)."""
         order = torch.argsort(layer.cpu(), descending=True, stable=True)
         G = torch.zeros(len(layer), self.L + 1, self.n, self.D, device=self.fw.device)
 

@@ -1,4 +1,5 @@
-"""Files every layer writes: atomic writes (readers never see a half-written file) and the cache root."""
+"""Files every layer writes: atomic writes (readers never see a half-written file) and the cache
+root."""
 
 from __future__ import annotations
 

@@ -1,14 +1,15 @@
-"""Gemma 3 text models in plain PyTorch: the forward pass tracing needs, read from a Hugging Face directory.
+"""Gemma 3 text models in plain PyTorch: the forward pass tracing needs, read from a Hugging Face
+directory.
 
-transformers' own Gemma 3 modelling code is exact but heavy to import: it brings torch.distributed.tensor
-and sympy, torch._dynamo, accelerate with boto3 and scipy.optimize, memory held for the process's life and
-time at every start (benchmarks/vs_circuit_tracer.py compares the loaders). This module is the same model
-with the same module tree, names and parameters as `transformers.Gemma3ForCausalLM` (so `ModelSites`, the
-hooks of `circuits.replacement` and the checkpoint's tensor names apply unchanged), eager attention that
-returns its weights, and weights memory-mapped from the safetensors files. It runs the forward pass only;
-`generate` (used to sample training text) hands over to transformers with the same weights.
-`tests/test_gemma3.py` holds it to transformers' implementation: the same logits, the same recorded
-activations.
+transformers' own Gemma 3 modelling code is exact but heavy to import: it brings
+torch.distributed.tensor and sympy, torch._dynamo, accelerate with boto3 and scipy.optimize, memory
+held for the process's life and time at every start (benchmarks/vs_circuit_tracer.py compares the
+loaders). This module is the same model with the same module tree, names and parameters as
+`transformers.Gemma3ForCausalLM` (so `ModelSites`, the hooks of `circuits.replacement` and the
+checkpoint's tensor names apply unchanged), eager attention that returns its weights, and weights
+memory-mapped from the safetensors files. It runs the forward pass only; `generate` (used to sample
+training text) hands over to transformers with the same weights. `tests/test_gemma3.py` holds it to
+transformers' implementation: the same logits, the same recorded activations.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .weights import read_safetensors
 
 @dataclass
 class Gemma3Config:
-    """What the forward pass reads from a Gemma 3 text config.json (transformers 4 and 5 layouts)."""
+    """What the forward pass reads from a Gemma 3 text config.json (transformers 4 and 5
+    layouts)."""
 
     vocab_size: int
     hidden_size: int
@@ -47,14 +49,13 @@ class Gemma3Config:
     max_position_embeddings: int = 32768
     model_type: str = "gemma3_text"
     raw: dict = field(default_factory=dict, repr=False)  # the whole config.json, for transformers
-    _attn_implementation: str = (
-        "eager"  # "sdpa": no weights returned (faster, for harvesting activations)
-    )
+    # "sdpa": no weights returned (faster, for harvesting activations)
+    _attn_implementation: str = "eager"
 
     @classmethod
     def from_dict(cls, d: dict) -> Gemma3Config:
-        """The config, or a UserError naming what this implementation does not cover (the caller then uses
-        transformers)."""
+        """The config, or a UserError naming what this implementation does not cover (the caller
+        then uses transformers)."""
         if d.get("model_type") != "gemma3_text":
             raise UserError(f"model_type {d.get('model_type')!r} is not a Gemma 3 text model")
         if d.get("attention_bias") or d.get("use_bidirectional_attention"):
@@ -108,8 +109,8 @@ class Gemma3Config:
 
 class Linear(nn.Linear):
     """nn.Linear without initial values: every weight comes from the checkpoint (`load_gemma3`), and
-    uninitialised memory is never touched, so it costs nothing. (Building on the meta device instead imports
-    torch's decompositions and sympy: the memory this module exists to save.)"""
+    uninitialised memory is never touched, so it costs nothing. (Building on the meta device instead
+    imports torch's decompositions and sympy: the memory this module exists to save.)"""
 
     def reset_parameters(self) -> None:
         pass
@@ -166,8 +167,8 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor):
-        """x `[B, n, D]`, cos/sin `[1, n, hd]`, allowed `[B or 1, 1, n, n]` (query, key) -> (output `[B, n, D]`,
-        weights `[B, H, n, n]`, or None with sdpa)."""
+        """x `[B, n, D]`, cos/sin `[1, n, hd]`, allowed `[B or 1, 1, n, n]` (query, key) -> (output
+        `[B, n, D]`, weights `[B, H, n, n]`, or None with sdpa)."""
         B, n, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, n, -1, self.head_dim).transpose(1, 2))
         k = self.k_norm(self.k_proj(x).view(B, n, -1, self.head_dim).transpose(1, 2))
@@ -180,8 +181,8 @@ class Attention(nn.Module):
             self.config._attn_implementation == "sdpa"
             and self.config.attn_logit_softcapping is None
         ):
-            # an additive mask, as eager's: a query whose every key is hidden (left padding) reads them all
-            # evenly instead of giving NaN
+            # an additive mask, as eager's: a query whose every key is hidden (left padding) reads
+            # them all evenly instead of giving NaN
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~allowed, torch.finfo(q.dtype).min)
             out, weights = (
@@ -237,7 +238,8 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def _rope(self, n: int, dtype: torch.dtype, device) -> dict:
-        """Per layer type: (cos, sin) `[1, n, hd]`, made in float32 and rounded to the model's dtype."""
+        """Per layer type: (cos, sin) `[1, n, hd]`, made in float32 and rounded to the model's
+        dtype."""
         hd, pos = self.config.head_dim, torch.arange(n, device=device, dtype=torch.float32)
         out = {}
         for kind, (base, factor) in self.config.rope.items():
@@ -250,8 +252,9 @@ class TextModel(nn.Module):
         return out
 
     def _masks(self, n: int, attention_mask: torch.Tensor | None, device) -> dict:
-        """Per layer type: which keys each query may read, `[B or 1, 1, n, n]` bool (causal; sliding layers see
-        the last `sliding_window` positions; keys whose attention_mask is 0 are hidden)."""
+        """Per layer type: which keys each query may read, `[B or 1, 1, n, n]` bool (causal; sliding
+        layers see the last `sliding_window` positions; keys whose attention_mask is 0 are
+        hidden)."""
         q, k = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None]
         causal = k <= q
         masks = {
@@ -272,8 +275,9 @@ class TextModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         **_ignored,
     ) -> SimpleNamespace:
-        """`.last_hidden_state` `[B, n, D]` (after the final norm). transformers' other arguments (use_cache,
-        ...) are accepted and ignored: there is no KV cache; `generate` goes to transformers."""
+        """`.last_hidden_state` `[B, n, D]` (after the final norm). transformers' other arguments
+        (use_cache, ...) are accepted and ignored: there is no KV cache; `generate` goes to
+        transformers."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         n = h.shape[1]
         rope, masks = self._rope(n, h.dtype, h.device), self._masks(n, attention_mask, h.device)
@@ -313,7 +317,8 @@ class Gemma3CausalLM(nn.Module):
         return SimpleNamespace(logits=logits)
 
     def to_transformers(self):
-        """transformers' Gemma3ForCausalLM on these same parameter tensors (no copy of the weights)."""
+        """transformers' Gemma3ForCausalLM on these same parameter tensors (no copy of the
+        weights)."""
         if self._transformers is None:
             from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
 
@@ -358,10 +363,10 @@ class Gemma3CausalLM(nn.Module):
 def load_gemma3(
     path: str | Path, dtype: torch.dtype = torch.float32, cfg: Gemma3Config | None = None
 ) -> Gemma3CausalLM:
-    """A Hugging Face directory's Gemma 3 text model (config.json, model.safetensors or its shards). Weights
-    stored in `dtype` stay memory-mapped views of their files; others are converted. A config this module
-    does not cover raises UserError (`load_model` then uses transformers). `cfg`: its config.json, where the
-    caller has read it already."""
+    """A Hugging Face directory's Gemma 3 text model (config.json, model.safetensors or its shards).
+    Weights stored in `dtype` stay memory-mapped views of their files; others are converted. A
+    config this module does not cover raises UserError (`load_model` then uses transformers). `cfg`:
+    its config.json, where the caller has read it already."""
     path = Path(path)
     cfg = cfg or Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
     index = path / "model.safetensors.index.json"
@@ -381,8 +386,8 @@ def load_gemma3(
     missing = sorted(set(expected) - set(state))
     if missing:
         raise UserError(
-            f"{path} lacks {len(missing)} of the weights its config.json implies, e.g. {missing[0]}; "
-            "the files may be incomplete"
+            f"{path} lacks {len(missing)} of the weights its config.json implies, e.g. "
+            f"{missing[0]}; the files may be incomplete"
         )
     wrong = [k for k, t in expected.items() if tuple(state[k].shape) != tuple(t.shape)]
     if wrong:

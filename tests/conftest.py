@@ -1,5 +1,5 @@
-"""Shared fixtures. Tiny random Gemma 3 models for speed; the real gemma-3-270m (session-scoped, loaded
-once) for the few end-to-end checks marked `slow`."""
+"""Shared fixtures. Tiny random Gemma 3 models for speed; the real gemma-3-270m (session-scoped,
+loaded once) for the few end-to-end checks marked `slow`."""
 
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def default_transcoders(real_model):
 
 
 def serve_model(monkeypatch, lm_or_loader):
-    """Make every `load_model` of the library return a tiny model standing in for a real one (for the
-    command lines): the loader itself and every module that imported it by name. `lm_or_loader`: the
-    LoadedModel, or a function with `load_model`'s signature."""
+    """Make every `load_model` of the library return a tiny model standing in for a real one (for
+    the command lines): the loader itself and every module that imported it by name. `lm_or_loader`:
+    the LoadedModel, or a function with `load_model`'s signature."""
     import sys
 
     import circuits.cli  # noqa: F401  (the command modules, each binding the loader it calls)

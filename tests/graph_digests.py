@@ -1,5 +1,5 @@
-"""Digests of attribution graphs on tiny random Gemma 3 models, fixed seeds: the graphs a refactor must
-leave bit for bit as they were. `tests/test_graph_digests.py` compares against
+"""Digests of attribution graphs on tiny random Gemma 3 models, fixed seeds: the graphs a refactor
+must leave bit for bit as they were. `tests/test_graph_digests.py` compares against
 `tests/data/graph_digests.json`; regenerate that file only for a change meant to alter graphs, with
 
     python tests/graph_digests.py --write
@@ -74,8 +74,8 @@ def _sha(a) -> str:
 
 
 def graph_digest(graph) -> dict:
-    """sha256 (first 20 hex digits) of every node array, of the CSR adjacency's three arrays, and of the
-    influence where set; scores and pruning metadata as numbers."""
+    """sha256 (first 20 hex digits) of every node array, of the CSR adjacency's three arrays, and of
+    the influence where set; scores and pruning metadata as numbers."""
     out = {name: _sha(getattr(graph, name)) for name in _NODE_ARRAYS}
     adj = graph.adjacency
     out.update(

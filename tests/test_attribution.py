@@ -1,6 +1,6 @@
 """Attribution graphs: completeness per node, edges against an independent reference and against
-finite differences in the frozen model, batching invariance, influence ordering, logit node choice, and
-one clear error per kind of bad input."""
+finite differences in the frozen model, batching invariance, influence ordering, logit node choice,
+and one clear error per kind of bad input."""
 
 from __future__ import annotations
 
@@ -149,8 +149,9 @@ def test_edges_equal_the_reference(monkeypatch, backend, kind, budget):
     "kind,batch_size,budget", [("skip", 256, None), ("clt", 7, None), ("skip", 16, 80)]
 )
 def test_graph_on_the_gpu_equals_the_cpu(kind, batch_size, budget):
-    """The whole attribution on a CUDA device (the cuda edge kernels where built; rows compacted in the
-    background) gives the CPU's graph; with a budget, rows in influence order, re-ranked from the rows so far."""
+    """The whole attribution on a CUDA device (the cuda edge kernels where built; rows compacted in
+    the background) gives the CPU's graph; with a budget, rows in influence order, re-ranked from
+    the rows so far."""
     lm, tc = _setup(kind, n_heads=4, n_kv_heads=2)
     options = {"batch_size": batch_size, **({"max_feature_nodes": budget} if budget else {})}
     cpu = _trace(lm, tc, **options)
@@ -187,9 +188,8 @@ def test_edges_are_finite_difference_effects(kind):
             candidates = row.indices[graph.kind[row.indices] == want]
             if not len(candidates):
                 continue
-            s = int(
-                candidates[np.argmax(np.abs(row.toarray()[0][candidates]))]
-            )  # the strongest edge
+            # the strongest edge
+            s = int(candidates[np.argmax(np.abs(row.toarray()[0][candidates]))])
             acts, errors, emb = (
                 [a.clone() for a in ref.acts],
                 ref.errors.clone(),
@@ -264,8 +264,9 @@ def test_influence_ordering_picks_the_strongest_features_first():
 
 
 def test_row_store_in_the_background_equals_the_foreground():
-    """The GPU's path (compaction on a worker thread while the next batch runs), here on the CPU: the same
-    segments, influence and adjacency, rows added in batches; a failing batch raises at the next call."""
+    """The GPU's path (compaction on a worker thread while the next batch runs), here on the CPU:
+    the same segments, influence and adjacency, rows added in batches; a failing batch raises at the
+    next call."""
     lm, tc = _setup("plt")
     full = _trace(lm, tc)
     n_src = int((full.kind != LOGIT).sum())
@@ -290,9 +291,8 @@ def test_row_store_in_the_background_equals_the_foreground():
     np.testing.assert_array_equal(back.row_constant, full.row_constant)
     assert back._worker is None  # adjacency() ends the worker
     broken = RowStore(full.n_nodes, n_src, background=True)
-    broken.add(
-        rows[:2], full.layer[rows[:2]], torch.zeros(2, n_src + 1), torch.zeros(3)
-    )  # const of 3 rows for 2
+    # const of 3 rows for 2
+    broken.add(rows[:2], full.layer[rows[:2]], torch.zeros(2, n_src + 1), torch.zeros(3))
     with pytest.raises(ValueError):
         broken.influence(full.logit_nodes, full.logit_probabilities)
     broken.close()

@@ -1,16 +1,12 @@
-"""`circuits trace`: end to end on a tiny model (graph, circuit, SVG and HTML files), its options mirror
-`AttributionConfig`, and bad input ends in one line on stderr."""
+"""`circuits trace`: end to end on a tiny model (graph, circuit, SVG and HTML files), its options
+mirror `AttributionConfig`, and bad input ends in one line on stderr."""
 
 from __future__ import annotations
 
-from dataclasses import fields
-
-import numpy as np
 import pytest
 from conftest import serve_model
 
-from circuits.attribution import AttributionConfig
-from circuits.cli import build_parser, run
+from circuits.cli import run
 from circuits.graph import FEATURE, load_graph
 from gemma_lm.testing import tiny_model
 from transcoders.testing import random_transcoders
@@ -20,7 +16,8 @@ PROMPT = "The cat sat on the"
 
 @pytest.fixture
 def tiny_setup(tmp_path, monkeypatch):
-    """`circuits trace` on a tiny random model (load_model patched) with random transcoders on disk."""
+    """`circuits trace` on a tiny random model (load_model patched) with random transcoders on
+    disk."""
     from transcoders.formats import save_native
 
     lm = tiny_model(seed=0)

@@ -1,7 +1,9 @@
-"""Batch tracing (`circuits trace-batch`): prompts files, resume, and two-rank runs on the CPU with gloo.
+"""Batch tracing (`circuits trace-batch`): prompts files, resume, and two-rank runs on the CPU with
+gloo.
 
-The two-rank tests start this file as a script (see `_driver` at the bottom) under torchrun, or as two
-plain processes with the torchrun environment set by hand, on a tiny random model with random transcoders.
+The two-rank tests start this file as a script (see `_driver` at the bottom) under torchrun, or as
+two plain processes with the torchrun environment set by hand, on a tiny random model with random
+transcoders.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ PROMPTS = [
 
 
 def _setup():
-    """The tiny model and transcoders every process of a test builds for itself (seeded, so identical)."""
+    """The tiny model and transcoders every process of a test builds for itself (seeded, so
+    identical)."""
     from gemma_lm.testing import tiny_model
     from transcoders.testing import random_transcoders
 
@@ -104,7 +107,7 @@ def _env() -> dict:
     return env
 
 
-# -- prompts files -----------------------------------------------------------------------------------
+# -- prompts files ---------------------------------------------------------------------------------
 
 
 def test_read_prompts_ids_targets_and_extra_keys(tmp_path):
@@ -159,7 +162,7 @@ def test_bad_target_refused_before_tracing(tmp_path):
     assert not list((tmp_path / "o" / "graphs").glob("*.npz"))
 
 
-# -- one process -------------------------------------------------------------------------------------
+# -- one process -----------------------------------------------------------------------------------
 
 
 def test_one_process_equals_single_traces_and_resumes(tmp_path):
@@ -180,7 +183,8 @@ def test_one_process_equals_single_traces_and_resumes(tmp_path):
         assert g.metadata["batch"]["id"] == spec.id
     assert "| 00001 |" in result.table() and "'x'" in result.table()
 
-    # a rerun traces nothing; a changed prompt is retraced under its id; the index stays one line each
+    # a rerun traces nothing; a changed prompt is retraced under its id; the index stays one line
+    # each
     assert trace_batch(cfg, lm=lm, transcoders=tc).n_skipped == 4
     items[0]["prompt"] = "a different prompt"
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
@@ -272,7 +276,7 @@ def test_cli_reports_a_bad_prompts_file_in_one_line(tmp_path, capsys):
     assert "line 1 is not JSON" in capsys.readouterr().err
 
 
-# -- two ranks (gloo) --------------------------------------------------------------------------------
+# -- two ranks (gloo) ------------------------------------------------------------------------------
 
 
 def test_two_ranks_under_torchrun_equal_single_traces(tmp_path):
@@ -358,8 +362,8 @@ def test_sigkill_halfway_then_resume_loses_and_duplicates_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_real_model_batch_of_the_shipped_prompts(tmp_path, real_model, default_transcoders):
-    """Every prompt of tests/data/batch_prompts_20.jsonl passes the up-front checks on the real tokenizer; two
-    of them trace to the same graphs as `circuits.attribute`."""
+    """Every prompt of tests/data/batch_prompts_20.jsonl passes the up-front checks on the real
+    tokenizer; two of them trace to the same graphs as `circuits.attribute`."""
     from circuits.batch import check_prompts
 
     path = Path(__file__).parent / "data" / "batch_prompts_20.jsonl"
@@ -367,9 +371,8 @@ def test_real_model_batch_of_the_shipped_prompts(tmp_path, real_model, default_t
     assert len(specs) == 20
     options = AttributionConfig(max_feature_nodes=32, progress=False)
     check_prompts(real_model, specs, options)
-    picked = [json.loads(line) for line in path.read_text().splitlines()][
-        16:18
-    ]  # a target, a contrast
+    # a target, a contrast
+    picked = [json.loads(line) for line in path.read_text().splitlines()][16:18]
     result = trace_batch(
         BatchConfig(prompts=picked, out=str(tmp_path / "out"), attribution=options),
         lm=real_model,
@@ -392,7 +395,8 @@ def test_real_model_batch_of_the_shipped_prompts(tmp_path, real_model, default_t
 
 
 def _driver(argv: list[str]) -> None:
-    """One rank of a test job: trace PROMPTS into OUT with the tiny setup (optionally slowly, to be killed)."""
+    """One rank of a test job: trace PROMPTS into OUT with the tiny setup (optionally slowly, to be
+    killed)."""
     import argparse
 
     p = argparse.ArgumentParser()

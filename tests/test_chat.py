@@ -1,5 +1,6 @@
-"""Chat prompts on a tiny random instruction-tuned model with a chat template: tracing from the assistant
-turn, interventions on chat prompts, and the refusal-vs-jailbreak workflow of docs/chat_workflow.md."""
+"""Chat prompts on a tiny random instruction-tuned model with a chat template: tracing from the
+assistant turn, interventions on chat prompts, and the refusal-vs-jailbreak workflow of
+docs/chat_workflow.md."""
 
 from __future__ import annotations
 
@@ -39,9 +40,8 @@ def test_trace_chat_attributes_from_the_assistant_turn(chat):
     g = attribute(lm, REQUEST, transcoders=tc, chat=True, progress=False)
     templated = lm.tokenize(REQUEST, chat=True)
     assert g.tokens.tolist() == templated.tolist()
-    text = "".join(
-        g.token_strings
-    )  # the tiny tokenizer is character-level (newlines decode as <106>)
+    # the tiny tokenizer is character-level (newlines decode as <106>)
+    text = "".join(g.token_strings)
     assert text.startswith("<bos><start_of_turn>user") and REQUEST in text
     assert text.index(REQUEST) < text.rindex("<start_of_turn>model")
     assert g.metadata["settings"]["chat"] is True and g.prompt == REQUEST
@@ -82,8 +82,8 @@ def test_intervention_on_a_chat_prompt(chat, mode):
 
 
 def test_refusal_vs_jailbreak_workflow(chat, tmp_path, monkeypatch, capsys):
-    """The commands of docs/chat_workflow.md, on the tiny chat model: trace both, prune, compare, then
-    intervene on the features that only one circuit has."""
+    """The commands of docs/chat_workflow.md, on the tiny chat model: trace both, prune, compare,
+    then intervene on the features that only one circuit has."""
     lm, tc = chat
 
     serve_model(monkeypatch, lm)
@@ -195,9 +195,8 @@ def test_intervene_command_with_chat(chat, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "r.json").read_text())
     want = intervene(lm, REQUEST, {f"f:1:{last}:4": 6.0}, transcoders=tc, chat=True, progress=False)
     assert saved["top"] == json.loads(json.dumps(want.top))
-    assert saved["token_strings"][-len("model") - 1 : -1] == list(
-        "model"
-    )  # the template's last line
+    # the template's last line
+    assert saved["token_strings"][-len("model") - 1 : -1] == list("model")
     g = attribute(lm, REQUEST, transcoders=tc, chat=True, progress=False)
     g.save(tmp_path / "g.npz")
     assert (

@@ -1,5 +1,6 @@
-"""circuit-tracer's transcoder layout: exact round trips, the files circuit-tracer expects, clear refusals, and
-(opt-in, when benchmarks/setup_circuit_tracer.sh has made .venv-ct) circuit-tracer itself reading our export."""
+"""circuit-tracer's transcoder layout: exact round trips, the files circuit-tracer expects, clear
+refusals, and (opt-in, when benchmarks/setup_circuit_tracer.sh has made .venv-ct) circuit-tracer
+itself reading our export."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def inputs(seed=0, n=6):
 
 
 def same_set(a, b, x):
-    """As tests/test_formats.py's `assert_same_function`: weights bit for bit, the same active features,
-    values to float rounding (a loaded encoder is the transposed view of the stored `[F, D]`)."""
+    """As tests/test_formats.py's `assert_same_function`: weights bit for bit, the same active
+    features, values to float rounding (a loaded encoder is the transposed view of the stored
+    `[F, D]`)."""
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         for l, (wa, wb) in enumerate(zip(getattr(a, name), getattr(b, name))):
             assert torch.equal(wa, wb), f"{name}[{l}]"
@@ -110,7 +112,8 @@ def test_files_are_circuit_tracers_layout(tmp_path):
 
 
 def test_loads_directories_circuit_tracer_wrote(tmp_path):
-    """Without our `gemma_circuits` key (a set circuit-tracer cached itself) the config is read from the files."""
+    """Without our `gemma_circuits` key (a set circuit-tracer cached itself) the config is read from
+    the files."""
     tc = random_transcoders(L, D, F, kind="skip", seed=4, model_name="gemma-3-270m")
     d = save_circuit_tracer(tc, tmp_path / "ct")
     config = yaml.safe_load((d / "config.yaml").read_text())
@@ -205,7 +208,8 @@ def test_load_any_dispatches_here(tmp_path):
     [("skip", "jumprelu"), ("clt", "jumprelu"), ("plt", "relu"), ("plt", "batchtopk")],
 )
 def test_circuit_tracer_reads_our_export(tmp_path, kind, activation):
-    """circuit-tracer's own loaders and encoders, in its venv, on our files: same activations and outputs."""
+    """circuit-tracer's own loaders and encoders, in its venv, on our files: same activations and
+    outputs."""
     tc = random_transcoders(L, D, F, kind=kind, activation=activation, l0=6, seed=10)
     d = save_circuit_tracer(tc, tmp_path / "ct")
     x = inputs(5)
@@ -228,9 +232,8 @@ def test_circuit_tracer_reads_our_export(tmp_path, kind, activation):
     )
     theirs = load_file(str(tmp_path / "out.safetensors"))
     ours = torch.stack([tc.encode(l, x[l]) for l in range(L)])
-    assert (
-        (ours > 0).any(-1).all()
-    )  # every position has active features (circuit-tracer's CLT decode needs it)
+    # every position has active features (circuit-tracer's CLT decode needs it)
+    assert (ours > 0).any(-1).all()
     assert torch.allclose(theirs["acts"], ours, atol=1e-5, rtol=0)
     assert torch.equal(theirs["acts"] != 0, ours != 0)
     assert torch.allclose(theirs["reconstruction"], tc.reconstruct(x), atol=1e-5, rtol=0)

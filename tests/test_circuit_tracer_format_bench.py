@@ -1,6 +1,7 @@
-"""The pieces of benchmarks/vs_circuit_tracer.py that decide its numbers: node matching and agreement (against a
-graph laid out with circuit-tracer's conventions), finite differences of token edges, threshold calibration,
-the FLOP count, prompt cutting, and the run supervisor's limits. Tiny random models only."""
+"""The pieces of benchmarks/vs_circuit_tracer.py that decide its numbers: node matching and
+agreement (against a graph laid out with circuit-tracer's conventions), finite differences of token
+edges, threshold calibration, the FLOP count, prompt cutting, and the run supervisor's limits. Tiny
+random models only."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def traced(tiny, tmp_path):
 
 
 def write_like_circuit_tracer(graph, path: Path, embed_scale: float, seed: int = 0) -> None:
-    """Our graph in circuit-tracer's conventions: no features at BOS, zero BOS errors, token edges with the
-    unscaled embedding, features in another order; node order features, errors [layer, pos], tokens, logits."""
+    """Our graph in circuit-tracer's conventions: no features at BOS, zero BOS errors, token edges
+    with the unscaled embedding, features in another order; node order features, errors
+    [layer, pos], tokens, logits."""
     import scipy.sparse as sp
 
     feats = np.flatnonzero((graph.kind == FEATURE) & (graph.pos > 0))

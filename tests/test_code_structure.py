@@ -1,9 +1,10 @@
 """The shape of the code: layers that import one way, no import cycles, short functions.
 
-The layers (docs/development.md): `gemma_lm` (the language model and its weight store) at the bottom,
-`transcoders` on it, `circuits` on both. Inside `circuits` the stages run the way the data flows:
-graph type -> replacement model -> attribution -> pruning -> outputs and analyses -> commands; no stage
-imports a later one. Imports are read with `ast` from the sources, function-local ones included.
+The layers (docs/development.md): `gemma_lm` (the language model and its weight store) at the
+bottom, `transcoders` on it, `circuits` on both. Inside `circuits` the stages run the way the data
+flows: graph type -> replacement model -> attribution -> pruning -> outputs and analyses ->
+commands; no stage imports a later one. Imports are read with `ast` from the sources, function-local
+ones included.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def test_lower_layers_import_without_the_upper_ones(lower):
 
 def test_no_function_is_longer_than_the_limit():
     long = []
-    for name, path in MODULES.items():
+    for path in MODULES.values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 start = min([node.lineno] + [d.lineno for d in node.decorator_list])

@@ -15,8 +15,8 @@ from circuits.pruning import prune
 
 
 def shifted(g, at: int, new_tokens: list[str], replace: int = 0):
-    """g with `replace` tokens at position `at` swapped for new_tokens: later positions move; every other
-    node keeps its layer, feature and edges (as if the new words changed nothing else)."""
+    """g with `replace` tokens at position `at` swapped for new_tokens: later positions move; every
+    other node keeps its layer, feature and edges (as if the new words changed nothing else)."""
     nxg = graph_to_networkx(g)
     shift = len(new_tokens) - replace
     for nid, d in list(nxg.nodes(data=True)):
@@ -142,7 +142,6 @@ def test_comparison_picture_across_prompts(tmp_path):
     for color in STATUS_COLORS.values():
         assert color in svg
     assert "Houston" in svg and "Dallas" in svg
-    assert (
-        'id="t:7:a"' in svg and 'id="t:8:b"' in svg
-    )  # " Dallas" and " Houston" get their own columns
+    # " Dallas" and " Houston" get their own columns
+    assert 'id="t:7:a"' in svg and 'id="t:8:b"' in svg
     assert svg.count('class="node"') > len(c.node_status)  # every node plus captions and the legend

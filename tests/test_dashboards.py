@@ -1,4 +1,5 @@
-"""Feature dashboards (transcoders/dashboards.py): exact top contexts in bounded memory, resumable."""
+"""Feature dashboards (transcoders/dashboards.py): exact top contexts in bounded memory,
+resumable."""
 
 from __future__ import annotations
 
@@ -57,12 +58,12 @@ def small(text_file, out, **kw):
     return {**opts, **kw}
 
 
-# -- the store ------------------------------------------------------------------------------------------
+# -- the store -------------------------------------------------------------------------------------
 
 
 def test_planted_top_contexts_are_found_exactly():
-    """Each feature fires strongly in a planted set of contexts, at a planted position, with planted values;
-    elsewhere it only fires weakly. The stream arrives in batches of varying size."""
+    """Each feature fires strongly in a planted set of contexts, at a planted position, with planted
+    values; elsewhere it only fires weakly. The stream arrives in batches of varying size."""
     g = torch.Generator().manual_seed(0)
     L, Fe, T, N, k, before, after = 2, 7, 9, 50, 4, 2, 1
     tokens = torch.randint(0, 1000, (N, T), generator=g)
@@ -71,9 +72,8 @@ def test_planted_top_contexts_are_found_exactly():
     for l in range(L):
         for f in range(Fe):
             ctx = torch.randperm(N, generator=g)[: k + 2]  # more planted contexts than slots
-            vals = (
-                1 + torch.randperm(100, generator=g)[: k + 2].float() / 10
-            )  # distinct, all above 0.5
+            # distinct, all above 0.5
+            vals = 1 + torch.randperm(100, generator=g)[: k + 2].float() / 10
             pos = torch.randint(0, T, (k + 2,), generator=g)
             acts[l, ctx, pos, f] = vals
             best = vals.argsort(descending=True)[:k]
@@ -120,11 +120,12 @@ def test_store_memory_does_not_grow_with_tokens_seen():
     assert set(vars(store)) == {"k", "before", "after", *sizes}  # nothing else accumulates
 
 
-# -- the pass on a model --------------------------------------------------------------------------------
+# -- the pass on a model ---------------------------------------------------------------------------
 
 
 def brute_force(lm, tc, text_file, context, max_tokens):
-    """All activations of every context at once `[L, N, T - 1, F]` and the context tokens `[N, T]`."""
+    """All activations of every context at once `[L, N, T - 1, F]` and the context tokens
+    `[N, T]`."""
     from transcoders.data import harvest, text_source, token_sequences
 
     paras = text_source(f"file:{text_file}", lm, "train", gen_samples=0)
@@ -213,9 +214,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, text_file, monkeypatch)
 def test_other_settings_are_refused_and_restart_rebuilds(tmp_path, text_file):
     lm, tc = setup("plt")
     out = build_dashboards(lm, tc, **small(text_file, tmp_path / "d"))
-    assert (
-        build_dashboards(lm, tc, **small(text_file, tmp_path / "d")) == out
-    )  # complete: nothing to do
+    # complete: nothing to do
+    assert build_dashboards(lm, tc, **small(text_file, tmp_path / "d")) == out
     with pytest.raises(UserError, match="other settings"):
         build_dashboards(lm, tc, **small(text_file, tmp_path / "d", k=5))
     other = random_transcoders(lm.sites.n_layers, lm.sites.d_model, 24, seed=99)

@@ -1,9 +1,9 @@
 """Distributed transcoder training (`transcoders train-distributed`) equals single-process training.
 
-Planted synthetic activations (deterministic per step), float32 arithmetic, settings under which AuxK, the
-Matryoshka prefixes, the skip term and every activation rule take part. The two-rank cases run in one
-torchrun job (gloo, CPU) that starts this file as a script (`_driver` at the bottom); references are trained
-by `transcoders.train.train_transcoders` in the test process.
+Planted synthetic activations (deterministic per step), float32 arithmetic, settings under which
+AuxK, the Matryoshka prefixes, the skip term and every activation rule take part. The two-rank cases
+run in one torchrun job (gloo, CPU) that starts this file as a script (`_driver` at the bottom);
+references are trained by `transcoders.train.train_transcoders` in the test process.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _reference(**kw):
     return train_transcoders(cfg, buffer=_buffer(cfg))
 
 
-# -- one process ---------------------------------------------------------------------------------------
+# -- one process -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shard", ["features", "data"])
@@ -104,9 +104,8 @@ def test_one_rank_equals_train_transcoders(tmp_path, shard):
     _assert_same_set(tc, ref, atol=1e-6)
     _assert_same_set(load_native(tmp_path / "set"), ref, atol=1e-6)
     assert tc.cfg.extra["distributed"] == {"world_size": 1, "shard": shard}
-    assert (
-        max(tc.cfg.metrics["train_dead"]) > 0 and tc.cfg.metrics["train_aux"] > 0
-    )  # AuxK took part
+    # AuxK took part
+    assert max(tc.cfg.metrics["train_dead"]) > 0 and tc.cfg.metrics["train_aux"] > 0
     for key in ("train_fvu", "train_l0", "train_loss"):
         torch.testing.assert_close(
             torch.tensor(tc.cfg.metrics[key]),
@@ -175,7 +174,7 @@ def test_cli_parses_train_config_and_distributed_options():
     assert args._command.job is DistributedTrainConfig
 
 
-# -- two ranks -----------------------------------------------------------------------------------------
+# -- two ranks -------------------------------------------------------------------------------------
 
 
 def test_two_ranks_equal_single_process_and_resume_at_other_world_sizes(tmp_path):
@@ -196,15 +195,15 @@ def test_two_ranks_equal_single_process_and_resume_at_other_world_sizes(tmp_path
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
-    for name, (kw, shard) in CASES.items():
+    for name, (kw, _shard) in CASES.items():
         trained = load_native(tmp_path / name)
         _assert_same_set(trained, _reference(**kw))
         assert trained.cfg.extra["distributed"]["world_size"] == 2
     ref = _reference()
     _assert_same_set(load_native(tmp_path / "from-one"), ref)  # 1 rank -> 2 ranks
 
-    # a two-rank run killed after step STOP_AT left a whole-set checkpoint; resume on one process, both by
-    # the distributed trainer and by the single-process one
+    # a two-rank run killed after step STOP_AT left a whole-set checkpoint; resume on one process,
+    # both by the distributed trainer and by the single-process one
     ckpt = _cfg(tmp_path / "killed").checkpoint_path()
     assert torch.load(ckpt, weights_only=False)["step"] == 5
     import shutil
@@ -217,7 +216,8 @@ def test_two_ranks_equal_single_process_and_resume_at_other_world_sizes(tmp_path
 
 
 def _driver(root: Path) -> None:
-    """Both ranks: every case of CASES, then an interrupted run and the resumption of a single-process one."""
+    """Both ranks: every case of CASES, then an interrupted run and the resumption of a
+    single-process one."""
     import faulthandler
 
     import torch.distributed as dist
@@ -234,9 +234,8 @@ def _driver(root: Path) -> None:
                 buffer=_buffer(cfg),
             )
         cfg = _cfg(root / "from-one")
-        train_distributed(
-            DistributedTrainConfig(train=cfg), buffer=_buffer(cfg)
-        )  # rank 0 broadcasts batches
+        # rank 0 broadcasts batches
+        train_distributed(DistributedTrainConfig(train=cfg), buffer=_buffer(cfg))
         cfg = _cfg(root / "killed", keep_checkpoint=True)
         try:
             train_distributed(
@@ -244,10 +243,12 @@ def _driver(root: Path) -> None:
             )
         except Stop:
             pass
-        # the interrupted run skipped train_distributed's closing barrier: meet before tearing the group down
+        # the interrupted run skipped train_distributed's closing barrier: meet before tearing the
+        # group down
         dist.barrier()
     finally:
-        end_process_group()  # as the library's jobs end theirs: see its docstring for the exit abort it prevents
+        # as the library's jobs end theirs: see its docstring for the exit abort it prevents
+        end_process_group()
 
 
 if __name__ == "__main__":

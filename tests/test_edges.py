@@ -143,14 +143,8 @@ def test_cpp_matches_float64_and_reference(c):
 @pytest.mark.parametrize(
     "B,n_out,n_pos,D,F,n",
     [
-        (
-            3,
-            1,
-            4,
-            2500,
-            30,
-            20,
-        ),  # D over the 1024-float K block, not a multiple of the vector width
+        # D over the 1024-float K block, not a multiple of the vector width
+        (3, 1, 4, 2500, 30, 20),
         (5, 2, 2, 64, 500, 700),  # several 128-feature chunks at one position
         (300, 1, 3, 24, 50, 40),  # more batch rows than one work item takes
         (1, 1, 1, 1, 1, 1),  # everything of size one
@@ -243,9 +237,8 @@ def test_backend_choice(monkeypatch):
     assert be.active_backend("cpu") == ("cpp" if HAS_EXT else "torch")
     monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "torch")
     assert be.active_backend("cpu") == "torch" and "forced" in be.backend_reason("cpu")
-    monkeypatch.setenv(
-        "GEMMA_CIRCUITS_BACKEND", "cuda"
-    )  # not available for CPU tensors: falls back
+    # not available for CPU tensors: falls back
+    monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "cuda")
     assert be.active_backend("cpu") == ("cpp" if HAS_EXT else "torch")
     assert "GEMMA_CIRCUITS_BACKEND=cuda" in be.backend_reason("cpu")
     monkeypatch.setenv("GEMMA_CIRCUITS_BACKEND", "opencl")
@@ -474,9 +467,8 @@ def test_to_device_copies_host_tensors(device):
     if device == "cuda":
         busy = torch.randn(4096, 4096, device="cuda")
         for _ in range(8):
-            busy = (
-                busy @ busy / 64.0
-            )  # queued work the copy must not wait for, nor overtake wrongly
+            # queued work the copy must not wait for, nor overtake wrongly
+            busy = busy @ busy / 64.0
     out = be.to_device(host, device)
     if device == "cuda":
         host += 5  # the copy's source is a pinned block of its own

@@ -156,7 +156,7 @@ def schema_errors(value, schema: dict, where: str = "$") -> list[str]:
     return errors
 
 
-# -- networkx ------------------------------------------------------------------------------------------
+# -- networkx --------------------------------------------------------------------------------------
 
 
 def assert_same_graph(a, b):
@@ -246,14 +246,13 @@ def test_auto_labels_from_dashboards():
     g.metadata["dashboards"] = {g.node_id(f): {"auto_label": "Texas cities", "density": 0.01}}
     d = graph_to_networkx(g).nodes[g.node_id(f)]
     assert d["label"] == "Texas cities" and d["label_source"] == "auto"
-    assert (
-        graph_from_networkx(graph_to_networkx(g)).labels == {}
-    )  # auto labels are not human labels
+    # auto labels are not human labels
+    assert graph_from_networkx(graph_to_networkx(g)).labels == {}
     doc = to_neuronpedia_json(g)
     assert doc["nodes"][f]["clerp"] == "Texas cities"
 
 
-# -- Neuronpedia / circuit-tracer JSON ------------------------------------------------------------------
+# -- Neuronpedia / circuit-tracer JSON -------------------------------------------------------------
 
 
 def test_schema_validator_can_fail():
@@ -378,9 +377,8 @@ def test_supernode_groups_accepts_every_grouping_form():
     assert supernode_groups(want) == want
     assert supernode_groups({"format": "gemma-circuits-supernodes", "supernodes": want}) == want
     assert supernode_groups([{"name": k, "members": v} for k, v in want.items()]) == want
-    assert (
-        supernode_groups([[k, *v] for k, v in want.items()]) == want
-    )  # Neuronpedia's qParams form
+    # Neuronpedia's qParams form
+    assert supernode_groups([[k, *v] for k, v in want.items()]) == want
     for bad in ([1, 2], {"Texas": "f:1:2:3"}, "Texas"):
         with pytest.raises(UserError):
             supernode_groups(bad)

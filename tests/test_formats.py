@@ -1,8 +1,10 @@
-"""Transcoder file layouts: native, Gemma Scope 2 (read and write), detection, and `transcoders convert`.
+"""Transcoder file layouts: native, Gemma Scope 2 (read and write), detection, and
+`transcoders convert`.
 
-Gemma Scope 2 files are also written here by `write_released_*`, which follow the release's layout and
-reference forward pass (docs/gemma_scope_2.md) with plain safetensors/json and share no code with the
-writer under test, so the reader is checked against the release's conventions, not only against itself.
+Gemma Scope 2 files are also written here by `write_released_*`, which follow the release's layout
+and reference forward pass (docs/gemma_scope_2.md) with plain safetensors/json and share no code
+with the writer under test, so the reader is checked against the release's conventions, not only
+against itself.
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ def inputs(seed=0, n_pos=7):
 
 
 def assert_same_function(a, b, x):
-    """The same weights bit for bit, the same active features, and activations and reconstructions equal to
-    float rounding (a set loaded from circuit-tracer's layout multiplies by the transposed view of its stored
-    `[F, D]` encoders, which rounds differently from a `[D, F]` one)."""
+    """The same weights bit for bit, the same active features, and activations and reconstructions
+    equal to float rounding (a set loaded from circuit-tracer's layout multiplies by the transposed
+    view of its stored `[F, D]` encoders, which rounds differently from a `[D, F]` one)."""
     for name in ("W_enc", "b_enc", "W_dec", "b_dec") + (
         ("W_skip",) if a.W_skip is not None else ()
     ):
@@ -96,7 +98,7 @@ def assert_same_function(a, b, x):
     torch.testing.assert_close(a.reconstruct(x), b.reconstruct(x), rtol=1e-5, atol=1e-6)
 
 
-# -- native -------------------------------------------------------------------------------------------
+# -- native ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,activation,skip", KINDS)
 def test_native_round_trip_is_exact(tmp_path, kind, activation, skip):
     tc = make_set(kind, activation, skip)
@@ -247,12 +249,13 @@ def test_native_checks_the_model(tmp_path, tiny):
     assert load_native(tmp_path / "fits", model=tiny).cfg.model_name == tiny.name
 
 
-# -- Gemma Scope 2: files written the way the release lays them out ----------------------------------
+# -- Gemma Scope 2: files written the way the release lays them out --------------------------------
 def released_params(
     rng: torch.Generator, n_layers=L, clt=False, affine=False, negative_thresholds=True, d=D
 ):
-    """Random params per layer under the release's names and shapes; a few thresholds below zero (the
-    reference relu(pre) * (pre > threshold) zeroes negative pre-activations whatever the threshold)."""
+    """Random params per layer under the release's names and shapes; a few thresholds below zero
+    (the reference relu(pre) * (pre > threshold) zeroes negative pre-activations whatever the
+    threshold)."""
     out = []
     for l in range(n_layers):
         thr = torch.rand(F, generator=rng) * 1.5 + 0.3
@@ -465,8 +468,8 @@ def test_gemmascope_config_json_may_be_missing_only_in_transcoder_folders(tmp_pa
 
 
 def test_gemmascope_hooks_are_the_modules_our_sites_use(tiny):
-    """The release's hook names resolve, in a Hugging Face Gemma 3, to the very modules our replacement
-    model reads (mlp_in) and writes (mlp_out)."""
+    """The release's hook names resolve, in a Hugging Face Gemma 3, to the very modules our
+    replacement model reads (mlp_in) and writes (mlp_out)."""
     for l, layer in enumerate(tiny.sites.layers):
         assert (
             tiny.model.get_submodule(gemmascope.HOOK_IN.format(l).removesuffix(".output"))
@@ -480,8 +483,8 @@ def test_gemmascope_hooks_are_the_modules_our_sites_use(tiny):
 
 @pytest.mark.slow
 def test_gemmascope_layout_fits_the_real_270m(tmp_path, real_model):
-    """A set shaped like google/gemma-scope-2-270m-pt's, written in its layout, loads against the real model;
-    its hook names are the real model's MLP input and output modules."""
+    """A set shaped like google/gemma-scope-2-270m-pt's, written in its layout, loads against the
+    real model; its hook names are the real model's MLP input and output modules."""
     s = real_model.sites
     tc = random_transcoders(
         s.n_layers, s.d_model, 64, kind="skip", seed=0, model_name="google/gemma-3-270m-pt"
@@ -504,7 +507,7 @@ def test_gemmascope_set_loads_against_a_model(tmp_path, tiny):
         load_any(write_released_plt(tmp_path / "short", params[:2]), model=tiny)
 
 
-# -- Gemma Scope 2: our writer --------------------------------------------------------------------------
+# -- Gemma Scope 2: our writer ---------------------------------------------------------------------
 @pytest.mark.parametrize("kind,activation,skip", [k for k in KINDS if k[1] != "topk"])
 def test_gemmascope_round_trip_is_exact(tmp_path, kind, activation, skip):
     tc = make_set(kind, activation, skip)
@@ -512,9 +515,8 @@ def test_gemmascope_round_trip_is_exact(tmp_path, kind, activation, skip):
     back = load_any(where)
     assert back.cfg == tc.cfg
     assert_same_function(tc, back, inputs())
-    assert_same_function(
-        tc, load_any(tmp_path / "out"), inputs(1)
-    )  # the repo root finds its one set
+    # the repo root finds its one set
+    assert_same_function(tc, load_any(tmp_path / "out"), inputs(1))
 
 
 @pytest.mark.parametrize("clt", [False, True])
@@ -562,7 +564,8 @@ def test_gemmascope_writer_produces_the_released_layout(tmp_path, clt):
 
 
 def test_gemmascope_written_files_follow_the_released_forward_pass(tmp_path):
-    """Read our writer's files with the reference forward pass: it must compute what the set computes."""
+    """Read our writer's files with the reference forward pass: it must compute what the set
+    computes."""
     tc = make_set("clt", skip=True)
     where = save_gemmascope2(tc, tmp_path / "out")
     params = []
@@ -576,7 +579,8 @@ def test_gemmascope_written_files_follow_the_released_forward_pass(tmp_path):
 
 @pytest.mark.parametrize("clt", [False, True])
 def test_released_files_survive_native_and_back_unchanged(tmp_path, clt):
-    """Released layout -> native -> Gemma Scope 2: same folder names, same config.json, same tensors."""
+    """Released layout -> native -> Gemma Scope 2: same folder names, same config.json, same
+    tensors."""
     params = released_params(
         torch.Generator().manual_seed(4), clt=clt, affine=True, negative_thresholds=False
     )
@@ -664,7 +668,7 @@ def test_gemmascope_from_the_hub_downloads_only_the_set(tmp_path, monkeypatch):
     assert not any("examples" in p for p in asked["patterns"])
 
 
-# -- any layout, and convert -----------------------------------------------------------------------------
+# -- any layout, and convert -----------------------------------------------------------------------
 def test_load_any_lists_what_it_accepts(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
@@ -766,7 +770,7 @@ def test_a_released_gemmascope_clt_converts_to_circuit_tracer(tmp_path):
     torch.testing.assert_close(tc.reconstruct(x), ref_out, rtol=1e-5, atol=1e-6)
 
 
-# -- decoders stay on disk: memory-mapped views, not read at load -------------------------------------
+# -- decoders stay on disk: memory-mapped views, not read at load ----------------------------------
 def _mapped_ranges(files) -> list[tuple[int, int]]:
     """Address ranges of this process's mappings of `files` (Linux /proc/self/maps)."""
     names = {str(Path(f).resolve()) for f in files}
@@ -793,9 +797,9 @@ def _mapped_ranges(files) -> list[tuple[int, int]]:
     ],
 )
 def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
-    """Loading checks every value but leaves the decoders (and the encoders stored as `[D, F]`) as views of the
-    files with (almost) none of their pages present: attribution then reads only the active features' rows,
-    and passes over the encoders from the file."""
+    """Loading checks every value but leaves the decoders (and the encoders stored as `[D, F]`) as
+    views of the files with (almost) none of their pages present: attribution then reads only the
+    active features' rows, and passes over the encoders from the file."""
     big = random_transcoders(L, 256, 8192, kind=kind, seed=1)
     if layout == "native":
         save_native(big, tmp_path / "set")
@@ -823,15 +827,16 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
                 tc.decoder_rows(l, feats), big.decoder_rows(l, feats), rtol=0, atol=0
             )
             assert resident_fraction(tc.W_dec[l]) < 0.05, "decoder_rows read through the mapping"
-        # a decoder changed in memory (a private copy of the page): rows come from memory, not the stale file
+        # a decoder changed in memory (a private copy of the page): rows come from memory, not the
+        # stale file
         tc.W_dec[1][77] += 1.0
         torch.testing.assert_close(
             tc.decoder_rows(1, feats)[3], big.decoder_rows(1, feats)[3] + 1.0
         )
         tc.W_dec[1][77] -= 1.0
-    # encoders: attribution's one pass (sparse_encode) and the active features' vectors come from the file
-    # where the layout stores them as we use them ([D, F]: native, Gemma Scope 2); circuit-tracer's [F, D]
-    # encoders are read into memory of their own at loading
+    # encoders: attribution's one pass (sparse_encode) and the active features' vectors come from
+    # the file where the layout stores them as we use them ([D, F]: native, Gemma Scope 2);
+    # circuit-tracer's [F, D] encoders are read into memory of their own at loading
     x = torch.randn(L, 5, 256)
     with torch.no_grad():
         got, want = tc.sparse_encode(x), big.sparse_encode(x)
@@ -851,9 +856,8 @@ def test_decoders_stay_memory_mapped_and_unread(tmp_path, layout, kind):
                 "sparse_encode or encoder_rows read an encoder through the mapping"
             )
     torch.testing.assert_close(tc.reconstruct(x), big.reconstruct(x))
-    assert all(
-        resident_fraction(w) > 0.9 for w in tc.W_dec
-    )  # the dense decode read them all: the probe works
+    # the dense decode read them all: the probe works
+    assert all(resident_fraction(w) > 0.9 for w in tc.W_dec)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -872,7 +876,8 @@ def test_the_values_check_reads_every_float_dtype(tmp_path, dtype, bad):
     not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)"
 )
 def test_decoder_rows_of_a_replaced_file_are_the_loaded_ones(tmp_path):
-    """A set saved over the directory a loaded set maps (an atomic swap) does not leak into the loaded one."""
+    """A set saved over the directory a loaded set maps (an atomic swap) does not leak into the
+    loaded one."""
     old, new = random_transcoders(L, 64, 2048, seed=1), random_transcoders(L, 64, 2048, seed=2)
     save_native(old, tmp_path / "set")
     tc = load_any(tmp_path / "set")
@@ -888,9 +893,9 @@ def test_decoder_rows_of_a_replaced_file_are_the_loaded_ones(tmp_path):
     not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)"
 )
 def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
-    """`StoredWeight.row_chunks` / `left_matmul` over a memory-mapped matrix (contiguous, and the strided rows of a CLT-like
-    `[n, 3, D]` tensor) give its values with (almost) none of its pages made present; a matrix edited in
-    memory is read from memory."""
+    """`StoredWeight.row_chunks` / `left_matmul` over a memory-mapped matrix (contiguous, and the
+    strided rows of a CLT-like `[n, 3, D]` tensor) give its values with (almost) none of its pages
+    made present; a matrix edited in memory is read from memory."""
     torch.manual_seed(0)
     full = torch.randn(20000, 3, 96)
     save_file({"w": full}, str(tmp_path / "w.safetensors"))
@@ -924,9 +929,10 @@ def test_whole_passes_over_a_mapped_matrix_read_the_file(tmp_path):
 )
 @pytest.mark.parametrize("stored", ["[D, F]", "[F, D]"])
 def test_encoder_products_and_columns_read_the_file(tmp_path, stored):
-    """`StoredWeight.left_matmul` and `file_columns` over an encoder mapped from a file, stored `[D, F]` or as `[F, D]` (used
-    through its transposed view), give its values with (almost) none of its pages made present; blocks hold
-    whole columns; an encoder edited in memory is multiplied from memory, and its columns are left to the caller."""
+    """`StoredWeight.left_matmul` and `file_columns` over an encoder mapped from a file, stored
+    `[D, F]` or as `[F, D]` (used through its transposed view), give its values with (almost) none
+    of its pages made present; blocks hold whole columns; an encoder edited in memory is multiplied
+    from memory, and its columns are left to the caller."""
     torch.manual_seed(1)
     ref = torch.randn(96, 7000)  # [D, F]
     save_file(
@@ -953,12 +959,9 @@ def test_encoder_products_and_columns_read_the_file(tmp_path, stored):
     w[3, 4321] += 1.0
     edited = ref.clone()
     edited[3, 4321] += 1.0
-    assert (
-        StoredWeight(w, chunk).file_columns(cols) is None
-    )  # the file no longer holds the values: the caller reads memory
-    torch.testing.assert_close(
-        StoredWeight(w, chunk).left_matmul(x), x @ edited
-    )  # through the views, edit included
-    assert (
-        StoredWeight(torch.randn(4, 6)).file_columns(torch.tensor([1])) is None
-    )  # not a mapping: the caller indexes memory
+    # the file no longer holds the values: the caller reads memory
+    assert StoredWeight(w, chunk).file_columns(cols) is None
+    # through the views, edit included
+    torch.testing.assert_close(StoredWeight(w, chunk).left_matmul(x), x @ edited)
+    # not a mapping: the caller indexes memory
+    assert StoredWeight(torch.randn(4, 6)).file_columns(torch.tensor([1])) is None

@@ -1,4 +1,5 @@
-"""gemma_lm.gemma3 (our Gemma 3 forward pass) against transformers' implementation on the same weights."""
+"""gemma_lm.gemma3 (our Gemma 3 forward pass) against transformers' implementation on the same
+weights."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ LINEAR_ROPE = {
 
 
 def _save(tmp_path: Path, rope=None, **config) -> Path:
-    """A random tiny Gemma 3 (non-trivial norms, sliding and global layers) saved as a Hugging Face directory."""
+    """A random tiny Gemma 3 (non-trivial norms, sliding and global layers) saved as a Hugging Face
+    directory."""
     hf = tiny_model(seed=1, vocab_size=64, **config).model
     if rope is not None:
         hf.config.rope_parameters = rope
@@ -70,14 +72,14 @@ def test_same_logits_as_transformers(tmp_path, case, dtype):
         last = ours.model(input_ids=ids, logits_to_keep=1).logits
     assert torch.equal(a, b)  # bit for bit: the same operations in the same order
     assert torch.equal(last, theirs.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits)
-    ours.model.config._attn_implementation = (
-        "sdpa"  # fast attention (harvesting): the same up to rounding
-    )
+    # fast attention (harvesting): the same up to rounding
+    ours.model.config._attn_implementation = "sdpa"
     with torch.no_grad():
         fast = ours.model(input_ids=ids, attention_mask=mask).logits
     if dtype == "float32":
         torch.testing.assert_close(fast, a, rtol=1e-4, atol=1e-4)
-    else:  # bfloat16 rounds differently inside another kernel: close on the whole, not entry by entry
+    else:
+        # bfloat16 rounds differently inside another kernel: close on the whole, not entry by entry
         assert float((fast - a).float().abs().mean()) < 0.02 * float(a.float().abs().mean())
 
 
@@ -178,12 +180,14 @@ def test_incomplete_weights_are_a_clear_error(tmp_path):
 
 
 def test_loading_leaves_transformers_modelling_unimported(tmp_path):
-    """The point of gemma_lm.gemma3: tracing a local Gemma 3 never imports transformers' modelling code."""
+    """The point of gemma_lm.gemma3: tracing a local Gemma 3 never imports transformers' modelling
+    code."""
     path = _save(tmp_path, sliding_window=4)
     code = (
         "import sys, circuits; lm = circuits.load_model(sys.argv[1]);"
         "lm.model(input_ids=lm.tokenize('w5 w6')[None]);"
-        "heavy = [m for m in ('transformers.modeling_utils', 'sympy', 'torch._dynamo', 'accelerate') if m in sys.modules];"
+        "heavy = [m for m in ('transformers.modeling_utils', 'sympy', 'torch._dynamo', "
+        "'accelerate') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     run = subprocess.run(

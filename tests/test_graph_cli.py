@@ -131,7 +131,8 @@ def test_compare_command(tmp_path, capsys):
 @pytest.mark.slow
 @needs_graphviz
 def test_real_model_graph_end_to_end(real_model, tmp_path):
-    """A real 270M graph (random skip transcoders, so it runs anywhere) through prune, scores and every picture."""
+    """A real 270M graph (random skip transcoders, so it runs anywhere) through prune, scores and
+    every picture."""
     from test_export import NEURONPEDIA_GRAPH_SCHEMA, schema_errors
     from test_prune import brute_force_influence
 

@@ -1,6 +1,7 @@
-"""The same graphs, bit for bit: attribution graphs and their circuits on tiny random models (several
-configs and transcoder kinds, fixed seeds) against the digests in tests/data/graph_digests.json
-(`tests/graph_digests.py` says how they were made and when to regenerate them)."""
+"""The same graphs, bit for bit: attribution graphs and their circuits on tiny random models
+(several configs and transcoder kinds, fixed seeds) against the digests in
+tests/data/graph_digests.json (`tests/graph_digests.py` says how they were made and when to
+regenerate them)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""The interactive page (circuits/frontend/, render_html), driven in headless Chromium through the DevTools
-protocol: load, screenshot, hover, click, threshold sliders, pan and zoom, supernodes and their storage.
+"""The interactive page (circuits/frontend/, render_html), driven in headless Chromium through the
+DevTools protocol: load, screenshot, hover, click, threshold sliders, pan and zoom, supernodes and
+their storage.
 
-A minimal WebSocket client (RFC 6455, text frames only) talks to Chromium; no extra packages needed."""
+A minimal WebSocket client (RFC 6455, text frames only) talks to Chromium; no extra packages
+needed."""
 
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ class WebSocket:
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
             (
-                f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
         )
@@ -159,16 +162,18 @@ class Browser:
         raise TimeoutError(method)
 
     def open(self, path: Path) -> None:
-        """Load the page at `path`, served over HTTP from 127.0.0.1 rather than as a file:// URL: under load,
-        Chromium now and then gave a file:// document a localStorage that no later document saw (the
-        supernode test lost its grouping across a reload in 7 of ~240 runs; over HTTP, 0 in 200)."""
+        """Load the page at `path`, served over HTTP from 127.0.0.1 rather than as a file:// URL:
+        under load, Chromium now and then gave a file:// document a localStorage that no later
+        document saw (the supernode test lost its grouping across a reload in 7 of ~240 runs; over
+        HTTP, 0 in 200)."""
         path = path.resolve()
         self.events.clear()
         self.call("Page.navigate", url=f"{self._serve(path.parent)}/{path.name}")
         self.wait_event("Page.loadEventFired")
 
     def _serve(self, folder: Path) -> str:
-        """The base URL of a static HTTP server for `folder` (one per folder, for the browser's lifetime)."""
+        """The base URL of a static HTTP server for `folder` (one per folder, for the browser's
+        lifetime)."""
         if folder not in self.servers:
 
             class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -202,8 +207,9 @@ class Browser:
 
     def centre(self, selector: str) -> tuple[float, float]:
         r = self.js(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
-            f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+            "(() => { const r = "
+            f"document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         return r[0], r[1]
 
@@ -296,7 +302,8 @@ def test_page_renders_in_chromium(browser, page):
     )
     img = browser.screenshot()
 
-    # the fills of token (#fef3c7) and logit (#dcfce7) boxes, and the blue of feature boxes, are on screen
+    # the fills of token (#fef3c7) and logit (#dcfce7) boxes, and the blue of feature boxes, are on
+    # screen
     def share(rgb, tol=6):
         return float((np.abs(img.astype(int) - np.array(rgb)).max(axis=2) <= tol).mean())
 
@@ -338,7 +345,8 @@ def test_hover_click_and_dashboard(browser, page):
     assert f"{abs(strongest):.3f}" in panel or f"{abs(strongest):.2e}" in panel
     # clicking an input row moves the focus there; clicking the background clears it
     browser.js(
-        "document.querySelector('#panel-body tr.link').dispatchEvent(new MouseEvent('click', {bubbles: true}))"
+        "document.querySelector('#panel-body tr.link')"
+        ".dispatchEvent(new MouseEvent('click', {bubbles: true}))"
     )
     assert browser.js("viewer.state.focus") != k
     browser.click(5, 200)
@@ -358,7 +366,8 @@ def test_threshold_sliders(browser, page):
     after = browser.js("viewer.linkCount()")
     assert 0 < after < before
     wmin = browser.js(
-        "Math.min(...[...document.querySelectorAll('#layer-edges path')].map(p => Math.abs(+p.dataset.weight)))"
+        "Math.min(...[...document.querySelectorAll('#layer-edges path')]"
+        ".map(p => Math.abs(+p.dataset.weight)))"
     )
     assert wmin >= browser.js("viewer.state.edgeMin") > 0
     browser.js(
@@ -412,7 +421,8 @@ def test_supernodes_group_collapse_save_and_restore(browser, page):
         "document.getElementById('panel-body').innerText"
     )
     # the grouping is downloadable as JSON ...
-    # (the viewer revokes the blob URL after a second; on a loaded machine the fetch below can be slower)
+    # (the viewer revokes the blob URL after a second; on a loaded machine the fetch below can be
+    # slower)
     browser.js(
         "window.__saved = null; URL.revokeObjectURL = () => {};"
         " HTMLAnchorElement.prototype.click = function () {"
@@ -431,9 +441,8 @@ def test_supernodes_group_collapse_save_and_restore(browser, page):
     assert browser.js("viewer.state.groups") == groups
     browser.js(f"viewer.loadGrouping({json.dumps({'supernodes': {'x': feats[:2] + ['nope']}})})")
     assert browser.js("viewer.state.groups") == [{"name": "x", "members": feats[:2]}]
-    browser.js(
-        f"viewer.loadGrouping({json.dumps([['np', feats[2]]])})"
-    )  # Neuronpedia's qParams form
+    # Neuronpedia's qParams form
+    browser.js(f"viewer.loadGrouping({json.dumps([['np', feats[2]]])})")
     assert browser.js("viewer.state.groups") == [{"name": "np", "members": feats[2:]}]
     browser.js(f"viewer.makeGroup('np', {json.dumps(feats[:1])})")  # names stay unique
     assert [grp["name"] for grp in browser.js("viewer.state.groups")] == ["np", "np (2)"]

@@ -1,7 +1,7 @@
 """Interventions (circuits/interventions.py): constrained patching in the frozen and the full world.
 
-The references here are written independently of the code under test: plain hooks on the real model that
-subtract a decoder vector, the graph's own edges, and Hugging Face's greedy `generate`.
+The references here are written independently of the code under test: plain hooks on the real model
+that subtract a decoder vector, the graph's own edges, and Hugging Face's greedy `generate`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from circuits.attribution import attribute
-from circuits.graph import ERROR, FEATURE
-from circuits.graph import load_supernodes
+from circuits.graph import ERROR, FEATURE, load_supernodes
 from circuits.interventions import Intervention, intervene
 from gemma_lm.errors import UserError
 from gemma_lm.testing import tiny_model
@@ -61,11 +60,12 @@ def active_feature(tc, lm, tokens, layer, pos):
 
 
 def demeaned(raw: torch.Tensor, ids) -> torch.Tensor:
-    """What a logit node's input is: the pre-softcap logit minus the mean logit over the vocabulary."""
+    """What a logit node's input is: the pre-softcap logit minus the mean logit over the
+    vocabulary."""
     return raw[ids] - raw.mean()
 
 
-# -- no intervention --------------------------------------------------------------------------------
+# -- no intervention -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["plt", "skip", "clt"])
@@ -76,9 +76,8 @@ def test_no_intervention_reproduces_clean_logits(kind, softcap):
     tokens = lm.tokenize(PROMPT)
     ref = real_logits(lm, tokens)
     full = intervene(lm, PROMPT, None, transcoders=tc, mode="full", progress=False)
-    assert torch.equal(
-        full.logits, ref
-    )  # bit for bit: the held errors add back exactly what was there
+    # bit for bit: the held errors add back exactly what was there
+    assert torch.equal(full.logits, ref)
     assert torch.equal(full.logits_clean, ref)
     frozen = intervene(lm, PROMPT, [], transcoders=tc, mode="frozen", progress=False)
     torch.testing.assert_close(frozen.logits, ref, atol=2e-4, rtol=1e-5)
@@ -86,7 +85,7 @@ def test_no_intervention_reproduces_clean_logits(kind, softcap):
     assert frozen.n_changed_features == 0 and full.n_changed_features == 0
 
 
-# -- full mode: zeroing a feature is removing its decoder vector --------------------------------------
+# -- full mode: zeroing a feature is removing its decoder vector -----------------------------------
 
 
 def test_full_zero_last_layer_feature_equals_model_with_decoder_removed():
@@ -113,10 +112,10 @@ def test_full_zero_last_layer_feature_equals_model_with_decoder_removed():
 
 
 def test_full_zero_clt_feature_removes_its_decoder_from_every_layer_it_writes():
-    """A CLT feature of layer 0 at an early position writes to all layers; the effect reaches the last
-    position only through recomputed attention. Later MLPs and later features are silenced in this model,
-    so that the real model and the replacement react to the change identically, and the reference is
-    the plain model with the feature's decoder vectors subtracted at every layer."""
+    """A CLT feature of layer 0 at an early position writes to all layers; the effect reaches the
+    last position only through recomputed attention. Later MLPs and later features are silenced in
+    this model, so that the real model and the replacement react to the change identically, and the
+    reference is the plain model with the feature's decoder vectors subtracted at every layer."""
     lm = tiny_model(seed=4)
     tc = tc_for(lm, "clt", d_sae=32)
     L = lm.sites.n_layers
@@ -171,8 +170,9 @@ def test_full_zero_error_node_removes_the_error_vector(kind):
 
 @pytest.mark.parametrize("kind", ["skip", "clt"])
 def test_full_mode_equals_hand_spliced_replacement_model(kind):
-    """The general case: every MLP output replaced by the transcoder output of its live input plus the
-    clean error (written here from scratch), with one mid-layer feature's decoder contribution removed."""
+    """The general case: every MLP output replaced by the transcoder output of its live input plus
+    the clean error (written here from scratch), with one mid-layer feature's decoder contribution
+    removed."""
     lm = tiny_model(seed=5)
     tc = tc_for(lm, kind, d_sae=32)
     tokens = lm.tokenize(PROMPT)
@@ -215,7 +215,7 @@ def test_full_mode_equals_hand_spliced_replacement_model(kind):
     assert (r.logits - r.logits_clean).abs().max() > 1e-3
 
 
-# -- frozen mode: the graph's edges predict the change -------------------------------------------------
+# -- frozen mode: the graph's edges predict the change ---------------------------------------------
 
 
 @pytest.fixture(params=["plt", "clt"])
@@ -235,8 +235,9 @@ def traced(request):
 
 
 def test_frozen_held_features_change_logits_by_exactly_the_direct_edges(traced):
-    """With every other feature held, the frozen model is linear in one feature's activation: scaling it by
-    (1 + eps) moves each logit node's input (the demeaned pre-softcap logit) by eps * edge weight."""
+    """With every other feature held, the frozen model is linear in one feature's activation:
+    scaling it by (1 + eps) moves each logit node's input (the demeaned pre-softcap logit) by eps *
+    edge weight."""
     lm, tc, g = traced
     logit_nodes, logit_ids = g.logit_nodes, torch.as_tensor(g.logit_tokens)
     feats = g.nodes_of(FEATURE)
@@ -270,9 +271,10 @@ def test_frozen_zeroing_an_error_node_removes_its_edge(traced):
 
 
 def graph_path_prediction(g, source: int, eps: float) -> np.ndarray:
-    """First-order change of the logit nodes' inputs when `source` is scaled by 1 + eps and every later
-    feature follows its pre-activation (active JumpReLU: d act = d pre): the sum over all paths in the graph.
-    r[t] is the relative change of node t; a node's input changes by sum_s A[t, s] r[s]."""
+    """First-order change of the logit nodes' inputs when `source` is scaled by 1 + eps and every
+    later feature follows its pre-activation (active JumpReLU: d act = d pre): the sum over all
+    paths in the graph. r[t] is the relative change of node t; a node's input changes by sum_s
+    A[t, s] r[s]."""
     A = g.adjacency.tocsr().astype(np.float64)
     r = np.zeros(g.n_nodes)
     r[source] = eps
@@ -308,7 +310,7 @@ def test_frozen_small_perturbation_follows_the_graph_paths(traced):
     assert np.abs(want - direct).max() > 20 * (np.abs(got - want).max() + 1e-6)  # paths matter here
 
 
-# -- targets, supernodes, graphs ----------------------------------------------------------------------
+# -- targets, supernodes, graphs -------------------------------------------------------------------
 
 
 def test_supernodes_and_star_positions_expand_to_their_members(tmp_path):
@@ -329,7 +331,7 @@ def test_supernodes_and_star_positions_expand_to_their_members(tmp_path):
         and torch.equal(a.logits, c.logits)
         and torch.equal(a.logits, d.logits)
     )
-    assert a.applied == ["scale supernode 'five' (%d nodes) x3" % n]
+    assert a.applied == [f"scale supernode 'five' ({n} nodes) x3"]
 
 
 def test_set_value_and_dict_form():
@@ -384,7 +386,7 @@ def test_graph_prompt_uses_graph_tokens_and_supernodes():
         intervene(lm, g, None, transcoders=tc, progress=False)
 
 
-# -- generation ---------------------------------------------------------------------------------------
+# -- generation ------------------------------------------------------------------------------------
 
 
 def test_clean_continuation_is_the_models_greedy_continuation():
@@ -407,7 +409,8 @@ def test_clean_continuation_is_the_models_greedy_continuation():
 
 def test_intervention_is_held_at_its_positions_while_generating():
     """Zeroing a last-layer feature at the last prompt position changes only that position's output:
-    the first new token follows the intervened logits, the rest is the plain model's continuation."""
+    the first new token follows the intervened logits, the rest is the plain model's
+    continuation."""
     lm = tiny_model(seed=10)
     tc = tc_for(lm, "plt")
     tokens = lm.tokenize(PROMPT)
@@ -444,7 +447,7 @@ def test_intervention_is_held_at_its_positions_while_generating():
     assert r.continuation_tokens[1:] == rest[: len(r.continuation_tokens) - 1]
 
 
-# -- the real model -----------------------------------------------------------------------------------
+# -- the real model --------------------------------------------------------------------------------
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Model loading from every source, the transcoder sites, tiny fixtures, bad input, and the real default."""
+"""Model loading from every source, the transcoder sites, tiny fixtures, bad input, and the real
+default."""
 
 from __future__ import annotations
 
@@ -242,9 +243,9 @@ def test_embed_unembed_and_last_logits_equal_the_models_own(tiny_softcap):
     not Path("/proc/self/pagemap").exists(), reason="reads /proc/self/maps and pagemap (Linux)"
 )
 def test_the_vocabulary_matrix_stays_out_of_memory():
-    """Gemma 3 270M's embedding (tied to its unembedding) is 63% of its weights. Freezing a prompt and
-    building its logit directions read it from the file: it stays (almost) all off the process's pages, and
-    the logits equal the model's own forward pass, which reads it through the mapping."""
+    """Gemma 3 270M's embedding (tied to its unembedding) is 63% of its weights. Freezing a prompt
+    and building its logit directions read it from the file: it stays (almost) all off the process's
+    pages, and the logits equal the model's own forward pass, which reads it through the mapping."""
     from circuits.replacement import FrozenWeights, run_and_freeze
     from gemma_lm.weights import resident_fraction
 
@@ -269,8 +270,8 @@ def test_the_vocabulary_matrix_stays_out_of_memory():
 
 
 def test_the_default_models_tokenizer_gives_autotokenizers_ids(real_model):
-    """`load_tokenizer` reads tokenizer.json as a generic fast tokenizer (lighter than transformers 5's
-    GemmaTokenizer): the same ids, decodings and special tokens."""
+    """`load_tokenizer` reads tokenizer.json as a generic fast tokenizer (lighter than transformers
+    5's GemmaTokenizer): the same ids, decodings and special tokens."""
     from transformers import AutoTokenizer
 
     from gemma_lm.files import cache_dir

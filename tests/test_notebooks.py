@@ -1,8 +1,9 @@
 """The notebooks in notebooks/ run as shipped.
 
-Each is executed top to bottom with nbclient in its small `ci` setting (GEMMA_CIRCUITS_NOTEBOOK_SCALE=ci) and
-must produce its pictures and tables; each is stored without outputs, opens with what the reader will learn
-and how long it takes, and imports only the public API."""
+Each is executed top to bottom with nbclient in its small `ci` setting
+(GEMMA_CIRCUITS_NOTEBOOK_SCALE=ci) and must produce its pictures and tables; each is stored without
+outputs, opens with what the reader will learn and how long it takes, and imports only the public
+API."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
-# what each notebook must show when it runs: output MIME types, text that must appear, files it writes
+# what each notebook must show when it runs: output MIME types, text that must appear, files it
+# writes
 EXPECTED = {
     "01_trace_a_prompt": {
         "mime": {"image/png", "image/svg+xml", "text/markdown", "text/html"},
@@ -39,9 +41,8 @@ EXPECTED = {
         "files": [],
     },
 }
-REAL_MODEL_IN_CI = {
-    "02_prune_and_compare"
-}  # runs the real gemma-3-270m with a small budget even in ci
+# runs the real gemma-3-270m with a small budget even in ci
+REAL_MODEL_IN_CI = {"02_prune_and_compare"}
 
 # modules a notebook may import from this project: the public API
 PUBLIC_MODULES = {
@@ -148,9 +149,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch, request):
     from nbclient import NotebookClient
 
     if path.stem in REAL_MODEL_IN_CI:
-        request.getfixturevalue(
-            "default_transcoders"
-        )  # train them once per machine, not inside the kernel
+        # train them once per machine, not inside the kernel
+        request.getfixturevalue("default_transcoders")
     monkeypatch.setenv("GEMMA_CIRCUITS_NOTEBOOK_SCALE", "ci")  # the kernel inherits the environment
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)

@@ -120,9 +120,8 @@ def test_scores_are_in_unit_interval(seed):
     g = synthetic_graph(n_features=80, seed=seed, with_influence=False)
     for s in (graph_scores(g), prune(g).metadata["scores"]["pruned"]):
         assert 0.0 <= s["replacement"] <= 1.0 and 0.0 <= s["completeness"] <= 1.0
-    assert (
-        0.0 < graph_scores(g)["replacement"] < 1.0
-    )  # both tokens and errors reach the logits here
+    # both tokens and errors reach the logits here
+    assert 0.0 < graph_scores(g)["replacement"] < 1.0
 
 
 def test_all_zero_errors_score_one():

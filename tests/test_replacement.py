@@ -1,5 +1,5 @@
-"""The local replacement model: frozen forward pass exactness, Gemma 3 details, and the transposed model
-against autograd through the frozen forward pass."""
+"""The local replacement model: frozen forward pass exactness, Gemma 3 details, and the transposed
+model against autograd through the frozen forward pass."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from gemma_lm.errors import UserError
 from gemma_lm.testing import tiny_model
 from transcoders.testing import random_transcoders
 
-PROMPT = (
-    "The cat sat on the mat, then it ran."  # 38 tokens: longer than the tiny sliding window (4)
-)
+# 38 tokens: longer than the tiny sliding window (4)
+PROMPT = "The cat sat on the mat, then it ran."
 
 CONFIGS = {  # name -> tiny_model options
     "base": {},
@@ -83,7 +82,8 @@ def test_norm_gains_are_one_plus_weight():
     lm, tc, state, fw = _setup({}, "plt")
     s = lm.sites.layers[1]
     assert torch.allclose(fw.g_ff[1], 1 + s.pre_feedforward_layernorm.weight)
-    # the recorded MLP input is s_ff * (1 + w) * m with m = x + attention: check against the scale alone
+    # the recorded MLP input is s_ff * (1 + w) * m with m = x + attention: check against the scale
+    # alone
     m = state.mlp_in[1] / (state.s_ff[1, :, None] * fw.g_ff[1])
     assert torch.allclose(
         torch.rsqrt(m.pow(2).mean(-1) + lm.sites.rms_norm_eps), state.s_ff[1], rtol=1e-4
@@ -152,7 +152,8 @@ def test_transposed_model_matches_autograd(config, kind):
 
 
 def test_transposed_model_without_causal_patterns():
-    """A bidirectional Gemma 3 (use_bidirectional_attention) reads later positions: no position truncation."""
+    """A bidirectional Gemma 3 (use_bidirectional_attention) reads later positions: no position
+    truncation."""
     lm = tiny_model(seed=2)
     lm.model.config.use_bidirectional_attention = True
     tc = random_transcoders(3, 64, 64, kind="skip", seed=3, l0=6)

@@ -1,5 +1,6 @@
-"""Training data and evaluation: the offline text source, random-access activation shards, the deterministic
-buffer, bfloat16 harvesting, and `transcoders eval`'s numbers against their definitions."""
+"""Training data and evaluation: the offline text source, random-access activation shards, the
+deterministic buffer, bfloat16 harvesting, and `transcoders eval`'s numbers against their
+definitions."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""TranscoderSet invariants every consumer relies on: sparse and dense encodings agree, decoders read by row
-equal the stored ones, CLT decoding sums every source layer, activation rules, compatibility checks, and the
-training-mode activations (straight-through gradients, BatchTopK) against their definitions."""
+"""TranscoderSet invariants every consumer relies on: sparse and dense encodings agree, decoders
+read by row equal the stored ones, CLT decoding sums every source layer, activation rules,
+compatibility checks, and the training-mode activations (straight-through gradients, BatchTopK)
+against their definitions."""
 
 from __future__ import annotations
 
@@ -77,9 +78,8 @@ def test_jumprelu_straight_through_gradients():
     # d/dpre: 1 where it fires; d/dtheta: -(theta/eps) * rect((pre - theta)/eps)
     torch.testing.assert_close(pre.grad, torch.tensor([[0.0, 1.0, 0.0, 1.0]]))
     torch.testing.assert_close(theta.grad, torch.tensor([0.0, -5.0, -5.0, 0.0]))
-    theta2 = torch.full(
-        (1, 4), 0.5, requires_grad=True
-    )  # broadcast shapes reduce to theta's own shape
+    # broadcast shapes reduce to theta's own shape
+    theta2 = torch.full((1, 4), 0.5, requires_grad=True)
     step(pre.detach(), theta2, eps).sum().backward()
     torch.testing.assert_close(theta2.grad, torch.tensor([[0.0, -10.0, -10.0, 0.0]]))
 

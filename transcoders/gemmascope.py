@@ -1,28 +1,31 @@
-"""Gemma Scope 2 transcoders (Hugging Face repos google/gemma-scope-2-<size>-<pt|it>): read and write the
-released layout. Sources and the reasoning behind each choice: docs/gemma_scope_2.md.
+"""Gemma Scope 2 transcoders (Hugging Face repos google/gemma-scope-2-<size>-<pt|it>): read and
+write the released layout. Sources and the reasoning behind each choice: docs/gemma_scope_2.md.
 
 Layout inside a repo (D = d_model, F = features of one layer, L = layers):
-  transcoder_all/layer_<l>_width_<W>_l0_<S>[_affine]/   one folder per layer (`transcoder/` holds a few layers)
+  transcoder_all/layer_<l>_width_<W>_l0_<S>[_affine]/   one folder per layer
+                                                         (`transcoder/` holds a few layers)
       config.json         {"hf_hook_point_in": "model.layers.<l>.pre_feedforward_layernorm.output",
-                           "hf_hook_point_out": "model.layers.<l>.post_feedforward_layernorm.output",
-                           "width": F, "model_name", "architecture": "jump_relu", "l0", "affine_connection",
-                           "type": "transcoder"}
+                           "hf_hook_point_out":
+                               "model.layers.<l>.post_feedforward_layernorm.output",
+                           "width": F, "model_name", "architecture": "jump_relu", "l0",
+                           "affine_connection", "type": "transcoder"}
       params.safetensors  w_enc [D, F], b_enc [F], threshold [F], w_dec [F, D], b_dec [D],
                           affine_skip_connection [D, D] (only in `_affine` folders)
   clt/width_<W>_l0_<S>[_affine]/                         one folder per cross-layer transcoder
       config.json         as above with "model.layers.{all}..." hooks, "width": L * F, "type": "clt"
-      params_layer_<l>.safetensors   as above, but w_dec [F, L, D]: source layer l's decoder into every
-                                     layer's MLP output, indexed by absolute layer (entries before l unused)
+      params_layer_<l>.safetensors   as above, but w_dec [F, L, D]: source layer l's decoder into
+                                     every layer's MLP output, indexed by absolute layer (entries
+                                     before l unused)
 
-Forward pass (the release's reference code): pre = x @ w_enc + b_enc; f = relu(pre) * (pre > threshold);
-y = f @ w_dec + b_dec + x @ affine_skip_connection. Our TranscoderSet stores the same orientation
-(W_enc [D, F], W_dec [F, D], W_skip [D, D] applied as x @ W_skip), so nothing is transposed. Its JumpReLU is
-pre * (pre > threshold), which equals relu(pre) * (pre > max(threshold, 0)) exactly, so negative thresholds
-are read as 0.
+Forward pass (the release's reference code): pre = x @ w_enc + b_enc;
+f = relu(pre) * (pre > threshold); y = f @ w_dec + b_dec + x @ affine_skip_connection. Our
+TranscoderSet stores the same orientation (W_enc [D, F], W_dec [F, D], W_skip [D, D] applied as
+x @ W_skip), so nothing is transposed. Its JumpReLU is pre * (pre > threshold), which equals
+relu(pre) * (pre > max(threshold, 0)) exactly, so negative thresholds are read as 0.
 
-Writing adds our TranscoderConfig to each params file's safetensors metadata (key `gemma_circuits_config`),
-so activation (ReLU, BatchTopK), k, Matryoshka prefixes, metrics and model name survive a round trip while
-config.json and the tensor names stay exactly the released ones.
+Writing adds our TranscoderConfig to each params file's safetensors metadata (key
+`gemma_circuits_config`), so activation (ReLU, BatchTopK), k, Matryoshka prefixes, metrics and model
+name survive a round trip while config.json and the tensor names stay exactly the released ones.
 """
 
 from __future__ import annotations
@@ -70,9 +73,10 @@ class GemmaScopeSet:
     where: Path
 
 
-# -- locating ---------------------------------------------------------------------------------------
+# -- locating --------------------------------------------------------------------------------------
 def _layer_variants(folder: Path) -> dict[str, dict[int, Path]]:
-    """{variant ('width_16k_l0_small_affine'): {layer: folder}} of the per-layer folders in `folder`."""
+    """{variant ('width_16k_l0_small_affine'): {layer: folder}} of the per-layer folders in
+    `folder`."""
     groups: dict[str, dict[int, Path]] = {}
     if not folder.is_dir():
         return groups
@@ -93,14 +97,15 @@ def _contiguous(found: dict[int, Path], where: Path, hint: str) -> list[Path]:
     layers = sorted(found)
     if layers != list(range(len(layers))):
         raise UserError(
-            f"{where} has layers {layers}, but a transcoder set needs every layer from 0 to the last"
-            f"{hint}"
+            f"{where} has layers {layers}, but a transcoder set needs every layer from 0 to the "
+            f"last{hint}"
         )
     return [found[l] for l in layers]
 
 
 def _candidates(root: Path) -> list[Path]:
-    """The sets inside a repo root: <site>/<variant> (virtual paths for per-layer folders) and clt/<variant>."""
+    """The sets inside a repo root: <site>/<variant> (virtual paths for per-layer folders) and
+    clt/<variant>."""
     found = []
     for site in PLT_SITES:
         found += [root / site / v for v in sorted(_layer_variants(root / site))]
@@ -111,8 +116,9 @@ def _candidates(root: Path) -> list[Path]:
 
 
 def locate(path) -> GemmaScopeSet:
-    """Find the Gemma Scope 2 set at `path`: a CLT folder, a folder of per-layer folders holding one variant,
-    `<folder>/<variant>` (per-layer folders `<folder>/layer_<l>_<variant>`), or a repo root holding one set."""
+    """Find the Gemma Scope 2 set at `path`: a CLT folder, a folder of per-layer folders holding one
+    variant, `<folder>/<variant>` (per-layer folders `<folder>/layer_<l>_<variant>`), or a repo root
+    holding one set."""
     p = Path(path)
     if p.is_dir():
         clt = _clt_files(p)
@@ -167,7 +173,8 @@ def _plt_set(variant_path: Path, layers: dict[int, Path]) -> GemmaScopeSet:
 
 
 def is_gemmascope2_dir(path) -> bool:
-    """True if `path` is laid out as a Gemma Scope 2 transcoder set (even a broken one the loader will report)."""
+    """True if `path` is laid out as a Gemma Scope 2 transcoder set (even a broken one the loader
+    will report)."""
     try:
         locate(path)
     except NotGemmaScope:
@@ -178,19 +185,20 @@ def is_gemmascope2_dir(path) -> bool:
 
 
 def is_hub_spec(spec: str) -> bool:
-    """`hf://<owner>/<repo>/<subfolder>`, or `<owner>/gemma-scope-2-.../<subfolder>` naming a Hub repo."""
+    """`hf://<owner>/<repo>/<subfolder>`, or `<owner>/gemma-scope-2-.../<subfolder>` naming a Hub
+    repo."""
     return spec.startswith("hf://") or bool(HUB_SPEC.match(spec))
 
 
-# -- reading ----------------------------------------------------------------------------------------
+# -- reading ---------------------------------------------------------------------------------------
 def _check_config(path: Path | None, layer: int | None, folder: Path) -> dict:
-    """Validate the config.json of `folder` against what a transcoder of `layer` (None: a CLT) must read and
-    write. Without one, only the release's transcoder folders say what the files are."""
+    """Validate the config.json of `folder` against what a transcoder of `layer` (None: a CLT) must
+    read and write. Without one, only the release's transcoder folders say what the files are."""
     if path is None:
         if folder.parent.name not in PLT_SITES + (CLT_SITE,):
             raise UserError(
-                f"{folder / 'config.json'} is missing; Gemma Scope 2 ships one in every folder, and "
-                "without it the files cannot be told apart from an SAE's"
+                f"{folder / 'config.json'} is missing; Gemma Scope 2 ships one in every folder, "
+                "and without it the files cannot be told apart from an SAE's"
             )
         return {}
     cfg = read_json(path)
@@ -224,9 +232,10 @@ def _hook_layer(hook: str, which: str) -> int | None:
 def _read_layer(
     path: Path, layer: int, n_layers: int, clt: bool
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of one params file under our names (memory-mapped views of it), and its metadata. A CLT
-    decoder is the view from layer `layer` on, so the entries for earlier layers are never read; decoders
-    stay views (strided for CLTs) so that only the rows attribution reads become resident."""
+    """The tensors of one params file under our names (memory-mapped views of it), and its metadata.
+    A CLT decoder is the view from layer `layer` on, so the entries for earlier layers are never
+    read; decoders stay views (strided for CLTs) so that only the rows attribution reads become
+    resident."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
@@ -247,9 +256,9 @@ def _read_layer(
             dec_shape = f.get_slice("w_dec").get_shape()
             want = [F, n_layers, D] if clt else [F, D]
             if list(dec_shape) != want:
+                what = f"a CLT of {n_layers} layers" if clt else "a per-layer transcoder"
                 raise UserError(
-                    f"{path}: w_dec has shape {list(dec_shape)}; expected {want} "
-                    f"({'a CLT of ' + str(n_layers) + ' layers' if clt else 'a per-layer transcoder'})"
+                    f"{path}: w_dec has shape {list(dec_shape)}; expected {want} ({what})"
                 )
             state = {
                 "W_enc": w_enc,
@@ -276,7 +285,8 @@ def _read_layer(
 
 
 def _our_config(meta: dict, path: Path) -> dict:
-    """The TranscoderConfig a gemma-circuits writer stored in the metadata; {} for released files."""
+    """The TranscoderConfig a gemma-circuits writer stored in the metadata; {} for released
+    files."""
     if META_KEY not in meta:
         return {}
     try:
@@ -291,8 +301,8 @@ def _our_config(meta: dict, path: Path) -> dict:
 def load_gemmascope2(
     path, dtype: torch.dtype | None = None, progress: bool = False
 ) -> TranscoderSet:
-    """A TranscoderSet from a Gemma Scope 2 folder (see `locate`), or from the Hub (`hf://<repo>/<subfolder>`
-    or `google/gemma-scope-2-<size>-<pt|it>/<subfolder>`) when online."""
+    """A TranscoderSet from a Gemma Scope 2 folder (see `locate`), or from the Hub
+    (`hf://<repo>/<subfolder>` or `google/gemma-scope-2-<size>-<pt|it>/<subfolder>`) when online."""
     if not Path(path).exists() and is_hub_spec(str(path)):
         path = download(str(path))
     found = locate(path)
@@ -317,9 +327,10 @@ def load_gemmascope2(
             first = (shapes, file)
         elif shapes != first[0]:
             raise UserError(
-                f"{file} holds w_enc {list(shapes[0])}{' with' if shapes[1] else ' without'} a skip "
-                f"connection, but {first[1]} holds {list(first[0][0])}"
-                f"{' with' if first[0][1] else ' without'}: the layers are from different sets"
+                f"{file} holds w_enc {list(shapes[0])}{' with' if shapes[1] else ' without'} a "
+                f"skip connection, but {first[1]} holds "
+                f"{list(first[0][0])}{' with' if first[0][1] else ' without'}: the layers are from "
+                "different sets"
             )
         for name, t in tensors.items():
             state[f"{name}.{l}"] = t if name == "W_dec" else t.contiguous()
@@ -341,8 +352,8 @@ def _set_config(
     F: int,
     skip: bool,
 ) -> TranscoderConfig:
-    """Structure from the tensors; descriptive fields from our stored config when a gemma-circuits writer
-    made the files, otherwise from config.json."""
+    """Structure from the tensors; descriptive fields from our stored config when a gemma-circuits
+    writer made the files, otherwise from config.json."""
     clt = found.kind == "clt"
     cfg = configs[0] if configs else {}
     for c, file in zip(configs, found.configs):
@@ -393,9 +404,10 @@ def _set_config(
     return config_from_dict(base, found.where)
 
 
-# -- writing ----------------------------------------------------------------------------------------
+# -- writing ---------------------------------------------------------------------------------------
 def width_label(n: int) -> str:
-    """The release's width names: 16384 -> '16k', 65536 -> '65k', 262080 -> '262k', 1048576 -> '1m'."""
+    """The release's width names: 16384 -> '16k', 65536 -> '65k', 262080 -> '262k', 1048576 ->
+    '1m'."""
     if n >= 1_000_000:
         return f"{n // 1_000_000}m"
     if n >= 1000:
@@ -413,8 +425,8 @@ def _l0_of(tc: TranscoderSet) -> float | None:
 
 
 def _thresholds(tc: TranscoderSet, layer: int) -> torch.Tensor:
-    """Thresholds in the release's convention (see the module docstring), or a UserError naming what the
-    layout cannot hold."""
+    """Thresholds in the release's convention (see the module docstring), or a UserError naming what
+    the layout cannot hold."""
     act = tc.cfg.activation
     if act == "topk":
         raise UserError(
@@ -542,10 +554,11 @@ def save_gemmascope2(
     return dst / site / variant
 
 
-# -- the Hub ----------------------------------------------------------------------------------------
+# -- the Hub ---------------------------------------------------------------------------------------
 def download(spec: str) -> Path:
-    """Download the params and config files of one set from the Hugging Face Hub; the local path of the set.
-    Offline (or without huggingface_hub) this is a UserError saying how to fetch the files by hand."""
+    """Download the params and config files of one set from the Hugging Face Hub; the local path of
+    the set. Offline (or without huggingface_hub) this is a UserError saying how to fetch the files
+    by hand."""
     parts = spec.removeprefix("hf://").strip("/").split("/")
     if len(parts) < 3:
         raise UserError(

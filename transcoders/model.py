@@ -114,7 +114,8 @@ class TranscoderSet(nn.Module):
         return x.to(self.W_enc[layer].dtype) @ self.W_enc[layer] + self.b_enc[layer]
 
     def activate(self, layer: int, pre: torch.Tensor) -> torch.Tensor:
-        """Feature activations from pre-activations (inference rule: BatchTopK uses its threshold)."""
+        """Feature activations from pre-activations (inference rule: BatchTopK uses its
+        threshold)."""
         act = self.cfg.activation
         if act == "relu":
             return torch.relu(pre)
@@ -129,10 +130,12 @@ class TranscoderSet(nn.Module):
         return self.activate(layer, self.pre_activation(layer, x))
 
     def sparse_encode(self, mlp_in: torch.Tensor):
-        """Active features of MLP inputs `[L, n_pos, D]`. A memory-mapped encoder is read from its file a chunk
-        at a time (`gemma_lm.weights`), so this one pass over every encoder leaves them off the process's memory.
+        """Active features of MLP inputs `[L, n_pos, D]`. A memory-mapped encoder is read from its
+        file a chunk at a time (`gemma_lm.weights`), so this one pass over every encoder leaves them
+        off the process's memory.
 
-        Returns (layer, pos, feature, activation), each `[n_active]`, sorted by layer, position, feature."""
+        Returns (layer, pos, feature, activation), each `[n_active]`, sorted by layer, position,
+        feature."""
         out = []
         for l in range(self.n_layers):
             acts = self.activate(
@@ -143,20 +146,23 @@ class TranscoderSet(nn.Module):
         return tuple(torch.cat(t) for t in zip(*out))
 
     def encoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
-        """Encoder vectors of a subset of features of layer `layer`: `[n, D]`, a tensor of its own, read from the
-        file where the encoder is a memory-mapped view of one (see `sparse_encode`)."""
+        """Encoder vectors of a subset of features of layer `layer`: `[n, D]`, a tensor of its own,
+        read from the file where the encoder is a memory-mapped view of one (see
+        `sparse_encode`)."""
         return StoredWeight(self.W_enc[layer]).columns(features)
 
     # -- decoding -----------------------------------------------------------------------------
     def decoder_rows(self, layer: int, features: torch.Tensor) -> torch.Tensor:
-        """Decoder vectors of a subset of features of source layer `layer`: `[n, n_out, D]` (n_out = 1 for PLTs),
-        a tensor of its own. Reads only those rows: from the file where the decoder is a memory-mapped view of
-        one (`gemma_lm.weights`), so the rest of the decoder stays off this process's memory."""
+        """Decoder vectors of a subset of features of source layer `layer`: `[n, n_out, D]` (n_out =
+        1 for PLTs), a tensor of its own. Reads only those rows: from the file where the decoder is
+        a memory-mapped view of one (`gemma_lm.weights`), so the rest of the decoder stays off this
+        process's memory."""
         rows = StoredWeight(self.W_dec[layer]).rows(features)
         return rows if self.is_clt else rows.unsqueeze(1)
 
     def decoder_weight(self, layer: int) -> torch.Tensor:
-        """The stored decoder of source layer `layer` as `[F, n_out, D]` (a view, nothing copied)."""
+        """The stored decoder of source layer `layer` as `[F, n_out, D]` (a view, nothing
+        copied)."""
         w = self.W_dec[layer]
         return w if self.is_clt else w.unsqueeze(1)
 
@@ -166,7 +172,8 @@ class TranscoderSet(nn.Module):
         return x.to(self.W_skip[layer].dtype) @ self.W_skip[layer]
 
     def decode(self, acts: list[torch.Tensor], mlp_in: torch.Tensor | None = None) -> torch.Tensor:
-        """MLP outputs `[L, ..., D]` from dense activations `acts[l]` `[..., F]` (and MLP inputs for the skip term)."""
+        """MLP outputs `[L, ..., D]` from dense activations `acts[l]` `[..., F]` (and MLP inputs for
+        the skip term)."""
         outs = []
         for l in range(self.n_layers):
             y = self.b_dec[l].expand(*acts[l].shape[:-1], self.d_model).clone()
@@ -198,7 +205,8 @@ class TranscoderSet(nn.Module):
             problems.append(f"d_model {c.d_model} vs the model's {sites.d_model}")
         if (c.input_site, c.output_site) != (sites.transcoder_input, sites.transcoder_output):
             problems.append(
-                f"sites {c.input_site}->{c.output_site} vs {sites.transcoder_input}->{sites.transcoder_output}"
+                f"sites {c.input_site}->{c.output_site} vs "
+                f"{sites.transcoder_input}->{sites.transcoder_output}"
             )
         if problems:
             raise UserError(

@@ -7,10 +7,11 @@ Native layout (a directory, written atomically):
                        threshold.{l} [F], W_dec.{l} [F, D] (CLT: [F, L - l, D]), b_dec.{l} [D],
                        W_skip.{l} [D, D]
 
-One weights file serves CLTs too: safetensors is memory-mapped and addressed per tensor, so reading one
-layer's decoder touches only its bytes; a single file keeps the directory swap atomic and the checks
-simple. Gemma Scope 2 (`transcoders.gemmascope`) and circuit-tracer (`transcoders.circuit_tracer_format`)
-read and write through the helpers here; `transcoders.formats` tells the layouts apart.
+One weights file serves CLTs too: safetensors is memory-mapped and addressed per tensor, so reading
+one layer's decoder touches only its bytes; a single file keeps the directory swap atomic and the
+checks simple. Gemma Scope 2 (`transcoders.gemmascope`) and circuit-tracer
+(`transcoders.circuit_tracer_format`) read and write through the helpers here; `transcoders.formats`
+tells the layouts apart.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def config_json(cfg: TranscoderConfig) -> str:
 
 
 def config_from_dict(raw: dict, source) -> TranscoderConfig:
-    """A `TranscoderConfig` from a stored dict; fields this version does not know are kept in `extra`."""
+    """A `TranscoderConfig` from a stored dict; fields this version does not know are kept in
+    `extra`."""
     known = {f.name for f in fields(TranscoderConfig)}
     missing = [k for k in ("kind", "n_layers", "d_model", "d_sae") if k not in raw]
     if missing:
@@ -107,8 +109,9 @@ def config_from_dict(raw: dict, source) -> TranscoderConfig:
 def build_transcoder_set(
     cfg: TranscoderConfig, state: dict[str, torch.Tensor], source, dtype: torch.dtype | None = None
 ) -> TranscoderSet:
-    """A `TranscoderSet` holding `state` (a TranscoderSet state dict), after checking names, shapes and
-    values against `cfg`. Built on the meta device so that large sets are never allocated twice."""
+    """A `TranscoderSet` holding `state` (a TranscoderSet state dict), after checking names, shapes
+    and values against `cfg`. Built on the meta device so that large sets are never allocated
+    twice."""
     with torch.device("meta"):
         empty = TranscoderSet(cfg)
     expected = {k: tuple(v.shape) for k, v in empty.state_dict().items()}
@@ -152,8 +155,8 @@ def build_transcoder_set(
 
 @contextmanager
 def atomic_directory(dst, replaceable: Callable[[Path], bool]):
-    """Yield a fresh path to build a directory at; on success it replaces `dst` in one rename, so readers
-    never see a half-written directory. An existing non-empty `dst` is replaced only if
+    """Yield a fresh path to build a directory at; on success it replaces `dst` in one rename, so
+    readers never see a half-written directory. An existing non-empty `dst` is replaced only if
     `replaceable(dst)` says it holds transcoders (refusing to wipe, say, a home directory given by
     mistake); each writer passes the layouts it may replace (`formats.save_as`: every layout)."""
     dst = Path(dst)
@@ -195,9 +198,10 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-# -- native layout ------------------------------------------------------------------------------------
+# -- native layout ---------------------------------------------------------------------------------
 def is_native_dir(path) -> bool:
-    """Whether `path` is a directory in the native layout (or a damaged one `load_native` reports)."""
+    """Whether `path` is a directory in the native layout (or a damaged one `load_native`
+    reports)."""
     p = Path(path)
     config = p / CONFIG_FILE
     return p.is_dir() and (

@@ -20,8 +20,8 @@ def random_transcoders(
     skip: bool | None = None,
     model_name: str = "",
 ) -> TranscoderSet:
-    """Random transcoders with unit-norm encoders; thresholds set so that roughly `l0` features fire per
-    position on inputs of norm ~sqrt(d_model). For tests and benchmarks."""
+    """Random transcoders with unit-norm encoders; thresholds set so that roughly `l0` features fire
+    per position on inputs of norm ~sqrt(d_model). For tests and benchmarks."""
     g = torch.Generator().manual_seed(seed)
     cfg = TranscoderConfig(
         kind=kind,
@@ -54,10 +54,11 @@ def random_transcoders(
 class PlantedData:
     """Synthetic activations from a known sparse dictionary, for tests and demos.
 
-    Each layer l has `n_features` planted features with non-negative sparse codes s_l (about `l0` active per
-    position, magnitudes in [0.5, 1.5]). MLP input x_l = s_l @ A_l + noise; MLP output
+    Each layer l has `n_features` planted features with non-negative sparse codes s_l (about `l0`
+    active per position, magnitudes in [0.5, 1.5]). MLP input x_l = s_l @ A_l + noise; MLP output
     y_l = sum_{s <= l} s_s @ B[s][:, l - s] (`mode="clt"`: features write to every later layer) or
-    y_l = s_l @ B[l][:, 0] (`mode="plt"`). A, B rows are random unit vectors. `batch(step)` is deterministic."""
+    y_l = s_l @ B[l][:, 0] (`mode="plt"`). A, B rows are random unit vectors. `batch(step)` is
+    deterministic."""
 
     def __init__(
         self,
