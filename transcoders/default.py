@@ -35,9 +35,10 @@ def default_transcoders_dir() -> Path:
 
 
 def default_recipe(out: str | Path | None = None, progress: bool = True) -> TrainConfig:
-    """The training run behind the default set (see docs/transcoders.md for why these choices)."""
+    """The training run behind the default set (see docs/transcoder_training.md for why these
+    choices), written to `out` (None: the default set's own folder; "": nowhere)."""
     return TrainConfig(
-        out=str(out or default_transcoders_dir()),
+        out=str(default_transcoders_dir() if out is None else out),
         model=DEFAULT_MODEL,
         kind="skip",
         activation="batchtopk",
@@ -85,7 +86,10 @@ def _train_in_a_process_of_its_own(recipe: TrainConfig) -> None:
     the caller goes on to trace. Its progress and messages go to this process's terminal; killed, it
     resumes from its checkpoint the next time."""
     argv = [sys.executable, "-m", "transcoders", "train", *to_argv(recipe)]
-    status = subprocess.run(argv).returncode
+    # its closing summary goes with the progress bars, to stderr: stdout is the caller's
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+    print(done.stdout, end="", file=sys.stderr)
+    status = done.returncode
     if status != 0:
         raise UserError(
             f"training the default transcoders stopped (exit status {status}); the messages above "
