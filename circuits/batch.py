@@ -33,7 +33,6 @@ import traceback
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -41,7 +40,7 @@ from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write_text
 from gemma_lm.jobs import option, with_overrides
 from gemma_lm.models import load_model
-from gemma_lm.ranks import Ranks
+from gemma_lm.ranks import DistBackend, Ranks
 from transcoders.default import resolve_transcoders
 
 from .attribution import AttributionConfig, attribute, single_token
@@ -79,7 +78,7 @@ class BatchConfig:
     """store replacement / completeness scores in each graph"""
     overwrite: bool = False
     """retrace prompts whose graph exists already"""
-    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    dist_backend: DistBackend = "auto"
     """torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on the CPU)"""
     timeout_min: float = 120.0
     """how long a rank waits for the others (model loading, the final merge), in minutes"""

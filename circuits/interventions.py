@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -47,7 +47,8 @@ from .replacement import (
 )
 
 OPS = ("set", "scale", "zero")
-MODES = ("frozen", "full")
+Mode = Literal["frozen", "full"]
+MODES = get_args(Mode)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class InterventionConfig:
     """model name or path (default: the graph's model, else gemma-3-270m)"""
     transcoders: str | None = None
     """'default' or a transcoder directory (default: the graph's transcoders, else 'default')"""
-    mode: Literal["frozen", "full"] = "frozen"
+    mode: Mode = "frozen"
     """frozen: attention and norms of the clean run (the graph's world); full: re-run the model"""
     propagate: bool = option(default=True, off_flag="--hold")
     """let every other feature respond to the intervention (--hold keeps them at their clean

@@ -112,6 +112,11 @@ def _base_type(tp):
     return tp
 
 
+def _flag(f: dataclasses.Field) -> str:
+    """The flag of field f: its `option(flag=...)`, else --name-with-dashes."""
+    return f.metadata.get(CLI_KEY, {}).get("flag") or "--" + f.name.replace("_", "-")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -158,7 +163,7 @@ def _add_field(parser, f: dataclasses.Field, tp, doc: str) -> None:
         value.pop("metavar", None)  # a positional shows its name
         parser.add_argument(f.name, **value | nargs | given)
         return
-    flag = cli.get("flag") or "--" + f.name.replace("_", "-")
+    flag = _flag(f)
     if tp is bool and cli.get("off_flag"):
         parser.add_argument(flag, action="store_true", dest=f.name, default=default, **given)
         off = {"action": "store_false", "dest": f.name, "help": f"the opposite of {flag}"}
@@ -220,7 +225,7 @@ def _flag_and_value(f: dataclasses.Field, tp, value) -> list[str]:
     cli = f.metadata.get(CLI_KEY, {})
     if cli.get("flags"):
         raise ValueError(f"{f.name}: a field of several flags has no single command-line form")
-    flag = cli.get("flag") or "--" + f.name.replace("_", "-")
+    flag = _flag(f)
     if tp is bool:
         return [flag] if value else [cli.get("off_flag") or flag.replace("--", "--no-", 1)]
     if isinstance(value, list):

@@ -13,13 +13,15 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 
 from .errors import UserError
 
-BACKENDS = ("auto", "gloo", "nccl")
+DistBackend = Literal["auto", "gloo", "nccl"]  # auto: nccl on CUDA, gloo on the CPU
+BACKENDS = get_args(DistBackend)
 
 
 def launched_by_torchrun() -> bool:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ from gemma_lm.errors import UserError
 from gemma_lm.jobs import Command
 from gemma_lm.memory import own_process, reuse_freed_memory
 from gemma_lm.models import load_model
-from gemma_lm.ranks import BACKENDS, Ranks
+from gemma_lm.ranks import BACKENDS, DistBackend, Ranks
 
 from .activations import jumprelu
 from .activations import step as heaviside
@@ -64,8 +64,9 @@ from .train import (
     save_transcoders,
 )
 
-SHARDINGS = ("auto", "data", "features")
-DATA_MODES = ("broadcast", "replicate")
+Sharding = Literal["auto", "data", "features"]
+DataMode = Literal["broadcast", "replicate"]
+SHARDINGS, DATA_MODES = get_args(Sharding), get_args(DataMode)
 
 
 @dataclass
@@ -77,15 +78,15 @@ class DistributedTrainConfig:
     resume."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
-    shard: Literal["auto", "data", "features"] = "auto"
+    shard: Sharding = "auto"
     """data: split each batch; features: split every layer's features (auto: features for CLTs,
     data otherwise)"""
-    data: Literal["broadcast", "replicate"] = "broadcast"
+    data: DataMode = "broadcast"
     """broadcast: rank 0 harvests each batch and sends it; replicate: every rank reads the same
     batch itself (a shared --activation-cache)"""
     device: str = "cpu"
     """cpu, or cuda (rank r uses cuda:LOCAL_RANK)"""
-    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    dist_backend: DistBackend = "auto"
     """torch.distributed backend (auto: nccl on CUDA, gloo on the CPU)"""
     timeout_min: float = 120.0
     """how long a rank waits for the others (rank 0 harvesting, checkpoints), in minutes"""

@@ -17,6 +17,7 @@ where only s == l contributes for PLT/skip sets.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -24,8 +25,9 @@ from torch import nn
 from gemma_lm.errors import UserError
 from gemma_lm.weights import StoredWeight
 
-KINDS = ("plt", "skip", "clt")
-ACTIVATIONS = ("relu", "jumprelu", "topk", "batchtopk")
+Kind = Literal["plt", "skip", "clt"]
+Activation = Literal["relu", "jumprelu", "topk", "batchtopk"]
+KINDS, ACTIVATIONS = get_args(Kind), get_args(Activation)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from gemma_lm.models import DEFAULT_MODEL, load_model
 from .activations import batchtopk_per_layer, jumprelu, topk
 from .activations import step as heaviside
 from .data import ActivationBuffer, ActivationSource, text_source
-from .model import ACTIVATIONS, KINDS, TranscoderConfig, TranscoderSet
+from .model import ACTIVATIONS, KINDS, Activation, Kind, TranscoderConfig, TranscoderSet
 from .native import save_native
 
 # Fields that do not change what is trained: a checkpoint made under other values still resumes.
@@ -70,9 +70,9 @@ class TrainConfig:
     """directory of the trained set (native layout); checkpoints go to <out>.train/"""
     model: str = DEFAULT_MODEL
     """model to harvest from (name or path, as `gemma_lm.load_model`)"""
-    kind: Literal["plt", "skip", "clt"] = "skip"
+    kind: Kind = "skip"
     """per-layer (plt), per-layer with an affine skip term (skip), or cross-layer (clt)"""
-    activation: Literal["relu", "jumprelu", "topk", "batchtopk"] = "batchtopk"
+    activation: Activation = "batchtopk"
     """the features' activation function"""
     d_sae: int = 1024
     """features per layer"""
