@@ -721,7 +721,7 @@ def ct_graph(path: Path) -> dict:
     """circuit-tracer's saved graph: adjacency and a node id per row/column in our notation."""
     import scipy.sparse as sp
 
-    z = np.load(path)
+    z = np.load(path, allow_pickle=False)
     L, n = int(z["n_layers"]), len(z["tokens"])
     active, sel = z["active_features"], z["selected_features"]
     ids = (
@@ -1319,7 +1319,7 @@ def _work(case: dict, res: dict, tool: str, sites) -> dict:
             g.logit_nodes
         )
     else:
-        z = np.load(res["out"])
+        z = np.load(res["out"], allow_pickle=False)
         row_layers = list(z["active_features"][z["selected_features"], 0] + 1) + [
             sites.n_layers
         ] * len(z["logit_ids"])

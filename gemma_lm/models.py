@@ -349,7 +349,20 @@ def _load_directory(path: Path, dtype: torch.dtype, implementation: str) -> nn.M
             return load_gemma3(path, dtype, cfg)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return safe_from_pretrained(AutoModelForCausalLM, str(path), dtype)
+
+
+def safe_from_pretrained(model_class, source: str, dtype):
+    """`model_class.from_pretrained` reading safetensors weights only: transformers would otherwise
+    fall back to unpickling a `pytorch_model.bin`, and no file a user hands us is unpickled."""
+    try:
+        return model_class.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    except OSError as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"could not load the weights of {source!r} ({reason}); gemma-circuits reads "
+            f"*.safetensors weights only (never pickled .bin files): convert them first"
+        ) from None
 
 
 def load_tokenizer(source: str):
@@ -438,10 +451,10 @@ def load_model(
     if config.model_type == "gemma3":  # multimodal: keep the text model only
         from transformers import AutoModelForImageTextToText
 
-        full = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+        full = safe_from_pretrained(AutoModelForImageTextToText, source, torch_dtype)
         model = _text_model(full)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = safe_from_pretrained(AutoModelForCausalLM, source, torch_dtype)
     tok = load_tokenizer(source)
     return finish_loading(
         model, tok, Path(source).name if path.exists() else source, source, device

@@ -92,7 +92,7 @@ def test_agreement_matches_nodes_and_isolates_design_differences(traced, tmp_pat
     )
 
     # a disagreement shows
-    z = dict(np.load(tmp_path / "ct.npz"))
+    z = dict(np.load(tmp_path / "ct.npz", allow_pickle=False))
     z["adj_data"] = z["adj_data"].copy()
     z["adj_data"][: len(z["adj_data"]) // 2] *= -1
     np.savez(tmp_path / "bad.npz", **z)

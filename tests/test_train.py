@@ -5,6 +5,8 @@ it."""
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 from gemma_lm.errors import UserError
 from transcoders.testing import PlantedBuffer, PlantedData
 from transcoders.train import TrainableTranscoders, TrainConfig, train_transcoders
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _planted_cfg(**kw) -> TrainConfig:
@@ -305,74 +309,108 @@ def test_training_inside_no_grad_is_the_same_run():
 
 
 _KILLABLE = textwrap.dedent("""
-    import sys, torch
+    import os, signal, sys, torch
     torch.set_num_threads(1)
+    from transcoders import train
     from transcoders.testing import PlantedBuffer, PlantedData
-    from transcoders.train import TrainConfig, train_transcoders
 
-    class SlowBuffer(PlantedBuffer):
-        def batch(self, step):
-            print("step", step, flush=True)
-            return super().batch(step)
+    out, kill = sys.argv[1], sys.argv[2]  # kill: where this process SIGKILLs itself ("": nowhere)
+    last = [-1]  # the last finished step
 
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_step(step, metrics):
+        print("step", step, flush=True)
+        last[0] = step
+        if kill == "after-step-22" and step == 22:
+            die()
+
+    write_tensors, save_file = train._write_checkpoint_tensors, train.save_file
+
+    def tensors_then_die(folder, tensors, step):  # step 25's tensors file written, its JSON not
+        info = write_tensors(folder, tensors, step)
+        if kill == "between-files" and step == 25:
+            die()
+        return info
+
+    def half_then_die(tensors, filename, metadata=None):  # halfway through step 25's tensors file
+        save_file(tensors, filename, metadata=metadata)
+        if kill == "inside-tensors" and last[0] + 1 == 25:
+            os.truncate(filename, os.path.getsize(filename) // 2)
+            die()
+
+    train._write_checkpoint_tensors, train.save_file = tensors_then_die, half_then_die
     data = PlantedData(n_layers=2, d_model=32, n_features=48, l0=2, seed=0)
-    cfg = TrainConfig(out=sys.argv[1], kind="plt", activation="topk", d_sae=64, k=3,
-                      tokens=64 * 60, batch_size=64, compute_dtype="float32", init_tokens=64,
-                      checkpoint_every=5, progress=False, lr=5e-3)
-    train_transcoders(cfg, buffer=SlowBuffer(data, 64))
+    cfg = train.TrainConfig(out=out, kind="plt", activation="topk", d_sae=64, k=3,
+                            tokens=64 * 60, batch_size=64, compute_dtype="float32",
+                            init_tokens=64, checkpoint_every=5, progress=False, lr=5e-3)
+    train.train_transcoders(cfg, buffer=PlantedBuffer(data, 64), on_step=on_step)
     print("done", flush=True)
 """)
 
 
-def _run_until(script: Path, out: Path, kill_at_step: int | None) -> list[int]:
-    """Run the training script; with kill_at_step, SIGKILL it once it asks for that step. Returns
-    the steps it asked for (after initialisation)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env
+def _run_killable(script: Path, out: Path, kill: str = "") -> tuple[int, list[int]]:
+    """Run the training script, which SIGKILLs itself at `kill`. Returns its exit status and the
+    steps it finished."""
+    # the package importable from the script's folder, wherever it is installed
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), kill],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
-    steps = []
-    for line in proc.stdout:
-        if line.startswith("step"):
-            steps.append(int(line.split()[1]))
-            if (
-                kill_at_step is not None
-                and len(steps) > 1
-                and steps[-1] == kill_at_step
-                and steps[-2] == kill_at_step - 1
-            ):
-                proc.send_signal(signal.SIGKILL)
-                break
-    proc.wait(timeout=120)
-    return steps
+    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-3000:]
+    steps = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    return proc.returncode, steps
 
 
-def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def killable(tmp_path_factory):
+    """(the training script, the set its uninterrupted run trains)."""
     from transcoders.formats import load_native
 
-    script = tmp_path / "run.py"
+    root = tmp_path_factory.mktemp("killable")
+    script = root / "run.py"
     script.write_text(_KILLABLE)
+    rc, steps = _run_killable(script, root / "fresh")
+    assert rc == 0 and steps == list(range(60))
+    return script, load_native(root / "fresh")
+
+
+# where the run is killed -> what its checkpoint folder holds then, beside checkpoint.json
+_KILLS = {
+    "after-step-22": ["checkpoint-00000020-*.safetensors"],
+    "between-files": ["checkpoint-00000020-*.safetensors", "checkpoint-00000025-*.safetensors"],
+    "inside-tensors": [".checkpoint-00000025-*.partial", "checkpoint-00000020-*.safetensors"],
+}
+
+
+@pytest.mark.parametrize("kill", list(_KILLS))
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path, killable, kill):
+    """SIGKILL after a step, between a checkpoint's two files and inside its tensors file: the
+    rerun resumes from the last complete checkpoint (step 20) and ends with the uninterrupted run's
+    weights, bit for bit (the data order is a function of the step)."""
+    from transcoders.formats import load_native
+
+    script, fresh = killable
     out = tmp_path / "tc"
-    steps = _run_until(script, out, kill_at_step=23)
-    assert steps[-1] == 23
-    ckpt = Path(str(out) + ".train") / "checkpoint.pt"
-    assert ckpt.exists() and not out.exists()
-    state = torch.load(ckpt, weights_only=False)
-    assert 23 - state["step"] <= 5, "lost more than one checkpoint interval"
-    assert not [p for p in ckpt.parent.iterdir() if p.name != "checkpoint.pt"], (
-        "partial files left behind"
-    )
+    rc, steps = _run_killable(script, out, kill)
+    assert rc == -signal.SIGKILL and steps == list(range(23 if kill == "after-step-22" else 25))
+    folder = Path(str(out) + ".train")
+    assert json.loads((folder / "checkpoint.json").read_text())["step"] == 20 and not out.exists()
+    left = sorted(p.name for p in folder.iterdir() if p.name != "checkpoint.json")
+    assert len(left) == len(_KILLS[kill]), left
+    assert all(fnmatch.fnmatch(name, pattern) for name, pattern in zip(left, _KILLS[kill])), left
 
-    resumed = _run_until(script, out, kill_at_step=None)
-    training_steps = [s for s in resumed if s >= state["step"]]
-    assert training_steps[0] == state["step"] == 20 and training_steps[-1] == 59
-    assert not ckpt.parent.exists() and (out / "config.json").exists()
+    rc, resumed = _run_killable(script, out)
+    assert rc == 0 and resumed == list(range(20, 60))
+    assert not folder.exists() and (out / "config.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-
-    # resuming reproduces the uninterrupted run exactly (the data order is a function of the step)
-    fresh = tmp_path / "fresh"
-    _run_until(script, fresh, kill_at_step=None)
-    a, b = load_native(out), load_native(fresh)
+    a, b = load_native(out), fresh
     for name, t in a.state_dict().items():
         torch.testing.assert_close(t, b.state_dict()[name], rtol=0, atol=0, msg=name)
 
@@ -395,6 +433,159 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
             _planted_cfg(out=str(out), d_sae=48, tokens=64 * 10, batch_size=64),
             buffer=PlantedBuffer(data, 64),
         )
+
+
+def _tiny_run(out: Path, **kw) -> tuple[TrainConfig, PlantedBuffer]:
+    data = PlantedData(n_layers=2, d_model=16, n_features=24, l0=2)
+    cfg = _planted_cfg(
+        out=str(out), d_sae=32, tokens=64 * 10, batch_size=64, checkpoint_every=4, **kw
+    )
+    return cfg, PlantedBuffer(data, 64)
+
+
+@pytest.fixture(scope="module")
+def kept_checkpoint(tmp_path_factory) -> Path:
+    """The folder of a finished run's last checkpoint (step 8 of 10), kept."""
+    out = tmp_path_factory.mktemp("kept") / "tc"
+    cfg, buffer = _tiny_run(out, keep_checkpoint=True)
+    train_transcoders(cfg, buffer=buffer)
+    assert json.loads(cfg.checkpoint_path().read_text())["step"] == 8
+    return cfg.checkpoint_dir()
+
+
+def _tensors_file(folder: Path) -> Path:
+    (file,) = folder.glob("checkpoint-*.safetensors")
+    return file
+
+
+def _edit_record(folder: Path, edit) -> None:
+    path = folder / "checkpoint.json"
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+
+
+def _rewrite_tensors(folder: Path, edit) -> None:
+    """Replace the tensors file by an edited one and point checkpoint.json at it (size and sha256
+    agree: what only the contents check can catch)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    file = _tensors_file(folder)
+    tensors = load_file(str(file))
+    edit(tensors)
+    save_file(tensors, str(file))
+    data = file.read_bytes()
+
+    def point(record):
+        record["tensors"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    _edit_record(folder, point)
+
+
+def _corrupt_bytes(file: Path, data: bytes) -> None:
+    file.write_bytes(data)
+
+
+# damage -> what the error says
+_DAMAGES = {
+    "truncated tensors": (
+        lambda f: _corrupt_bytes(_tensors_file(f), _tensors_file(f).read_bytes()[:-100]),
+        "does not match checkpoint.json",
+    ),
+    "flipped byte": (
+        lambda f: _corrupt_bytes(
+            _tensors_file(f), _tensors_file(f).read_bytes()[:-1] + bytes([0x5A])
+        ),
+        "does not match checkpoint.json",
+    ),
+    "missing tensors": (lambda f: _tensors_file(f).unlink(), "which is missing"),
+    "truncated json": (
+        lambda f: _corrupt_bytes(f / "checkpoint.json", (f / "checkpoint.json").read_bytes()[:-9]),
+        "not readable JSON",
+    ),
+    "json of something else": (
+        lambda f: _corrupt_bytes(f / "checkpoint.json", b'{"format": "other"}'),
+        "not a gemma-circuits training checkpoint",
+    ),
+    "a path for a name": (
+        lambda f: _edit_record(f, lambda r: r["tensors"].update(file="../elsewhere.safetensors")),
+        "mangles tensors",
+    ),
+    "history of another length": (
+        lambda f: _edit_record(f, lambda r: r["history"].pop()),
+        "holds step 8 of 10",
+    ),
+    "moments of another shape": (
+        lambda f: _rewrite_tensors(
+            f, lambda t: t.update({"optimizer.W_enc.exp_avg": torch.zeros(2, 16, 31)})
+        ),
+        "holds optimizer.W_enc.exp_avg of shape [2, 16, 31]",
+    ),
+    "a missing parameter": (
+        lambda f: _rewrite_tensors(f, lambda t: t.pop("net.b_dec")),
+        "does not hold the set's tensors (b_dec)",
+    ),
+    "an unknown tensor": (
+        lambda f: _rewrite_tensors(
+            f, lambda t: t.update({"optimizer.W_x.exp_avg": t["net.b_dec"].clone()})
+        ),
+        "holds optimizer.W_x.exp_avg",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGES))
+def test_a_damaged_checkpoint_is_a_one_line_user_error(tmp_path, kept_checkpoint, damage):
+    import shutil
+
+    cfg, buffer = _tiny_run(tmp_path / "tc")
+    shutil.copytree(kept_checkpoint, cfg.checkpoint_dir())
+    harm, says = _DAMAGES[damage]
+    harm(cfg.checkpoint_dir())
+    with pytest.raises(UserError) as e:
+        train_transcoders(cfg, buffer=buffer)
+    message = str(e.value)
+    assert says in message and "\n" not in message, message
+    assert f"delete {cfg.checkpoint_dir()} to start the run over" in message, message
+
+
+def test_an_undamaged_copy_of_the_checkpoint_resumes(tmp_path, kept_checkpoint):
+    """(The damages above break a checkpoint that otherwise resumes.)"""
+    import shutil
+
+    cfg, buffer = _tiny_run(tmp_path / "tc")
+    shutil.copytree(kept_checkpoint, cfg.checkpoint_dir())
+    steps = []
+    train_transcoders(cfg, buffer=buffer, on_step=lambda s, m: steps.append(s))
+    assert steps == [8, 9]
+
+
+def test_a_pickled_checkpoint_of_earlier_versions_is_refused(tmp_path):
+    cfg, buffer = _tiny_run(tmp_path / "tc")
+    cfg.checkpoint_dir().mkdir()
+    (cfg.checkpoint_dir() / "checkpoint.pt").write_bytes(b"\x80\x04K\x01.")  # pickle of 1
+    with pytest.raises(UserError, match="pickle format, which is never loaded") as e:
+        train_transcoders(cfg, buffer=buffer)
+    assert "\n" not in str(e.value) and f"delete {cfg.checkpoint_dir()}" in str(e.value)
+
+
+def test_training_leaves_the_global_random_state_alone(tmp_path):
+    """No random state goes into a checkpoint, for training draws from no global generator (only
+    from ones seeded by the seed and the step): a resumed run needs none to be exact."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    cfg, buffer = _tiny_run(tmp_path / "tc", activation="jumprelu")
+    train_transcoders(cfg, buffer=buffer)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
 
 
 @pytest.mark.slow

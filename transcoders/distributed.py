@@ -21,14 +21,16 @@ other's checkpoint. Two ways to split the work (`shard`):
 Each batch is produced once per step: rank 0 draws it (harvesting the model when the buffer needs
 refilling) and broadcasts it (`data="broadcast"`), or, for deterministic sources every rank can read
 cheaply (PlantedData, a shared activation cache), each rank draws the same batch itself
-(`"replicate"`). Checkpoints hold the whole set: rank 0 gathers the shards and writes
-`<out>.train/checkpoint.pt` atomically in `transcoders.train`'s format; a run at any world size (1
-included, and `transcoders train`) slices it anew. The finished set is written by rank 0 with
-`transcoders.train.save_transcoders`.
+(`"replicate"`). Checkpoints hold the whole set: rank 0 gathers the shards and writes them to
+`<out>.train/` in `transcoders.train`'s format (a safetensors file and the checkpoint.json that
+commits it); a run at any world size (1 included, and `transcoders train`) slices it anew. The
+finished set is written by rank 0 with `transcoders.train.save_transcoders`.
 """
 
 from __future__ import annotations
 
+import glob
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -54,6 +56,8 @@ from .train import (
     _autocast,
     _final_metrics,
     _load_checkpoint,
+    _new_optimizer,
+    _param_names,
     _progress_bar,
     _remove_partials,
     _Run,
@@ -311,17 +315,6 @@ def shard_optimizer_state(
     return {"param_groups": whole["param_groups"], "state": state}
 
 
-class _WholeState:
-    """Stands in for a module / optimiser whose whole `state_dict` rank 0 has gathered, so the
-    checkpoint is written by `transcoders.train`'s own writer, in its own format."""
-
-    def __init__(self, state: dict):
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
-
-
 # -- one step --------------------------------------------------------------------------------------
 
 
@@ -546,18 +539,16 @@ def _harvest_buffer(cfg: TrainConfig, loaded):
     return loaded, _activation_buffer(replace(cfg, progress=False), loaded)
 
 
-def _initial_checkpoint(cfg: TrainConfig, buffer, path: Path) -> None:
+def _initial_checkpoint(cfg: TrainConfig, buffer, folder: Path) -> None:
     """Step 0 exactly as `train_transcoders` starts, written as its checkpoint for every rank to
     slice."""
     x0, _ = buffer.batch(0)
     net = TrainableTranscoders(cfg, x0.shape[1], x0.shape[2])
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True
-    )
+    opt = _new_optimizer(net, cfg)
     n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
     xs, ys = zip(*(buffer.batch(i) for i in range(n_init)))
     net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
-    _save_checkpoint(path, net, opt, 0, cfg, [])
+    _save_checkpoint(folder, cfg, 0, [], net.state_dict(), opt.state_dict(), _param_names(net))
 
 
 class RankBatches:
@@ -619,28 +610,31 @@ def train_distributed(
         ranks.finish()
 
 
-def _prepare_step_zero(cfg: TrainConfig, ranks: Ranks, buffer, loaded, out: Path, ckpt: Path):
+def _prepare_step_zero(cfg: TrainConfig, ranks: Ranks, buffer, loaded, out: Path, folder: Path):
     """Rank 0, while the others wait: clears the temporary files of a killed run, then checks the
-    checkpoint or writes step 0's. A UserError there is raised on every rank. Returns (loaded,
-    buffer), harvested on rank 0 if it had to."""
+    checkpoint in `folder` (before any harvesting) or writes step 0's. A UserError there is raised
+    on every rank. Returns (loaded, buffer), harvested on rank 0 if it had to."""
     error = None
     if ranks.is_main:
         try:
-            _remove_partials(out.parent, out.name)
-            _remove_partials(ckpt.parent, ckpt.name)
-            if buffer is None:
-                loaded, buffer = _harvest_buffer(cfg, loaded)
-            if _load_checkpoint(ckpt, cfg) is None:
-                _initial_checkpoint(cfg, buffer, ckpt)
+            _remove_partials(out.parent, glob.escape(out.name))
+            _remove_partials(folder, "checkpoint*")
+            if _load_checkpoint(folder, cfg) is None:
+                if buffer is None:
+                    loaded, buffer = _harvest_buffer(cfg, loaded)
+                _initial_checkpoint(cfg, buffer, folder)
         except UserError as e:
             error = str(e)
     ranks.agree(error)
     return loaded, buffer
 
 
-def _load_share(cfg: TrainConfig, ckpt: Path, layout: Layout, device: str) -> _Run:
-    """This rank's share of the checkpoint: its net and optimiser, the step and the history."""
-    state = _load_checkpoint(ckpt, cfg)
+def _load_share(cfg: TrainConfig, folder: Path, layout: Layout, device: str) -> _Run:
+    """This rank's share of the checkpoint in `folder`: its net and optimiser, the step and the
+    history."""
+    state = _load_checkpoint(folder, cfg)
+    if state is None:
+        raise UserError(f"{folder} lost its checkpoint while the ranks started; run again")
     n_layers, d_model = state["net"]["W_enc"].shape[:2]
     net = local_net(cfg, n_layers, d_model, state["net"], layout, device)
     # hyperparameters, moments: the checkpoint's
@@ -650,7 +644,7 @@ def _load_share(cfg: TrainConfig, ckpt: Path, layout: Layout, device: str) -> _R
 
 
 def _train_loop(
-    cfg: TrainConfig, run: _Run, batches: RankBatches, layout: Layout, ckpt: Path, on_step, bar
+    cfg: TrainConfig, run: _Run, batches: RankBatches, layout: Layout, folder: Path, on_step, bar
 ) -> None:
     """Steps `run.start` to the end; every `checkpoint_every` steps but after the last, the ranks
     gather the whole set and rank 0 writes it as `transcoders.train`'s checkpoint."""
@@ -667,8 +661,8 @@ def _train_loop(
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             net_state, opt_state = gather_state(run.net, run.opt, layout)
             if layout.ranks.is_main:
-                whole_net, whole_opt = _WholeState(net_state), _WholeState(opt_state)
-                _save_checkpoint(ckpt, whole_net, whole_opt, step + 1, cfg, run.history)
+                names = _param_names(run.net)
+                _save_checkpoint(folder, cfg, step + 1, run.history, net_state, opt_state, names)
     if bar is not None:
         bar.close()
 
@@ -698,14 +692,14 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
         torch.set_num_threads(cfg.threads)
     device = ranks.device_for(config.device)
     layout = Layout.make(ranks, cfg, config.shard)
-    out, ckpt = Path(cfg.out).expanduser(), cfg.checkpoint_path()
+    out, folder = Path(cfg.out).expanduser(), cfg.checkpoint_dir()
     draws = ranks.is_main or (config.data == "replicate")
-    loaded, buffer = _prepare_step_zero(cfg, ranks, buffer, loaded, out, ckpt)
+    loaded, buffer = _prepare_step_zero(cfg, ranks, buffer, loaded, out, folder)
     if draws and buffer is None:
         loaded, buffer = _harvest_buffer(cfg, loaded)
     if model_name is None:
         model_name = loaded.name if loaded is not None else ""
-    run = _load_share(cfg, ckpt, layout, device)
+    run = _load_share(cfg, folder, layout, device)
     batches = RankBatches(
         buffer if draws else None,
         (cfg.batch_size, run.net.L, run.net.D),
@@ -720,7 +714,7 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
     )
     bar = _progress_bar(cfg, run.start, desc) if ranks.is_main else None
     t_start = time.time()
-    _train_loop(cfg, run, batches, layout, ckpt, on_step, bar)
+    _train_loop(cfg, run, batches, layout, folder, on_step, bar)
     if cfg.activation == "batchtopk":  # as train_transcoders: the threshold of the final weights
         calibrate_batchtopk(run.net, batches, range(max(0, cfg.steps - 4), cfg.steps))
 
@@ -728,9 +722,7 @@ def _train(config: DistributedTrainConfig, ranks: Ranks, buffer, loaded, model_n
     if tc is not None:
         save_transcoders(tc, out)
         if not cfg.keep_checkpoint:
-            import shutil
-
-            shutil.rmtree(ckpt.parent, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
     ranks.barrier()  # nobody leaves (and, under torchrun, ends the job) before the set is written
     return tc
 

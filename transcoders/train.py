@@ -19,15 +19,24 @@
   BatchTopK tracks the smallest kept activation (EMA) as its inference threshold.
 - AdamW with linear warm-up and a linear decay to zero over the last `decay_frac` of the steps;
   matmuls in bfloat16 autocast (float32 master weights) unless `compute_dtype="float32"`.
-- Checkpoints (weights, optimiser, step) every `checkpoint_every` steps, written atomically to
-  `<out>.train/checkpoint.pt`; a rerun with the same config resumes there and reproduces the
-  uninterrupted run exactly. The finished set is written atomically with
-  `transcoders.formats.save_native`; its config.json carries the training config and final metrics.
+- Checkpoints every `checkpoint_every` steps in `<out>.train/`: the tensors (weights, optimiser
+  moments) in a safetensors file, and `checkpoint.json` (step, config, optimiser hyperparameters,
+  metrics) naming it with its sha256, written last so that it commits the pair (see "checkpoints"
+  below). Nothing is unpickled: a `checkpoint.pt` of earlier versions is refused. A rerun with the
+  same config resumes there and reproduces the uninterrupted run exactly. The finished set is
+  written atomically with `transcoders.formats.save_native`; its config.json carries the training
+  config and final metrics.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import math
+import os
+import re
+import secrets
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,10 +44,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gemma_lm.errors import UserError
-from gemma_lm.files import atomic_write
+from gemma_lm.files import atomic_write_text
 from gemma_lm.jobs import Command
 from gemma_lm.memory import own_process, reuse_freed_memory
 from gemma_lm.models import DEFAULT_MODEL, load_model
@@ -178,8 +189,13 @@ class TrainConfig:
     def has_skip(self) -> bool:
         return self.kind == "skip" or self.skip
 
+    def checkpoint_dir(self) -> Path:
+        """<out>.train/, the folder of the run's checkpoint."""
+        return Path(str(Path(self.out).expanduser()) + ".train")
+
     def checkpoint_path(self) -> Path:
-        return Path(str(Path(self.out).expanduser()) + ".train") / "checkpoint.pt"
+        """The file that commits a checkpoint (it names the tensors file beside it)."""
+        return self.checkpoint_dir() / CHECKPOINT_FILE
 
     def training_fields(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
@@ -514,43 +530,249 @@ def calibrate_batchtopk(net: TrainableTranscoders, buffer, steps) -> None:
         net.bt_threshold.copy_(torch.stack(floors).mean(0))
 
 
-# -- the loop --------------------------------------------------------------------------------------
+# -- checkpoints -----------------------------------------------------------------------------------
+#
+# A checkpoint is a pair of files in <out>.train/: the tensors (the net's state, the optimiser's
+# moments and step counts) in a safetensors file named anew at every save, and checkpoint.json
+# (step, settings, the optimiser's hyperparameters, the metrics so far) naming that file with its
+# size and sha256. checkpoint.json is renamed into place last, so it commits the pair: a run killed
+# before that resumes from the previous pair, whose tensors file is still there. Nothing in the
+# folder is ever unpickled. No global random state is saved: training draws only from generators
+# seeded by (seed, step).
+
+CHECKPOINT_FORMAT = "gemma-circuits-train-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.json"
+_PICKLED_CHECKPOINT = "checkpoint.pt"  # the format of earlier versions, never read
+_TENSORS_FILE = re.compile(r"checkpoint-\d+-[0-9a-f]{8}\.safetensors")
 
 
-def _save_checkpoint(path: Path, net, opt, step: int, cfg: TrainConfig, history: list) -> None:
-    state = {
+def _save_checkpoint(
+    folder: Path,
+    cfg: TrainConfig,
+    step: int,
+    history: list[dict],
+    net_state: dict,
+    opt_state: dict,
+    param_names: list[str],
+) -> None:
+    """Write the checkpoint of `step` to `folder`: the tensors file, then checkpoint.json naming it,
+    then remove the tensors files no checkpoint names. net_state / opt_state: `state_dict()`s of
+    the whole set and its optimiser, whose i-th parameter is `param_names[i]`."""
+    tensors = {f"net.{k}": v for k, v in net_state.items()}
+    scalars: dict[str, dict] = {}
+    for i, per_param in opt_state["state"].items():
+        for key, v in per_param.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optimizer.{param_names[int(i)]}.{key}"] = v
+            else:
+                scalars.setdefault(param_names[int(i)], {})[key] = v
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    record = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
         "step": step,
-        "net": net.state_dict(),
-        "opt": opt.state_dict(),
+        "tensors": _write_checkpoint_tensors(folder, tensors, step),
         "config": cfg.training_fields(),
+        "parameters": list(param_names),
+        "optimizer": {"param_groups": opt_state["param_groups"], "state": scalars},
         "history": history,
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write_text(folder / CHECKPOINT_FILE, json.dumps(record))
+    for p in folder.glob("checkpoint-*.safetensors"):
+        if p.name != record["tensors"]["file"]:
+            p.unlink(missing_ok=True)
 
 
-def _remove_partials(folder: Path, stem: str) -> None:
-    """Temporary files of atomic writes that a killed run left behind (never complete files)."""
+def _write_checkpoint_tensors(folder: Path, tensors: dict[str, torch.Tensor], step: int) -> dict:
+    """Write `tensors` to a new safetensors file in `folder` (under a temporary name, then renamed);
+    returns its name, size and sha256 for checkpoint.json."""
+    name = f"checkpoint-{step:08d}-{secrets.token_hex(4)}.safetensors"
+    final, partial = folder / name, folder / f".{name}.partial"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        save_file(tensors, str(partial), metadata={"format": CHECKPOINT_FORMAT})
+        _fsync(partial)
+        os.replace(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync(folder)  # the file's name is on disk before a checkpoint.json can name it
+    return {"file": name, "bytes": final.stat().st_size, "sha256": _sha256(final)}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _remove_partials(folder: Path, pattern: str) -> None:
+    """Temporary files of atomic writes (`.{pattern}.*.partial`, a glob) that a killed run left
+    behind (never complete files)."""
     if folder.is_dir():
-        for p in folder.glob(f".{stem}.*.partial"):
+        for p in folder.glob(f".{pattern}.*.partial"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig):
+def _damaged(path: Path, folder: Path, why: str) -> UserError:
+    why = " ".join(str(why).split())[:300]  # one line, whatever the library's message was
+    return UserError(
+        f"{path} {why}: the checkpoint is damaged; delete {folder} to start the run over"
+    )
+
+
+def _load_checkpoint(folder: Path, cfg: TrainConfig) -> dict | None:
+    """The checkpoint in `folder` as {"step", "net", "opt", "history", "path"} (`net`, `opt`: torch
+    `state_dict()`s), None where there is none. A damaged one, one that does not fit `cfg`, one of
+    other settings and one in the pickled format of earlier versions are UserErrors."""
+    old = folder / _PICKLED_CHECKPOINT
+    if old.exists():
+        raise UserError(
+            f"{old} is a checkpoint of an earlier gemma-circuits in the pickle format, which is "
+            f"never loaded (unpickling can run code); delete {folder} to start the run over"
+        )
+    path = folder / CHECKPOINT_FILE
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("config") != cfg.training_fields():
-        old = state.get("config") or {}
-        diff = sorted(
-            k
-            for k in set(old) | set(cfg.training_fields())
-            if old.get(k) != cfg.training_fields().get(k)
+    record = _read_record(path, folder)
+    _check_settings(record["config"], cfg, path)
+    if not 0 <= record["step"] < cfg.steps or len(record["history"]) != record["step"]:
+        raise _damaged(path, folder, f"holds step {record['step']} of {cfg.steps}")
+    tensors = _read_tensors(folder, record["tensors"], path)
+    net = {k[len("net.") :]: v for k, v in tensors.items() if k.startswith("net.")}
+    _check_fits(net, record["parameters"], cfg, folder / record["tensors"]["file"], folder)
+    opt = _optimizer_state(record, tensors, net, folder)
+    return {
+        "step": record["step"],
+        "net": net,
+        "opt": opt,
+        "history": record["history"],
+        "path": path,
+    }
+
+
+def _read_record(path: Path, folder: Path) -> dict:
+    """checkpoint.json, checked for the fields and types `_load_checkpoint` relies on."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, folder, f"is not readable JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise _damaged(path, folder, "is not a gemma-circuits training checkpoint")
+    if record.get("format_version") != CHECKPOINT_VERSION:
+        raise UserError(
+            f"{path} has checkpoint format version {record.get('format_version')!r}; this "
+            f"gemma-circuits resumes version {CHECKPOINT_VERSION}: delete {folder} to start over"
         )
+    kinds = {
+        "step": int,
+        "tensors": dict,
+        "config": dict,
+        "parameters": list,
+        "optimizer": dict,
+        "history": list,
+    }
+    wrong = [k for k, kind in kinds.items() if not isinstance(record.get(k), kind)]
+    tensors, opt = record.get("tensors") or {}, record.get("optimizer") or {}
+    if wrong or not (
+        isinstance(tensors.get("file"), str)
+        and _TENSORS_FILE.fullmatch(tensors["file"])  # a plain name: never a path elsewhere
+        and isinstance(tensors.get("bytes"), int)
+        and isinstance(tensors.get("sha256"), str)
+        and isinstance(opt.get("param_groups"), list)
+        and isinstance(opt.get("state"), dict)
+        and all(isinstance(v, dict) for v in opt["state"].values())
+    ):
+        raise _damaged(path, folder, f"lacks or mangles {', '.join(wrong) or 'tensors/optimizer'}")
+    return record
+
+
+def _check_settings(old: dict, cfg: TrainConfig, path: Path) -> None:
+    new = cfg.training_fields()
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise UserError(
             f"{path} was made by a run with other settings ({', '.join(diff)}); rerun with the "
             f"same settings to resume, or delete {path.parent} to start over"
         )
-    return state
+
+
+def _read_tensors(folder: Path, info: dict, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors file checkpoint.json names, after checking its size and sha256."""
+    file = folder / info["file"]
+    if not file.is_file():
+        raise _damaged(path, folder, f"names {info['file']}, which is missing")
+    if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+        raise _damaged(file, folder, f"does not match {path.name} (truncated, corrupt or replaced)")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _damaged(file, folder, f"is not a readable safetensors file ({e})") from None
+
+
+def _optimizer_state(record: dict, tensors: dict, net: dict, folder: Path) -> dict:
+    """The optimiser's `state_dict()` from its tensors (`optimizer.<parameter>.<key>`, beside the
+    net's `net.<name>`) and checkpoint.json's optimiser part."""
+    file = folder / record["tensors"]["file"]
+    names = record["parameters"]
+    index = {name: i for i, name in enumerate(names)}
+    scalars = record["optimizer"]["state"]
+    state = {i: dict(scalars.get(name) or {}) for i, name in enumerate(names)}
+    for key, v in tensors.items():
+        if key.startswith("net."):
+            continue
+        prefix, _, rest = key.partition(".")
+        name, _, what = rest.rpartition(".")
+        if prefix != "optimizer" or name not in index:
+            raise _damaged(file, folder, f"holds {key}, which no parameter of the set owns")
+        if v.dim() and (v.shape != net[name].shape or v.dtype != net[name].dtype):
+            raise _damaged(file, folder, f"holds {key} of shape {list(v.shape)} for {name}")
+        state[index[name]][what] = v
+    groups = [
+        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()}
+        for group in record["optimizer"]["param_groups"]
+        if isinstance(group, dict)
+    ]
+    indices = [i for g in groups for i in (g.get("params") or [])]
+    if sorted(indices, key=str) != sorted(range(len(names)), key=str):
+        raise _damaged(file.parent / CHECKPOINT_FILE, folder, "has optimiser groups of other sizes")
+    return {"state": {i: s for i, s in state.items() if s}, "param_groups": groups}
+
+
+def _check_fits(
+    net_state: dict, param_names: list, cfg: TrainConfig, file: Path, folder: Path
+) -> None:
+    """The net's tensors are those of a `TrainableTranscoders` of `cfg` (names, shapes, dtypes), and
+    `param_names` its parameters in the optimiser's order."""
+    w_enc = net_state.get("W_enc")
+    if w_enc is None or w_enc.dim() != 3:
+        raise _damaged(file, folder, "holds no W_enc [L, D, F]")
+    with torch.device("meta"):
+        net = TrainableTranscoders(cfg, w_enc.shape[0], w_enc.shape[1])
+    expected = net.state_dict()
+    if param_names != [n for n, _ in net.named_parameters()]:
+        raise _damaged(file.parent / CHECKPOINT_FILE, folder, "lists other parameters than the set")
+    if set(expected) != set(net_state):
+        odd = sorted(set(expected) ^ set(net_state))
+        raise _damaged(file, folder, f"does not hold the set's tensors ({', '.join(odd[:6])})")
+    for name, t in expected.items():
+        if net_state[name].shape != t.shape or net_state[name].dtype != t.dtype:
+            shape = list(net_state[name].shape)
+            raise _damaged(file, folder, f"holds {name} of shape {shape}, not {list(t.shape)}")
+
+
+# -- the loop --------------------------------------------------------------------------------------
 
 
 def _summary(history: list[dict], last: int = 10) -> dict:
@@ -588,14 +810,14 @@ class _Run:
 
 
 def _output_paths(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
-    """The trained set's folder and the checkpoint file (both None without `cfg.out`), cleared of
+    """The trained set's folder and the checkpoint folder (both None without `cfg.out`), cleared of
     the temporary files a killed run left."""
     out = Path(cfg.out).expanduser() if cfg.out else None
-    ckpt = cfg.checkpoint_path() if out else None
+    folder = cfg.checkpoint_dir() if out else None
     if out:
-        _remove_partials(out.parent, out.name)
-        _remove_partials(ckpt.parent, ckpt.name)
-    return out, ckpt
+        _remove_partials(out.parent, glob.escape(out.name))
+        _remove_partials(folder, "checkpoint*")
+    return out, folder
 
 
 def _activation_buffer(cfg: TrainConfig, loaded) -> ActivationBuffer:
@@ -619,16 +841,26 @@ def _activation_buffer(cfg: TrainConfig, loaded) -> ActivationBuffer:
     )
 
 
-def _start_or_resume(cfg: TrainConfig, buffer, ckpt: Path | None) -> _Run:
-    """The net and optimiser from the checkpoint at `ckpt`, or initialised from the first
-    `init_tokens` tokens of `buffer`."""
-    x0, _ = buffer.batch(0)  # [B, L, D]
-    net = TrainableTranscoders(cfg, x0.shape[1], x0.shape[2])
-    opt = torch.optim.AdamW(
+def _new_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
         net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True
     )
-    state = _load_checkpoint(ckpt, cfg) if ckpt else None
+
+
+def _start_or_resume(cfg: TrainConfig, buffer, state: dict | None) -> _Run:
+    """The net and optimiser from the checkpoint `state` (`_load_checkpoint`), or initialised from
+    the first `init_tokens` tokens of `buffer`."""
+    x0, _ = buffer.batch(0)  # [B, L, D]
+    net = TrainableTranscoders(cfg, x0.shape[1], x0.shape[2])
+    opt = _new_optimizer(net, cfg)
     if state:
+        held = tuple(state["net"]["W_enc"].shape[:2])
+        if held != tuple(x0.shape[1:]):
+            raise UserError(
+                f"{state['path']} holds transcoders for {held[0]} layers of width {held[1]}, but "
+                f"the model has {x0.shape[1]} of width {x0.shape[2]}; delete "
+                f"{state['path'].parent} to start over"
+            )
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         return _Run(net, opt, state["step"], state["history"])
@@ -657,7 +889,12 @@ def _show_step(bar, m: dict) -> None:
     )
 
 
-def _train_loop(cfg: TrainConfig, run: _Run, buffer, ckpt: Path | None, on_step, bar) -> None:
+def _param_names(net: nn.Module) -> list[str]:
+    """The net's parameters in the optimiser's order (a checkpoint names its moments by them)."""
+    return [name for name, _ in net.named_parameters()]
+
+
+def _train_loop(cfg: TrainConfig, run: _Run, buffer, folder: Path | None, on_step, bar) -> None:
     """Steps `run.start` to the end, with a checkpoint every `checkpoint_every` steps but after the
     last (the finished set follows)."""
     for step in range(run.start, cfg.steps):
@@ -668,8 +905,10 @@ def _train_loop(cfg: TrainConfig, run: _Run, buffer, ckpt: Path | None, on_step,
             on_step(step, m)
         if bar is not None:
             _show_step(bar, m)
-        if ckpt and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, run.net, run.opt, step + 1, cfg, run.history)
+        if folder and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            net_state, opt_state = run.net.state_dict(), run.opt.state_dict()
+            names = _param_names(run.net)
+            _save_checkpoint(folder, cfg, step + 1, run.history, net_state, opt_state, names)
     if bar is not None:
         bar.close()
 
@@ -692,18 +931,21 @@ def _train_transcoders(
 ) -> TranscoderSet:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out, ckpt = _output_paths(cfg)
+    out, folder = _output_paths(cfg)
+    # before any harvesting: a damaged checkpoint, or one of other settings, is reported at once
+    state = _load_checkpoint(folder, cfg) if folder else None
     if buffer is None:
         if loaded is None:
             loaded = load_model(cfg.model)
         buffer = _activation_buffer(cfg, loaded)
     if model_name is None:
         model_name = loaded.name if loaded is not None else ""
-    run = _start_or_resume(cfg, buffer, ckpt)
+    run = _start_or_resume(cfg, buffer, state)
+    del state  # the net and optimiser hold copies now
 
     bar = _progress_bar(cfg, run.start, f"training {cfg.kind} transcoders")
     t_start = time.time()
-    _train_loop(cfg, run, buffer, ckpt, on_step, bar)
+    _train_loop(cfg, run, buffer, folder, on_step, bar)
     if cfg.activation == "batchtopk":
         calibrate_batchtopk(run.net, buffer, range(max(0, cfg.steps - 4), cfg.steps))
 
@@ -712,7 +954,7 @@ def _train_transcoders(
     if out:
         save_transcoders(tc, out)
         if not cfg.keep_checkpoint:
-            shutil.rmtree(ckpt.parent, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
     return tc
 
 
