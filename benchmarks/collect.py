@@ -34,6 +34,10 @@ ORDER = [  # (results file, what it measures)
         "transcoders_default.md",
         "The embedded default transcoders: training time, FVU, L0, dead features, delta CE",
     ),
+    (
+        "dashboards.md",
+        "Feature dashboards of the default transcoders: time per stage, memory, agreement",
+    ),
     ("batch_resume.md", "Batch tracing across two ranks, killed and resumed"),
 ]
 

@@ -393,7 +393,13 @@ def harvest_copy(loaded, dtype: str):
 
     if _DT[dtype] == loaded.dtype:
         return loaded
-    model = copy.deepcopy(loaded.model).to(_DT[dtype])
+    # every weight is cast straight into the copy (tied ones stay tied): a deep copy cast afterwards
+    # would hold a second full-precision model for a while
+    cast = {
+        id(p): torch.nn.Parameter(p.detach().to(_DT[dtype]), requires_grad=p.requires_grad)
+        for p in loaded.model.parameters()
+    }
+    model = copy.deepcopy(loaded.model, cast).to(_DT[dtype])  # .to: the buffers
     model.config._attn_implementation = "sdpa"
     return dataclasses.replace(loaded, model=model, sites=model_sites(model))
 
