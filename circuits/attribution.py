@@ -10,17 +10,22 @@ order of their estimated influence on the logits, up to a budget; when the budge
 active feature, batches are grouped by position instead so that each one's backward pass stays
 short.
 
-`attribute` runs the stages at the end of this file, in order: the frozen prompt, its active
-features and error vectors, the node table, the row schedule, the edge rows, the graph.
+`attribute` runs the stages at the end of this file, in order: the model, transcoders and their
+feature dashboards, the frozen prompt, its active features and error vectors, the node table, the
+row schedule, the edge rows, the graph (with the dashboards of its features attached).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -29,14 +34,22 @@ import torch
 
 from gemma_lm import __version__
 from gemma_lm.errors import UserError
+from gemma_lm.files import cache_dir, exclusive_lock
 from gemma_lm.jobs import option, with_overrides
 from gemma_lm.memory import return_freed_memory
 from gemma_lm.models import DEFAULT_MODEL, LoadedModel, load_model
+from transcoders.dashboards import (
+    Dashboards,
+    build_dashboards,
+    dashboards_dir,
+    load_dashboards,
+    transcoder_identity,
+)
 from transcoders.default import resolve_transcoders
 from transcoders.model import TranscoderSet
 
 from .backend import PositionSortedFeatures, abs_rmatvec, active_backend, to_device
-from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
+from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph, attach_dashboards
 from .replacement import (
     FrozenWeights,
     PromptState,
@@ -83,6 +96,9 @@ class AttributionConfig:
     """refuse prompts longer than this many tokens"""
     memory_gb: float = 1.0
     """bound on the working memory of one batch (its rows x sources, and its gradients)"""
+    dashboards: bool = True
+    """attach each feature's dashboard (top contexts, promoted tokens, label); a transcoder set
+    without dashboards gets them built once, before its first trace (--no-dashboards: neither)"""
     bos_features: bool = False
     """keep feature nodes at the <bos> position (by default its MLP outputs are error nodes:
     position 0 is the same attention sink for every prompt)"""
@@ -494,6 +510,40 @@ def _config(config: AttributionConfig | None, overrides: dict) -> AttributionCon
     return replace(cfg, targets=list(cfg.targets or []))
 
 
+def feature_dashboards(
+    lm: LoadedModel, tc: TranscoderSet, spec, progress: bool = True
+) -> Dashboards | None:
+    """The dashboards of the transcoder set named `spec` ("default" or a folder), built now if it
+    has none (once per set: they are kept beside it, or in the cache when its folder is read-only);
+    None for a set given as an object, which has no folder to keep them in."""
+    if spec is not None and not isinstance(spec, str):
+        return None
+    where = dashboards_location(spec)
+    if not (where / "dashboards.json").exists():
+        with exclusive_lock(where.parent / f".{where.name}.lock"):
+            if not (where / "dashboards.json").exists():  # another process may have built them
+                print(
+                    f"gemma-circuits: building the feature dashboards of these transcoders (once; "
+                    f"kept in {where}; --no-dashboards skips them)",
+                    file=sys.stderr,
+                )
+                build_dashboards(lm, tc, out=str(where), progress=progress)
+    return load_dashboards(where)
+
+
+def dashboards_location(spec) -> Path:
+    """`dashboards/` beside the transcoders, unless that folder cannot be written (a read-only
+    download) or is not local (a Hub spec): then a folder of the cache named after the spec."""
+    if "://" not in str(spec):
+        where = dashboards_dir(spec)
+        if (where / "dashboards.json").exists() or os.access(where.parent, os.W_OK):
+            return where
+        spec = str(where.resolve())
+    key = hashlib.sha256(str(spec).encode()).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(spec).rstrip("/"))[-48:]
+    return cache_dir() / "dashboards" / f"{name}-{key}"
+
+
 def load_prompt(
     lm: LoadedModel | str | None, prompt: str, transcoders, cfg: AttributionConfig
 ) -> tuple[LoadedModel, TranscoderSet, torch.Tensor]:
@@ -900,6 +950,7 @@ def _metadata(
             "activation": tc.cfg.activation,
             "model_name": tc.cfg.model_name,
             "source": str(getattr(tc, "source", "")),
+            "identity": transcoder_identity(tc),
         },
         "settings": {k: v for k, v in asdict(cfg).items() if k != "progress"},
         "logit_strings": logits.strings,
@@ -973,6 +1024,8 @@ def attribute(
     cfg = _config(config, overrides)
     t0 = time.perf_counter()
     lm, tc, tokens = load_prompt(lm, prompt, transcoders, cfg)
+    spec = transcoders if transcoders is not None else cfg.transcoders
+    dashboards = feature_dashboards(lm, tc, spec, cfg.progress) if cfg.dashboards else None
     t_load = time.perf_counter()
 
     frozen = FrozenPrompt.of(lm, tc, tokens)
@@ -990,4 +1043,7 @@ def attribute(
 
     timing_s = dict(load=t_load - t0, forward=t_forward - t_load, attribution=t_end - t_forward)
     metadata = _metadata(cfg, frozen, logits, schedule, rows, timing_s)
-    return assemble_graph(prompt, frozen, nodes, logits, rows, metadata)
+    graph = assemble_graph(prompt, frozen, nodes, logits, rows, metadata)
+    if dashboards is not None:
+        attach_dashboards(graph, dashboards)
+    return graph

@@ -43,8 +43,8 @@ from gemma_lm.models import load_model
 from gemma_lm.ranks import DistBackend, Ranks
 from transcoders.default import resolve_transcoders
 
-from .attribution import AttributionConfig, attribute, single_token
-from .graph import FEATURE, AttributionGraph, load_graph
+from .attribution import AttributionConfig, attribute, feature_dashboards, single_token
+from .graph import FEATURE, AttributionGraph, attach_dashboards, load_graph
 from .pruning import graph_scores
 
 # options that change how a graph is computed but not what it is: a resumed run may change them
@@ -402,8 +402,9 @@ def trace_batch(
 def _model_and_transcoders(
     cfg: BatchConfig, ranks: Ranks, acfg: AttributionConfig, specs, out: Path, lm, transcoders
 ):
-    """(lm, tc) on every rank. Rank 0 checks the folder before anyone works; every rank loads the
-    model at once; rank 0 resolves the transcoders first (the default set is trained on first use:
+    """(lm, tc, their feature dashboards or None) on every rank. Rank 0 checks the folder before
+    anyone works; every rank loads the model at once; rank 0 resolves the transcoders and their
+    dashboards first (the default set is trained on first use, and missing dashboards are built:
     once, not once per rank), then the others."""
     _everywhere(ranks, lambda: prepare_folder(out, cfg), here=ranks.is_main)
     if lm is None:
@@ -412,16 +413,20 @@ def _model_and_transcoders(
         )
     tc_spec = transcoders if transcoders is not None else acfg.transcoders
 
-    def first():
-        tc = resolve_transcoders(tc_spec, lm, cfg.attribution.progress)
-        check_prompts(lm, specs, acfg)
-        return tc
+    progress = cfg.attribution.progress
 
-    tc = _everywhere(ranks, first, here=ranks.is_main)
-    later = _everywhere(
-        ranks, lambda: resolve_transcoders(tc_spec, lm, False), here=not ranks.is_main
-    )
-    return lm, tc if ranks.is_main else later
+    def first():
+        tc = resolve_transcoders(tc_spec, lm, progress)
+        check_prompts(lm, specs, acfg)
+        return tc, feature_dashboards(lm, tc, tc_spec, progress) if acfg.dashboards else None
+
+    def later():
+        tc = resolve_transcoders(tc_spec, lm, False)
+        return tc, feature_dashboards(lm, tc, tc_spec, False) if acfg.dashboards else None
+
+    found = _everywhere(ranks, first, here=ranks.is_main)
+    found_later = _everywhere(ranks, later, here=not ranks.is_main)
+    return (lm, *(found if ranks.is_main else found_later))
 
 
 @dataclass
@@ -456,9 +461,17 @@ def _share_work(cfg: BatchConfig, ranks: Ranks, specs: list[PromptSpec], out: Pa
 
 
 def _trace_one(
-    spec: PromptSpec, lm, tc, acfg: AttributionConfig, with_scores: bool, out: Path, rank: int
+    spec: PromptSpec,
+    lm,
+    tc,
+    dashboards,
+    acfg: AttributionConfig,
+    with_scores: bool,
+    out: Path,
+    rank: int,
 ) -> dict:
-    """Trace one prompt into graphs/ID.npz; its index record, or the record of its failure."""
+    """Trace one prompt into graphs/ID.npz (with `dashboards` of its features, unless None); its
+    index record, or the record of its failure."""
     t = time.perf_counter()
     try:
         graph = attribute(
@@ -467,6 +480,8 @@ def _trace_one(
             transcoders=tc,
             config=replace(acfg, targets=list(spec.targets), contrast=spec.contrast),
         )
+        if dashboards is not None:
+            attach_dashboards(graph, dashboards)
         if with_scores:
             scores = _scores(graph)
             if scores is not None:
@@ -487,7 +502,14 @@ def _trace_one(
 
 
 def _trace_share(
-    cfg: BatchConfig, ranks: Ranks, mine: list[PromptSpec], lm, tc, acfg: AttributionConfig, out
+    cfg: BatchConfig,
+    ranks: Ranks,
+    mine: list[PromptSpec],
+    lm,
+    tc,
+    dashboards,
+    acfg: AttributionConfig,
+    out,
 ) -> int:
     """Trace this rank's prompts, each record appended to progress/rank-R.jsonl as it comes.
     Returns how many failed."""
@@ -502,7 +524,7 @@ def _trace_share(
         )
     n_failed = 0
     for spec in mine:
-        record = _trace_one(spec, lm, tc, acfg, cfg.scores, out, ranks.rank)
+        record = _trace_one(spec, lm, tc, dashboards, acfg, cfg.scores, out, ranks.rank)
         if record["status"] == "failed":
             n_failed += 1
         _append_line(log, record)
@@ -518,9 +540,9 @@ def _run(cfg: BatchConfig, ranks: Ranks, lm, transcoders) -> BatchResult:
     acfg = replace(cfg.attribution, progress=False, device=ranks.device_for(cfg.attribution.device))
     specs = read_prompts(cfg.prompts)
     out = Path(cfg.out).expanduser()
-    lm, tc = _model_and_transcoders(cfg, ranks, acfg, specs, out, lm, transcoders)
+    lm, tc, dashboards = _model_and_transcoders(cfg, ranks, acfg, specs, out, lm, transcoders)
     work = _share_work(cfg, ranks, specs, out)
-    n_failed = _trace_share(cfg, ranks, work.mine, lm, tc, acfg, out)
+    n_failed = _trace_share(cfg, ranks, work.mine, lm, tc, dashboards, acfg, out)
 
     ranks.barrier()
     records = build_index(out, specs) if ranks.is_main else None

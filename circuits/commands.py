@@ -14,11 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from gemma_lm.errors import UserError
 from gemma_lm.jobs import Command, option
 from gemma_lm.models import load_model
 
 from .attribution import AttributionConfig, attribute
+from .commands_graph import node_label_column
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .pruning import PruneConfig, prune, scores_table
 from .render import render_html, render_svg
@@ -109,6 +112,7 @@ def write_circuit(graph: AttributionGraph, job: TraceJob) -> None:
     )
     if circuit.scores:
         print(scores_table(circuit))
+    print("\n".join(top_feature_lines(circuit)))
     if job.prune:
         out = Path(job.out)
         pruned_path = out.with_name(out.stem + ".pruned.npz")
@@ -118,6 +122,22 @@ def write_circuit(graph: AttributionGraph, job: TraceJob) -> None:
         print(f"wrote {render_svg(circuit, job.svg)}")
     if job.html:
         print(f"wrote {render_html(circuit, job.html)}")
+
+
+def top_feature_lines(circuit: AttributionGraph, n: int = 8) -> list[str]:
+    """The circuit's n most influential features, one line each: id, label, the prompt token it
+    sits on, its influence on the logits."""
+    features = circuit.nodes_of(FEATURE)
+    order = features[np.argsort(-circuit.influence[features], kind="stable")][:n]
+    lines = [f"top {len(order)} features of the circuit (of {len(features)}):"]
+    for i in order:
+        token = circuit.token_strings[circuit.pos[i]]
+        lines.append(
+            f"  {f'L{circuit.layer[i]}/{circuit.feature[i]}':<9} "
+            f"{node_label_column(circuit, int(i)):<38} "
+            f"at {token!r:<12} influence {circuit.influence[i]:.3f}"
+        )
+    return lines
 
 
 COMMANDS = [Command("trace", TraceJob, run_trace, "build the attribution graph of a prompt")]

@@ -45,7 +45,8 @@ def run_prune(job: PruneJob) -> int:
 
 @dataclass(kw_only=True)
 class ShowJob:
-    """Print a graph's summary, its scores and its most influential nodes."""
+    """Print a graph's summary, its scores and its most influential nodes with their labels (human
+    labels, else the auto labels of the feature dashboards)."""
 
     graph: str = option(positional=True)
     """graph file (from `circuits trace` or `circuits prune`)"""
@@ -83,14 +84,25 @@ def show_text(graph: AttributionGraph, n_top: int = 15) -> str:
     lines += ["  " + line for line in scores_table(scores).splitlines()]
     lines.append(f"top {n_top} nodes by influence on the logits:")
     for i, infl in top_nodes(graph, n_top):
-        label, source = display_label(graph, i)
         tok = graph.token_strings[graph.pos[i]]
-        extra = f"  {label!r}" if source != "default" else ""
         lines.append(
-            f"  {graph.node_id(i):<20} {KIND_NAMES[graph.kind[i]]:<7} at {tok!r:<14} "
-            f"influence {infl:.4f}  activation {graph.activation[i]:.3g}{extra}"
+            f"  {graph.node_id(i):<20} {node_label_column(graph, i):<36} "
+            f"{KIND_NAMES[graph.kind[i]]:<7} at {tok!r:<14} "
+            f"influence {infl:.4f}  activation {graph.activation[i]:.3g}"
         )
     return "\n".join(lines)
+
+
+def node_label_column(graph: AttributionGraph, i: int, width: int = 36) -> str:
+    """Node i's label on one line, cut to `width` characters, with where it came from: `Texas
+    cities (auto)`, `say a capital (human)`; "-" for a node with no label."""
+    label, source = display_label(graph, i)
+    if source == "default":
+        return "-"
+    text = " ".join(label.split())
+    room = width - len(source) - 3
+    text = text if len(text) <= room else text[: room - 1] + "…"
+    return f"{text} ({source})"
 
 
 def run_show(job: ShowJob) -> int:

@@ -119,7 +119,7 @@ def run_label(job: LabelJob) -> int:
 @dataclass(kw_only=True)
 class AttachJob:
     """Copy the dashboards of the graph's feature nodes (from `transcoders dashboards`) into
-    graph.metadata['dashboards'], for the viewer and every later file."""
+    the graph, for the viewer and every later file (`circuits trace` attaches them already)."""
 
     graph: str = option(positional=True, metavar="GRAPH")
     """the graph file"""

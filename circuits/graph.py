@@ -48,7 +48,7 @@ class AttributionGraph:
     n_layers: int
     # model, transcoders, settings, versions, scores, ...: the keys other stages rely on are read
     # and written through the accessors below (`settings`, `scores`, `pruning`, `supernodes`,
-    # `dashboards`)
+    # `feature_dashboards`)
     metadata: dict = field(default_factory=dict)
     influence: np.ndarray | None = None  # [n_nodes] set by pruning
     labels: dict[int, str] = field(default_factory=dict)  # node index -> human label
@@ -161,15 +161,37 @@ class AttributionGraph:
         self.metadata["supernodes"] = supernode_groups(value)
 
     @property
-    def dashboards(self) -> dict[str, dict]:
-        """Feature dashboards by node id (`circuits.labels.attach_dashboards`; the schema is in
-        docs/development.md); {} when none are attached."""
-        found = self.metadata.get("dashboards")
+    def feature_dashboards(self) -> dict[str, dict]:
+        """Feature dashboards by feature key `L/F` (one per distinct feature, whatever its
+        positions; written by `attach_dashboards`, schema in docs/graphs.md); {} when none."""
+        found = self.metadata.get("feature_dashboards")
         return found if isinstance(found, dict) else {}
 
-    @dashboards.setter
-    def dashboards(self, value: dict[str, dict]) -> None:
-        self.metadata["dashboards"] = value
+    @feature_dashboards.setter
+    def feature_dashboards(self, value: dict[str, dict]) -> None:
+        self.metadata["feature_dashboards"] = value
+
+    def feature_dashboard(self, i: int) -> dict | None:
+        """The dashboard of feature node i (top contexts, promoted tokens, auto label), or None:
+        not a feature, or no dashboards attached. Older graphs keyed them by node id
+        (`metadata["dashboards"]`); those are read too."""
+        if self.kind[i] != FEATURE:
+            return None
+        found = self.feature_dashboards.get(f"{self.layer[i]}/{self.feature[i]}")
+        if found is None:
+            legacy = self.metadata.get("dashboards")
+            found = legacy.get(self.node_id(i)) if isinstance(legacy, dict) else None
+        return found
+
+    @property
+    def dashboards(self) -> dict[str, dict]:
+        """The dashboards of this graph's feature nodes by node id (`f:L:P:F`); {} when none."""
+        out = {}
+        for i in self.nodes_of(FEATURE):
+            found = self.feature_dashboard(int(i))
+            if found is not None:
+                out[self.node_id(int(i))] = found
+        return out
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -269,7 +291,7 @@ class AttributionGraph:
             adjacency=sp.csr_array(adj),
             logit_probabilities=self.logit_probabilities[np.isin(self.logit_nodes, idx)],
             n_layers=self.n_layers,
-            metadata=json.loads(json.dumps(self.metadata, default=_json_default)),
+            metadata=_metadata_of_subgraph(self, idx),
             influence=None if self.influence is None else self.influence[idx],
             labels={remap[k]: v for k, v in self.labels.items() if k in remap},
         )
@@ -285,6 +307,18 @@ class AttributionGraph:
         )
 
 
+def _metadata_of_subgraph(graph: AttributionGraph, idx: np.ndarray) -> dict:
+    """A copy of graph's metadata for the subgraph of nodes `idx`: the dashboards of features it
+    no longer has are dropped, so a circuit's file carries only its own."""
+    meta = json.loads(json.dumps(graph.metadata, default=_json_default))
+    if "feature_dashboards" in meta:
+        kept = {f"{graph.layer[i]}/{graph.feature[i]}" for i in idx if graph.kind[i] == FEATURE}
+        meta["feature_dashboards"] = {
+            k: v for k, v in meta["feature_dashboards"].items() if k in kept
+        }
+    return meta
+
+
 def _json_default(x):
     """numpy scalars and arrays in metadata become plain JSON numbers and lists."""
     if isinstance(x, np.generic):
@@ -297,9 +331,50 @@ def _json_default(x):
 # -- labels ----------------------------------------------------------------------------------------
 
 
+def attach_dashboards(graph: AttributionGraph, dashboards, n_contexts: int = 5) -> int:
+    """Copy the dashboard of every distinct feature of `graph`'s feature nodes into
+    `graph.feature_dashboards` (`dashboards`: a `transcoders.dashboards.Dashboards`). Refuses the
+    dashboards of another transcoder set. Returns how many feature nodes got one."""
+    check_dashboards_match(graph, dashboards)
+    store = dict(graph.feature_dashboards)
+    nodes = graph.nodes_of(FEATURE)
+    for key in sorted({(int(graph.layer[i]), int(graph.feature[i])) for i in nodes}):
+        store[f"{key[0]}/{key[1]}"] = dashboards.feature(*key, n_contexts=n_contexts)
+    graph.feature_dashboards = store
+    graph.metadata["dashboards_source"] = str(dashboards.source)
+    return len(nodes)
+
+
+def check_dashboards_match(graph: AttributionGraph, dashboards) -> None:
+    """A one-line error unless `dashboards` describe the transcoders `graph` was traced with (same
+    shapes, and the same weights where the graph recorded their identity)."""
+    info = graph.metadata.get("transcoders") or {}
+    theirs = dashboards.identity
+    ours = info.get("identity")
+    same_shape = info.get("d_sae") in (None, dashboards.d_sae) and (
+        graph.n_layers == dashboards.n_layers
+    )
+    if same_shape and (ours is None or ours == theirs):
+        return
+    raise UserError(
+        f"the dashboards in {dashboards.source} describe {_set_name(theirs, dashboards)}, but "
+        f"this graph was traced with {_set_name(ours or info, None, graph.n_layers)}; "
+        f"use the dashboards of the graph's transcoders"
+    )
+
+
+def _set_name(identity: dict, dashboards=None, n_layers: int | None = None) -> str:
+    layers = dashboards.n_layers if dashboards is not None else identity.get("n_layers", n_layers)
+    d_sae = dashboards.d_sae if dashboards is not None else identity.get("d_sae")
+    source = identity.get("source") or identity.get("model_name") or "a transcoder set"
+    fingerprint = identity.get("fingerprint")
+    extra = f", fingerprint {fingerprint}" if fingerprint is not None else ""
+    return f"{source} ({layers} layers x {d_sae} features{extra})"
+
+
 def auto_label(graph: AttributionGraph, i: int) -> str | None:
     """The automatic label of node i's feature dashboard, if it has one."""
-    label = (graph.dashboards.get(graph.node_id(i)) or {}).get("auto_label")
+    label = (graph.feature_dashboard(i) or {}).get("auto_label")
     return str(label) if label else None
 
 

@@ -2,8 +2,8 @@
 
 Human labels live in `graph.labels` (node index -> text), are saved with the graph, survive pruning,
 and win over automatic labels in the SVG and the viewer. Dashboards (`transcoders.dashboards`) are
-copied into the graph's metadata for its feature nodes (`attach_dashboards`), so every later file
-carries them."""
+copied into the graph's metadata for its features (`attach_dashboards`: `circuits trace` does it for
+every graph; this is for graphs traced without them), so every later file carries them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 from gemma_lm.errors import UserError
 from transcoders.dashboards import Dashboards, load_dashboards
 
-from .graph import FEATURE, AttributionGraph, load_graph
+from .graph import AttributionGraph, load_graph
+from .graph import attach_dashboards as attach_to_graph
 
 
 def node_index(graph: AttributionGraph, node: str | int) -> int:
@@ -57,23 +58,8 @@ def label_file(path: str | Path, node: str | int, text: str | None) -> Attributi
 
 
 def attach_dashboards(graph, dashboards: Dashboards | str | Path, n_contexts: int = 5) -> int:
-    """Put the dashboard of every feature node of `graph` into `graph.dashboards[node_id]`.
-    Returns how many nodes got one."""
+    """Put the dashboard of every feature of `graph`'s feature nodes into the graph (a
+    `Dashboards` or its folder; see `circuits.graph.attach_dashboards`). Returns how many feature
+    nodes got one."""
     d = dashboards if isinstance(dashboards, Dashboards) else load_dashboards(dashboards)
-    info = graph.metadata.get("transcoders") or {}
-    if info.get("d_sae") not in (None, d.d_sae) or graph.n_layers != d.n_layers:
-        raise UserError(
-            f"these dashboards describe {d.n_layers} layers x {d.d_sae} features, but the graph's "
-            f"transcoders have {graph.n_layers} x {info.get('d_sae')}; "
-            f"use the dashboards of its transcoders"
-        )
-    store = graph.dashboards
-    cache: dict[tuple[int, int], dict] = {}
-    nodes = graph.nodes_of(FEATURE)
-    for i in nodes:
-        key = (int(graph.layer[i]), int(graph.feature[i]))
-        if key not in cache:
-            cache[key] = d.feature(*key, n_contexts=n_contexts)
-        store[graph.node_id(int(i))] = cache[key]
-    graph.dashboards = store
-    return len(nodes)
+    return attach_to_graph(graph, d, n_contexts=n_contexts)

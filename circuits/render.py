@@ -15,11 +15,13 @@ import json
 import re
 import shutil
 import subprocess
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write, atomic_write_text
@@ -42,6 +44,8 @@ DEFAULT_MAX_NODES = 300
 # layout constants, in points (1/72 inch)
 CELL_W, ROW_H, LOGIT_W, TOKEN_W = 64.0, 46.0, 78.0, 70.0
 MAX_CELL_W = 6 * CELL_W  # wider cells wrap onto more lines
+LABEL_CHARS = 24  # a feature's label is cut (…) to this many characters; the tooltip has it all
+SUB_FONT = 6.0  # font size of a node's second line (a labelled feature's L/F id, a logit's p)
 
 
 @dataclass
@@ -52,10 +56,13 @@ class _Node:
     kind: int
     layer: int
     pos: int
-    label: str
+    label: str  # the main line drawn in the box (a feature's label, shortened)
     score: float  # 0..1, drawn size
     detail: str  # tooltip text
     index: int = -1
+    sub: str = ""  # a smaller second line: a labelled feature's L/F id, a logit's probability
+    name: str = ""  # the whole display label (`display_label`), for lists and the side panel
+    label_source: str = "default"  # "human", "auto" or "default", as in `display_label`
     x: float = 0.0
     y: float = 0.0
     w: float = 0.0
@@ -108,50 +115,79 @@ def _token_text(s: str) -> str:
     return s.replace("\n", "⏎").replace(" ", "·") or "∅"
 
 
+def _one_line(s: str) -> str:
+    """A label as one drawable line: runs of whitespace become one space, control characters
+    (which graphviz's label parser refuses) are dropped."""
+    return "".join(c for c in " ".join(s.split()) if c.isprintable())
+
+
+def _texts(graph: AttributionGraph, i: int, text: str, source: str) -> tuple[str, str, list[str]]:
+    """(main line, small second line, tooltip lines) of node i, whose `display_label` is (text,
+    source)."""
+    k, L, p = int(graph.kind[i]), int(graph.layer[i]), int(graph.pos[i])
+    tok = graph.token_strings[p] if 0 <= p < len(graph.token_strings) else "?"
+    if k == FEATURE:
+        base = f"L{L}/{int(graph.feature[i])}"
+        label = _short(_one_line(text), LABEL_CHARS) if source != "default" else ""
+        about = f"feature {base} at position {p} ({tok!r})"
+        return (label, base, [about]) if label else (base, "", [about])
+    if k == ERROR:
+        return f"err L{L}", "", [f"transcoder error, layer {L}, position {p} ({tok!r})"]
+    if k == TOKEN:
+        return _short(_token_text(tok), 14), "", [f"token {tok!r} at position {p}"]
+    j = int(np.flatnonzero(graph.logit_nodes == i)[0])
+    strings = graph.logit_strings
+    s = strings[j] if j < len(strings) else str(int(graph.feature[i]))
+    probs = graph.logit_probabilities
+    prob = float(probs[j]) if j < len(probs) else float("nan")
+    about = f"logit {s!r} (id {int(graph.feature[i])}), p={prob:.3f}"
+    return _short(_token_text(s), 12), f"p={prob:.2f}", [about]
+
+
 def _nodes_of(graph: AttributionGraph, scores: np.ndarray | None = None) -> list[_Node]:
     scores = node_scores(graph) if scores is None else scores
-    logit_nodes = graph.logit_nodes
-    strings = graph.logit_strings
-    act = graph.activation
-    infl = graph.influence
     out = []
     for i in range(graph.n_nodes):
-        k, L, p = int(graph.kind[i]), int(graph.layer[i]), int(graph.pos[i])
-        tok = graph.token_strings[p] if 0 <= p < len(graph.token_strings) else "?"
-        lines = []
-        text, source = display_label(graph, i)
-        if k == FEATURE:
-            base = f"L{L}/{int(graph.feature[i])}"
-            label = f"{_short(text, 22)}\n{base}" if source != "default" else base
-            lines.append(f"feature {base} at position {p} ({tok!r})")
-        elif k == ERROR:
-            label = f"err L{L}"
-            lines.append(f"transcoder error, layer {L}, position {p} ({tok!r})")
-        elif k == TOKEN:
-            label = _short(_token_text(tok), 14)
-            lines.append(f"token {tok!r} at position {p}")
-        else:
-            j = int(np.flatnonzero(logit_nodes == i)[0])
-            s = strings[j] if j < len(strings) else str(int(graph.feature[i]))
-            prob = (
-                float(graph.logit_probabilities[j])
-                if j < len(graph.logit_probabilities)
-                else float("nan")
-            )
-            label = f"{_short(_token_text(s), 12)}\np={prob:.2f}"
-            lines.append(f"logit {s!r} (id {int(graph.feature[i])}), p={prob:.3f}")
+        name, source = display_label(graph, i)
+        label, sub, lines = _texts(graph, i, name, source)
         if source != "default":
-            lines.append(f"{'label' if source == 'human' else 'auto label'}: {text}")
-        lines.append(f"activation {float(act[i]):.4g}")
-        if infl is not None:
-            lines.append(f"influence {float(infl[i]):.4g}")
+            lines.append(f"{'label' if source == 'human' else 'auto label'}: {name}")
+        lines.append(f"activation {float(graph.activation[i]):.4g}")
+        if graph.influence is not None:
+            lines.append(f"influence {float(graph.influence[i]):.4g}")
         out.append(
-            _Node(graph.node_id(i), k, L, p, label, float(scores[i]), "\n".join(lines), index=i)
+            _Node(
+                id=graph.node_id(i),
+                kind=int(graph.kind[i]),
+                layer=int(graph.layer[i]),
+                pos=int(graph.pos[i]),
+                label=label,
+                score=float(scores[i]),
+                detail="\n".join(lines),
+                index=i,
+                sub=sub,
+                name=_one_line(name) or label,
+                label_source=source,
+            )
         )
     return out
 
 
 # -- layout ----------------------------------------------------------------------------------------
+
+
+def font_size(n: _Node) -> float:
+    """The font size of node n's main line, in points: stronger features are drawn larger."""
+    if n.kind == FEATURE:
+        return round(7 + 2 * n.score, 1)
+    return 7.0 if n.kind == ERROR else 9.0
+
+
+def text_width(s: str, size: float) -> float:
+    """About how wide `s` is in Helvetica at font size `size`, in points (wide East Asian
+    characters take a full em, the others about half of one)."""
+    return size * sum(1.0 if unicodedata.east_asian_width(c) in "WF" else 0.56 for c in s)
+
 
 _LOGIT_ROW = 10**6
 
@@ -173,9 +209,10 @@ def layout(
         else:
             n.w = CELL_W * (0.55 + 0.35 * n.score) - 4
             n.h = 14.0 + 12.0 * n.score
-            if "\n" in n.label:  # a human label above the L/feature line
+            n.w = max(n.w, text_width(n.label, font_size(n)) + 8)
+            if n.sub:  # a label above the small L/feature line
                 n.h = max(n.h, 26.0)
-                n.w = max(n.w, 4.6 * max(len(t) for t in n.label.split("\n")) + 6)
+                n.w = max(n.w, text_width(n.sub, SUB_FONT) + 8)
     cells: dict[tuple[int, int], list[_Node]] = {}
     for n in nodes:
         cells.setdefault((_row_key(n), n.pos), []).append(n)
@@ -292,7 +329,6 @@ def _node_attrs(n: _Node, height: float, fill: str | None = None) -> dict:
             style="rounded,filled",
             fillcolor=fill or f"#{shade:02x}{shade + 8:02x}ff",
             color="#1e3a8a" if n.score > 0.5 else "#64748b",
-            fontsize=f"{7 + 2 * n.score:.1f}",
         )
     elif n.kind == ERROR:
         a = dict(
@@ -301,30 +337,32 @@ def _node_attrs(n: _Node, height: float, fill: str | None = None) -> dict:
             fillcolor=fill or "#f3f4f6",
             color="#6b7280",
             fontcolor="#4b5563",
-            fontsize="7",
         )
     elif n.kind == TOKEN:
-        a = dict(
-            shape="box", style="filled", fillcolor=fill or "#fef3c7", color="#92400e", fontsize="9"
-        )
+        a = dict(shape="box", style="filled", fillcolor=fill or "#fef3c7", color="#92400e")
     else:
         a = dict(
-            shape="box",
-            style="rounded,filled,bold",
-            fillcolor=fill or "#dcfce7",
-            color="#166534",
-            fontsize="9",
+            shape="box", style="rounded,filled,bold", fillcolor=fill or "#dcfce7", color="#166534"
         )
     a.update(
+        fontsize=f"{font_size(n):.1f}",
         width=f"{n.w / 72:.3f}",
         height=f"{n.h / 72:.3f}",
         fixedsize="true",
         pos=f"{n.x:.1f},{height - n.y:.1f}!",
-        label=n.label,
         tooltip=n.detail,
         id=n.id,
     )
     return a
+
+
+def _dot_label(n: _Node) -> str:
+    """Node n's DOT label: its main line, and its second line (if any) smaller beneath it, as a
+    graphviz HTML-like label."""
+    if not n.sub:
+        return _q(n.label)
+    main, sub = (html_lib.escape(_one_line(t), quote=True) for t in (n.label, n.sub))
+    return f'<{main}<BR/><FONT POINT-SIZE="{SUB_FONT:g}" COLOR="#475569">{sub}</FONT>>'
 
 
 def _dot(
@@ -358,10 +396,8 @@ def _dot(
                 f'fontcolor="#9ca3af", pos="{x:.1f},8!", width="0.3", height="0.15"];'
             )
     for n in nodes:
-        attrs = _node_attrs(n, height, n.fill)
-        out.append(
-            f"  {_q(n.id)} [" + ", ".join(f"{k}={_q(str(v))}" for k, v in attrs.items()) + "];"
-        )
+        attrs = [f"{k}={_q(str(v))}" for k, v in _node_attrs(n, height, n.fill).items()]
+        out.append(f"  {_q(n.id)} [" + ", ".join(attrs + [f"label={_dot_label(n)}"]) + "];")
     wmax = max((abs(w) for _, _, w in edges), default=1.0)
     for s, t, w in sorted(edges, key=lambda e: abs(e[2])):
         color, pw = _edge_style(w, wmax)
@@ -529,11 +565,47 @@ def _frontend(name: str) -> str:
     return resources.files("circuits").joinpath("frontend", name).read_text(encoding="utf-8")
 
 
+N_STRONGEST = 5  # inputs and outputs the viewer's side panel lists per node
+
+
+def strongest_links(
+    graph: AttributionGraph, k: int = N_STRONGEST
+) -> tuple[list[list[list]], list[list[list]], np.ndarray, np.ndarray]:
+    """Every node's k strongest inputs and outputs by |weight| (self-loops left out):
+    (inputs, outputs, n_inputs [n_nodes], n_outputs [n_nodes]); inputs[i] is
+    [[source index, weight], ...], strongest first, and outputs[i] [[target index, weight], ...]."""
+    coo = graph.adjacency.tocoo()
+    keep = (coo.row != coo.col) & (coo.data != 0)
+    shape = graph.adjacency.shape
+    incoming = sp.csr_array((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=shape)
+    outgoing = sp.csr_array((coo.data[keep], (coo.col[keep], coo.row[keep])), shape=shape)
+    inputs, outputs = _top_of_rows(incoming, k), _top_of_rows(outgoing, k)
+    return inputs, outputs, np.diff(incoming.indptr), np.diff(outgoing.indptr)
+
+
+def _top_of_rows(m: sp.csr_array, k: int) -> list[list[list]]:
+    """For each row of m, its k entries of largest |value|: [[column, value], ...], largest
+    first."""
+    out = []
+    for r in range(m.shape[0]):
+        cols, vals = m.indices[m.indptr[r] : m.indptr[r + 1]], m.data[m.indptr[r] : m.indptr[r + 1]]
+        order = np.lexsort((cols, -np.abs(vals)))[:k]
+        out.append([[int(cols[o]), float(f"{vals[o]:.4g}")] for o in order])
+    return out
+
+
+def _feature_key(graph: AttributionGraph, i: int) -> str | None:
+    """The `L/F` key of feature node i's dashboard, or None when it has none."""
+    if graph.feature_dashboard(i) is None:
+        return None
+    return f"{int(graph.layer[i])}/{int(graph.feature[i])}"
+
+
 def html_data(
     graph: AttributionGraph, max_nodes: int | None = None, max_edges: int = 20000
 ) -> dict:
-    """The JSON the HTML viewer draws: nodes with layout positions, edges with weights,
-    dashboards."""
+    """The JSON the HTML viewer draws: nodes with layout positions, labels and strongest links,
+    edges with weights, dashboards by feature key `L/F` (shared by one feature's positions)."""
     g = select_nodes(graph, max_nodes)
     nodes = _nodes_of(g)
     width, height, rows, cols = layout(nodes, g.n_pos)
@@ -543,7 +615,8 @@ def html_data(
     if len(w) > max_edges:
         top = np.argsort(-np.abs(w), kind="stable")[:max_edges]
         t, s, w = t[top], s[top], w[top]
-    dashboards = g.dashboards
+    inputs, outputs, n_in, n_out = strongest_links(g)
+    keys = [_feature_key(g, i) for i in range(g.n_nodes)]
     ids = {n.id for n in nodes}
     return {
         "prompt": g.prompt,
@@ -559,17 +632,26 @@ def html_data(
                 "layer": n.layer,
                 "pos": n.pos,
                 "label": n.label,
+                "sub": n.sub,
+                "name": n.name,
+                "label_source": n.label_source,
                 "detail": n.detail,
                 "score": round(n.score, 4),
+                "font": font_size(n),
                 "x": round(n.x, 1),
                 "y": round(n.y, 1),
                 "w": round(n.w, 1),
                 "h": round(n.h, 1),
+                "dashboard": keys[n.index],
+                "inputs": inputs[n.index],
+                "outputs": outputs[n.index],
+                "n_inputs": int(n_in[n.index]),
+                "n_outputs": int(n_out[n.index]),
             }
             for n in nodes
         ],
         "edges": [[int(a), int(b), float(f"{c:.4g}")] for a, b, c in zip(s, t, w)],
-        "dashboards": {k: v for k, v in dashboards.items() if k in ids},
+        "dashboards": {k: g.feature_dashboard(i) for i, k in enumerate(keys) if k is not None},
         "supernodes": [
             {"name": name, "members": [m for m in members if m in ids]}
             for name, members in g.supernodes.items()
@@ -579,15 +661,29 @@ def html_data(
     }
 
 
+# what must not appear raw in data inside a <script>: `<` (`</script>` ends it early, `<!--` makes
+# the parser hunt for a later end), `>` and `&` for good measure, and the two line separators that
+# older JS engines refuse in string literals
+_SCRIPT_SAFE = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def script_json(value) -> str:
+    """`value` as JSON that is safe to inline in an HTML <script> element: the same value for JS,
+    with no `<`, `>`, `&` or line separator left raw (all are \\uXXXX escapes; outside strings JSON
+    has none of them)."""
+    return json.dumps(value, separators=(",", ":"), default=str).translate(_SCRIPT_SAFE)
+
+
 def render_html(graph: AttributionGraph, path: str | Path, max_nodes: int | None = None) -> Path:
     """Write one self-contained HTML file (inline JS and CSS; works offline from file://)."""
-    # NaN is a JS literal
-    data = json.dumps(html_data(graph, max_nodes), separators=(",", ":"), default=str)
+    data = script_json(html_data(graph, max_nodes))  # NaN, as json writes it, is a JS literal
     parts = {
         "__TITLE__": html_lib.escape(_short(graph.prompt, 80)),
         "/*__CSS__*/": _frontend("viewer.css"),
         "/*__JS__*/": _frontend("viewer.js"),
-        "/*__DATA__*/null": data.replace("</", "<\\/"),  # never close the <script> early
+        "/*__DATA__*/null": data,
     }
     # one pass, so nothing substituted (a prompt, the data) is itself searched for markers
     page = re.sub(

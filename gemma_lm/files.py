@@ -1,8 +1,9 @@
-"""Files every layer writes: atomic writes (readers never see a half-written file) and the cache
-root."""
+"""Files every layer writes: atomic writes (readers never see a half-written file), a lock for
+work that only one process may do, and the cache root."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -45,3 +46,21 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class exclusive_lock:
+    """An exclusive advisory lock on the file `path`, held inside `with` (released when the process
+    dies too, so never stale): one process at a time builds a cached thing."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()

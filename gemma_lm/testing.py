@@ -40,10 +40,12 @@ class TinyTokenizer:
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return self.chat_template.format(content=messages[-1]["content"])
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         if isinstance(ids, int):
             ids = [ids]
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if skip_special_tokens:
+            ids = [i for i in ids if i > 2]
         return "".join(
             "<bos>"
             if i == 2

@@ -39,6 +39,7 @@ def test_trace_writes_graph_circuit_and_pictures(tiny_setup, capsys):
     code = run(
         [
             "trace",
+            "--no-dashboards",
             PROMPT,
             "--out",
             str(out),
@@ -85,6 +86,7 @@ def test_trace_targets_and_contrast(tiny_setup, capsys):
         run(
             [
                 "trace",
+                "--no-dashboards",
                 PROMPT,
                 "--out",
                 str(out),
@@ -109,6 +111,7 @@ def test_trace_targets_and_contrast(tiny_setup, capsys):
         run(
             [
                 "trace",
+                "--no-dashboards",
                 PROMPT,
                 "--out",
                 str(out),
@@ -152,6 +155,7 @@ def test_bad_input_is_one_line(tiny_setup, capsys, argv, message):
     code = run(
         [
             "trace",
+            "--no-dashboards",
             prompt,
             "--out",
             str(out),

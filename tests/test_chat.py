@@ -95,6 +95,7 @@ def test_refusal_vs_jailbreak_workflow(chat, tmp_path, monkeypatch, capsys):
             run(
                 [
                     "trace",
+                    "--no-dashboards",
                     prompt,
                     "--transcoders",
                     str(tmp_path / "tc"),

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_render import synthetic_graph
+from test_render import labelled_graph, synthetic_graph
 
 from circuits.cli import run
 from circuits.graph import FEATURE, load_graph
@@ -70,6 +70,23 @@ def test_show_command(graph_file, tmp_path, capsys):
     )
     g = load_graph(graph_file)
     assert g.prompt in text
+
+
+def test_show_command_prints_labels_beside_ids(tmp_path, capsys):
+    g, which = labelled_graph()
+    g.save(tmp_path / "l.npz")
+    assert run(["show", str(tmp_path / "l.npz"), "--top", str(g.n_nodes)]) == 0
+    rows = {
+        line.split()[0]: line
+        for line in capsys.readouterr().out.splitlines()
+        if "influence " in line
+    }
+    human, auto, long = (rows[g.node_id(which[k])] for k in ("human", "auto", "long"))
+    assert human.split(maxsplit=1)[1].startswith("say a capital (human) ")
+    assert auto.split(maxsplit=1)[1].startswith("Texas cities (auto) ")
+    assert "cities of the southern" in long and "… (auto)" in long
+    plain = g.node_id(int(g.nodes_of(FEATURE)[0]))
+    assert rows[plain].split()[1] == "-"
 
 
 @needs_graphviz

@@ -24,11 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_render import synthetic_graph
+import scipy.sparse as sp
+from test_render import (
+    example_dashboard,
+    feature_id,
+    feature_key,
+    labelled_graph,
+    synthetic_graph,
+)
 
 from circuits.graph import FEATURE
 from circuits.pruning import prune
-from circuits.render import html_data, render_html
+from circuits.render import N_STRONGEST, html_data, render_html
 
 CHROMIUM = next(
     (
@@ -250,7 +257,7 @@ def page(tmp_path_factory):
         node_threshold=0.9,
         edge_threshold=0.98,
     )
-    g.metadata.setdefault("dashboards", {})
+    assert g.dashboards  # some of its features have one
     path = render_html(g, tmp_path_factory.mktemp("html") / "graph.html")
     return g, path
 
@@ -277,7 +284,55 @@ def test_page_data_matches_the_graph(page):
     data = html_data(g)
     assert [n["id"] for n in data["nodes"]] == g.node_ids()
     assert len(data["edges"]) == g.adjacency.nnz
-    assert set(data["dashboards"]) <= set(g.node_ids()) and data["scores"] == g.metadata["scores"]
+    assert data["scores"] == g.metadata["scores"]
+    keys = {n["dashboard"] for n in data["nodes"]} - {None}
+    assert keys == set(data["dashboards"]) == set(g.feature_dashboards)
+
+
+def test_page_data_names_nodes_and_their_strongest_links():
+    g, which = labelled_graph()
+    data = html_data(g)
+    nodes = data["nodes"]
+    human, auto, long = (nodes[which[k]] for k in ("human", "auto", "long"))
+    assert (human["name"], human["label_source"], human["sub"]) == (
+        "say a capital",
+        "human",
+        feature_id(g, which["human"]),
+    )
+    assert (auto["name"], auto["label"], auto["label_source"]) == ("Texas cities",) * 2 + ("auto",)
+    assert long["label"].endswith("…") and long["name"].startswith(long["label"][:-1])
+    assert data["dashboards"][auto["dashboard"]]["auto_label"] == "Texas cities"
+    plain = nodes[0]
+    assert (plain["name"], plain["label_source"], plain["dashboard"]) == (
+        feature_id(g, 0),
+        "default",
+        None,
+    )
+    # each node's strongest inputs and outputs, by |weight|, from the whole adjacency
+    adj = g.adjacency.toarray()
+    np.fill_diagonal(adj, 0)
+    for i, n in enumerate(nodes):
+        for listed, weights, count in [
+            (n["inputs"], adj[i], n["n_inputs"]),
+            (n["outputs"], adj[:, i], n["n_outputs"]),
+        ]:
+            assert count == np.count_nonzero(weights)
+            top = np.argsort(-np.abs(weights), kind="stable")[: min(N_STRONGEST, count)]
+            assert sorted(j for j, _ in listed) == sorted(top.tolist())
+            assert [w for _, w in listed] == pytest.approx(
+                weights[[j for j, _ in listed]], rel=1e-3
+            )
+            assert all(abs(a[1]) >= abs(b[1]) for a, b in zip(listed, listed[1:]))
+    assert any(n["n_inputs"] > N_STRONGEST for n in nodes)  # the cut was tested
+
+
+def test_page_without_dashboards_names_features_by_id():
+    g = synthetic_graph(n_features=30, seed=5, with_labels=False)
+    data = html_data(g)
+    assert data["dashboards"] == {}
+    for i in g.nodes_of(FEATURE):
+        n = data["nodes"][int(i)]
+        assert (n["label"], n["name"], n["sub"]) == (feature_id(g, int(i)),) * 2 + ("",)
 
 
 def test_script_closing_tag_in_the_prompt_is_harmless(tmp_path):
@@ -319,8 +374,8 @@ def test_page_renders_in_chromium(browser, page):
 def test_hover_click_and_dashboard(browser, page):
     g, path = page
     browser.open(path)
-    with_dash = [i for i in g.nodes_of(FEATURE) if g.node_id(int(i)) in g.metadata["dashboards"]]
-    target = g.node_id(int(with_dash[-1]))
+    with_dash = [int(i) for i in g.nodes_of(FEATURE) if g.feature_dashboard(int(i))]
+    target = g.node_id(with_dash[-1])
     x, y = browser.centre(f'.node[data-id="{target}"]')
     browser.mouse("mouseMoved", x, y)
     assert browser.js("!document.getElementById('tooltip').hidden")
@@ -330,7 +385,7 @@ def test_hover_click_and_dashboard(browser, page):
     browser.click(x, y)
     assert browser.js("document.getElementById('graph').classList.contains('dimmed')")
     panel = browser.js("document.getElementById('panel-body').innerText")
-    dash = g.metadata["dashboards"][target]
+    dash = g.feature_dashboard(with_dash[-1])
     assert "inputs" in panel.lower() and "outputs" in panel.lower()
     assert dash["auto_label"] in panel and "Dallas" in panel
     # highlighted edges are exactly the focused node's drawn links, listed with their weights
@@ -460,3 +515,127 @@ def test_supernodes_from_the_graph_file(browser, tmp_path):
     browser.js("localStorage.clear()")
     browser.open(path)
     assert browser.js("viewer.state.groups") == [{"name": "from file", "members": members}]
+
+
+# markup, comment openers, quotes, backslashes and line separators: nothing of it may run, and the
+# page must still draw. (The image comes first: after `<!--` it would be a comment in HTML. And no
+# `-->`: it would end what `<!--<script>` starts inside a script element, and hide the bug.)
+IMAGE = "<img src=x onerror=\"document.title='owned';window.__pwned=1\">"
+HOSTILE = (
+    IMAGE + " </script><!--<script>x</script> 'single' \"double\" back\\slash \\\\ \u2028 line "
+    "\u2029 para ]]>"
+)
+
+
+def hostile_graph():
+    g, which = labelled_graph()
+    g.prompt = HOSTILE + " /*__JS__*/"
+    g.token_strings = [HOSTILE if p == 3 else t for p, t in enumerate(g.token_strings)]
+    g.metadata["logit_strings"][0] = IMAGE
+    g.labels[which["human"]] = HOSTILE
+    g.labels[which["long"]] = IMAGE
+    dash = example_dashboard(0) | {"auto_label": "<!--<script>", "top_promoted": [[HOSTILE, 1.0]]}
+    dash["top_contexts"][0]["tokens"][2] = IMAGE
+    g.feature_dashboards = g.feature_dashboards | {feature_key(g, which["auto"]): dash}
+    g.supernodes = {HOSTILE: [g.node_id(which["long"])]}
+    return g, which
+
+
+def embedded_data(page_text: str) -> str:
+    start = page_text.index("const GRAPH = ") + len("const GRAPH = ")
+    return page_text[start : page_text.index(";</script>", start)]
+
+
+def test_embedded_data_escapes_every_markup_character(tmp_path):
+    g, _ = hostile_graph()
+    text = render_html(g, tmp_path / "x.html").read_text(encoding="utf-8")
+    data = embedded_data(text)
+    for raw in ("<", ">", "&", "\u2028", "\u2029"):
+        assert raw not in data
+    assert "\\u003c!--\\u003cscript\\u003e" in data
+    # the same value, as JSON and so as JS
+    assert json.loads(data) == json.loads(json.dumps(html_data(g), default=str))
+    assert text.count("</script") == 2 and "<!--" not in text  # only the page's own scripts
+
+
+@needs_chromium
+def test_hostile_prompt_and_labels_draw_and_run_nothing(browser, tmp_path):
+    g, which = hostile_graph()
+    browser.open(render_html(g, tmp_path / "hostile.html"))
+    assert browser.js("document.body.dataset.ready") == "true" and browser.exceptions() == []
+    assert browser.js("document.querySelectorAll('#layer-nodes .node').length") == g.n_nodes
+    assert browser.js("document.getElementById('prompt').textContent") == g.prompt
+    # every hostile text on a panel and in a tooltip, as text
+    logit = g.node_id(int(g.logit_nodes[0]))
+    for node in [g.node_id(which[k]) for k in ("human", "long", "auto")] + ["t:3", logit]:
+        x, y = browser.centre(f'.node[data-id="{node}"]')
+        browser.mouse("mouseMoved", x, y)
+        assert "<" in browser.js("document.getElementById('tooltip').textContent")
+        browser.click(x, y)
+        assert browser.js("viewer.state.focus") is not None
+        assert "onerror" in browser.js("document.getElementById('panel-body').innerText")
+    assert "<!--<script>" in browser.js("document.getElementById('panel-body').innerText")
+    browser.js("new Promise((done) => setTimeout(done, 500))")  # let any injected image fail
+    assert browser.js("document.querySelectorAll('img').length") == 0
+    assert browser.js("typeof window.__pwned") == "undefined"
+    assert browser.js("document.title") == g.prompt[:79] + "…"
+    assert browser.exceptions() == []
+
+
+@needs_chromium
+def test_clicked_feature_shows_its_dashboard_and_strongest_links(browser, tmp_path):
+    g, which = labelled_graph()
+    human, auto = which["human"], which["auto"]
+    adj = g.adjacency.tolil()
+    adj[auto, human] = 50.0  # the auto-labelled node's strongest input is the human-labelled one
+    g.adjacency = sp.csr_array(adj)
+    data = html_data(g)
+    browser.open(render_html(g, tmp_path / "labels.html"))
+    node = f'.node[data-id="{g.node_id(auto)}"]'
+    drawn = browser.js(
+        f"[...document.querySelectorAll('{node} text')]"
+        ".map(t => [t.textContent, parseFloat(getComputedStyle(t).fontSize)])"
+    )
+    assert [t for t, _ in drawn] == ["Texas cities", feature_id(g, auto)] and drawn[1][1] < drawn[
+        0
+    ][1]
+    browser.click(*browser.centre(node))
+    assert browser.js("viewer.state.focus") == browser.js(
+        f"viewer.visibleIds().indexOf('{g.node_id(auto)}')"
+    )
+    panel = browser.js("document.getElementById('panel-body').innerText")
+    assert (
+        panel.startswith("Texas cities\n") and "auto label, from the feature's dashboard" in panel
+    )
+    assert "density 0.400%" in panel and "top activating contexts" in panel.lower()
+    assert "·Texas 1.20" in panel and "·Paris -0.70" in panel  # promoted, suppressed
+    # the top contexts: each activating token's background is as strong as its share of the peak
+    shades = browser.js(
+        "[...document.querySelector('#panel-body .ctx').children]"
+        ".map(s => [s.textContent, s.style.backgroundColor])"
+    )
+    assert [t for t, _ in shades] == ["lives", " in", " Dallas", " near", " 0"]
+    peak = example_dashboard(1)["top_contexts"][0]["max_act"]
+    assert shades[0][1] == shades[4][1] == ""
+    assert (
+        shades[2][1] == "rgb(249, 115, 22)"
+        and shades[3][1] == f"rgba(249, 115, 22, {1 / peak:.1f})"
+    )
+    # the strongest inputs and outputs by label, with their weights
+    for which_way in ("inputs", "outputs"):
+        rows = browser.js(
+            f"[...document.querySelectorAll('#panel-body table.{which_way} tr')]"
+            ".map(tr => [...tr.cells].map(c => c.innerText))"
+        )
+        listed = data["nodes"][auto][which_way]
+        assert len(rows) == len(listed) == min(N_STRONGEST, data["nodes"][auto][f"n_{which_way}"])
+        for (name, weight), (j, w) in zip(rows, listed):
+            shown = pytest.approx(w, rel=1e-2, abs=6e-4)  # as written: 3 decimals or 3 digits
+            assert name.startswith(data["nodes"][j]["name"]) and float(weight) == shown
+    first = browser.js("document.querySelector('#panel-body table.inputs tr').innerText")
+    assert first.startswith(f"say a capital {feature_id(g, human)}") and "+50.000" in first
+    # a row moves the focus to that node, whose panel names its human label
+    browser.js("document.querySelector('#panel-body table.inputs tr.link').click()")
+    panel = browser.js("document.getElementById('panel-body').innerText")
+    assert panel.startswith("say a capital\n") and "human label" in panel
+    assert browser.exceptions() == []

@@ -193,8 +193,8 @@ def test_attach_dashboards_command(world, tmp_path, monkeypatch):
         == 0
     )
     back = load_graph(tmp / "with.npz")
-    assert len(back.metadata["dashboards"]) == len(g.nodes_of(FEATURE))
-    assert all(len(v["top_contexts"]) <= 2 for v in back.metadata["dashboards"].values())
+    assert len(back.dashboards) == len(g.nodes_of(FEATURE))  # every feature node has one
+    assert all(len(v["top_contexts"]) <= 2 for v in back.feature_dashboards.values())
     assert run(["attach-dashboards", str(tmp / "g.npz"), "--dashboards", str(tmp / "nowhere")]) == 2
 
 

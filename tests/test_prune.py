@@ -269,7 +269,7 @@ def test_graph_accessors_of_what_the_stages_record(tmp_path):
     """Pruning writes `scores` and `pruning`; supernodes and dashboards go through their
     accessors too; all of it is stored in the file's header and read back the same way."""
     g = synthetic_graph(n_features=40, seed=3)
-    assert (g.scores, g.pruning, g.is_pruned, g.supernodes, g.dashboards) == (
+    assert (g.scores, g.pruning, g.is_pruned, g.supernodes, g.feature_dashboards) == (
         {},
         None,
         False,
@@ -280,11 +280,13 @@ def test_graph_accessors_of_what_the_stages_record(tmp_path):
     assert (
         p.is_pruned and p.pruning["node_threshold"] == 0.8 and set(p.scores) == {"full", "pruned"}
     )
-    fid = p.node_id(int(p.nodes_of(FEATURE)[0]))
+    first = int(p.nodes_of(FEATURE)[0])
+    fid, key = p.node_id(first), f"{p.layer[first]}/{p.feature[first]}"
     p.supernodes = {"supernodes": {"group": [fid]}}  # the viewer's file wrapper is unwrapped
-    p.dashboards = {fid: {"auto_label": "x"}}
+    p.feature_dashboards = {key: {"auto_label": "x"}}
     p.save(tmp_path / "p.npz")
     q = load_graph(tmp_path / "p.npz")
     assert (q.scores, q.pruning) == (p.scores, p.pruning)
-    assert q.supernodes == {"group": [fid]} and q.dashboards == {fid: {"auto_label": "x"}}
+    assert q.supernodes == {"group": [fid]} and q.feature_dashboards == {key: {"auto_label": "x"}}
+    assert q.feature_dashboard(first) == {"auto_label": "x"} and fid in q.dashboards
     assert q.metadata["supernodes"] == {"group": [fid]}  # the file layout is as before

@@ -131,26 +131,32 @@ def synthetic_graph(
             ],
         ):
             g.labels[int(i)] = text
-    if dashboards:  # the schema of docs/HELPERS.md
-        g.metadata["dashboards"] = {
-            g.node_id(int(i)): {
-                "density": 0.002 * (j + 1),
-                "max_activation": 10.0 + j,
-                "top_contexts": [
-                    {
-                        "tokens": ["lives", " in", " Dallas", " near", f" {k}"],
-                        "acts": [0.0, 0.5, 9.0 + j, 1.0, 0.0],
-                        "max_act": 9.0 + j,
-                    }
-                    for k in range(3)
-                ],
-                "top_promoted": [[" Texas", 1.2], [" Austin", 0.9]],
-                "top_suppressed": [[" Paris", -0.7]],
-                "auto_label": f"Dallas/Texas {j}",
-            }
+    if dashboards:  # the schema of docs/graphs.md, one dashboard per feature key L/F
+        g.feature_dashboards = {
+            f"{g.layer[i]}/{g.feature[i]}": example_dashboard(j)
             for j, i in enumerate(np.flatnonzero(kind == FEATURE)[-10:])
         }
     return g
+
+
+def example_dashboard(j: int = 0) -> dict:
+    """A feature dashboard of the schema `transcoders.dashboards` writes."""
+    return {
+        "density": 0.002 * (j + 1),
+        "max_activation": 10.0 + j,
+        "top_contexts": [
+            {
+                "tokens": ["lives", " in", " Dallas", " near", f" {k}"],
+                "acts": [0.0, 0.5, 9.0 + j, 1.0, 0.0],
+                "max_act": 9.0 + j,
+                "context": 40 + k,
+            }
+            for k in range(3)
+        ],
+        "top_promoted": [[" Texas", 1.2], [" Austin", 0.9]],
+        "top_suppressed": [[" Paris", -0.7]],
+        "auto_label": f"Dallas/Texas {j}",
+    }
 
 
 def test_synthetic_graph_is_causal():
@@ -247,3 +253,98 @@ def test_render_comparison(tmp_path):
 
     out2 = render_comparison_svg(Comparison(), a, b, tmp_path / "c2.svg")
     assert out2.read_text().count("<g id=") == text.count("<g id=")
+
+
+def feature_key(g: AttributionGraph, i: int) -> str:
+    return f"{g.layer[i]}/{g.feature[i]}"
+
+
+LONG_LABEL = "cities of the southern United States and their capitals"
+
+
+def labelled_graph() -> tuple[AttributionGraph, dict[str, int]]:
+    """A small graph whose last features carry a human label (over a dashboard's auto label), an
+    auto label, a long auto label and hostile markup; the other features have no label."""
+    g = synthetic_graph(n_features=30, seed=5, with_labels=False)
+    feats = [int(i) for i in g.nodes_of(FEATURE)]
+    which = dict(zip(["human", "auto", "long", "markup"], feats[-4:]))
+    assert len({feature_key(g, i) for i in feats}) == len(feats)  # one node per feature key
+    g.labels[which["human"]] = "say a capital"
+    auto = {"human": "overridden", "auto": "Texas cities", "long": LONG_LABEL}
+    auto["markup"] = 'a <b>&"x" \\ y'
+    g.feature_dashboards = {
+        feature_key(g, which[k]): example_dashboard(j) | {"auto_label": text}
+        for j, (k, text) in enumerate(auto.items())
+    }
+    return g, which
+
+
+def feature_id(g: AttributionGraph, i: int) -> str:
+    """How pictures name feature node i: `L12/1017`."""
+    return f"L{g.layer[i]}/{g.feature[i]}"
+
+
+def test_node_texts_carry_labels_and_ids():
+    from circuits.render import LABEL_CHARS, _nodes_of, font_size, layout, text_width
+
+    g, which = labelled_graph()
+    nodes = _nodes_of(g)
+    layout(nodes, g.n_pos)
+    human, auto, long = (nodes[which[k]] for k in ("human", "auto", "long"))
+    assert (human.label, human.label_source) == ("say a capital", "human")  # over "overridden"
+    assert (auto.label, auto.label_source) == ("Texas cities", "auto")
+    assert long.label == LONG_LABEL[: LABEL_CHARS - 1] + "…"
+    assert long.name == LONG_LABEL and LONG_LABEL in long.detail  # all of it in the tooltip
+    for n in (human, auto, long):  # the id beneath; both lines fit the box
+        assert n.sub == feature_id(g, n.index) and human.h >= 26
+        assert n.w >= text_width(n.label, font_size(n)) + 8 and n.w > text_width(n.sub, 6)
+    assert long.w > auto.w
+    plain = [n for n in nodes if n.kind == FEATURE and n.index not in which.values()]
+    assert plain and all(n.label == feature_id(g, n.index) and not n.sub for n in plain)
+    assert all(n.label_source == "default" for n in plain)
+
+
+def svg_node_texts(path) -> dict[str, list[tuple[str, float]]]:
+    """The text lines graphviz drew in each node: node id -> [(text, font size)]."""
+    ns = "{http://www.w3.org/2000/svg}"
+    return {
+        e.get("id"): [(t.text or "", float(t.get("font-size"))) for t in e.iter(f"{ns}text")]
+        for e in ET.parse(path).getroot().iter(f"{ns}g")
+        if e.get("class") == "node"
+    }
+
+
+@needs_graphviz
+def test_svg_draws_feature_labels_above_their_ids(tmp_path):
+    from circuits.render import render_svg
+
+    g, which = labelled_graph()
+    drawn = svg_node_texts(render_svg(g, tmp_path / "g.svg", max_nodes=None))
+    for kind, label in [
+        ("human", "say a capital"),
+        ("auto", "Texas cities"),
+        ("markup", 'a <b>&"x" \\ y'),
+    ]:
+        i = which[kind]
+        (main, main_size), (sub, sub_size) = drawn[g.node_id(i)]
+        assert (main, sub) == (label, feature_id(g, i)) and sub_size < main_size
+    (main, _), _ = drawn[g.node_id(which["long"])]
+    assert main.endswith("…") and LONG_LABEL.startswith(main[:-1])
+    # a graph without labels or dashboards names its features by their ids
+    bare = synthetic_graph(n_features=30, seed=5, with_labels=False)
+    drawn = svg_node_texts(render_svg(bare, tmp_path / "bare.svg", max_nodes=None))
+    for i in bare.nodes_of(FEATURE):
+        assert [t for t, _ in drawn[bare.node_id(int(i))]] == [feature_id(bare, int(i))]
+
+
+def test_networkx_label_is_the_auto_label_unless_a_human_one_wins():
+    g, which = labelled_graph()
+    nx_graph = g.to_networkx()
+    human, auto = (nx_graph.nodes[g.node_id(which[k])] for k in ("human", "auto"))
+    assert (auto["label"], auto["label_source"]) == ("Texas cities", "auto")
+    assert (human["label"], human["label_source"]) == ("say a capital", "human")
+    plain = nx_graph.nodes[g.node_id(int(g.nodes_of(FEATURE)[0]))]
+    assert (plain["label"], plain["label_source"]) == (feature_id(g, 0), "default")
+    # a round trip keeps the human label only: auto labels come back with the dashboards
+    back = type(g).from_networkx(nx_graph)
+    assert list(back.labels.values()) == ["say a capital"]

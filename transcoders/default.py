@@ -4,20 +4,20 @@
 `gemma_lm.files.cache_dir()/transcoders/`), training it there first if it is missing:
 `default_recipe()` on the offline builtin text (English speeches and Python documentation), with a
 progress bar (benchmarks/transcoders_default.py times the training), resumable if killed (rerun and
-it continues from its last checkpoint). A lock file keeps two processes from training it at once.
+it continues from its last checkpoint), and then its feature dashboards. A lock file keeps two
+processes from training it at once.
 `resolve_transcoders(spec, lm)` turns what a user names ("default", a path, or a set) into a set
 checked against the model.
 """
 
 from __future__ import annotations
 
-import fcntl
 import subprocess
 import sys
 from pathlib import Path
 
 from gemma_lm.errors import UserError
-from gemma_lm.files import cache_dir
+from gemma_lm.files import cache_dir, exclusive_lock
 from gemma_lm.jobs import to_argv
 from gemma_lm.models import DEFAULT_MODEL, LoadedModel
 
@@ -69,7 +69,7 @@ def load_default_transcoders(lm, progress: bool = True):
         )
     out = default_transcoders_dir()
     if not (out / "config.json").exists():
-        with _lock(out.parent / f".{out.name}.lock"):
+        with exclusive_lock(out.parent / f".{out.name}.lock"):
             if not (out / "config.json").exists():  # another process may have finished it meanwhile
                 print(
                     f"gemma-circuits: training the default transcoders for {DEFAULT_MODEL} (first "
@@ -77,7 +77,24 @@ def load_default_transcoders(lm, progress: bool = True):
                     file=sys.stderr,
                 )
                 _train_in_a_process_of_its_own(default_recipe(out, progress))
+                _build_dashboards_in_a_process_of_its_own(out, progress)
     return load_native(out, model=lm)
+
+
+def _build_dashboards_in_a_process_of_its_own(out: Path, progress: bool) -> None:
+    """Build the new set's feature dashboards (`transcoders dashboards`, default settings) into
+    `out/dashboards`, as part of its first use, so that every trace shows what its features mean.
+    A failure here is reported, not fatal: the first trace builds them again."""
+    argv = [sys.executable, "-m", "transcoders", "dashboards", "--transcoders", str(out)]
+    flag = "--progress" if progress else "--no-progress"
+    done = subprocess.run([*argv, flag], stdout=subprocess.PIPE, text=True)
+    print(done.stdout, end="", file=sys.stderr)
+    if done.returncode != 0:
+        print(
+            f"gemma-circuits: building the default set's dashboards stopped (exit status "
+            f"{done.returncode}); the first trace tries again",
+            file=sys.stderr,
+        )
 
 
 def _train_in_a_process_of_its_own(recipe: TrainConfig) -> None:
@@ -112,20 +129,3 @@ def resolve_transcoders(spec, lm: LoadedModel, progress: bool = True) -> Transco
         tc = load_any(str(spec), model=lm)
     tc.check_compatible(lm.sites, lm.name)
     return tc
-
-
-class _lock:
-    """An exclusive advisory lock on a file (released when the process dies, so never stale)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, "a")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()

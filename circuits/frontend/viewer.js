@@ -1,6 +1,8 @@
 // gemma-circuits interactive attribution-graph viewer. One self-contained page: no network, no libraries.
-// Data: GRAPH (see circuits/render.py html_data): nodes with layout boxes, edges [source, target, weight]
-// as node indices, dashboards by node id, supernodes [{name, members: [node ids]}] (from metadata).
+// Data: GRAPH (see circuits/render.py html_data): nodes with layout boxes, labels (label: the drawn line,
+// sub: a smaller line beneath, name: the whole label, label_source) and their strongest inputs/outputs
+// [[node index, weight]], edges [source, target, weight] as node indices, dashboards by feature key
+// (a node's `dashboard`), supernodes [{name, members: [node ids]}] (from metadata).
 (function () {
   'use strict';
   const D = GRAPH;
@@ -67,7 +69,7 @@
         itemOfNode[i] = superItem.get(gi);
       } else if (nodeVisible(n)) {
         itemOfNode[i] = items.length;
-        items.push({ kind: n.kind, node: i, id: n.id, x: n.x, y: n.y, w: n.w, h: n.h, label: n.label, score: n.score });
+        items.push({ kind: n.kind, node: i, id: n.id, x: n.x, y: n.y, w: n.w, h: n.h, label: n.label, sub: n.sub, font: n.font, score: n.score });
       }
     });
     for (const it of items) {
@@ -142,11 +144,11 @@
       g.dataset.item = k; g.dataset.id = it.id;
       const r = el('rect', { x: -it.w / 2, y: -it.h / 2, width: it.w, height: it.h, rx: it.kind === 'token' ? 2 : 5 }, g);
       if (it.kind === 'feature') r.style.fill = featureFill(it.score);
-      const lines = String(it.label).split('\n');
-      lines.forEach((line, j) => {
-        const t = el('text', { y: (j - (lines.length - 1) / 2) * 10 }, g);
-        t.textContent = line;
-      });
+      // the label, and beneath it in a smaller font the feature's L/F id (or a logit's probability)
+      const main = el('text', { y: it.sub ? -4.5 : 0 }, g);
+      main.textContent = String(it.label);
+      if (it.font) main.style.fontSize = it.font + 'px';
+      if (it.sub) el('text', { y: 6, class: 'sub' }, g).textContent = it.sub;
       return g;
     });
     if (!state.collapsed) drawHulls(gGroups);
@@ -201,7 +203,16 @@
 
   // -- the side panel ------------------------------------------------------------------------------
   function itemName(it) {
-    return it.kind === 'super' ? '▣ ' + it.label : nodes[it.node].label.replace('\n', ' ');
+    return it.kind === 'super' ? '▣ ' + it.label : nodes[it.node].name;
+  }
+  // what tells a node apart when its name alone does not: a labelled feature's L/F id, a position
+  function nodeAside(n) {
+    if (n.kind === 'feature') return n.sub;
+    return n.kind === 'logit' ? '' : 'pos ' + n.pos;
+  }
+  const SOURCES = { human: 'human label', auto: 'auto label, from the feature\'s dashboard', default: 'no label' };
+  function itemOfNode(i) {
+    return current.items.findIndex((it) => it.node === i || (it.members !== undefined && it.members.includes(i)));
   }
 
   function linkTable(title, rows) {
@@ -221,32 +232,71 @@
     return frag;
   }
 
-  function dashboardView(dash) {
+  // a node's strongest links over all its edges (html_data picks them), whatever the thresholds
+  function strongestTable(title, links, total) {
+    const frag = document.createDocumentFragment();
+    frag.appendChild(html('h3', `strongest ${title} (${links.length} of ${total})`));
+    if (!links.length) { frag.appendChild(html('div', 'none', 'hint')); return frag; }
+    const table = html('table', undefined, 'strongest ' + title);
+    links.forEach(([j, w]) => {
+      const k = itemOfNode(j), other = nodes[j];
+      const tr = html('tr', undefined, k >= 0 ? 'link' : 'off');
+      const name = html('td', other.name);
+      const aside = nodeAside(other);
+      if (aside && aside !== other.name) name.appendChild(html('span', ' ' + aside, 'aside'));
+      tr.appendChild(name);
+      tr.appendChild(html('td', (w >= 0 ? '+' : '') + fmt(w), 'w ' + (w >= 0 ? 'pos' : 'neg')));
+      if (k >= 0) tr.addEventListener('click', () => focusItem(k)); else tr.title = 'hidden at this node threshold';
+      table.appendChild(tr);
+    });
+    frag.appendChild(table);
+    return frag;
+  }
+
+  function tokenList(title, pairs, cls) {
+    const box = html('div', undefined, 'token-list');
+    box.appendChild(html('span', title + ' ', 'hint'));
+    pairs.slice(0, 8).forEach((p) => {
+      box.appendChild(html('span', `${visibleToken(String(p[0]))} ${(+p[1]).toFixed(2)}`, 'tok ' + cls));
+    });
+    return box;
+  }
+
+  // one top context: each token's background opacity is its activation over the context's peak
+  function contextView(c) {
+    const box = html('div', undefined, 'ctx');
+    if (typeof c === 'string') { box.textContent = c; return box; }
+    const acts = c.acts || [];
+    const top = +c.max_act || Math.max(...acts, 1e-9);
+    (c.tokens || []).forEach((t, j) => {
+      const span = html('span', String(t).replace(/\n/g, '⏎'));
+      const a = +acts[j] || 0;
+      if (a > 0) {
+        const strength = Math.min(1, a / top);
+        span.className = 'act';
+        span.dataset.strength = strength.toFixed(4);
+        span.style.background = `rgba(249,115,22,${strength.toFixed(4)})`;
+        span.title = `activation ${a.toPrecision(3)}`;
+      }
+      box.appendChild(span);
+    });
+    return box;
+  }
+
+  function dashboardView(dash, n) {
     const frag = document.createDocumentFragment();
     frag.appendChild(html('h3', 'feature dashboard'));
-    if (dash.auto_label) frag.appendChild(html('div', 'auto label: ' + dash.auto_label));
+    if (dash.auto_label && dash.auto_label !== n.name) frag.appendChild(html('div', 'auto label: ' + dash.auto_label));
     const facts = [];
     if (dash.density !== undefined) facts.push(`density ${(100 * dash.density).toPrecision(3)}%`);
     if (dash.max_activation !== undefined) facts.push(`max activation ${(+dash.max_activation).toPrecision(4)}`);
-    if (facts.length) frag.appendChild(html('div', facts.join(' · '), 'hint'));
-    for (const [key, title] of [['top_promoted', 'promotes'], ['top_suppressed', 'suppresses']]) {
-      if (!dash[key] || !dash[key].length) continue;
-      frag.appendChild(html('div', `${title}: ` + dash[key].slice(0, 8).map((p) => `${visibleToken(p[0])} (${(+p[1]).toFixed(2)})`).join(', ')));
+    if (facts.length) frag.appendChild(html('div', facts.join(' · '), 'hint facts'));
+    for (const [key, title, cls] of [['top_promoted', 'promotes', 'pos'], ['top_suppressed', 'suppresses', 'neg']]) {
+      if (dash[key] && dash[key].length) frag.appendChild(tokenList(title, dash[key], cls));
     }
     const ctxs = dash.top_contexts || [];
     if (ctxs.length) frag.appendChild(html('h3', 'top activating contexts'));
-    ctxs.slice(0, 8).forEach((c) => {
-      const box = html('div', undefined, 'ctx');
-      if (typeof c === 'string') { box.textContent = c; frag.appendChild(box); return; }
-      const top = c.max_act || Math.max(...(c.acts || [0]), 1e-9);
-      (c.tokens || []).forEach((t, j) => {
-        const span = html('span', t.replace(/\n/g, '⏎'));
-        const a = (c.acts || [])[j] || 0;
-        if (a > 0) { span.style.background = `rgba(249,115,22,${Math.min(1, a / top) * 0.8})`; span.title = a.toPrecision(3); }
-        box.appendChild(span);
-      });
-      frag.appendChild(box);
-    });
+    ctxs.slice(0, 8).forEach((c) => frag.appendChild(contextView(c)));
     return frag;
   }
 
@@ -262,19 +312,30 @@
       panel.appendChild(html('h2', itemName(it)));
       if (it.kind === 'super') {
         panel.appendChild(html('div', `supernode of ${it.members.length} nodes: ` + it.members.map((i) => nodes[i].id).join(', '), 'detail'));
+        const ins = [], outs = [];
+        current.links.forEach(([a, b, w]) => { if (b === f) ins.push([a, w]); if (a === f) outs.push([b, w]); });
+        ins.sort((p, q) => Math.abs(q[1]) - Math.abs(p[1]));
+        outs.sort((p, q) => Math.abs(q[1]) - Math.abs(p[1]));
+        panel.appendChild(linkTable('inputs', ins));
+        panel.appendChild(linkTable('outputs', outs));
       } else {
-        const n = nodes[it.node];
-        panel.appendChild(html('div', n.detail, 'detail'));
-        if (D.dashboards && D.dashboards[n.id]) panel.appendChild(dashboardView(D.dashboards[n.id]));
+        nodePanel(nodes[it.node]);
       }
-      const ins = [], outs = [];
-      current.links.forEach(([a, b, w]) => { if (b === f) ins.push([a, w]); if (a === f) outs.push([b, w]); });
-      ins.sort((p, q) => Math.abs(q[1]) - Math.abs(p[1]));
-      outs.sort((p, q) => Math.abs(q[1]) - Math.abs(p[1]));
-      panel.appendChild(linkTable('inputs', ins));
-      panel.appendChild(linkTable('outputs', outs));
     }
     groupList();
+  }
+
+  function nodePanel(n) {
+    if (n.kind === 'feature') {
+      const source = html('div', SOURCES[n.label_source] || n.label_source, 'label-source ' + n.label_source);
+      if (n.sub) source.appendChild(html('span', ' · ' + n.sub, 'aside'));
+      panel.appendChild(source);
+    }
+    panel.appendChild(html('div', n.detail, 'detail'));
+    const dash = n.dashboard !== null && n.dashboard !== undefined && D.dashboards ? D.dashboards[n.dashboard] : null;
+    if (dash) panel.appendChild(dashboardView(dash, n));
+    panel.appendChild(strongestTable('inputs', n.inputs || [], n.n_inputs || 0));
+    panel.appendChild(strongestTable('outputs', n.outputs || [], n.n_outputs || 0));
   }
 
   function groupList() {
@@ -452,7 +513,7 @@
     if (g) {
       const it = current.items[+g.dataset.item];
       text = it.kind === 'super' ? `supernode ${it.label}: ${it.members.length} nodes` : nodes[it.node].detail;
-      const dash = it.node !== undefined && D.dashboards && D.dashboards[nodes[it.node].id];
+      const dash = it.node !== undefined && D.dashboards && D.dashboards[nodes[it.node].dashboard];
       if (dash && dash.auto_label && !text.includes(dash.auto_label)) text += '\nauto label: ' + dash.auto_label;
     } else if (p) {
       const a = current.items[+p.dataset.from], b = current.items[+p.dataset.to];
