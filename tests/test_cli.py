@@ -161,7 +161,10 @@ def _some_value(f: dataclasses.Field, tp):
         return 0.5  # inside every range the checks allow
     if base is int:
         return {"d_sae": 64, "k": 8, "tokens": 4096, "batch_size": 512}.get(f.name, 2)
-    return {"out": "o.npz", "prompts": "p.jsonl"}.get(f.name, "some text")
+    # names Neuronpedia accepts (the render command checks them)
+    named = {"out": "o.npz", "prompts": "p.jsonl", "slug": "some-text", "scan": "gemma-3-1b"}
+    named["features_url"] = "https://example.org/features"
+    return named.get(f.name, "some text")
 
 
 def _build(cls, values: dict):
