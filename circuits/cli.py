@@ -8,13 +8,22 @@ import sys
 
 from gemma_lm import jobs
 
-from . import commands, commands_batch, commands_graph, commands_intervene, commands_render, info
+from . import (
+    commands,
+    commands_batch,
+    commands_explain,
+    commands_graph,
+    commands_intervene,
+    commands_render,
+    info,
+)
 
 COMMANDS = [
     *info.COMMANDS,
     *commands.COMMANDS,
     *commands_graph.COMMANDS,
     *commands_render.COMMANDS,
+    *commands_explain.COMMANDS,
     *commands_intervene.COMMANDS,
     *commands_batch.COMMANDS,
 ]

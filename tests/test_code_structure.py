@@ -24,7 +24,13 @@ CIRCUIT_STAGES = [
     ["circuits.replacement"],
     ["circuits.attribution"],
     ["circuits.pruning"],
-    ["circuits.export", "circuits.labels", "circuits.comparison", "circuits.interventions"],
+    [
+        "circuits.export",
+        "circuits.labels",
+        "circuits.comparison",
+        "circuits.interventions",
+        "circuits.explain",
+    ],
     ["circuits.render", "circuits.batch"],
     ["circuits", "circuits.__main__", "circuits.cli", "circuits.info"]
     + [f"circuits.{p.stem}" for p in (ROOT / "circuits").glob("commands*.py")],
