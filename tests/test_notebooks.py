@@ -53,6 +53,7 @@ PUBLIC_MODULES = {
     "circuits.pruning",
     "circuits.comparison",
     "circuits.render",
+    "circuits.explain",
     "circuits.interventions",
     "circuits.labels",
     "transcoders",
