@@ -824,7 +824,7 @@ def auto_label(top_contexts: list[dict], promoted: list, n: int = 3, width: int 
 
 class Dashboards:
     """Dashboards read back from disk. `feature(layer, f)` gives one feature's dashboard as the dict
-    that `graph.metadata["dashboards"][node_id]` holds (schema in docs/HELPERS.md)."""
+    that a graph keeps in `feature_dashboards["L/F"]` (schema in docs/development.md)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict, source: Path):
         self.t, self.meta, self.source = tensors, meta, source
@@ -837,22 +837,28 @@ class Dashboards:
         return self.meta["transcoders"]
 
     def _s(self, i: int) -> str:
-        return self.strings.get(str(int(i)), f"<{int(i)}>")
+        return self.strings.get(str(i), f"<{i}>")
 
     def _contexts(self, layer: int, f: int) -> list[dict]:
         """Every stored top context of feature f of `layer`, strongest first."""
-        t, out = self.t, []
-        for j in range(t["top_acts"].shape[2]):
-            peak = float(t["top_acts"][layer, f, j])
+        # one feature's slices as Python lists at once: indexing tensors element by element made
+        # attaching a real graph's dashboards take seconds
+        t = self.t
+        peaks = t["top_acts"][layer, f].tolist()
+        windows = t["window_tokens"][layer, f].tolist()
+        acts = t["window_acts"][layer, f].float().tolist()
+        context_ids = t["top_context"][layer, f].tolist()
+        out = []
+        for peak, tokens, values, context in zip(peaks, windows, acts, context_ids):
             if peak <= 0:
                 break
-            keep = t["window_tokens"][layer, f, j] >= 0
+            kept = [(i, a) for i, a in zip(tokens, values) if i >= 0]
             out.append(
                 {
-                    "tokens": [self._s(i) for i in t["window_tokens"][layer, f, j][keep]],
-                    "acts": [round(float(a), 4) + 0.0 for a in t["window_acts"][layer, f, j][keep]],
+                    "tokens": [self._s(i) for i, _ in kept],
+                    "acts": [round(a, 4) + 0.0 for _, a in kept],
                     "max_act": round(peak, 4),
-                    "context": int(t["top_context"][layer, f, j]),
+                    "context": int(context),
                 }
             )
         return out
@@ -862,8 +868,9 @@ class Dashboards:
         extreme first ([] for dashboards written before a kind existed)."""
         if f"{kind}_ids" not in self.t:
             return []
-        ids, vals = self.t[f"{kind}_ids"][layer, f], self.t[f"{kind}_values"][layer, f]
-        return [[self._s(i), round(float(v), 4)] for i, v in zip(ids, vals) if i >= 0]
+        ids = self.t[f"{kind}_ids"][layer, f].tolist()
+        values = self.t[f"{kind}_values"][layer, f].tolist()
+        return [[self._s(i), round(v, 4)] for i, v in zip(ids, values) if i >= 0]
 
     def feature(self, layer: int, f: int, n_contexts: int = 5, n_tokens: int = 10) -> dict:
         """One feature's dashboard: density, max_activation, its `n_contexts` top contexts
