@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from transcoders_default import machine  # noqa: E402  (benchmarks/ is this script's folder)
+
 from gemma_lm.files import atomic_write_text  # noqa: E402
 from gemma_lm.models import DEFAULT_MODEL, load_model  # noqa: E402
 from transcoders.dashboards import DashboardConfig, build_dashboards, load_dashboards  # noqa: E402
@@ -43,20 +44,6 @@ from transcoders.data import text_source  # noqa: E402
 from transcoders.default import resolve_transcoders  # noqa: E402
 
 STAGES = ("text", "forward", "encode", "merge", "output_tokens", "token_strings")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(
-            l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads), Python {platform.python_version()}"
-    )
 
 
 def loadavg() -> str:
