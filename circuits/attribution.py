@@ -10,9 +10,10 @@ order of their estimated influence on the logits, up to a budget; when the budge
 active feature, batches are grouped by position instead so that each one's backward pass stays
 short.
 
-`attribute` runs the stages at the end of this file, in order: the model, transcoders and their
-feature dashboards, the frozen prompt, its active features and error vectors, the node table, the
-row schedule, the edge rows, the graph (with the dashboards of its features attached).
+`attribute` runs the stages at the end of this file, in order: the model and transcoders, a check
+that the trace fits in memory, their feature dashboards, the frozen prompt, its active features and
+error vectors, the node table, the row schedule, the edge rows, the graph (with the dashboards of
+its features attached).
 """
 
 from __future__ import annotations
@@ -560,6 +561,57 @@ def load_prompt(
     return lm, tc, tokens
 
 
+def trace_memory_estimate(
+    lm: LoadedModel, tc: TranscoderSet, n_pos: int, cfg: AttributionConfig
+) -> dict[str, int]:
+    """Bytes a trace of `n_pos` tokens holds at its peak besides the model, by part: the attention
+    patterns `[L, H, n, n]` twice (the forward's and the transposed model's folded copy), the
+    frozen activations (residuals, MLP inputs and outputs, error vectors: `[L+1, n, D]` each), one
+    batch's working memory (`memory_gb`), and the edges, a guess from the transcoders' sparsity
+    (float32 value and int32 index per edge, about half the sources of each row being causal)."""
+    s, f32 = lm.sites, 4
+    patterns = 2 * s.n_layers * s.n_heads * n_pos * n_pos * f32
+    activations = 4 * (s.n_layers + 1) * n_pos * s.d_model * f32
+    per_token = (tc.cfg.k or 0) * tc.n_layers  # active features per position, where k says
+    rows = min(cfg.max_feature_nodes, per_token * n_pos) + cfg.max_n_logits
+    sources = n_pos * (s.n_layers + 1) + per_token * n_pos
+    return {
+        "attention patterns": patterns,
+        "activations": activations,
+        "one batch": int(cfg.memory_gb * 2**30),
+        "edges (estimated)": rows * sources // 2 * (f32 + 4),
+    }
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give this process (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_trace_memory(
+    lm: LoadedModel, tc: TranscoderSet, n_pos: int, cfg: AttributionConfig
+) -> None:
+    """Refuse a trace whose memory would not fit, before the forward pass: the parts that are sure
+    (patterns, activations, one batch) must fit into the memory available now; the edges, a guess,
+    are named in the message but do not refuse on their own."""
+    free = available_memory()
+    parts = trace_memory_estimate(lm, tc, n_pos, cfg)
+    sure = sum(v for k, v in parts.items() if "estimated" not in k)
+    if free is None or sure <= free:
+        return
+    listed = ", ".join(f"{k} {v / 2**30:.1f} GB" for k, v in parts.items())
+    raise UserError(
+        f"tracing {n_pos} tokens needs at least {sure / 2**30:.1f} GB ({listed}) but "
+        f"{free / 2**30:.1f} GB are available; shorten the prompt (the attention patterns grow "
+        f"with its square) or lower --memory-gb"
+    )
+
+
 @dataclass
 class FrozenPrompt:
     """The prompt with its model and transcoders, and what one forward pass of the real model
@@ -1025,6 +1077,7 @@ def attribute(
     t0 = time.perf_counter()
     lm, tc, tokens = load_prompt(lm, prompt, transcoders, cfg)
     spec = transcoders if transcoders is not None else cfg.transcoders
+    check_trace_memory(lm, tc, len(tokens), cfg)
     dashboards = feature_dashboards(lm, tc, spec, cfg.progress) if cfg.dashboards else None
     t_load = time.perf_counter()
 
