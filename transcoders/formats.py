@@ -59,7 +59,8 @@ def load_any(path, model=None, dtype=None, progress: bool = False) -> Transcoder
     if layout == "native":
         tc = load_native(path, dtype=dtype)
     elif layout == "gemmascope2":
-        tc = gemmascope.load_gemmascope2(path, dtype=dtype, progress=progress)
+        n_layers = model.sites.n_layers if model is not None else None
+        tc = gemmascope.load_gemmascope2(path, dtype=dtype, progress=progress, n_layers=n_layers)
     elif layout == "circuit-tracer":
         tc = ct.load_circuit_tracer(path)
         if dtype is not None:
@@ -67,7 +68,9 @@ def load_any(path, model=None, dtype=None, progress: bool = False) -> Transcoder
     elif not Path(path).exists():
         raise UserError(f"{path} does not exist; pass {ACCEPTED}")
     else:
-        raise UserError(f"{path} holds no transcoder layout gemma-circuits knows; pass {ACCEPTED}")
+        inside = gemmascope.sets_inside_hint(Path(path))  # e.g. the parent of a CLT folder
+        what = inside or f"; pass {ACCEPTED}"
+        raise UserError(f"{path} holds no transcoder layout gemma-circuits knows{what}")
     if model is not None:
         tc.check_compatible(model.sites, model.name)
     return tc

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,23 @@ PARAMS_FILE = "params.safetensors"
 HOOK_IN = "model.layers.{}.pre_feedforward_layernorm.output"
 HOOK_OUT = "model.layers.{}.post_feedforward_layernorm.output"
 META_KEY = "gemma_circuits_config"
+SKIP = "affine_skip_connection"
+RELEASED_TENSORS = ("w_enc", "b_enc", "threshold", "w_dec", "b_dec")
+OUR_NAMES = {
+    "w_enc": "W_enc",
+    "b_enc": "b_enc",
+    "threshold": "threshold",
+    "w_dec": "W_dec",
+    "b_dec": "b_dec",
+    SKIP: "W_skip",
+}
+TORCH_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
+FLOAT_DTYPES = tuple(TORCH_DTYPES)
 HUB_SPEC = re.compile(r"^[\w.-]+/gemma-scope-2[\w.-]*/.+$")  # owner/gemma-scope-2-.../subfolder
 
 
@@ -93,12 +111,20 @@ def _clt_files(folder: Path) -> dict[int, Path]:
     return {int(m.group(1)): c for c in folder.iterdir() if (m := CLT_FILE.match(c.name))}
 
 
-def _contiguous(found: dict[int, Path], where: Path, hint: str) -> list[Path]:
+def _contiguous(
+    found: dict[int, Path], where: Path, hint: str, file_of: Callable[[int], Path]
+) -> list[Path]:
+    """The files of layers 0.. in order; a gap is a UserError naming the missing files (`file_of`:
+    where layer l's file would be)."""
     layers = sorted(found)
     if layers != list(range(len(layers))):
+        missing = [l for l in range(layers[-1]) if l not in found]
+        named = ", ".join(str(file_of(l)) for l in missing[:3]) + (
+            ", ..." if len(missing) > 3 else ""
+        )
         raise UserError(
             f"{where} has layers {layers}, but a transcoder set needs every layer from 0 to the "
-            f"last{hint}"
+            f"last: {named} missing{hint}"
         )
     return [found[l] for l in layers]
 
@@ -119,14 +145,22 @@ def locate(path) -> GemmaScopeSet:
     """Find the Gemma Scope 2 set at `path`: a CLT folder, a folder of per-layer folders holding one
     variant, `<folder>/<variant>` (per-layer folders `<folder>/layer_<l>_<variant>`), or a repo root
     holding one set."""
-    p = Path(path)
+    found = _find(Path(path))
+    if found is None:
+        raise NotGemmaScope(
+            f"{path} is not a Gemma Scope 2 transcoder folder" + sets_inside_hint(Path(path))
+        )
+    return found
+
+
+def _find(p: Path) -> GemmaScopeSet | None:
+    """The set at `p` (see `locate`); None where `p` is no Gemma Scope 2 layout at all."""
     if p.is_dir():
         clt = _clt_files(p)
         if clt:
             config = p / "config.json"
-            return GemmaScopeSet(
-                "clt", _contiguous(clt, p, ""), [config if config.is_file() else None], p
-            )
+            files = _contiguous(clt, p, "", lambda l: p / f"params_layer_{l}.safetensors")
+            return GemmaScopeSet("clt", files, [config if config.is_file() else None], p)
         if (p / PARAMS_FILE).is_file() and LAYER_FOLDER.match(p.name):
             m = LAYER_FOLDER.match(p.name)
             raise UserError(
@@ -144,7 +178,7 @@ def locate(path) -> GemmaScopeSet:
             return _plt_set(p / variant, layers)
         sets = _candidates(p)
         if len(sets) == 1:
-            return locate(sets[0])
+            return _find(sets[0])
         if sets:
             raise UserError(
                 f"{p} holds several Gemma Scope 2 transcoder sets; pass one of: "
@@ -154,7 +188,29 @@ def locate(path) -> GemmaScopeSet:
         groups = _layer_variants(p.parent)
         if p.name in groups:
             return _plt_set(p, groups[p.name])
-    raise NotGemmaScope(f"{p} is not a Gemma Scope 2 transcoder folder")
+    return None
+
+
+def sets_inside_hint(p: Path) -> str:
+    """'; it holds <what>: pass <folder>' when the folders inside `p` (not `p` itself) hold Gemma
+    Scope 2 sets, e.g. `p` is the parent of one CLT folder; '' otherwise. Only a hint: `p` itself
+    is not a set (so no writer may take it for one and replace it)."""
+    inside = []
+    children = sorted(c for c in p.iterdir() if c.is_dir()) if p.is_dir() else []
+    for child in children[:1000]:
+        try:
+            found = _find(child)
+        except UserError:  # a broken set inside: still the folder to pass
+            found = GemmaScopeSet("?", [], [], child)
+        if found is not None:
+            inside.append(found)
+    if not inside:
+        return ""
+    what = {"clt": "the CLT folder", "plt": "the per-layer transcoders", "?": "the set"}
+    if len(inside) == 1:
+        (s,) = inside
+        return f"; it holds {what[s.kind]} {s.where.name}: pass {s.where}"
+    return "; it holds several sets: pass one of: " + ", ".join(str(s.where) for s in inside)
 
 
 def _plt_set(variant_path: Path, layers: dict[int, Path]) -> GemmaScopeSet:
@@ -163,7 +219,9 @@ def _plt_set(variant_path: Path, layers: dict[int, Path]) -> GemmaScopeSet:
         if variant_path.parent.name == "transcoder"
         else ""
     )
-    folders = _contiguous(layers, variant_path, hint)
+    folders = _contiguous(
+        layers, variant_path, hint, lambda l: variant_path.parent / f"layer_{l}_{variant_path.name}"
+    )
     return GemmaScopeSet(
         "plt",
         [f / PARAMS_FILE for f in folders],
@@ -231,46 +289,32 @@ def _hook_layer(hook: str, which: str) -> int | None:
 
 def _read_layer(
     path: Path, layer: int, n_layers: int, clt: bool
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of one params file under our names (memory-mapped views of it), and its metadata.
-    A CLT decoder is the view from layer `layer` on, so the entries for earlier layers are never
-    read; decoders stay views (strided for CLTs) so that only the rows attribution reads become
-    resident."""
+) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """The tensors of one params file under our names (memory-mapped views of it), its metadata and
+    its dtype ('F32'). A CLT decoder is the view from layer `layer` on, so the entries for earlier
+    layers are never read; decoders stay views (strided for CLTs) so that only the rows attribution
+    reads become resident."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
-            missing = [
-                k for k in ("w_enc", "b_enc", "threshold", "w_dec", "b_dec") if k not in keys
-            ]
+            missing = [k for k in RELEASED_TENSORS if k not in keys]
             if missing:
                 raise UserError(
                     f"{path} lacks {', '.join(missing)}; it is not a Gemma Scope 2 transcoder "
                     "params file"
                 )
-            w_enc = f.get_tensor("w_enc")
-            if w_enc.dim() != 2:
-                raise UserError(
-                    f"{path}: w_enc has shape {list(w_enc.shape)}; expected [d_model, width]"
-                )
-            D, F = w_enc.shape
-            dec_shape = f.get_slice("w_dec").get_shape()
-            want = [F, n_layers, D] if clt else [F, D]
-            if list(dec_shape) != want:
-                what = f"a CLT of {n_layers} layers" if clt else "a per-layer transcoder"
-                raise UserError(
-                    f"{path}: w_dec has shape {list(dec_shape)}; expected {want} ({what})"
-                )
+            names = [*RELEASED_TENSORS, *([SKIP] if SKIP in keys else [])]
+            dtype = _file_dtype(path, {k: f.get_slice(k).get_dtype() for k in names})
+            _check_shapes(path, {k: list(f.get_slice(k).get_shape()) for k in names}, n_layers, clt)
             state = {
-                "W_enc": w_enc,
-                "b_enc": f.get_tensor("b_enc"),
-                "b_dec": f.get_tensor("b_dec"),
-                "threshold": f.get_tensor("threshold"),
-                "W_dec": f.get_tensor("w_dec")[:, layer:, :] if clt else f.get_tensor("w_dec"),
+                ours: f.get_tensor(theirs) for theirs, ours in OUR_NAMES.items() if theirs in keys
             }
-            if "affine_skip_connection" in keys:
-                state["W_skip"] = f.get_tensor("affine_skip_connection")
+            if clt:
+                state["W_dec"] = state["W_dec"][:, layer:, :]
             meta = dict(f.metadata() or {})
-    except (SafetensorError, OSError) as e:
+    except UserError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
         raise UserError(
             f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
             "download it again"
@@ -281,7 +325,59 @@ def _read_layer(
         )
     for t in state.values():
         t.finite_checked = True
-    return state, meta
+    return state, meta, dtype
+
+
+def _file_dtype(path: Path, dtypes: dict[str, str]) -> str:
+    """The one floating dtype of a params file's tensors (`dtypes`: tensor -> 'F32', ...)."""
+    for name, dt in dtypes.items():
+        if dt not in FLOAT_DTYPES:
+            raise UserError(
+                f"{path}: {name} has dtype {dt}; expected floating point "
+                f"({', '.join(FLOAT_DTYPES)}): the file is not a transcoder's or is corrupt"
+            )
+    first = next(iter(dtypes))
+    for name, dt in dtypes.items():
+        if dt != dtypes[first]:
+            raise UserError(
+                f"{path}: {name} is {dt} but {first} is {dtypes[first]}; expected one dtype "
+                "per file: the file was assembled from different sources"
+            )
+    return dtypes[first]
+
+
+def _check_shapes(path: Path, shapes: dict[str, list[int]], n_layers: int, clt: bool) -> None:
+    """Every tensor's shape against the sizes its vectors give (d_model D from b_dec, width F from
+    b_enc): a UserError naming each tensor, its shape, and the shape expected."""
+    for name in ("b_enc", "b_dec"):
+        if len(shapes[name]) != 1:
+            raise UserError(f"{path}: {name} has shape {shapes[name]}; expected one dimension")
+    (F,), (D,) = shapes["b_enc"], shapes["b_dec"]
+    expect = {"w_enc": [D, F], "threshold": [F], "w_dec": [F, n_layers, D] if clt else [F, D]}
+    if SKIP in shapes:
+        expect[SKIP] = [D, D]
+    problems = []
+    for name, want in expect.items():
+        got = shapes[name]
+        if got == want:
+            continue
+        turned = len(got) == 2 and got == want[::-1] and got != want
+        problems.append(
+            f"{name} has shape {got}; expected {want}{' (transposed)' if turned else ''}"
+        )
+    if not problems:
+        return
+    dec = shapes["w_dec"]
+    if clt and len(dec) == 3 and dec[0] == F and dec[2] == D and dec[1] > n_layers:
+        missing = ", ".join(f"params_layer_{l}.safetensors" for l in range(n_layers, dec[1]))
+        raise UserError(
+            f"{path}: w_dec has shape {dec}, a CLT of {dec[1]} layers, but {path.parent} holds "
+            f"params_layer_0 to {n_layers - 1} only: {missing} missing"
+        )
+    raise UserError(
+        f"{path}: {', and '.join(problems)} (d_model {D} from b_dec, width {F} from b_enc"
+        f"{f', {n_layers} layers' if clt else ''})"
+    )
 
 
 def _our_config(meta: dict, path: Path) -> dict:
@@ -299,15 +395,15 @@ def _our_config(meta: dict, path: Path) -> dict:
 
 
 def load_gemmascope2(
-    path, dtype: torch.dtype | None = None, progress: bool = False
+    path, dtype: torch.dtype | None = None, progress: bool = False, n_layers: int | None = None
 ) -> TranscoderSet:
     """A TranscoderSet from a Gemma Scope 2 folder (see `locate`), or from the Hub
-    (`hf://<repo>/<subfolder>` or `google/gemma-scope-2-<size>-<pt|it>/<subfolder>`) when online."""
+    (`hf://<repo>/<subfolder>` or `google/gemma-scope-2-<size>-<pt|it>/<subfolder>`) when online.
+    `n_layers`: the layers the set must have (a model's); fewer on disk names the missing files."""
     if not Path(path).exists() and is_hub_spec(str(path)):
         path = download(str(path))
     found = locate(path)
     clt = found.kind == "clt"
-    n_layers = len(found.files)
     configs = (
         [_check_config(found.configs[0], None, found.where)]
         if clt
@@ -316,31 +412,134 @@ def load_gemmascope2(
             for l, (c, f) in enumerate(zip(found.configs, found.files))
         ]
     )
+    _check_layer_count(found, configs, n_layers)
     state, stored, first = {}, {}, None
     for l, file in enumerate(
         tqdm(found.files, desc="reading Gemma Scope 2", unit="layer", disable=not progress)
     ):
-        tensors, meta = _read_layer(file, l, n_layers, clt)
+        tensors, meta, file_dtype = _read_layer(file, l, len(found.files), clt)
         stored = stored or _our_config(meta, file)
-        shapes = (tuple(tensors["W_enc"].shape), "W_skip" in tensors)
-        if first is None:
-            first = (shapes, file)
-        elif shapes != first[0]:
-            raise UserError(
-                f"{file} holds w_enc {list(shapes[0])}{' with' if shapes[1] else ' without'} a "
-                f"skip connection, but {first[1]} holds "
-                f"{list(first[0][0])}{' with' if first[0][1] else ' without'}: the layers are from "
-                "different sets"
-            )
+        layout = (tuple(tensors["W_enc"].shape), "W_skip" in tensors, file_dtype)
+        first = first or (layout, file)
+        _same_set(file, layout, *first, cast=dtype is not None)
         for name, t in tensors.items():
             state[f"{name}.{l}"] = t if name == "W_dec" else t.contiguous()
-    (D, F), skip = first[0]
-    cfg = _set_config(found, configs, stored, n_layers, D, F, skip)
-    for l in range(
-        n_layers
-    ):  # relu(pre) * (pre > t) == pre * (pre > max(t, 0)): see the module docstring
+    if clt:
+        check_clt_decoder_layout(found.files)
+    (D, F), skip, _ = first[0]
+    cfg = _set_config(found, configs, stored, len(found.files), D, F, skip)
+    for l in range(len(found.files)):  # relu(pre) * (pre > t) == pre * (pre > max(t, 0))
         state[f"threshold.{l}"] = state[f"threshold.{l}"].clamp(min=0)
     return build_transcoder_set(cfg, state, found.where, dtype)
+
+
+def _same_set(file: Path, layout: tuple, first: tuple, first_file: Path, cast: bool) -> None:
+    """Refuse a layer whose sizes, skip term or (unless the set is `cast` on loading) dtype differ
+    from the first layer's. Mixed dtypes are refused rather than cast, since casting would read
+    every decoder into memory and pick a precision the user did not choose."""
+    (shape, skip, dt), (shape0, skip0, dt0) = layout, first
+    if (shape, skip) != (shape0, skip0):
+        raise UserError(
+            f"{file} holds w_enc {list(shape)}{' with' if skip else ' without'} a skip connection, "
+            f"but {first_file} holds {list(shape0)}{' with' if skip0 else ' without'}: the layers "
+            "are from different sets"
+        )
+    if dt != dt0 and not cast:
+        raise UserError(
+            f"{file} holds {dt} tensors but {first_file} holds {dt0}: a set computes in one dtype; "
+            "pass dtype= (--dtype) to cast every layer, or replace the odd layer's files"
+        )
+
+
+def _check_layer_count(found: GemmaScopeSet, configs: list[dict], n_layers: int | None) -> None:
+    """Refuse a set with fewer layers on disk than `n_layers` (a model's) or, for a CLT, than its
+    config.json's width counts, naming the missing files."""
+    have = len(found.files)
+    want, theirs = n_layers, "the model's"
+    width = configs[0].get("width") if configs else None
+    if found.kind == "clt" and isinstance(width, int) and want is None:
+        try:
+            with safe_open(str(found.files[0]), framework="pt", device="cpu") as f:
+                per_layer = f.get_slice("b_enc").get_shape() if "b_enc" in f.keys() else []
+        except (SafetensorError, OSError, ValueError):
+            per_layer = []  # reading the file reports it
+        if len(per_layer) == 1 and per_layer[0] and width % per_layer[0] == 0:
+            want = width // per_layer[0]
+            theirs = f"config.json's (width {width} = {want} x {per_layer[0]} features)"
+    if want is None or want <= have:
+        return
+    if found.kind == "clt":
+        names = [found.where / f"params_layer_{l}.safetensors" for l in range(have, want)]
+    else:
+        names = [found.where.parent / f"layer_{l}_{found.where.name}" for l in range(have, want)]
+    listed = ", ".join(str(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    raise UserError(
+        f"{found.where} holds layers 0 to {have - 1}: {have} layers vs {theirs} {want}; {listed} "
+        "missing"
+    )
+
+
+# -- the layout of a CLT decoder -------------------------------------------------------------------
+SAMPLED_ROWS = 8  # features per sampled block of w_dec
+SAMPLED_BLOCKS = 8  # blocks spread over the features
+ZERO_RATIO = 1e-3  # "zero" entries: at most this share of the largest entry of the sampled rows
+
+
+def check_clt_decoder_layout(files: list[Path]) -> None:
+    """Check from the weights that CLT decoders `w_dec [F, L, D]` are indexed by absolute output
+    layer (source layer l's entries for output layers < l zero). Indexed by output - source
+    instead (the last l zero) is refused: read as absolute it would be a different function. A
+    decoder matching neither gets a warning naming what was found, and is read as absolute: the
+    entries before l never enter the forward pass, so values left in them do not change it.
+    Reads a few sampled rows of each file, through ordinary reads (the decoders stay unread)."""
+    absolute, relative, seen = [], [], []
+    for l, path in enumerate(files[1:], start=1):
+        rows = _sampled_decoder_rows(path)  # [n, L, D]
+        scale = float(rows.abs().max()) if rows.numel() else 0.0
+        if scale == 0.0:
+            continue  # dead features only: nothing to tell
+        early = float(rows[:, :l].abs().max()) / scale
+        late = float(rows[:, rows.shape[1] - l :].abs().max()) / scale
+        absolute.append(early <= ZERO_RATIO)
+        relative.append(late <= ZERO_RATIO)
+        seen.append(f"layer {l}: {early:.2g} before it, {late:.2g} in the last {l}")
+    if all(absolute):
+        return
+    if all(relative):
+        raise UserError(
+            f"{files[0].parent}: the CLT decoders are indexed by output layer - source layer (in "
+            "params_layer_<l>, w_dec's last l output-layer entries are zero and the first l not); "
+            "Gemma Scope 2 indexes w_dec [F, n_layers, D] by absolute output layer (entries before "
+            "l unused): rewrite the files that way (w_dec[:, l + j] = the decoder into layer l + j)"
+        )
+    warnings.warn(
+        f"{files[0].parent}: the CLT decoders are not zero before their source layer, as Gemma "
+        f"Scope 2's absolute output-layer indexing leaves them, nor in their last entries "
+        f"(largest entry there relative to the sampled rows: {'; '.join(seen[:4])}); reading them "
+        "as absolute, as circuit-tracer does",
+        stacklevel=3,
+    )
+
+
+def _sampled_decoder_rows(path: Path) -> torch.Tensor:
+    """A few blocks of rows of a params file's w_dec `[n, L, D]`, spread over the features."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(header_len))["w_dec"]
+        start = 8 + header_len + info["data_offsets"][0]
+        n_features, *inner = info["shape"]
+        itemsize = torch.empty(0, dtype=TORCH_DTYPES[info["dtype"]]).element_size()
+        row_bytes = itemsize * inner[0] * inner[1]
+        step = max(n_features // SAMPLED_BLOCKS, SAMPLED_ROWS)
+        blocks = []
+        for first in range(0, n_features, step):
+            n = min(SAMPLED_ROWS, n_features - first)
+            f.seek(start + first * row_bytes)
+            data = bytearray(f.read(n * row_bytes))
+            block = torch.frombuffer(data, dtype=TORCH_DTYPES[info["dtype"]]) if data else None
+            if block is not None:
+                blocks.append(block.float().reshape(n, *inner))
+    return torch.cat(blocks) if blocks else torch.zeros(0, *inner)
 
 
 def _set_config(
@@ -399,7 +598,8 @@ def _set_config(
                 "extra",
             )
             base.update({k: stored[k] for k in keep if k in stored})
-            if "gemma_scope_variant" in (base.get("extra") or {}):  # the folder it now sits in
+            extra = base.get("extra")
+            if isinstance(extra, dict) and "gemma_scope_variant" in extra:  # its folder now
                 base["extra"] = {**base["extra"], "gemma_scope_variant": found.where.name}
     return config_from_dict(base, found.where)
 
@@ -560,6 +760,12 @@ def download(spec: str) -> Path:
     the set. Offline (or without huggingface_hub) this is a UserError saying how to fetch the files
     by hand."""
     parts = spec.removeprefix("hf://").strip("/").split("/")
+    if len(parts) >= 2 and parts[0].lower() == "mwhanna" and parts[1].startswith("gemma-scope-2"):
+        google = "/".join(["hf://google", *parts[1:]])
+        raise UserError(
+            f"{'/'.join(parts[:2])} holds only a config pointing at Google's files, not the "
+            f"weights; load them from google/{parts[1]}: pass {google}"
+        )
     if len(parts) < 3:
         raise UserError(
             f"{spec!r}: name a set inside the repo, e.g. hf://google/gemma-scope-2-270m-pt/"

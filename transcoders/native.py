@@ -94,6 +94,7 @@ def config_from_dict(raw: dict, source) -> TranscoderConfig:
     for k in ("n_layers", "d_model", "d_sae"):
         if not isinstance(raw[k], int) or isinstance(raw[k], bool) or raw[k] <= 0:
             raise UserError(f"{source}: {k} must be a positive integer, not {raw[k]!r}")
+    _check_field_types(raw, source)
     kwargs = {k: v for k, v in raw.items() if k in known}
     unknown = {
         k: v for k, v in raw.items() if k not in known and k not in ("format", "format_version")
@@ -104,6 +105,50 @@ def config_from_dict(raw: dict, source) -> TranscoderConfig:
         return TranscoderConfig(**kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: {e}") from None
+
+
+FIELD_TYPES = {
+    "kind": str,
+    "activation": str,
+    "skip": bool,
+    "model_name": str,
+    "input_site": str,
+    "output_site": str,
+    "metrics": dict,
+    "extra": dict,
+}
+
+
+def _check_field_types(raw: dict, source) -> None:
+    """The optional config fields hold what a transcoder set computes with: a config damaged by
+    hand or on disk is refused here, not found later as a failing matrix product."""
+    for k, kind in FIELD_TYPES.items():
+        if k in raw and not isinstance(raw[k], kind):
+            raise UserError(f"{source}: {k} must be a {kind.__name__}, not {raw[k]!r}")
+    k = raw.get("k")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k <= 0):
+        raise UserError(f"{source}: k must be a positive integer or null, not {k!r}")
+    prefixes = raw.get("matryoshka_prefixes")
+    if prefixes is not None and not (
+        isinstance(prefixes, list)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in prefixes)
+    ):
+        raise UserError(
+            f"{source}: matryoshka_prefixes must be a list of positive integers or null, not "
+            f"{prefixes!r}"
+        )
+
+
+def one_dtype(state: dict[str, torch.Tensor], source) -> None:
+    """Refuse a state dict whose floating tensors differ in dtype: a set computes in one (pass
+    dtype= to cast them all instead)."""
+    floating = [(k, t.dtype) for k, t in state.items() if t.is_floating_point()]
+    for k, dt in floating[1:]:
+        if dt != floating[0][1]:
+            raise UserError(
+                f"{source}: {k} is {dt} but {floating[0][0]} is {floating[0][1]}; a set computes "
+                "in one dtype: pass dtype= (--dtype) to cast every tensor, or write the file again"
+            )
 
 
 def build_transcoder_set(
@@ -263,6 +308,8 @@ def load_native(path, model=None, dtype=None) -> TranscoderSet:
         )
     cfg = config_from_dict(raw, p / CONFIG_FILE)
     state, _ = read_safetensors(p / WEIGHTS_FILE)
+    if dtype is None:
+        one_dtype(state, p / WEIGHTS_FILE)
     tc = build_transcoder_set(cfg, state, p / WEIGHTS_FILE, resolve_dtype(dtype))
     if model is not None:
         tc.check_compatible(model.sites, model.name)
