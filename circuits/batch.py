@@ -31,15 +31,16 @@ import sys
 import time
 import traceback
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from gemma_lm.errors import UserError
-from gemma_lm.files import atomic_write_text
+from gemma_lm.files import atomic_write_text, check_output_dir, write_failure_as_user_error
 from gemma_lm.jobs import option, with_overrides
-from gemma_lm.models import load_model
+from gemma_lm.models import check_text, load_model
 from gemma_lm.ranks import DistBackend, Ranks
 from transcoders.default import resolve_transcoders
 
@@ -93,6 +94,7 @@ class BatchConfig:
                 '--target / --contrast are per prompt in a batch: put "target" / "contrast" on '
                 "the prompt's line of the prompts file"
             )
+        check_output_dir(self.out, "--out")
 
 
 @dataclass
@@ -180,7 +182,9 @@ def read_prompts(source: str | Path | list) -> list[PromptSpec]:
                 f'{{"prompt": ...}} object a line'
             )
         items = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        # bytes that are not UTF-8 become lone surrogates: that prompt fails, not the whole file
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -237,8 +241,12 @@ def read_prompts(source: str | Path | list) -> list[PromptSpec]:
 
 def check_prompts(lm, specs: list[PromptSpec], cfg: AttributionConfig) -> None:
     """Refuse the whole job up front when a prompt is too long or a target is not one token, rather
-    than hours into it."""
+    than hours into it. A prompt that is not valid text fails alone, when its turn comes."""
     for s in specs:
+        try:
+            check_text(s.prompt)
+        except UserError:
+            continue
         try:
             n_tokens = len(lm.tokenize(s.prompt, chat=cfg.chat))
             if n_tokens > cfg.max_tokens:
@@ -246,6 +254,7 @@ def check_prompts(lm, specs: list[PromptSpec], cfg: AttributionConfig) -> None:
                     f"the prompt is {n_tokens} tokens, more than --max-tokens {cfg.max_tokens}"
                 )
             for t in s.targets + ([s.contrast] if s.contrast else []):
+                check_text(t, f"target {t!r}")
                 single_token(lm, t)
         except UserError as e:
             raise UserError(f"prompt {s.id!r} (line {s.line}): {e}") from None
@@ -275,10 +284,11 @@ def prepare_folder(out: Path, cfg: BatchConfig) -> None:
                 f"{out} holds graphs traced with other options ({what}); pass the same options to "
                 f"resume, another --out, or --overwrite to retrace everything"
             )
-    atomic_write_text(
-        job, json.dumps({"format": "gemma-circuits-batch", "attribution": options}, indent=1)
-    )
-    (out / "graphs").mkdir(parents=True, exist_ok=True)
+    with write_failure_as_user_error(job):
+        atomic_write_text(
+            job, json.dumps({"format": "gemma-circuits-batch", "attribution": options}, indent=1)
+        )
+        (out / "graphs").mkdir(parents=True, exist_ok=True)
     # temporary files of writes that a kill interrupted
     for stale in (out / "graphs").glob(".*.partial"):
         stale.unlink(missing_ok=True)
@@ -367,8 +377,8 @@ def build_index(out: Path, specs: list[PromptSpec]) -> list[dict]:
         if path.exists():
             try:
                 record = read_header(path)["metadata"].get("batch")
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-                record = None
+            except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error):
+                record = None  # a damaged graph file: graph_is_done below decides
             # a graph this job did not write, but the right one
             if record is None and graph_is_done(path, s):
                 record = graph_record(s, load_graph(path), None, None)
@@ -377,7 +387,8 @@ def build_index(out: Path, specs: list[PromptSpec]) -> list[dict]:
         ):
             record = failures.get(s.id) or {**s.as_record(), "status": "missing"}
         records.append({**record, **s.as_record()})  # ids and extra keys as in today's prompts file
-    atomic_write_text(out / "index.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    with write_failure_as_user_error(out / "index.jsonl"):
+        atomic_write_text(out / "index.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from gemma_lm.errors import UserError
+from gemma_lm.files import check_output_file, write_failure_as_user_error
 from gemma_lm.jobs import Command, option
-from gemma_lm.models import load_model
+from gemma_lm.models import check_text, load_model
 
 from .attribution import AttributionConfig, attribute
 from .commands_graph import node_label_column
@@ -58,6 +59,33 @@ class TraceJob:
                 raise UserError(
                     f"--{flag} and --out are the same file; give the picture its own name"
                 )
+        self.check_inputs()
+        self.check_outputs()
+
+    def check_inputs(self) -> None:
+        """The prompt and target texts, before the model loads."""
+        if not self.prompt and not self.attribution.chat:
+            raise UserError("the prompt is empty; give at least one token of text")
+        check_text(self.prompt)
+        for target in self.attribution.targets:
+            check_text(target, f"--target {target!r}")
+        if self.attribution.contrast:
+            check_text(self.attribution.contrast, f"--contrast {self.attribution.contrast!r}")
+
+    def check_outputs(self) -> None:
+        """Every file the job writes, before the model loads (not after the trace)."""
+        check_output_file(self.out, "--out")
+        if self.prune:
+            check_output_file(pruned_path(self.out), "--prune")
+        for flag in ("svg", "html"):
+            if getattr(self, flag):
+                check_output_file(getattr(self, flag), f"--{flag}")
+
+
+def pruned_path(out: str | Path) -> Path:
+    """Where --prune writes the circuit of the graph written to `out`: GRAPH.pruned.npz."""
+    out = Path(out)
+    return out.with_name(out.stem + ".pruned.npz")
 
 
 def summary_lines(graph: AttributionGraph, out: Path, seconds: float) -> list[str]:
@@ -94,7 +122,8 @@ def run_trace(job: TraceJob) -> int:
     graph = attribute(lm, job.prompt, config=cfg)
     graph.metadata["timing_s"]["model_load"] = model_seconds
     out = Path(job.out)
-    graph.save(out)
+    with write_failure_as_user_error(out):
+        graph.save(out)
     print("\n".join(summary_lines(graph, out, time.perf_counter() - t0)))
     if job.prune or job.svg or job.html:
         write_circuit(graph, job)
@@ -114,14 +143,16 @@ def write_circuit(graph: AttributionGraph, job: TraceJob) -> None:
         print(scores_table(circuit))
     print("\n".join(top_feature_lines(circuit)))
     if job.prune:
-        out = Path(job.out)
-        pruned_path = out.with_name(out.stem + ".pruned.npz")
-        circuit.save(pruned_path)
-        print(f"wrote {pruned_path}")
+        path = pruned_path(job.out)
+        with write_failure_as_user_error(path):
+            circuit.save(path)
+        print(f"wrote {path}")
     if job.svg:
-        print(f"wrote {render_svg(circuit, job.svg)}")
+        with write_failure_as_user_error(job.svg):
+            print(f"wrote {render_svg(circuit, job.svg)}")
     if job.html:
-        print(f"wrote {render_html(circuit, job.html)}")
+        with write_failure_as_user_error(job.html):
+            print(f"wrote {render_html(circuit, job.html)}")
 
 
 def top_feature_lines(circuit: AttributionGraph, n: int = 8) -> list[str]:

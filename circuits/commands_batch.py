@@ -20,6 +20,9 @@ def run_trace_batch(cfg: BatchConfig) -> int:
             f"\n{result.n_traced} traced, {result.n_skipped} done before, {result.n_failed} failed "
             f"in {result.seconds:.1f} s; index: {result.index_path}"
         )
+        for r in result.records:
+            if r["status"] == "failed":
+                print(f"failed: {r['id']}: {r.get('error', '')}")
     return 1 if result.n_failed else 0
 
 

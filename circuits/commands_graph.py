@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gemma_lm.files import atomic_write_text
+from gemma_lm.files import atomic_write_text, check_output_file, write_failure_as_user_error
 from gemma_lm.jobs import Command, option
 
 from .comparison import CompareConfig, compare
@@ -29,10 +29,14 @@ class PruneJob:
     """where to write the pruned graph (.npz)"""
     pruning: PruneConfig = field(default_factory=PruneConfig)
 
+    def check(self) -> None:
+        check_output_file(self.out, "--out")
+
 
 def run_prune(job: PruneJob) -> int:
     pruned = prune(load_graph(job.graph), job.pruning)
-    pruned.save(job.out)
+    with write_failure_as_user_error(job.out):
+        pruned.save(job.out)
     m = pruned.pruning
     print(
         f"pruned {job.graph}: {m['n_nodes_before']} -> {m['n_nodes_after']} nodes "
@@ -127,16 +131,23 @@ class CompareJob:
     """nodes per graph in the picture"""
     comparison: CompareConfig = field(default_factory=CompareConfig)
 
+    def check(self) -> None:
+        for flag in ("svg", "json"):
+            if getattr(self, flag):
+                check_output_file(getattr(self, flag), f"--{flag}")
+
 
 def run_compare(job: CompareJob) -> int:
     result = compare(load_graph(job.a), load_graph(job.b), config=job.comparison)
     print(result.summary())
     if job.svg:
-        path = render_comparison_svg(result, None, None, job.svg, job.max_nodes)
+        with write_failure_as_user_error(job.svg):
+            path = render_comparison_svg(result, None, None, job.svg, job.max_nodes)
         print(f"wrote {path}", file=sys.stderr)
     if job.json:
         text = json.dumps(result.to_dict(), indent=1, ensure_ascii=False)
-        atomic_write_text(Path(job.json), text)
+        with write_failure_as_user_error(job.json):
+            atomic_write_text(Path(job.json), text)
         print(f"wrote {job.json}", file=sys.stderr)
     return 0
 

@@ -8,13 +8,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemma_lm.errors import UserError
-from gemma_lm.files import atomic_write_text
+from gemma_lm.files import atomic_write_text, check_output_file, write_failure_as_user_error
 from gemma_lm.jobs import Command, option
+from gemma_lm.models import check_text
 from transcoders.dashboards import dashboards_dir, load_dashboards
 
 from .comparison import compare
 from .graph import load_graph, load_supernodes
-from .interventions import InterventionConfig, comparison_supernodes, intervene
+from .interventions import (
+    InterventionConfig,
+    comparison_supernodes,
+    intervene,
+    normalize,
+    resolve,
+)
 from .labels import attach_dashboards, label_file, labels_by_id
 
 
@@ -67,9 +74,47 @@ class InterveneJob:
     """also write the result as JSON"""
     intervention: InterventionConfig = field(default_factory=InterventionConfig)
 
+    def check(self) -> None:
+        """What can be checked before the model loads: a prompt's text, the edits' numbers, the
+        --json path."""
+        if not is_graph_file(self.target):
+            if not self.target and not self.intervention.chat:
+                raise UserError("the prompt is empty; give at least one token of text")
+            check_text(self.target)
+        normalize(self.edits)
+        if self.json:
+            check_output_file(self.json, "--json")
+
+
+def is_graph_file(target: str) -> bool:
+    """Whether GRAPH_OR_PROMPT names a file (else it is prompt text, which may be too long or
+    odd to be a path at all)."""
+    try:
+        return Path(target).is_file()
+    except (OSError, ValueError):  # a name too long; a NUL character
+        return False
+
+
+# the sizes are known once the model and the prompt are; before, only the syntax is checked
+_NO_LIMIT = 2**62
+
+
+def check_edits(edits: list, supernodes: dict) -> None:
+    """The edits' targets, before the model loads: supernode names known, node ids well formed
+    (their numbers are checked against the model and the prompt later)."""
+    for _, target, _ in edits:
+        if target in supernodes or ":" not in target:
+            continue
+        if any(part.strip().startswith("-") for part in target.split(":")[1:]):
+            raise UserError(
+                f"cannot read node {target!r}: LAYER, POS and FEATURE are numbers from 0 "
+                "(POS may be *), e.g. f:3:5:1021"
+            )
+    resolve(edits, supernodes, _NO_LIMIT, _NO_LIMIT, _NO_LIMIT)
+
 
 def run_intervene(job: InterveneJob) -> int:
-    graph = load_graph(job.target) if Path(job.target).is_file() else None
+    graph = load_graph(job.target) if is_graph_file(job.target) else None
     if graph is not None and job.intervention.chat:
         raise UserError("--chat applies to prompts; a graph already holds its (templated) tokens")
     if job.compare and graph is None:
@@ -79,11 +124,13 @@ def run_intervene(job: InterveneJob) -> int:
     supernodes = load_supernodes(job.groups) if job.groups else {}
     if job.compare:
         supernodes.update(comparison_supernodes(compare(graph, load_graph(job.compare)), "a"))
+    check_edits(job.edits, {**(graph.supernodes if graph is not None else {}), **supernodes})
     prompt = graph if graph is not None else job.target
     result = intervene(None, prompt, job.edits, config=job.intervention, supernodes=supernodes)
     print(result.table())
     if job.json:
-        atomic_write_text(job.json, json.dumps(result.to_dict(), indent=1))
+        with write_failure_as_user_error(job.json):
+            atomic_write_text(job.json, json.dumps(result.to_dict(), indent=1))
         print(f"wrote {job.json}")
     return 0
 
@@ -130,13 +177,18 @@ class AttachJob:
     out: str | None = option(default=None, metavar="PATH")
     """write here instead of over GRAPH"""
 
+    def check(self) -> None:
+        if self.out:
+            check_output_file(self.out, "--out")
+
 
 def run_attach(job: AttachJob) -> int:
     graph = load_graph(job.graph)
     spec = job.dashboards or dashboards_dir(graph.settings.get("transcoders") or "default")
     n = attach_dashboards(graph, load_dashboards(spec), n_contexts=job.contexts)
     out = job.out or job.graph
-    graph.save(out)
+    with write_failure_as_user_error(out):
+        graph.save(out)
     print(f"attached dashboards of {n} feature nodes from {spec}; wrote {out}")
     return 0
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemma_lm.errors import UserError
+from gemma_lm.files import check_output_dir, check_output_file, write_failure_as_user_error
 from gemma_lm.jobs import Command, option
 
 from .export import (
@@ -70,6 +71,17 @@ class RenderJob:
             check_scan(self.scan)
         if self.features_url and not self.features_url.startswith(("https://", "http://")):
             raise UserError(f"--features-url {self.features_url!r} must be an http(s):// address")
+        self.check_outputs()
+
+    def check_outputs(self) -> None:
+        """Every path the job writes, before the graph is read and drawn."""
+        for flag in ("svg", "html", "json"):
+            if getattr(self, flag):
+                check_output_file(getattr(self, flag), f"--{flag}")
+        if self.json:
+            check_output_dir(feature_details_dir(self.json), "--json (its dashboards folder)")
+        if self.index:
+            check_output_dir(self.index, "--index")
 
 
 def run_render(job: RenderJob) -> int:
@@ -77,9 +89,11 @@ def run_render(job: RenderJob) -> int:
     if job.supernodes:
         graph.supernodes = load_supernodes(job.supernodes)
     if job.svg:
-        print(f"wrote {render_svg(graph, job.svg, job.max_nodes or DEFAULT_MAX_NODES)}")
+        with write_failure_as_user_error(job.svg):
+            print(f"wrote {render_svg(graph, job.svg, job.max_nodes or DEFAULT_MAX_NODES)}")
     if job.html:
-        print(f"wrote {render_html(graph, job.html, job.max_nodes)}")
+        with write_failure_as_user_error(job.html):
+            print(f"wrote {render_html(graph, job.html, job.max_nodes)}")
     if job.json or job.index:
         write_graph_json(graph, job)
     return 0
@@ -97,9 +111,12 @@ def write_graph_json(graph: AttributionGraph, job: RenderJob) -> None:
         full, graph = graph, prune(graph)  # the full graph gives the viewer its exact influence
     slug = job.slug or safe_slug(Path(job.json or job.graph).stem)
     if job.json:
-        path = write_neuronpedia_json(graph, job.json, slug, job.scan, full, job.features_url)
+        with write_failure_as_user_error(job.json):
+            path = write_neuronpedia_json(graph, job.json, slug, job.scan, full, job.features_url)
         print(f"wrote {path}")
-        if n := write_feature_details(graph, feature_details_dir(path)):
+        with write_failure_as_user_error(feature_details_dir(path)):
+            n = write_feature_details(graph, feature_details_dir(path))
+        if n:
             print(f"wrote the dashboards of {n} features to {feature_details_dir(path)}")
         elif job.features_url:
             print(
@@ -110,7 +127,8 @@ def write_graph_json(graph: AttributionGraph, job: RenderJob) -> None:
         if problem := neuronpedia_upload_problem(path):
             print(f"note: {problem}", file=sys.stderr)
     if job.index:
-        path = add_to_viewer_index(graph, job.index, slug, job.scan, full)
+        with write_failure_as_user_error(job.index):
+            path = add_to_viewer_index(graph, job.index, slug, job.scan, full)
         print(f"wrote {path} and its entry in {Path(job.index) / VIEWER_INDEX}")
 
 

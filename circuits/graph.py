@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,6 +196,7 @@ class AttributionGraph:
     def save(self, path: str | Path) -> Path:
         """Write the graph as one .npz file (atomically: a temporary file, then a rename)."""
         path = Path(path)
+        adj = sp.csr_array(self.adjacency)  # the file holds CSR arrays, whatever format it is in
         arrays = {
             "tokens": self.tokens,
             "kind": self.kind,
@@ -208,9 +208,9 @@ class AttributionGraph:
             "row_constant": self.row_constant,
             "has_row": self.has_row,
             "logit_probabilities": self.logit_probabilities,
-            "adj_data": self.adjacency.data,
-            "adj_indices": self.adjacency.indices,
-            "adj_indptr": self.adjacency.indptr,
+            "adj_data": adj.data,
+            "adj_indices": adj.indices,
+            "adj_indptr": adj.indptr,
         }
         if self.influence is not None:
             arrays["influence"] = self.influence
@@ -220,7 +220,7 @@ class AttributionGraph:
             "prompt": self.prompt,
             "token_strings": self.token_strings,
             "n_layers": self.n_layers,
-            "shape": list(self.adjacency.shape),
+            "shape": list(adj.shape),
             "metadata": self.metadata,
             "labels": {str(k): v for k, v in self.labels.items()},
         }
@@ -232,19 +232,20 @@ class AttributionGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> AttributionGraph:
+        """Read a file written by `save`. A file that is not a complete graph (empty, truncated,
+        another archive, arrays missing or extra, wrong dtypes, lengths that disagree, indices out
+        of range, non-finite values) is a one-line UserError naming the file and what is wrong.
+        The checks are O(n_nodes + n_edges); nothing is unpickled."""
         path = Path(path)
-        if not path.exists():
-            raise UserError(f"graph file {path} does not exist")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                a = {k: z[k] for k in z.files}
-            header = json.loads(a.pop("header").tobytes().decode())
-        except (zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
+            header, a = _read_graph_file(path)
+            _check_graph_arrays(a, header)
+        except _ForeignFile as e:
+            raise UserError(f"{path} is not a gemma-circuits graph file ({e})") from None
+        except _DamagedFile as e:
             raise UserError(
-                f"{path} is not a gemma-circuits graph file or is corrupt ({e})"
+                f"{path} is not a complete gemma-circuits graph ({e}); trace it again"
             ) from None
-        if header.get("format") != "gemma-circuits-graph":
-            raise UserError(f"{path} is not a gemma-circuits graph file")
         adj = sp.csr_array(
             (a.pop("adj_data"), a.pop("adj_indices"), a.pop("adj_indptr")),
             shape=tuple(header["shape"]),
@@ -326,6 +327,217 @@ def _json_default(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
     raise TypeError(f"metadata value of type {type(x).__name__} cannot be saved as JSON")
+
+
+# -- reading a graph file --------------------------------------------------------------------------
+# Every array `save` writes and the dtype `load` accepts: "i" a signed integer, "f" float32 or
+# float64, "b" bool; all one-dimensional and in native byte order. The node arrays have one entry
+# per node.
+_NODE_ARRAYS = {
+    "kind": "i",
+    "layer": "i",
+    "pos": "i",
+    "feature": "i",
+    "activation": "f",
+    "node_input": "f",
+    "row_constant": "f",
+    "has_row": "b",
+}
+_GRAPH_ARRAYS = {
+    **_NODE_ARRAYS,
+    "tokens": "i",
+    "logit_probabilities": "f",
+    "adj_data": "f",
+    "adj_indices": "i",
+    "adj_indptr": "i",
+}
+_OPTIONAL_NODE_ARRAYS = {"influence": "f"}  # written once pruning has set it
+_DTYPE_NAMES = {"i": "signed-integer", "f": "float32/float64", "b": "bool"}
+_ZIP_STARTS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry; an empty zip
+_HEADER_FIELDS = {
+    "prompt": str,
+    "token_strings": list,
+    "n_layers": int,
+    "shape": list,
+    "metadata": dict,
+    "labels": dict,
+}
+
+
+class _ForeignFile(Exception):
+    """Not a file of ours at all (the message says what it is instead)."""
+
+
+class _DamagedFile(Exception):
+    """Our file, but incomplete or inconsistent (the message says what is wrong)."""
+
+
+def _one_line(error: Exception) -> str:
+    """A library's exception text, on one line and short."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _read_graph_file(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, arrays other than the header) of the graph file at `path`, read without
+    unpickling; which arrays are there and their dtypes are checked, their contents are not."""
+    if not path.exists():
+        raise UserError(f"graph file {path} does not exist")
+    if path.is_dir():
+        raise UserError(f"graph file {path} is a directory; pass the .npz file")
+    try:
+        with open(path, "rb") as f:
+            start = f.read(4)
+    except OSError as e:
+        raise UserError(f"cannot read graph file {path} ({e.strerror})") from None
+    if not start:
+        raise _DamagedFile("the file is empty")
+    if start not in _ZIP_STARTS:
+        raise _ForeignFile("not an .npz archive")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as e:  # zipfile raises several kinds for a cut or damaged directory
+        raise _DamagedFile(f"the archive is truncated or damaged: {_one_line(e)}") from None
+    with archive:
+        if "header" not in archive.files:
+            raise _ForeignFile("an .npz archive without a gemma-circuits header")
+        header = _graph_header(_read_member(archive, "header"), path)
+        names = set(archive.files) - {"header"}
+        missing = sorted(set(_GRAPH_ARRAYS) - names)
+        extra = sorted(names - set(_GRAPH_ARRAYS) - set(_OPTIONAL_NODE_ARRAYS))
+        if missing or extra:
+            found = [f"{', '.join(missing)} missing"] if missing else []
+            found += [f"unexpected {', '.join(map(repr, extra))}"] if extra else []
+            raise _DamagedFile("; ".join(found))
+        arrays = {name: _read_member(archive, name) for name in sorted(names)}
+    for name, a in arrays.items():
+        _check_dtype(name, a, {**_GRAPH_ARRAYS, **_OPTIONAL_NODE_ARRAYS}[name])
+    return header, arrays
+
+
+def _read_member(archive, name: str) -> np.ndarray:
+    """One array of an open .npz archive."""
+    try:
+        a = archive[name]
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # numpy's hint to unpickle is not advice we give
+            raise _DamagedFile(f"{name} holds Python objects, which are never unpickled") from None
+        raise _DamagedFile(f"{name} is damaged: {_one_line(e)}") from None
+    except Exception as e:  # zipfile, zlib and numpy raise many kinds for damaged bytes
+        raise _DamagedFile(f"{name} is damaged: {_one_line(e)}") from None
+    if not isinstance(a, np.ndarray):  # a member that is no .npy file comes back as bytes
+        raise _DamagedFile(f"{name} is not an array")
+    return a
+
+
+def _check_dtype(name: str, a: np.ndarray, want: str) -> None:
+    ok = a.ndim == 1 and a.dtype.isnative
+    if want == "i":
+        ok = ok and a.dtype.kind == "i"
+    elif want == "f":
+        ok = ok and a.dtype in (np.float32, np.float64)
+    else:
+        ok = ok and a.dtype == np.bool_
+    if not ok:
+        raise _DamagedFile(
+            f"{name} is a {a.dtype.str} array of shape {a.shape}, expected a 1-D "
+            f"{_DTYPE_NAMES[want]} array"
+        )
+
+
+def _graph_header(raw: np.ndarray, path: Path) -> dict:
+    """The JSON header of the graph file `path` (`save`'s `header` array, UTF-8 bytes), its fields
+    checked."""
+    if raw.ndim != 1 or raw.dtype != np.uint8:
+        raise _DamagedFile(f"the header is a {raw.dtype.str} array, expected uint8 bytes")
+    try:
+        header = json.loads(raw.tobytes().decode())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise _DamagedFile(f"the header is not JSON: {_one_line(e)}") from None
+    if not isinstance(header, dict) or header.get("format") != "gemma-circuits-graph":
+        raise _ForeignFile("its header does not name the gemma-circuits-graph format")
+    version = header.get("version")
+    if type(version) is not int:
+        raise _DamagedFile(f"the header's version is {version!r}")
+    if version > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has graph format version {version}, newer than this gemma-circuits reads "
+            f"({FORMAT_VERSION}); upgrade gemma-circuits"
+        )
+    for key, kind in _HEADER_FIELDS.items():
+        value = header.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            found = "missing" if value is None else type(value).__name__
+            raise _DamagedFile(f"the header's {key} is {found}, expected {kind.__name__}")
+    shape = header["shape"]
+    if len(shape) != 2 or not all(type(s) is int for s in shape):
+        raise _DamagedFile(f"the header's shape is {shape!r}, expected [n_nodes, n_nodes]")
+    if not all(isinstance(t, str) for t in header["token_strings"]):
+        raise _DamagedFile("the header's token_strings are not all strings")
+    return header
+
+
+def _check_graph_arrays(a: dict[str, np.ndarray], header: dict) -> None:
+    """The lengths, the CSR structure, the index ranges and the values of a graph file's arrays
+    agree with each other and with its header (each check O(n_nodes + n_edges))."""
+    n = len(a["kind"])
+    for name in [*_NODE_ARRAYS, *(k for k in _OPTIONAL_NODE_ARRAYS if k in a)]:
+        if len(a[name]) != n:
+            raise _DamagedFile(f"{name} has {len(a[name])} entries for {n} nodes")
+    n_pos = len(header["token_strings"])
+    if len(a["tokens"]) != n_pos:
+        raise _DamagedFile(f"tokens has {len(a['tokens'])} entries for {n_pos} token strings")
+    n_logits = int((a["kind"] == LOGIT).sum())
+    if len(a["logit_probabilities"]) != n_logits:
+        raise _DamagedFile(
+            f"logit_probabilities has {len(a['logit_probabilities'])} entries for "
+            f"{n_logits} logit nodes"
+        )
+    if header["shape"] != [n, n]:
+        raise _DamagedFile(f"the header's shape is {header['shape']} for {n} nodes")
+    _check_csr(a["adj_data"], a["adj_indices"], a["adj_indptr"], n)
+    _check_node_values(a, header)
+
+
+def _check_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n: int) -> None:
+    """A CSR matrix `[n, n]`: indptr `[n + 1]` from 0, never decreasing, up to nnz; indices
+    `[nnz]` in [0, n); data `[nnz]`."""
+    if len(indptr) != n + 1:
+        raise _DamagedFile(f"adj_indptr has {len(indptr)} entries for {n} nodes (expected {n + 1})")
+    if indptr[0] != 0 or (np.diff(indptr) < 0).any():
+        raise _DamagedFile("adj_indptr does not rise from 0")
+    if indptr[-1] != len(indices) or len(indices) != len(data):
+        raise _DamagedFile(
+            f"adj_indptr ends at {indptr[-1]} for {len(indices)} adj_indices and "
+            f"{len(data)} adj_data entries"
+        )
+    if len(indices) and (indices.min() < 0 or indices.max() >= n):
+        raise _DamagedFile(f"adj_indices has a node index outside [0, {n})")
+    if not np.isfinite(data).all():
+        raise _DamagedFile("adj_data holds NaN or infinite edge weights")
+
+
+def _check_node_values(a: dict[str, np.ndarray], header: dict) -> None:
+    """Node kinds in order, positions and layers in range, finite values (node_input may be NaN
+    where no row was computed: token and error nodes are sources only), labels of real nodes."""
+    kind, n = a["kind"], len(a["kind"])
+    if n and (kind.min() < FEATURE or kind.max() > LOGIT or (np.diff(kind) < 0).any()):
+        raise _DamagedFile("kind is not features, errors, tokens, logits in that order")
+    n_pos, n_layers = len(a["tokens"]), header["n_layers"]
+    if n and (a["pos"].min() < 0 or a["pos"].max() >= n_pos):
+        raise _DamagedFile(f"pos has a position outside the prompt's {n_pos} tokens")
+    inner = a["layer"][(kind == FEATURE) | (kind == ERROR)]
+    if len(inner) and (inner.min() < 0 or inner.max() >= n_layers):
+        raise _DamagedFile(f"layer has a feature or error layer outside [0, {n_layers})")
+    finite = ["activation", "row_constant", "logit_probabilities"]
+    for name in finite + [k for k in _OPTIONAL_NODE_ARRAYS if k in a]:
+        if not np.isfinite(a[name]).all():
+            raise _DamagedFile(f"{name} holds NaN or infinite values")
+    if not np.isfinite(a["node_input"][a["has_row"]]).all():
+        raise _DamagedFile("node_input is NaN or infinite for a node with computed edges")
+    for key, label in header["labels"].items():
+        if not (key.isdigit() and int(key) < n and isinstance(label, str)):
+            raise _DamagedFile(f"the header's labels name node {key!r}, not one of {n} nodes")
 
 
 # -- labels ----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ intervention causes.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -201,7 +202,7 @@ def normalize(interventions) -> list[Intervention]:
     if interventions is None:
         return []
     if isinstance(interventions, dict):
-        return [Intervention("set", k, float(v)) for k, v in interventions.items()]
+        interventions = [Intervention("set", k, float(v)) for k, v in interventions.items()]
     out = []
     for item in interventions:
         if isinstance(item, Intervention):
@@ -215,6 +216,10 @@ def normalize(interventions) -> list[Intervention]:
     for iv in out:
         if iv.op not in OPS:
             raise UserError(f"unknown operation {iv.op!r}; use one of {', '.join(OPS)}")
+        if not math.isfinite(iv.value):  # NaN or inf would only fill the table with NaN
+            raise UserError(
+                f"{iv.op} {iv.target}: the value {iv.value} is not a finite number; give a number"
+            )
     return out
 
 
@@ -624,6 +629,7 @@ def intervene(
     `InterventionConfig` (mode, propagate, generate, top_k, chat, ...) as keyword overrides.
     """
     cfg = with_overrides(config, InterventionConfig, overrides)
+    interventions = normalize(interventions)  # bad values refused before the model loads
     graph = prompt if isinstance(prompt, AttributionGraph) else None
     if lm is None or isinstance(lm, str):
         lm = load_model(

@@ -148,6 +148,7 @@ class LoadedModel:
 
     def tokenize(self, prompt: str, chat: bool = False) -> torch.Tensor:
         """Token ids `[n_pos]` with the BOS token; `chat` wraps the prompt in the chat template."""
+        check_text(prompt)
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise UserError(
@@ -166,6 +167,25 @@ class LoadedModel:
         ):  # Gemma is only sane after <bos>
             ids = torch.cat([torch.tensor([bos], dtype=ids.dtype), ids])
         return ids
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Refuse text the tokenizer cannot read: characters that have no UTF-8 form (lone surrogates,
+    which is what Python makes of bytes that are not UTF-8 in the command line or a file)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        # surrogateescape maps an undecodable byte b to U+DC00 + b
+        byte = (
+            f" (the byte 0x{code - 0xDC00:02x}, which is not UTF-8)"
+            if 0xDC80 <= code <= 0xDCFF
+            else ""
+        )
+        raise UserError(
+            f"{what} is not valid text: character {e.start} is U+{code:04X}{byte}; "
+            "give it as UTF-8 text"
+        ) from None
 
 
 def model_sites(model: nn.Module) -> ModelSites:
