@@ -25,7 +25,7 @@ from .attribution import AttributionConfig, attribute
 from .commands_graph import node_label_column
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .pruning import PruneConfig, prune, scores_table
-from .render import render_html, render_svg
+from .render import check_graphviz_for, render_html, render_svg
 
 
 @dataclass(kw_only=True)
@@ -80,6 +80,8 @@ class TraceJob:
         for flag in ("svg", "html"):
             if getattr(self, flag):
                 check_output_file(getattr(self, flag), f"--{flag}")
+        if self.svg:
+            check_graphviz_for(self.svg)
 
 
 def pruned_path(out: str | Path) -> Path:

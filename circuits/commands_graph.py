@@ -15,7 +15,7 @@ from gemma_lm.jobs import Command, option
 from .comparison import CompareConfig, compare
 from .graph import ERROR, FEATURE, KIND_NAMES, AttributionGraph, display_label, load_graph
 from .pruning import PruneConfig, compute_influence, graph_scores, prune, scores_table
-from .render import DEFAULT_MAX_NODES, render_comparison_svg
+from .render import DEFAULT_MAX_NODES, check_graphviz_for, render_comparison_svg
 
 
 @dataclass(kw_only=True)
@@ -135,6 +135,8 @@ class CompareJob:
         for flag in ("svg", "json"):
             if getattr(self, flag):
                 check_output_file(getattr(self, flag), f"--{flag}")
+        if self.svg:
+            check_graphviz_for(self.svg)
 
 
 def run_compare(job: CompareJob) -> int:

@@ -24,7 +24,7 @@ from .export import (
 )
 from .graph import AttributionGraph, load_graph, load_supernodes
 from .pruning import prune
-from .render import DEFAULT_MAX_NODES, render_html, render_svg
+from .render import DEFAULT_MAX_NODES, check_graphviz_for, render_html, render_svg
 
 
 @dataclass(kw_only=True)
@@ -78,6 +78,8 @@ class RenderJob:
         for flag in ("svg", "html", "json"):
             if getattr(self, flag):
                 check_output_file(getattr(self, flag), f"--{flag}")
+        if self.svg:
+            check_graphviz_for(self.svg)
         if self.json:
             check_output_dir(feature_details_dir(self.json), "--json (its dashboards folder)")
         if self.index:

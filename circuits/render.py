@@ -418,14 +418,31 @@ def _dot(
     return "\n".join(out) + "\n"
 
 
-def _run_graphviz(dot_text: str, fmt: str) -> bytes:
+def _picture_format(path: str | Path) -> str:
+    return {".png": "png", ".pdf": "pdf", ".dot": "dot", ".gv": "dot"}.get(
+        Path(path).suffix.lower(), "svg"
+    )
+
+
+def check_graphviz_for(path: str | Path) -> None:
+    """Refuse, before any work, a picture at `path` that needs graphviz when it is not installed
+    (DOT text, `.dot`/`.gv`, needs none)."""
+    if _picture_format(path) != "dot":
+        _graphviz()
+
+
+def _graphviz() -> str:
     exe = shutil.which("neato")
     if exe is None:
         raise UserError(
             "graphviz is not installed (no `neato`/`dot` on PATH); install it "
             "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz)"
         )
-    args = [exe, "-n2", f"-T{fmt}"] + (["-Gdpi=110"] if fmt == "png" else [])
+    return exe
+
+
+def _run_graphviz(dot_text: str, fmt: str) -> bytes:
+    args = [_graphviz(), "-n2", f"-T{fmt}"] + (["-Gdpi=110"] if fmt == "png" else [])
     r = subprocess.run(args, input=dot_text.encode(), capture_output=True, timeout=300)
     if r.returncode != 0:
         raise UserError(f"graphviz failed: {r.stderr.decode(errors='replace').strip()[:500]}")
@@ -434,9 +451,7 @@ def _run_graphviz(dot_text: str, fmt: str) -> bytes:
 
 def _write_picture(dot_text: str, path: str | Path) -> Path:
     path = Path(path)
-    fmt = {".png": "png", ".pdf": "pdf", ".dot": "dot", ".gv": "dot"}.get(
-        path.suffix.lower(), "svg"
-    )
+    fmt = _picture_format(path)
     data = dot_text.encode() if fmt == "dot" else _run_graphviz(dot_text, fmt)
     atomic_write(path, lambda f: f.write(data))
     return path

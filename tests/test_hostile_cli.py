@@ -323,3 +323,20 @@ def test_a_prompt_too_long_to_be_a_file_name_is_a_prompt(world, capsys, monkeypa
     argv = ["intervene", long_prompt, "--transcoders", str(tmp / "tc"), "--no-progress"]
     assert run(argv) == 0
     assert "showing the clean predictions" in capsys.readouterr().out
+
+
+def test_a_picture_without_graphviz_is_refused_before_any_work(world, capsys, monkeypatch):
+    tmp, calls, lm, tc = world
+    import circuits.render as render
+
+    real_which = render.shutil.which
+    monkeypatch.setattr(render.shutil, "which", lambda n: None if n == "neato" else real_which(n))
+    svg = str(tmp / "g.svg")
+    _refused([*_trace(tmp, "--out", str(tmp / "g.npz"), "--svg", svg)], capsys, "graphviz")
+    from circuits.attribution import attribute
+
+    attribute(lm, PROMPT, transcoders=tc, progress=False).save(tmp / "g.npz")
+    _refused(["render", str(tmp / "g.npz"), "--svg", svg], capsys, "graphviz")
+    _refused(["compare", str(tmp / "g.npz"), str(tmp / "g.npz"), "--svg", svg], capsys, "graphviz")
+    assert calls == [] and not (tmp / "g.svg").exists()
+    assert run(["render", str(tmp / "g.npz"), "--svg", str(tmp / "g.dot")]) == 0  # DOT needs none
