@@ -18,15 +18,11 @@ its features attached).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -35,17 +31,10 @@ import torch
 
 from gemma_lm import __version__
 from gemma_lm.errors import UserError
-from gemma_lm.files import cache_dir, exclusive_lock
 from gemma_lm.jobs import option, with_overrides
 from gemma_lm.memory import return_freed_memory
 from gemma_lm.models import DEFAULT_MODEL, LoadedModel, load_model
-from transcoders.dashboards import (
-    Dashboards,
-    build_dashboards,
-    dashboards_dir,
-    load_dashboards,
-    transcoder_identity,
-)
+from transcoders.dashboards import dashboards_for, transcoder_identity
 from transcoders.default import resolve_transcoders
 from transcoders.model import TranscoderSet
 
@@ -509,40 +498,6 @@ def _config(config: AttributionConfig | None, overrides: dict) -> AttributionCon
     cfg = with_overrides(config, AttributionConfig, overrides)
     # a list of its own: `dataclasses.replace` would share the caller's with the graph's settings
     return replace(cfg, targets=list(cfg.targets or []))
-
-
-def feature_dashboards(
-    lm: LoadedModel, tc: TranscoderSet, spec, progress: bool = True
-) -> Dashboards | None:
-    """The dashboards of the transcoder set named `spec` ("default" or a folder), built now if it
-    has none (once per set: they are kept beside it, or in the cache when its folder is read-only);
-    None for a set given as an object, which has no folder to keep them in."""
-    if spec is not None and not isinstance(spec, str):
-        return None
-    where = dashboards_location(spec)
-    if not (where / "dashboards.json").exists():
-        with exclusive_lock(where.parent / f".{where.name}.lock"):
-            if not (where / "dashboards.json").exists():  # another process may have built them
-                print(
-                    f"gemma-circuits: building the feature dashboards of these transcoders (once; "
-                    f"kept in {where}; --no-dashboards skips them)",
-                    file=sys.stderr,
-                )
-                build_dashboards(lm, tc, out=str(where), progress=progress)
-    return load_dashboards(where)
-
-
-def dashboards_location(spec) -> Path:
-    """`dashboards/` beside the transcoders, unless that folder cannot be written (a read-only
-    download) or is not local (a Hub spec): then a folder of the cache named after the spec."""
-    if "://" not in str(spec):
-        where = dashboards_dir(spec)
-        if (where / "dashboards.json").exists() or os.access(where.parent, os.W_OK):
-            return where
-        spec = str(where.resolve())
-    key = hashlib.sha256(str(spec).encode()).hexdigest()[:16]
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(spec).rstrip("/"))[-48:]
-    return cache_dir() / "dashboards" / f"{name}-{key}"
 
 
 def load_prompt(
@@ -1078,7 +1033,7 @@ def attribute(
     lm, tc, tokens = load_prompt(lm, prompt, transcoders, cfg)
     spec = transcoders if transcoders is not None else cfg.transcoders
     check_trace_memory(lm, tc, len(tokens), cfg)
-    dashboards = feature_dashboards(lm, tc, spec, cfg.progress) if cfg.dashboards else None
+    dashboards = dashboards_for(spec, lm, tc, cfg.progress) if cfg.dashboards else None
     t_load = time.perf_counter()
 
     frozen = FrozenPrompt.of(lm, tc, tokens)

@@ -42,9 +42,10 @@ from gemma_lm.files import atomic_write_text, check_output_dir, write_failure_as
 from gemma_lm.jobs import option, with_overrides
 from gemma_lm.models import check_text, load_model
 from gemma_lm.ranks import DistBackend, Ranks
+from transcoders.dashboards import dashboards_for
 from transcoders.default import resolve_transcoders
 
-from .attribution import AttributionConfig, attribute, feature_dashboards, single_token
+from .attribution import AttributionConfig, attribute, single_token
 from .graph import FEATURE, AttributionGraph, attach_dashboards, load_graph
 from .pruning import graph_scores
 
@@ -424,19 +425,14 @@ def _model_and_transcoders(
         )
     tc_spec = transcoders if transcoders is not None else acfg.transcoders
 
-    progress = cfg.attribution.progress
-
-    def first():
+    def resolve(progress: bool):
         tc = resolve_transcoders(tc_spec, lm, progress)
-        check_prompts(lm, specs, acfg)
-        return tc, feature_dashboards(lm, tc, tc_spec, progress) if acfg.dashboards else None
+        if ranks.is_main:
+            check_prompts(lm, specs, acfg)
+        return tc, dashboards_for(tc_spec, lm, tc, progress) if acfg.dashboards else None
 
-    def later():
-        tc = resolve_transcoders(tc_spec, lm, False)
-        return tc, feature_dashboards(lm, tc, tc_spec, False) if acfg.dashboards else None
-
-    found = _everywhere(ranks, first, here=ranks.is_main)
-    found_later = _everywhere(ranks, later, here=not ranks.is_main)
+    found = _everywhere(ranks, lambda: resolve(cfg.attribution.progress), here=ranks.is_main)
+    found_later = _everywhere(ranks, lambda: resolve(False), here=not ranks.is_main)
     return (lm, *(found if ranks.is_main else found_later))
 
 

@@ -11,7 +11,7 @@ from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write_text, check_output_file, write_failure_as_user_error
 from gemma_lm.jobs import Command, option
 from gemma_lm.models import check_text
-from transcoders.dashboards import dashboards_dir, load_dashboards
+from transcoders.dashboards import dashboards_location, load_dashboards
 
 from .comparison import compare
 from .graph import load_graph, load_supernodes
@@ -184,7 +184,7 @@ class AttachJob:
 
 def run_attach(job: AttachJob) -> int:
     graph = load_graph(job.graph)
-    spec = job.dashboards or dashboards_dir(graph.settings.get("transcoders") or "default")
+    spec = job.dashboards or dashboards_location(graph.settings.get("transcoders") or "default")
     n = attach_dashboards(graph, load_dashboards(spec), n_contexts=job.contexts)
     out = job.out or job.graph
     with write_failure_as_user_error(out):

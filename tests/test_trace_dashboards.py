@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from conftest import serve_model
 
-import circuits.attribution as attribution
-from circuits.attribution import attribute, dashboards_location
+import transcoders.dashboards as dashboards
+from circuits.attribution import attribute
 from circuits.cli import run
 from circuits.graph import FEATURE, attach_dashboards, display_label, load_graph
 from circuits.pruning import prune
 from gemma_lm.errors import UserError
 from gemma_lm.testing import tiny_model
-from transcoders.dashboards import build_dashboards, load_dashboards
+from transcoders.dashboards import build_dashboards, dashboards_location, load_dashboards
 from transcoders.formats import save_native
 from transcoders.testing import random_transcoders
 
@@ -41,7 +41,7 @@ def tiny(tmp_path, monkeypatch):
     small = dict(text=f"file:{tmp_path / 'text.txt'}", k=3, context=24, max_tokens=1200)
     small.update(batch=5, gen_samples=0)
     monkeypatch.setattr(
-        attribution, "build_dashboards", functools.partial(build_dashboards, **small)
+        dashboards, "build_dashboards", functools.partial(build_dashboards, **small)
     )
     serve_model(monkeypatch, lambda *a, **k: lm)
     return lm, tmp_path
@@ -101,7 +101,7 @@ def test_dashboards_of_another_set_are_refused_naming_both(tiny, tmp_path):
     g = attribute(lm, PROMPT, transcoders=str(tmp / "tc"), progress=False)
     other = random_transcoders(3, 64, 96, kind="skip", seed=2, l0=6, model_name=lm.name)
     save_native(other, tmp_path / "other")
-    built = attribution.build_dashboards(lm, other, out=str(tmp_path / "other-d"), progress=False)
+    built = dashboards.build_dashboards(lm, other, out=str(tmp_path / "other-d"), progress=False)
     with pytest.raises(UserError, match="describe .*fingerprint.* but this graph was traced with"):
         attach_dashboards(g, load_dashboards(built))
     assert run(["attach-dashboards", str(tmp / "g.npz"), "--dashboards", str(built)]) == 2
@@ -133,6 +133,7 @@ def test_read_only_transcoders_keep_their_dashboards_in_the_cache(tiny, monkeypa
             assert trace(tmp) == 0
             assert (where / "dashboards.json").exists()
             assert load_graph(tmp / "g.npz").feature_dashboards
+            assert run(["attach-dashboards", str(tmp / "g.npz")]) == 0  # found there too
     finally:
         (tmp / "tc").chmod(0o755)
     assert dashboards_location("hf://google/some-repo").is_relative_to(tmp / "cache")

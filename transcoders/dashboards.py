@@ -39,9 +39,12 @@ chunk of batches; a killed run started again with the same settings resumes ther
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
+import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,7 +55,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from gemma_lm.errors import UserError
-from gemma_lm.files import atomic_write, atomic_write_text
+from gemma_lm.files import atomic_write, atomic_write_text, cache_dir, exclusive_lock
 from gemma_lm.jobs import Command, with_overrides
 from gemma_lm.models import DEFAULT_MODEL, load_model
 
@@ -409,6 +412,39 @@ def dashboards_dir(transcoders_spec) -> Path:
         raise UserError(f"{spec} is not a local folder; pass --out DIR (or --dashboards DIR)")
     p = Path(spec).expanduser()
     return p / "dashboards" if p.is_dir() else p.with_name(p.name + ".dashboards")
+
+
+def dashboards_location(spec) -> Path:
+    """`dashboards_dir(spec)`, unless that folder cannot be written (a read-only download) or is
+    not local (a Hub spec): then a folder of the cache named after the spec. Where a trace keeps
+    the dashboards it builds, and where `circuits attach-dashboards` looks for them."""
+    if "://" not in str(spec):
+        where = dashboards_dir(spec)
+        if (where / "dashboards.json").exists() or os.access(where.parent, os.W_OK):
+            return where
+        spec = str(where.resolve())
+    key = hashlib.sha256(str(spec).encode()).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(spec).rstrip("/"))[-48:]
+    return cache_dir() / "dashboards" / f"{name}-{key}"
+
+
+def dashboards_for(spec, lm, tc, progress: bool = True) -> Dashboards | None:
+    """The dashboards of the transcoder set `tc` named `spec` ("default" or a folder), built now if
+    it has none (once per set, under a lock: kept at `dashboards_location(spec)`); None for a set
+    given as an object, which has no folder to keep them in."""
+    if spec is not None and not isinstance(spec, str):
+        return None
+    where = dashboards_location(spec)
+    if not (where / "dashboards.json").exists():
+        with exclusive_lock(where.parent / f".{where.name}.lock"):
+            if not (where / "dashboards.json").exists():  # another process may have built them
+                print(
+                    f"gemma-circuits: building the feature dashboards of these transcoders (once; "
+                    f"kept in {where}; --no-dashboards skips them)",
+                    file=sys.stderr,
+                )
+                build_dashboards(lm, tc, out=str(where), progress=progress)
+    return load_dashboards(where)
 
 
 def transcoder_identity(tc) -> dict:
