@@ -14,15 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from gemma_lm.errors import UserError
 from gemma_lm.files import check_output_file, write_failure_as_user_error
 from gemma_lm.jobs import Command, option
 from gemma_lm.models import check_text, load_model
 
 from .attribution import AttributionConfig, attribute
-from .commands_graph import node_label_column
+from .commands_graph import node_label_column, top_nodes
 from .graph import ERROR, FEATURE, LOGIT, TOKEN, AttributionGraph
 from .pruning import PruneConfig, prune, scores_table
 from .render import check_graphviz_for, render_html, render_svg
@@ -160,15 +158,13 @@ def write_circuit(graph: AttributionGraph, job: TraceJob) -> None:
 def top_feature_lines(circuit: AttributionGraph, n: int = 8) -> list[str]:
     """The circuit's n most influential features, one line each: id, label, the prompt token it
     sits on, its influence on the logits."""
-    features = circuit.nodes_of(FEATURE)
-    order = features[np.argsort(-circuit.influence[features], kind="stable")][:n]
-    lines = [f"top {len(order)} features of the circuit (of {len(features)}):"]
-    for i in order:
+    top = top_nodes(circuit, n, kinds=(FEATURE,))
+    lines = [f"top {len(top)} features of the circuit (of {len(circuit.nodes_of(FEATURE))}):"]
+    for i, influence in top:
         token = circuit.token_strings[circuit.pos[i]]
         lines.append(
             f"  {f'L{circuit.layer[i]}/{circuit.feature[i]}':<9} "
-            f"{node_label_column(circuit, int(i)):<38} "
-            f"at {token!r:<12} influence {circuit.influence[i]:.3f}"
+            f"{node_label_column(circuit, i):<38} at {token!r:<12} influence {influence:.3f}"
         )
     return lines
 

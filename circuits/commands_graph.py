@@ -58,11 +58,13 @@ class ShowJob:
     """how many top nodes to list"""
 
 
-def top_nodes(graph: AttributionGraph, n: int) -> list[tuple[int, float]]:
-    """The n feature and error nodes with the largest influence on the logits:
+def top_nodes(
+    graph: AttributionGraph, n: int, kinds: tuple[int, ...] = (FEATURE, ERROR)
+) -> list[tuple[int, float]]:
+    """The n nodes of `kinds` (feature and error nodes) with the largest influence on the logits:
     [(index, influence)]."""
     influence = graph.influence if graph.influence is not None else compute_influence(graph)
-    inner = np.flatnonzero((graph.kind == FEATURE) | (graph.kind == ERROR))
+    inner = np.flatnonzero(np.isin(graph.kind, kinds))
     order = inner[np.argsort(-np.asarray(influence)[inner], kind="stable")][:n]
     return [(int(i), float(influence[i])) for i in order]
 

@@ -85,16 +85,24 @@ def _build_dashboards_in_a_process_of_its_own(out: Path, progress: bool) -> None
     """Build the new set's feature dashboards (`transcoders dashboards`, default settings) into
     `out/dashboards`, as part of its first use, so that every trace shows what its features mean.
     A failure here is reported, not fatal: the first trace builds them again."""
-    argv = [sys.executable, "-m", "transcoders", "dashboards", "--transcoders", str(out)]
     flag = "--progress" if progress else "--no-progress"
-    done = subprocess.run([*argv, flag], stdout=subprocess.PIPE, text=True)
-    print(done.stdout, end="", file=sys.stderr)
-    if done.returncode != 0:
+    status = _run_transcoders_command(["dashboards", "--transcoders", str(out), flag])
+    if status != 0:
         print(
             f"gemma-circuits: building the default set's dashboards stopped (exit status "
-            f"{done.returncode}); the first trace tries again",
+            f"{status}); the first trace tries again",
             file=sys.stderr,
         )
+
+
+def _run_transcoders_command(args: list[str]) -> int:
+    """`transcoders ARGS` in a process of its own; its exit status. Its closing summary goes with
+    its progress bars, to stderr: stdout is the caller's."""
+    done = subprocess.run(
+        [sys.executable, "-m", "transcoders", *args], stdout=subprocess.PIPE, text=True
+    )
+    print(done.stdout, end="", file=sys.stderr)
+    return done.returncode
 
 
 def _train_in_a_process_of_its_own(recipe: TrainConfig) -> None:
@@ -102,11 +110,7 @@ def _train_in_a_process_of_its_own(recipe: TrainConfig) -> None:
     for training (`gemma_lm.memory`), and all it held goes back to the system when it ends, before
     the caller goes on to trace. Its progress and messages go to this process's terminal; killed, it
     resumes from its checkpoint the next time."""
-    argv = [sys.executable, "-m", "transcoders", "train", *to_argv(recipe)]
-    # its closing summary goes with the progress bars, to stderr: stdout is the caller's
-    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
-    print(done.stdout, end="", file=sys.stderr)
-    status = done.returncode
+    status = _run_transcoders_command(["train", *to_argv(recipe)])
     if status != 0:
         raise UserError(
             f"training the default transcoders stopped (exit status {status}); the messages above "
