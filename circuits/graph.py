@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from gemma_lm.errors import UserError
+from gemma_lm.errors import UserError, one_line
 from gemma_lm.files import atomic_write
 
 FEATURE, ERROR, TOKEN, LOGIT = 0, 1, 2, 3
@@ -372,12 +372,6 @@ class _DamagedFile(Exception):
     """Our file, but incomplete or inconsistent (the message says what is wrong)."""
 
 
-def _one_line(error: Exception) -> str:
-    """A library's exception text, on one line and short."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def _read_graph_file(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(header, arrays other than the header) of the graph file at `path`, read without
     unpickling; which arrays are there and their dtypes are checked, their contents are not."""
@@ -397,7 +391,7 @@ def _read_graph_file(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as e:  # zipfile raises several kinds for a cut or damaged directory
-        raise _DamagedFile(f"the archive is truncated or damaged: {_one_line(e)}") from None
+        raise _DamagedFile(f"the archive is truncated or damaged: {one_line(e, 160)}") from None
     with archive:
         if "header" not in archive.files:
             raise _ForeignFile("an .npz archive without a gemma-circuits header")
@@ -422,9 +416,9 @@ def _read_member(archive, name: str) -> np.ndarray:
     except ValueError as e:
         if "allow_pickle" in str(e):  # numpy's hint to unpickle is not advice we give
             raise _DamagedFile(f"{name} holds Python objects, which are never unpickled") from None
-        raise _DamagedFile(f"{name} is damaged: {_one_line(e)}") from None
+        raise _DamagedFile(f"{name} is damaged: {one_line(e, 160)}") from None
     except Exception as e:  # zipfile, zlib and numpy raise many kinds for damaged bytes
-        raise _DamagedFile(f"{name} is damaged: {_one_line(e)}") from None
+        raise _DamagedFile(f"{name} is damaged: {one_line(e, 160)}") from None
     if not isinstance(a, np.ndarray):  # a member that is no .npy file comes back as bytes
         raise _DamagedFile(f"{name} is not an array")
     return a
@@ -453,7 +447,7 @@ def _graph_header(raw: np.ndarray, path: Path) -> dict:
     try:
         header = json.loads(raw.tobytes().decode())
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise _DamagedFile(f"the header is not JSON: {_one_line(e)}") from None
+        raise _DamagedFile(f"the header is not JSON: {one_line(e, 160)}") from None
     if not isinstance(header, dict) or header.get("format") != "gemma-circuits-graph":
         raise _ForeignFile("its header does not name the gemma-circuits-graph format")
     version = header.get("version")

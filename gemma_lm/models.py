@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import cache_dir
 from .gemma3 import Gemma3CausalLM, Gemma3Config, load_gemma3
 from .memory import return_freed_memory
@@ -378,7 +378,7 @@ def safe_from_pretrained(model_class, source: str, dtype):
     try:
         return model_class.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except OSError as e:
-        reason = " ".join(str(e).split())[:200]
+        reason = one_line(e)
         raise UserError(
             f"could not load the weights of {source!r} ({reason}); gemma-circuits reads "
             f"*.safetensors weights only (never pickled .bin files): convert them first"
@@ -458,7 +458,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
-        reason = " ".join(str(e).split())[:200]
+        reason = one_line(e)
         raise UserError(
             f"could not load model {source!r} ({reason}); offline, use {DEFAULT_MODEL!r}, "
             f"a .gguf file or a local Hugging Face directory"

@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gemma_lm.errors import UserError
+from gemma_lm.errors import UserError, one_line
 from gemma_lm.files import atomic_write_text
 from gemma_lm.jobs import Command
 from gemma_lm.memory import own_process, reuse_freed_memory
@@ -626,7 +626,7 @@ def _remove_partials(folder: Path, pattern: str) -> None:
 
 
 def _damaged(path: Path, folder: Path, why: str) -> UserError:
-    why = " ".join(str(why).split())[:300]  # one line, whatever the library's message was
+    why = one_line(why, 300)  # whatever the library's message was
     return UserError(
         f"{path} {why}: the checkpoint is damaged; delete {folder} to start the run over"
     )
