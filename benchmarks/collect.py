@@ -39,6 +39,7 @@ ORDER = [  # (results file, what it measures)
         "Feature dashboards of the default transcoders: time per stage, memory, agreement",
     ),
     ("batch_resume.md", "Batch tracing across two ranks, killed and resumed"),
+    ("attention.md", "QK attribution and head loadings: seconds and memory at 9 and 128 tokens"),
 ]
 
 

@@ -10,6 +10,7 @@ from gemma_lm import jobs
 
 from . import (
     commands,
+    commands_attention,
     commands_batch,
     commands_explain,
     commands_graph,
@@ -25,6 +26,7 @@ COMMANDS = [
     *commands_render.COMMANDS,
     *commands_explain.COMMANDS,
     *commands_intervene.COMMANDS,
+    *commands_attention.COMMANDS,
     *commands_batch.COMMANDS,
 ]
 

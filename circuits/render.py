@@ -673,7 +673,52 @@ def html_data(
         ],
         "scores": g.scores or None,
         "model": (g.metadata or {}).get("model", ""),
+        "head_loadings": head_loadings_data(g, ids),
     }
+
+
+# what the viewer shows of an edge's QK attribution (`attention.qk_view`)
+_QK_KEYS = (
+    "layer",
+    "head",
+    "query_pos",
+    "key_pos",
+    "versus_pos",
+    "query_token",
+    "key_token",
+    "score",
+    "capped_score",
+    "pattern_row",
+    "query_side",
+    "key_side",
+    "matrix",
+    "residual",
+)
+
+
+def head_loadings_data(graph: AttributionGraph, ids: set[str]) -> dict | None:
+    """The head loadings `heads.attach_head_loadings` stored in the graph's metadata, for the
+    viewer: the edges whose two nodes are on the page, each with its top heads and (where stored)
+    the QK attribution of its top head. None when the graph has none."""
+    stored = (graph.metadata or {}).get("head_loadings")
+    if stored is None:
+        return None
+    edges = stored.get("edges") if isinstance(stored, dict) else None
+    if not isinstance(edges, list) or not all(isinstance(e, dict) for e in edges):
+        raise UserError(
+            "the graph's metadata head_loadings is malformed (no list of edges); write it again "
+            "with `circuits heads --out`"
+        )
+    out = []
+    for e in edges:
+        if e.get("source") not in ids or e.get("target") not in ids:
+            continue
+        edge = {k: e.get(k) for k in ("source", "target", "weight", "stay")}
+        edge["heads"] = [dict(h) for h in e.get("heads") or [] if isinstance(h, dict)]
+        if isinstance(e.get("qk"), dict):
+            edge["qk"] = {k: e["qk"].get(k) for k in _QK_KEYS}
+        out.append(edge)
+    return {"definition": str(stored.get("definition", "")), "edges": out}
 
 
 # what must not appear raw in data inside a <script>: `<` (`</script>` ends it early, `<!--` makes

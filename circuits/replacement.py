@@ -473,15 +473,35 @@ class TransposedModel:
                 u = torch.zeros_like(g) if u is None else u
                 u[dev_pos[k:k_new], torch.arange(k, k_new, device=dev)] += vectors[k:k_new]
             k = k_new
-            # then through pre_feedforward_layernorm (its gain and each position's 1/rms,
-            # `[P, 1, D]`) into the residual: g becomes the gradient at m_l. In place, so that only
-            # one [P, k, D] gradient is held while the attention's temporaries are
-            if u is not None:
-                g = u.mul_(st.s_ff[l, :P, None, None] * self.fw.g_ff[l]).add_(g)
-                del u
-            g = self._attention(l, g).add_(g)
+            g = self._below(l, g, u)
         if k:
             visit(-1, g, k, P)
+
+    def _below(self, l: int, g: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        """The gradient `[P, k, D]` at x_l from g, the gradient at x_{l+1}, and u, the gradient at
+        mlp_in_l (skip path and targets reading it; None if neither). Consumes u and g."""
+        P = g.shape[0]
+        # through pre_feedforward_layernorm (its gain and each position's 1/rms, `[P, 1, D]`) into
+        # the residual: g becomes the gradient at m_l. In place, so that only one [P, k, D]
+        # gradient is held while the attention's temporaries are
+        if u is not None:
+            g = u.mul_(self.state.s_ff[l, :P, None, None] * self.fw.g_ff[l]).add_(g)
+            del u
+        return self._attention(l, g).add_(g)
+
+    def resid_run(self, layer: int, pos: int, vectors: torch.Tensor, visit: Visitor) -> None:
+        """As `run`, for B targets that read the residual stream x_layer (before layer `layer`'s
+        attention) at one position `pos` along `vectors` `[B, D]`: visit(l, g, B, P) for l =
+        layer-1 .. 0 with g `[P, B, D]` the gradient at x_{l+1}, then visit(-1, g, B, P) at x_0."""
+        B, dev = len(vectors), self.fw.device
+        P = pos + 1 if self.state.causal else self.n
+        g = torch.zeros(P, B, self.D, device=dev)
+        g[pos] = vectors.float().to(dev)
+        for l in reversed(range(layer)):
+            visit(l, g, B, P)
+            u = g @ self.W_skip[l] if self.W_skip is not None else None
+            g = self._below(l, g, u)
+        visit(-1, g, B, P)
 
     def full_gradients(
         self, layer: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor

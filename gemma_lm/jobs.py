@@ -48,12 +48,14 @@ def option(
     metavar: str | None = None,
     flags: dict[str, tuple[str, str]] | None = None,
     action: type[argparse.Action] | None = None,
+    nargs: int | None = None,
 ) -> dataclasses.Field:
     """A dataclass field with command-line settings: its `flag` name, the `off_flag` of a bool
     (`--hold` for `propagate=False`), `positional`, `metavar`; or several `flags` ({flag: (metavar,
-    help)}) sharing one custom argparse `action` (edits collected into one list, in order)."""
+    help)}) sharing one custom argparse `action` (edits collected into one list, in order); or
+    `nargs` values after one flag, kept as a list (`--edge SRC TGT`, metavar a tuple of names)."""
     cli = dict(flag=flag, off_flag=off_flag, positional=positional, metavar=metavar)
-    cli.update(flags=flags, action=action)
+    cli.update(flags=flags, action=action, nargs=nargs)
     return dataclasses.field(
         default=default, default_factory=default_factory, metadata={CLI_KEY: cli}
     )
@@ -164,7 +166,10 @@ def _add_field(parser, f: dataclasses.Field, tp, doc: str) -> None:
         parser.add_argument(f.name, **value | nargs | given)
         return
     flag = _flag(f)
-    if tp is bool and cli.get("off_flag"):
+    if cli.get("nargs"):
+        value = {"dest": f.name, "default": default, "nargs": cli["nargs"]}
+        parser.add_argument(flag, **value | given)
+    elif tp is bool and cli.get("off_flag"):
         parser.add_argument(flag, action="store_true", dest=f.name, default=default, **given)
         off = {"action": "store_false", "dest": f.name, "help": f"the opposite of {flag}"}
         parser.add_argument(cli["off_flag"], **off)
@@ -226,6 +231,8 @@ def _flag_and_value(f: dataclasses.Field, tp, value) -> list[str]:
     if cli.get("flags"):
         raise ValueError(f"{f.name}: a field of several flags has no single command-line form")
     flag = _flag(f)
+    if cli.get("nargs"):
+        return [flag, *(str(v) for v in value)]
     if tp is bool:
         return [flag] if value else [cli.get("off_flag") or flag.replace("--", "--no-", 1)]
     if isinstance(value, list):

@@ -30,8 +30,10 @@ CIRCUIT_STAGES = [
         "circuits.comparison",
         "circuits.interventions",
         "circuits.explain",
+        "circuits.attention",
+        "circuits.heads",
     ],
-    ["circuits.render", "circuits.batch"],
+    ["circuits.render", "circuits.render_attention", "circuits.batch"],
     ["circuits", "circuits.__main__", "circuits.cli", "circuits.info"]
     + [f"circuits.{p.stem}" for p in (ROOT / "circuits").glob("commands*.py")],
 ]

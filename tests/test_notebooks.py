@@ -40,6 +40,16 @@ EXPECTED = {
         "text": ["| mean |", "CE recovered", "reloaded:"],
         "files": [],
     },
+    "05_attention": {
+        "mime": {"image/png", "text/markdown"},
+        "text": [
+            "head loadings sum to the edge weight",
+            "the pair parts sum to the score",
+            "Strongest pairs",
+            "rather than",
+        ],
+        "files": [],
+    },
 }
 # runs the real gemma-3-270m with a small budget even in ci
 REAL_MODEL_IN_CI = {"02_prune_and_compare"}

@@ -2,7 +2,9 @@
 // Data: GRAPH (see circuits/render.py html_data): nodes with layout boxes, labels (label: the drawn line,
 // sub: a smaller line beneath, name: the whole label, label_source) and their strongest inputs/outputs
 // [[node index, weight]], edges [source, target, weight] as node indices, dashboards by feature key
-// (a node's `dashboard`), supernodes [{name, members: [node ids]}] (from metadata).
+// (a node's `dashboard`), supernodes [{name, members: [node ids]}] (from metadata), head_loadings
+// ({definition, edges: [{source, target, weight, stay, heads: [{layer, head, loading, key_pos}], qk}]}
+// or null: the attention heads that carry edges, and the QK attribution of an edge's top head).
 (function () {
   'use strict';
   const D = GRAPH;
@@ -14,8 +16,16 @@
   const wmax = edges.reduce((m, e) => Math.max(m, Math.abs(e[2])), 0) || 1;
   const storeKey = 'gemma-circuits:supernodes:' + hash(D.model + '\u0000' + D.prompt + '\u0000' + nodes.length);
 
+  // head loadings by edge, keyed 'source index,target index'
+  const loadedEdges = new Map();
+  ((D.head_loadings && D.head_loadings.edges) || []).forEach((e) => {
+    const s = idToIndex.get(e.source), t = idToIndex.get(e.target);
+    if (s !== undefined && t !== undefined) loadedEdges.set(s + ',' + t, e);
+  });
+
   const state = {
-    edgeMin: 0, nodeMin: 0, focus: null, selected: new Set(), collapsed: false,
+    // focus: the clicked item (node or supernode); edge: the clicked link {from, to, weight} (items)
+    edgeMin: 0, nodeMin: 0, focus: null, edge: null, selected: new Set(), collapsed: false,
     groups: loadStoredGroups() || groupsFrom(D.supernodes || []),
     view: { x: 0, y: 0, k: 1 },
   };
@@ -126,6 +136,7 @@
 
   function draw() {
     current = effectiveGraph();
+    state.edge = null;  // item indices change with the drawing
     const { items, links } = current;
     const gEdges = $('layer-edges'), gNodes = $('layer-nodes'), gGroups = $('layer-groups');
     gEdges.textContent = ''; gNodes.textContent = ''; gGroups.textContent = '';
@@ -137,6 +148,7 @@
         'stroke-width': (0.4 + 3.6 * r).toFixed(2), 'stroke-opacity': (0.15 + 0.7 * r).toFixed(2),
       }, gEdges);
       p.dataset.from = a; p.dataset.to = b; p.dataset.weight = w;
+      if (loadingOf(items[a], items[b])) p.classList.add('loaded');
       return p;
     });
     itemEls = items.map((it, k) => {
@@ -170,12 +182,12 @@
   }
 
   function applyHighlight() {
-    const focus = state.focus;
-    svg.classList.toggle('dimmed', focus !== null);
+    const focus = state.focus, edge = state.edge;
+    svg.classList.toggle('dimmed', focus !== null || edge !== null);
     const near = new Set(focus === null ? [] : [focus]);
     linkEls.forEach((p) => {
       const a = +p.dataset.from, b = +p.dataset.to;
-      const on = focus !== null && (a === focus || b === focus);
+      const on = edge !== null ? a === edge.from && b === edge.to : focus !== null && (a === focus || b === focus);
       p.classList.toggle('hl', on);
       if (on) { near.add(a); near.add(b); }
     });
@@ -193,6 +205,7 @@
     const nf = nodes.filter((n) => n.kind === 'feature').length;
     f.push(`${D.model || 'model'} · ${nf} features, ${nodes.length - nf} other nodes`);
     f.push(`${current.links.length} of ${edges.length} edges shown`);
+    if (loadedEdges.size) f.push(`${loadedEdges.size} edges with head loadings (dashed: click one)`);
     if (D.scores) {
       for (const [which, s] of Object.entries(D.scores)) {
         f.push(`${which}: replacement ${s.replacement.toFixed(3)}, completeness ${s.completeness.toFixed(3)}`);
@@ -300,12 +313,181 @@
     return frag;
   }
 
+  // -- head loadings and QK attributions (circuits heads --out) --------------------------------------
+  // the stored loadings of the link between items a and b, when both are nodes (not supernodes)
+  function loadingOf(a, b) {
+    if (a.node === undefined || b.node === undefined) return undefined;
+    return loadedEdges.get(a.node + ',' + b.node);
+  }
+  const headName = (h) => `L${h.layer}.H${h.head}`;
+  const tokenAt = (p) => (p >= 0 && p < D.tokens.length ? `'${visibleToken(String(D.tokens[p]))}' @${p}` : `@${p}`);
+  const signed = (w) => (w >= 0 ? '+' : '') + fmt(w);
+  const share = (part, whole) => (whole ? (100 * part / whole).toFixed(1) + '%' : '');
+  // a source of a QK attribution: its label, and its position where its id has one (f:L:P:F, e:L:P, t:P)
+  function sourceName(label, id) {
+    const parts = String(id).split(':');
+    const at = { f: 2, e: 2, t: 1 }[parts[0]];
+    return at === undefined || parts.length <= at ? String(label) : `${label} @${parts[at]}`;
+  }
+  // a cell's colour: white blended with blue (+) or red (−) by sqrt(|v| / vmax), as the SVG picture's
+  function cellColor(v, vmax) {
+    const t = 0.9 * (vmax > 0 ? Math.sqrt(Math.min(1, Math.abs(v) / vmax)) : 0);
+    const c = v >= 0 ? [37, 99, 235] : [220, 38, 38];
+    return `rgb(${c.map((x) => Math.round(255 + (x - 255) * t)).join(',')})`;
+  }
+  function cells(tr, tag, texts, cls) {
+    texts.forEach((t) => tr.appendChild(html(tag, t, cls)));
+    return tr;
+  }
+
+  function loadingsView(e) {
+    const frag = document.createDocumentFragment();
+    frag.appendChild(html('h3', 'attention heads that carry it'));
+    frag.appendChild(html('div', 'loading: the part of the edge weight whose last move between positions ' +
+      'the head makes (' + (D.head_loadings.definition || 'head loadings') + ')', 'hint'));
+    const table = html('table', undefined, 'loadings');
+    table.appendChild(cells(html('tr'), 'th', ['head', 'loading', 'share', 'from key']));
+    (e.heads || []).forEach((h) => {
+      const tr = cells(html('tr'), 'td', [headName(h)]);
+      tr.appendChild(html('td', signed(+h.loading), 'w ' + (h.loading >= 0 ? 'pos' : 'neg')));
+      tr.appendChild(html('td', share(+h.loading, +e.weight), 'w'));
+      tr.appendChild(html('td', tokenAt(h.key_pos)));
+      table.appendChild(tr);
+    });
+    if (e.stay) {
+      const tr = cells(html('tr'), 'td', ['stay']);
+      tr.appendChild(html('td', signed(+e.stay), 'w ' + (e.stay >= 0 ? 'pos' : 'neg')));
+      tr.appendChild(html('td', share(+e.stay, +e.weight), 'w'));
+      tr.appendChild(html('td', 'paths that never move'));
+      table.appendChild(tr);
+    }
+    frag.appendChild(table);
+    if (e.qk) frag.appendChild(qkView(e.qk));
+    return frag;
+  }
+
+  function qkView(q) {
+    const frag = document.createDocumentFragment();
+    frag.appendChild(html('h3', `why ${headName(q)} looked there: QK attribution`));
+    const versus = q.versus_pos !== null && q.versus_pos !== undefined ? ` rather than ${tokenAt(q.versus_pos)}` : '';
+    const p = (q.pattern_row || [])[q.key_pos];
+    frag.appendChild(html('div', `query ${tokenAt(q.query_pos)} → key ${tokenAt(q.key_pos)}${versus}: score ${signed(+q.score)}` +
+      (p !== undefined ? `, attention ${(+p).toFixed(3)}` : ''), 'detail qk-facts'));
+    if (q.pattern_row) frag.appendChild(attentionStrip(q));
+    if (q.matrix) frag.appendChild(pairTable(q.matrix));
+    frag.appendChild(sideTable('query side: q^(s) · k', q.query_side || [], 'query-side'));
+    frag.appendChild(sideTable('key side: q · k^(t)', q.key_side || [], 'key-side'));
+    return frag;
+  }
+
+  // the head's attention probabilities over the keys at the query, one bar per key position
+  function attentionStrip(q) {
+    const box = html('div', undefined, 'attn-strip');
+    const top = Math.max(...q.pattern_row, 1e-9);
+    q.pattern_row.forEach((p, j) => {
+      const bar = html('span', undefined, 'attn' + (j === q.key_pos ? ' key' : '') + (j === q.versus_pos ? ' versus' : ''));
+      bar.style.height = (2 + 30 * p / top).toFixed(1) + 'px';
+      bar.title = `${tokenAt(j)}: p = ${(+p).toFixed(4)}`;
+      box.appendChild(bar);
+    });
+    return box;
+  }
+
+  // rows: query-side sources, columns: key-side sources, each cell a term of the score
+  function pairTable(m) {
+    const values = m.values || [];
+    const vmax = Math.max(0, ...values.flat().map(Math.abs));
+    const table = html('table', undefined, 'qk-pairs');
+    const head = html('tr');
+    head.appendChild(html('th', 'query ↓ key →', 'corner'));
+    (m.key_labels || []).forEach((label, c) => {
+      const th = html('th', undefined, 'col');
+      const name = sourceName(label, m.key_ids[c]);
+      th.appendChild(html('span', name));
+      th.title = `${name} [${m.key_ids[c]}]`;
+      head.appendChild(th);
+    });
+    table.appendChild(head);
+    values.forEach((row, r) => {
+      const tr = html('tr');
+      const name = sourceName(m.query_labels[r], m.query_ids[r]);
+      const th = html('th', name, 'row');
+      th.title = `${name} [${m.query_ids[r]}]`;
+      tr.appendChild(th);
+      row.forEach((v, c) => {
+        const td = html('td', undefined, 'cell');
+        td.style.background = cellColor(v, vmax);
+        td.dataset.value = v;
+        td.title = `${name} × ${sourceName(m.key_labels[c], m.key_ids[c])}: ${signed(v)}`;
+        tr.appendChild(td);
+      });
+      table.appendChild(tr);
+    });
+    return table;
+  }
+
+  function sideTable(title, side, cls) {
+    const frag = document.createDocumentFragment();
+    frag.appendChild(html('h3', title));
+    const table = html('table', undefined, cls);
+    side.slice(0, 8).forEach((s) => {
+      const tr = cells(html('tr'), 'td', [sourceName(s.label, s.id)]);
+      tr.appendChild(html('td', signed(+s.value), 'w ' + (s.value >= 0 ? 'pos' : 'neg')));
+      table.appendChild(tr);
+    });
+    frag.appendChild(table);
+    return frag;
+  }
+
+  function edgePanel(link) {
+    const a = current.items[link.from], b = current.items[link.to];
+    panel.appendChild(html('h2', `${itemName(a)} → ${itemName(b)}`));
+    const where = a.node !== undefined && b.node !== undefined ? ` · from position ${nodes[a.node].pos} to ${nodes[b.node].pos}` : '';
+    panel.appendChild(html('div', `edge weight ${signed(link.weight)}${where}`, 'detail'));
+    const e = loadingOf(a, b);
+    if (e) panel.appendChild(loadingsView(e));
+    else if (D.head_loadings) panel.appendChild(html('div', 'no head loadings stored for this edge', 'hint'));
+  }
+
+  // the edges into and out of node i that have head loadings
+  function nodeLoadings(i) {
+    const rows = [];
+    loadedEdges.forEach((e, key) => {
+      const [s, t] = key.split(',').map(Number);
+      if (s === i) rows.push([t, e, '→ ']);
+      if (t === i) rows.push([s, e, '← ']);
+    });
+    const frag = document.createDocumentFragment();
+    if (!rows.length) return frag;
+    frag.appendChild(html('h3', `edges with head loadings (${rows.length})`));
+    const table = html('table', undefined, 'loaded-edges');
+    rows.forEach(([j, e, arrow]) => {
+      const from = itemOfNode(idToIndex.get(e.source)), to = itemOfNode(idToIndex.get(e.target));
+      const link = current.links.find((l) => l[0] === from && l[1] === to);
+      const tr = html('tr', undefined, link ? 'link' : 'off');
+      const name = html('td', arrow + nodes[j].name);
+      const aside = nodeAside(nodes[j]);
+      if (aside && aside !== nodes[j].name) name.appendChild(html('span', ' ' + aside, 'aside'));
+      tr.appendChild(name);
+      const top = (e.heads || [])[0];
+      tr.appendChild(html('td', top ? `${headName(top)} ${share(+top.loading, +e.weight)}` : '', 'w'));
+      if (link) tr.addEventListener('click', () => focusLink(from, to, link[2]));
+      else tr.title = 'hidden at these thresholds';
+      table.appendChild(tr);
+    });
+    frag.appendChild(table);
+    return frag;
+  }
+
   function showPanel() {
     panel.textContent = '';
     const f = state.focus;
-    if (f === null) {
+    if (state.edge !== null) {
+      edgePanel(state.edge);
+    } else if (f === null) {
       panel.appendChild(html('h2', 'Attribution graph'));
       panel.appendChild(html('div', 'Hover a node for details; click it to see its inputs and outputs. ' +
+        'Click an edge for its weight (and the attention heads that carry it, where the graph has head loadings). ' +
         'Drag to pan, scroll to zoom. Shift-click nodes, then “group”, to make a supernode.', 'hint'));
     } else {
       const it = current.items[f];
@@ -336,6 +518,7 @@
     if (dash) panel.appendChild(dashboardView(dash, n));
     panel.appendChild(strongestTable('inputs', n.inputs || [], n.n_inputs || 0));
     panel.appendChild(strongestTable('outputs', n.outputs || [], n.n_outputs || 0));
+    panel.appendChild(nodeLoadings(idToIndex.get(n.id)));
   }
 
   function groupList() {
@@ -354,6 +537,19 @@
 
   function focusItem(k) {
     state.focus = k;
+    state.edge = null;
+    applyHighlight();
+    showPanel();
+  }
+  function focusLink(from, to, weight) {
+    state.focus = null;
+    state.edge = { from, to, weight };
+    applyHighlight();
+    showPanel();
+  }
+  function clearFocus() {
+    state.focus = null;
+    state.edge = null;
     applyHighlight();
     showPanel();
   }
@@ -496,7 +692,9 @@
     drag = null;
     if (!d || d.moved) return;
     const g = e.target.closest && e.target.closest('.node');
-    if (!g) { state.focus = null; applyHighlight(); showPanel(); return; }
+    const p = !g && e.target.closest && e.target.closest('.edge');
+    if (p) { focusLink(+p.dataset.from, +p.dataset.to, +p.dataset.weight); return; }
+    if (!g) { clearFocus(); return; }
     const k = +g.dataset.item, it = current.items[k];
     if (e.shiftKey && it.node !== undefined) {
       if (state.selected.has(it.node)) state.selected.delete(it.node); else state.selected.add(it.node);
@@ -518,6 +716,8 @@
     } else if (p) {
       const a = current.items[+p.dataset.from], b = current.items[+p.dataset.to];
       text = `${itemName(a)} → ${itemName(b)}\nweight ${fmt(+p.dataset.weight)}`;
+      const e = loadingOf(a, b), top = e && (e.heads || [])[0];
+      if (top) text += `\ncarried most by ${headName(top)} (${share(+top.loading, +e.weight)}): click for its QK attribution`;
     }
     tooltip.hidden = text === null;
     if (text !== null) tooltip.textContent = text;
@@ -533,7 +733,7 @@
     if (e.target.tagName === 'INPUT') return;
     if (e.key === 'f') fit();
     if (e.key === 'g' && state.selected.size >= 2) $('group').click();
-    if (e.key === 'Escape') { state.focus = null; state.selected.clear(); applyHighlight(); showPanel(); }
+    if (e.key === 'Escape') { state.selected.clear(); clearFocus(); }
   });
   window.addEventListener('resize', fit);
 
@@ -548,6 +748,12 @@
   window.viewer = {
     state, fit, makeGroup, loadGrouping, groupingDocument,
     focus: (id) => { const k = current.items.findIndex((it) => it.id === id); if (k >= 0) focusItem(k); return k >= 0; },
+    focusEdge: (sourceId, targetId) => {
+      const a = current.items.findIndex((it) => it.id === sourceId), b = current.items.findIndex((it) => it.id === targetId);
+      const link = current.links.find((l) => l[0] === a && l[1] === b);
+      if (link) focusLink(a, b, link[2]);
+      return link !== undefined;
+    },
     visibleIds: () => current.items.map((it) => it.id),
     linkCount: () => current.links.length,
     setEdgeSlider: (v) => { setEdgeSlider(v); draw(); showPanel(); },
