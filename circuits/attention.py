@@ -52,7 +52,7 @@ from .attribution import (
     errors_and_node_inputs,
 )
 from .graph import AttributionGraph, display_label
-from .replacement import TransposedModel
+from .replacement import TransposedModel, rms_scale
 
 
 @dataclass
@@ -104,10 +104,6 @@ class HeadMaps:
         return m * self.cos[pos][:, None] + rotated * self.sin[pos][:, None]
 
 
-def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
-
-
 @torch.no_grad()
 def record_head_maps(lm: LoadedModel, tokens: torch.Tensor) -> list[HeadMaps]:
     """One forward pass of the real model, recording what every layer's q/k norms divide by and
@@ -116,7 +112,7 @@ def record_head_maps(lm: LoadedModel, tokens: torch.Tensor) -> list[HeadMaps]:
 
     def norm_input(key):
         def hook(module, args):
-            rec[key] = _rms_scale(args[0][0], eps)  # [heads, n]
+            rec[key] = rms_scale(args[0][0], eps)  # [heads, n]
 
         return hook
 

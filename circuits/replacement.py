@@ -79,7 +79,8 @@ class PromptState:
         self.mlp_in = self.mlp_out = self.patterns = None
 
 
-def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/rms over the last dimension, in float32: what an RMSNorm divides by."""
     x = x.float()
     return torch.rsqrt(x.pow(2).mean(-1) + eps)
 
@@ -99,7 +100,7 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
     def pre_hook(key, l):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            rec[key][l] = x[0].float() if key == "resid" else _rms_scale(x[0], eps)
+            rec[key][l] = x[0].float() if key == "resid" else rms_scale(x[0], eps)
 
         return hook
 
@@ -134,7 +135,7 @@ def run_and_freeze(lm: LoadedModel, tokens: torch.Tensor) -> PromptState:
     def final_hook(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         final["x"] = x[0].float()
-        final["s"] = _rms_scale(x[0], eps)
+        final["s"] = rms_scale(x[0], eps)
 
     handles.append(sites.final_norm.register_forward_pre_hook(final_hook, with_kwargs=True))
     lm.model.config._attn_implementation = "eager"
