@@ -76,10 +76,10 @@ def test_every_field_is_documented_in_the_help(prog, command):
 def test_defaults_come_from_the_dataclass(prog, command):
     """Parsing only the required arguments gives the job's own defaults."""
     required, argv = {}, []
-    for f, _, _ in flat_fields(command.job):
+    for f, tp, _ in flat_fields(command.job):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             cli = f.metadata.get(CLI_KEY, {})
-            value = "native" if f.name == "to" else "x.npz"
+            value = "native" if f.name == "to" else "0" if tp is int else "x.npz"
             required[f.name] = value
             argv += [value] if cli.get("positional") else [_flags_of(f)[0], value]
     args = _subparser(prog, command.name).parse_args(argv)
