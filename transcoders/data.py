@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save
 
 from gemma_lm.errors import UserError
 from gemma_lm.files import atomic_write, atomic_write_text, cache_dir
-from gemma_lm.models import model_sites
+from gemma_lm.models import load_model, model_sites
 
 # ---------------------------------------------------------------------------------------------
 # text
@@ -386,6 +386,15 @@ def harvest(loaded, ids: torch.Tensor, drop_bos: bool = True) -> tuple[torch.Ten
 _DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def load_harvest_model(name: str, dtype: str):
+    """The model `name` loaded for harvesting only: in `dtype`, with fast attention (no patterns
+    needed). Loading it in bfloat16 holds one copy of the weights where loading in float32 and
+    casting (`harvest_copy`) holds both."""
+    loaded = load_model(name, dtype=dtype)
+    loaded.model.config._attn_implementation = "sdpa"
+    return loaded
+
+
 def harvest_copy(loaded, dtype: str):
     """A LoadedModel sharing `loaded`'s tokenizer and sites layout, with the model cast to `dtype`
     and fast attention (harvesting needs no attention patterns). float32 returns `loaded` itself."""
@@ -530,6 +539,7 @@ class ActivationBuffer:
             max(1, passes),
         )
         self.progress = progress
+        self.dtype = source.dtype  # what the fills hold; `batch` serves float32
         self.m = max(1, buffer_tokens // source.shard_tokens)
         self.per_pass = (self.m * source.shard_tokens) // batch_size
         if self.per_pass < 1:
@@ -553,8 +563,15 @@ class ActivationBuffer:
                 leave=False,
                 dynamic_ncols=True,
             )
-        xs, ys = zip(*(self.source.shard(i) for i in shards))
-        self._x, self._y = torch.cat(xs), torch.cat(ys)
+        n = self.source.shard_tokens
+        for j, i in enumerate(shards):
+            x, y = self.source.shard(i)  # [n, L, D]
+            if self._x is None:  # filled in place: a list of shards and their concatenation
+                # would hold the fill twice
+                self._x = x.new_empty((self.m * n, *x.shape[1:]))
+                self._y = y.new_empty((self.m * n, *y.shape[1:]))
+            self._x[j * n : (j + 1) * n] = x
+            self._y[j * n : (j + 1) * n] = y
         self._fill_id, self._pass_id = f, None
 
     def needs_fill(self, step: int) -> bool:

@@ -25,8 +25,9 @@ from .formats import load_any, load_native
 from .model import TranscoderSet
 from .train import TrainConfig
 
-# The name is the cache key: change it whenever the recipe changes, so stale sets are not reused.
-DEFAULT_NAME = "gemma-3-270m-skip-batchtopk1024-v4"
+# The name is the cache key: change it whenever the recipe ("default" in transcoders.recipes) or
+# the training code changes what it trains, so stale sets are not reused.
+DEFAULT_NAME = "gemma-3-270m-skip-batchtopk1024-v5"
 
 
 def default_transcoders_dir() -> Path:
@@ -35,26 +36,13 @@ def default_transcoders_dir() -> Path:
 
 
 def default_recipe(out: str | Path | None = None, progress: bool = True) -> TrainConfig:
-    """The training run behind the default set (see docs/transcoder_training.md for why these
-    choices), written to `out` (None: the default set's own folder; "": nowhere)."""
+    """The training run behind the default set (recipe "default" of `transcoders.recipes`; see
+    docs/transcoder_training.md for why these choices), written to `out` (None: the default set's
+    own folder; "": nowhere)."""
     return TrainConfig(
+        recipe="default",
         out=str(default_transcoders_dir() if out is None else out),
         model=DEFAULT_MODEL,
-        kind="skip",
-        activation="batchtopk",
-        d_sae=1024,
-        k=16,
-        matryoshka=[128, 512],
-        text="builtin",
-        context=128,
-        tokens=120 * 1024,
-        batch_size=1024,
-        buffer_tokens=16384,
-        buffer_passes=2,
-        harvest_dtype="bfloat16",
-        lr=2e-3,
-        checkpoint_every=20,
-        seed=0,
         progress=progress,
     )
 

@@ -43,11 +43,11 @@ from torch import nn
 from gemma_lm.errors import UserError
 from gemma_lm.jobs import Command
 from gemma_lm.memory import own_process, reuse_freed_memory
-from gemma_lm.models import load_model
 from gemma_lm.ranks import BACKENDS, DistBackend, Ranks
 
 from .activations import jumprelu
 from .activations import step as heaviside
+from .data import load_harvest_model
 from .model import TranscoderSet
 from .train import (
     TrainableTranscoders,
@@ -64,6 +64,7 @@ from .train import (
     _save_checkpoint,
     _show_step,
     calibrate_batchtopk,
+    initialise_from_buffer,
     lr_factor,
     save_transcoders,
 )
@@ -534,7 +535,7 @@ def _whole_aux(aux: torch.Tensor, layout: Layout) -> torch.Tensor:
 def _harvest_buffer(cfg: TrainConfig, loaded):
     """(the model, the activation buffer `train_transcoders` builds for `cfg`: the same text, order
     and batches)."""
-    loaded = loaded if loaded is not None else load_model(cfg.model)
+    loaded = loaded if loaded is not None else load_harvest_model(cfg.model, cfg.harvest_dtype)
     # no harvesting bar: with --data replicate every rank harvests, and rank 0 shows the step bar
     return loaded, _activation_buffer(replace(cfg, progress=False), loaded)
 
@@ -545,9 +546,7 @@ def _initial_checkpoint(cfg: TrainConfig, buffer, folder: Path) -> None:
     x0, _ = buffer.batch(0)
     net = TrainableTranscoders(cfg, x0.shape[1], x0.shape[2])
     opt = _new_optimizer(net, cfg)
-    n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
-    xs, ys = zip(*(buffer.batch(i) for i in range(n_init)))
-    net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
+    initialise_from_buffer(net, cfg, buffer)
     _save_checkpoint(folder, cfg, 0, [], net.state_dict(), opt.state_dict(), _param_names(net))
 
 

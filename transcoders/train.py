@@ -39,7 +39,7 @@ import re
 import secrets
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -52,16 +52,18 @@ from gemma_lm.errors import UserError, one_line
 from gemma_lm.files import atomic_write_text
 from gemma_lm.jobs import Command
 from gemma_lm.memory import own_process, reuse_freed_memory
-from gemma_lm.models import DEFAULT_MODEL, load_model
+from gemma_lm.models import DEFAULT_MODEL
 
 from .activations import batchtopk_per_layer, jumprelu, topk
 from .activations import step as heaviside
-from .data import ActivationBuffer, ActivationSource, text_source
+from .data import ActivationBuffer, ActivationSource, load_harvest_model, text_source
 from .model import ACTIVATIONS, KINDS, Activation, Kind, TranscoderConfig, TranscoderSet
 from .native import save_native
+from .recipes import recipe_settings
 
 # Fields that do not change what is trained: a checkpoint made under other values still resumes.
 _RUN_ONLY = (
+    "recipe",  # what it set is in the other fields
     "out",
     "checkpoint_every",
     "threads",
@@ -77,6 +79,9 @@ class TrainConfig:
     from <out>.train/ when rerun with the same settings. Sizes: L layers, D = d_model, F = d_sae
     features per layer."""
 
+    recipe: str = ""
+    """a named recipe (default, clt, large; see transcoders/recipes.py) whose settings replace those
+    of the flags left at their defaults"""
     out: str = ""
     """directory of the trained set (native layout); checkpoints go to <out>.train/"""
     model: str = DEFAULT_MODEL
@@ -151,6 +156,8 @@ class TrainConfig:
     """show a progress bar"""
 
     def __post_init__(self):
+        if self.recipe:
+            self._apply_recipe()
         if self.kind not in KINDS:
             raise UserError(f"unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
         if self.activation not in ACTIVATIONS:
@@ -168,7 +175,8 @@ class TrainConfig:
         self.matryoshka = prefixes
         if self.tokens < self.batch_size or self.batch_size < 1:
             raise UserError(
-                f"tokens ({self.tokens}) must be at least one batch ({self.batch_size})"
+                f"--tokens {self.tokens} is less than one training step of --batch-size "
+                f"{self.batch_size} tokens; raise --tokens to at least {self.batch_size}"
             )
         if self.feature_init not in ("exemplar", "random"):
             raise UserError(f"unknown feature_init {self.feature_init!r}; use exemplar or random")
@@ -180,6 +188,14 @@ class TrainConfig:
             )
         if self.checkpoint_every < 1:
             raise UserError("checkpoint_every must be at least 1 step")
+
+    def _apply_recipe(self) -> None:
+        """Recipe settings in place of the fields left at their defaults (so a config applied once
+        more stays the same)."""
+        settings = recipe_settings(self.recipe)
+        for f in fields(self):
+            if f.name in settings and getattr(self, f.name) == _field_default(f):
+                setattr(self, f.name, settings[f.name])
 
     @property
     def steps(self) -> int:
@@ -199,6 +215,10 @@ class TrainConfig:
 
     def training_fields(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
+
+
+def _field_default(f):
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 # -- the trainable parameters ----------------------------------------------------------------------
@@ -242,86 +262,87 @@ class TrainableTranscoders(nn.Module):
     @torch.no_grad()
     def initialise(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         """Scales, skip, biases and dictionaries from a sample of raw activations x, y
-        `[n, L, D]`."""
-        L, D, F = self.L, self.D, self.F
-        x, y = x.transpose(0, 1).float(), y.transpose(0, 1).float()  # [L, n, D]
-        self.in_scale.copy_(math.sqrt(D) / x.norm(dim=-1).mean(1).clamp_min(1e-12))
-        yc = y - y.mean(1, keepdim=True)
-        self.out_scale.copy_(1.0 / (yc.pow(2).sum(-1).mean(1) / D).sqrt().clamp_min(1e-12))
-        xn, yn = x * self.in_scale[:, None, None], y * self.out_scale[:, None, None]
-        mx, my = xn.mean(1, keepdim=True), yn.mean(1, keepdim=True)
-        if self.W_skip is not None and self.cfg.skip_init == "lstsq":
-            xc, yc = xn - mx, yn - my
-            # products in float32 (centred, normalised data: well conditioned), the solve in float64
-            gram = (xc.transpose(1, 2) @ xc).double()  # [L, D, D]
-            ridge = (
-                1e-3
-                * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None]
-                * torch.eye(D, dtype=gram.dtype)
-            )
-            rhs = (xc.transpose(1, 2) @ yc).double()
-            # per layer, by Cholesky (the system is symmetric positive definite); batched LU in
-            # float64 trips an MKL pivoting bug at these sizes
-            w = torch.stack(
-                [
-                    torch.cholesky_solve(rhs[l], torch.linalg.cholesky(gram[l] + ridge[l]))
-                    for l in range(L)
-                ]
-            ).float()
-            self.W_skip.copy_(w)
-            self.b_dec.copy_((my - mx @ w).squeeze(1))
-        else:
-            self.b_dec.copy_(my.squeeze(1))
+        `[n, L, D]`, one layer at a time: the float32 temporaries are then `[n, D]`, not
+        `[L, n, D]` (first use has a memory budget)."""
+        n = x.shape[0]
+        pick = None
         if self.cfg.feature_init == "exemplar":
-            resid = (
-                yn - my if self.W_skip is None else yn - xn @ self.W_skip - self.b_dec[:, None, :]
-            )
-            self._exemplar_init(xn - mx, resid, generator)
+            pick = self._exemplar_pick(n, generator)
         else:
-            enc = torch.randn(L, D, F, generator=generator)
+            enc = torch.randn(self.L, self.D, self.F, generator=generator)
             self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
             for w in self._decoders():
                 d = torch.randn(w.shape, generator=generator)
                 w.copy_(0.1 * d / d.norm(dim=-1, keepdim=True))
+        for l in range(self.L):
+            self._initialise_layer(l, x[:, l].float(), y[:, l].float(), pick)
+
+    def _initialise_layer(
+        self, l: int, x: torch.Tensor, y: torch.Tensor, pick: torch.Tensor | None
+    ) -> None:
+        """Layer l's part of `initialise`, from its raw activations x, y `[n, D]`; `pick`: the
+        exemplar tokens (None: the dictionaries are already random)."""
+        D = self.D
+        self.in_scale[l] = math.sqrt(D) / x.norm(dim=-1).mean().clamp_min(1e-12)
+        y_centred = y - y.mean(0)
+        self.out_scale[l] = 1.0 / (y_centred.pow(2).sum(-1).mean() / D).sqrt().clamp_min(1e-12)
+        xn, yn = x * self.in_scale[l], y * self.out_scale[l]
+        mx, my = xn.mean(0), yn.mean(0)  # [D]
+        if self.W_skip is not None and self.cfg.skip_init == "lstsq":
+            self._least_squares_skip(l, xn - mx, yn - my, mx, my)
+        else:
+            self.b_dec[l] = my
+        if pick is not None:
+            resid = yn - my if self.W_skip is None else yn - xn @ self.W_skip[l] - self.b_dec[l]
+            self._exemplar_init(l, (xn - mx)[pick], resid[pick])
         # centre the encoder on the data so features split the inputs instead of all firing on their
         # mean
-        self.b_enc.copy_(-(mx @ self.W_enc).squeeze(1))
+        self.b_enc[l] = -(mx @ self.W_enc[l])
         if self.log_threshold is not None:
             # start every feature at firing rate k / F, so training begins at the target L0 instead
             # of spending its (short) budget walking thresholds there; the L0 penalty takes over
             # from here
-            pre = torch.baddbmm(self.b_enc[:, None, :], xn, self.W_enc)  # [L, n, F]
-            q = torch.quantile(pre[:, :4096].float(), 1 - self.cfg.k / F, dim=1)
-            self.log_threshold.copy_(q.clamp_min(1e-3).log())
+            pre = torch.addmm(self.b_enc[l], xn[:4096], self.W_enc[l])  # [n, F]
+            q = torch.quantile(pre, 1 - self.cfg.k / self.F, dim=0)
+            self.log_threshold[l] = q.clamp_min(1e-3).log()
 
-    def _exemplar_init(
-        self, xc: torch.Tensor, resid: torch.Tensor, generator: torch.Generator
-    ) -> None:
-        """Each feature starts as one sample token: it reads that token's centred input direction
-        and writes its residual target (what the skip and bias leave), scaled so that the k features
-        a token selects add up to about the average of their residuals. The dictionary starts as a
-        k-nearest-neighbour regressor instead of noise, every feature fires from step 0, and a short
-        run spends its steps refining."""
-        L, n, D = xc.shape
-        # distinct tokens where there are enough: a repeated exemplar is a duplicate feature, dead
-        # weight that also ties with its twin in every top-k (so sharded and single-process runs
-        # could part ways)
-        pick = (
-            torch.randperm(n, generator=generator)[: self.F]
-            if n >= self.F
-            else torch.randint(0, n, (self.F,), generator=generator)
-        )
-        ex_in, ex_out = xc[:, pick], resid[:, pick]  # [L, F, D]
+    def _least_squares_skip(self, l, xc, yc, mx, my) -> None:
+        """W_skip[l] and b_dec[l]: the ridge-regularised least-squares map from the centred,
+        normalised inputs xc to outputs yc `[n, D]` (means mx, my `[D]`)."""
+        # products in float32 (centred, normalised data: well conditioned), the solve in float64
+        gram = (xc.T @ xc).double()  # [D, D]
+        ridge = 1e-3 * gram.diagonal().mean() * torch.eye(self.D, dtype=gram.dtype)
+        rhs = (xc.T @ yc).double()
+        # by Cholesky (the system is symmetric positive definite); LU in float64 trips an MKL
+        # pivoting bug at these sizes
+        w = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram + ridge)).float()
+        self.W_skip[l] = w
+        self.b_dec[l] = my - mx @ w
+
+    def _exemplar_pick(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The F sample tokens (of n) the features start from, the same for every layer: distinct
+        where there are enough, since a repeated exemplar is a duplicate feature, dead weight that
+        also ties with its twin in every top-k (so sharded and single-process runs could part
+        ways)."""
+        if n >= self.F:
+            return torch.randperm(n, generator=generator)[: self.F]
+        return torch.randint(0, n, (self.F,), generator=generator)
+
+    def _exemplar_init(self, l: int, ex_in: torch.Tensor, ex_out: torch.Tensor) -> None:
+        """Each feature of layer l starts as one sample token: it reads that token's centred input
+        direction `ex_in` and writes its residual target `ex_out` (what the skip and bias leave)
+        `[F, D]`, scaled so that the k features a token selects add up to about the average of
+        their residuals. The dictionary starts as a k-nearest-neighbour regressor instead of noise,
+        every feature fires from step 0, and a short run spends its steps refining."""
         norm = ex_in.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        self.W_enc.copy_((ex_in / norm).transpose(1, 2))
+        self.W_enc[l] = (ex_in / norm).T
         k = min(self.cfg.k, self.F)
         dec = ex_out / (k * 0.5 * norm)  # a selected exemplar fires at about half its own norm
         if self.is_clt:  # the exemplar's own layer gets its residual; later layers start at zero
-            for s, w in enumerate(self.W_dec):
-                w.zero_()
-                w[:, 0].copy_(dec[s])
+            self.W_dec[l].zero_()
+            self.W_dec[l][:, 0] = dec
         else:
-            self.W_dec.copy_(dec)
+            self.W_dec[l] = dec
 
     def _decoders(self):
         return list(self.W_dec) if self.is_clt else [self.W_dec]
@@ -791,10 +812,10 @@ def train_transcoders(
     """Train (or resume) the run `cfg` and write it to `cfg.out` (native layout) when `cfg.out` is
     set.
 
-    loaded: a LoadedModel (default: `circuits.load_model(cfg.model)`); buffer: any object with
-    `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]` raw activations (default: harvested from
-    `loaded`). on_step(step, metrics) is called after every step. Returns the trained
-    `TranscoderSet`."""
+    loaded: a LoadedModel (default: `cfg.model` loaded for harvesting, in `cfg.harvest_dtype`);
+    buffer: any object with `.batch(step) -> (mlp_in, mlp_out)` `[B, L, D]` raw activations
+    (default: harvested from `loaded`). on_step(step, metrics) is called after every step.
+    Returns the trained `TranscoderSet`."""
     with reuse_freed_memory():
         return _train_transcoders(cfg, loaded, buffer, model_name, on_step)
 
@@ -864,10 +885,19 @@ def _start_or_resume(cfg: TrainConfig, buffer, state: dict | None) -> _Run:
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         return _Run(net, opt, state["step"], state["history"])
-    n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
-    xs, ys = zip(*(buffer.batch(i) for i in range(n_init)))
-    net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
+    initialise_from_buffer(net, cfg, buffer)
     return _Run(net, opt, 0, [])
+
+
+def initialise_from_buffer(net: TrainableTranscoders, cfg: TrainConfig, buffer) -> None:
+    """Initialise `net` from the first `init_tokens` tokens of `buffer`, gathered in the dtype the
+    buffer stores (`buffer.dtype`; bfloat16 by default, where the float32 batches convert back
+    exactly, in half the memory)."""
+    n_init = max(1, -(-cfg.init_tokens // cfg.batch_size))
+    dtype = getattr(buffer, "dtype", torch.float32)  # test buffers may have none
+    batches = (buffer.batch(i) for i in range(n_init))
+    xs, ys = zip(*((x.to(dtype), y.to(dtype)) for x, y in batches))
+    net.initialise(torch.cat(xs), torch.cat(ys), torch.Generator().manual_seed(cfg.seed))
 
 
 def _progress_bar(cfg: TrainConfig, start: int, desc: str):
@@ -936,7 +966,7 @@ def _train_transcoders(
     state = _load_checkpoint(folder, cfg) if folder else None
     if buffer is None:
         if loaded is None:
-            loaded = load_model(cfg.model)
+            loaded = load_harvest_model(cfg.model, cfg.harvest_dtype)
         buffer = _activation_buffer(cfg, loaded)
     if model_name is None:
         model_name = loaded.name if loaded is not None else ""
