@@ -21,7 +21,7 @@ from .comparison import compare
 from .explain import Explanation, explain
 from .graph import AttributionGraph, load_graph
 from .heads import HeadLoadings, head_loadings
-from .interventions import intervene
+from .interventions import intervene, intervene_each
 from .pruning import prune
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "explain",
     "head_loadings",
     "intervene",
+    "intervene_each",
     "load_graph",
     "load_model",
     "prune",

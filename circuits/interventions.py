@@ -576,22 +576,33 @@ class _Runs:
     raw: torch.Tensor | None = None
 
 
-def _frozen_runs(lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate: bool) -> _Runs:
+def _frozen_runs(
+    lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate: bool, clean=None
+) -> _Runs:
     fw = FrozenWeights(lm)
     clean_acts, acts, raw_clean, raw = _frozen(state, fw, tc, ops, propagate)
     logits_clean, logits = softcap(raw_clean, fw.softcap), softcap(raw, fw.softcap)
     return _Runs(clean_acts, acts, logits_clean, logits, raw_clean, raw)
 
 
-def _full_runs(lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate: bool) -> _Runs:
+def _full_clean(lm: LoadedModel, tokens, state: PromptState, tc) -> tuple[list, torch.Tensor]:
+    """Full mode's clean side: per layer `[n_pos, F]` clean feature activations, and the logits
+    `[vocab]` of the same forward call the intervened run makes, without hooks (not state.logits:
+    clean and intervened logits then come from one code path, and "no intervention" reproduces
+    them bit for bit)."""
     dev = tc.b_dec[0].device
     clean_acts = [tc.encode(l, state.mlp_in[l].to(dev)).float() for l in range(lm.sites.n_layers)]
+    return clean_acts, _last_logits(lm, tokens)
+
+
+def _full_runs(
+    lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate: bool, clean=None
+) -> _Runs:
+    """`clean`: `_full_clean`'s result where the caller has it already."""
+    clean_acts, logits_clean = clean if clean is not None else _full_clean(lm, tokens, state, tc)
     splice = Splice(lm, tc, state, clean_acts, ops, propagate)
     with splice:
         logits = _last_logits(lm, tokens)
-    # the same forward call without hooks (not state.logits): clean and intervened logits then come
-    # from one code path, and "no intervention" reproduces them bit for bit
-    logits_clean = _last_logits(lm, tokens)
     return _Runs(clean_acts, splice.first_acts, logits_clean, logits)
 
 
@@ -628,8 +639,26 @@ def intervene(
     value]) tuples. transcoders: a TranscoderSet, a path or "default". Options as in
     `InterventionConfig` (mode, propagate, generate, top_k, chat, ...) as keyword overrides.
     """
+    each = intervene_each(lm, prompt, [interventions], transcoders, config, supernodes, **overrides)
+    return each[0]
+
+
+@torch.no_grad()
+def intervene_each(
+    lm: LoadedModel | str | None = None,
+    prompt="",
+    interventions_list=(),
+    transcoders=None,
+    config: InterventionConfig | None = None,
+    supernodes: dict | None = None,
+    **overrides,
+) -> list[InterventionResult]:
+    """`intervene` for each entry of `interventions_list` on its own (an ablation sweep: zero each
+    of a circuit's features in turn), with the clean run made once for all of them. Element i
+    equals `intervene(lm, prompt, interventions_list[i], ...)`."""
     cfg = with_overrides(config, InterventionConfig, overrides)
-    interventions = normalize(interventions)  # bad values refused before the model loads
+    # bad values refused before the model loads
+    each = [normalize(interventions) for interventions in interventions_list]
     graph = prompt if isinstance(prompt, AttributionGraph) else None
     if lm is None or isinstance(lm, str):
         lm = load_model(
@@ -642,15 +671,28 @@ def intervene(
     if transcoders is None:
         transcoders = cfg.transcoders or _graph_transcoders(graph)
     tc = resolve_transcoders(transcoders, lm, cfg.progress)
-    ops, applied = resolve(interventions, supernodes, lm.sites.n_layers, len(tokens), tc.d_sae)
+    n_layers, n_pos = lm.sites.n_layers, len(tokens)
+    resolved = [resolve(i, supernodes, n_layers, n_pos, tc.d_sae) for i in each]
 
     state = run_and_freeze(lm, tokens)
+    clean = _full_clean(lm, tokens, state, tc) if cfg.mode == "full" else None
     run = _frozen_runs if cfg.mode == "frozen" else _full_runs
-    runs = run(lm, tokens, state, tc, ops, cfg.propagate)
-    result = InterventionResult(
+    token_strings = [lm.tokenizer.decode([int(t)]) for t in tokens]
+    results = []
+    for ops, applied in resolved:
+        runs = run(lm, tokens, state, tc, ops, cfg.propagate, clean)
+        results.append(_result(lm, text, tokens, token_strings, cfg, applied, ops, runs))
+        if cfg.generate:
+            splice = Splice(lm, tc, state, runs.clean_acts, ops, cfg.propagate)
+            _add_continuations(results[-1], lm, splice, cfg)
+    return results
+
+
+def _result(lm, text, tokens, token_strings, cfg, applied, ops, runs: _Runs) -> InterventionResult:
+    return InterventionResult(
         prompt=text,
         tokens=tokens,
-        token_strings=[lm.tokenizer.decode([int(t)]) for t in tokens],
+        token_strings=token_strings,
         mode=cfg.mode,
         propagate=cfg.propagate,
         applied=applied,
@@ -663,7 +705,3 @@ def intervene(
         raw_logits=runs.raw,
         notes=inert_notes(ops, runs.clean_acts),
     )
-    if cfg.generate:
-        splice = Splice(lm, tc, state, runs.clean_acts, ops, cfg.propagate)
-        _add_continuations(result, lm, splice, cfg)
-    return result

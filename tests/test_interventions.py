@@ -14,7 +14,7 @@ import torch
 
 from circuits.attribution import attribute
 from circuits.graph import ERROR, FEATURE, load_supernodes
-from circuits.interventions import Intervention, intervene
+from circuits.interventions import Intervention, intervene, intervene_each
 from gemma_lm.errors import UserError
 from gemma_lm.testing import tiny_model
 from transcoders.testing import random_transcoders
@@ -256,6 +256,30 @@ def test_frozen_held_features_change_logits_by_exactly_the_direct_edges(traced):
         want = eps * g.adjacency[logit_nodes][:, [i]].toarray().ravel()
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-3, atol=2e-5)
     assert r.n_changed_features == 1
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen"])
+def test_intervene_each_equals_one_intervene_per_entry(traced, mode):
+    """An ablation sweep shares the clean run across its entries and changes no number: each entry
+    gives exactly what `intervene` gives for it alone (an empty entry: the clean logits)."""
+    lm, tc, g = traced
+    feats = g.nodes_of(FEATURE)[:3]
+    entries = [{g.node_id(int(i)): 0.0} for i in feats] + [
+        {},
+        [("scale", g.node_id(int(feats[0])), 2.0)],
+    ]
+    swept = intervene_each(lm, g, entries, transcoders=tc, mode=mode, progress=False)
+    assert len(swept) == len(entries)
+    for entry, got in zip(entries, swept):
+        alone = intervene(lm, g, entry, transcoders=tc, mode=mode, progress=False)
+        assert torch.equal(got.logits, alone.logits) and torch.equal(
+            got.logits_clean, alone.logits_clean
+        )
+        assert got.applied == alone.applied
+        for a, b in zip(got.acts, alone.acts):
+            assert torch.equal(a, b)
+    assert torch.equal(swept[len(feats)].logits, swept[len(feats)].logits_clean)
+    assert not torch.equal(swept[0].logits, swept[0].logits_clean)
 
 
 def test_frozen_zeroing_an_error_node_removes_its_edge(traced):
