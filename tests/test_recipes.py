@@ -1,6 +1,6 @@
-"""Named training recipes (`transcoders train --recipe NAME`): what a recipe sets, what a flag beside
-it keeps, the one-line errors of bad recipe options, and that the default recipe trains the same
-weights twice on one machine."""
+"""Named training recipes (`transcoders train --recipe NAME`): what a recipe sets, what a flag
+beside it keeps, the one-line errors of bad recipe options, and that the default recipe trains the
+same weights twice on one machine."""
 
 from __future__ import annotations
 

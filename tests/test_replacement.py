@@ -199,3 +199,15 @@ def test_real_model_frozen_forward_is_exact(real_model, kind):
     acts, errors = _clean(tc, state)
     out = frozen_forward(state, FrozenWeights(lm), tc, acts, errors)
     assert (out["logits"] - state.logits).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_the_default_set_with_its_errors_reproduces_the_logits(real_model, default_transcoders):
+    """The embedded default set, spliced in with its error terms, gives back the model's logits."""
+    lm, tc = real_model, default_transcoders
+    state = run_and_freeze(
+        lm, lm.tokenize("The opposite of hot is cold, and the opposite of up is")
+    )
+    acts, errors = _clean(tc, state)
+    out = frozen_forward(state, FrozenWeights(lm), tc, acts, errors)
+    assert (out["logits"] - state.logits).abs().max() < 1e-4
