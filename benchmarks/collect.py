@@ -35,9 +35,18 @@ ORDER = [  # (results file, what it measures)
         "The embedded default transcoders: training time, FVU, L0, dead features, delta CE",
     ),
     (
+        "faithfulness.md",
+        "Faithfulness of the default transcoders' graphs: replacement, completeness, ablations",
+    ),
+    (
         "dashboards.md",
         "Feature dashboards of the default transcoders: time per stage, memory, agreement",
     ),
+    (
+        "transcoder_kinds.md",
+        "Transcoder kinds, widths and token counts at equal training time: graph scores",
+    ),
+    ("first_use.md", "First use from an empty cache: time and peak memory of the README command"),
     ("batch_resume.md", "Batch tracing across two ranks, killed and resumed"),
     ("attention.md", "QK attribution and head loadings: seconds and memory at 9 and 128 tokens"),
 ]
