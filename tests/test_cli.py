@@ -164,6 +164,7 @@ def _some_value(f: dataclasses.Field, tp):
     # names Neuronpedia accepts (the render command checks them)
     named = {"out": "o.npz", "prompts": "p.jsonl", "slug": "some-text", "scan": "gemma-3-1b"}
     named["features_url"] = "https://example.org/features"
+    named["recipe"] = "large"  # a recipe the train commands know
     return named.get(f.name, "some text")
 
 
