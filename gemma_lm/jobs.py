@@ -98,7 +98,8 @@ def flat_fields(cls) -> list[tuple[dataclasses.Field, object, type]]:
     return out
 
 
-def _default(f: dataclasses.Field):
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default (its factory called), or MISSING where it has none."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -149,7 +150,7 @@ def _help(doc: str, default) -> str:
 
 def _add_field(parser, f: dataclasses.Field, tp, doc: str) -> None:
     cli = f.metadata.get(CLI_KEY, {})
-    default = _default(f)
+    default = field_default(f)
     given = {"help": _help(doc, default)} | (
         {"metavar": cli["metavar"]} if cli.get("metavar") else {}
     )
@@ -221,7 +222,7 @@ def to_argv(config) -> list[str]:
         cli = f.metadata.get(CLI_KEY, {})
         if cli.get("positional"):
             argv += [] if value is None else [str(value)]
-        elif value != _default(f) and value is not None:
+        elif value != field_default(f) and value is not None:
             argv += _flag_and_value(f, tp, value)
     return argv
 

@@ -39,7 +39,7 @@ import re
 import secrets
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +50,7 @@ from torch import nn
 
 from gemma_lm.errors import UserError, one_line
 from gemma_lm.files import atomic_write_text
-from gemma_lm.jobs import Command
+from gemma_lm.jobs import Command, field_default
 from gemma_lm.memory import own_process, reuse_freed_memory
 from gemma_lm.models import DEFAULT_MODEL
 
@@ -194,7 +194,7 @@ class TrainConfig:
         more stays the same)."""
         settings = recipe_settings(self.recipe)
         for f in fields(self):
-            if f.name in settings and getattr(self, f.name) == _field_default(f):
+            if f.name in settings and getattr(self, f.name) == field_default(f):
                 setattr(self, f.name, settings[f.name])
 
     @property
@@ -215,10 +215,6 @@ class TrainConfig:
 
     def training_fields(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in _RUN_ONLY}
-
-
-def _field_default(f):
-    return f.default_factory() if f.default is MISSING else f.default
 
 
 # -- the trainable parameters ----------------------------------------------------------------------
