@@ -350,20 +350,36 @@ def _error_factors(ops, layer: int, n: int, device=None) -> torch.Tensor | None:
 # -- frozen mode -----------------------------------------------------------------------------------
 
 
-def _frozen(state: PromptState, fw: FrozenWeights, tc, ops, propagate: bool):
-    """(clean acts, acts, raw clean logits, raw logits) in the frozen replacement model."""
+@dataclass
+class _FrozenClean:
+    """Frozen mode's clean side, the same for every intervention on one prompt: per layer
+    `[n_pos, F]` clean activations, the error terms `[L, n_pos, D]` and the clean frozen pass."""
+
+    fw: FrozenWeights
+    acts: list[torch.Tensor]
+    errors: torch.Tensor
+    ref: dict
+
+    @classmethod
+    def of(cls, lm: LoadedModel, state: PromptState, tc) -> _FrozenClean:
+        fw = FrozenWeights(lm)
+        acts = [tc.encode(l, state.mlp_in[l]).float() for l in range(fw.n_layers)]
+        errors = state.mlp_out - tc.reconstruct(state.mlp_in).float()
+        return cls(fw, acts, errors, frozen_forward(state, fw, tc, acts, errors))
+
+
+def _frozen(state: PromptState, clean: _FrozenClean, tc, ops, propagate: bool):
+    """(acts, raw logits) of the intervened run in the frozen replacement model."""
+    fw, clean_acts, ref = clean.fw, clean.acts, clean.ref
     L = fw.n_layers
-    clean_acts = [tc.encode(l, state.mlp_in[l]).float() for l in range(L)]
-    errors = state.mlp_out - tc.reconstruct(state.mlp_in).float()  # [L, n, D]
-    ref = frozen_forward(state, fw, tc, clean_acts, errors)
-    errs = errors.clone()
+    errs = clean.errors.clone()
     for l in range(L):
         f = _error_factors(ops, l, state.n_pos, errs.device)
         if f is not None:
             errs[l] *= f[:, None]
     acts = [a.clone() for a in clean_acts]
     if not ops:
-        return clean_acts, acts, ref["logits"].cpu(), ref["logits"].cpu()
+        return acts, ref["logits"].cpu()
     first = min(s.layer for _, _, s in ops)
     for l in range(first, L):
         if propagate and l > first:
@@ -380,7 +396,7 @@ def _frozen(state: PromptState, fw: FrozenWeights, tc, ops, propagate: bool):
             )
         _apply_feature_ops(acts[l], l, ops)
     out = frozen_forward(state, fw, tc, acts, errs)
-    return clean_acts, acts, ref["logits"].cpu(), out["logits"].cpu()
+    return acts, out["logits"].cpu()
 
 
 # -- full mode -------------------------------------------------------------------------------------
@@ -576,13 +592,11 @@ class _Runs:
     raw: torch.Tensor | None = None
 
 
-def _frozen_runs(
-    lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate: bool, clean=None
-) -> _Runs:
-    fw = FrozenWeights(lm)
-    clean_acts, acts, raw_clean, raw = _frozen(state, fw, tc, ops, propagate)
-    logits_clean, logits = softcap(raw_clean, fw.softcap), softcap(raw, fw.softcap)
-    return _Runs(clean_acts, acts, logits_clean, logits, raw_clean, raw)
+def _frozen_runs(lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate, clean) -> _Runs:
+    """`clean`: the prompt's `_FrozenClean`."""
+    acts, raw = _frozen(state, clean, tc, ops, propagate)
+    raw_clean, cap = clean.ref["logits"].cpu(), clean.fw.softcap
+    return _Runs(clean.acts, acts, softcap(raw_clean, cap), softcap(raw, cap), raw_clean, raw)
 
 
 def _full_clean(lm: LoadedModel, tokens, state: PromptState, tc) -> tuple[list, torch.Tensor]:
@@ -595,11 +609,9 @@ def _full_clean(lm: LoadedModel, tokens, state: PromptState, tc) -> tuple[list, 
     return clean_acts, _last_logits(lm, tokens)
 
 
-def _full_runs(
-    lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate: bool, clean=None
-) -> _Runs:
-    """`clean`: `_full_clean`'s result where the caller has it already."""
-    clean_acts, logits_clean = clean if clean is not None else _full_clean(lm, tokens, state, tc)
+def _full_runs(lm: LoadedModel, tokens, state: PromptState, tc, ops, propagate, clean) -> _Runs:
+    """`clean`: the prompt's `_full_clean`."""
+    clean_acts, logits_clean = clean
     splice = Splice(lm, tc, state, clean_acts, ops, propagate)
     with splice:
         logits = _last_logits(lm, tokens)
@@ -675,8 +687,10 @@ def intervene_each(
     resolved = [resolve(i, supernodes, n_layers, n_pos, tc.d_sae) for i in each]
 
     state = run_and_freeze(lm, tokens)
-    clean = _full_clean(lm, tokens, state, tc) if cfg.mode == "full" else None
-    run = _frozen_runs if cfg.mode == "frozen" else _full_runs
+    if cfg.mode == "frozen":
+        run, clean = _frozen_runs, _FrozenClean.of(lm, state, tc)
+    else:
+        run, clean = _full_runs, _full_clean(lm, tokens, state, tc)
     token_strings = [lm.tokenizer.decode([int(t)]) for t in tokens]
     results = []
     for ops, applied in resolved:
