@@ -190,7 +190,7 @@ def cmd_attribute(args) -> int:
             max_n_logits=args.max_n_logits,
             desired_logit_prob=args.desired_logit_prob,
             batch_size=args.batch_size,
-            max_feature_nodes=args.max_feature_nodes,
+            max_feature_nodes=args.max_feature_nodes or None,
             verbose=False,
         )
         GPUMemory(args.device).sync()
@@ -205,7 +205,7 @@ def cmd_attribute(args) -> int:
             max_n_logits=args.max_n_logits,
             desired_logit_prob=args.desired_logit_prob,
             batch_size=args.batch_size,
-            max_feature_nodes=args.max_feature_nodes,
+            max_feature_nodes=args.max_feature_nodes or None,
             verbose=args.verbose,
         )
         gpu.sync()
@@ -270,7 +270,9 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True)
     a.add_argument("--max-n-logits", type=int, default=10)
     a.add_argument("--desired-logit-prob", type=float, default=0.95)
-    a.add_argument("--max-feature-nodes", type=int, default=8192)
+    a.add_argument(
+        "--max-feature-nodes", type=int, default=8192, help="0: None (every active feature)"
+    )
     a.add_argument("--batch-size", type=int, default=256)
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -5,6 +5,15 @@ weights.
     python benchmarks/vs_circuit_tracer.py   # everything -> benchmarks/results/vs_circuit_tracer.md
     python benchmarks/vs_circuit_tracer.py --sets skip --lengths 8 --repeats 1  # a quick look
 
+At the settings users meet: circuit-tracer's Python default (max_feature_nodes None: every active
+feature, `0` here) and its command line's (7500) beside 2048, both tools at 1 and 2 threads, on a
+quiet machine and beside one competing CPU-bound process (`--busy`, the same for both tools):
+
+    python benchmarks/vs_circuit_tracer.py --max-feature-nodes 0,7500,2048 --threads 1,2 \
+        --out benchmarks/results/vs_circuit_tracer_settings.md
+    python benchmarks/vs_circuit_tracer.py --max-feature-nodes 0,7500,2048 --threads 1,2 --busy \
+        --out benchmarks/results/vs_circuit_tracer_busy.md
+
 Both tools get the same model (the embedded gemma-3-270m; circuit-tracer reads its dequantised
 Hugging Face copy), the same transcoders (written once in circuit-tracer's layout; we load the same
 files), the same token ids and the same settings (max_n_logits, desired_logit_prob,
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -93,12 +103,19 @@ class BenchConfig:
     seed: int = 0
     max_n_logits: int = 10
     desired_logit_prob: float = 0.95
-    max_feature_nodes: int = 2048
+    # rows of feature edges each tool computes; 0: every active feature (circuit-tracer's Python
+    # default, None); 7500 is its command line's default. Each value is its own case.
+    max_feature_nodes: list[int] = field(default_factory=lambda: [2048])
     # batch size = batch_tokens // n_pos (in [16, 256]): circuit-tracer's forward pass runs
     # batch-size copies of the prompt with full logits, so a fixed batch of 256 needs ~35 GB at 128
     # tokens
     batch_tokens: int = 2048
-    threads: int = 2
+    threads: list[int] = field(
+        default_factory=lambda: [2]
+    )  # CPU threads per run; each its own case
+    # a busy machine: one competing CPU-bound process (`competitor`) runs beside every measured run,
+    # started before it and stopped after it, the same for both tools
+    busy: bool = False
     timeout_s: int = 1800  # a run still going after this is stopped and reported as such
     # a run whose resident memory passes this is stopped (the machine is shared)
     max_rss_gb: float = 14.0
@@ -333,14 +350,16 @@ def prepare(cfg: BenchConfig, work: Path) -> tuple[list[dict], list[str]]:
             del tc
         sets[name] = d
     cases = []
+    grid = [(f, t) for f in cfg.max_feature_nodes for t in cfg.threads]
     for n in cfg.lengths:
         text, tokens = exact_prompt(lm, n, vocab)
-        for name, d in sets.items():
+        for (name, d), (max_features, threads) in itertools.product(sets.items(), grid):
+            base = f"{cfg.model.removeprefix('random-')}-{name}-{n}" if rand else f"{name}-{n}"
             cases.append(
                 {
-                    "name": f"{cfg.model.removeprefix('random-')}-{name}-{n}"
-                    if rand
-                    else f"{name}-{n}",
+                    "name": base + _setting_suffix(cfg, max_features, threads),
+                    "max_feature_nodes": max_features,
+                    "threads": threads,
                     "set": name,
                     "dir": str(d),
                     "n_pos": n,
@@ -384,6 +403,46 @@ def _default_dir(notes: list[str]) -> Path | None:
 # -- one measured run in a fresh process -----------------------------------------------------------
 
 
+def _setting_suffix(cfg: BenchConfig, max_features: int, threads: int) -> str:
+    """The part of a case's name that says its settings, where more than one is measured."""
+    suffix = ""
+    if len(cfg.max_feature_nodes) > 1:
+        suffix += f"-f{max_features or 'all'}"
+    if len(cfg.threads) > 1:
+        suffix += f"-t{threads}"
+    return suffix
+
+
+# One single-threaded CPU-bound process: a shared machine's other job (a training run, a notebook).
+COMPETITOR = (
+    "import numpy as np\n"
+    "a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)\n"
+    "while True:\n"
+    "    a = np.tanh(a @ a.T * 0.01)\n"
+)
+
+
+@contextlib.contextmanager
+def competitor(busy: bool):
+    """With `busy`, a competing CPU-bound process (COMPETITOR, one thread) for the block."""
+    if not busy:
+        yield
+        return
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env)
+    try:
+        time.sleep(0.5)  # running before the measured process starts
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def _proc_status(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -395,20 +454,21 @@ def _proc_status(pid: int, key: str) -> int:
     return 0
 
 
-def run_measured(cmd: list[str], cfg: BenchConfig, log: Path) -> dict:
-    """Run `cmd` with `cfg.threads` threads; its last stdout line is a JSON report. Stops it at the
-    time or memory limit and says where it was (the last progress line it printed)."""
+def run_measured(cmd: list[str], cfg: BenchConfig, log: Path, threads: int) -> dict:
+    """Run `cmd` with `threads` threads (beside a competitor where `cfg.busy`); its last stdout line
+    is a JSON report. Stops it at the time or memory limit and says where it was (the last progress
+    line it printed)."""
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": str(cfg.threads),
-        "MKL_NUM_THREADS": str(cfg.threads),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
     t0 = time.perf_counter()
     stdout = log.with_suffix(".out")
-    with open(log, "w") as err, open(stdout, "w") as out:
+    with open(log, "w") as err, open(stdout, "w") as out, competitor(cfg.busy):
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
         peak, stopped = 0, None
         while proc.poll() is None:
@@ -523,13 +583,13 @@ def ct_command(case: dict, cfg: BenchConfig, out: Path) -> list[str]:
         "--out",
         str(out),
         "--threads",
-        str(cfg.threads),
+        str(case["threads"]),
         "--max-n-logits",
         str(s["max_n_logits"]),
         "--desired-logit-prob",
         str(s["desired_logit_prob"]),
         "--max-feature-nodes",
-        str(s["max_feature_nodes"]),
+        str(case["max_feature_nodes"]),  # 0: None, all
         "--batch-size",
         str(s["batch_size"]),
         "--verbose",
@@ -541,7 +601,8 @@ def settings(cfg: BenchConfig, case: dict) -> dict:
     return {
         "max_n_logits": cfg.max_n_logits,
         "desired_logit_prob": cfg.desired_logit_prob,
-        "max_feature_nodes": cfg.max_feature_nodes,
+        # ours has no "all"; a budget above any active count is all
+        "max_feature_nodes": case["max_feature_nodes"] or 2**31 - 1,
         "batch_size": case["batch_size"],
         "dtype": "float32",
     }
@@ -954,6 +1015,8 @@ def run(cfg: BenchConfig) -> str:
                 settings(cfg, case),
                 code_fingerprint(tool),
                 cfg.warmup,
+                case["threads"],
+                cfg.busy,
             ]
         )
         if cfg.resume and report.exists():
@@ -969,7 +1032,7 @@ def run(cfg: BenchConfig) -> str:
         )
         print(f"[vs_circuit_tracer] {tag} ...", end=" ", flush=True)
         log = work / "runs" / (tag + ".log")
-        res = run_measured(cmd, cfg, log)
+        res = run_measured(cmd, cfg, log, case["threads"])
         res.update(key=key, out=str(out))
         if tool == "circuit-tracer" and "failed" not in res:
             res["phases"] = ct_phases(log.read_text(errors="replace"))
@@ -979,7 +1042,7 @@ def run(cfg: BenchConfig) -> str:
         )
         atomic_write_text(report, json.dumps(res))
         results[tag] = res
-    peak = peak_flops(cfg.threads, device=cfg.device)
+    peak = {t: peak_flops(t, device=cfg.device) for t in cfg.threads}
     text = report_markdown(cfg, cases, results, notes, peak)
     atomic_write_text(cfg.out, text)
     print(text)
@@ -991,20 +1054,28 @@ def _median(xs):
 
 
 def report_markdown(
-    cfg: BenchConfig, cases: list[dict], results: dict, notes: list[str], peak: float
+    cfg: BenchConfig, cases: list[dict], results: dict, notes: list[str], peak: dict[int, float]
 ) -> str:
     import circuits
     from gemma_lm.models import DEFAULT_MODEL
 
     gb = 2**30
     on_gpu = str(cfg.device).startswith("cuda")
+    threads = "/".join(map(str, cfg.threads))
+    budgets = "/".join(str(f or "all (None)") for f in cfg.max_feature_nodes)
     gpu_name = next((r["gpu_name"] for r in results.values() if r.get("gpu_name")), "a GPU")
     where = (
-        f"{gpu_name} (peak float32 matmul {peak / 1e12:.1f} TFLOP/s, TF32 off); host {_cpu()}, "
-        f"{os.cpu_count()} cores, {cfg.threads} threads per run"
+        f"{gpu_name} (peak float32 matmul {max(peak.values()) / 1e12:.1f} TFLOP/s, TF32 off); "
+        f"host {_cpu()}, {os.cpu_count()} cores, {threads} threads per run"
         if on_gpu
-        else f"{_cpu()}, {os.cpu_count()} cores, {cfg.threads} threads per run; peak float32 "
-        f"matmul {peak / 1e9:.0f} GFLOP/s ({cfg.threads} threads)"
+        else f"{_cpu()}, {os.cpu_count()} cores, {threads} threads per run; peak float32 matmul "
+        + ", ".join(f"{p / 1e9:.0f} GFLOP/s ({t} threads)" for t, p in peak.items())
+        + (
+            "; busy: one competing single-threaded CPU-bound process ran beside every measured "
+            "run (both tools)"
+            if cfg.busy
+            else ""
+        )
     )
     model = (
         f"{cfg.model} (random weights at the Gemma 3 {cfg.model.removeprefix('random-').upper()} "
@@ -1023,7 +1094,7 @@ def report_markdown(
         f"Machine: {where}; {time.strftime('%Y-%m-%d')}  ",
         f"Model: {model} (float32, {'GPU' if on_gpu else 'CPU'}). Settings for both: max_n_logits "
         f"{cfg.max_n_logits}, desired_logit_prob {cfg.desired_logit_prob}, max_feature_nodes "
-        f"{cfg.max_feature_nodes}, batch size {cfg.batch_tokens} tokens / n_pos (16..256). Random "
+        f"{budgets}, batch size {cfg.batch_tokens} tokens / n_pos (16..256). Random "
         f"sets calibrated to L0 {cfg.l0:g}: skip PLT {cfg.d_sae_skip} wide, CLT {cfg.d_sae_clt} "
         f"per layer. {cfg.repeats} runs per tool, alternating, each a fresh process; times are "
         "medians.",
@@ -1102,7 +1173,8 @@ def report_markdown(
                 f"{ok[0]['n_active_features']} | {rows} | {wall:.2f} "
                 f"({min(x['wall_s'] for x in ok):.2f}-{max(x['wall_s'] for x in ok):.2f}) | "
                 f"{rss / gb:.2f}{spread} | {during / gb:.2f} |{anon_cell} "
-                f"{work['total'] / 1e9:.1f} | {100 * work['total'] / wall / peak:.1f} |"
+                f"{work['total'] / 1e9:.1f} | "
+                f"{100 * work['total'] / wall / peak[case['threads']]:.1f} |"
             )
         if len(per_tool) == 2:
             o, c = per_tool["ours"], per_tool["circuit-tracer"]
@@ -1145,6 +1217,7 @@ def report_markdown(
         for case in cases
         if "profile" in results.get(f"{case['name']}-ours-profile", {})
     ]
+    case_threads = {case["name"]: case["threads"] for case in cases}
     if profiled:
         stages = [name for name, _ in profiled[0][1]["profile"]]
         lines += [
@@ -1177,7 +1250,10 @@ def report_markdown(
             )
             lines.append(
                 "| the same at the peak matmul rate above, s | "
-                + " | ".join(f"{res['matmul_gflop'] * 1e9 / peak:.3f}" for _, res in profiled)
+                + " | ".join(
+                    f"{res['matmul_gflop'] * 1e9 / peak[case_threads[name]]:.3f}"
+                    for name, res in profiled
+                )
                 + " |"
             )
     # GPU runs record them

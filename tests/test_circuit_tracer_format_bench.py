@@ -5,6 +5,7 @@ random models only."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,11 +163,12 @@ def test_prompts_are_cut_at_exact_lengths(tiny):
 
 
 def test_run_supervisor_reports_and_stops(tmp_path):
-    cfg = bench.BenchConfig(timeout_s=2, max_rss_gb=0.5, threads=1)
+    cfg = bench.BenchConfig(timeout_s=2, max_rss_gb=0.5)
     ok = bench.run_measured(
         [sys.executable, "-c", "print('noise'); print('{\"wall_s\": 1.5}')"],
         cfg,
         tmp_path / "a.log",
+        1,
     )
     assert ok == {"wall_s": 1.5}
     slow = bench.run_measured(
@@ -177,16 +179,18 @@ def test_run_supervisor_reports_and_stops(tmp_path):
         ],
         cfg,
         tmp_path / "b.log",
+        1,
     )
     assert "time limit" in slow["failed"] and slow["where"].startswith("3/10")
     big = bench.run_measured(
         [sys.executable, "-c", "import time; x = bytearray(900 * 2**20); time.sleep(30)"],
         cfg,
         tmp_path / "c.log",
+        1,
     )
     assert "memory limit" in big["failed"]
     crash = bench.run_measured(
-        [sys.executable, "-c", "raise SystemExit('broken input')"], cfg, tmp_path / "d.log"
+        [sys.executable, "-c", "raise SystemExit('broken input')"], cfg, tmp_path / "d.log", 1
     )
     assert "exit code 1" in crash["failed"] and "broken input" in crash["failed"]
 
@@ -204,3 +208,36 @@ def test_config_drives_the_command_line():
         "--no-resume",
     ]
     assert cfg.batch_size(8) == 256 and cfg.batch_size(128) == 16
+
+
+def test_busy_mode_runs_a_competitor_beside_the_measured_process(tmp_path):
+    """The measured process sees its thread count, and in busy mode a CPU-bound process that is
+    running before it starts and is gone after it ends. (The probe splits the competitor's text so
+    that its own command line does not match.)"""
+    probe = (
+        "import os, json, subprocess;"
+        "ps = subprocess.run(['ps', '-eo', 'args'], capture_output=True, text=True).stdout;"
+        "print(json.dumps({'threads': os.environ['OMP_NUM_THREADS'],"
+        " 'competitors': ps.count('np.tanh(a ' + '@ a.T')}))"
+    )
+    quiet = bench.run_measured(
+        [sys.executable, "-c", probe], bench.BenchConfig(), tmp_path / "q.log", 1
+    )
+    busy = bench.run_measured(
+        [sys.executable, "-c", probe], bench.BenchConfig(busy=True), tmp_path / "b.log", 2
+    )
+    assert quiet == {"threads": "1", "competitors": 0}
+    assert busy == {"threads": "2", "competitors": 1}
+    after = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "np.tanh(a @ a.T" not in after
+
+
+def test_settings_grid_names_every_case():
+    cfg = bench.parse_config(["--max-feature-nodes", "0,7500,2048", "--threads", "1,2"])
+    assert cfg.max_feature_nodes == [0, 7500, 2048] and cfg.threads == [1, 2]
+    assert bench._setting_suffix(cfg, 0, 1) == "-fall-t1"
+    assert bench._setting_suffix(cfg, 7500, 2) == "-f7500-t2"
+    assert bench._setting_suffix(bench.BenchConfig(), 2048, 2) == ""  # one setting: names as before
+    case = {"max_feature_nodes": 0, "batch_size": 16, "threads": 1}
+    # ours has no None: "all" is a budget above any active count
+    assert bench.settings(cfg, case)["max_feature_nodes"] >= 2**31 - 1
