@@ -460,3 +460,20 @@ def test_config_object_and_overrides_do_not_mutate_each_other():
     cfg = AttributionConfig(max_feature_nodes=5, progress=False)
     graph = attribute(lm, PROMPT, transcoders=tc, config=cfg, batch_size=2)
     assert cfg.batch_size == 256 and graph.metadata["settings"]["batch_size"] == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attribution_leaves_the_thread_settings_as_it_found_them(threads):
+    """Whatever thread counts the engine picks for its own work, the caller's process gets its own
+    settings back: torch's intra-op threads, autograd's grad mode, and the default dtype."""
+    lm, tc = _setup("clt")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        interop = torch.get_num_interop_threads()
+        _trace(lm, tc, max_feature_nodes=20, batch_size=7)
+        assert torch.get_num_threads() == threads
+        assert torch.get_num_interop_threads() == interop
+        assert torch.is_grad_enabled() and torch.get_default_dtype() == torch.float32
+    finally:
+        torch.set_num_threads(before)
