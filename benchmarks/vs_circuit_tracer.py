@@ -110,9 +110,8 @@ class BenchConfig:
     # batch-size copies of the prompt with full logits, so a fixed batch of 256 needs ~35 GB at 128
     # tokens
     batch_tokens: int = 2048
-    threads: list[int] = field(
-        default_factory=lambda: [2]
-    )  # CPU threads per run; each its own case
+    # CPU threads per run; each value is its own case
+    threads: list[int] = field(default_factory=lambda: [2])
     # a busy machine: one competing CPU-bound process (`competitor`) runs beside every measured run,
     # started before it and stopped after it, the same for both tools
     busy: bool = False
