@@ -558,7 +558,7 @@ def ours_command(
         "--out",
         str(out),
         "--settings",
-        json.dumps(settings(cfg, case)),
+        json.dumps(ours_settings(settings(cfg, case))),
         *(["--fd"] if fd else []),
         *(["--profile"] if profile else []),
         *(["--warmup"] if cfg.warmup else []),
@@ -588,7 +588,7 @@ def ct_command(case: dict, cfg: BenchConfig, out: Path) -> list[str]:
         "--desired-logit-prob",
         str(s["desired_logit_prob"]),
         "--max-feature-nodes",
-        str(case["max_feature_nodes"]),  # 0: None, all
+        str(s["max_feature_nodes"]),  # 0: None, all
         "--batch-size",
         str(s["batch_size"]),
         "--verbose",
@@ -600,11 +600,16 @@ def settings(cfg: BenchConfig, case: dict) -> dict:
     return {
         "max_n_logits": cfg.max_n_logits,
         "desired_logit_prob": cfg.desired_logit_prob,
-        # ours has no "all"; a budget above any active count is all
-        "max_feature_nodes": case["max_feature_nodes"] or 2**31 - 1,
+        "max_feature_nodes": case["max_feature_nodes"],  # 0: every active feature
         "batch_size": case["batch_size"],
         "dtype": "float32",
     }
+
+
+def ours_settings(s: dict) -> dict:
+    """`settings` as `circuits.attribute` takes them: it has no "all", and a budget above any
+    active count is all."""
+    return {**s, "max_feature_nodes": s["max_feature_nodes"] or 2**31 - 1}
 
 
 def child_ours(args) -> int:
